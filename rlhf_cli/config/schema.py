@@ -1,0 +1,152 @@
+"""Typed schemas for every config group and stage.
+
+Hydra composes plain YAML; `rlhf_cli.config.compose.validate` then checks the result against these
+dataclasses, so a mistyped key or a wrong type fails before any model is built. Every field has a
+default, so a YAML file only names what it changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    """Where the stage reads and writes: `<root>/<name>/`."""
+
+    name: str = "demo"
+    root: str = "runs"
+    # A completed stage is never overwritten unless this is true.
+    overwrite: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Merge the adapters into the base weights when writing final/ (a plain HF checkpoint).
+    merge: bool = True
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in randomly initialised Llama used by the default run and the tests."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face hub id, a local HF folder, or `builtin:tiny-llama` (built from `tiny`, random init).
+    name_or_path: str = "builtin:tiny-llama"
+    # Tokenizer to load; None means the same as name_or_path.
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    # Chat template to use when the tokenizer has none (a Jinja string); None means "must have one".
+    chat_template: Optional[str] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
+class DataConfig:
+    # A hub dataset id, a local .json/.jsonl/.parquet file, or `builtin:<name>` (files shipped in the package).
+    source: str = "builtin:sample_dolly"
+    # Row format: dolly | alpaca | oasst1 | jsonl (prompt/response or messages).
+    format: str = "dolly"
+    subset: Optional[str] = None  # hub dataset configuration name
+    split: str = "train"
+    # Evaluation rows: a split of the same source, or (when None) a seeded held-out fraction of `split`.
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.05
+    max_samples: Optional[int] = None  # cap on rows read (after the eval split is taken)
+    max_length: int = 512  # tokens of prompt + response
+    # When prompt + response exceed max_length: `drop` the example, or `truncate_response` (keep the whole
+    # prompt, cut the response; dropped anyway if fewer than min_response_tokens remain).
+    truncation: str = "drop"
+    min_response_tokens: int = 1
+    # A malformed row (missing field, wrong type, empty response): `skip` it (counted, reported) or `fail`.
+    bad_rows: str = "skip"
+    system_prompt: Optional[str] = None
+    # OASST1 only: keep threads in these languages (empty list keeps all).
+    languages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    # cosine | linear | constant (all with linear warmup)
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # fp32 | bf16 | fp16
+    precision: str = "fp32"
+    # Extra keys merged last into the generated DeepSpeed JSON (expert escape hatch).
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    tensorboard: bool = False
+    # Rich progress bar; off automatically when stdout is not a terminal.
+    progress: bool = True
+
+
+@dataclass
+class SFTStageConfig:
+    name: str = "sft"
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    eval_batch_size: int = 8
+    save_every: int = 50  # optimizer steps between resume checkpoints; 0 = only at the end
+    keep_last: int = 2
+    # Test hook and preemption-like stop: end the run (after a checkpoint) once this step is reached.
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class SFTRoot:
+    """The composed config of `rlhf sft`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stage: SFTStageConfig = field(default_factory=SFTStageConfig)
+    seed: int = 42
+
+
+# Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot}
