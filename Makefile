@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench lint clean
+
+# The venv is (re)built when the package metadata or the pinned versions change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# SFT of the built-in tiny model on the built-in sample data (about 1-2 minutes on 2 CPU cores),
+# then one completion from the result.
+demo: install
+	$(BIN)/rlhf sft run.name=demo run.overwrite=true
+	$(BIN)/rlhf generate run=demo prompt="What is the capital of France?"
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python scripts/bench.py
+
+lint: install
+	$(BIN)/ruff check rlhf_cli tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

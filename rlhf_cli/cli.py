@@ -1,0 +1,122 @@
+"""`rlhf <stage> [overrides]`: compose -> validate -> run directory -> STAGES[stage](cfg, run).
+
+No training logic here. Every `UserError` ends as one red line on stderr and exit code 2, no traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+from rich.console import Console
+
+from rlhf_cli.errors import UserError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+# Stage name -> module with `run(cfg, run)`; one name per stage (CLI verb, config, module, run-dir folder).
+STAGES: dict[str, str] = {"sft": "rlhf_cli.stages.sft"}
+EXAMPLES: dict[str, str] = {
+    "sft": "rlhf sft +experiment=dolly optim.lr=2e-5   # supervised fine-tuning (default: tiny built-in demo)",
+}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="Name three primary colours."'),
+}
+
+USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]
+
+Stages (each composes configs/config.yaml with Hydra; any key can be overridden, e.g. optim.lr=2e-5,
+a config group swapped, e.g. model=qwen2_5_0_5b, and an experiment applied with +experiment=<name>):
+{stages}
+
+Tools:
+{tools}
+
+Options:
+  --cfg job    print the composed, validated config of a stage and exit without running
+  --help       this help
+
+The run directory is runs/<run.name>/ (run.root, run.name); an interrupted stage resumes when the same
+command is run again, and a completed stage is kept unless run.overwrite=true.
+"""
+
+
+def usage() -> str:
+    stages = "\n".join(f"  {name:<12}{EXAMPLES[name]}" for name in STAGES)
+    tools = "\n".join(f"  {name:<12}{example}" for name, (_, example) in COMMANDS.items())
+    return USAGE.format(stages=stages, tools=tools)
+
+
+def run_stage(stage: str, args: list[str]) -> int:
+    from rlhf_cli.config.compose import compose, to_yaml
+
+    show_cfg = False
+    if "--cfg" in args:
+        i = args.index("--cfg")
+        if args[i + 1:i + 2] != ["job"]:
+            raise UserError("--cfg takes one value: job (e.g. `rlhf sft --cfg job`)")
+        show_cfg = True
+        args = args[:i] + args[i + 2:]
+    cfg = compose(stage, args)
+    if show_cfg:
+        out_console.print(to_yaml(cfg), end="", markup=False)
+        return 0
+
+    from rlhf_cli import engine
+    from rlhf_cli.run_dir import now, open_run
+
+    dist = engine.init_distributed()
+    run = open_run(cfg.run, stage, is_main=dist.is_main)
+    engine.barrier()
+    try:
+        out = importlib.import_module(STAGES[stage]).run(cfg, run)
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        run.update_stage(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
+                         error=reason, ended_at=now())
+        raise
+    finally:
+        run.release()
+    if dist.is_main:
+        if out is None:
+            err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")
+        else:
+            err_console.print(f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: rlhf generate run={run.root.name} "
+                              f"root={cfg.run.root} stage={stage} prompt=\"Name three primary colours.\"")
+    return 0
+
+
+def dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        out_console.print(usage(), markup=False)
+        return 0 if argv else 2
+    verb, args = argv[0], argv[1:]
+    if verb in STAGES:
+        if "--help" in args or "-h" in args:
+            out_console.print(f"{EXAMPLES[verb]}\n\n`rlhf {verb} --cfg job` lists every key.", markup=False)
+            return 0
+        return run_stage(verb, args)
+    if verb in COMMANDS:
+        module: Callable = importlib.import_module(COMMANDS[verb][0])
+        return module.main(args)
+    import difflib
+
+    close = difflib.get_close_matches(verb, list(STAGES) + list(COMMANDS), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    raise UserError(f"unknown command `{verb}`{hint} (`rlhf --help` lists them)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]; run the same command again to resume from the last checkpoint")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

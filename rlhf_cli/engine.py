@@ -1,0 +1,260 @@
+"""The one module that imports DeepSpeed: distributed setup, engine construction, backward/step,
+resume state and export of a Hugging Face checkpoint.
+
+Loss normalisation contract: a stage hands `backward` a micro-batch's *summed* loss and the normaliser of
+the whole optimizer step (e.g. target tokens over all micro-batches and all ranks). DeepSpeed would
+divide by the accumulation steps and average gradients over ranks; we undo the first (scale_wrt_gas=False)
+and pre-multiply by the world size for the second, so the step's gradient is exactly
+d(sum of all losses / normaliser) whatever the micro-batch split or the number of ranks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    # Pick DeepSpeed's CPU accelerator up front instead of letting it probe and warn.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+
+from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints  # noqa: E402
+
+ds_logger.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the process group (gloo on CPU, NCCL on GPU). Without a launcher, become a 1-process group."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
+    """Sum a scalar (or tensor) over ranks; returns a float64 CPU tensor for exact token counts."""
+    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(backend_device)
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def ds_config(ds: Any, optim: Any, micro_batch: int, grad_accum: int, world_size: int) -> dict:
+    """The DeepSpeed JSON config built from the typed `deepspeed` and `optim` groups."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        # Gather the full 16-bit weights on save so final/ can be exported from rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": optim.max_grad_norm,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                # torch's AdamW on CPU; DeepSpeed's fused/CPU-Adam kernels when a GPU or offload asks for them.
+                "torch_adam": not torch.cuda.is_available() and not ds.offload_optimizer,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    cfg.update(dict(ds.extra))
+    return cfg
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), the usual transformer recipe."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_schedule(optim: Any, total_steps: int):
+    """A callable optimizer -> LambdaLR: linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(optim.warmup_ratio * total_steps)
+    floor = optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if optim.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def initialize(model: torch.nn.Module, config: dict, optim: Any, total_steps: int):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the schedule; returns the engine."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optim.weight_decay),
+        lr_scheduler=lr_schedule(optim, total_steps),
+        config=config,
+    )
+    return engine
+
+
+def backward(engine: Any, loss_sum: torch.Tensor, normaliser: float) -> None:
+    """Backward of `loss_sum / normaliser` for the whole step (see the module docstring)."""
+    engine.backward(loss_sum * (dist.get_world_size() / normaliser), scale_wrt_gas=False)
+
+
+def step(engine: Any) -> None:
+    engine.step()
+
+
+def current_lr(engine: Any) -> float:
+    return engine.get_lr()[0]
+
+
+def grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path, step_no: int, client_state: dict, keep_last: int) -> Path:
+    """Commit the resume state as `ckpt_dir/step-N/`: write under a temporary name, rename, mark COMPLETE,
+    and only then delete checkpoints beyond `keep_last`. Collective: every rank calls it."""
+    final = ckpt_dir / f"step-{step_no}"
+    tmp = ckpt_dir / f".tmp-step-{step_no}"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    client = dict(client_state, rng=rng_state())
+    engine.save_checkpoint(str(tmp), tag="state", client_state=client, save_latest=False)
+    barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (final / COMPLETE_MARKER).write_text(f"step {step_no}\n")
+        done = complete_checkpoints(ckpt_dir)
+        for old in done[: max(0, len(done) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG from `step-N/`; returns the client state."""
+    _, client = engine.load_checkpoint(str(path), tag="state")
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    set_rng_state(client.pop("rng"))
+    client.setdefault("step", checkpoint_step(path))
+    return client
+
+
+def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (gathered under ZeRO-3), None on other ranks. Collective."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if dist.get_rank() != 0:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def export_hf(engine: Any, tokenizer: Any, out_dir: Path, merge_lora: bool) -> None:
+    """Write `out_dir` as a Hugging Face folder (safetensors, config, generation config, tokenizer with its
+    chat template) that `from_pretrained` loads. Written under a temporary name and renamed, so a crash
+    never leaves a half-written final/. Collective (ZeRO-3 gathers); rank 0 writes.
+
+    LoRA: with `merge_lora` the adapters are merged into the base weights (a plain checkpoint); this
+    modifies the in-memory model, so it is the last thing a stage does with it."""
+    state = full_state_dict(engine)
+    if dist.get_rank() == 0:
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = engine.module
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    barrier()

@@ -1,0 +1,203 @@
+"""The run-directory contract: `runs/<name>/` with an atomic `manifest.json` and one folder per stage.
+
+    runs/<name>/manifest.json             stage -> status, config hash, inputs, outputs, metrics, times
+    runs/<name>/<stage>/config.yaml       resolved config of the stage
+    runs/<name>/<stage>/metrics.jsonl     one JSON object per logged step
+    runs/<name>/<stage>/checkpoints/step-N/   resume state (complete ones carry a COMPLETE marker)
+    runs/<name>/<stage>/final/            Hugging Face folder handed to the next stage
+
+Rank 0 alone writes; every write of the manifest goes to a temporary file that is then renamed, so a
+crash never leaves a half-written manifest.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.errors import UserError
+
+COMPLETE_MARKER = "COMPLETE"
+_PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "peft", "hydra-core", "omegaconf", "rlhf-cli")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Committed checkpoints `step-N/` (with the COMPLETE marker), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step-*") if p.name[5:].isdigit() and (p / COMPLETE_MARKER).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+@dataclass
+class Run:
+    """One stage's view of a run directory. Build it with `open_run`."""
+
+    root: Path
+    stage: str
+    is_main: bool = True
+    _lock: Any = field(default=None, repr=False)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.root / self.stage
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.stage_dir / "final"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.stage_dir / "metrics.jsonl"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            return {"run": self.root.name, "stages": {}}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{self.manifest_path} is not valid JSON ({err}); restore it or use another run.name") from None
+
+    def stage_record(self, stage: str | None = None) -> dict:
+        return self.read_manifest()["stages"].get(stage or self.stage, {})
+
+    def update_stage(self, **fields: Any) -> None:
+        """Merge `fields` into this stage's manifest record (rank 0 only; atomic)."""
+        if not self.is_main:
+            return
+        manifest = self.read_manifest()
+        record = manifest["stages"].setdefault(self.stage, {})
+        record.update(fields)
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    def latest_checkpoint(self) -> Path | None:
+        done = complete_checkpoints(self.checkpoints_dir)
+        return done[-1] if done else None
+
+    def stage_output(self, stage: str, what: str = "final") -> Path:
+        """Path of a completed stage's output in this run, or a UserError saying which command makes it."""
+        record = self.stage_record(stage)
+        path = self.root / stage / what
+        if record.get("status") != "completed" or not path.is_dir():
+            state = record.get("status", "not run")
+            raise UserError(
+                f"stage `{stage}` of run `{self.root.name}` is {state} (no {path}); "
+                f"run `rlhf {stage} run.name={self.root.name}` first"
+            )
+        return path
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _take_lock(root: Path) -> Any:
+    """An exclusive advisory lock held for the life of the process, so two runs never share a folder."""
+    fh = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise UserError(
+            f"run directory {root} is in use by {holder}; wait for it to finish or pick another run.name"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    fh.flush()
+    return fh
+
+
+def open_run(run_cfg: Any, stage: str, is_main: bool = True) -> Run:
+    """Open `<root>/<name>/` for `stage`: lock it (rank 0), refuse to redo a completed stage unless
+    `run.overwrite`, create the stage folder. Every rank calls it; ranks then meet at a barrier before
+    reading `latest_checkpoint()`, so they agree on where to resume."""
+    root = Path(run_cfg.root) / run_cfg.name
+    run = Run(root=root, stage=stage, is_main=is_main)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        run._lock = _take_lock(root)
+    if run.stage_record().get("status") == "completed":
+        if not run_cfg.overwrite:
+            run.release()
+            raise UserError(
+                f"stage `{stage}` of run `{root.name}` is already complete ({run.final_dir}); "
+                f"add run.overwrite=true to train it again (replacing it), or choose another run.name"
+            )
+        if is_main:
+            shutil.rmtree(run.stage_dir, ignore_errors=True)
+    if is_main:
+        run.stage_dir.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def start_record(config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> dict[str, Any]:
+    """Manifest fields written when a stage starts or resumes."""
+    return {
+        "status": "running",
+        "config_hash": config_hash,
+        "inputs": inputs,
+        "started_at": now(),
+        "ended_at": None,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "command": " ".join(["rlhf"] + sys.argv[1:]),
+    }

@@ -1,0 +1,153 @@
+"""`rlhf sft`: supervised fine-tuning on instruction / chat data (ALGORITHMS.md section 2).
+
+Loss on assistant tokens only (EOS included), normalised by the target tokens of the whole optimizer
+step over all micro-batches and ranks, so batch 8 x accumulation 1 equals batch 2 x accumulation 4.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import engine as eng
+from rlhf_cli.config.compose import config_hash
+from rlhf_cli.data import build_sft_datasets, collate_sft
+from rlhf_cli.losses import count_targets, sft_loss_sum
+from rlhf_cli.metrics import Metrics
+from rlhf_cli.models import apply_lora, load_causal_lm, load_tokenizer
+from rlhf_cli.run_dir import Run, atomic_write_text, now, start_record
+from rlhf_cli.stages.common import model_inputs, step_plan
+
+SHOW = ("loss", "lr", "tok/s", "eval_loss")
+
+
+def run(cfg: Any, run: Run) -> Path | None:
+    """Train, checkpoint and export `<run>/sft/final/`. Returns it, or None when stopped early to resume."""
+    st = cfg.stage
+    # 1. Distributed group and seeds: every rank builds the same model and the same data order.
+    dist = eng.init_distributed()
+    torch.manual_seed(cfg.seed)
+
+    # 2. Tokenizer and data (tokenized once, in memory).
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_sft_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    plan = step_plan(len(data.train), st, dist.world_size)
+
+    # 3. Model (+ LoRA, gradient checkpointing) inside the DeepSpeed engine.
+    model = load_causal_lm(cfg.model, tokenizer, seed=cfg.seed)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size)
+    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+
+    # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
+    resume = run.latest_checkpoint()
+    start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
+    if run.is_main:
+        atomic_write_text(run.stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        run.update_stage(**start_record(config_hash(cfg), {"model": cfg.model.name_or_path, "data": cfg.data.source}, resume))
+    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
+    metrics.message(data.report.summary())
+    metrics.message(plan.describe(start_step, resume))
+
+    # 5. Train.
+    last = train_loop(cfg, engine, data, plan, dist, run, metrics, start_step, tokenizer.pad_token_id)
+    if last["step"] < plan.total_steps:
+        metrics.close()
+        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+        return None
+
+    # 6. Final evaluation, export of final/, headline metrics into the manifest.
+    final_eval = evaluate(engine, data.eval, st.eval_batch_size, dist, tokenizer.pad_token_id)
+    metrics.log(last["step"], final_eval, SHOW)
+    metrics.close()
+    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds") if k in last}
+    run.update_stage(
+        status="completed", ended_at=now(), outputs={"final": str(run.final_dir.relative_to(run.root))},
+        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
+    )
+    return run.final_dir
+
+
+def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate_sft([examples[i] for i in idx[j:j + micro]], pad_id) for j in range(0, len(idx), micro)]
+
+
+def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; the loss is normalised over all ranks."""
+    n_global = float(eng.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches)))
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = engine(**model_inputs(b)).logits
+        loss_sum, _ = sft_loss_sum(logits, b["labels"])
+        eng.backward(engine, loss_sum, n_global)
+        eng.step(engine)
+        total += loss_sum.detach().double().cpu()
+        tokens += int(b["attention_mask"].sum())
+    return {
+        "loss": float(eng.all_reduce_sum(total)) / n_global,
+        "target_tokens": n_global,
+        "tokens": float(eng.all_reduce_sum(tokens)),
+    }
+
+
+def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_step: int, pad_id: int) -> dict:
+    """Steps from `start_step` to the end (or `stage.stop_after_steps`); checkpoints every `save_every`."""
+    st = cfg.stage
+    engine.train()
+    totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
+    last: dict[str, Any] = {"step": start_step}
+    for step in range(start_step, plan.total_steps):
+        t0 = time.perf_counter()
+        idx = plan.rank_indices(step, dist.rank, cfg.seed)
+        out = train_step(engine, micro_batches(data.train, idx, st.micro_batch_size, pad_id), dist.device)
+        dt = time.perf_counter() - t0
+        for k in ("tokens", "target_tokens"):
+            totals[k] += out[k]
+        totals["train_seconds"] += dt
+        done = step + 1
+        values = {
+            "loss": out["loss"], "lr": eng.current_lr(engine), "grad_norm": eng.grad_norm(engine),
+            "epoch": done / plan.steps_per_epoch, "tok/s": out["tokens"] / dt, "target_tok/s": out["target_tokens"] / dt,
+        }
+        if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
+            values.update(evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id))
+            engine.train()
+        metrics.log(done, values, SHOW)
+        last = {"step": done, "loss": out["loss"], **totals}
+        stopping = st.stop_after_steps is not None and done >= st.stop_after_steps and done < plan.total_steps
+        if (st.save_every and done % st.save_every == 0) or stopping:
+            eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+        if stopping:
+            metrics.message(f"stopped after step {done} (stage.stop_after_steps); re-run to resume")
+            break
+    return last
+
+
+@torch.no_grad()
+def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: int) -> dict[str, float]:
+    """Token-level eval loss and perplexity over all eval examples (sharded over ranks, summed exactly)."""
+    if not examples:
+        return {}
+    engine.eval()
+    mine = examples[dist.rank::dist.world_size]
+    total, count = 0.0, 0
+    for j in range(0, len(mine), batch_size):
+        b = {k: v.to(dist.device) for k, v in collate_sft(mine[j:j + batch_size], pad_id).items()}
+        loss_sum, n = sft_loss_sum(engine(**model_inputs(b)).logits, b["labels"])
+        total += float(loss_sum)
+        count += n
+    total, count = float(eng.all_reduce_sum(total)), float(eng.all_reduce_sum(count))
+    loss = total / max(count, 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
