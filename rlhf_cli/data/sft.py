@@ -1,0 +1,322 @@
+"""SFT data: conversations -> token ids with assistant-only labels -> right-padded batches.
+
+Labels are *not* shifted here: `labels[t]` is the target for position t, the same length as `input_ids`, and
+the loss shifts logits/labels (ALGORITHMS.md §1). -100 marks tokens without loss: system/user turns, the
+template's role headers, separators after an end-of-turn token, and padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jinja2
+import torch
+
+from rlhf_cli.config.schema import DataConfig
+from rlhf_cli.data.adapters import Conversation, adapt_rows
+from rlhf_cli.data.sources import load_rows
+from rlhf_cli.errors import DataError
+
+IGNORE_INDEX = -100
+TRUNCATION_POLICIES = ("drop", "truncate_response")
+BAD_ROW_POLICIES = ("skip", "fail")
+MAX_BAD_ROW_SAMPLES = 10
+
+# Drop reasons, also the keys of DataReport.dropped.
+TOO_LONG = "too long"
+NO_ROOM = "prompt leaves no room for the response"
+SHORT_AFTER_TRUNCATION = "response shorter than min_response_tokens after truncation"
+NO_TARGETS = "no response tokens"
+SPECIAL_TEXT = "text contains a special token"
+EMPTY_TURN = "assistant turn renders to no tokens"
+BOUNDARY_MERGE = "tokens merge across a turn boundary"
+
+
+class DropExample(Exception):
+    """A well-formed conversation that cannot become a training example (counted per reason, not fatal)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]  # (T,)
+    labels: list[int]  # (T,), IGNORE_INDEX where no loss; unshifted
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows: read, rejected as malformed, dropped (per reason), kept."""
+
+    rows_read: int = 0
+    bad_rows: int = 0
+    bad_row_samples: list[str] = field(default_factory=list)  # "location: reason", the first few
+    dropped: dict[str, int] = field(default_factory=dict)  # training rows/examples left out, per reason
+    eval_dropped: dict[str, int] = field(default_factory=dict)
+    train_examples: int = 0
+    eval_examples: int = 0
+
+    def summary(self) -> str:
+        """One line of counts, plus a line of drop reasons when there are any."""
+        line = f"data: {self.rows_read} rows read -> {self.train_examples} train / {self.eval_examples} eval examples"
+        if self.bad_rows:
+            line += f"; {self.bad_rows} bad rows skipped (e.g. {self.bad_row_samples[0]})"
+        drops = dict(self.dropped)
+        for reason, n in self.eval_dropped.items():
+            drops[f"{reason} (eval)"] = n
+        if not drops:
+            return line
+        return line + "\ndropped: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(drops.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SFTData:
+    train: list[SFTExample]
+    eval: list[SFTExample]
+    report: DataReport
+
+
+# ---------------------------------------------------------------- one conversation
+
+
+def tokenize_conversation(
+    tokenizer, messages: Conversation, max_length: int, truncation: str = "drop", min_response_tokens: int = 1
+) -> SFTExample:
+    """Render `messages` with the tokenizer's chat template; label every assistant turn, mask the rest.
+
+    Raises DropExample(reason) when the example must be left out, DataError when the template cannot be used.
+    """
+    if not messages or messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant":
+        raise ValueError("a conversation must start with a user/system message and end with an assistant message")
+    _reject_special_text(tokenizer, messages)
+    ids, labels, prompt_len = _render_with_labels(tokenizer, messages)
+    ids, labels = _fit(ids, labels, prompt_len, max_length, truncation, min_response_tokens)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DropExample(NO_TARGETS)  # an example without targets adds nothing but a 0/0 to the loss
+    return SFTExample(ids, labels)
+
+
+def _render_with_labels(tokenizer, messages: Conversation) -> tuple[list[int], list[int], int]:
+    """Token ids, labels, and where the last assistant turn starts (everything before it is the prompt).
+
+    Each assistant turn is found by prefix difference: the tokens that rendering messages[:i+1] adds to
+    rendering messages[:i] with the generation prompt (so the role header stays in the masked prefix).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    prompt_len = 0
+    previous = (messages[:0], False)  # what `ids` is the rendering of
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        _require_prefix(tokenizer, ids, prefix, previous, (messages[:i], True))
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        _require_prefix(tokenizer, prefix, full, (messages[:i], True), (messages[: i + 1], False))
+        if len(full) == len(prefix):
+            raise DropExample(EMPTY_TURN)
+        labels += [IGNORE_INDEX] * (len(prefix) - len(ids)) + _turn_labels(full[len(prefix) :], tokenizer.eos_token_id)
+        ids, prompt_len, previous = full, len(prefix), (messages[: i + 1], False)
+    if tokenizer.eos_token_id not in ids[prompt_len:]:
+        # The template ends the turn with something other than EOS (or nothing): the model must still learn
+        # to stop, so EOS is appended and trained (ALGORITHMS.md §1 "EOS must be trained").
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos_token, and the chat template does not end turns with one.")
+        ids = ids + [tokenizer.eos_token_id]
+        labels = labels + [tokenizer.eos_token_id]
+    return ids, labels, prompt_len
+
+
+def _turn_labels(turn: list[int], eos_id: int | None) -> list[int]:
+    """Labels of one assistant turn: all of it up to and including its last EOS; separators after it masked."""
+    if eos_id is None or eos_id not in turn:
+        return list(turn)
+    end = len(turn) - turn[::-1].index(eos_id)
+    return list(turn[:end]) + [IGNORE_INDEX] * (len(turn) - end)
+
+
+def _fit(ids, labels, prompt_len, max_length, truncation, min_response_tokens) -> tuple[list[int], list[int]]:
+    """Apply `data.max_length` with the `data.truncation` policy."""
+    if prompt_len >= max_length:
+        raise DropExample(NO_ROOM)
+    if len(ids) <= max_length:
+        return ids, labels
+    if truncation == "drop":
+        raise DropExample(TOO_LONG)
+    # truncate_response: keep the whole prompt, cut the last response (it then has no EOS, as in generation).
+    ids, labels = ids[:max_length], labels[:max_length]
+    if sum(label != IGNORE_INDEX for label in labels[prompt_len:]) < min_response_tokens:
+        raise DropExample(SHORT_AFTER_TRUNCATION)
+    return ids, labels
+
+
+def _render(tokenizer, messages: Conversation, add_generation_prompt: bool, tokenize: bool = True) -> Any:
+    """Token ids (list[int]) of the chat-template rendering, or its text when tokenize=False."""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt, return_dict=False
+        )
+    except jinja2.TemplateError as err:
+        # Templates call raise_exception() for conversations they refuse (roles not alternating, system role
+        # unsupported...): a property of the row (or of every row, which the final report then shows).
+        raise DropExample(f"chat template rejected the conversation: {err}") from err
+    if not tokenize:
+        return out
+    if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding unless return_dict=False is honoured
+        out = out["input_ids"]
+    return list(out)
+
+
+def _require_prefix(tokenizer, shorter: list[int], longer: list[int], short_spec: tuple, long_spec: tuple) -> None:
+    """Check the prefix-difference premise: rendering more messages only appends tokens.
+
+    `short_spec` / `long_spec` are the (messages, add_generation_prompt) that gave `shorter` / `longer`; they are
+    rendered as text only on failure, to tell a template that rewrites history from a tokenizer merge.
+    """
+    if longer[: len(shorter)] == shorter:
+        return
+    text_short = _render(tokenizer, *short_spec, tokenize=False) if short_spec[0] else ""
+    text_long = _render(tokenizer, *long_spec, tokenize=False)
+    if text_long.startswith(text_short):
+        # Same text, different tokens: the tokenizer merged characters across the turn boundary (e.g. two
+        # newlines). Specific to this row's text, so drop it rather than stop the run.
+        raise DropExample(BOUNDARY_MERGE)
+    raise DataError(
+        "the chat template is not prefix-stable: rendering a conversation with one more turn changes the "
+        f"earlier turns (at {len(long_spec[0])} messages), so assistant tokens cannot be located for the loss mask. "
+        "Templates that rewrite history (e.g. strip earlier reasoning) are not supported for SFT; set "
+        "model.chat_template to a template that renders each turn the same way whatever follows it."
+    )
+
+
+def _reject_special_text(tokenizer, messages: Conversation) -> None:
+    # Text such as "<|end|>" inside a message would be encoded as the control token itself, teaching the model
+    # to stop mid-answer (or breaking the turn structure).
+    specials = set(tokenizer.all_special_tokens)
+    specials.update(tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special)
+    specials.discard("")
+    if any(s in msg["content"] for msg in messages for s in specials):
+        raise DropExample(SPECIAL_TEXT)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def build_sft_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> SFTData:
+    """Read, adapt, split and tokenize the SFT data described by `data_cfg`; report what was left out."""
+    _check_config(data_cfg, tokenizer)
+    report = DataReport()
+    conversations = _read_conversations(data_cfg, data_cfg.split, report, report.dropped)
+    if data_cfg.eval_split:
+        train_convs = conversations
+        eval_convs = _read_conversations(data_cfg, data_cfg.eval_split, report, report.eval_dropped)
+    else:
+        train_convs, eval_convs = split_eval(conversations, data_cfg.eval_fraction, seed)
+    if data_cfg.max_samples is not None:
+        train_convs = train_convs[: data_cfg.max_samples]
+    train = _tokenize_all(tokenizer, train_convs, data_cfg, report.dropped)
+    evals = _tokenize_all(tokenizer, eval_convs, data_cfg, report.eval_dropped)
+    report.train_examples, report.eval_examples = len(train), len(evals)
+    if not train:
+        raise DataError(
+            f"no training example left from data.source={data_cfg.source} (split {data_cfg.split}).\n"
+            f"{report.summary()}\n"
+            "Check data.format, data.max_length / data.truncation, and the rows themselves."
+        )
+    return SFTData(train, evals, report)
+
+
+def _check_config(data_cfg: DataConfig, tokenizer) -> None:
+    if data_cfg.truncation not in TRUNCATION_POLICIES:
+        raise DataError(f"data.truncation: '{data_cfg.truncation}' is not one of {', '.join(TRUNCATION_POLICIES)}.")
+    if data_cfg.bad_rows not in BAD_ROW_POLICIES:
+        raise DataError(f"data.bad_rows: '{data_cfg.bad_rows}' is not one of {', '.join(BAD_ROW_POLICIES)}.")
+    if not 0.0 <= data_cfg.eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction: {data_cfg.eval_fraction} must be in [0, 1).")
+    if data_cfg.max_length < 2:
+        raise DataError(f"data.max_length: {data_cfg.max_length} leaves no room for a prompt and a response.")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the tokenizer has no chat template; set model.chat_template to a Jinja chat template.")
+
+
+def _read_conversations(
+    data_cfg: DataConfig, split: str, report: DataReport, dropped: dict[str, int]
+) -> list[tuple[str, Conversation]]:
+    """Load and adapt one split, applying the `data.bad_rows` policy; skipped rows are counted in `dropped`."""
+    rows = load_rows(data_cfg.source, split, data_cfg.subset)
+    report.rows_read += len(rows)
+    adapted = adapt_rows(rows, data_cfg)
+    if adapted.bad_rows and data_cfg.bad_rows == "fail":
+        first = adapted.bad_rows[0]
+        raise DataError(
+            f"bad row at {first.location}: {first.reason} ({len(adapted.bad_rows)} bad rows in this split). "
+            "Fix the row, or set data.bad_rows=skip to skip such rows."
+        )
+    report.bad_rows += len(adapted.bad_rows)
+    room = MAX_BAD_ROW_SAMPLES - len(report.bad_row_samples)
+    report.bad_row_samples += [str(bad) for bad in adapted.bad_rows[: max(room, 0)]]
+    for reason, n in adapted.skipped.items():
+        dropped[reason] = dropped.get(reason, 0) + n
+    return adapted.conversations
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) items (at least 1 when fraction > 0 and n >= 2, never all) with a seeded RNG.
+
+    Both parts keep the input order; the same seed and input give the same split.
+    """
+    n = len(items)
+    if fraction <= 0 or n < 2:
+        return list(items), []
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    held_out = set(random.Random(seed).sample(range(n), n_eval))
+    train = [item for i, item in enumerate(items) if i not in held_out]
+    evals = [item for i, item in enumerate(items) if i in held_out]
+    return train, evals
+
+
+def _tokenize_all(
+    tokenizer, conversations: list[tuple[str, Conversation]], data_cfg: DataConfig, dropped: dict[str, int]
+) -> list[SFTExample]:
+    examples = []
+    for _, conv in conversations:
+        try:
+            examples.append(
+                tokenize_conversation(
+                    tokenizer, conv, data_cfg.max_length, data_cfg.truncation, data_cfg.min_response_tokens
+                )
+            )
+        except DropExample as drop:
+            dropped[drop.reason] = dropped.get(drop.reason, 0) + 1
+    return examples
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids (B, T) with pad_token_id, attention_mask (B, T), labels (B, T) with -100.
+
+    T is the longest example. Padding is placed by length, never found by comparing ids with pad_token_id,
+    because pad may equal EOS, and EOS must keep its label (ALGORITHMS.md §1).
+    """
+    if not examples:
+        raise ValueError("collate_sft needs at least one example")
+    width = max(len(ex.input_ids) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

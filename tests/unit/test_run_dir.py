@@ -1,0 +1,69 @@
+"""The run-directory contract: atomic manifest, lock, overwrite rule, complete checkpoints only."""
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.run_dir import COMPLETE_MARKER, complete_checkpoints, open_run, start_record
+
+
+def _cfg(tmp_path, overwrite=False):
+    return SimpleNamespace(root=str(tmp_path), name="r1", overwrite=overwrite)
+
+
+def test_manifest_records_stage_and_is_valid_json(tmp_path):
+    run = open_run(_cfg(tmp_path), "sft")
+    run.update_stage(**start_record("abc", {"model": "m"}, None))
+    run.update_stage(status="completed", metrics={"loss": 1.5})
+    data = json.loads((tmp_path / "r1" / "manifest.json").read_text())
+    rec = data["stages"]["sft"]
+    assert rec["status"] == "completed" and rec["config_hash"] == "abc" and rec["metrics"] == {"loss": 1.5}
+    assert "torch" in rec["versions"] and rec["command"].startswith("rlhf")
+    assert not list((tmp_path / "r1").glob(".manifest.json.tmp*"))  # no temporary file left behind
+    run.release()
+
+
+def test_run_directory_in_use_is_refused(tmp_path):
+    first = open_run(_cfg(tmp_path), "sft")
+    with pytest.raises(UserError, match="in use by pid"):
+        open_run(_cfg(tmp_path), "sft")
+    first.release()
+    open_run(_cfg(tmp_path), "sft").release()  # free again once released
+
+
+def test_completed_stage_needs_overwrite(tmp_path):
+    run = open_run(_cfg(tmp_path), "sft")
+    (run.final_dir).mkdir(parents=True)
+    run.update_stage(status="completed")
+    run.release()
+    with pytest.raises(UserError, match="run.overwrite=true"):
+        open_run(_cfg(tmp_path), "sft")
+    assert run.final_dir.is_dir()  # refusing wrote and deleted nothing
+    again = open_run(_cfg(tmp_path, overwrite=True), "sft")
+    assert again.stage_dir.is_dir() and not again.final_dir.exists()
+    again.release()
+
+
+def test_only_complete_checkpoints_count(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for step, complete in [(2, True), (4, True), (6, False)]:
+        (ckpt / f"step-{step}").mkdir(parents=True)
+        if complete:
+            (ckpt / f"step-{step}" / COMPLETE_MARKER).write_text("")
+    (ckpt / ".tmp-step-8").mkdir()
+    assert [p.name for p in complete_checkpoints(ckpt)] == ["step-2", "step-4"]
+
+
+def test_stage_output_missing_says_which_command(tmp_path):
+    run = open_run(_cfg(tmp_path), "rm")
+    with pytest.raises(UserError, match=r"run `rlhf sft run.name=r1` first"):
+        run.stage_output("sft")
+    run.release()
+
+
+def test_corrupt_manifest_is_a_user_error(tmp_path):
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest.json is not valid JSON"):
+        open_run(_cfg(tmp_path), "sft")
