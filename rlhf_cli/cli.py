@@ -5,6 +5,7 @@ No training logic here. Every `UserError` ends as one red line on stderr and exi
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -83,7 +84,7 @@ def run_stage(stage: str, args: list[str]) -> int:
             err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")
         else:
             err_console.print(f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: rlhf generate run={run.root.name} "
-                              f"root={cfg.run.root} stage={stage} prompt=\"Name three primary colours.\"")
+                              f"root={cfg.run.root} stage={stage} prompt=\"What is the capital of France?\"")
     return 0
 
 
@@ -108,6 +109,8 @@ def dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Our own progress bar and log lines say what happens; the libraries' per-file bars only add noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
     except UserError as exc:

@@ -28,6 +28,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 
+from rlhf_cli.models import merged_for_export  # noqa: E402
 from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints  # noqa: E402
 
 ds_logger.setLevel(logging.WARNING)
@@ -242,16 +243,16 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: Path, merge_lora: bool) -> N
     chat template) that `from_pretrained` loads. Written under a temporary name and renamed, so a crash
     never leaves a half-written final/. Collective (ZeRO-3 gathers); rank 0 writes.
 
-    LoRA: with `merge_lora` the adapters are merged into the base weights (a plain checkpoint); this
-    modifies the in-memory model, so it is the last thing a stage does with it."""
+    LoRA: with `merge_lora` the adapters are merged into the base weights (a plain checkpoint)."""
     state = full_state_dict(engine)
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         model = engine.module
+        # Training may have turned the KV cache off (gradient checkpointing); generation wants it on.
+        model.config.use_cache = True
         if merge_lora and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-            model.save_pretrained(tmp)
+            merged_for_export(model, merge=True).save_pretrained(tmp)  # merges a copy: the engine keeps its adapters
         else:
             model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)

@@ -37,11 +37,11 @@ class LoRAConfig:
 class TinyModelConfig:
     """Shape of the built-in randomly initialised Llama used by the default run and the tests."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
     max_position_embeddings: int = 512
 
 

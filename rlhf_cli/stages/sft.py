@@ -18,7 +18,7 @@ from rlhf_cli.config.compose import config_hash
 from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import apply_lora, load_causal_lm, load_tokenizer
+from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from rlhf_cli.run_dir import Run, atomic_write_text, now, start_record
 from rlhf_cli.stages.common import model_inputs, step_plan
 
@@ -40,8 +40,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     # 3. Model (+ LoRA, gradient checkpointing) inside the DeepSpeed engine.
     model = load_causal_lm(cfg.model, tokenizer, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
     ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size)
