@@ -2,12 +2,13 @@
 
 No training logic here. Every `UserError` ends as one red line on stderr and exit code 2, no traceback.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from rich.console import Console
 
@@ -55,10 +56,10 @@ def run_stage(stage: str, args: list[str]) -> int:
     show_cfg = False
     if "--cfg" in args:
         i = args.index("--cfg")
-        if args[i + 1:i + 2] != ["job"]:
+        if args[i + 1 : i + 2] != ["job"]:
             raise UserError("--cfg takes one value: job (e.g. `rlhf sft --cfg job`)")
         show_cfg = True
-        args = args[:i] + args[i + 2:]
+        args = args[:i] + args[i + 2 :]
     cfg = compose(stage, args)
     if show_cfg:
         out_console.print(to_yaml(cfg), end="", markup=False)
@@ -74,8 +75,9 @@ def run_stage(stage: str, args: list[str]) -> int:
         out = importlib.import_module(STAGES[stage]).run(cfg, run)
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        run.update_stage(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
-                         error=reason, ended_at=now())
+        run.update_stage(
+            status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=reason, ended_at=now()
+        )
         raise
     finally:
         run.release()
@@ -83,8 +85,10 @@ def run_stage(stage: str, args: list[str]) -> int:
         if out is None:
             err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")
         else:
-            err_console.print(f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: rlhf generate run={run.root.name} "
-                              f"root={cfg.run.root} stage={stage} prompt=\"What is the capital of France?\"")
+            err_console.print(
+                f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: rlhf generate run={run.root.name} "
+                f'root={cfg.run.root} stage={stage} prompt="What is the capital of France?"'
+            )
     return 0
 
 

@@ -7,6 +7,7 @@ divide by the accumulation steps and average gradients over ranks; we undo the f
 and pre-multiply by the world size for the second, so the step's gradient is exactly
 d(sum of all losses / normaliser) whatever the micro-batch split or the number of ranks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,12 +25,12 @@ if not torch.cuda.is_available():
     # Pick DeepSpeed's CPU accelerator up front instead of letting it probe and warn.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from deepspeed.utils import logger as ds_logger  # noqa: E402
+import deepspeed
+import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
 
-from rlhf_cli.models import merged_for_export  # noqa: E402
-from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints  # noqa: E402
+from rlhf_cli.models import merged_for_export
+from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 ds_logger.setLevel(logging.WARNING)
 
@@ -102,7 +103,9 @@ def ds_config(ds: Any, optim: Any, micro_batch: int, grad_accum: int, world_size
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
                 # torch's AdamW on CPU; DeepSpeed's fused/CPU-Adam kernels when a GPU or offload asks for them.
                 "torch_adam": not torch.cuda.is_available() and not ds.offload_optimizer,

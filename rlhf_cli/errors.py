@@ -1,4 +1,5 @@
 """User-facing errors: one clear message, a non-zero exit, no traceback (see cli.main)."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Metrics sink of a stage: metrics.jsonl, optional TensorBoard, and a rich progress bar (rank 0 only)."""
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,22 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                console.print("[yellow]tensorboard is not installed; pip install tensorboard to use logging.tensorboard")
+                console.print(
+                    "[yellow]tensorboard is not installed; pip install tensorboard to use logging.tensorboard"
+                )
             else:
                 self._tb = SummaryWriter(str(path.parent / "tensorboard"))
         self._bar = None
         if enabled and logging_cfg.progress and sys.stderr.isatty():
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
             )
             self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
             self._bar.start()

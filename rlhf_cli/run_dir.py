@@ -9,6 +9,7 @@
 Rank 0 alone writes; every write of the manifest goes to a temporary file that is then renamed, so a
 crash never leaves a half-written manifest.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,7 +52,10 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     try:
         res = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
@@ -110,7 +114,9 @@ class Run:
         try:
             return json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as err:
-            raise UserError(f"{self.manifest_path} is not valid JSON ({err}); restore it or use another run.name") from None
+            raise UserError(
+                f"{self.manifest_path} is not valid JSON ({err}); restore it or use another run.name"
+            ) from None
 
     def stage_record(self, stage: str | None = None) -> dict:
         return self.read_manifest()["stages"].get(stage or self.stage, {})

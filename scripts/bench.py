@@ -8,6 +8,7 @@
 
 Usage: python scripts/bench.py [--steps N] [--warmup K] [key=value overrides for the stage ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,19 @@ def peak_rss_mib(children: bool = False) -> float:
 
 
 def run_stage(root: str, steps: int, overrides: list[str]) -> list[dict]:
-    cmd = [sys.executable, "-m", "rlhf_cli", "sft", f"run.root={root}", "run.name=bench", f"stage.max_steps={steps}",
-           "stage.save_every=0", "logging.progress=false", "logging.log_every=1000000", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_cli",
+        "sft",
+        f"run.root={root}",
+        "run.name=bench",
+        f"stage.max_steps={steps}",
+        "stage.save_every=0",
+        "logging.progress=false",
+        "logging.log_every=1000000",
+        *overrides,
+    ]
     subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = (Path(root) / "bench" / "sft" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "tok/s" in r]
@@ -57,7 +69,10 @@ def bare_loop(steps: int, overrides: list[str]) -> tuple[float, float]:
     times, toks, targets = [], [], []
     for step in range(steps):
         idx = plan.rank_indices(step, 0, cfg.seed)
-        batches = [collate_sft([data.train[i] for i in idx[j:j + micro]], tok.pad_token_id) for j in range(0, len(idx), micro)]
+        batches = [
+            collate_sft([data.train[i] for i in idx[j : j + micro]], tok.pad_token_id)
+            for j in range(0, len(idx), micro)
+        ]
         t0 = time.perf_counter()
         n = sum(count_targets(b["labels"]) for b in batches)
         for b in batches:
@@ -78,18 +93,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     args, overrides = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as root:
-        records = run_stage(root, args.steps, overrides)[args.warmup:]
+        records = run_stage(root, args.steps, overrides)[args.warmup :]
     stage_tok = statistics.median(r["tok/s"] for r in records)
     stage_target = statistics.median(r["target_tok/s"] for r in records)
     stage_peak = peak_rss_mib(children=True)
 
     times, toks, targets = bare_loop(args.steps, overrides)
-    times, toks, targets = times[args.warmup:], toks[args.warmup:], targets[args.warmup:]
-    bare_tok = statistics.median(t / s for t, s in zip(toks, times))
-    bare_target = statistics.median(t / s for t, s in zip(targets, times))
+    times, toks, targets = times[args.warmup :], toks[args.warmup :], targets[args.warmup :]
+    bare_tok = statistics.median(t / s for t, s in zip(toks, times, strict=True))
+    bare_target = statistics.median(t / s for t, s in zip(targets, times, strict=True))
     print(f"\nSFT benchmark, tiny default, {torch.get_num_threads()} threads, {len(records)} timed steps")
     print(f"  stage  : {stage_tok:10.0f} tokens/s  {stage_target:10.0f} target tokens/s  peak RSS {stage_peak:.0f} MiB")
-    print(f"  bare   : {bare_tok:10.0f} tokens/s  {bare_target:10.0f} target tokens/s  peak RSS {peak_rss_mib():.0f} MiB")
+    print(
+        f"  bare   : {bare_tok:10.0f} tokens/s  {bare_target:10.0f} target tokens/s  peak RSS {peak_rss_mib():.0f} MiB"
+    )
     print(f"  ratio stage/bare (tokens/s): {stage_tok / bare_tok:.3f}")
 
 

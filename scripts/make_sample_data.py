@@ -6,6 +6,7 @@ model can actually learn the tasks and a human can check any row. Same seed -> b
     python scripts/make_sample_data.py                      # rewrites the shipped file
     python scripts/make_sample_data.py --out /tmp/x.jsonl --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,66 +21,282 @@ DEFAULT_SEED = 0
 # (instruction, context, response); the category is attached per family in FAMILIES.
 Row = tuple[str, str, str]
 
-NAMES = ["Tom", "Maria", "Ali", "Priya", "Ken", "Lena", "Omar", "Sofia", "Jack", "Mei", "Ravi", "Emma",
-         "Noah", "Aisha", "Lucas", "Yuki", "Nina", "Pedro", "Hana", "Sam"]
-ITEMS = ["apples", "pencils", "marbles", "books", "cookies", "stickers", "oranges", "cards", "coins", "flowers",
-         "shells", "stamps"]
-WORDS = ["cat", "dog", "sun", "tree", "book", "lamp", "river", "apple", "chair", "cloud", "house", "bread",
-         "stone", "music", "garden", "window", "pencil", "table", "yellow", "rabbit", "moon", "road", "ship",
-         "kite", "orange", "zebra", "violin", "forest", "candle", "bridge", "lemon", "mirror", "planet", "honey"]
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-            ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
-            ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
-            ("Brazil", "Brasilia"), ("Argentina", "Buenos Aires"), ("Peru", "Lima"), ("Chile", "Santiago"),
-            ("Australia", "Canberra"), ("New Zealand", "Wellington"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
-            ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Greece", "Athens"),
-            ("Ireland", "Dublin"), ("Austria", "Vienna"), ("Hungary", "Budapest"), ("Thailand", "Bangkok"),
-            ("South Korea", "Seoul"), ("Vietnam", "Hanoi"), ("Morocco", "Rabat"), ("Ghana", "Accra"),
-            ("Turkey", "Ankara"), ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Belgium", "Brussels")]
+NAMES = [
+    "Tom",
+    "Maria",
+    "Ali",
+    "Priya",
+    "Ken",
+    "Lena",
+    "Omar",
+    "Sofia",
+    "Jack",
+    "Mei",
+    "Ravi",
+    "Emma",
+    "Noah",
+    "Aisha",
+    "Lucas",
+    "Yuki",
+    "Nina",
+    "Pedro",
+    "Hana",
+    "Sam",
+]
+ITEMS = [
+    "apples",
+    "pencils",
+    "marbles",
+    "books",
+    "cookies",
+    "stickers",
+    "oranges",
+    "cards",
+    "coins",
+    "flowers",
+    "shells",
+    "stamps",
+]
+WORDS = [
+    "cat",
+    "dog",
+    "sun",
+    "tree",
+    "book",
+    "lamp",
+    "river",
+    "apple",
+    "chair",
+    "cloud",
+    "house",
+    "bread",
+    "stone",
+    "music",
+    "garden",
+    "window",
+    "pencil",
+    "table",
+    "yellow",
+    "rabbit",
+    "moon",
+    "road",
+    "ship",
+    "kite",
+    "orange",
+    "zebra",
+    "violin",
+    "forest",
+    "candle",
+    "bridge",
+    "lemon",
+    "mirror",
+    "planet",
+    "honey",
+]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Brazil", "Brasilia"),
+    ("Argentina", "Buenos Aires"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Australia", "Canberra"),
+    ("New Zealand", "Wellington"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Greece", "Athens"),
+    ("Ireland", "Dublin"),
+    ("Austria", "Vienna"),
+    ("Hungary", "Budapest"),
+    ("Thailand", "Bangkok"),
+    ("South Korea", "Seoul"),
+    ("Vietnam", "Hanoi"),
+    ("Morocco", "Rabat"),
+    ("Ghana", "Accra"),
+    ("Turkey", "Ankara"),
+    ("Cuba", "Havana"),
+    ("Colombia", "Bogota"),
+    ("Belgium", "Brussels"),
+]
 # (unit, plural, target unit plural, factor): every conversion is an exact integer multiplication.
-UNITS = [("kilometer", "kilometers", "meters", 1000), ("meter", "meters", "centimeters", 100),
-         ("kilogram", "kilograms", "grams", 1000), ("hour", "hours", "minutes", 60),
-         ("minute", "minutes", "seconds", 60), ("day", "days", "hours", 24), ("week", "weeks", "days", 7),
-         ("liter", "liters", "milliliters", 1000), ("centimeter", "centimeters", "millimeters", 10),
-         ("year", "years", "months", 12)]
+UNITS = [
+    ("kilometer", "kilometers", "meters", 1000),
+    ("meter", "meters", "centimeters", 100),
+    ("kilogram", "kilograms", "grams", 1000),
+    ("hour", "hours", "minutes", 60),
+    ("minute", "minutes", "seconds", 60),
+    ("day", "days", "hours", 24),
+    ("week", "weeks", "days", 7),
+    ("liter", "liters", "milliliters", 1000),
+    ("centimeter", "centimeters", "millimeters", 10),
+    ("year", "years", "months", 12),
+]
 # Directed pairs: only directions whose answer is unambiguous (no "old" -> "new"/"young").
-ANTONYMS = [("hot", "cold"), ("cold", "hot"), ("fast", "slow"), ("slow", "fast"), ("up", "down"), ("down", "up"),
-            ("happy", "sad"), ("sad", "happy"), ("dark", "light"), ("early", "late"), ("late", "early"),
-            ("full", "empty"), ("empty", "full"), ("young", "old"), ("wet", "dry"), ("dry", "wet"),
-            ("hard", "soft"), ("soft", "hard"), ("loud", "quiet"), ("strong", "weak"), ("weak", "strong"),
-            ("rich", "poor"), ("poor", "rich"), ("clean", "dirty"), ("dirty", "clean"), ("first", "last"),
-            ("inside", "outside"), ("push", "pull"), ("pull", "push"), ("above", "below"), ("thick", "thin"),
-            ("true", "false"), ("false", "true"), ("day", "night"), ("night", "day"), ("open", "closed")]
-PLURALS = [("mouse", "mice"), ("child", "children"), ("foot", "feet"), ("tooth", "teeth"), ("man", "men"),
-           ("woman", "women"), ("goose", "geese"), ("person", "people"), ("box", "boxes"), ("bus", "buses"),
-           ("city", "cities"), ("baby", "babies"), ("leaf", "leaves"), ("knife", "knives"), ("wolf", "wolves"),
-           ("potato", "potatoes"), ("sheep", "sheep"), ("deer", "deer"), ("cat", "cats"), ("church", "churches"),
-           ("dish", "dishes"), ("story", "stories"), ("half", "halves"), ("ox", "oxen"), ("glass", "glasses"),
-           ("key", "keys"), ("toy", "toys"), ("fish", "fish")]
-JOBS = ["a teacher", "an engineer", "a nurse", "a baker", "a pilot", "a farmer", "an artist", "a doctor",
-        "a librarian", "a gardener", "a chef", "a carpenter"]
-CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Seoul", "Dublin", "Cairo", "Vienna", "Hanoi", "Accra", "Athens",
-          "Madrid", "Toronto", "Osaka", "Chicago", "Melbourne"]
-HOBBIES = ["painting", "hiking", "chess", "swimming", "baking bread", "playing the guitar", "reading novels",
-           "cycling", "bird watching", "gardening"]
+ANTONYMS = [
+    ("hot", "cold"),
+    ("cold", "hot"),
+    ("fast", "slow"),
+    ("slow", "fast"),
+    ("up", "down"),
+    ("down", "up"),
+    ("happy", "sad"),
+    ("sad", "happy"),
+    ("dark", "light"),
+    ("early", "late"),
+    ("late", "early"),
+    ("full", "empty"),
+    ("empty", "full"),
+    ("young", "old"),
+    ("wet", "dry"),
+    ("dry", "wet"),
+    ("hard", "soft"),
+    ("soft", "hard"),
+    ("loud", "quiet"),
+    ("strong", "weak"),
+    ("weak", "strong"),
+    ("rich", "poor"),
+    ("poor", "rich"),
+    ("clean", "dirty"),
+    ("dirty", "clean"),
+    ("first", "last"),
+    ("inside", "outside"),
+    ("push", "pull"),
+    ("pull", "push"),
+    ("above", "below"),
+    ("thick", "thin"),
+    ("true", "false"),
+    ("false", "true"),
+    ("day", "night"),
+    ("night", "day"),
+    ("open", "closed"),
+]
+PLURALS = [
+    ("mouse", "mice"),
+    ("child", "children"),
+    ("foot", "feet"),
+    ("tooth", "teeth"),
+    ("man", "men"),
+    ("woman", "women"),
+    ("goose", "geese"),
+    ("person", "people"),
+    ("box", "boxes"),
+    ("bus", "buses"),
+    ("city", "cities"),
+    ("baby", "babies"),
+    ("leaf", "leaves"),
+    ("knife", "knives"),
+    ("wolf", "wolves"),
+    ("potato", "potatoes"),
+    ("sheep", "sheep"),
+    ("deer", "deer"),
+    ("cat", "cats"),
+    ("church", "churches"),
+    ("dish", "dishes"),
+    ("story", "stories"),
+    ("half", "halves"),
+    ("ox", "oxen"),
+    ("glass", "glasses"),
+    ("key", "keys"),
+    ("toy", "toys"),
+    ("fish", "fish"),
+]
+JOBS = [
+    "a teacher",
+    "an engineer",
+    "a nurse",
+    "a baker",
+    "a pilot",
+    "a farmer",
+    "an artist",
+    "a doctor",
+    "a librarian",
+    "a gardener",
+    "a chef",
+    "a carpenter",
+]
+CITIES = [
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Seoul",
+    "Dublin",
+    "Cairo",
+    "Vienna",
+    "Hanoi",
+    "Accra",
+    "Athens",
+    "Madrid",
+    "Toronto",
+    "Osaka",
+    "Chicago",
+    "Melbourne",
+]
+HOBBIES = [
+    "painting",
+    "hiking",
+    "chess",
+    "swimming",
+    "baking bread",
+    "playing the guitar",
+    "reading novels",
+    "cycling",
+    "bird watching",
+    "gardening",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 FRUITS = ["apple", "banana", "cherry", "grape", "mango", "pear", "peach", "plum", "lemon", "kiwi"]
 VEGETABLES = ["carrot", "potato", "onion", "cabbage", "spinach", "broccoli", "lettuce", "celery", "leek", "radish"]
-ANIMALS = {"mammal": ["dog", "horse", "cow", "dolphin", "whale", "bat", "lion", "elephant", "rabbit"],
-           "bird": ["eagle", "sparrow", "penguin", "owl", "parrot", "duck", "robin"],
-           "fish": ["salmon", "trout", "shark", "tuna", "cod", "goldfish"]}
-BRAINSTORM = {"fruits": FRUITS, "vegetables": VEGETABLES, "colors": ["red", "blue", "green", "yellow", "purple",
-              "orange", "white", "black"], "planets": ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn",
-              "Uranus", "Neptune"], "musical instruments": ["piano", "violin", "guitar", "flute", "drum",
-              "trumpet", "cello"], "sports played with a ball": ["football", "tennis", "basketball", "volleyball",
-              "golf", "cricket", "baseball"], "school subjects": ["mathematics", "history", "biology",
-              "geography", "music", "chemistry", "art"], "things found in a kitchen": ["a spoon", "a kettle",
-              "a frying pan", "a fridge", "a cutting board", "an oven"], "sea animals": ["octopus", "dolphin",
-              "crab", "jellyfish", "seal", "starfish"], "ways to save water": ["take shorter showers",
-              "fix dripping taps", "turn off the tap while brushing your teeth", "water plants in the evening",
-              "run the washing machine only when it is full"]}
+ANIMALS = {
+    "mammal": ["dog", "horse", "cow", "dolphin", "whale", "bat", "lion", "elephant", "rabbit"],
+    "bird": ["eagle", "sparrow", "penguin", "owl", "parrot", "duck", "robin"],
+    "fish": ["salmon", "trout", "shark", "tuna", "cod", "goldfish"],
+}
+BRAINSTORM = {
+    "fruits": FRUITS,
+    "vegetables": VEGETABLES,
+    "colors": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"],
+    "planets": ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune"],
+    "musical instruments": ["piano", "violin", "guitar", "flute", "drum", "trumpet", "cello"],
+    "sports played with a ball": ["football", "tennis", "basketball", "volleyball", "golf", "cricket", "baseball"],
+    "school subjects": ["mathematics", "history", "biology", "geography", "music", "chemistry", "art"],
+    "things found in a kitchen": ["a spoon", "a kettle", "a frying pan", "a fridge", "a cutting board", "an oven"],
+    "sea animals": ["octopus", "dolphin", "crab", "jellyfish", "seal", "starfish"],
+    "ways to save water": [
+        "take shorter showers",
+        "fix dripping taps",
+        "turn off the tap while brushing your teeth",
+        "water plants in the evening",
+        "run the washing machine only when it is full",
+    ],
+}
 OPEN_QA = [
     ("How many days are in a week?", "There are seven days in a week."),
     ("How many legs does a spider have?", "A spider has eight legs."),
@@ -107,21 +324,28 @@ OPEN_QA = [
     ("What is a verb?", "A verb is a word for an action or a state, such as run or be."),
     ("What is photosynthesis?", "Photosynthesis is how plants make food from sunlight, water and carbon dioxide."),
     ("How can I sleep better?", "Go to bed at the same time each night and avoid screens for an hour before sleep."),
-    ("What is a good way to start learning to cook?",
-     "Start with a few simple recipes and cook them until they feel easy."),
+    (
+        "What is a good way to start learning to cook?",
+        "Start with a few simple recipes and cook them until they feel easy.",
+    ),
     ("Why should I warm up before exercise?", "Warming up raises your heart rate slowly and helps prevent injuries."),
     ("What is the closest star to the Earth?", "The Sun is the closest star to the Earth."),
     ("What do you call a baby cat?", "A baby cat is called a kitten."),
 ]
-SENTENCES = [("river", "We had a quiet picnic beside the river."),
-             ("lantern", "She lit a lantern to read in the tent."),
-             ("garden", "Tomatoes grow well in our sunny garden."), ("journey", "The train journey took four hours."),
-             ("whisper", "He spoke in a whisper so the baby would not wake."),
-             ("breeze", "A cool breeze came in through the open window."),
-             ("library", "I borrowed two books from the library."), ("mountain", "They climbed the mountain at dawn."),
-             ("puzzle", "The children finished the puzzle together."),
-             ("rainbow", "A rainbow appeared after the storm."),
-             ("kitchen", "The kitchen smelled of fresh bread."), ("ocean", "The ocean was calm and blue this morning.")]
+SENTENCES = [
+    ("river", "We had a quiet picnic beside the river."),
+    ("lantern", "She lit a lantern to read in the tent."),
+    ("garden", "Tomatoes grow well in our sunny garden."),
+    ("journey", "The train journey took four hours."),
+    ("whisper", "He spoke in a whisper so the baby would not wake."),
+    ("breeze", "A cool breeze came in through the open window."),
+    ("library", "I borrowed two books from the library."),
+    ("mountain", "They climbed the mountain at dawn."),
+    ("puzzle", "The children finished the puzzle together."),
+    ("rainbow", "A rainbow appeared after the storm."),
+    ("kitchen", "The kitchen smelled of fresh bread."),
+    ("ocean", "The ocean was calm and blue this morning."),
+]
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 
 
@@ -133,18 +357,30 @@ def arithmetic(r: random.Random) -> Row:
     name, item, kind = r.choice(NAMES), r.choice(ITEMS), r.randrange(5)
     a, b = r.randint(2, 12), r.randint(2, 12)
     if kind == 0:
-        return (f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", "",
-                f"{a} + {b} = {a + b}, so {name} has {a + b} {item} now.")
+        return (
+            f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+            "",
+            f"{a} + {b} = {a + b}, so {name} has {a + b} {item} now.",
+        )
     if kind == 1:
         a = a + b + r.randint(2, 9)
-        return (f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?", "",
-                f"{a} - {b} = {a - b}, so {name} has {a - b} {item} left.")
+        return (
+            f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?",
+            "",
+            f"{a} - {b} = {a - b}, so {name} has {a - b} {item} left.",
+        )
     if kind == 2:
-        return (f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?", "",
-                f"{a} x {b} = {a * b}, so there are {a * b} {item} in total.")
+        return (
+            f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?",
+            "",
+            f"{a} x {b} = {a * b}, so there are {a * b} {item} in total.",
+        )
     if kind == 3:
-        return (f"{name} shares {a * b} {item} equally among {a} friends. How many {item} does each friend get?", "",
-                f"{a * b} / {a} = {b}, so each friend gets {b} {item}.")
+        return (
+            f"{name} shares {a * b} {item} equally among {a} friends. How many {item} does each friend get?",
+            "",
+            f"{a * b} / {a} = {b}, so each friend gets {b} {item}.",
+        )
     a, b = r.randint(10, 99), r.randint(10, 99)
     return f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."
 
@@ -152,8 +388,11 @@ def arithmetic(r: random.Random) -> Row:
 def number_sequence(r: random.Random) -> Row:
     start, step = r.randint(1, 20), r.randint(2, 9)
     seq = [start + i * step for i in range(4)]
-    return (f"What number comes next: {', '.join(map(str, seq))}?", "",
-            f"The next number is {seq[-1] + step}, because each number is {step} more than the one before.")
+    return (
+        f"What number comes next: {', '.join(map(str, seq))}?",
+        "",
+        f"The next number is {seq[-1] + step}, because each number is {step} more than the one before.",
+    )
 
 
 def reverse_words(r: random.Random) -> Row:
@@ -176,8 +415,11 @@ def capital_table(r: random.Random) -> Row:
     country, capital = r.choice(rows)
     if r.random() < 0.5:
         return f"Using the table, what is the capital of {country}?", table, f"The capital of {country} is {capital}."
-    return (f"Which country in the table has {capital} as its capital?", table,
-            f"{country} has {capital} as its capital.")
+    return (
+        f"Which country in the table has {capital} as its capital?",
+        table,
+        f"{country} has {capital} as its capital.",
+    )
 
 
 def capital_open(r: random.Random) -> Row:
@@ -189,8 +431,11 @@ def unit_conversion(r: random.Random) -> Row:
     unit, units, target, factor = r.choice(UNITS)
     n = r.randint(1, 12)
     src = unit if n == 1 else units
-    return (f"How many {target} are in {n} {src}?", "",
-            f"There are {factor} {target} in one {unit}, so {n} {src} is {n * factor} {target}.")
+    return (
+        f"How many {target} are in {n} {src}?",
+        "",
+        f"There are {factor} {target} in one {unit}, so {n} {src} is {n * factor} {target}.",
+    )
 
 
 def antonym(r: random.Random) -> Row:
@@ -209,18 +454,23 @@ def letter_count(r: random.Random) -> Row:
     if r.random() < 0.4:
         return f"How many letters are in the word '{word}'?", "", f"The word '{word}' has {len(word)} letters."
     letter = r.choice(sorted(set(word)))
-    return (f"How many times does the letter '{letter}' appear in the word '{word}'?", "",
-            f"The letter '{letter}' appears {times(word.count(letter))} in '{word}'.")
+    return (
+        f"How many times does the letter '{letter}' appear in the word '{word}'?",
+        "",
+        f"The letter '{letter}' appears {times(word.count(letter))} in '{word}'.",
+    )
 
 
 def extraction(r: random.Random) -> Row:
     name, job, city, hobby = r.choice(NAMES), r.choice(JOBS), r.choice(CITIES), r.choice(HOBBIES)
     year = r.randint(1950, 2005)
     context = f"{name} was born in {year} in {city}. {name} works as {job} and enjoys {hobby} at the weekend."
-    questions = [(f"Where was {name} born?", f"{name} was born in {city}."),
-                 (f"In which year was {name} born?", f"{name} was born in {year}."),
-                 (f"What is {name}'s job?", f"{name} works as {job}."),
-                 (f"What does {name} enjoy at the weekend?", f"{name} enjoys {hobby} at the weekend.")]
+    questions = [
+        (f"Where was {name} born?", f"{name} was born in {city}."),
+        (f"In which year was {name} born?", f"{name} was born in {year}."),
+        (f"What is {name}'s job?", f"{name} works as {job}."),
+        (f"What does {name} enjoy at the weekend?", f"{name} enjoys {hobby} at the weekend."),
+    ]
     q, a = r.choice(questions)
     return q, context, a
 
@@ -230,10 +480,12 @@ def summarization(r: random.Random) -> Row:
     instruction = r.choice(["Summarize this passage in one sentence.", "Give a one-sentence summary of the text."])
     if kind == 0:
         year, books, day = r.randint(1900, 2010), r.randint(5, 90) * 1000, r.choice(DAYS)
-        ctx = (f"The {city} City Library opened in {year}. It holds {books} books. "
-               f"It is open every day except {day}.")
-        return instruction, ctx, (f"The {city} City Library, opened in {year}, holds {books} books "
-                                  f"and is open every day except {day}.")
+        ctx = f"The {city} City Library opened in {year}. It holds {books} books. It is open every day except {day}."
+        return (
+            instruction,
+            ctx,
+            (f"The {city} City Library, opened in {year}, holds {books} books and is open every day except {day}."),
+        )
     if kind == 1:
         day, a, b = r.choice(DAYS), r.randint(2, 6), r.randint(0, 1)
         home, away = r.sample(["Lions", "Hawks", "Bears", "Foxes", "Wolves", "Eagles"], 2)
@@ -241,8 +493,7 @@ def summarization(r: random.Random) -> Row:
         return instruction, ctx, f"The {home} beat the {away} {a} to {b} in {city} on {day}."
     temp, day = r.randint(12, 34), r.choice(DAYS[:6])
     nxt = DAYS[DAYS.index(day) + 1]
-    ctx = (f"On {day} it was sunny in {city}. The temperature reached {temp} degrees Celsius. "
-           f"Rain is expected on {nxt}.")
+    ctx = f"On {day} it was sunny in {city}. The temperature reached {temp} degrees Celsius. Rain is expected on {nxt}."
     return instruction, ctx, f"{city} was sunny on {day} at {temp} degrees Celsius, with rain expected on {nxt}."
 
 
@@ -296,13 +547,24 @@ def next_in_calendar(r: random.Random) -> Row:
 
 # (generator, Dolly category, rows). Quotas sum to 400; curated families stay below their table sizes.
 FAMILIES: list[tuple[Callable[[random.Random], Row], str, int]] = [
-    (arithmetic, "general_qa", 40), (number_sequence, "general_qa", 15), (reverse_words, "general_qa", 25),
-    (sort_words, "general_qa", 25), (capital_table, "closed_qa", 30), (capital_open, "open_qa", 15),
-    (unit_conversion, "general_qa", 25), (antonym, "open_qa", 20), (plural, "open_qa", 20),
-    (letter_count, "general_qa", 25), (extraction, "information_extraction", 25),
-    (summarization, "summarization", 25), (classification, "classification", 25),
-    (compare_numbers, "classification", 15), (brainstorm, "brainstorming", 20), (open_qa, "open_qa", 25),
-    (creative, "creative_writing", 10), (next_in_calendar, "open_qa", 15),
+    (arithmetic, "general_qa", 40),
+    (number_sequence, "general_qa", 15),
+    (reverse_words, "general_qa", 25),
+    (sort_words, "general_qa", 25),
+    (capital_table, "closed_qa", 30),
+    (capital_open, "open_qa", 15),
+    (unit_conversion, "general_qa", 25),
+    (antonym, "open_qa", 20),
+    (plural, "open_qa", 20),
+    (letter_count, "general_qa", 25),
+    (extraction, "information_extraction", 25),
+    (summarization, "summarization", 25),
+    (classification, "classification", 25),
+    (compare_numbers, "classification", 15),
+    (brainstorm, "brainstorming", 20),
+    (open_qa, "open_qa", 25),
+    (creative, "creative_writing", 10),
+    (next_in_calendar, "open_qa", 15),
 ]
 TOTAL_ROWS = 400
 

@@ -7,6 +7,7 @@ tokenizer.json.
     python scripts/make_tiny_tokenizer.py                   # rewrites the shipped folder
     python scripts/make_tiny_tokenizer.py --out /tmp/tok
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,13 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     Single digits make arithmetic learnable for a tiny model (the Llama-1/2 choice), instead of arbitrary
     number chunks like "152" vs "15"+"2".
     """
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 def train(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer:

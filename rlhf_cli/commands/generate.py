@@ -3,11 +3,11 @@
 Also `model=<HF folder or hub id>` instead of run/stage. The prompt goes through the tokenizer's chat
 template as one user turn; decoding is greedy unless temperature > 0.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 from rlhf_cli.errors import UserError
 
@@ -15,15 +15,15 @@ from rlhf_cli.errors import UserError
 @dataclass
 class GenerateArgs:
     prompt: str = ""
-    run: Optional[str] = None
+    run: str | None = None
     root: str = "runs"
     stage: str = "sft"
-    model: Optional[str] = None
+    model: str | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    system: Optional[str] = None
+    system: str | None = None
 
 
 def parse_args(args: list[str]) -> GenerateArgs:
@@ -35,11 +35,14 @@ def parse_args(args: list[str]) -> GenerateArgs:
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
-            raise UserError(f"expected key=value, got `{arg}` (e.g. prompt=\"Hello\")")
+            raise UserError(f'expected key=value, got `{arg}` (e.g. prompt="Hello")')
         if key not in known:
             close = difflib.get_close_matches(key, list(known), n=1)
-            raise UserError(f"unknown argument `{key}`" + (f"; did you mean `{close[0]}`?" if close else "")
-                            + f" (arguments: {', '.join(known)})")
+            raise UserError(
+                f"unknown argument `{key}`"
+                + (f"; did you mean `{close[0]}`?" if close else "")
+                + f" (arguments: {', '.join(known)})"
+            )
         kind = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}.get(key, str)
         try:
             values[key] = kind(value)
@@ -77,10 +80,14 @@ def generate(model_path: str, a: GenerateArgs) -> str:
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     torch.manual_seed(a.seed)
-    sampling = {"do_sample": True, "temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": a.temperature, "top_p": a.top_p}
+        if a.temperature > 0
+        else {"do_sample": False}
+    )
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=a.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def main(args: list[str]) -> int:

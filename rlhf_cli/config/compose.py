@@ -4,6 +4,7 @@ Why not `@hydra.main`: it owns argv, changes the working directory and prints it
 compose API gives the same composition (defaults lists, groups, `+experiment=...`, overrides) under our
 control, so every mistake becomes one `UserError` naming the key and the closest valid one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -143,8 +144,10 @@ def check_choices(cfg: DictConfig) -> None:
     if lora is not None and lora.enabled and lora.merge and cfg.deepspeed.zero_stage == 3:
         # Merging needs the whole base weight next to the adapters; LoRA's trainable state is small, so
         # ZeRO-2 loses little. (Gathered merge under ZeRO-3 is future work.)
-        raise UserError("model.lora.merge=true is not supported with deepspeed.zero_stage=3; use deepspeed=zero2 "
-                        "or model.lora.merge=false (final/ then holds the adapters only)")
+        raise UserError(
+            "model.lora.merge=true is not supported with deepspeed.zero_stage=3; use deepspeed=zero2 "
+            "or model.lora.merge=false (final/ then holds the adapters only)"
+        )
     for key in ("stage.micro_batch_size", "stage.gradient_accumulation_steps", "data.max_length"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:

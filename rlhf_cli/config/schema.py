@@ -4,10 +4,10 @@ Hydra composes plain YAML; `rlhf_cli.config.compose.validate` then checks the re
 dataclasses, so a mistyped key or a wrong type fails before any model is built. Every field has a
 default, so a YAML file only names what it changes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -50,14 +50,14 @@ class ModelConfig:
     # A Hugging Face hub id, a local HF folder, or `builtin:tiny-llama` (built from `tiny`, random init).
     name_or_path: str = "builtin:tiny-llama"
     # Tokenizer to load; None means the same as name_or_path.
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
+    tokenizer: str | None = None
+    revision: str | None = None
     trust_remote_code: bool = False
     # Attention kernel passed to from_pretrained (sdpa, eager, flash_attention_2).
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     # Chat template to use when the tokenizer has none (a Jinja string); None means "must have one".
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -68,12 +68,12 @@ class DataConfig:
     source: str = "builtin:sample_dolly"
     # Row format: dolly | alpaca | oasst1 | jsonl (prompt/response or messages).
     format: str = "dolly"
-    subset: Optional[str] = None  # hub dataset configuration name
+    subset: str | None = None  # hub dataset configuration name
     split: str = "train"
     # Evaluation rows: a split of the same source, or (when None) a seeded held-out fraction of `split`.
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     eval_fraction: float = 0.05
-    max_samples: Optional[int] = None  # cap on rows read (after the eval split is taken)
+    max_samples: int | None = None  # cap on rows read (after the eval split is taken)
     max_length: int = 512  # tokens of prompt + response
     # When prompt + response exceed max_length: `drop` the example, or `truncate_response` (keep the whole
     # prompt, cut the response; dropped anyway if fewer than min_response_tokens remain).
@@ -81,7 +81,7 @@ class DataConfig:
     min_response_tokens: int = 1
     # A malformed row (missing field, wrong type, empty response): `skip` it (counted, reported) or `fail`.
     bad_rows: str = "skip"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     # OASST1 only: keep threads in these languages (empty list keeps all).
     languages: list[str] = field(default_factory=list)
 
@@ -95,7 +95,7 @@ class OptimConfig:
     # cosine | linear | constant (all with linear warmup)
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
-    warmup_steps: Optional[int] = None  # overrides warmup_ratio when set
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -123,7 +123,7 @@ class LoggingConfig:
 class SFTStageConfig:
     name: str = "sft"
     epochs: float = 1.0
-    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     eval_every: int = 0  # optimizer steps; 0 = only at the end
@@ -131,7 +131,7 @@ class SFTStageConfig:
     save_every: int = 50  # optimizer steps between resume checkpoints; 0 = only at the end
     keep_last: int = 2
     # Test hook and preemption-like stop: end the run (after a checkpoint) once this step is reached.
-    stop_after_steps: Optional[int] = None
+    stop_after_steps: int | None = None
 
 
 @dataclass

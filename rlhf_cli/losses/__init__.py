@@ -1,4 +1,5 @@
 """Pure torch loss functions: tensors in, tensors out (no models, no config)."""
+
 from rlhf_cli.losses.logprobs import IGNORE_INDEX, shift_for_next_token, token_logprobs
 from rlhf_cli.losses.sft import count_targets, sft_loss_sum
 

@@ -1,4 +1,5 @@
 """Next-token log-probabilities, shared by every stage (ALGORITHMS.md section 1)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """SFT token loss (ALGORITHMS.md section 2)."""
+
 from __future__ import annotations
 
 import torch

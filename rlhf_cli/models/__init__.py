@@ -1,4 +1,5 @@
 """Models: the built-in tiny Llama, loading from local folders / run-dir stages / the hub, LoRA, export."""
+
 from rlhf_cli.models.load import (
     apply_lora,
     enable_gradient_checkpointing,

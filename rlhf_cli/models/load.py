@@ -4,6 +4,7 @@ included) or a hub id; wrap them with LoRA; produce the plain model that `final/
 Every failure a user can fix (a missing folder, no network, no chat template, a LoRA target that does not exist)
 becomes a `UserError` naming the path or key and what to do.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,9 @@ def is_builtin(name: str | None) -> bool:
     if name is None or not name.startswith("builtin:"):
         return False
     if name != BUILTIN_TINY:
-        raise UserError(f"unknown built-in model '{name}' (model.name_or_path / model.tokenizer); "
-                        f"the only one is '{BUILTIN_TINY}'")
+        raise UserError(
+            f"unknown built-in model '{name}' (model.name_or_path / model.tokenizer); the only one is '{BUILTIN_TINY}'"
+        )
     return True
 
 
@@ -95,8 +97,9 @@ def _load_failed(name: str, local: bool, revision: str | None, err: BaseExceptio
     )
 
 
-def load_pretrained(auto_cls: Any, name: str, model_cfg: ModelConfig, markers: tuple[str, ...] = MODEL_MARKER,
-                    **kwargs: Any) -> Any:
+def load_pretrained(
+    auto_cls: Any, name: str, model_cfg: ModelConfig, markers: tuple[str, ...] = MODEL_MARKER, **kwargs: Any
+) -> Any:
     """`auto_cls.from_pretrained(name, revision, trust_remote_code, **kwargs)` with user-fixable failures turned
     into UserError. Shared by every loader (tokenizer, causal LM, and sequence-classification heads)."""
     source, local = resolve_source(name, markers)
@@ -118,8 +121,10 @@ def load_pretrained(auto_cls: Any, name: str, model_cfg: ModelConfig, markers: t
 
 
 def _attn_error(model_cfg: ModelConfig, err: BaseException) -> UserError:
-    return UserError(f"model.attn_implementation='{model_cfg.attn_implementation}' is not usable here: "
-                     f"{str(err).strip().rstrip('.')}. 'sdpa' and 'eager' always work.")
+    return UserError(
+        f"model.attn_implementation='{model_cfg.attn_implementation}' is not usable here: "
+        f"{str(err).strip().rstrip('.')}. 'sdpa' and 'eager' always work."
+    )
 
 
 def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -134,8 +139,10 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     else:
         tok = load_pretrained(AutoTokenizer, name, model_cfg, TOKENIZER_MARKERS)
     if tok.eos_token_id is None:
-        raise UserError(f"tokenizer '{name}' has no eos_token; every response must end with one. Use another "
-                        f"tokenizer (model.tokenizer) or a checkpoint whose tokenizer_config.json sets eos_token")
+        raise UserError(
+            f"tokenizer '{name}' has no eos_token; every response must end with one. Use another "
+            f"tokenizer (model.tokenizer) or a checkpoint whose tokenizer_config.json sets eos_token"
+        )
     ensure_distinct_pad(tok)
     if model_cfg.chat_template:
         tok.chat_template = model_cfg.chat_template
@@ -179,8 +186,9 @@ def _check_chat_template(tok: PreTrainedTokenizerBase, from_config: bool) -> Non
         raise UserError(f"{where} does not render a user/assistant exchange: {e}") from e
 
 
-def load_causal_lm(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
-                   dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A causal LM matching `tokenizer`: embeddings cover every token id, pad/eos ids agree with the tokenizer.
 
     `seed` only matters for the built-in model (random init). Dropout and gradient checkpointing are the
@@ -194,8 +202,13 @@ def load_causal_lm(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, s
             except (ImportError, ValueError) as e:
                 raise _attn_error(model_cfg, e) from e
     else:
-        model = load_pretrained(AutoModelForCausalLM, model_cfg.name_or_path, model_cfg, dtype=dtype,
-                                attn_implementation=model_cfg.attn_implementation)
+        model = load_pretrained(
+            AutoModelForCausalLM,
+            model_cfg.name_or_path,
+            model_cfg,
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+        )
     resize_for_tokenizer(model, tokenizer)
     sync_special_ids(model, tokenizer)
     return model
@@ -276,8 +289,13 @@ def _check_lora_targets(model: nn.Module, targets: list[str]) -> None:
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not targets or missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+            }
+        )
         raise UserError(
             f"model.lora.target_modules: {missing or '[] (empty)'} not found in {type(model).__name__}; "
             f"its linear layers are {linear}"

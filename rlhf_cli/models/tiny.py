@@ -3,6 +3,7 @@
 It exists so the default run and every test work offline on a CPU in seconds. The tokenizer is made by
 scripts/make_tiny_tokenizer.py from the shipped sample data (see rlhf_cli/assets/README.md).
 """
+
 from __future__ import annotations
 
 from importlib import resources

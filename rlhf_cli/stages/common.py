@@ -1,4 +1,5 @@
 """Functions the training stages share (no base class): the step plan, model inputs, export of final/."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ class StepPlan:
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
         perm = torch.randperm(self.n_examples, generator=gen)
         start = pos * self.global_batch + rank * self.per_rank
-        return perm[start:start + self.per_rank].tolist()
+        return perm[start : start + self.per_rank].tolist()
 
     def describe(self, start_step: int, resumed_from: Path | None) -> str:
         text = (
@@ -67,4 +68,3 @@ def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the model's forward takes (labels stay out: our losses are computed outside)."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-

@@ -3,6 +3,7 @@
 Loss on assistant tokens only (EOS included), normalised by the target tokens of the whole optimizer
 step over all micro-batches and ranks, so batch 8 x accumulation 1 equals batch 2 x accumulation 4.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def run(cfg: Any, run: Run) -> Path | None:
         enable_gradient_checkpointing(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
-    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size)
+    ds_cfg = eng.ds_config(
+        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
+    )
     engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
@@ -51,7 +54,9 @@ def run(cfg: Any, run: Run) -> Path | None:
     start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
     if run.is_main:
         atomic_write_text(run.stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        run.update_stage(**start_record(config_hash(cfg), {"model": cfg.model.name_or_path, "data": cfg.data.source}, resume))
+        run.update_stage(
+            **start_record(config_hash(cfg), {"model": cfg.model.name_or_path, "data": cfg.data.source}, resume)
+        )
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
     metrics.message(data.report.summary())
     metrics.message(plan.describe(start_step, resume))
@@ -70,14 +75,16 @@ def run(cfg: Any, run: Run) -> Path | None:
     eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
     headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds") if k in last}
     run.update_stage(
-        status="completed", ended_at=now(), outputs={"final": str(run.final_dir.relative_to(run.root))},
+        status="completed",
+        ended_at=now(),
+        outputs={"final": str(run.final_dir.relative_to(run.root))},
         metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
     )
     return run.final_dir
 
 
 def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate_sft([examples[i] for i in idx[j:j + micro]], pad_id) for j in range(0, len(idx), micro)]
+    return [collate_sft([examples[i] for i in idx[j : j + micro]], pad_id) for j in range(0, len(idx), micro)]
 
 
 def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
@@ -116,8 +123,12 @@ def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_
         totals["train_seconds"] += dt
         done = step + 1
         values = {
-            "loss": out["loss"], "lr": eng.current_lr(engine), "grad_norm": eng.grad_norm(engine),
-            "epoch": done / plan.steps_per_epoch, "tok/s": out["tokens"] / dt, "target_tok/s": out["target_tokens"] / dt,
+            "loss": out["loss"],
+            "lr": eng.current_lr(engine),
+            "grad_norm": eng.grad_norm(engine),
+            "epoch": done / plan.steps_per_epoch,
+            "tok/s": out["tokens"] / dt,
+            "target_tok/s": out["target_tokens"] / dt,
         }
         if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
             values.update(evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id))
@@ -139,14 +150,13 @@ def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: in
     if not examples:
         return {}
     engine.eval()
-    mine = examples[dist.rank::dist.world_size]
+    mine = examples[dist.rank :: dist.world_size]
     total, count = 0.0, 0
     for j in range(0, len(mine), batch_size):
-        b = {k: v.to(dist.device) for k, v in collate_sft(mine[j:j + batch_size], pad_id).items()}
+        b = {k: v.to(dist.device) for k, v in collate_sft(mine[j : j + batch_size], pad_id).items()}
         loss_sum, n = sft_loss_sum(engine(**model_inputs(b)).logits, b["labels"])
         total += float(loss_sum)
         count += n
     total, count = float(eng.all_reduce_sum(total)), float(eng.all_reduce_sum(count))
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-

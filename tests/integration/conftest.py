@@ -1,4 +1,5 @@
 """Helpers for end-to-end runs of the `rlhf` CLI in a subprocess, on a smaller tiny model."""
+
 import json
 import os
 import subprocess
@@ -10,10 +11,16 @@ from safetensors.torch import load_file
 
 # A 2-layer, 64-wide Llama: the same code path as the default, a few times faster.
 FAST = [
-    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176", "model.tiny.num_hidden_layers=2",
-    "model.tiny.num_attention_heads=4", "model.tiny.num_key_value_heads=2",
-    "stage.micro_batch_size=4", "stage.gradient_accumulation_steps=2", "stage.eval_every=0",
-    "logging.progress=false", "optim.lr=3e-3",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=176",
+    "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=2",
+    "stage.micro_batch_size=4",
+    "stage.gradient_accumulation_steps=2",
+    "stage.eval_every=0",
+    "logging.progress=false",
+    "optim.lr=3e-3",
 ]
 
 
@@ -21,8 +28,15 @@ def rlhf(*args: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.Com
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def manifest(run_dir: Path) -> dict:

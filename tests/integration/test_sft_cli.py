@@ -1,4 +1,5 @@
 """`rlhf sft` end to end on the tiny model: outputs, reload, resume, invariance, clear errors."""
+
 import os
 import signal
 import subprocess
@@ -6,19 +7,30 @@ import sys
 import time
 
 import torch
+from conftest import FAST, manifest, metrics, rlhf, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAST, manifest, metrics, rlhf, weights
-
 FINAL_FILES = {
-    "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-    "tokenizer.json", "tokenizer_config.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
 }
 
 
 def test_sft_end_to_end(runs, tmp_path):
-    args = ["sft", *FAST, f"run.root={runs}", "run.name=e2e", "stage.max_steps=24", "stage.save_every=8",
-            "stage.keep_last=2", "stage.eval_every=12"]
+    args = [
+        "sft",
+        *FAST,
+        f"run.root={runs}",
+        "run.name=e2e",
+        "stage.max_steps=24",
+        "stage.save_every=8",
+        "stage.keep_last=2",
+        "stage.eval_every=12",
+    ]
     res = rlhf(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     run_dir = runs / "e2e"
@@ -39,12 +51,14 @@ def test_sft_end_to_end(runs, tmp_path):
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
-    enc = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
-    gen = rlhf("generate", "run=e2e", f"root={runs}", "prompt=What is the capital of France?",
-               "max_new_tokens=8", cwd=tmp_path)
+    gen = rlhf(
+        "generate", "run=e2e", f"root={runs}", "prompt=What is the capital of France?", "max_new_tokens=8", cwd=tmp_path
+    )
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
     # Running the same command again keeps the completed stage and says how to redo it.
     before = (final / "model.safetensors").stat().st_mtime_ns
@@ -67,8 +81,13 @@ def test_killed_run_resumes_to_the_same_result(runs, tmp_path):
     assert full.returncode == 0, full.stderr
     # Same command, killed hard (no handler runs) right after its first committed checkpoint.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *common, "run.name=cut"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_cli", *common, "run.name=cut"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(runs / "cut" / "sft" / "checkpoints" / "step-3" / "COMPLETE", proc)
     finally:
@@ -121,8 +140,17 @@ def pytest_approx(x):
 
 
 def test_lora_run_exports_merged_model(runs, tmp_path):
-    res = rlhf("sft", f"run.root={runs}", "run.name=lora", "stage.max_steps=3", "stage.save_every=0",
-               "model.lora.enabled=true", "model.lora.r=4", *FAST, cwd=tmp_path)
+    res = rlhf(
+        "sft",
+        f"run.root={runs}",
+        "run.name=lora",
+        "stage.max_steps=3",
+        "stage.save_every=0",
+        "model.lora.enabled=true",
+        "model.lora.r=4",
+        *FAST,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     final = runs / "lora" / "sft" / "final"
     assert {p.name for p in final.iterdir()} == FINAL_FILES  # merged: a plain checkpoint, no adapter files

@@ -1,4 +1,5 @@
 """Every YAML under configs/ composes and validates; mistakes name the key and the closest valid one."""
+
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,9 @@ def test_override_of_schema_key_absent_from_yaml():
 
 def test_config_is_read_only():
     cfg = compose("sft", [])
-    with pytest.raises(Exception):
+    from omegaconf.errors import ReadonlyConfigError
+
+    with pytest.raises(ReadonlyConfigError):
         cfg.optim.lr = 1.0
 
 

@@ -1,4 +1,5 @@
 """SFT loss and log-prob gather against hand-computed numbers; gradient-accumulation invariance."""
+
 import math
 
 import pytest
@@ -70,9 +71,9 @@ def test_gradient_accumulation_invariance_unequal_lengths():
         labels[i, :1] = IGNORE_INDEX
     n_total = count_targets(labels)
     full = _grads_of(model, [(ids, labels)], n_total)
-    micro = [(ids[i:i + 2], labels[i:i + 2]) for i in range(0, 8, 2)]
+    micro = [(ids[i : i + 2], labels[i : i + 2]) for i in range(0, 8, 2)]
     accum = _grads_of(model, micro, n_total)
-    for a, b in zip(full, accum):
+    for a, b in zip(full, accum, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # The 2024 bug: averaging micro-batch means over the accumulation steps.
     model.zero_grad()

@@ -1,4 +1,5 @@
 """Models: shipped tokenizer and data, the tiny Llama, loading from folders, pad handling, LoRA merge."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,8 +30,14 @@ from rlhf_cli.models import (
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "rlhf_cli" / "assets"
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=128)
+TINY = TinyModelConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _script(name: str):
@@ -74,11 +81,13 @@ def test_round_trip_and_no_implicit_specials(tok):
 
 
 def test_chat_template_prefix_stable(tok):
-    conv = [{"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": "What is 12 plus 30?"},
-            {"role": "assistant", "content": "12 plus 30 is 42."},
-            {"role": "user", "content": "\nAnd reversed?\n"},
-            {"role": "assistant", "content": "\n 42 plus\n\n12."}]
+    conv = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What is 12 plus 30?"},
+        {"role": "assistant", "content": "12 plus 30 is 42."},
+        {"role": "user", "content": "\nAnd reversed?\n"},
+        {"role": "assistant", "content": "\n 42 plus\n\n12."},
+    ]
     newline = tok("\n")["input_ids"]
     for i, m in enumerate(conv):
         if m["role"] != "assistant":
@@ -86,7 +95,7 @@ def test_chat_template_prefix_stable(tok):
         prompt, full = _ids(tok, conv[:i], gen_prompt=True), _ids(tok, conv[: i + 1])
         assert full[: len(prompt)] == prompt
         # The assistant turn is content + <|end|> + "\n", tokenized on its own exactly as in context.
-        turn = full[len(prompt):]
+        turn = full[len(prompt) :]
         assert turn == tok(m["content"])["input_ids"] + [tok.eos_token_id] + newline
     rendered = tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
     assert rendered == "<|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhat is 12 plus 30?<|end|>\n<|assistant|>\n"
@@ -155,8 +164,10 @@ def test_generation_stops_at_eos(tok):
     targets = [tok(a)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(80):
-        loss = sum(model(input_ids=torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])).loss
-                   for p, t in zip(prompts, targets))
+        loss = sum(
+            model(input_ids=torch.tensor([p + t]), labels=torch.tensor([[-100] * len(p) + t])).loss
+            for p, t in zip(prompts, targets, strict=True)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,11 +177,11 @@ def test_generation_stops_at_eos(tok):
         batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
     finally:
         tok.padding_side = "right"
-    out = model.generate(**batch, max_new_tokens=20)[:, batch["input_ids"].shape[1]:].tolist()
+    out = model.generate(**batch, max_new_tokens=20)[:, batch["input_ids"].shape[1] :].tolist()
     assert len(out[0]) < 20  # stopped early: the longer answer ended with eos, not at the length limit
-    for row, target in zip(out, targets):
+    for row, target in zip(out, targets, strict=True):
         assert row[: len(target)] == target
-        assert all(t == tok.pad_token_id for t in row[len(target):])
+        assert all(t == tok.pad_token_id for t in row[len(target) :])
 
 
 # ---------------------------------------------------------------- loading
@@ -206,8 +217,12 @@ def _small_tokenizer(specials: list[str], **kwargs) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(["hello world", "the cat sat on the mat"] * 5, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **kwargs)
 
@@ -319,4 +334,3 @@ def test_gradient_checkpointing_with_lora(tok):
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.config.use_cache is False
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
-

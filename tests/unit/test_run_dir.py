@@ -1,4 +1,5 @@
 """The run-directory contract: atomic manifest, lock, overwrite rule, complete checkpoints only."""
+
 import json
 from types import SimpleNamespace
 

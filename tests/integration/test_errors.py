@@ -1,0 +1,65 @@
+"""User mistakes end in one clear message, exit code 2, no traceback, and nothing written is harmed."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from conftest import FAST, manifest, rlhf
+
+from rlhf_cli.run_dir import open_run
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def _one_clear_error(res, *needles):
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("error: ") and res.stderr.count("error: ") == 1
+    for needle in needles:
+        assert needle in res.stderr
+
+
+def test_typo_in_key_fails_before_anything_is_built(runs, tmp_path):
+    res = rlhf("sft", f"run.root={runs}", "optim.lrr=1", cwd=tmp_path)
+    _one_clear_error(res, "`optim.lrr`", "did you mean `optim.lr`")
+    assert not runs.exists()
+
+
+def test_wrong_type_names_the_key(runs, tmp_path):
+    _one_clear_error(rlhf("sft", f"run.root={runs}", "stage.max_steps=many", cwd=tmp_path), "`stage.max_steps`")
+
+
+def test_bad_row_with_fail_policy_names_file_and_line(runs, tmp_path):
+    res = rlhf(
+        "sft", *FAST, f"run.root={runs}", f"data.source={FIXTURES / 'dolly.jsonl'}", "data.bad_rows=fail", cwd=tmp_path
+    )
+    _one_clear_error(res, "dolly.jsonl:", "data.bad_rows=skip")
+    rec = manifest(runs / "demo")["stages"]["sft"]
+    assert rec["status"] == "failed" and "dolly.jsonl:" in rec["error"]
+
+
+def test_missing_data_file(runs, tmp_path):
+    res = rlhf("sft", *FAST, f"run.root={runs}", "data.source=./nope.jsonl", cwd=tmp_path)
+    _one_clear_error(res, "nope.jsonl")
+
+
+def test_missing_model_folder(runs, tmp_path):
+    res = rlhf("sft", *FAST, f"run.root={runs}", "model.name_or_path=./no_such_model", cwd=tmp_path)
+    _one_clear_error(res, "no_such_model")
+
+
+def test_run_directory_in_use(runs, tmp_path):
+    held = open_run(SimpleNamespace(root=str(runs), name="busy", overwrite=False), "sft")
+    try:
+        res = rlhf("sft", *FAST, f"run.root={runs}", "run.name=busy", cwd=tmp_path)
+        _one_clear_error(res, "in use by pid", "run.name")
+    finally:
+        held.release()
+
+
+def test_generate_from_missing_run_or_stage(runs, tmp_path):
+    _one_clear_error(rlhf("generate", "run=ghost", f"root={runs}", "prompt=hi", cwd=tmp_path), "no run directory")
+    (runs / "half").mkdir(parents=True)
+    _one_clear_error(
+        rlhf("generate", "run=half", f"root={runs}", "prompt=hi", cwd=tmp_path), "run `rlhf sft run.name=half` first"
+    )
+    _one_clear_error(rlhf("generate", "run=half", f"root={runs}", "promt=hi", cwd=tmp_path), "did you mean `prompt`")
