@@ -130,6 +130,20 @@ class Run:
         record.update(fields)
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
+    def begin(self, config_yaml: str, config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> str:
+        """Record the stage as running: its resolved config.yaml and the manifest entry (rank 0).
+        Returns a line for the log: where it starts, and a warning when a resume runs under a changed config."""
+        previous = self.stage_record().get("config_hash")
+        if self.is_main:
+            atomic_write_text(self.stage_dir / "config.yaml", config_yaml)
+            self.update_stage(**_start_record(config_hash, inputs, resumed_from))
+        if resumed_from is None:
+            return f"starting {self.stage} in {self.stage_dir}"
+        line = f"resuming {self.stage} from {resumed_from}"
+        if previous and previous != config_hash:
+            line += f" [yellow](warning: the config changed since that checkpoint: hash {previous} -> {config_hash})[/]"
+        return line
+
     def latest_checkpoint(self) -> Path | None:
         done = complete_checkpoints(self.checkpoints_dir)
         return done[-1] if done else None
@@ -194,7 +208,7 @@ def open_run(run_cfg: Any, stage: str, is_main: bool = True) -> Run:
     return run
 
 
-def start_record(config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> dict[str, Any]:
+def _start_record(config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> dict[str, Any]:
     """Manifest fields written when a stage starts or resumes."""
     return {
         "status": "running",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,15 +40,12 @@ class StepPlan:
         start = pos * self.global_batch + rank * self.per_rank
         return perm[start : start + self.per_rank].tolist()
 
-    def describe(self, start_step: int, resumed_from: Path | None) -> str:
-        text = (
+    def describe(self) -> str:
+        return (
             f"{self.n_examples} examples, global batch {self.global_batch} = micro {self.micro_batch} x "
             f"accumulation {self.grad_accum} x {self.world_size} rank(s); {self.steps_per_epoch} steps/epoch, "
             f"{self.total_steps} steps"
         )
-        if resumed_from is not None:
-            text += f"; resuming from {resumed_from} (step {start_step})"
-        return text
 
 
 def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:

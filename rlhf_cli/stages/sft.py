@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from rlhf_cli import engine as eng
-from rlhf_cli.config.compose import config_hash
+from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from rlhf_cli.run_dir import Run, atomic_write_text, now, start_record
+from rlhf_cli.run_dir import Run, now
 from rlhf_cli.stages.common import model_inputs, step_plan
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
@@ -52,14 +51,12 @@ def run(cfg: Any, run: Run) -> Path | None:
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
     resume = run.latest_checkpoint()
     start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
-    if run.is_main:
-        atomic_write_text(run.stage_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        run.update_stage(
-            **start_record(config_hash(cfg), {"model": cfg.model.name_or_path, "data": cfg.data.source}, resume)
-        )
+    inputs = {"model": cfg.model.name_or_path, "data": cfg.data.source}
+    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
+    metrics.message(started)
     metrics.message(data.report.summary())
-    metrics.message(plan.describe(start_step, resume))
+    metrics.message(plan.describe())
 
     # 5. Train.
     last = train_loop(cfg, engine, data, plan, dist, run, metrics, start_step, tokenizer.pad_token_id)

@@ -1,5 +1,6 @@
 """`rlhf sft` end to end on the tiny model: outputs, reload, resume, invariance, clear errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def test_killed_run_resumes_to_the_same_result(runs, tmp_path):
     assert manifest(runs / "cut")["stages"]["sft"]["status"] == "running"
     resumed = rlhf(*common, "run.name=cut", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    assert "resuming sft from" in resumed.stderr
     rec = manifest(runs / "cut")["stages"]["sft"]
     assert rec["status"] == "completed" and rec["resumed_from"]
     a, b = weights(runs / "full" / "sft" / "final"), weights(runs / "cut" / "sft" / "final")
@@ -114,7 +115,7 @@ def test_stop_after_steps_then_rerun_resumes(runs, tmp_path):
     rec = manifest(runs / "stop")["stages"]["sft"]
     assert rec["status"] == "interrupted" and rec["last_step"] == 4
     second = rlhf(*common, cwd=tmp_path)
-    assert second.returncode == 0 and "step 4" in second.stderr, second.stderr
+    assert second.returncode == 0 and "resuming sft from" in second.stderr and "step-4" in second.stderr, second.stderr
     assert [r["step"] for r in metrics(runs / "stop") if "loss" in r] == list(range(1, 9))
 
 
@@ -156,3 +157,21 @@ def test_lora_run_exports_merged_model(runs, tmp_path):
     assert {p.name for p in final.iterdir()} == FINAL_FILES  # merged: a plain checkpoint, no adapter files
     assert not any("lora" in k for k in weights(final))
     AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_gradient_checkpointing_and_tensorboard(runs, tmp_path):
+    res = rlhf(
+        "sft",
+        *FAST,
+        f"run.root={runs}",
+        "run.name=gc",
+        "stage.max_steps=2",
+        "stage.save_every=0",
+        "model.gradient_checkpointing=true",
+        "logging.tensorboard=true",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert list((runs / "gc" / "sft" / "tensorboard").glob("events.out.tfevents.*"))
+    config = json.loads((runs / "gc" / "sft" / "final" / "config.json").read_text())
+    assert config["use_cache"] is True  # turned off for checkpointing while training, back on for inference

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import COMPLETE_MARKER, complete_checkpoints, open_run, start_record
+from rlhf_cli.run_dir import COMPLETE_MARKER, complete_checkpoints, open_run
 
 
 def _cfg(tmp_path, overwrite=False):
@@ -15,7 +15,8 @@ def _cfg(tmp_path, overwrite=False):
 
 def test_manifest_records_stage_and_is_valid_json(tmp_path):
     run = open_run(_cfg(tmp_path), "sft")
-    run.update_stage(**start_record("abc", {"model": "m"}, None))
+    assert run.begin("seed: 1\n", "abc", {"model": "m"}, None).startswith("starting sft")
+    assert (run.stage_dir / "config.yaml").read_text() == "seed: 1\n"
     run.update_stage(status="completed", metrics={"loss": 1.5})
     data = json.loads((tmp_path / "r1" / "manifest.json").read_text())
     rec = data["stages"]["sft"]
@@ -68,3 +69,11 @@ def test_corrupt_manifest_is_a_user_error(tmp_path):
     (tmp_path / "r1" / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="manifest.json is not valid JSON"):
         open_run(_cfg(tmp_path), "sft")
+
+
+def test_resume_under_changed_config_warns(tmp_path):
+    run = open_run(_cfg(tmp_path), "sft")
+    run.begin("", "abc", {}, None)
+    assert "warning" not in run.begin("", "abc", {}, tmp_path / "step-2")
+    assert "hash abc -> def" in run.begin("", "def", {}, tmp_path / "step-2")
+    run.release()

@@ -1,0 +1,75 @@
+"""The DeepSpeed config built from the typed settings, the LR schedule and the weight-decay groups."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_cli.config.compose import compose
+from rlhf_cli.engine import ds_config, lr_schedule, param_groups
+
+
+def _cfg(*overrides):
+    return compose("sft", list(overrides))
+
+
+def test_ds_config_batch_algebra_and_clipping():
+    cfg = _cfg("optim.max_grad_norm=0.5")
+    out = ds_config(cfg.deepspeed, cfg.optim, micro_batch=4, grad_accum=3, world_size=2)
+    assert out["train_micro_batch_size_per_gpu"] == 4 and out["gradient_accumulation_steps"] == 3
+    assert out["train_batch_size"] == 24 and out["gradient_clipping"] == 0.5
+    assert out["zero_optimization"] == {"stage": 0}
+    assert "bf16" not in out and "fp16" not in out
+    params = out["optimizer"]["params"]
+    assert params["lr"] == cfg.optim.lr and params["betas"] == [0.9, 0.95]
+
+
+@pytest.mark.parametrize("group", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_ds_config_zero_groups(group):
+    cfg = _cfg(f"deepspeed={group}")
+    zero = ds_config(cfg.deepspeed, cfg.optim, 1, 1, 1)["zero_optimization"]
+    assert zero["stage"] == int(group[4])
+    assert ("offload_optimizer" in zero) == ("offload" in group) == ("offload_param" in zero)
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_ds_config_precision_and_extra():
+    cfg = _cfg("deepspeed.precision=bf16", "+deepspeed.extra.wall_clock_breakdown=true")
+    out = ds_config(cfg.deepspeed, cfg.optim, 1, 1, 1)
+    assert out["bf16"] == {"enabled": True} and out["wall_clock_breakdown"] is True
+    cfg = _cfg("deepspeed.precision=fp16")
+    assert ds_config(cfg.deepspeed, cfg.optim, 1, 1, 1)["fp16"]["enabled"] is True
+
+
+def _lrs(schedule, total=10, warmup=2, floor=0.1):
+    optim = SimpleNamespace(schedule=schedule, warmup_steps=warmup, warmup_ratio=0.0, min_lr_ratio=floor)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(optim, total)(opt)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    lrs = _lrs("cosine")
+    assert lrs[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    # cosine from 1 at step 2 to the floor 0.1 at step 10: halfway (step 6) is 0.55
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+
+
+def test_lr_schedule_linear_and_constant():
+    lin = _lrs("linear", floor=0.0)
+    assert lin[2] == pytest.approx(1.0) and lin[6] == pytest.approx(0.5)
+    assert _lrs("constant")[2:] == pytest.approx([1.0] * 8)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
