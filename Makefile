@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# SFT of the built-in tiny model on the built-in sample data (about 1-2 minutes on 2 CPU cores),
-# then one completion from the result.
+# SFT of the built-in tiny model on the built-in sample data (about 1.5 minutes on 2 CPU cores),
+# then two completions from the result.
 demo: install
 	$(BIN)/rlhf sft run.name=demo run.overwrite=true
 	$(BIN)/rlhf generate run=demo prompt="What is the capital of France?"
+	$(BIN)/rlhf generate run=demo prompt="What do you call a baby cat?"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

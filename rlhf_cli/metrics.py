@@ -41,6 +41,7 @@ class Metrics:
             else:
                 self._tb = SummaryWriter(str(path.parent / "tensorboard"))
         self._bar = None
+        self._latest: dict[str, Any] = {}
         if enabled and logging_cfg.progress and sys.stderr.isatty():
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -65,10 +66,13 @@ class Metrics:
             for key, val in values.items():
                 if isinstance(val, (int, float)):
                     self._tb.add_scalar(key, val, step)
-        stats = "  ".join(f"{k} {_fmt(values[k])}" for k in show if k in values)
         if self._bar is not None:
+            # The bar keeps the latest value of each shown key, so an eval-only record does not blank the loss.
+            self._latest.update({k: values[k] for k in show if k in values})
+            stats = "  ".join(f"{k} {_fmt(v)}" for k, v in self._latest.items())
             self._bar.update(self._task, completed=step, stats=stats)
         elif step % self.log_every == 0 or step == self.total:
+            stats = "  ".join(f"{k} {_fmt(values[k])}" for k in show if k in values)
             console.print(f"step {step}/{self.total}  {stats}", highlight=False)
 
     def message(self, text: str) -> None:
