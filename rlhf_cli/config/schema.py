@@ -87,6 +87,34 @@ class DataConfig:
 
 
 @dataclass
+class PreferenceDataConfig:
+    """Preference pairs for the reward model and the DPO family: a prompt, a chosen and a rejected reply."""
+
+    # A hub dataset id, a local .json/.jsonl/.parquet file, or `builtin:<name>`.
+    source: str = "builtin:sample_preferences"
+    # Row format: hh_rlhf | shp | ultrafeedback | jsonl (prompt/chosen/rejected as strings or message lists).
+    format: str = "jsonl"
+    subset: Optional[str] = None
+    split: str = "train"
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1
+    max_samples: Optional[int] = None
+    max_length: int = 512  # tokens of prompt + the longer reply
+    # Too long: `drop` the pair, or `truncate_response` (keep the whole prompt, cut both replies; dropped
+    # anyway if either keeps fewer than min_response_tokens).
+    truncation: str = "drop"
+    min_response_tokens: int = 1
+    bad_rows: str = "skip"
+    system_prompt: Optional[str] = None
+    # Llama 2-style margin: a numeric column, or a column of preference-strength labels mapped to margins.
+    margin_column: Optional[str] = None
+    strength_column: Optional[str] = None
+    margin_map: dict = field(default_factory=dict)
+    # SHP only: keep pairs whose score ratio (preferred / other) is at least this (the SHP authors use 2).
+    shp_min_score_ratio: float = 2.0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
