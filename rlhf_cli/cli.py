@@ -9,9 +9,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 
+from rlhf_cli import launch, preempt
 from rlhf_cli.errors import UserError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,19 +67,27 @@ def run_stage(stage: str, args: list[str]) -> int:
         out_console.print(to_yaml(cfg), end="", markup=False)
         return 0
 
+    if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
+        return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
+
     from rlhf_cli import engine
+    from rlhf_cli.config.compose import config_hash
     from rlhf_cli.run_dir import now, open_run
 
+    preempt.install()
     dist = engine.init_distributed()
+    if not engine.same_on_all_ranks(config_hash(cfg)):
+        raise UserError("the ranks composed different configs; start every rank with the same command and configs/")
     run = open_run(cfg.run, stage, is_main=dist.is_main)
     engine.barrier()
+    if not dist.is_main:
+        launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
     try:
         out = importlib.import_module(STAGES[stage]).run(cfg, run)
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        run.update_stage(
-            status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted", error=reason, ended_at=now()
-        )
+        status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
+        run.update_stage(status=status, error=reason, ended_at=now())
         raise
     finally:
         run.release()
@@ -96,7 +106,7 @@ def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         out_console.print(usage(), markup=False)
         return 0 if argv else 2
-    verb, args = argv[0], argv[1:]
+    verb, args = argv[0], launch.strip_local_rank(argv[1:])
     if verb in STAGES:
         if "--help" in args or "-h" in args:
             out_console.print(f"{EXAMPLES[verb]}\n\n`rlhf {verb} --cfg job` lists every key.", markup=False)
@@ -117,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
+    except preempt.Preempted as exc:
+        err_console.print(f"[yellow]preempted[/]: {exc} (exit code {exc.exit_code})")
+        return exc.exit_code
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         return exc.exit_code

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,13 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.models import merged_for_export
 from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 ds_logger.setLevel(logging.WARNING)
+# ZeRO calls torch's older collective names, which warn on every step.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,20 @@ def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
         t = t.to(backend_device)
         dist.all_reduce(t)
     return t.cpu()
+
+
+def same_on_all_ranks(value: str) -> bool:
+    """True if every rank holds the same `value` (e.g. the config hash)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return len(set(values)) == 1
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (used to agree on stopping at a step boundary)."""
+    return bool(all_reduce_sum(float(flag)) > 0)
 
 
 def ds_config(ds: Any, optim: Any, micro_batch: int, grad_accum: int, world_size: int) -> dict:
@@ -202,6 +220,7 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step_no: int, client_state: dic
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    check_disk_space(ckpt_dir, expected_checkpoint_bytes(engine, ckpt_dir))
     barrier()
     client = dict(client_state, rng=rng_state())
     engine.save_checkpoint(str(tmp), tag="state", client_state=client, save_latest=False)
@@ -217,6 +236,38 @@ def save_checkpoint(engine: Any, ckpt_dir: Path, step_no: int, client_state: dic
     return final
 
 
+def expected_checkpoint_bytes(engine: Any, ckpt_dir: Path) -> int:
+    """Size of the next checkpoint: the last committed one if there is one, else an estimate of the model
+    (its dtype) plus fp32 Adam moments and master weights for the trainable parameters, over all ranks."""
+    done = complete_checkpoints(ckpt_dir)
+    if done:
+        return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
+    n_all, n_train = count_parameters(engine.module)
+    return n_all * 4 + n_train * 12
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts; under ZeRO-3 the full sizes (`ds_numel`), not the local shards."""
+
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", p.numel())
+
+    params = list(model.parameters())
+    return sum(numel(p) for p in params), sum(numel(p) for p in params if p.requires_grad)
+
+
+def check_disk_space(folder: Path, needed: int) -> None:
+    """Refuse to start a checkpoint that cannot fit (a full disk would leave a corrupt one); every rank
+    checks, since ranks may write to different file systems."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed * 1.1:
+        raise UserError(
+            f"not enough disk space for a checkpoint in {folder}: about {needed / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free; free space, lower stage.keep_last, or set run.root elsewhere"
+        )
+
+
 def load_checkpoint(engine: Any, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG from `step-N/`; returns the client state."""
     _, client = engine.load_checkpoint(str(path), tag="state")
@@ -229,16 +280,13 @@ def load_checkpoint(engine: Any, path: Path) -> dict:
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (gathered under ZeRO-3), None on other ranks. Collective."""
-    module = engine.module
     if engine.zero_optimization_stage() == 3:
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if dist.get_rank() != 0:
-                return None
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        # DeepSpeed gathers module by module and keeps the full tensors on rank 0 only.
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in state.items()} if dist.get_rank() == 0 else None
     if dist.get_rank() != 0:
         return None
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
 def export_hf(engine: Any, tokenizer: Any, out_dir: Path, merge_lora: bool) -> None:

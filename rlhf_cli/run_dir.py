@@ -79,6 +79,14 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders a crash left behind: temporary ones and renamed ones without the marker."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(("step-", ".tmp-step-"))]
+    return sorted(p for p in found if not (p / COMPLETE_MARKER).is_file())
+
+
 @dataclass
 class Run:
     """One stage's view of a run directory. Build it with `open_run`."""
@@ -140,6 +148,9 @@ class Run:
         if resumed_from is None:
             return f"starting {self.stage} in {self.stage_dir}"
         line = f"resuming {self.stage} from {resumed_from}"
+        skipped = incomplete_checkpoints(self.checkpoints_dir)
+        if skipped:
+            line += f" (skipping incomplete checkpoint(s): {', '.join(p.name for p in skipped)})"
         if previous and previous != config_hash:
             line += f" [yellow](warning: the config changed since that checkpoint: hash {previous} -> {config_hash})[/]"
         return line

@@ -161,7 +161,7 @@ def to_yaml(cfg: DictConfig) -> str:
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved config, less the keys that do not change what a stage computes."""
     data: Any = OmegaConf.to_container(cfg, resolve=True)
-    data = {k: v for k, v in data.items() if k not in ("logging",)}
+    data = {k: v for k, v in data.items() if k not in ("logging", "launcher")}
     data["run"] = {k: v for k, v in data["run"].items() if k != "overwrite"}
     data["stage"] = {k: v for k, v in data["stage"].items() if k != "stop_after_steps"}
     blob = json.dumps(data, sort_keys=True, default=str).encode()

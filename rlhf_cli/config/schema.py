@@ -94,21 +94,21 @@ class PreferenceDataConfig:
     source: str = "builtin:sample_preferences"
     # Row format: hh_rlhf | shp | ultrafeedback | jsonl (prompt/chosen/rejected as strings or message lists).
     format: str = "jsonl"
-    subset: Optional[str] = None
+    subset: str | None = None
     split: str = "train"
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     eval_fraction: float = 0.1
-    max_samples: Optional[int] = None
+    max_samples: int | None = None
     max_length: int = 512  # tokens of prompt + the longer reply
     # Too long: `drop` the pair, or `truncate_response` (keep the whole prompt, cut both replies; dropped
     # anyway if either keeps fewer than min_response_tokens).
     truncation: str = "drop"
     min_response_tokens: int = 1
     bad_rows: str = "skip"
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     # Llama 2-style margin: a numeric column, or a column of preference-strength labels mapped to margins.
-    margin_column: Optional[str] = None
-    strength_column: Optional[str] = None
+    margin_column: str | None = None
+    strength_column: str | None = None
     margin_map: dict = field(default_factory=dict)
     # SHP only: keep pairs whose score ratio (preferred / other) is at least this (the SHP authors use 2).
     shp_min_score_ratio: float = 2.0
@@ -148,6 +148,18 @@ class LoggingConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """`nproc_per_node` > 1 makes `rlhf` start that many ranks itself (through torchrun). Under an outside
+    launcher (torchrun, deepspeed, srun) these keys are ignored."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
 class SFTStageConfig:
     name: str = "sft"
     epochs: float = 1.0
@@ -172,6 +184,7 @@ class SFTRoot:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     stage: SFTStageConfig = field(default_factory=SFTStageConfig)
     seed: int = 42
 

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli import preempt
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.preempt import Preempted
 from rlhf_cli.run_dir import Run, now
 from rlhf_cli.stages.common import model_inputs, step_plan
 
@@ -132,9 +134,15 @@ def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_
             engine.train()
         metrics.log(done, values, SHOW)
         last = {"step": done, "loss": out["loss"], **totals}
-        stopping = st.stop_after_steps is not None and done >= st.stop_after_steps and done < plan.total_steps
-        if (st.save_every and done % st.save_every == 0) or stopping:
+        stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
+        preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
+        if (st.save_every and done % st.save_every == 0) or stopping or preempted:
             eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+        if preempted:
+            raise Preempted(
+                f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; "
+                f"checkpoint saved, run the same command again to resume"
+            )
         if stopping:
             metrics.message(f"stopped after step {done} (stage.stop_after_steps); re-run to resume")
             break

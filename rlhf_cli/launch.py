@@ -1,0 +1,83 @@
+"""Starting the ranks: `launcher.nproc_per_node=N` makes `rlhf` run itself under torchrun; the usual
+launchers (`torchrun -m rlhf_cli`, the `deepspeed` launcher, srun + torchrun) work without it.
+Also: per-rank log files, so the output of ranks other than 0 is kept but does not flood the console."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.preempt import PREEMPTED_EXIT_CODE, SIGNALS
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def under_launcher() -> bool:
+    return all(k in os.environ for k in LAUNCHER_ENV)
+
+
+def strip_local_rank(args: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends `--local_rank=N`; take it into LOCAL_RANK and drop it from the overrides."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg == "--local_rank" and i + 1 < len(args):
+            os.environ.setdefault("LOCAL_RANK", args[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def torchrun_command(launcher: Any, stage: str, args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={launcher.nproc_per_node}", f"--nnodes={launcher.nnodes}",
+        f"--node_rank={launcher.node_rank}", f"--master_addr={launcher.master_addr}",
+        f"--master_port={launcher.master_port}",
+        "-m", "rlhf_cli", stage, *args,
+    ]  # fmt: skip
+
+
+def self_launch(launcher: Any, stage: str, args: list[str], manifest: Path) -> int:
+    """Run the stage under torchrun and wait. SIGTERM / SIGUSR1 sent to this process reach the ranks as
+    SIGTERM (torchrun forwards it to its workers), so preemption works the same as with a direct launch.
+    Returns the exit code, PREEMPTED_EXIT_CODE when the ranks stopped for preemption."""
+    child = subprocess.Popen(torchrun_command(launcher, stage, args))
+
+    def forward(signum: int, frame: Any) -> None:
+        child.send_signal(signal.SIGTERM)
+
+    for sig in SIGNALS:
+        signal.signal(sig, forward)
+    rc = child.wait()
+    if rc != 0 and _stage_status(manifest, stage) == "preempted":
+        return PREEMPTED_EXIT_CODE
+    return rc
+
+
+def _stage_status(manifest: Path, stage: str) -> str | None:
+    try:
+        return json.loads(manifest.read_text())["stages"][stage]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def redirect_rank_output(log_dir: Path, rank: int) -> Path:
+    """Send this rank's stdout and stderr (Python and C level) to `log_dir/rank-N.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"rank-{rank}.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return path
