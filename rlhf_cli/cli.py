@@ -25,7 +25,8 @@ EXAMPLES: dict[str, str] = {
     "sft": "rlhf sft +experiment=dolly optim.lr=2e-5   # supervised fine-tuning (default: tiny built-in demo)",
 }
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="Name three primary colours."'),
+    "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="What is the capital of France?"'),
+    "explain": ("rlhf_cli.commands.explain", "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8"),
 }
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]

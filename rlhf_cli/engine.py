@@ -184,17 +184,24 @@ def backward(engine: Any, loss_sum: torch.Tensor, normaliser: float) -> None:
     engine.backward(loss_sum * (dist.get_world_size() / normaliser), scale_wrt_gas=False)
 
 
-def step(engine: Any) -> None:
+def step(engine: Any) -> float | None:
+    """Optimizer step (DeepSpeed applies it only at the accumulation boundary). Returns the global gradient
+    norm before clipping at a boundary, None otherwise. DeepSpeed reports it under ZeRO >= 1; under
+    ZeRO-0 it is computed here from the already all-reduced gradients."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     engine.step()
+    if boundary and norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = None if reported is None else float(reported)
+    return norm
 
 
 def current_lr(engine: Any) -> float:
     return engine.get_lr()[0]
-
-
-def grad_norm(engine: Any) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
 
 
 def rng_state() -> dict:

@@ -90,19 +90,20 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
     """One optimizer step over this rank's micro-batches; the loss is normalised over all ranks."""
     n_global = float(eng.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches)))
     total = torch.zeros((), dtype=torch.float64)
-    tokens = 0
+    tokens, norm = 0, None
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         logits = engine(**model_inputs(b)).logits
         loss_sum, _ = sft_loss_sum(logits, b["labels"])
         eng.backward(engine, loss_sum, n_global)
-        eng.step(engine)
+        norm = eng.step(engine)
         total += loss_sum.detach().double().cpu()
         tokens += int(b["attention_mask"].sum())
     return {
         "loss": float(eng.all_reduce_sum(total)) / n_global,
         "target_tokens": n_global,
         "tokens": float(eng.all_reduce_sum(tokens)),
+        "grad_norm": norm,
     }
 
 
@@ -124,7 +125,7 @@ def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_
         values = {
             "loss": out["loss"],
             "lr": eng.current_lr(engine),
-            "grad_norm": eng.grad_norm(engine),
+            "grad_norm": out["grad_norm"],
             "epoch": done / plan.steps_per_epoch,
             "tok/s": out["tokens"] / dt,
             "target_tok/s": out["target_tokens"] / dt,
