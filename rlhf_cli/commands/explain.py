@@ -94,7 +94,9 @@ def report(cfg: Any, stage: str) -> str:
     world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
     st, ds = cfg.stage, cfg.deepspeed
     n, t, largest = count_model(cfg.model)
-    states = model_state_bytes(n, t, largest, ds.zero_stage, ds.precision, world, ds.offload_optimizer, ds.offload_param)
+    states = model_state_bytes(
+        n, t, largest, ds.zero_stage, ds.precision, world, ds.offload_optimizer, ds.offload_param
+    )
     lines = [
         f"rlhf {stage}: batch algebra",
         f"  micro batch {st.micro_batch_size} x accumulation {st.gradient_accumulation_steps} x world size {world} "
