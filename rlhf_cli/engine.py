@@ -204,6 +204,15 @@ def current_lr(engine: Any) -> float:
     return engine.get_lr()[0]
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

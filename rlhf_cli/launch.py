@@ -1,6 +1,7 @@
 """Starting the ranks: `launcher.nproc_per_node=N` makes `rlhf` run itself under torchrun; the usual
 launchers (`torchrun -m rlhf_cli`, the `deepspeed` launcher, srun + torchrun) work without it.
 Also: per-rank log files, so the output of ranks other than 0 is kept but does not flood the console."""
+
 from __future__ import annotations
 
 import json
@@ -42,18 +43,20 @@ def torchrun_command(launcher: Any, stage: str, args: list[str]) -> list[str]:
         f"--nproc_per_node={launcher.nproc_per_node}", f"--nnodes={launcher.nnodes}",
         f"--node_rank={launcher.node_rank}", f"--master_addr={launcher.master_addr}",
         f"--master_port={launcher.master_port}",
+        # Forward USR1 too (SLURM's usual warning signal) and give the ranks time to save a checkpoint.
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout=600",
         "-m", "rlhf_cli", stage, *args,
     ]  # fmt: skip
 
 
 def self_launch(launcher: Any, stage: str, args: list[str], manifest: Path) -> int:
-    """Run the stage under torchrun and wait. SIGTERM / SIGUSR1 sent to this process reach the ranks as
-    SIGTERM (torchrun forwards it to its workers), so preemption works the same as with a direct launch.
+    """Run the stage under torchrun and wait. SIGTERM / SIGUSR1 sent to this process are passed to torchrun,
+    which forwards them to the ranks, so preemption works the same as with a direct launch.
     Returns the exit code, PREEMPTED_EXIT_CODE when the ranks stopped for preemption."""
     child = subprocess.Popen(torchrun_command(launcher, stage, args))
 
     def forward(signum: int, frame: Any) -> None:
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(signum)
 
     for sig in SIGNALS:
         signal.signal(sig, forward)

@@ -1,12 +1,15 @@
-"""`make bench`: SFT training throughput and peak memory on the tiny default, and the loop's overhead.
+"""`make bench`: SFT throughput and memory on the tiny default.
 
-1. Runs the real stage (`rlhf sft`, fresh run directory) for a fixed number of steps and reads the
-   per-step tokens/s from its metrics.jsonl (warm-up steps dropped).
-2. Times a bare loop on the same model, batches and optimizer: forward, loss, backward, AdamW step,
-   no DeepSpeed, no logging, no checkpoints.
-3. Prints target tokens/s, total tokens/s, peak memory, and the ratio stage / bare (goal: > 0.9).
+1. Single process: runs the real stage (`rlhf sft`, fresh run directory) and reads per-step tokens/s from
+   its metrics.jsonl (warm-up steps dropped), then times a bare loop on the same model, batches and
+   optimizer (forward, loss, backward, AdamW step; no DeepSpeed, logging or checkpoints). The ratio
+   stage / bare shows the loop's overhead (goal: > 0.9).
+2. Scale-out: the stage under ZeRO-0/2/3 with 1 and 2 processes at the same global batch: per-step time,
+   peak memory per process, and scaling efficiency = 2-process throughput / (2 x 1-process throughput).
+   On a 2-core machine the 1-process run uses both cores and each of the 2 processes one, so the
+   efficiency measures the parallel overhead, not a speed-up.
 
-Usage: python scripts/bench.py [--steps N] [--warmup K] [key=value overrides for the stage ...]
+Usage: python scripts/bench.py [--steps N] [--warmup K] [--skip-scaling] [key=value stage overrides ...]
 """
 
 from __future__ import annotations
@@ -25,32 +28,23 @@ from pathlib import Path
 import torch
 
 
-def peak_rss_mib(children: bool = False) -> float:
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return resource.getrusage(who).ru_maxrss / 1024
-
-
-def run_stage(root: str, steps: int, overrides: list[str]) -> list[dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlhf_cli",
-        "sft",
-        f"run.root={root}",
-        "run.name=bench",
-        f"stage.max_steps={steps}",
-        "stage.save_every=0",
-        "logging.progress=false",
-        "logging.log_every=1000000",
-        *overrides,
-    ]
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    lines = (Path(root) / "bench" / "sft" / "metrics.jsonl").read_text().splitlines()
+def run_stage(steps: int, overrides: list[str], nproc: int = 1) -> list[dict]:
+    """Run `rlhf sft` for `steps` steps in a fresh run directory; the per-step metrics records."""
+    with tempfile.TemporaryDirectory() as root:
+        args = [f"run.root={root}", "run.name=bench", f"stage.max_steps={steps}", "stage.save_every=0",
+                "stage.eval_every=0", "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
+        launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        res = subprocess.run([sys.executable, *launch, "-m", "rlhf_cli", "sft", *args], env=env,
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        if res.returncode != 0:
+            sys.exit(f"bench run failed ({nproc} process(es), {overrides}):\n{res.stderr[-3000:]}")
+        lines = (Path(root) / "bench" / "sft" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "tok/s" in r]
 
 
-def bare_loop(steps: int, overrides: list[str]) -> tuple[float, float]:
-    """Tokens/s and target tokens/s of forward + loss + backward + step, same batches as the stage."""
+def bare_loop(steps: int, overrides: list[str]) -> tuple[list[float], list[int], list[int]]:
+    """Per-step seconds, tokens and target tokens of forward + loss + backward + step, same batches."""
     from rlhf_cli.config.compose import compose
     from rlhf_cli.data import build_sft_datasets, collate_sft
     from rlhf_cli.losses import count_targets, sft_loss_sum
@@ -69,10 +63,8 @@ def bare_loop(steps: int, overrides: list[str]) -> tuple[float, float]:
     times, toks, targets = [], [], []
     for step in range(steps):
         idx = plan.rank_indices(step, 0, cfg.seed)
-        batches = [
-            collate_sft([data.train[i] for i in idx[j : j + micro]], tok.pad_token_id)
-            for j in range(0, len(idx), micro)
-        ]
+        batches = [collate_sft([data.train[i] for i in idx[j : j + micro]], tok.pad_token_id)
+                   for j in range(0, len(idx), micro)]  # fmt: skip
         t0 = time.perf_counter()
         n = sum(count_targets(b["labels"]) for b in batches)
         for b in batches:
@@ -87,27 +79,46 @@ def bare_loop(steps: int, overrides: list[str]) -> tuple[float, float]:
     return times, toks, targets
 
 
+def single_process(args: argparse.Namespace, overrides: list[str]) -> None:
+    records = run_stage(args.steps, overrides)[args.warmup :]
+    stage_tok = statistics.median(r["tok/s"] for r in records)
+    stage_target = statistics.median(r["target_tok/s"] for r in records)
+    stage_peak = max(r["peak_mem_mib"] for r in records)
+    times, toks, targets = (x[args.warmup :] for x in bare_loop(args.steps, overrides))
+    bare_tok = statistics.median(t / s for t, s in zip(toks, times, strict=True))
+    bare_target = statistics.median(t / s for t, s in zip(targets, times, strict=True))
+    bare_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nSFT, tiny default, 1 process, {torch.get_num_threads()} threads, median of {len(records)} steps")
+    print(f"  stage : {stage_tok:9.0f} tokens/s {stage_target:9.0f} target tokens/s  peak RSS {stage_peak:.0f} MiB")
+    print(f"  bare  : {bare_tok:9.0f} tokens/s {bare_target:9.0f} target tokens/s  peak RSS {bare_peak:.0f} MiB")
+    print(f"  ratio stage/bare (tokens/s): {stage_tok / bare_tok:.3f}")
+
+
+def scaling(args: argparse.Namespace, overrides: list[str]) -> None:
+    print("\nScale-out, tiny default, global batch 16 (1 x micro 16 | 2 x micro 8), CPU/gloo")
+    print(f"  {'zero':6} {'procs':>5} {'s/step':>8} {'tokens/s':>9} {'peak MiB/proc':>14} {'efficiency':>10}")
+    for zero in ("zero0", "zero2", "zero3"):
+        results = {}
+        for nproc in (1, 2):
+            micro = 16 // nproc
+            extra = [f"deepspeed={zero}", f"stage.micro_batch_size={micro}", "stage.gradient_accumulation_steps=1"]
+            recs = run_stage(args.steps, [*extra, *overrides], nproc)[args.warmup :]
+            sec = statistics.median(r["step_seconds"] for r in recs)
+            results[nproc] = (sec, statistics.median(r["tok/s"] for r in recs), max(r["peak_mem_mib"] for r in recs))
+        for nproc, (sec, tok, peak) in results.items():
+            eff = f"{tok / (2 * results[1][1]):.3f}" if nproc == 2 else ""
+            print(f"  {zero:6} {nproc:>5} {sec:8.3f} {tok:9.0f} {peak:14.0f} {eff:>10}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--skip-scaling", action="store_true")
     args, overrides = parser.parse_known_args()
-    with tempfile.TemporaryDirectory() as root:
-        records = run_stage(root, args.steps, overrides)[args.warmup :]
-    stage_tok = statistics.median(r["tok/s"] for r in records)
-    stage_target = statistics.median(r["target_tok/s"] for r in records)
-    stage_peak = peak_rss_mib(children=True)
-
-    times, toks, targets = bare_loop(args.steps, overrides)
-    times, toks, targets = times[args.warmup :], toks[args.warmup :], targets[args.warmup :]
-    bare_tok = statistics.median(t / s for t, s in zip(toks, times, strict=True))
-    bare_target = statistics.median(t / s for t, s in zip(targets, times, strict=True))
-    print(f"\nSFT benchmark, tiny default, {torch.get_num_threads()} threads, {len(records)} timed steps")
-    print(f"  stage  : {stage_tok:10.0f} tokens/s  {stage_target:10.0f} target tokens/s  peak RSS {stage_peak:.0f} MiB")
-    print(
-        f"  bare   : {bare_tok:10.0f} tokens/s  {bare_target:10.0f} target tokens/s  peak RSS {peak_rss_mib():.0f} MiB"
-    )
-    print(f"  ratio stage/bare (tokens/s): {stage_tok / bare_tok:.3f}")
+    single_process(args, overrides)
+    if not args.skip_scaling:
+        scaling(args, overrides)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
 """Data: sources -> adapters (rows to conversations) -> tokenization, labels and batching per stage."""
 
 from rlhf_cli.data.adapters import FORMATS, Adapted, Conversation, adapt_rows, with_system_prompt
+from rlhf_cli.data.preference import (
+    PREFERENCE_FORMATS,
+    PreferenceData,
+    PreferenceExample,
+    PreferencePair,
+    adapt_preference_rows,
+    build_preference_datasets,
+    collate_preference,
+    tokenize_pair,
+)
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DataReport,
@@ -17,18 +27,26 @@ from rlhf_cli.data.sources import BadRow, load_rows
 __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
+    "PREFERENCE_FORMATS",
     "Adapted",
     "BadRow",
     "Conversation",
     "DataReport",
     "DropExample",
+    "PreferenceData",
+    "PreferenceExample",
+    "PreferencePair",
     "SFTData",
     "SFTExample",
+    "adapt_preference_rows",
     "adapt_rows",
+    "build_preference_datasets",
     "build_sft_datasets",
+    "collate_preference",
     "collate_sft",
     "load_rows",
     "split_eval",
     "tokenize_conversation",
+    "tokenize_pair",
     "with_system_prompt",
 ]

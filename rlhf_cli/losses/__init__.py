@@ -1,6 +1,28 @@
 """Pure torch loss functions: tensors in, tensors out (no models, no config)."""
 
 from rlhf_cli.losses.logprobs import IGNORE_INDEX, shift_for_next_token, token_logprobs
+from rlhf_cli.losses.reward import (
+    bradley_terry_loss,
+    gather_last,
+    last_token_index,
+    pairwise_accuracy,
+    reward_moments,
+    reward_stats,
+    split_pairs,
+)
 from rlhf_cli.losses.sft import count_targets, sft_loss_sum
 
-__all__ = ["IGNORE_INDEX", "count_targets", "sft_loss_sum", "shift_for_next_token", "token_logprobs"]
+__all__ = [
+    "IGNORE_INDEX",
+    "bradley_terry_loss",
+    "count_targets",
+    "gather_last",
+    "last_token_index",
+    "pairwise_accuracy",
+    "reward_moments",
+    "reward_stats",
+    "sft_loss_sum",
+    "shift_for_next_token",
+    "split_pairs",
+    "token_logprobs",
+]

@@ -72,7 +72,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     metrics.log(last["step"], final_eval, SHOW)
     metrics.close()
     eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds") if k in last}
+    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib") if k in last}
     run.update_stage(
         status="completed",
         ended_at=now(),
@@ -128,13 +128,15 @@ def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_
             "grad_norm": out["grad_norm"],
             "epoch": done / plan.steps_per_epoch,
             "tok/s": out["tokens"] / dt,
+            "step_seconds": dt,
+            "peak_mem_mib": eng.peak_memory_mib(dist.device),
             "target_tok/s": out["target_tokens"] / dt,
         }
         if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
             values.update(evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id))
             engine.train()
         metrics.log(done, values, SHOW)
-        last = {"step": done, "loss": out["loss"], **totals}
+        last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
         stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
         preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
         if (st.save_every and done % st.save_every == 0) or stopping or preempted:

@@ -1,5 +1,6 @@
 """Scale-out on CPU with gloo: 2 processes equal 1, preemption and resume under ZeRO-3, crash-safe
 checkpoints, a 2-node rendezvous on loopback, and the consolidated ZeRO-3 export."""
+
 import signal
 import time
 from pathlib import Path
@@ -71,8 +72,9 @@ def test_zero3_sigusr1_on_one_rank_then_resume(runs, tmp_path):
     (ckpt,) = (runs / "cut" / "sft" / "checkpoints").iterdir()
     stopped_at = int(ckpt.name.split("-")[1])
     assert 3 <= stopped_at < 40 and (ckpt / "COMPLETE").is_file()
-    resumed = rlhf(*args, "run.name=cut", "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}",
-                   cwd=tmp_path)
+    resumed = rlhf(
+        *args, "run.name=cut", "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming sft from {ckpt}" in resumed.stderr
     assert losses(runs / "cut")[40] == pytest.approx(losses(runs / "full")[40], rel=1e-5)
@@ -100,15 +102,33 @@ def test_checkpoint_cut_mid_write_falls_back_to_previous(runs, tmp_path):
 
 def test_two_node_rendezvous_on_loopback(runs, tmp_path):
     port = free_port()
-    args = ["-m", "rlhf_cli", "sft", *FAST, *TWO, f"run.root={runs}", "run.name=nodes", "stage.max_steps=3",
-            "stage.save_every=0"]
+    args = [
+        "-m",
+        "rlhf_cli",
+        "sft",
+        *FAST,
+        *TWO,
+        f"run.root={runs}",
+        "run.name=nodes",
+        "stage.max_steps=3",
+        "stage.save_every=0",
+    ]
     import subprocess
     import sys
 
     nodes = []
     for node_rank in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
-               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node_rank={node_rank}",
+            "--nproc_per_node=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            *args,
+        ]
         nodes.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]

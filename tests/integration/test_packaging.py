@@ -29,7 +29,12 @@ def test_wheel_ships_configs_and_assets(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped_yaml = {f"rlhf_cli/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped_yaml <= names
-    for asset in ("sample_dolly.jsonl", "tiny_tokenizer/tokenizer.json", "tiny_tokenizer/tokenizer_config.json"):
+    for asset in (
+        "sample_dolly.jsonl",
+        "sample_preferences.jsonl",
+        "tiny_tokenizer/tokenizer.json",
+        "tiny_tokenizer/tokenizer_config.json",
+    ):
         assert f"rlhf_cli/assets/{asset}" in names
     assert any(n.endswith("entry_points.txt") for n in names)
     # Installed from the wheel (no checkout on the path), `rlhf` composes from the packaged configs.

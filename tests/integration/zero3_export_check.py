@@ -1,5 +1,6 @@
 """Run under torchrun with 2 ranks: train a tiny model 2 steps under ZeRO-3, take its logits on a fixed
 batch (in-training, sharded model), export final/ and compare with the reloaded Hugging Face model."""
+
 import sys
 from pathlib import Path
 
@@ -12,9 +13,18 @@ from rlhf_cli.models import load_causal_lm, load_tokenizer
 
 out_dir = Path(sys.argv[1])
 dist = eng.init_distributed()
-cfg = compose("sft", ["deepspeed=zero3", "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176",
-                      "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=4",
-                      "model.tiny.num_key_value_heads=2", "optim.lr=1e-2"])
+cfg = compose(
+    "sft",
+    [
+        "deepspeed=zero3",
+        "model.tiny.hidden_size=64",
+        "model.tiny.intermediate_size=176",
+        "model.tiny.num_hidden_layers=2",
+        "model.tiny.num_attention_heads=4",
+        "model.tiny.num_key_value_heads=2",
+        "optim.lr=1e-2",
+    ],
+)
 tok = load_tokenizer(cfg.model)
 model = load_causal_lm(cfg.model, tok, seed=0)
 engine = eng.initialize(model, eng.ds_config(cfg.deepspeed, cfg.optim, 2, 1, dist.world_size), cfg.optim, 10)

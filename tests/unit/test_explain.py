@@ -1,4 +1,5 @@
 """`rlhf explain`: the memory estimate agrees with DeepSpeed's own estimators; the report runs offline."""
+
 import json
 
 import pytest

@@ -1,0 +1,24 @@
+"""Launch helpers: the deepspeed launcher's --local_rank, the torchrun command of a self-launch."""
+
+import os
+
+from rlhf_cli.config.compose import compose
+from rlhf_cli.launch import strip_local_rank, torchrun_command
+
+
+def test_deepspeed_launcher_local_rank_is_taken_out(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank(["--local_rank=3", "optim.lr=1"]) == ["optim.lr=1"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert strip_local_rank(["optim.lr=1", "--local_rank", "1"]) == ["optim.lr=1"]
+    assert os.environ["LOCAL_RANK"] == "1"
+
+
+def test_self_launch_command_forwards_usr1_and_keeps_overrides():
+    cfg = compose("sft", ["launcher.nproc_per_node=4", "launcher.nnodes=2", "launcher.node_rank=1"])
+    cmd = torchrun_command(cfg.launcher, "sft", ["optim.lr=1e-4", "launcher.nproc_per_node=4"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=127.0.0.1"} <= set(cmd)
+    assert any(a.startswith("--signals_to_handle=") and "SIGUSR1" in a for a in cmd)
+    assert cmd[-5:] == ["-m", "rlhf_cli", "sft", "optim.lr=1e-4", "launcher.nproc_per_node=4"]
