@@ -89,9 +89,12 @@ def run_stage(stage: str, args: list[str]) -> int:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
         run.update_stage(status=status, error=reason, ended_at=now())
+        if isinstance(exc, preempt.Preempted):  # every rank got here at the same step: leave together
+            engine.shutdown()
         raise
     finally:
         run.release()
+    engine.shutdown()
     if dist.is_main:
         if out is None:
             err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")

@@ -73,6 +73,14 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown() -> None:
+    """Leave the process group together. Exiting with the group alive lets a rank's communication threads
+    be torn down mid-flight ("terminate called without an active exception", SIGABRT) while others finish."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

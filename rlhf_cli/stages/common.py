@@ -1,14 +1,20 @@
-"""Functions the training stages share (no base class): the step plan, model inputs, export of final/."""
+"""Functions the training stages share (no base class): the step plan, model inputs, the training loop."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rlhf_cli import engine as eng
+from rlhf_cli import preempt
 from rlhf_cli.errors import UserError
+from rlhf_cli.metrics import Metrics
+from rlhf_cli.run_dir import Run
 
 
 @dataclass(frozen=True)
@@ -64,3 +70,48 @@ def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the model's forward takes (labels stay out: our losses are computed outside)."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def train_loop(
+    st: Any, engine: Any, plan: StepPlan, dist: Any, run: Run, metrics: Metrics, start_step: int,
+    step_fn: Callable[[int], dict[str, Any]], eval_fn: Callable[[], dict[str, float]], show: tuple[str, ...],
+) -> dict[str, Any]:  # fmt: skip
+    """Optimizer steps from `start_step` to the end of the plan, or to `st.stop_after_steps`.
+
+    `step_fn(step)` runs one optimizer step (0-based) and returns its metrics: "loss", "grad_norm" and,
+    for tokens/s, "tokens" / "target_tokens". Every `st.eval_every` steps `eval_fn()` adds eval metrics.
+    Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 (any rank) all ranks save at the same
+    step and raise Preempted. Returns the last step's record with running totals."""
+    engine.train()
+    totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
+    last: dict[str, Any] = {"step": start_step}
+    for step in range(start_step, plan.total_steps):
+        t0 = time.perf_counter()
+        out = step_fn(step)
+        dt = time.perf_counter() - t0
+        done = step + 1
+        totals["train_seconds"] += dt
+        values = {**out, "lr": eng.current_lr(engine), "epoch": done / plan.steps_per_epoch, "step_seconds": dt,
+                  "peak_mem_mib": eng.peak_memory_mib(dist.device)}  # fmt: skip
+        for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s")):
+            if key in out:
+                totals[key] += out[key]
+                values[rate] = out[key] / dt
+        if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
+            values.update(eval_fn())
+            engine.train()
+        metrics.log(done, values, show)
+        last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
+        stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
+        preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
+        if (st.save_every and done % st.save_every == 0) or stopping or preempted:
+            eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+        if preempted:
+            raise preempt.Preempted(
+                f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; "
+                "checkpoint saved, run the same command again to resume"
+            )
+        if stopping:
+            metrics.message(f"stopped after step {done} (stage.stop_after_steps); run the same command to resume")
+            break
+    return last

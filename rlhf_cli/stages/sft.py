@@ -7,22 +7,19 @@ step over all micro-batches and ranks, so batch 8 x accumulation 1 equals batch 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rlhf_cli import engine as eng
-from rlhf_cli import preempt
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from rlhf_cli.preempt import Preempted
 from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import model_inputs, step_plan
+from rlhf_cli.stages.common import model_inputs, step_plan, train_loop
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -61,7 +58,16 @@ def run(cfg: Any, run: Run) -> Path | None:
     metrics.message(plan.describe())
 
     # 5. Train.
-    last = train_loop(cfg, engine, data, plan, dist, run, metrics, start_step, tokenizer.pad_token_id)
+    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+
+    def one_step(step: int) -> dict[str, float]:
+        idx = plan.rank_indices(step, dist.rank, cfg.seed)
+        return train_step(engine, micro_batches(data.train, idx, micro, pad_id), dist.device)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
+
+    last = train_loop(cfg.stage, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
     if last["step"] < plan.total_steps:
         metrics.close()
         run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
@@ -105,51 +111,6 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
         "tokens": float(eng.all_reduce_sum(tokens)),
         "grad_norm": norm,
     }
-
-
-def train_loop(cfg, engine, data, plan, dist, run: Run, metrics: Metrics, start_step: int, pad_id: int) -> dict:
-    """Steps from `start_step` to the end (or `stage.stop_after_steps`); checkpoints every `save_every`."""
-    st = cfg.stage
-    engine.train()
-    totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
-    last: dict[str, Any] = {"step": start_step}
-    for step in range(start_step, plan.total_steps):
-        t0 = time.perf_counter()
-        idx = plan.rank_indices(step, dist.rank, cfg.seed)
-        out = train_step(engine, micro_batches(data.train, idx, st.micro_batch_size, pad_id), dist.device)
-        dt = time.perf_counter() - t0
-        for k in ("tokens", "target_tokens"):
-            totals[k] += out[k]
-        totals["train_seconds"] += dt
-        done = step + 1
-        values = {
-            "loss": out["loss"],
-            "lr": eng.current_lr(engine),
-            "grad_norm": out["grad_norm"],
-            "epoch": done / plan.steps_per_epoch,
-            "tok/s": out["tokens"] / dt,
-            "step_seconds": dt,
-            "peak_mem_mib": eng.peak_memory_mib(dist.device),
-            "target_tok/s": out["target_tokens"] / dt,
-        }
-        if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
-            values.update(evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id))
-            engine.train()
-        metrics.log(done, values, SHOW)
-        last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
-        stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
-        preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
-        if (st.save_every and done % st.save_every == 0) or stopping or preempted:
-            eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
-        if preempted:
-            raise Preempted(
-                f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; "
-                f"checkpoint saved, run the same command again to resume"
-            )
-        if stopping:
-            metrics.message(f"stopped after step {done} (stage.stop_after_steps); re-run to resume")
-            break
-    return last
 
 
 @torch.no_grad()

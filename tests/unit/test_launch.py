@@ -20,5 +20,7 @@ def test_self_launch_command_forwards_usr1_and_keeps_overrides():
     cmd = torchrun_command(cfg.launcher, "sft", ["optim.lr=1e-4", "launcher.nproc_per_node=4"])
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert {"--nproc_per_node=4", "--nnodes=2", "--node_rank=1", "--master_addr=127.0.0.1"} <= set(cmd)
+    single = torchrun_command(compose("sft", ["launcher.nproc_per_node=2"]).launcher, "sft", [])
+    assert "--standalone" in single and not any(a.startswith("--master_port") for a in single)
     assert any(a.startswith("--signals_to_handle=") and "SIGUSR1" in a for a in cmd)
     assert cmd[-5:] == ["-m", "rlhf_cli", "sft", "optim.lr=1e-4", "launcher.nproc_per_node=4"]
