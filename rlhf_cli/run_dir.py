@@ -171,6 +171,12 @@ class Run:
             )
         return path
 
+    def resolve_source(self, name_or_path: str) -> str:
+        """`stage:<name>` -> that completed stage's final/ in this run; anything else unchanged."""
+        if name_or_path.startswith("stage:"):
+            return str(self.stage_output(name_or_path.split(":", 1)[1]))
+        return name_or_path
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.close()

@@ -123,18 +123,22 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
 
 
 # Keys whose value must be one of a few words: checked here so a typo fails before any model is built.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("dolly", "alpaca", "oasst1", "jsonl"),
+_CHOICES: dict[str, tuple] = {
     "data.truncation": ("drop", "truncate_response"),
     "data.bad_rows": ("skip", "fail"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
+_FORMATS = {
+    "sft": ("dolly", "alpaca", "oasst1", "jsonl"),
+    "rm": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
+}
 
 
 def check_choices(cfg: DictConfig) -> None:
-    for key, allowed in _CHOICES.items():
+    choices = {**_CHOICES, "data.format": _FORMATS[cfg.stage.name]}
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

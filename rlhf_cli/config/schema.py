@@ -189,5 +189,38 @@ class SFTRoot:
     seed: int = 42
 
 
+@dataclass
+class RMStageConfig:
+    name: str = "rm"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 8  # pairs (each forward holds 2 x micro sequences)
+    gradient_accumulation_steps: int = 1
+    eval_every: int = 0
+    eval_batch_size: int = 32
+    save_every: int = 50
+    keep_last: int = 2
+    stop_after_steps: int | None = None
+    # Eisenstein et al. reward centering: adds center_coef * mean((r_chosen + r_rejected)^2).
+    center_coef: float | None = None
+    # Fail the stage (after training) when held-out pair accuracy is below this.
+    min_eval_accuracy: float | None = None
+
+
+@dataclass
+class RMRoot:
+    """The composed config of `rlhf rm`. `model.name_or_path` may be `stage:<name>` (that stage's final/)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    stage: RMStageConfig = field(default_factory=RMStageConfig)
+    seed: int = 42
+
+
 # Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot}

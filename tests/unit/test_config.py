@@ -18,8 +18,26 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes(group, option):
-    cfg = compose("sft", [f"{group}={option}"])
-    assert cfg.stage.name == "sft"
+    """Each option validates under at least one stage (SFT data under sft, preference data under rm)."""
+    errors = []
+    for stage in ("sft", "rm"):
+        try:
+            cfg = compose(stage, [f"{group}={option}"])
+        except UserError as err:
+            errors.append(str(err))
+            continue
+        assert cfg.stage.name == stage
+        return
+    pytest.fail(f"{group}/{option} composes under no stage: {errors}")
+
+
+def test_stage_files_choose_their_data_and_model():
+    rm = compose("rm", [])
+    assert rm.stage.name == "rm" and rm.data.source == "builtin:sample_preferences"
+    assert rm.model.name_or_path == "stage:sft"
+    assert compose("rm", ["data=hh_rlhf"]).data.format == "hh_rlhf"
+    with pytest.raises(UserError, match="data.format"):
+        compose("sft", ["data=hh_rlhf"])
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
