@@ -108,10 +108,11 @@ def run_stage(stage: str, args: list[str]) -> int:
 
 
 def dispatch(argv: list[str]) -> int:
+    argv = launch.strip_local_rank(argv)  # the deepspeed launcher puts it before the verb
     if not argv or argv[0] in ("-h", "--help", "help"):
         out_console.print(usage(), markup=False)
         return 0 if argv else 2
-    verb, args = argv[0], launch.strip_local_rank(argv[1:])
+    verb, args = argv[0], argv[1:]
     if verb in STAGES:
         if "--help" in args or "-h" in args:
             out_console.print(f"{EXAMPLES[verb]}\n\n`rlhf {verb} --cfg job` lists every key.", markup=False)

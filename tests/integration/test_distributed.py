@@ -140,3 +140,31 @@ def test_zero3_export_matches_in_training_logits(tmp_path):
     res = torchrun([str(HERE / "zero3_export_check.py"), str(tmp_path / "final")], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "max |logits diff|" in res.stdout
+
+
+def test_zero3_with_cpu_offload_trains_and_exports(runs, tmp_path):
+    """Optimizer and parameters offloaded to CPU memory (DeepSpeed's CPU Adam), bf16 weights."""
+    res = rlhf("sft", *FAST, f"run.root={runs}", "run.name=off", "deepspeed=zero3_offload", "stage.max_steps=3",
+               "stage.save_every=3", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [r for r in metrics(runs / "off") if "loss" in r]
+    assert len(log) == 3 and all(r["grad_norm"] > 0 for r in log)
+    final = weights(runs / "off" / "sft" / "final")
+    assert all(t.dtype == torch.bfloat16 for t in final.values()) and len(final) == 21
+
+
+def test_deepspeed_launcher(runs, tmp_path):
+    """`deepspeed --module rlhf_cli ...` passes --local_rank=N before the verb; the CLI takes it."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rlhf_cli", "sft",
+           *FAST, *TWO, f"run.root={runs}", "run.name=ds", "stage.max_steps=2", "stage.save_every=0"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 rank(s)" in res.stdout + res.stderr
+    assert manifest(runs / "ds")["stages"]["sft"]["status"] == "completed"
+    assert (runs / "ds" / "sft" / "logs" / "rank-1.log").is_file()
