@@ -73,3 +73,28 @@ def test_no_weight_decay_on_norms_and_biases():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_checkpoint_refused_when_the_disk_is_too_full(tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from rlhf_cli import engine as eng
+    from rlhf_cli.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10 * 2**30, 9 * 2**30, 2**30))
+    eng.check_disk_space(tmp_path / "not" / "yet" / "made", needed=2**29)  # fits: 0.5 GiB of 1 GiB free
+    with pytest.raises(UserError, match=r"not enough disk space .* 2\.00 GiB needed, 1\.00 GiB free"):
+        eng.check_disk_space(tmp_path, needed=2 * 2**30)
+
+
+def test_expected_checkpoint_size_uses_the_last_one(tmp_path):
+    from rlhf_cli.engine import expected_checkpoint_bytes
+    from rlhf_cli.run_dir import COMPLETE_MARKER
+
+    step = tmp_path / "step-4"
+    (step / "state").mkdir(parents=True)
+    (step / "state" / "blob").write_bytes(b"x" * 1000)
+    (step / COMPLETE_MARKER).write_text("")
+    assert expected_checkpoint_bytes(engine=None, ckpt_dir=tmp_path) == 1000
