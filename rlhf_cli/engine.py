@@ -187,6 +187,24 @@ def initialize(model: torch.nn.Module, config: dict, optim: Any, total_steps: in
     return engine
 
 
+def frozen(model: torch.nn.Module, ds: Any, micro_batch: int, device: torch.device) -> torch.nn.Module:
+    """A model used only for inference next to a trained one (DPO reference, PPO reference and reward):
+    eval mode, no gradients. Under ZeRO-3 it is partitioned like the trained model (an inference-only
+    DeepSpeed engine, as OpenRLHF does), so a large reference does not need a full copy per GPU."""
+    model.eval().requires_grad_(False)
+    if ds.zero_stage != 3:
+        return model.to(device)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 3, **({"offload_param": {"device": "cpu"}} if ds.offload_param else {})},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
 def backward(engine: Any, loss_sum: torch.Tensor, normaliser: float) -> None:
     """Backward of `loss_sum / normaliser` for the whole step (see the module docstring)."""
     engine.backward(loss_sum * (dist.get_world_size() / normaliser), scale_wrt_gas=False)

@@ -133,11 +133,13 @@ _CHOICES: dict[str, tuple] = {
 _FORMATS = {
     "sft": ("dolly", "alpaca", "oasst1", "jsonl"),
     "rm": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
+    "dpo": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
 }
+_STAGE_CHOICES = {"dpo": {"stage.loss": ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")}}
 
 
 def check_choices(cfg: DictConfig) -> None:
-    choices = {**_CHOICES, "data.format": _FORMATS[cfg.stage.name]}
+    choices = {**_CHOICES, "data.format": _FORMATS[cfg.stage.name], **_STAGE_CHOICES.get(cfg.stage.name, {})}
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:

@@ -222,5 +222,45 @@ class RMRoot:
     seed: int = 42
 
 
+@dataclass
+class DPOStageConfig:
+    name: str = "dpo"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    micro_batch_size: int = 8  # pairs
+    gradient_accumulation_steps: int = 1
+    eval_every: int = 0
+    eval_batch_size: int = 16
+    save_every: int = 50
+    keep_last: int = 2
+    stop_after_steps: int | None = None
+    # sigmoid (DPO) | cdpo | robust | hinge | ipo | rpo | simpo | orpo (see rlhf_cli/losses/dpo.py)
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo / robust
+    rpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+    # The frozen reference: None = the policy's starting checkpoint. Ignored by simpo / orpo.
+    reference: str | None = None
+    # Compute the reference log-probs in one pass before training, so no reference model is held.
+    precompute_ref: bool = False
+
+
+@dataclass
+class DPORoot:
+    """The composed config of `rlhf dpo`."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    stage: DPOStageConfig = field(default_factory=DPOStageConfig)
+    seed: int = 42
+
+
 # Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot, "dpo": DPORoot}

@@ -2,6 +2,7 @@
 
 from rlhf_cli.models.load import (
     apply_lora,
+    disable_dropout,
     enable_gradient_checkpointing,
     ensure_distinct_pad,
     is_builtin,
@@ -19,6 +20,7 @@ __all__ = [
     "BUILTIN_TINY",
     "apply_lora",
     "build_tiny_llama",
+    "disable_dropout",
     "enable_gradient_checkpointing",
     "ensure_distinct_pad",
     "is_builtin",

@@ -256,6 +256,25 @@ def sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     gen.eos_token_id = stops[0] if len(stops) == 1 else stops
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off, for preference and RL training (ALGORITHMS.md section 9): else pi/pi_ref != 1 at step 0.
+
+    Sets p = 0 in every nn.Dropout, and zeroes the float `*dropout*` attributes that attention modules
+    copy from the config at build time (Llama/Qwen attention dropout is functional, not an nn.Dropout)
+    and the config's own probabilities, so a saved checkpoint keeps them off."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+                setattr(config, key, 0.0)
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward (PreTrainedModel or PeftModel).
 

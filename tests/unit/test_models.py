@@ -334,3 +334,24 @@ def test_gradient_checkpointing_with_lora(tok):
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.config.use_cache is False
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_disable_dropout_reaches_functional_attention_dropout():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_cli.models import disable_dropout
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5))  # fmt: skip
+    model.train()
+    ids = torch.randint(0, 50, (2, 8))
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(ids).logits)  # dropout is live before
+    disable_dropout(model)
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, model(ids).logits)
+    assert model.config.attention_dropout == 0.0

@@ -1,0 +1,210 @@
+"""`rlhf dpo`: the DPO family on preference pairs (ALGORITHMS.md section 6), from this run's SFT model.
+
+The reference is a frozen copy of the starting checkpoint, or (LoRA) the same model with its adapters
+disabled, or (`stage.precompute_ref`) log-probs computed in one pass before training so no reference
+model is held. All three give the same loss. Log-probs are summed over the completion tokens (EOS
+included) in fp32; each loss says in rlhf_cli/losses/dpo.py which normalisation it uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import engine as eng
+from rlhf_cli.config.compose import config_hash, to_yaml
+from rlhf_cli.data import build_preference_datasets, collate_preference
+from rlhf_cli.losses import token_logprobs
+from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
+from rlhf_cli.metrics import Metrics
+from rlhf_cli.models import (
+    apply_lora,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+)
+from rlhf_cli.run_dir import Run, now
+from rlhf_cli.stages.common import model_inputs, step_plan, train_loop
+
+SHOW = ("loss", "reward_accuracy", "reward_margin", "eval_reward_accuracy")
+PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+             "logps_rejected")  # fmt: skip
+
+
+def run(cfg: Any, run: Run) -> Path | None:
+    """Train the policy and export `<run>/dpo/final/`. Returns it, or None when stopped early to resume."""
+    st = cfg.stage
+    # 1. Distributed group, seeds, and where the policy and the reference start.
+    dist = eng.init_distributed()
+    torch.manual_seed(cfg.seed)
+    source = run.resolve_source(cfg.model.name_or_path)
+    ref_source = run.resolve_source(st.reference) if st.reference else source
+    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
+
+    # 2. Tokenizer and preference pairs (chosen and rejected share the prompt's token ids).
+    tokenizer = load_tokenizer(model_cfg)
+    data = build_preference_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    plan = step_plan(len(data.train), st, dist.world_size)
+
+    # 3. Reference log-probs (precomputed), or the reference model; then the policy in the engine.
+    ref = Reference(st, cfg, ref_source, tokenizer, dist)
+    if st.precompute_ref and st.loss not in REFERENCE_FREE:
+        ref.precompute({"train": data.train, "eval": data.eval}, tokenizer.pad_token_id)
+    policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
+    disable_dropout(policy)  # else pi/ref != 1 at step 0 and the implicit reward is noise
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
+    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
+                           dist.world_size)  # fmt: skip
+    engine = eng.initialize(policy, ds_cfg, cfg.optim, plan.total_steps)
+
+    # 4. Resume; record the stage as running.
+    resume = run.latest_checkpoint()
+    start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
+    inputs = {"policy": source, "reference": ref.describe(), "data": cfg.data.source}
+    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
+    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
+    for line in (started, data.report.summary(), plan.describe(), f"reference: {ref.describe()}"):
+        metrics.message(line)
+
+    # 5. Train.
+    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+
+    def one_step(step: int) -> dict[str, float]:
+        idx = plan.rank_indices(step, dist.rank, cfg.seed)
+        chunks = [idx[j : j + micro] for j in range(0, len(idx), micro)]
+        return train_step(engine, ref, st, data.train, "train", chunks, pad_id, dist.device)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(engine, ref, st, data.eval, pad_id, dist)
+
+    last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
+    if last["step"] < plan.total_steps:
+        metrics.close()
+        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+        return None
+
+    # 6. Final evaluation, export of the policy, headline metrics into the manifest.
+    final_eval = run_eval()
+    metrics.log(last["step"], final_eval, SHOW)
+    metrics.close()
+    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
+    run.update_stage(
+        status="completed", ended_at=now(), outputs={"final": str(run.final_dir.relative_to(run.root))},
+        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
+    )  # fmt: skip
+    return run.final_dir
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (fp32) and completion lengths of a stacked pair batch, each (2B,)."""
+    logps = token_logprobs(model(**model_inputs(batch)).logits, batch["labels"])
+    return logps.sum(-1), (batch["labels"][:, 1:] != -100).sum(-1).float()
+
+
+class Reference:
+    """Where the reference log-probs come from: none (SimPO, ORPO), a table computed before training,
+    the policy with its LoRA adapters disabled, or a frozen reference model."""
+
+    def __init__(self, st: Any, cfg: Any, source: str, tokenizer: Any, dist: Any):
+        self.st, self.dist, self.source, self.table, self.model = st, dist, source, None, None
+        if st.loss in REFERENCE_FREE:
+            self.kind = "none"
+        elif cfg.model.lora.enabled and not st.reference:
+            self.kind = "adapters_off"  # the policy's own base weights: no second copy in memory
+        else:
+            self.kind = "model"
+        if self.kind == "model" or (self.kind == "adapters_off" and st.precompute_ref):
+            ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
+            model = load_causal_lm(ref_cfg, tokenizer, seed=cfg.seed)
+            disable_dropout(model)
+            self.model = eng.frozen(model, cfg.deepspeed, st.micro_batch_size, dist.device)
+
+    def describe(self) -> str:
+        if self.table is not None:
+            return f"precomputed from {self.source}"
+        return {"none": "none (reference-free loss)", "adapters_off": "the policy with LoRA adapters disabled",
+                "model": f"frozen copy of {self.source}"}[self.kind]  # fmt: skip
+
+    @torch.no_grad()
+    def precompute(self, splits: dict[str, list], pad_id: int) -> None:
+        """One pass over every pair of every split; then the reference model is dropped."""
+        self.table = {}
+        for name, examples in splits.items():
+            rows = []
+            for j in range(0, len(examples), self.st.eval_batch_size):
+                batch = collate_preference(examples[j : j + self.st.eval_batch_size], pad_id)
+                batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+                logps, _ = sequence_logps(self.model, batch)
+                rows.append(torch.stack(logps.float().cpu().chunk(2), dim=1))  # (B, 2): chosen, rejected
+            self.table[name] = torch.cat(rows) if rows else torch.zeros(0, 2)
+        self.model = None
+
+    @torch.no_grad()
+    def logps(self, policy: Any, batch: dict, split: str, idx: list[int]) -> torch.Tensor | None:
+        """Reference summed log-probs (2B,) for the pairs `idx` of `split`, or None (reference-free)."""
+        if self.kind == "none":
+            return None
+        if self.table is not None:
+            rows = self.table[split][idx]
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)
+        if self.kind == "adapters_off":
+            module = getattr(policy, "module", policy)
+            with module.disable_adapter():
+                return sequence_logps(policy, batch)[0]
+        return sequence_logps(self.model, batch)[0]
+
+
+def pair_losses(engine: Any, ref: Reference, st: Any, batch: dict, split: str, idx: list[int]) -> dict:
+    """Per-pair loss (B,) and the logged per-pair quantities for one stacked micro-batch."""
+    ref_logps = ref.logps(engine, batch, split, idx)
+    logps, lengths = sequence_logps(engine, batch)
+    pc, pr = logps.chunk(2)
+    lc, lr = lengths.chunk(2)
+    rc, rr = ref_logps.chunk(2) if ref_logps is not None else (torch.zeros_like(pc), torch.zeros_like(pr))
+    loss = preference_loss(st.loss, pc, pr, rc, rr, lc, lr, beta=st.beta, label_smoothing=st.label_smoothing,
+                           rpo_alpha=st.rpo_alpha, simpo_gamma=st.simpo_gamma, orpo_lambda=st.orpo_lambda)  # fmt: skip
+    return {"loss": loss, **implicit_rewards(pc, pr, rc, rr, st.beta), "logps_chosen": pc.detach(),
+            "logps_rejected": pr.detach()}  # fmt: skip
+
+
+def train_step(engine, ref, st, examples, split, chunks, pad_id, device) -> dict[str, float]:
+    """One optimizer step: the per-pair losses summed, divided by the pairs of the step on all ranks."""
+    n_global = float(eng.all_reduce_sum(sum(len(c) for c in chunks)))
+    sums = dict.fromkeys(PAIR_KEYS, 0.0)
+    tokens, norm = 0, None
+    for chunk in chunks:
+        batch = {k: v.to(device) for k, v in collate_preference([examples[i] for i in chunk], pad_id).items()}
+        out = pair_losses(engine, ref, st, batch, split, chunk)
+        eng.backward(engine, out["loss"].sum(), n_global)
+        norm = eng.step(engine)
+        for key in PAIR_KEYS:
+            sums[key] += float(out[key].detach().sum())
+        tokens += int(batch["attention_mask"].sum())
+    means = {k: float(eng.all_reduce_sum(v)) / n_global for k, v in sums.items()}
+    return {**means, "tokens": float(eng.all_reduce_sum(tokens)), "grad_norm": norm}
+
+
+@torch.no_grad()
+def evaluate(engine: Any, ref: Reference, st: Any, examples: list, pad_id: int, dist: Any) -> dict[str, float]:
+    """The per-pair quantities averaged over all eval pairs (sharded over ranks, summed exactly)."""
+    if not examples:
+        return {}
+    engine.eval()
+    mine = list(range(dist.rank, len(examples), dist.world_size))
+    sums = dict.fromkeys(PAIR_KEYS, 0.0)
+    for j in range(0, len(mine), st.eval_batch_size):
+        idx = mine[j : j + st.eval_batch_size]
+        batch = {k: v.to(dist.device) for k, v in collate_preference([examples[i] for i in idx], pad_id).items()}
+        out = pair_losses(engine, ref, st, batch, "eval", idx)
+        for key in PAIR_KEYS:
+            sums[key] += float(out[key].sum())
+    n = float(eng.all_reduce_sum(len(mine)))
+    return {f"eval_{k}": float(eng.all_reduce_sum(v)) / n for k, v in sums.items()}
