@@ -160,47 +160,30 @@ class LauncherConfig:
 
 
 @dataclass
-class SFTStageConfig:
-    name: str = "sft"
+class TrainStageConfig:
+    """Keys every training stage has (optimizer steps, batches, evaluation, checkpoints)."""
+
+    name: str = ""
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # examples (pairs for rm and dpo) per rank and forward
     gradient_accumulation_steps: int = 1
     eval_every: int = 0  # optimizer steps; 0 = only at the end
     eval_batch_size: int = 8
     save_every: int = 50  # optimizer steps between resume checkpoints; 0 = only at the end
     keep_last: int = 2
-    # Test hook and preemption-like stop: end the run (after a checkpoint) once this step is reached.
+    # End the run (after a checkpoint) once this step is reached; the same command then resumes.
     stop_after_steps: int | None = None
 
 
 @dataclass
-class SFTRoot:
-    """The composed config of `rlhf sft`."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    stage: SFTStageConfig = field(default_factory=SFTStageConfig)
-    seed: int = 42
+class SFTStageConfig(TrainStageConfig):
+    name: str = "sft"
 
 
 @dataclass
-class RMStageConfig:
+class RMStageConfig(TrainStageConfig):
     name: str = "rm"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 8  # pairs (each forward holds 2 x micro sequences)
-    gradient_accumulation_steps: int = 1
-    eval_every: int = 0
-    eval_batch_size: int = 32
-    save_every: int = 50
-    keep_last: int = 2
-    stop_after_steps: int | None = None
     # Eisenstein et al. reward centering: adds center_coef * mean((r_chosen + r_rejected)^2).
     center_coef: float | None = None
     # Fail the stage (after training) when held-out pair accuracy is below this.
@@ -208,32 +191,8 @@ class RMStageConfig:
 
 
 @dataclass
-class RMRoot:
-    """The composed config of `rlhf rm`. `model.name_or_path` may be `stage:<name>` (that stage's final/)."""
-
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    stage: RMStageConfig = field(default_factory=RMStageConfig)
-    seed: int = 42
-
-
-@dataclass
-class DPOStageConfig:
+class DPOStageConfig(TrainStageConfig):
     name: str = "dpo"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    micro_batch_size: int = 8  # pairs
-    gradient_accumulation_steps: int = 1
-    eval_every: int = 0
-    eval_batch_size: int = 16
-    save_every: int = 50
-    keep_last: int = 2
-    stop_after_steps: int | None = None
     # sigmoid (DPO) | cdpo | robust | hinge | ipo | rpo | simpo | orpo (see rlhf_cli/losses/dpo.py)
     loss: str = "sigmoid"
     beta: float = 0.1
@@ -248,18 +207,40 @@ class DPOStageConfig:
 
 
 @dataclass
-class DPORoot:
-    """The composed config of `rlhf dpo`."""
+class RootConfig:
+    """Groups every stage's config has; a stage's root adds `data` and `stage`."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    stage: DPOStageConfig = field(default_factory=DPOStageConfig)
     seed: int = 42
+
+
+@dataclass
+class SFTRoot(RootConfig):
+    """The composed config of `rlhf sft`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: SFTStageConfig = field(default_factory=SFTStageConfig)
+
+
+@dataclass
+class RMRoot(RootConfig):
+    """The composed config of `rlhf rm`. `model.name_or_path` may be `stage:<name>` (that stage's final/)."""
+
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    stage: RMStageConfig = field(default_factory=RMStageConfig)
+
+
+@dataclass
+class DPORoot(RootConfig):
+    """The composed config of `rlhf dpo`."""
+
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    stage: DPOStageConfig = field(default_factory=DPOStageConfig)
 
 
 # Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
