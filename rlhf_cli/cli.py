@@ -29,6 +29,7 @@ EXAMPLES: dict[str, str] = {
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="What is the capital of France?"'),
     "explain": ("rlhf_cli.commands.explain", "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8"),
+    "score": ("rlhf_cli.commands.score", 'rlhf score run=demo prompt="What is 2 + 2?" response="2 + 2 = 4."'),
 }
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]
@@ -101,10 +102,10 @@ def run_stage(stage: str, args: list[str]) -> int:
         if out is None:
             err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")
         else:
-            err_console.print(
-                f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: rlhf generate run={run.root.name} "
-                f'root={cfg.run.root} stage={stage} prompt="What is the capital of France?"'
-            )
+            try_next = {"rm": f'rlhf score run={run.root.name} root={cfg.run.root} prompt="What is 2 + 2?" '
+                              'response="2 + 2 = 4."'}.get(stage, f"rlhf generate run={run.root.name} "
+                              f'root={cfg.run.root} stage={stage} prompt="What is the capital of France?"')  # fmt: skip
+            err_console.print(f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: {try_next}")
     return 0
 
 

@@ -247,7 +247,7 @@ def sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
         model.config.eos_token_id = eos
     if tokenizer.bos_token_id is not None:
         model.config.bos_token_id = tokenizer.bos_token_id
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)  # sequence classifiers have none
     if gen is None:
         return
     gen.pad_token_id = pad
@@ -286,8 +286,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_lora(model: PreTrainedModel, lora_cfg: LoRAConfig) -> PeftModel:
-    """Wrap `model` (in place, peft's way) with LoRA adapters; only adapter weights stay trainable."""
+def apply_lora(
+    model: PreTrainedModel, lora_cfg: LoRAConfig, task_type: TaskType = TaskType.CAUSAL_LM,
+    modules_to_save: list[str] | None = None,
+) -> PeftModel:  # fmt: skip
+    """Wrap `model` (in place, peft's way) with LoRA adapters; only adapter weights (and `modules_to_save`,
+    trained in full) stay trainable. Reward models pass TaskType.SEQ_CLS, which keeps their head trainable."""
     if lora_cfg.r < 1 or lora_cfg.alpha <= 0:
         raise UserError(f"model.lora: r must be >= 1 and alpha > 0 (got r={lora_cfg.r}, alpha={lora_cfg.alpha})")
     _check_lora_targets(model, list(lora_cfg.target_modules))
@@ -297,7 +301,8 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoRAConfig) -> PeftModel:
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
         bias="none",
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
 

@@ -1,0 +1,214 @@
+"""`rlhf rm`: a reward model trained on preference pairs with the Bradley-Terry loss (ALGORITHMS.md section 3).
+
+Each micro-batch is one forward over the stacked [chosen; rejected] rows; the score is read at the last real token
+(`sequence_scores`). The loss is a mean over pairs: the summed per-pair loss of a micro-batch goes to `backward`
+with the number of pairs of the whole optimizer step over all ranks, exact for unequal micro-batches too.
+Evaluation reports pair accuracy and margin, and the mean / std of the rewards of every eval reply, which the
+manifest keeps for reward normalisation downstream (PPO). `stage.min_eval_accuracy` gates the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import engine as eng
+from rlhf_cli.config.compose import config_hash, to_yaml
+from rlhf_cli.data import build_preference_datasets, collate_preference
+from rlhf_cli.errors import UserError
+from rlhf_cli.losses import bradley_terry_loss, split_pairs
+from rlhf_cli.metrics import Metrics
+from rlhf_cli.models import enable_gradient_checkpointing
+from rlhf_cli.models.reward import (
+    apply_reward_lora,
+    check_max_length,
+    load_reward_model,
+    load_reward_tokenizer,
+    sequence_scores,
+)
+from rlhf_cli.run_dir import Run, now
+from rlhf_cli.stages.common import step_plan, train_loop
+
+SHOW = ("loss", "accuracy", "lr", "pairs/s", "eval_accuracy")
+
+
+def run(cfg: Any, run: Run) -> Path | None:
+    """Train, checkpoint and export `<run>/rm/final/`. Returns it, or None when stopped early to resume."""
+    st = cfg.stage
+    # 1. Distributed group and seeds; the starting model (`stage:sft` -> this run's sft/final, or a clear error).
+    dist = eng.init_distributed()
+    torch.manual_seed(cfg.seed)
+    model_cfg = resolved_model_config(cfg.model, run)
+    source = model_cfg.name_or_path
+
+    # 2. Tokenizer (from the source) and preference data (tokenized once, in memory).
+    tokenizer = load_reward_tokenizer(model_cfg)
+    data = build_preference_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    if st.min_eval_accuracy is not None and not data.eval:  # fail now, not after training
+        raise UserError(
+            "stage.min_eval_accuracy needs held-out pairs, and there are none: set data.eval_fraction > 0 or "
+            "data.eval_split, or unset stage.min_eval_accuracy"
+        )
+    plan = step_plan(len(data.train), st, dist.world_size)
+
+    # 3. Reward model (+ gradient checkpointing, LoRA) inside the DeepSpeed engine.
+    model = load_reward_model(model_cfg, source, tokenizer, seed=cfg.seed)
+    check_max_length(model, cfg.data.max_length)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if model_cfg.lora.enabled:
+        model = apply_reward_lora(model, model_cfg.lora)
+    ds_cfg = eng.ds_config(
+        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
+    )
+    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+
+    # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
+    resume = run.latest_checkpoint()
+    start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
+    inputs = {"model": run_relative(source, run), "model_name_or_path": cfg.model.name_or_path, "data": cfg.data.source}
+    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
+    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
+    for line in (started, f"model: {source} ({type(model).__name__})", data.report.summary(), plan.describe()):
+        metrics.message(line)
+
+    # 5. Train.
+    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+
+    def one_step(step: int) -> dict[str, float]:
+        idx = plan.rank_indices(step, dist.rank, cfg.seed)
+        return train_step(engine, micro_batches(data.train, idx, micro, pad_id), dist.device, st.center_coef)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
+
+    last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
+    if last["step"] < plan.total_steps:
+        metrics.close()
+        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+        return None
+
+    # 6. Final evaluation, export of final/, headline metrics into the manifest, then the accuracy gate.
+    final_eval = evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
+    metrics.log(last["step"], final_eval, SHOW)
+    metrics.close()
+    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=model_cfg.lora.enabled and model_cfg.lora.merge)
+    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
+    run.update_stage(
+        outputs={"final": str(run.final_dir.relative_to(run.root))},
+        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
+    )
+    check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
+    run.update_stage(status="completed", ended_at=now())
+    return run.final_dir
+
+
+def resolved_model_config(model_cfg: Any, run: Run) -> Any:
+    """The `model` group as a plain dataclass with `stage:<name>` sources replaced by that stage's final/."""
+    plain = OmegaConf.to_object(model_cfg)
+    tokenizer = run.resolve_source(plain.tokenizer) if plain.tokenizer else None
+    return dataclasses.replace(plain, name_or_path=run.resolve_source(plain.name_or_path), tokenizer=tokenizer)
+
+
+def run_relative(path: str, run: Run) -> str:
+    """A folder inside the run directory as a path relative to it (like `outputs`); anything else unchanged."""
+    try:
+        return str(Path(path).resolve().relative_to(run.root.resolve()))
+    except ValueError:
+        return path
+
+
+def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate_preference([examples[i] for i in idx[j : j + micro]], pad_id) for j in range(0, len(idx), micro)]
+
+
+def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, center_coef: Any) -> dict:
+    """One optimizer step over this rank's micro-batches of B_i pairs each (2 B_i rows, chosen first).
+
+    Normaliser: pairs of the whole step over all ranks, so the gradient is that of the mean over those pairs."""
+    t0 = time.perf_counter()
+    n_pairs = float(eng.all_reduce_sum(sum(len(b["margin"]) for b in batches)))
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, correct, margin, chosen, rejected, tokens
+    norm = None
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        r_chosen, r_rejected = split_pairs(sequence_scores(engine, b["input_ids"], b["attention_mask"]))
+        loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"], center_coef)
+        n = len(r_chosen)
+        eng.backward(engine, loss * n, n_pairs)  # summed per-pair loss of this micro-batch
+        norm = eng.step(engine)
+        loss_sum, tokens = loss.detach().double().cpu() * n, b["attention_mask"].sum().double().cpu()
+        sums += torch.cat([loss_sum.view(1), pair_sums(r_chosen, r_rejected)[:4], tokens.view(1)])
+    total = eng.all_reduce_sum(sums)
+    loss, accuracy, margin, chosen, rejected = (total[:5] / n_pairs).tolist()
+    return {
+        "loss": loss,
+        "accuracy": accuracy,
+        "margin": margin,
+        "reward_chosen": chosen,
+        "reward_rejected": rejected,
+        "grad_norm": norm,
+        "pairs": n_pairs,
+        "pairs/s": n_pairs / (time.perf_counter() - t0),
+        "tokens": float(total[5]),
+    }
+
+
+@torch.no_grad()
+def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: int) -> dict[str, float]:
+    """Held-out pairs (sharded over ranks, summed exactly): accuracy, mean margin, BT loss, and the mean and
+    population std of the rewards of all 2N replies (chosen and rejected together)."""
+    if not examples:
+        return {}
+    engine.eval()
+    mine = examples[dist.rank :: dist.world_size]
+    sums = torch.zeros(6, dtype=torch.float64)  # pairs, correct, margin, loss, reward, reward^2
+    for j in range(0, len(mine), batch_size):
+        b = {k: v.to(dist.device) for k, v in collate_preference(mine[j : j + batch_size], pad_id).items()}
+        scores = sequence_scores(engine, b["input_ids"], b["attention_mask"]).double()
+        r_chosen, r_rejected = split_pairs(scores)
+        loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"])
+        correct, margin, chosen, rejected, squares = pair_sums(r_chosen, r_rejected)
+        n = torch.tensor(float(len(r_chosen)), dtype=torch.float64)
+        sums += torch.stack([n, correct, margin, loss.double().cpu() * n, chosen + rejected, squares])
+    pairs, correct, margin, loss, reward, reward_sq = eng.all_reduce_sum(sums).tolist()
+    mean = reward / (2 * pairs)
+    return {
+        "eval_accuracy": correct / pairs,
+        "eval_margin": margin / pairs,
+        "eval_loss": loss / pairs,
+        "reward_mean": mean,
+        "reward_std": math.sqrt(max(reward_sq / (2 * pairs) - mean**2, 0.0)),
+        "eval_pairs": pairs,
+    }
+
+
+def pair_sums(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Sums over B pairs of rewards (B,) each -> (5,) float64: correct pairs (r_c > r_r), margins, chosen, rejected,
+    and the squares of all 2B rewards (for the std). Sums, not means, so ranks and micro-batches add up exactly."""
+    r_chosen, r_rejected = r_chosen.detach().double().cpu(), r_rejected.detach().double().cpu()
+    squares = (r_chosen**2).sum() + (r_rejected**2).sum()
+    correct = (r_chosen > r_rejected).sum().double()
+    return torch.stack([correct, (r_chosen - r_rejected).sum(), r_chosen.sum(), r_rejected.sum(), squares])
+
+
+def check_accuracy_gate(final_eval: dict[str, float], threshold: float | None, final_dir: Path) -> None:
+    """Fail the stage (final/ is kept for inspection) when held-out accuracy is below `stage.min_eval_accuracy`,
+    so a pipeline never runs PPO on a reward model that cannot rank its own held-out pairs."""
+    if threshold is None:
+        return
+    accuracy = final_eval["eval_accuracy"]
+    if accuracy >= threshold:
+        return
+    raise UserError(
+        f"reward model eval accuracy {accuracy:.4f} on {int(final_eval['eval_pairs'])} held-out pairs is below "
+        f"stage.min_eval_accuracy={threshold:g}; the model is kept in {final_dir} for inspection. Try training "
+        f"longer (stage.epochs / stage.max_steps), another optim.lr, more or cleaner preference data, or a "
+        f"stronger starting model (model.name_or_path); or lower stage.min_eval_accuracy"
+    )
