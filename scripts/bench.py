@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 
 
-def run_stage(steps: int, overrides: list[str], nproc: int = 1) -> list[dict]:
-    """Run `rlhf sft` for `steps` steps in a fresh run directory; the per-step metrics records."""
+def run_stage(steps: int, overrides: list[str], nproc: int = 1, stage: str = "sft") -> list[dict]:
+    """Run `rlhf <stage>` for `steps` steps in a fresh run directory; the per-step metrics records."""
     with tempfile.TemporaryDirectory() as root:
         args = [f"run.root={root}", "run.name=bench", f"stage.max_steps={steps}", "stage.save_every=0",
                 "stage.eval_every=0", "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
         launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        res = subprocess.run([sys.executable, *launch, "-m", "rlhf_cli", "sft", *args], env=env,
+        res = subprocess.run([sys.executable, *launch, "-m", "rlhf_cli", stage, *args], env=env,
                              capture_output=True, text=True, check=False)  # fmt: skip
         if res.returncode != 0:
             sys.exit(f"bench run failed ({nproc} process(es), {overrides}):\n{res.stderr[-3000:]}")
-        lines = (Path(root) / "bench" / "sft" / "metrics.jsonl").read_text().splitlines()
+        lines = (Path(root) / "bench" / stage / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "tok/s" in r]
 
 
@@ -110,6 +110,19 @@ def scaling(args: argparse.Namespace, overrides: list[str]) -> None:
             print(f"  {zero:6} {nproc:>5} {sec:8.3f} {tok:9.0f} {peak:14.0f} {eff:>10}")
 
 
+def preference_stages(args: argparse.Namespace, overrides: list[str]) -> None:
+    """RM and DPO on the built-in preference sample, starting from the tiny builtin model (no SFT run)."""
+    print("\nPreference stages, tiny default model, built-in preference sample, 1 process")
+    print(f"  {'stage':6} {'pairs/s':>8} {'tokens/s':>9} {'s/step':>7} {'peak RSS MiB':>13}")
+    for stage in ("rm", "dpo"):
+        recs = run_stage(args.steps, ["model.name_or_path=builtin:tiny-llama", *overrides], stage=stage)
+        recs = recs[args.warmup :]
+        sec = statistics.median(r["step_seconds"] for r in recs)
+        pairs = statistics.median(r["pairs/s"] for r in recs)
+        tok = statistics.median(r["tok/s"] for r in recs)
+        print(f"  {stage:6} {pairs:8.1f} {tok:9.0f} {sec:7.3f} {max(r['peak_mem_mib'] for r in recs):13.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -117,6 +130,7 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true")
     args, overrides = parser.parse_known_args()
     single_process(args, overrides)
+    preference_stages(args, overrides)
     if not args.skip_scaling:
         scaling(args, overrides)
 

@@ -2,15 +2,13 @@
 
 from rlhf_cli.data.adapters import FORMATS, Adapted, Conversation, adapt_rows, with_system_prompt
 from rlhf_cli.data.preference import (
-    PREFERENCE_FORMATS,
     PreferenceData,
     PreferenceExample,
-    PreferencePair,
-    adapt_preference_rows,
     build_preference_datasets,
     collate_preference,
     tokenize_pair,
 )
+from rlhf_cli.data.preference_formats import PREFERENCE_FORMATS, PreferencePair, adapt_preference_rows
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DataReport,

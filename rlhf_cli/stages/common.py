@@ -83,7 +83,7 @@ def train_loop(
     Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 (any rank) all ranks save at the same
     step and raise Preempted. Returns the last step's record with running totals."""
     engine.train()
-    totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
+    totals = {"tokens": 0.0, "target_tokens": 0.0, "pairs": 0.0, "train_seconds": 0.0}
     last: dict[str, Any] = {"step": start_step}
     for step in range(start_step, plan.total_steps):
         t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def train_loop(
         totals["train_seconds"] += dt
         values = {**out, "lr": eng.current_lr(engine), "epoch": done / plan.steps_per_epoch, "step_seconds": dt,
                   "peak_mem_mib": eng.peak_memory_mib(dist.device)}  # fmt: skip
-        for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s")):
+        for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s"), ("pairs", "pairs/s")):
             if key in out:
                 totals[key] += out[key]
                 values[rate] = out[key] / dt

@@ -189,7 +189,7 @@ def train_step(engine, ref, st, examples, split, chunks, pad_id, device) -> dict
             sums[key] += float(out[key].detach().sum())
         tokens += int(batch["attention_mask"].sum())
     means = {k: float(eng.all_reduce_sum(v)) / n_global for k, v in sums.items()}
-    return {**means, "tokens": float(eng.all_reduce_sum(tokens)), "grad_norm": norm}
+    return {**means, "tokens": float(eng.all_reduce_sum(tokens)), "pairs": n_global, "grad_norm": norm}
 
 
 @torch.no_grad()

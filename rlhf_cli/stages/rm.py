@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +131,6 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
     """One optimizer step over this rank's micro-batches of B_i pairs each (2 B_i rows, chosen first).
 
     Normaliser: pairs of the whole step over all ranks, so the gradient is that of the mean over those pairs."""
-    t0 = time.perf_counter()
     n_pairs = float(eng.all_reduce_sum(sum(len(b["margin"]) for b in batches)))
     sums = torch.zeros(6, dtype=torch.float64)  # loss, correct, margin, chosen, rejected, tokens
     norm = None
@@ -155,7 +153,6 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
         "reward_rejected": rejected,
         "grad_norm": norm,
         "pairs": n_pairs,
-        "pairs/s": n_pairs / (time.perf_counter() - t0),
         "tokens": float(total[5]),
     }
 
