@@ -26,13 +26,13 @@ from rlhf_cli.data.sft import (
     BOUNDARY_MERGE,
     EMPTY_TURN,
     IGNORE_INDEX,
-    MAX_BAD_ROW_SAMPLES,
     NO_ROOM,
     SHORT_AFTER_TRUNCATION,
     TOO_LONG,
     TRUNCATION_POLICIES,
     DataReport,
     DropExample,
+    apply_bad_row_policy,
     split_eval,
     tokenize_conversation,
 )
@@ -180,17 +180,7 @@ def _read_pairs(
     rows = load_rows(data_cfg.source, split, data_cfg.subset)
     report.rows_read += len(rows)
     adapted = adapt_preference_rows(rows, data_cfg)
-    if adapted.bad_rows and data_cfg.bad_rows == "fail":
-        first = adapted.bad_rows[0]
-        raise DataError(
-            f"bad row at {first.location}: {first.reason} ({len(adapted.bad_rows)} bad rows in this split). "
-            "Fix the row, or set data.bad_rows=skip to skip such rows."
-        )
-    report.bad_rows += len(adapted.bad_rows)
-    room = MAX_BAD_ROW_SAMPLES - len(report.bad_row_samples)
-    report.bad_row_samples += [str(bad) for bad in adapted.bad_rows[: max(room, 0)]]
-    for reason, n in adapted.skipped.items():
-        dropped[reason] = dropped.get(reason, 0) + n
+    apply_bad_row_policy(adapted.bad_rows, adapted.skipped, data_cfg.bad_rows, report, dropped)
     return adapted.pairs
 
 

@@ -254,18 +254,26 @@ def _read_conversations(
     rows = load_rows(data_cfg.source, split, data_cfg.subset)
     report.rows_read += len(rows)
     adapted = adapt_rows(rows, data_cfg)
-    if adapted.bad_rows and data_cfg.bad_rows == "fail":
-        first = adapted.bad_rows[0]
+    apply_bad_row_policy(adapted.bad_rows, adapted.skipped, data_cfg.bad_rows, report, dropped)
+    return adapted.conversations
+
+
+def apply_bad_row_policy(
+    bad_rows: list, skipped: dict[str, int], policy: str, report: DataReport, dropped: dict[str, int]
+) -> None:
+    """`fail`: raise on the first bad row, naming its location; `skip`: count them (and keep a few samples
+    for the report). Well-formed rows a format filtered out (`skipped`) are counted in `dropped`."""
+    if bad_rows and policy == "fail":
+        first = bad_rows[0]
         raise DataError(
-            f"bad row at {first.location}: {first.reason} ({len(adapted.bad_rows)} bad rows in this split). "
+            f"bad row at {first.location}: {first.reason} ({len(bad_rows)} bad rows in this split). "
             "Fix the row, or set data.bad_rows=skip to skip such rows."
         )
-    report.bad_rows += len(adapted.bad_rows)
+    report.bad_rows += len(bad_rows)
     room = MAX_BAD_ROW_SAMPLES - len(report.bad_row_samples)
-    report.bad_row_samples += [str(bad) for bad in adapted.bad_rows[: max(room, 0)]]
-    for reason, n in adapted.skipped.items():
+    report.bad_row_samples += [str(bad) for bad in bad_rows[: max(room, 0)]]
+    for reason, n in skipped.items():
         dropped[reason] = dropped.get(reason, 0) + n
-    return adapted.conversations
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
