@@ -6,9 +6,9 @@ template as one user turn; decoding is greedy unless temperature > 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
+from rlhf_cli.commands.args import parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
 
 
@@ -27,44 +27,10 @@ class GenerateArgs:
 
 
 def parse_args(args: list[str]) -> GenerateArgs:
-    """key=value pairs into GenerateArgs, with the same clear errors as the stage configs."""
-    import difflib
-
-    known = {f.name: f for f in fields(GenerateArgs)}
-    values: dict[str, object] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise UserError(f'expected key=value, got `{arg}` (e.g. prompt="Hello")')
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            raise UserError(
-                f"unknown argument `{key}`"
-                + (f"; did you mean `{close[0]}`?" if close else "")
-                + f" (arguments: {', '.join(known)})"
-            )
-        kind = {"max_new_tokens": int, "temperature": float, "top_p": float, "seed": int}.get(key, str)
-        try:
-            values[key] = kind(value)
-        except ValueError:
-            raise UserError(f"argument `{key}` must be {kind.__name__}, got `{value}`") from None
-    out = GenerateArgs(**values)
+    out = parse_key_values(args, GenerateArgs, 'prompt="Hello"')
     if not out.prompt:
         raise UserError('give a prompt: rlhf generate run=<name> prompt="..."')
-    if (out.run is None) == (out.model is None):
-        raise UserError("give exactly one of run=<name> (with stage=, default sft) or model=<path or hub id>")
     return out
-
-
-def resolve_model(a: GenerateArgs) -> str:
-    if a.model is not None:
-        return a.model
-    from rlhf_cli.run_dir import Run
-
-    run = Run(root=Path(a.root) / a.run, stage=a.stage)
-    if not run.root.is_dir():
-        raise UserError(f"no run directory {run.root}; check run= and root= (runs are listed under {a.root}/)")
-    return str(run.stage_output(a.stage))
 
 
 def generate(model_path: str, a: GenerateArgs) -> str:
@@ -92,5 +58,5 @@ def generate(model_path: str, a: GenerateArgs) -> str:
 
 def main(args: list[str]) -> int:
     a = parse_args(args)
-    print(generate(resolve_model(a), a))
+    print(generate(resolve_checkpoint(a.model, a.run, a.root, a.stage), a))
     return 0
