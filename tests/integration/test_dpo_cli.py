@@ -84,8 +84,9 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
     assert ("none" in ref) == (loss in ("simpo", "orpo"))
 
 
-def test_two_processes_zero2_match_one(sft_final, runs, tmp_path):
-    base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", "deepspeed=zero2",
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])  # zero3: the reference is a partitioned inference engine
+def test_two_processes_match_one(sft_final, runs, tmp_path, zero):
+    base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",
             "stage.gradient_accumulation_steps=1", "optim.lr=1e-3"]  # fmt: skip
     one = rlhf(*base, "stage.micro_batch_size=8", "run.name=one", cwd=tmp_path)
     two = torchrun(["-m", "rlhf_cli", *base, "stage.micro_batch_size=4", "run.name=two"], cwd=tmp_path)

@@ -1,4 +1,4 @@
-"""`rlhf rm` under ZeRO-2 on 2 processes (gloo, CPU) equals 1 process: per-pair normalisation over ranks and
+"""`rlhf rm` under ZeRO-2 and ZeRO-3 on 2 processes (gloo, CPU) equals 1 process: per-pair normalisation over ranks and
 accumulation steps, sharded evaluation summed exactly, and the exported weights."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ ONE = ["stage.micro_batch_size=8", "stage.gradient_accumulation_steps=1"]
 TWO = ["stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2"]
 
 
-def test_two_ranks_zero2_match_one(runs, tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_ranks_match_one(runs, tmp_path, zero):
     base = [
         "rm",
         *FAST,
         f"run.root={runs}",
-        "deepspeed=zero2",
+        f"deepspeed={zero}",
         "model.name_or_path=builtin:tiny-llama",
         "optim.lr=1e-3",
         "stage.max_steps=5",
