@@ -92,8 +92,8 @@ def run_stage(stage: str, args: list[str]) -> int:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
         run.update_stage(status=status, error=reason, ended_at=now())
-        if isinstance(exc, preempt.Preempted):  # every rank got here at the same step: leave together
-            engine.shutdown()
+        # Preempted: every rank got here at the same step, so they can leave together.
+        engine.shutdown(together=isinstance(exc, preempt.Preempted))
         raise
     finally:
         run.release()

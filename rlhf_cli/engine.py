@@ -73,11 +73,13 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown() -> None:
-    """Leave the process group together. Exiting with the group alive lets a rank's communication threads
-    be torn down mid-flight ("terminate called without an active exception", SIGABRT) while others finish."""
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. Exiting with the group alive lets a rank's communication threads be torn
+    down mid-flight ("terminate called without an active exception", SIGABRT, which also hides the exit
+    code). `together=False` (after an error, when the other ranks may not reach a barrier) skips the barrier."""
     if dist.is_initialized():
-        dist.barrier()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
