@@ -131,6 +131,14 @@ def dispatch(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    engine = sys.modules.get("rlhf_cli.engine")
+    if engine is not None:  # a rank of a multi-rank run ends here, without interpreter teardown
+        engine.exit_now(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     # Our own progress bar and log lines say what happens; the libraries' per-file bars only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:

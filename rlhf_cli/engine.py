@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,25 @@ def init_distributed() -> Dist:
 
 
 def shutdown(together: bool = True) -> None:
-    """Leave the process group. Exiting with the group alive lets a rank's communication threads be torn
-    down mid-flight ("terminate called without an active exception", SIGABRT, which also hides the exit
-    code). `together=False` (after an error, when the other ranks may not reach a barrier) skips the barrier."""
-    if dist.is_initialized():
-        if together:
-            dist.barrier()
+    """Leave the process group: a barrier first when every rank gets here (`together`), so no rank exits
+    while another still talks to it. A single process destroys its group; with several ranks the CLI ends
+    the process with `exit_now` instead, because tearing down gloo and DeepSpeed's C++ threads at interpreter
+    exit can abort a rank ("terminate called without an active exception", SIGABRT) after all work is saved."""
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    if dist.get_world_size() == 1:
         dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End a rank of a multi-rank run at once, skipping interpreter teardown (see `shutdown`). Everything is
+    written by then: the manifest is fsynced, checkpoints and final/ are closed files."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def barrier() -> None:
