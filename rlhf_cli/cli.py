@@ -20,11 +20,17 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
 # Stage name -> module with `run(cfg, run)`; one name per stage (CLI verb, config, module, run-dir folder).
-STAGES: dict[str, str] = {"sft": "rlhf_cli.stages.sft", "rm": "rlhf_cli.stages.rm", "dpo": "rlhf_cli.stages.dpo"}
+STAGES: dict[str, str] = {
+    "sft": "rlhf_cli.stages.sft",
+    "rm": "rlhf_cli.stages.rm",
+    "dpo": "rlhf_cli.stages.dpo",
+    "ppo": "rlhf_cli.stages.ppo",
+}
 EXAMPLES: dict[str, str] = {
     "sft": "rlhf sft +experiment=dolly optim.lr=2e-5   # supervised fine-tuning (default: tiny built-in demo)",
     "rm": "rlhf rm +experiment=hh_rlhf                 # reward model on preference pairs, from this run's sft",
     "dpo": "rlhf dpo stage.loss=ipo stage.beta=0.5     # DPO family on preference pairs, from this run's sft",
+    "ppo": "rlhf ppo stage.kl_coef=0.1                 # PPO with a critic: policy from sft, reward + critic from rm",
 }
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="What is the capital of France?"'),

@@ -10,6 +10,7 @@ d(sum of all losses / normaliser) whatever the micro-batch split or the number o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ import shutil
 import socket
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,15 @@ def all_reduce_sum(value: float | torch.Tensor) -> torch.Tensor:
         t = t.to(backend_device)
         dist.all_reduce(t)
     return t.cpu()
+
+
+def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-D CPU tensor, concatenated in rank order (ranks may hold different lengths)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values.cpu())
+    return torch.cat(parts)
 
 
 def same_on_all_ranks(value: str) -> bool:
@@ -268,19 +279,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, step_no: int, client_state: dict, keep_last: int) -> Path:
-    """Commit the resume state as `ckpt_dir/step-N/`: write under a temporary name, rename, mark COMPLETE,
-    and only then delete checkpoints beyond `keep_last`. Collective: every rank calls it."""
+def _tagged(engines: Any) -> dict[str, Any]:
+    """One engine (tag "state") or several by name (PPO: {"actor": ..., "critic": ...})."""
+    return dict(engines) if isinstance(engines, dict) else {"state": engines}
+
+
+def save_checkpoint(engines: Any, ckpt_dir: Path, step_no: int, client_state: dict, keep_last: int) -> Path:
+    """Commit the resume state of one engine or a dict of named engines as `ckpt_dir/step-N/`: write under a
+    temporary name, rename, mark COMPLETE, and only then delete checkpoints beyond `keep_last`. The client state
+    goes with the first engine. Collective: every rank calls it."""
     final = ckpt_dir / f"step-{step_no}"
     tmp = ckpt_dir / f".tmp-step-{step_no}"
     rank0 = dist.get_rank() == 0
+    tagged = _tagged(engines)
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    check_disk_space(ckpt_dir, expected_checkpoint_bytes(engine, ckpt_dir))
+    check_disk_space(ckpt_dir, sum(expected_checkpoint_bytes(e, ckpt_dir) for e in tagged.values()))
     barrier()
-    client = dict(client_state, rng=rng_state())
-    engine.save_checkpoint(str(tmp), tag="state", client_state=client, save_latest=False)
+    for i, (tag, engine) in enumerate(tagged.items()):
+        client = dict(client_state, rng=rng_state()) if i == 0 else {}
+        engine.save_checkpoint(str(tmp), tag=tag, client_state=client, save_latest=False)
     barrier()
     if rank0:
         shutil.rmtree(final, ignore_errors=True)
@@ -325,14 +344,44 @@ def check_disk_space(folder: Path, needed: int) -> None:
         )
 
 
-def load_checkpoint(engine: Any, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG from `step-N/`; returns the client state."""
-    _, client = engine.load_checkpoint(str(path), tag="state")
-    if client is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    set_rng_state(client.pop("rng"))
-    client.setdefault("step", checkpoint_step(path))
-    return client
+def load_checkpoint(engines: Any, path: Path) -> dict:
+    """Restore model, optimizer, scheduler (of each named engine) and RNG from `step-N/`; returns the client
+    state saved with the first engine."""
+    state: dict | None = None
+    for tag, engine in _tagged(engines).items():
+        _, client = engine.load_checkpoint(str(path), tag=tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint `{tag}` in {path}")
+        state = client if state is None else state
+    set_rng_state(state.pop("rng"))
+    state.setdefault("step", checkpoint_step(path))
+    return state
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine: Any) -> Iterator[Any]:
+    """The engine's module ready for `generate`: under ZeRO-3 its parameters are gathered for the duration
+    (every forward of an autoregressive loop would otherwise all-gather each layer, and ranks that stop at
+    different lengths would deadlock); eval mode, restored to train mode on exit."""
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    gather = contextlib.nullcontext()
+    if engine.zero_optimization_stage() == 3:
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    try:
+        with gather, torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
+
+
+def place(model: Any, device: torch.device) -> Any:
+    """Move a frozen (non-ZeRO-3) model between the accelerator and the CPU; a DeepSpeed inference engine stays
+    put (ZeRO-3 offloads its parameters itself with `deepspeed.offload_param`)."""
+    if isinstance(model, torch.nn.Module) and not hasattr(model, "zero_optimization_stage"):
+        model.to(device)
+    return model
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

@@ -12,10 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "rlhf_cli" / "assets" / "sample_dolly.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without the package installed
+    sys.path.insert(0, str(REPO))
+
+# The word list is shared with the PPO word-order task, whose prompts and gold reward parse these rows' phrasings.
+from rlhf_cli.tasks.word_order import WORDS  # noqa: E402
+
+DEFAULT_OUT = REPO / "rlhf_cli" / "assets" / "sample_dolly.jsonl"
 DEFAULT_SEED = 0
 
 # (instruction, context, response); the category is attached per family in FAMILIES.
@@ -56,42 +64,6 @@ ITEMS = [
     "flowers",
     "shells",
     "stamps",
-]
-WORDS = [
-    "cat",
-    "dog",
-    "sun",
-    "tree",
-    "book",
-    "lamp",
-    "river",
-    "apple",
-    "chair",
-    "cloud",
-    "house",
-    "bread",
-    "stone",
-    "music",
-    "garden",
-    "window",
-    "pencil",
-    "table",
-    "yellow",
-    "rabbit",
-    "moon",
-    "road",
-    "ship",
-    "kite",
-    "orange",
-    "zebra",
-    "violin",
-    "forest",
-    "candle",
-    "bridge",
-    "lemon",
-    "mirror",
-    "planet",
-    "honey",
 ]
 CAPITALS = [
     ("France", "Paris"),

@@ -134,8 +134,19 @@ _FORMATS = {
     "sft": ("dolly", "alpaca", "oasst1", "jsonl"),
     "rm": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
     "dpo": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
+    "ppo": ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback"),
 }
-_STAGE_CHOICES = {"dpo": {"stage.loss": ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")}}
+_STAGE_CHOICES = {
+    "dpo": {"stage.loss": ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")},
+    "ppo": {
+        "stage.kl_estimator": ("k1", "k2", "k3"),
+        "stage.kl_control": ("fixed", "adaptive"),
+        "stage.reward.reduce": ("logit", "prob"),
+        "stage.reward.normalize": ("none", "rm_stats", "running"),
+        "stage.critic.init": ("reward", "policy"),
+        "stage.ptx.data.format": ("dolly", "alpaca", "oasst1", "jsonl"),
+    },
+}
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -154,7 +165,10 @@ def check_choices(cfg: DictConfig) -> None:
             "model.lora.merge=true is not supported with deepspeed.zero_stage=3; use deepspeed=zero2 "
             "or model.lora.merge=false (final/ then holds the adapters only)"
         )
-    for key in ("stage.micro_batch_size", "stage.gradient_accumulation_steps", "data.max_length"):
+    positive = ("stage.micro_batch_size", "stage.gradient_accumulation_steps", "data.max_length",
+                "data.max_prompt_length", "stage.rollout_batch_size", "stage.ppo_epochs",
+                "stage.generation.max_new_tokens")  # fmt: skip
+    for key in positive:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
             raise UserError(f"config key `{key}` must be >= 1, got {value}")

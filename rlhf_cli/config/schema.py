@@ -115,6 +115,27 @@ class PreferenceDataConfig:
 
 
 @dataclass
+class PromptDataConfig:
+    """Prompts for the online stages (PPO): the conversation up to the reply the policy writes.
+
+    Formats: jsonl (a `prompt` string or a `messages` list; a final assistant message is dropped) | dolly | alpaca
+    (instruction + context/input; the response column is not needed) | hh_rlhf | shp | ultrafeedback (the prompt of
+    each pair)."""
+
+    source: str = "builtin:sample_prompts"
+    format: str = "jsonl"
+    subset: str | None = None
+    split: str = "train"
+    # Held-out prompts (evaluated greedily every stage.eval_every iterations): a split, or a seeded fraction.
+    eval_split: str | None = None
+    eval_fraction: float = 0.1
+    max_samples: int | None = None  # cap on training prompts (after the eval split is taken)
+    max_prompt_length: int = 256  # tokens after the chat template; longer prompts are dropped (counted)
+    bad_rows: str = "skip"
+    system_prompt: str | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
@@ -207,6 +228,93 @@ class DPOStageConfig(TrainStageConfig):
 
 
 @dataclass
+class GenerationConfig:
+    """Sampling of rollouts. Every log-prob that enters a ratio or a KL uses the same temperature."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    """Where the score of a (prompt, response) comes from: a reward model / classifier, or a Python function."""
+
+    # `stage:rm` (this run's reward model), a local folder or hub id of a sequence classifier. Unused with `function`.
+    model: str | None = "stage:rm"
+    # `module:function(prompts, responses) -> list[float]` (e.g. rlhf_cli.tasks.word_order:gold_reward).
+    function: str | None = None
+    # A classifier with several labels: which one (index or label name); `logit` or `prob` (softmax / sigmoid).
+    label: str | None = None
+    reduce: str = "logit"
+    # Responses without EOS: `missing_eos_penalty` is subtracted from their score, or (when set) their score is
+    # replaced by `missing_eos_score`.
+    missing_eos_penalty: float | None = 1.0
+    missing_eos_score: float | None = None
+    # none | rm_stats (the reward-model stage's recorded eval mean / std) | running (running mean / std)
+    normalize: str = "none"
+    clip: float | None = None  # clip the (normalised) score to [-clip, clip]
+
+
+@dataclass
+class CriticConfig:
+    """The value model: a scalar head read at every token."""
+
+    # reward: start from the reward model (InstructGPT); policy: the policy's weights with a fresh value head.
+    init: str = "reward"
+    # An explicit checkpoint (stage:<name>, folder or hub id) instead of the one `init` names.
+    source: str | None = None
+    lr: float = 5e-5  # the critic's own optimizer (the rest of `optim` is shared with the actor)
+
+
+@dataclass
+class PtxConfig:
+    """InstructGPT's PPO-ptx: add coef * (mean token NLL on pretraining / SFT data) to the policy loss."""
+
+    coef: float = 0.0
+    data: DataConfig = field(default_factory=DataConfig)
+    micro_batch_size: int = 4
+
+
+@dataclass
+class PPOStageConfig(TrainStageConfig):
+    """One step = one iteration: a rollout batch, then `ppo_epochs` passes over it in mini-batches of
+    micro_batch_size x gradient_accumulation_steps sequences per rank (one actor and one critic optimizer step
+    each). `max_steps` caps the iterations; else `epochs` passes over the prompts."""
+
+    name: str = "ppo"
+    rollout_batch_size: int = 16  # prompts per rank per iteration
+    ppo_epochs: int = 4
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    entropy_coef: float = 0.0
+    # KL to the reference, in the reward per token: k1 | k2 | k3; fixed or adaptive (Ziegler) coefficient.
+    kl_estimator: str = "k1"
+    kl_coef: float = 0.05
+    kl_control: str = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    # Stop this iteration's remaining mini-batches when the approximate KL to the rollout policy exceeds this.
+    target_kl: float | None = None
+    # The frozen reference: None = the policy's starting checkpoint (LoRA: the policy with adapters disabled).
+    reference: str | None = None
+    # Move the reference and reward models to CPU between uses (frees accelerator memory during training).
+    offload_frozen: bool = False
+    # Every `sample_every` iterations, `sample_rows` prompt/response/score rows go to <stage>/samples.jsonl.
+    sample_every: int = 10
+    sample_rows: int = 4
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+
+
+@dataclass
 class RootConfig:
     """Groups every stage's config has; a stage's root adds `data` and `stage`."""
 
@@ -243,5 +351,13 @@ class DPORoot(RootConfig):
     stage: DPOStageConfig = field(default_factory=DPOStageConfig)
 
 
+@dataclass
+class PPORoot(RootConfig):
+    """The composed config of `rlhf ppo`."""
+
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    stage: PPOStageConfig = field(default_factory=PPOStageConfig)
+
+
 # Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot, "dpo": DPORoot}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot, "dpo": DPORoot, "ppo": PPORoot}

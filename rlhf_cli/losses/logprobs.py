@@ -14,12 +14,16 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return logits[:, :-1, :], labels[:, 1:]
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, shift: bool = True
+) -> torch.Tensor:
     """log pi(label_{t+1} | prefix) for every position, computed in fp32; 0 where the label is ignored.
 
     logits (B, T, V) any dtype, labels (B, T) with IGNORE_INDEX on untrained positions -> (B, T-1) fp32.
+    With shift=False the caller has aligned them already (logits[:, t] predicts labels[:, t]) -> (B, T).
     Row by row logsumexp keeps peak memory at one fp32 copy of a (T, V) slice rather than of the batch."""
-    logits, labels = shift_for_next_token(logits, labels)
+    if shift:
+        logits, labels = shift_for_next_token(logits, labels)
     mask = labels != IGNORE_INDEX
     safe = labels.masked_fill(~mask, 0)
     out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)

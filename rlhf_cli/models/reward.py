@@ -230,22 +230,28 @@ def apply_reward_lora(model: PreTrainedModel, lora_cfg: LoRAConfig) -> PeftModel
     return apply_lora(model, lora_cfg, TaskType.SEQ_CLS, extra or None)
 
 
-def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Head outputs per sequence: input_ids, attention_mask (B, T) -> (B, num_labels).
-
-    Decoders: the head's per-token output (B, T, L) at the last position whose mask is 1 (the EOS of a
-    right-padded prompt + reply, even when pad == EOS). Encoders: the model's own ([CLS]-pooled) logits.
-    `model` may be a DeepSpeed engine or a PeftModel; it is called as a whole so their hooks run.
-    """
-    if not pools_last_token(model):
-        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A decoder classifier's head output at every token: (B, T) ids -> (B, T, num_labels). Captured with a forward
+    hook on `score`, because the model itself returns only the pooled row. `model` may be a DeepSpeed engine or a
+    PeftModel; it is called as a whole so their hooks run. Used for sequence scores and for a critic's values."""
     captured: list[torch.Tensor] = []
     handle = unwrap(model).score.register_forward_hook(lambda _m, _args, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         handle.remove()
-    per_token = captured[-1]
+    return captured[-1]
+
+
+def sequence_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Head outputs per sequence: input_ids, attention_mask (B, T) -> (B, num_labels).
+
+    Decoders: the head's per-token output (B, T, L) at the last position whose mask is 1 (the EOS of a
+    right-padded prompt + reply, even when pad == EOS). Encoders: the model's own ([CLS]-pooled) logits.
+    """
+    if not pools_last_token(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    per_token = head_outputs(model, input_ids, attention_mask, **kwargs)
     rows = torch.arange(per_token.shape[0], device=per_token.device)
     return per_token[rows, last_token_index(attention_mask).to(per_token.device)]
 

@@ -75,13 +75,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_loop(
     st: Any, engine: Any, plan: StepPlan, dist: Any, run: Run, metrics: Metrics, start_step: int,
     step_fn: Callable[[int], dict[str, Any]], eval_fn: Callable[[], dict[str, float]], show: tuple[str, ...],
+    save: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Optimizer steps from `start_step` to the end of the plan, or to `st.stop_after_steps`.
 
     `step_fn(step)` runs one optimizer step (0-based) and returns its metrics: "loss", "grad_norm" and,
     for tokens/s, "tokens" / "target_tokens". Every `st.eval_every` steps `eval_fn()` adds eval metrics.
     Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 (any rank) all ranks save at the same
-    step and raise Preempted. Returns the last step's record with running totals."""
+    step and raise Preempted; `save(step)` writes the checkpoint (default: the engine's state). Returns the last
+    step's record with running totals."""
     engine.train()
     totals = {"tokens": 0.0, "target_tokens": 0.0, "pairs": 0.0, "train_seconds": 0.0}
     last: dict[str, Any] = {"step": start_step}
@@ -105,7 +107,10 @@ def train_loop(
         stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
         preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
         if (st.save_every and done % st.save_every == 0) or stopping or preempted:
-            eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+            if save is None:
+                eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+            else:
+                save(done)
         if preempted:
             raise preempt.Preempted(
                 f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; "

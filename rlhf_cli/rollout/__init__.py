@@ -1,0 +1,1 @@
+"""Online stages' shared parts: generation (left-padded, stop at EOS), reward sources, and rollout batches."""

@@ -1,0 +1,110 @@
+"""Sampling responses and reading log-probs back (ALGORITHMS.md section 1).
+
+Layout of a rollout batch: each row is `[left-padded prompt | response right-padded after its first EOS]`, so every
+prompt ends at column P and response token t sits at column P + t. Position ids count real tokens only
+(`attention_mask.cumsum - 1`), which is what generation used, so a training forward over the same tensors sees the
+same positions (RoPE models do not care about a constant offset; absolute-position models do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from rlhf_cli.losses import IGNORE_INDEX, token_logprobs
+
+
+@dataclass
+class Sequences:
+    """A batch of prompt + response token ids in the layout above.
+
+    input_ids, attention_mask, position_ids: (B, P + R); response_mask: (B, R) float, 1 up to and including the
+    first EOS; has_eos: (B,) bool; prompt_len: P."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+    prompt_len: int
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    def rows(self, idx: torch.Tensor | slice) -> Sequences:
+        """The sub-batch `idx`, with columns that are padding in every selected row trimmed from the right."""
+        mask = self.response_mask[idx]
+        width = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
+        end = self.prompt_len + width
+        return Sequences(
+            self.input_ids[idx, :end], self.attention_mask[idx, :end], self.position_ids[idx, :end],
+            mask[:, :width], self.has_eos[idx], self.prompt_len,
+        )  # fmt: skip
+
+
+def sampling_config(gen: Any, eos_id: int, pad_id: int, greedy: bool = False) -> GenerationConfig:
+    """A fresh GenerationConfig, so a checkpoint's own defaults (top_k=50, repetition penalties...) never change
+    the distribution the log-probs are computed from."""
+    common = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos_id, "pad_token_id": pad_id, "use_cache": True}
+    if greedy or gen.temperature <= 0:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, **common)
+
+
+def truncate_at_eos(
+    response: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first EOS: response (B, R) -> (ids with pad after the EOS, mask (B, R) float
+    that is 1 up to and including the first EOS (everything when there is none), has_eos (B,) bool)."""
+    is_eos = response == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, response.shape[1], dtype=torch.long)
+    )
+    positions = torch.arange(response.shape[1], device=response.device)
+    mask = positions[None, :] <= first[:, None]
+    return response.masked_fill(~mask, pad_id), mask.float(), has_eos
+
+
+def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor,
+         has_eos: torch.Tensor) -> Sequences:  # fmt: skip
+    """Prompt (B, P) left-padded + response (B, R) right-padded -> Sequences with real-token position ids."""
+    attention = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
+    position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return Sequences(torch.cat([prompt_ids, response], dim=1), attention, position_ids, response_mask, has_eos,
+                     prompt_ids.shape[1])  # fmt: skip
+
+
+@torch.no_grad()
+def sample(module: Any, prompts: dict[str, torch.Tensor], config: GenerationConfig, eos_id: int,
+           pad_id: int) -> Sequences:  # fmt: skip
+    """Generate responses for left-padded prompts {"input_ids", "attention_mask"} (B, P) with `module` (a plain
+    model or PeftModel, parameters already gathered under ZeRO-3); stop at EOS; returns the joined batch."""
+    out = module.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                          generation_config=config)  # fmt: skip
+    response, mask, has_eos = truncate_at_eos(out[:, prompts["input_ids"].shape[1] :], eos_id, pad_id)
+    if response.shape[1] == 0:  # max_new_tokens reached before any token: keep one pad column
+        response = torch.full((response.shape[0], 1), pad_id, dtype=response.dtype, device=response.device)
+        mask = torch.zeros(response.shape, device=response.device)
+    return join(prompts["input_ids"], prompts["attention_mask"], response, mask, has_eos)
+
+
+def model_inputs(seq: Sequences) -> dict[str, torch.Tensor]:
+    return {"input_ids": seq.input_ids, "attention_mask": seq.attention_mask, "position_ids": seq.position_ids}
+
+
+def response_logits(model: Any, seq: Sequences) -> torch.Tensor:
+    """Logits that predict the response tokens: (B, R, V), from positions P-1 .. P+R-2."""
+    logits = model(**model_inputs(seq), use_cache=False).logits
+    return logits[:, seq.prompt_len - 1 : -1]
+
+
+def response_logprobs(logits: torch.Tensor, seq: Sequences, temperature: float) -> torch.Tensor:
+    """log pi(response_t | prompt, response_<t) at `temperature` (fp32), 0 after the end: logits (B, R, V) from
+    `response_logits` -> (B, R)."""
+    labels = seq.response_ids.masked_fill(seq.response_mask == 0, IGNORE_INDEX)
+    return token_logprobs(logits, labels, temperature=temperature if temperature > 0 else 1.0, shift=False)

@@ -1,0 +1,266 @@
+"""`rlhf ppo`: PPO with a critic on plain DeepSpeed (ALGORITHMS.md sections 4 and 5).
+
+One step of the stage is one iteration: sample a response per prompt (left-padded prompts, stop at EOS), read back
+the rollout policy's and the reference's log-probs at the sampling temperature, the critic's values and the scores;
+put the KL to the reference into the per-token reward; GAE; then `ppo_epochs` passes over the batch in shuffled
+mini-batches (one actor and one critic optimizer step each, gradient accumulation over micro-batches). The losses
+are token means over the mini-batch on all ranks. Dropout is off in all four models; the reference and the reward
+model run in eval mode without gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import engine as eng
+from rlhf_cli.config.compose import config_hash, to_yaml
+from rlhf_cli.data.prompts import build_prompt_datasets, collate_prompts
+from rlhf_cli.errors import UserError
+from rlhf_cli.losses.ppo import RunningMoments, kl_controller
+from rlhf_cli.metrics import Metrics
+from rlhf_cli.models import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.models.reward import load_reward_model, pools_last_token
+from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_scores
+from rlhf_cli.rollout.generation import sample, sampling_config
+from rlhf_cli.rollout.rewards import build_reward
+from rlhf_cli.run_dir import Run, now
+from rlhf_cli.stages.common import StepPlan, train_loop
+from rlhf_cli.stages.ppo_update import PtxData, ppo_update, rollout_metrics
+
+SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "eval_score")
+
+
+def run(cfg: Any, run: Run) -> Path | None:
+    """Train the policy and export `<run>/ppo/final/` (and the critic in `<run>/ppo/critic/`)."""
+    st = cfg.stage
+    # 1. Distributed group, seeds, the policy's starting checkpoint.
+    dist = eng.init_distributed()
+    torch.manual_seed(cfg.seed)
+    source = run.resolve_source(cfg.model.name_or_path)
+    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
+
+    # 2. Tokenizer, prompts, the iteration plan, optional ptx data.
+    tokenizer = load_tokenizer(model_cfg)
+    data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    plan = iteration_plan(len(data.train), st, dist.world_size)
+    updates = plan.total_steps * st.ppo_epochs * (st.rollout_batch_size // mini_batch(st))
+    ptx = PtxData(st, tokenizer, cfg.seed, dist) if st.ptx.coef > 0 else None
+
+    # 3. Actor and critic in DeepSpeed engines; frozen reference and reward source.
+    actor = build_actor(cfg, model_cfg, tokenizer, updates, dist)
+    critic, critic_source = build_critic(cfg, run, source, tokenizer, updates, dist)
+    ref, ref_source = build_reference(cfg, run, source, tokenizer, dist)
+    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
+    kl_ctl = kl_controller(st.kl_control, st.kl_coef, st.kl_target, st.kl_horizon)
+    moments, rm_stats = RunningMoments(), reward_stats(st, run)
+
+    # 4. Resume (actor, critic, optimizers, schedulers, KL controller, running stats); record the stage.
+    resume = run.latest_checkpoint()
+    start_step = 0
+    if resume:
+        client = eng.load_checkpoint({"actor": actor, "critic": critic}, resume)
+        start_step = client["step"]
+        kl_ctl.load_state_dict(client["kl_controller"])
+        moments.load_state_dict(client["running_moments"])
+    inputs = {"policy": source, "reference": ref.describe(ref_source), "critic": critic_source,
+              "reward": reward.describe(), "data": cfg.data.source}  # fmt: skip
+    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
+    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
+    for line in (started, data.report.summary(), describe_plan(plan, st), *(f"{k}: {v}" for k, v in inputs.items())):
+        metrics.message(line)
+
+    # 5. Train: an evaluation of the starting policy, then the iterations.
+    gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def one_iteration(step: int) -> dict[str, float]:
+        idx = plan.rank_indices(step, dist.rank, cfg.seed)
+        prompts = [data.train[i] for i in idx]
+        batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
+        # Sampling is seeded by (seed, iteration, rank): a resumed run draws what an uninterrupted one would.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
+        ro = collect(actor, critic, ref, reward, prompts, batch, tokenizer, st, gen_config, st.micro_batch_size)
+        ro = advantages(ro, st, kl_ctl.value, shape_scores(ro, st.reward, score_stats(st, ro, moments, rm_stats)))
+        out = {**rollout_metrics(ro), "kl_coef": kl_ctl.value}
+        t0 = time.perf_counter()
+        out.update(ppo_update(actor, critic, ro, st, step, cfg.seed, ptx))
+        out.update(timing(ro, time.perf_counter() - t0, out))
+        kl_ctl.update(out["kl"], int(out["rollout_sequences"]))
+        if st.sample_every and (step + 1) % st.sample_every == 0 and dist.is_main:
+            write_samples(run.stage_dir / "samples.jsonl", step + 1, ro, st.sample_rows)
+        return out
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(actor, reward, data.eval, tokenizer, st, dist)
+
+    def save(step: int) -> None:
+        client = {"step": step, "kl_controller": kl_ctl.state_dict(), "running_moments": moments.state_dict()}
+        eng.save_checkpoint({"actor": actor, "critic": critic}, run.checkpoints_dir, step, client, st.keep_last)
+
+    if start_step == 0 and data.eval:
+        metrics.log(0, run_eval(), SHOW)
+    last = train_loop(st, actor, plan, dist, run, metrics, start_step, one_iteration, run_eval, SHOW, save=save)
+    if last["step"] < plan.total_steps:
+        metrics.close()
+        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+        return None
+
+    # 6. Final evaluation, export of the policy (final/) and the critic (critic/), headline metrics.
+    final_eval = run_eval()
+    metrics.log(last["step"], final_eval, SHOW)
+    metrics.close()
+    eng.export_hf(actor, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+    eng.export_hf(critic, tokenizer, run.stage_dir / "critic", merge_lora=False)
+    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
+    run.update_stage(
+        status="completed", ended_at=now(),
+        outputs={"final": str(run.final_dir.relative_to(run.root)), "critic": f"{run.stage}/critic"},
+        metrics={**headline, **final_eval, "iterations": plan.total_steps, "kl_coef": kl_ctl.value,
+                 "data": data.report.to_dict()},
+    )  # fmt: skip
+    return run.final_dir
+
+
+def mini_batch(st: Any) -> int:
+    return st.micro_batch_size * st.gradient_accumulation_steps
+
+
+def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
+    """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
+    if st.rollout_batch_size % mini_batch(st):
+        raise UserError(
+            f"stage.rollout_batch_size={st.rollout_batch_size} is not a multiple of the mini-batch "
+            f"stage.micro_batch_size x stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
+        )
+    per_iteration = st.rollout_batch_size * world_size
+    per_epoch = n_prompts // per_iteration
+    if per_epoch == 0:
+        raise UserError(f"only {n_prompts} training prompts for {per_iteration} prompts per iteration; lower "
+                        "stage.rollout_batch_size or add prompts")  # fmt: skip
+    total = st.max_steps or math.ceil(st.epochs * per_epoch)
+    return StepPlan(n_prompts, st.rollout_batch_size, 1, world_size, per_epoch, max(1, total))
+
+
+def describe_plan(plan: StepPlan, st: Any) -> str:
+    return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
+            f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
+            f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
+
+
+def build_actor(cfg: Any, model_cfg: Any, tokenizer: Any, updates: int, dist: Any) -> Any:
+    """The policy (dropout off, optional LoRA and gradient checkpointing) in its DeepSpeed engine."""
+    st = cfg.stage
+    policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
+    disable_dropout(policy)  # else pi/pi_old != 1 at the first mini-batch and the KL is noise
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
+    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
+                           dist.world_size)  # fmt: skip
+    return eng.initialize(policy, ds_cfg, cfg.optim, updates)
+
+
+def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates: int, dist: Any) -> tuple[Any, str]:
+    """The value model: the reward model's weights (InstructGPT) or the policy's with a fresh scalar head, read at
+    every token; its own AdamW (lr stage.critic.lr) in its own engine."""
+    st = cfg.stage
+    default = (st.reward.model or "stage:rm") if st.critic.init == "reward" else policy_source
+    source = run.resolve_source(st.critic.source or default)
+    critic_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source, "lora": {"enabled": False}})
+    critic = load_reward_model(critic_cfg, source, tokenizer, seed=cfg.seed)
+    if not pools_last_token(critic):
+        raise UserError(f"critic {source}: a critic needs a decoder (a value at every token); encoders such as BERT "
+                        "cannot be one. Set stage.critic.init=policy or stage.critic.source")  # fmt: skip
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(critic)
+    optim = OmegaConf.merge(cfg.optim, {"lr": st.critic.lr})
+    ds_cfg = eng.ds_config(cfg.deepspeed, optim, st.micro_batch_size, st.gradient_accumulation_steps,
+                           dist.world_size)  # fmt: skip
+    return eng.initialize(critic, ds_cfg, optim, updates), source
+
+
+def build_reference(cfg: Any, run: Run, source: str, tokenizer: Any, dist: Any) -> tuple[Reference, str]:
+    st = cfg.stage
+    if cfg.model.lora.enabled and not st.reference:
+        return Reference(None, False, dist.device), source  # the actor's own base weights: no second copy
+    ref_source = run.resolve_source(st.reference) if st.reference else source
+    model = load_causal_lm(OmegaConf.merge(cfg.model, {"name_or_path": ref_source}), tokenizer, seed=cfg.seed)
+    disable_dropout(model)
+    home = torch.device("cpu") if st.offload_frozen else dist.device
+    return Reference(eng.frozen(model, cfg.deepspeed, st.micro_batch_size, home), st.offload_frozen,
+                     dist.device), ref_source  # fmt: skip
+
+
+def reward_stats(st: Any, run: Run) -> tuple[float, float] | None:
+    """(mean, std) recorded by this run's reward-model stage, for stage.reward.normalize=rm_stats."""
+    if st.reward.normalize != "rm_stats":
+        return None
+    metrics = run.stage_record("rm").get("metrics", {})
+    if "reward_mean" not in metrics or "reward_std" not in metrics:
+        raise UserError("stage.reward.normalize=rm_stats needs the reward mean / std that `rlhf rm` records from its "
+                        "eval split, and this run's rm stage has none (no eval split?); use "
+                        "stage.reward.normalize=running")  # fmt: skip
+    return float(metrics["reward_mean"]), float(metrics["reward_std"])
+
+
+def score_stats(st: Any, ro: Any, moments: RunningMoments, rm_stats: tuple | None) -> tuple[float, float] | None:
+    """The (mean, std) to normalise this batch's scores with, updating the running moments with every rank's."""
+    if st.reward.normalize == "rm_stats":
+        return rm_stats
+    if st.reward.normalize != "running":
+        return None
+    from rlhf_cli.losses.ppo import apply_missing_eos
+
+    scores = apply_missing_eos(ro.scores, ro.seq.has_eos, st.reward.missing_eos_penalty, st.reward.missing_eos_score)
+    moments.update(eng.all_gather_cat(scores.detach().double().cpu()))
+    return moments.mean, moments.std
+
+
+def timing(ro: Any, train_seconds: float, out: dict) -> dict[str, float]:
+    """Seconds in generation, scoring (old/ref log-probs, values, reward) and training, and their throughputs."""
+    gen, scoring = ro.seconds["generation"], ro.seconds["scoring"]
+    total = gen + scoring + train_seconds
+    return {"generation_seconds": gen, "scoring_seconds": scoring, "update_seconds": train_seconds,
+            "generation_share": gen / total, "scoring_share": scoring / total, "update_share": train_seconds / total,
+            "gen_tok/s": out["generated_tokens"] / max(gen, 1e-9),
+            "train_tok/s": out["tokens"] / max(train_seconds, 1e-9)}  # fmt: skip
+
+
+def write_samples(path: Path, iteration: int, ro: Any, n: int) -> None:
+    with open(path, "a") as fh:
+        for i in range(min(n, len(ro.prompts))):
+            row = {"iteration": iteration, "prompt": ro.prompts[i].text, "response": ro.responses[i],
+                   "score": float(ro.scores[i]), "ended_with_eos": bool(ro.seq.has_eos[i])}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any) -> dict[str, float]:
+    """Greedy responses to the held-out prompts, scored by the reward source: mean score, length, EOS fraction.
+    Every rank takes the same number of prompts (the remainder of a division by the world size is left out), so
+    ZeRO-3 collectives inside the forwards line up."""
+    usable = len(examples) - len(examples) % dist.world_size
+    mine = examples[:usable][dist.rank :: dist.world_size]
+    if not mine:
+        return {}
+    config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    sums = torch.zeros(4, dtype=torch.float64)
+    for j in range(0, len(mine), st.eval_batch_size):
+        prompts = mine[j : j + st.eval_batch_size]
+        batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
+        with eng.gathered_for_generation(actor) as module:
+            seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(seq.response_ids.masked_fill(seq.response_mask == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)  # fmt: skip
+        scores = reward.score(prompts, seq, texts).double().cpu()
+        sums += torch.tensor([len(prompts), scores.sum(), seq.response_mask.sum(), seq.has_eos.sum()],
+                             dtype=torch.float64)  # fmt: skip
+    n, score, length, eos = eng.all_reduce_sum(sums).tolist()
+    return {"eval_score": score / n, "eval_response_length": length / n, "eval_eos_fraction": eos / n}
