@@ -305,6 +305,8 @@ class PPOStageConfig(TrainStageConfig):
     reference: str | None = None
     # Move the reference and reward models to CPU between uses (frees accelerator memory during training).
     offload_frozen: bool = False
+    # Held-out prompts are answered greedily, or (eval_sampling) sampled like the rollouts, seeded by stage and seed.
+    eval_sampling: bool = False
     # Every `sample_every` iterations, `sample_rows` prompt/response/score rows go to <stage>/samples.jsonl.
     sample_every: int = 10
     sample_rows: int = 4

@@ -97,7 +97,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         return out
 
     def run_eval() -> dict[str, float]:
-        return evaluate(actor, reward, data.eval, tokenizer, st, dist)
+        return evaluate(actor, reward, data.eval, tokenizer, st, dist, cfg.seed)
 
     def save(step: int) -> None:
         client = {"step": step, "kl_controller": kl_ctl.state_dict(), "running_moments": moments.state_dict()}
@@ -242,15 +242,18 @@ def write_samples(path: Path, iteration: int, ro: Any, n: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any) -> dict[str, float]:
-    """Greedy responses to the held-out prompts, scored by the reward source: mean score, length, EOS fraction.
-    Every rank takes the same number of prompts (the remainder of a division by the world size is left out), so
-    ZeRO-3 collectives inside the forwards line up."""
+def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any, seed: int) -> dict:
+    """Greedy (or seeded sampled) responses to the held-out prompts, scored by the reward source: mean score,
+    length, EOS fraction. Every rank takes the same number of prompts (the remainder of a division by the world
+    size is left out), so ZeRO-3 collectives inside the forwards line up."""
     usable = len(examples) - len(examples) % dist.world_size
     mine = examples[:usable][dist.rank :: dist.world_size]
     if not mine:
         return {}
-    config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             greedy=not st.eval_sampling)  # fmt: skip
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed + dist.rank)  # the same draws at every evaluation: scores differ only by the policy
     sums = torch.zeros(4, dtype=torch.float64)
     for j in range(0, len(mine), st.eval_batch_size):
         prompts = mine[j : j + st.eval_batch_size]
@@ -262,5 +265,6 @@ def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, d
         scores = reward.score(prompts, seq, texts).double().cpu()
         sums += torch.tensor([len(prompts), scores.sum(), seq.response_mask.sum(), seq.has_eos.sum()],
                              dtype=torch.float64)  # fmt: skip
+    torch.set_rng_state(rng)
     n, score, length, eos = eng.all_reduce_sum(sums).tolist()
     return {"eval_score": score / n, "eval_response_length": length / n, "eval_eos_fraction": eos / n}

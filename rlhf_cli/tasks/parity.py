@@ -1,0 +1,86 @@
+"""The parity task: "Is N even or odd?" (1 <= N <= 999), with a programmatic gold reward.
+
+The phrasing is the SFT sample's (scripts/make_sample_data.py, `classification`), so a policy fine-tuned on that sample
+answers in the right shape ("N is even.") but, having seen only a handful of such rows, is right about half the time.
+The rule it has to find is simple and general (the last digit decides), so online RL can learn it from the reward
+alone and the gain carries over to numbers it never saw: the project's learning test for PPO.
+
+    python -m rlhf_cli.tasks.parity --out rlhf_cli/assets/parity.jsonl     # rewrites the shipped prompts
+
+Standard library only, so reward functions stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+from rlhf_cli.tasks.word_order import SFT_SAMPLE, response_words, sft_sample_prompts
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "parity.jsonl"
+DEFAULT_SEED = 5
+DEFAULT_N = 600
+_PROMPT = re.compile(r"Is (\d+) even or odd\?")
+
+
+def make_prompt(n: int) -> str:
+    return f"Is {n} even or odd?"
+
+
+def number_of(prompt: str) -> int:
+    """N of a parity prompt; ValueError (quoting the prompt) for anything else."""
+    found = _PROMPT.search(prompt)
+    if not found:
+        raise ValueError(f"not a parity prompt ('Is N even or odd?'): {prompt!r}")
+    return int(found.group(1))
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """1.0 when the reply names exactly one of "even" / "odd" and it is N's parity, else 0.0.
+
+    Only the answer word is judged: a reply that restates another number ("4 is even." for 462) is still a correct
+    answer to the question asked. `prompts` are the final user messages (PromptExample.text)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(responses)} responses")
+    scores = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        want = "even" if number_of(prompt) % 2 == 0 else "odd"
+        named = {w for w in response_words(response) if w in ("even", "odd")}
+        scores.append(1.0 if named == {want} else 0.0)
+    return scores
+
+
+def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED, sft_sample: Path = SFT_SAMPLE) -> list[dict[str, str]]:
+    """`n` prompts for distinct numbers in a seeded order, leaving out the numbers the SFT sample asks about."""
+    taken = sft_sample_prompts(sft_sample)
+    numbers = [k for k in range(1, 1000) if make_prompt(k) not in taken]
+    random.Random(seed).shuffle(numbers)
+    if n > len(numbers):
+        raise ValueError(f"only {len(numbers)} numbers are free for parity prompts, asked for {n}")
+    return [{"prompt": make_prompt(k), "answer": "even" if k % 2 == 0 else "odd"} for k in numbers[:n]]
+
+
+def write_prompts(path: Path | str = DEFAULT_OUT, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in build_rows(n, seed))
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--n", type=int, default=DEFAULT_N)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    args = parser.parse_args(argv)
+    out = write_prompts(args.out, args.n, args.seed)
+    print(f"wrote {args.n} prompts to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""`rlhf ppo` end to end on the tiny model: outputs and metrics, the first-mini-batch invariant, a Python reward
+function, LoRA / ZeRO-3 / offload / ptx variants, resume == uninterrupted, 2 ranks under ZeRO-2, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FAST, manifest, metrics, rlhf, torchrun, weights
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+# Small iterations: 8 prompts per rank, mini-batches of 4 (micro 2 x accumulation 2), 2 PPO epochs.
+PPO = ["stage.rollout_batch_size=8", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2",
+       "stage.ppo_epochs=2", "stage.generation.max_new_tokens=12", "stage.eval_batch_size=8",
+       "data.eval_fraction=0.04", "optim.lr=1e-4", "stage.critic.lr=1e-4"]  # fmt: skip
+PARITY = ["data=parity", "data.eval_fraction=0.02", "stage.reward.model=null",
+          "stage.reward.function=rlhf_cli.tasks.parity:gold_reward", "stage.critic.init=policy"]  # fmt: skip
+OBSERVED = ("score_mean", "score_std", "kl", "non_score_reward", "total_reward", "entropy", "policy_loss", "value_loss",
+            "clipfrac_policy", "clipfrac_value", "approx_kl", "explained_variance", "response_length", "eos_fraction",
+            "kl_coef", "generation_share", "scoring_share", "update_share", "gen_tok/s", "train_tok/s")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A run with short `sft` and `rm` stages, copied by each test that needs them."""
+    root = tmp_path_factory.mktemp("ppo_base")
+    for stage, steps in (("sft", 20), ("rm", 10)):
+        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
+                   "stage.save_every=0", cwd=root)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    return root / "base"
+
+
+def _copy(base, runs, name):
+    shutil.copytree(base, runs / name, ignore=shutil.ignore_patterns("ppo", ".lock"))
+    return [f"run.root={runs}", f"run.name={name}"]
+
+
+def _iterations(run_dir):
+    return [r for r in metrics(run_dir, "ppo") if "policy_loss" in r]
+
+
+def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
+    res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, "chain"), "stage.max_steps=3", "stage.eval_every=2",
+               "stage.sample_every=1", "stage.sample_rows=2", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rec = manifest(runs / "chain")["stages"]["ppo"]
+    assert rec["status"] == "completed" and rec["outputs"] == {"final": "ppo/final", "critic": "ppo/critic"}
+    assert rec["inputs"]["critic"].endswith("chain/rm/final") and rec["inputs"]["reward"].startswith("model ")
+    assert "rollout token ids" in rec["inputs"]["reward"]
+    log = _iterations(runs / "chain")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    for key in OBSERVED:
+        assert key in log[-1], key
+    # Dropout off, one temperature everywhere: before any update the ratio is 1 and the approximate KL 0.
+    assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
+    assert log[0]["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
+    evals = [r["step"] for r in metrics(runs / "chain", "ppo") if "eval_score" in r]
+    assert evals == [0, 2, 3]
+    samples = [json.loads(line) for line in (runs / "chain" / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {"prompt", "response", "score", "iteration"} <= set(samples[0])
+    AutoModelForCausalLM.from_pretrained(runs / "chain" / "ppo" / "final")
+    AutoModelForSequenceClassification.from_pretrained(runs / "chain" / "ppo" / "critic")
+
+
+def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp_path):
+    args = _copy(base, runs, "fn")
+    shutil.rmtree(runs / "fn" / "rm")
+    res = rlhf("ppo", *FAST, *PPO, *PARITY, *args, "stage.max_steps=2", "stage.kl_control=adaptive",
+               "stage.kl_target=0.5", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rec = manifest(runs / "fn")["stages"]["ppo"]
+    assert rec["inputs"]["reward"] == "function rlhf_cli.tasks.parity:gold_reward"
+    assert rec["inputs"]["critic"].endswith("fn/sft/final")
+    log = _iterations(runs / "fn")
+    assert all(-1.0 <= r["score_mean"] <= 1.0 for r in log)  # 0/1 gold, minus 1 for a reply without EOS
+    assert log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+
+
+@pytest.mark.parametrize(
+    "variant,extra",
+    [
+        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "stage.offload_frozen=true"]),
+        ("zero3", ["deepspeed=zero3", "stage.reward.normalize=running", "stage.entropy_coef=0.01"]),
+        ("ptx", ["stage.ptx.coef=0.5", "stage.ptx.micro_batch_size=2", "stage.whiten_rewards=true",
+                 "stage.kl_estimator=k3", "stage.target_kl=1e-9"]),
+    ],
+)  # fmt: skip
+def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, extra):
+    res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, variant), "stage.max_steps=2", *extra, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    log = _iterations(runs / variant)
+    assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
+    if variant == "lora":
+        assert manifest(runs / variant)["stages"]["ppo"]["inputs"]["reference"].startswith("the policy with LoRA")
+    if variant == "ptx":
+        assert log[0]["ptx_loss"] > 0
+        # The first mini-batch is measured before any update (KL 0); the second, after one, exceeds target_kl.
+        assert log[0]["optimizer_steps"] == 2 and log[0]["early_stopped"] == 1.0
+
+
+def test_ppo_resume_equals_uninterrupted(base, runs, tmp_path):
+    common = [*FAST, *PPO, "stage.max_steps=4", "stage.save_every=0", "stage.kl_control=adaptive",
+              "stage.kl_target=0.5", "stage.reward.normalize=running"]  # fmt: skip
+    full = rlhf("ppo", *common, *_copy(base, runs, "full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    parts = _copy(base, runs, "parts")
+    first = rlhf("ppo", *common, *parts, "stage.stop_after_steps=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert manifest(runs / "parts")["stages"]["ppo"]["status"] == "interrupted"
+    second = rlhf("ppo", *common, *parts, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    a, b = _iterations(runs / "full"), _iterations(runs / "parts")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("score_mean", "kl", "kl_coef", "policy_loss", "value_loss"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    wa, wb = weights(runs / "full" / "ppo" / "final"), weights(runs / "parts" / "ppo" / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+def test_ppo_two_ranks_zero2(base, runs, tmp_path):
+    args = ["-m", "rlhf_cli", "ppo", *FAST, *PPO, *_copy(base, runs, "ddp"), "deepspeed=zero2", "stage.max_steps=2"]
+    res = torchrun(args, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec = manifest(runs / "ddp")["stages"]["ppo"]
+    assert rec["status"] == "completed"
+    log = _iterations(runs / "ddp")
+    assert log[0]["rollout_sequences"] == 16  # 8 prompts x 2 ranks
+    assert log[0]["log_ratio_first"] < 1e-5
+    state = weights(runs / "ddp" / "ppo" / "final")
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["stage.reward.function=nosuchmodule:f"], "cannot import `nosuchmodule`"),
+        (["stage.reward.function=rlhf_cli.tasks.parity"], "expected `module:function`"),
+        (["stage.rollout_batch_size=6"], "not a multiple of the mini-batch"),
+        (["stage.kl_estimator=k4"], "stage.kl_estimator"),
+        (["stage.reward.normalize=rm_stats", "stage.reward.model=stage:nope"], "rlhf nope"),
+    ],
+)
+def test_ppo_bad_settings_fail_clearly(base, runs, tmp_path, extra, message):
+    res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, "bad"), "stage.max_steps=1", *extra, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_ppo_without_rm_says_which_command(runs, tmp_path):
+    sft = rlhf("sft", *FAST, f"run.root={runs}", "run.name=normm", "stage.max_steps=2", "stage.save_every=0",
+               cwd=tmp_path)  # fmt: skip
+    assert sft.returncode == 0, sft.stderr
+    res = rlhf("ppo", *FAST, *PPO, f"run.root={runs}", "run.name=normm", cwd=tmp_path)
+    assert res.returncode == 2 and "rlhf rm run.name=normm" in res.stderr and "Traceback" not in res.stderr
