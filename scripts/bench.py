@@ -1,4 +1,4 @@
-"""`make bench`: SFT throughput and memory on the tiny default.
+"""`make bench`: throughput and memory of the stages on the tiny default (SFT, RM, DPO, PPO; ZeRO scale-out).
 
 1. Single process: runs the real stage (`rlhf sft`, fresh run directory) and reads per-step tokens/s from
    its metrics.jsonl (warm-up steps dropped), then times a bare loop on the same model, batches and
@@ -8,6 +8,8 @@
    peak memory per process, and scaling efficiency = 2-process throughput / (2 x 1-process throughput).
    On a 2-core machine the 1-process run uses both cores and each of the 2 processes one, so the
    efficiency measures the parallel overhead, not a speed-up.
+3. RM and DPO pairs/s; PPO generation and training tokens/s and the split of an iteration's wall time between
+   generation, scoring and the update.
 
 Usage: python scripts/bench.py [--steps N] [--warmup K] [--skip-scaling] [key=value stage overrides ...]
 """
@@ -123,6 +125,34 @@ def preference_stages(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  {stage:6} {pairs:8.1f} {tok:9.0f} {sec:7.3f} {max(r['peak_mem_mib'] for r in recs):13.0f}")
 
 
+def ppo_stage(args: argparse.Namespace, overrides: list[str]) -> None:
+    """PPO on the tiny default after short sft and rm stages in the same run: rollout generation tokens/s,
+    training tokens/s, the share of each iteration's wall time in generation / scoring / update, peak memory."""
+    with tempfile.TemporaryDirectory() as root:
+        common = [f"run.root={root}", "run.name=bench", "stage.save_every=0", "stage.eval_every=0",
+                  "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
+        for stage, steps in (("sft", 40), ("rm", 20), ("ppo", args.steps)):
+            res = subprocess.run([sys.executable, "-m", "rlhf_cli", stage, *common, f"stage.max_steps={steps}"],
+                                 capture_output=True, text=True, check=False)  # fmt: skip
+            if res.returncode != 0:
+                sys.exit(f"bench {stage} failed:\n{res.stderr[-3000:]}")
+        lines = (Path(root) / "bench" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    recs = [r for r in map(json.loads, lines) if "gen_tok/s" in r][args.warmup :]
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in recs)
+
+    print(f"\nPPO, tiny default (rollout 32 prompts, up to 32 new tokens, 4 epochs x 2 mini-batches), median of "
+          f"{len(recs)} iterations")  # fmt: skip
+    print(
+        f"  s/iteration {med('step_seconds'):.3f}  generation {med('gen_tok/s'):.0f} new tokens/s  "
+        f"training {med('train_tok/s'):.0f} tokens/s  response length {med('response_length'):.1f}"
+    )
+    print(f"  wall-time share: generation {med('generation_share'):.2f}  scoring (old/ref log-probs, values, "
+          f"reward) {med('scoring_share'):.2f}  update {med('update_share'):.2f}  peak RSS "
+          f"{max(r['peak_mem_mib'] for r in recs):.0f} MiB")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -131,6 +161,7 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     single_process(args, overrides)
     preference_stages(args, overrides)
+    ppo_stage(args, overrides)
     if not args.skip_scaling:
         scaling(args, overrides)
 

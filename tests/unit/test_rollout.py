@@ -1,0 +1,148 @@
+"""Rollout mechanics: EOS truncation, the left-padded layout and its position ids, log-probs read back by a training
+forward equal those of generation and of each row alone, dropout and the first-step ratio, reward functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_cli.config.schema import GenerationConfig, TinyModelConfig
+from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
+from rlhf_cli.errors import UserError
+from rlhf_cli.losses.ppo import policy_loss
+from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer
+from rlhf_cli.rollout.generation import (
+    join,
+    response_logits,
+    response_logprobs,
+    sample,
+    sampling_config,
+    truncate_at_eos,
+)
+from rlhf_cli.rollout.rewards import FunctionReward
+
+TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+TAU = 0.7
+PROMPTS = ["Is 7 even or odd?", "Reverse the order of these words: cat, dog, sun, moon, tree.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _model(tok, seed=0):
+    model = build_tiny_llama(TINY, tok, seed)
+    disable_dropout(model)
+    return model.eval()
+
+
+def _prompts(tok):
+    return [tokenize_prompt(tok, [{"role": "user", "content": p}], 128) for p in PROMPTS]
+
+
+def test_truncate_at_eos_keeps_the_eos_and_pads_after_it():
+    response = torch.tensor([[5, 1, 7, 7], [5, 6, 7, 8], [1, 4, 1, 4]])
+    ids, mask, has_eos = truncate_at_eos(response, eos_id=1, pad_id=0)
+    assert ids.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [1, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_join_counts_positions_over_real_tokens_only():
+    prompt = torch.tensor([[0, 0, 9, 9], [9, 9, 9, 9]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    seq = join(prompt, prompt_mask, torch.tensor([[4, 1, 0], [4, 4, 4]]), torch.tensor([[1.0, 1, 0], [1, 1, 1]]),
+               torch.tensor([True, False]))  # fmt: skip
+    assert seq.prompt_len == 4
+    assert seq.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert seq.position_ids.tolist() == [[0, 0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6]]
+    sub = seq.rows(torch.tensor([0]))  # trailing columns that are padding in every selected row go
+    assert sub.input_ids.shape == (1, 6) and sub.response_mask.tolist() == [[1, 1]]
+
+
+def test_rollout_logprobs_match_generation_and_each_row_alone(tok):
+    """The old log-probs a training forward reads from the left-padded batch equal (i) the log-softmax of the
+    logits generation sampled from, at the same temperature, and (ii) a forward of each row without padding."""
+    model, prompts = _model(tok), _prompts(tok)
+    batch = collate_prompts(prompts, tok.pad_token_id)
+    assert batch["attention_mask"][:, 0].tolist() == [0, 1, 0]  # left-padded: the long prompt sets the width
+    gen = GenerationConfig(max_new_tokens=8, temperature=TAU)
+    config = sampling_config(gen, tok.eos_token_id, tok.pad_token_id)
+    torch.manual_seed(0)
+    seq = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    with torch.no_grad():
+        logprobs = response_logprobs(response_logits(model, seq), seq, TAU)
+        torch.manual_seed(0)
+        out = model.generate(**batch, generation_config=config, output_logits=True, return_dict_in_generate=True)
+    steps = torch.stack(out.logits, dim=1).float() / TAU  # (B, R, V) raw logits of each generation step
+    at_sampling = steps.log_softmax(-1).gather(-1, seq.response_ids[:, : steps.shape[1], None]).squeeze(-1)
+    mask = seq.response_mask[:, : steps.shape[1]]
+    assert torch.allclose(logprobs[:, : steps.shape[1]] * mask, at_sampling * mask, atol=1e-4)
+    for i, p in enumerate(prompts):
+        n = int(seq.response_mask[i].sum())
+        ids = torch.tensor([p.input_ids + seq.response_ids[i, :n].tolist()])
+        with torch.no_grad():
+            alone = model(input_ids=ids).logits[0, len(p.input_ids) - 1 : -1].float() / TAU
+        expected = alone.log_softmax(-1).gather(-1, ids[0, len(p.input_ids) :, None]).squeeze(-1)
+        assert torch.allclose(logprobs[i, :n], expected, atol=1e-4)
+        assert (logprobs[i, n:] == 0).all()
+
+
+def test_first_ppo_step_has_ratio_one_only_with_dropout_off(tok):
+    """Rollout log-probs come from eval mode; the first training forward runs in train mode. With dropout off the
+    ratio is exactly 1 and the approximate KL 0; with attention dropout left on, they are not."""
+    prompts = _prompts(tok)
+    batch = collate_prompts(prompts, tok.pad_token_id)
+    config = sampling_config(GenerationConfig(max_new_tokens=6, temperature=TAU), tok.eos_token_id, tok.pad_token_id)
+    for dropout_off in (True, False):
+        model = build_tiny_llama(TINY, tok, 0)
+        model.config.attention_dropout = 0.5
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+        if dropout_off:
+            disable_dropout(model)
+        torch.manual_seed(1)
+        seq = sample(model.eval(), batch, config, tok.eos_token_id, tok.pad_token_id)
+        with torch.no_grad():
+            old = response_logprobs(response_logits(model, seq), seq, TAU)
+        model.train()
+        new = response_logprobs(response_logits(model, seq), seq, TAU)
+        _, _, approx_kl = policy_loss(new, old, torch.ones_like(new), 0.2)
+        mask = seq.response_mask.bool()
+        ratio_dev = (new - old)[mask].abs().max().item()
+        if dropout_off:
+            assert ratio_dev < 1e-6 and approx_kl[mask].abs().max().item() < 1e-10
+        else:
+            assert ratio_dev > 1e-3
+
+
+def test_function_reward_checks_what_the_function_returns(tok):
+    seq = join(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 1, dtype=torch.long),
+               torch.ones(2, 1), torch.tensor([True, True]))  # fmt: skip
+    prompts = [
+        tokenize_prompt(tok, [{"role": "user", "content": p}], 64) for p in ("Is 4 even or odd?", "Is 3 even or odd?")
+    ]
+    reward = FunctionReward("rlhf_cli.tasks.parity:gold_reward")
+    assert reward.score(prompts, seq, ["4 is even.", "3 is even."]).tolist() == [1.0, 0.0]
+    with pytest.raises(UserError, match="one finite number per response"):
+        FunctionReward("test_rollout:one_score").score(prompts, seq, ["a", "b"])
+    with pytest.raises(UserError, match="one finite number per response"):
+        FunctionReward("test_rollout:nan_scores").score(prompts, seq, ["a", "b"])
+    with pytest.raises(UserError, match="must return a list of numbers"):
+        FunctionReward("test_rollout:words").score(prompts, seq, ["a", "b"])
+    with pytest.raises(UserError, match="has no function `nope`"):
+        FunctionReward("rlhf_cli.tasks.parity:nope")
+
+
+def one_score(prompts, responses):
+    return [1.0]
+
+
+def nan_scores(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
+def words(prompts, responses):
+    return ["good"] * len(responses)
