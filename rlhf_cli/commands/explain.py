@@ -10,6 +10,7 @@ are not included: they depend on the batch and the sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
@@ -90,10 +91,27 @@ def count_model(model_cfg: Any) -> tuple[int, int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), largest
 
 
-def report(cfg: Any, stage: str) -> str:
+def starting_model(cfg: Any, overrides: list[str]) -> Any:
+    """The model config to count: `stage:<name>` is that stage's final/ in the run directory when it exists, else
+    the model `rlhf <name>` would start from with the same overrides (the architecture is the same)."""
+    from omegaconf import OmegaConf
+
+    from rlhf_cli.config.compose import compose
+
+    name = cfg.model.name_or_path
+    if not name.startswith("stage:"):
+        return cfg.model
+    source = name.split(":", 1)[1]
+    final = Path(cfg.run.root) / cfg.run.name / source / "final"
+    if final.is_dir():
+        return OmegaConf.merge(cfg.model, {"name_or_path": str(final)})
+    return starting_model(compose(source, overrides), overrides)
+
+
+def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
     world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
     st, ds = cfg.stage, cfg.deepspeed
-    n, t, largest = count_model(cfg.model)
+    n, t, largest = count_model(starting_model(cfg, list(overrides)))
     states = model_state_bytes(
         n, t, largest, ds.zero_stage, ds.precision, world, ds.offload_optimizer, ds.offload_param
     )
@@ -102,8 +120,7 @@ def report(cfg: Any, stage: str) -> str:
         f"  micro batch {st.micro_batch_size} x accumulation {st.gradient_accumulation_steps} x world size {world} "
         f"({cfg.launcher.nnodes} node(s) x {cfg.launcher.nproc_per_node}) = global batch "
         f"{st.micro_batch_size * st.gradient_accumulation_steps * world} sequences per optimizer step",
-        f"  at most {st.micro_batch_size * cfg.data.max_length} tokens per micro-batch (data.max_length "
-        f"{cfg.data.max_length})",
+        f"  at most {st.micro_batch_size * max_tokens(cfg)} tokens per micro-batch ({max_tokens(cfg)} per sequence)",
         "",
         f"memory per GPU, model states (ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer "
         f"{ds.offload_optimizer}, offload parameters {ds.offload_param}); activations not included",
@@ -115,9 +132,21 @@ def report(cfg: Any, stage: str) -> str:
     if states.working:
         lines.append(f"    gathered layer (ZeRO-3 working set) {states.working / GIB:8.3f} GiB")
     lines.append(f"    total      {states.gpu_total / GIB:8.3f} GiB per GPU")
+    if stage == "ppo":
+        frozen = n * {"fp32": 4, "bf16": 2, "fp16": 2}[ds.precision] / (world if ds.zero_stage == 3 else 1)
+        lines.append(f"  ppo also trains a critic of about the same size (its own optimizer: about the same again) and "
+                     f"holds a frozen reference and reward model: about {frozen / GIB:.3f} GiB of weights each "
+                     f"({'on CPU between uses' if st.offload_frozen else 'on the GPU'})")  # fmt: skip
     if states.cpu:
         lines.append(f"    offloaded to CPU memory: {states.cpu / GIB:.3f} GiB per GPU")
     return "\n".join(lines)
+
+
+def max_tokens(cfg: Any) -> int:
+    """Longest sequence of a stage: data.max_length, or (ppo) the longest prompt plus the new tokens."""
+    if "max_prompt_length" in cfg.data:
+        return cfg.data.max_prompt_length + cfg.stage.generation.max_new_tokens
+    return cfg.data.max_length
 
 
 def main(args: list[str]) -> int:
@@ -127,5 +156,5 @@ def main(args: list[str]) -> int:
     if not args or args[0] not in STAGES:
         raise UserError(f"usage: rlhf explain <stage> [key=value ...]; stages: {', '.join(STAGES)}")
     cfg = compose(args[0], args[1:])
-    out_console.print(report(cfg, args[0]), markup=False)
+    out_console.print(report(cfg, args[0], args[1:]), markup=False)
     return 0

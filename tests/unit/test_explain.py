@@ -60,3 +60,12 @@ def test_explain_cli_prints_batch_algebra_and_memory(capsys):
     out = capsys.readouterr().out
     assert "micro batch 2 x accumulation 2 x world size 4" in out and "global batch 16" in out
     assert "ZeRO-3" in out and "gathered layer" in out and "GiB per GPU" in out
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo", "ppo"])
+def test_explain_follows_stage_inputs_to_the_sft_model(stage, capsys, tmp_path):
+    # `stage:sft` before any run: the model `rlhf sft` would start from (the built-in tiny Llama, 3.7M parameters).
+    assert main(["explain", stage, f"run.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "3.7M parameters" in out and "tokens per micro-batch" in out
+    assert ("critic" in out) == (stage == "ppo")
