@@ -12,12 +12,13 @@ the generic `jsonl` prompt format (`{"prompt": ...}`). Same seed -> byte-identic
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
+import sys
 from pathlib import Path
 
 from rlhf_cli.data.adapters import dolly_row
+from rlhf_cli.tasks import write_rows
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent / "rlhf_cli" / "assets" / "sample_prompts.jsonl"
@@ -25,15 +26,8 @@ DEFAULT_SEED = 2  # make_sample_data uses 0 and make_sample_preferences 1: other
 TOTAL_PROMPTS = 500
 
 
-def _load_sample_data():
-    # scripts/ is not a package; load the sibling by path so this works however the script is started.
-    spec = importlib.util.spec_from_file_location("make_sample_data", HERE / "make_sample_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SD = _load_sample_data()
+sys.path.insert(0, str(HERE))  # scripts/ is not a package: import the sibling that holds the task families
+import make_sample_data as SD  # noqa: E402
 
 
 def dolly_prompt(instruction: str, context: str) -> str:
@@ -71,18 +65,12 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_jsonl(rows: list[dict[str, str]], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
-    write_jsonl(build_rows(args.seed), args.out)
+    write_rows(args.out, build_rows(args.seed))
     print(f"wrote {TOTAL_PROMPTS} prompts to {args.out}")
     return args.out
 

@@ -9,6 +9,7 @@ from rlhf_cli.data.preference import (
     tokenize_pair,
 )
 from rlhf_cli.data.preference_formats import PREFERENCE_FORMATS, PreferencePair, adapt_preference_rows
+from rlhf_cli.data.prompts import PROMPT_FORMATS, PromptData, PromptExample, build_prompt_datasets, collate_prompts
 from rlhf_cli.data.sft import (
     IGNORE_INDEX,
     DataReport,
@@ -26,6 +27,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "PREFERENCE_FORMATS",
+    "PROMPT_FORMATS",
     "Adapted",
     "BadRow",
     "Conversation",
@@ -34,13 +36,17 @@ __all__ = [
     "PreferenceData",
     "PreferenceExample",
     "PreferencePair",
+    "PromptData",
+    "PromptExample",
     "SFTData",
     "SFTExample",
     "adapt_preference_rows",
     "adapt_rows",
     "build_preference_datasets",
+    "build_prompt_datasets",
     "build_sft_datasets",
     "collate_preference",
+    "collate_prompts",
     "collate_sft",
     "load_rows",
     "split_eval",

@@ -14,7 +14,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli import preempt
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.run_dir import Run
+from rlhf_cli.run_dir import Run, now
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,44 @@ def train_loop(
             metrics.message(f"stopped after step {done} (stage.stop_after_steps); run the same command to resume")
             break
     return last
+
+
+def interrupted(last: dict[str, Any], plan: StepPlan, metrics: Metrics, run: Run) -> bool:
+    """True, with the stage recorded as interrupted, when the loop stopped before the end of the plan."""
+    if last["step"] >= plan.total_steps:
+        return False
+    metrics.close()
+    run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    return True
+
+
+def finish(run: Run, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
+           export: Callable[[], Any], outputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+           completed: bool = True) -> None:  # fmt: skip
+    """The end of a stage: log the final evaluation, close the metrics, `export()` the checkpoints, then record
+    the outputs (final/ and `outputs`) and the headline metrics in the manifest, and (`completed`) the status."""
+    metrics.log(last["step"], final_eval, show)
+    metrics.close()
+    export()
+    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib") if k in last}
+    record = {"outputs": {"final": str(run.final_dir.relative_to(run.root)), **(outputs or {})},
+              "metrics": {**headline, **final_eval, **(extra or {})}}  # fmt: skip
+    if completed:
+        record.update(status="completed", ended_at=now())
+    run.update_stage(**record)
+
+
+def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int) -> Any:
+    """The policy of a preference or RL stage (dropout off, optional gradient checkpointing and LoRA) in its
+    DeepSpeed engine with AdamW and the schedule over `total_steps` optimizer steps."""
+    from rlhf_cli.models import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm
+
+    st = cfg.stage
+    policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
+    disable_dropout(policy)  # else pi / pi_ref (or pi / pi_old) != 1 at the first step
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    if cfg.model.lora.enabled:
+        policy = apply_lora(policy, cfg.model.lora)
+    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, world_size)
+    return eng.initialize(policy, ds_cfg, cfg.optim, total_steps)

@@ -21,14 +21,12 @@ from rlhf_cli.losses import token_logprobs
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import (
-    apply_lora,
     disable_dropout,
-    enable_gradient_checkpointing,
     load_causal_lm,
     load_tokenizer,
 )
-from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import model_inputs, step_plan, train_loop
+from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.common import finish, interrupted, model_inputs, policy_engine, step_plan, train_loop
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "eval_reward_accuracy")
 PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
@@ -54,15 +52,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     ref = Reference(st, cfg, ref_source, tokenizer, dist)
     if st.precompute_ref and st.loss not in REFERENCE_FREE:
         ref.precompute({"train": data.train, "eval": data.eval}, tokenizer.pad_token_id)
-    policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
-    disable_dropout(policy)  # else pi/ref != 1 at step 0 and the implicit reward is noise
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    if cfg.model.lora.enabled:
-        policy = apply_lora(policy, cfg.model.lora)
-    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
-                           dist.world_size)  # fmt: skip
-    engine = eng.initialize(policy, ds_cfg, cfg.optim, plan.total_steps)
+    engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
 
     # 4. Resume; record the stage as running.
     resume = run.latest_checkpoint()
@@ -85,21 +75,15 @@ def run(cfg: Any, run: Run) -> Path | None:
         return evaluate(engine, ref, st, data.eval, pad_id, dist)
 
     last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if last["step"] < plan.total_steps:
-        metrics.close()
-        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    if interrupted(last, plan, metrics, run):
         return None
 
     # 6. Final evaluation, export of the policy, headline metrics into the manifest.
-    final_eval = run_eval()
-    metrics.log(last["step"], final_eval, SHOW)
-    metrics.close()
-    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
-    run.update_stage(
-        status="completed", ended_at=now(), outputs={"final": str(run.final_dir.relative_to(run.root))},
-        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
-    )  # fmt: skip
+    def export() -> None:
+        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+
+    finish(run, metrics, last, run_eval(), SHOW, export,
+           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 
 

@@ -21,17 +21,17 @@ from omegaconf import OmegaConf
 
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
-from rlhf_cli.data.prompts import build_prompt_datasets, collate_prompts
+from rlhf_cli.data import build_prompt_datasets, collate_prompts
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.ppo import RunningMoments, kl_controller
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.models import disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from rlhf_cli.models.reward import load_reward_model, pools_last_token
 from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_scores
 from rlhf_cli.rollout.generation import sample, sampling_config
 from rlhf_cli.rollout.rewards import build_reward
-from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import StepPlan, train_loop
+from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.common import StepPlan, finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update, rollout_metrics
 
 SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "eval_score")
@@ -54,7 +54,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     ptx = PtxData(st, tokenizer, cfg.seed, dist) if st.ptx.coef > 0 else None
 
     # 3. Actor and critic in DeepSpeed engines; frozen reference and reward source.
-    actor = build_actor(cfg, model_cfg, tokenizer, updates, dist)
+    actor = policy_engine(cfg, model_cfg, tokenizer, updates, dist.world_size)
     critic, critic_source = build_critic(cfg, run, source, tokenizer, updates, dist)
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist)
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
@@ -106,24 +106,16 @@ def run(cfg: Any, run: Run) -> Path | None:
     if start_step == 0 and data.eval:
         metrics.log(0, run_eval(), SHOW)
     last = train_loop(st, actor, plan, dist, run, metrics, start_step, one_iteration, run_eval, SHOW, save=save)
-    if last["step"] < plan.total_steps:
-        metrics.close()
-        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    if interrupted(last, plan, metrics, run):
         return None
 
     # 6. Final evaluation, export of the policy (final/) and the critic (critic/), headline metrics.
-    final_eval = run_eval()
-    metrics.log(last["step"], final_eval, SHOW)
-    metrics.close()
-    eng.export_hf(actor, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-    eng.export_hf(critic, tokenizer, run.stage_dir / "critic", merge_lora=False)
-    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
-    run.update_stage(
-        status="completed", ended_at=now(),
-        outputs={"final": str(run.final_dir.relative_to(run.root)), "critic": f"{run.stage}/critic"},
-        metrics={**headline, **final_eval, "iterations": plan.total_steps, "kl_coef": kl_ctl.value,
-                 "data": data.report.to_dict()},
-    )  # fmt: skip
+    def export() -> None:
+        eng.export_hf(actor, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+        eng.export_hf(critic, tokenizer, run.stage_dir / "critic", merge_lora=False)
+
+    finish(run, metrics, last, run_eval(), SHOW, export, outputs={"critic": f"{run.stage}/critic"},
+           extra={"iterations": plan.total_steps, "kl_coef": kl_ctl.value, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 
 
@@ -151,20 +143,6 @@ def describe_plan(plan: StepPlan, st: Any) -> str:
     return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
             f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
             f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
-
-
-def build_actor(cfg: Any, model_cfg: Any, tokenizer: Any, updates: int, dist: Any) -> Any:
-    """The policy (dropout off, optional LoRA and gradient checkpointing) in its DeepSpeed engine."""
-    st = cfg.stage
-    policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
-    disable_dropout(policy)  # else pi/pi_old != 1 at the first mini-batch and the KL is noise
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    if cfg.model.lora.enabled:
-        policy = apply_lora(policy, cfg.model.lora)
-    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
-                           dist.world_size)  # fmt: skip
-    return eng.initialize(policy, ds_cfg, cfg.optim, updates)
 
 
 def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates: int, dist: Any) -> tuple[Any, str]:

@@ -32,7 +32,7 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import step_plan, train_loop
+from rlhf_cli.stages.common import finish, interrupted, step_plan, train_loop
 
 SHOW = ("loss", "accuracy", "lr", "pairs/s", "eval_accuracy")
 
@@ -88,21 +88,16 @@ def run(cfg: Any, run: Run) -> Path | None:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
 
     last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if last["step"] < plan.total_steps:
-        metrics.close()
-        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    if interrupted(last, plan, metrics, run):
         return None
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest, then the accuracy gate.
-    final_eval = evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
-    metrics.log(last["step"], final_eval, SHOW)
-    metrics.close()
-    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=model_cfg.lora.enabled and model_cfg.lora.merge)
-    headline = {k: last[k] for k in ("loss", "tokens", "train_seconds", "peak_mem_mib") if k in last}
-    run.update_stage(
-        outputs={"final": str(run.final_dir.relative_to(run.root))},
-        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
-    )
+    def export() -> None:
+        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=model_cfg.lora.enabled and model_cfg.lora.merge)
+
+    final_eval = run_eval()
+    finish(run, metrics, last, final_eval, SHOW, export, completed=False,
+           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
     run.update_stage(status="completed", ended_at=now())
     return run.final_dir

@@ -18,8 +18,8 @@ from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
-from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import model_inputs, step_plan, train_loop
+from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.common import finish, interrupted, model_inputs, step_plan, train_loop
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -68,23 +68,15 @@ def run(cfg: Any, run: Run) -> Path | None:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
 
     last = train_loop(cfg.stage, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if last["step"] < plan.total_steps:
-        metrics.close()
-        run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    if interrupted(last, plan, metrics, run):
         return None
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest.
-    final_eval = evaluate(engine, data.eval, st.eval_batch_size, dist, tokenizer.pad_token_id)
-    metrics.log(last["step"], final_eval, SHOW)
-    metrics.close()
-    eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib") if k in last}
-    run.update_stage(
-        status="completed",
-        ended_at=now(),
-        outputs={"final": str(run.final_dir.relative_to(run.root))},
-        metrics={**headline, **final_eval, "steps": plan.total_steps, "data": data.report.to_dict()},
-    )
+    def export() -> None:
+        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
+
+    finish(run, metrics, last, run_eval(), SHOW, export,
+           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 
 

@@ -12,12 +12,11 @@ Standard library only, so reward functions stay cheap to import.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 from pathlib import Path
 
+from rlhf_cli.tasks import prompts_main
 from rlhf_cli.tasks.word_order import SFT_SAMPLE, response_words, sft_sample_prompts
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "parity.jsonl"
@@ -63,23 +62,8 @@ def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED, sft_sample: Path = 
     return [{"prompt": make_prompt(k), "answer": "even" if k % 2 == 0 else "odd"} for k in numbers[:n]]
 
 
-def write_prompts(path: Path | str = DEFAULT_OUT, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in build_rows(n, seed))
-    return path
-
-
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--n", type=int, default=DEFAULT_N)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    args = parser.parse_args(argv)
-    out = write_prompts(args.out, args.n, args.seed)
-    print(f"wrote {args.n} prompts to {out}")
-    return out
+    return prompts_main(__doc__, DEFAULT_OUT, DEFAULT_N, DEFAULT_SEED, build_rows, argv)
 
 
 if __name__ == "__main__":

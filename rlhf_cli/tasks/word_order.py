@@ -12,13 +12,14 @@ Standard library only: scripts/make_sample_data.py imports WORDS from here.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import string
 from collections.abc import Callable
 from pathlib import Path
+
+from rlhf_cli.tasks import prompts_main
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_OUT = ASSETS / "word_order.jsonl"
@@ -161,24 +162,8 @@ def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> list[dict[str, s
     return rows
 
 
-def write_prompts(path: Path | str, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Path:
-    """Write build_rows(n, seed) as JSON lines (UTF-8, '\\n' endings): byte-identical for the same n and seed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in build_rows(n, seed))
-    return path
-
-
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--n", type=int, default=DEFAULT_N)
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    args = parser.parse_args(argv)
-    out = write_prompts(args.out, args.n, args.seed)
-    print(f"wrote {args.n} prompts to {out}")
-    return out
+    return prompts_main(__doc__, DEFAULT_OUT, DEFAULT_N, DEFAULT_SEED, build_rows, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`rlhf ppo` end to end on the tiny model: outputs and metrics, the first-mini-batch invariant, a Python reward
-function, LoRA / ZeRO-3 / offload / ptx variants, resume == uninterrupted, 2 ranks under ZeRO-2 and ZeRO-3, clear errors."""
+function, LoRA / ZeRO-3 / offload / ptx variants, resume == uninterrupted, 2 ranks (ZeRO-2, ZeRO-3), clear errors."""
 
 import json
 import shutil

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from messages import assistant, system, user
 
 from rlhf_cli.config.schema import PreferenceDataConfig
 from rlhf_cli.data import (
@@ -35,18 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "preference"
 HH_REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 EOS = 1
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def adapt(path: Path, fmt: str, **cfg):

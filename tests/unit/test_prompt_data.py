@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from messages import assistant, system, user
 
 from rlhf_cli.config.schema import PromptDataConfig
 from rlhf_cli.data.adapters import dolly_row
@@ -32,18 +33,6 @@ from rlhf_cli.tasks.word_order import expected_words
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "rlhf_cli" / "assets"
 PAD = 0
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_cli.data.adapters import dolly_row
-from rlhf_cli.tasks import word_order
-from rlhf_cli.tasks.word_order import expected_words, gold_reward, make_prompt, write_prompts
+from rlhf_cli.tasks import word_order, write_rows
+from rlhf_cli.tasks.word_order import build_rows, expected_words, gold_reward, make_prompt
 
 ASSETS = Path(__file__).resolve().parents[2] / "rlhf_cli" / "assets"
 
@@ -109,7 +109,7 @@ def test_sft_sample_word_order_rows_parse_to_their_responses():
 
 def test_shipped_prompts_regenerate_byte_identically_and_answers_match(tmp_path):
     shipped = ASSETS / "word_order.jsonl"
-    out = write_prompts(tmp_path / "w.jsonl", n=600, seed=word_order.DEFAULT_SEED)
+    out = write_rows(tmp_path / "w.jsonl", build_rows(600, word_order.DEFAULT_SEED))
     assert out.read_bytes() == shipped.read_bytes()
     assert word_order.main(["--out", str(tmp_path / "m.jsonl")]).read_bytes() == shipped.read_bytes()
     rows = [json.loads(line) for line in shipped.read_text().splitlines()]
@@ -117,4 +117,4 @@ def test_shipped_prompts_regenerate_byte_identically_and_answers_match(tmp_path)
     assert all(set(r) == {"prompt", "answer"} for r in rows)
     assert all(r["answer"] == ", ".join(expected_words(r["prompt"])) for r in rows)
     assert not {r["prompt"] for r in rows} & word_order.sft_sample_prompts()
-    assert write_prompts(tmp_path / "other.jsonl", n=600, seed=7).read_bytes() != shipped.read_bytes()
+    assert write_rows(tmp_path / "other.jsonl", build_rows(600, 7)).read_bytes() != shipped.read_bytes()

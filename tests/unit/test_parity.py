@@ -1,0 +1,45 @@
+"""The parity task: gold reward by hand, prompt parsing, the shipped prompt file regenerates byte-identically."""
+
+import json
+
+import pytest
+
+from rlhf_cli.data.sources import ASSETS_DIR
+from rlhf_cli.tasks import write_rows
+from rlhf_cli.tasks.parity import DEFAULT_N, DEFAULT_SEED, build_rows, gold_reward, number_of
+from rlhf_cli.tasks.word_order import sft_sample_prompts
+
+
+@pytest.mark.parametrize(
+    "prompt,response,score",
+    [
+        ("Is 462 even or odd?", "462 is even.", 1.0),
+        ("Is 462 even or odd?", "4 is even.", 1.0),  # only the answer word is judged
+        ("Is 462 even or odd?", "Even", 1.0),  # case and punctuation do not matter
+        ("Is 462 even or odd?", "462 is odd.", 0.0),
+        ("Is 7 even or odd?", "7 is odd.", 1.0),
+        ("Is 7 even or odd?", "It is even or odd.", 0.0),  # naming both is no answer
+        ("Is 7 even or odd?", "Seven.", 0.0),
+        ("Is 7 even or odd?", "", 0.0),
+        ("Is 7 even or odd?", "oddly, 7", 0.0),  # a word that merely contains the answer
+    ],
+)
+def test_gold_reward_judges_the_answer_word(prompt, response, score):
+    assert gold_reward([prompt], [response]) == [score]
+
+
+def test_bad_prompts_and_lengths_raise():
+    assert number_of("Is 918 even or odd?") == 918
+    with pytest.raises(ValueError, match="not a parity prompt"):
+        gold_reward(["What is 2 plus 2?"], ["4"])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        gold_reward(["Is 1 even or odd?", "Is 2 even or odd?"], ["odd"])
+
+
+def test_shipped_prompts_regenerate_and_avoid_the_sft_sample(tmp_path):
+    shipped = ASSETS_DIR / "parity.jsonl"
+    assert write_rows(tmp_path / "p.jsonl", build_rows(DEFAULT_N, DEFAULT_SEED)).read_bytes() == shipped.read_bytes()
+    rows = [json.loads(line) for line in shipped.read_text().splitlines()]
+    assert len(rows) == DEFAULT_N == len({r["prompt"] for r in rows})
+    assert not {r["prompt"] for r in rows} & sft_sample_prompts()
+    assert all(gold_reward([r["prompt"]], [r["answer"]]) == [1.0] for r in rows)
