@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,8 @@ def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
     if not module_name or not name:
         raise UserError(f"stage.reward.function=`{spec}`: expected `module:function`, e.g. "
                         "rlhf_cli.tasks.word_order:gold_reward")  # fmt: skip
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the `rlhf` console script does not put the current directory there
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -69,7 +73,7 @@ class ModelReward:
         disable_dropout(model)
         self.index = label_index(model.config, reward_cfg.label)
         self.sigmoid = model.config.num_labels == 1 or model.config.problem_type == "multi_label_classification"
-        self.same_tokens = _same_tokenizer(self.tokenizer, policy_tokenizer)
+        self.same_tokens = same_tokenizer(self.tokenizer, policy_tokenizer)
         self.model = eng.frozen(model, ds, micro, torch.device("cpu") if offload else dist.device)
 
     def describe(self) -> str:
@@ -106,7 +110,7 @@ class ModelReward:
         return batch_tensors(rows, self.tokenizer.pad_token_id, self.dist.device)
 
 
-def _same_tokenizer(a: Any, b: Any) -> bool:
+def same_tokenizer(a: Any, b: Any) -> bool:
     return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
             and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))  # fmt: skip
 

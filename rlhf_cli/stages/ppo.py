@@ -25,11 +25,11 @@ from rlhf_cli.data import build_prompt_datasets, collate_prompts
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.ppo import RunningMoments, kl_controller
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import disable_dropout, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.models import disable_dropout, enable_gradient_checkpointing, is_builtin, load_causal_lm, load_tokenizer
 from rlhf_cli.models.reward import load_reward_model, pools_last_token
 from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_scores
 from rlhf_cli.rollout.generation import sample, sampling_config
-from rlhf_cli.rollout.rewards import build_reward
+from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import StepPlan, finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update, rollout_metrics
@@ -147,11 +147,13 @@ def describe_plan(plan: StepPlan, st: Any) -> str:
 
 def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates: int, dist: Any) -> tuple[Any, str]:
     """The value model: the reward model's weights (InstructGPT) or the policy's with a fresh scalar head, read at
-    every token; its own AdamW (lr stage.critic.lr) in its own engine."""
+    every token; its own AdamW (lr stage.critic.lr) in its own engine. With a reward function there is no reward
+    model to start from, so `init=reward` falls back to the policy."""
     st = cfg.stage
-    default = (st.reward.model or "stage:rm") if st.critic.init == "reward" else policy_source
-    source = run.resolve_source(st.critic.source or default)
+    from_rm = st.critic.init == "reward" and st.reward.model and not st.reward.function
+    source = run.resolve_source(st.critic.source or (st.reward.model if from_rm else policy_source))
     critic_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source, "lora": {"enabled": False}})
+    check_critic_tokenizer(critic_cfg, tokenizer)
     critic = load_reward_model(critic_cfg, source, tokenizer, seed=cfg.seed)
     if not pools_last_token(critic):
         raise UserError(f"critic {source}: a critic needs a decoder (a value at every token); encoders such as BERT "
@@ -162,6 +164,16 @@ def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates
     ds_cfg = eng.ds_config(cfg.deepspeed, optim, st.micro_batch_size, st.gradient_accumulation_steps,
                            dist.world_size)  # fmt: skip
     return eng.initialize(critic, ds_cfg, optim, updates), source
+
+
+def check_critic_tokenizer(critic_cfg: Any, tokenizer: Any) -> None:
+    """The critic reads the policy's token ids, so it must share the policy's tokenizer."""
+    if is_builtin(critic_cfg.name_or_path):
+        return
+    if not same_tokenizer(load_tokenizer(critic_cfg), tokenizer):
+        raise UserError(f"critic {critic_cfg.name_or_path} has another tokenizer than the policy; a critic reads the "
+                        "policy's token ids. Set stage.critic.init=policy, or stage.critic.source to a model with "
+                        "the policy's tokenizer")  # fmt: skip
 
 
 def build_reference(cfg: Any, run: Run, source: str, tokenizer: Any, dist: Any) -> tuple[Reference, str]:

@@ -18,9 +18,10 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes(group, option):
-    """Each option validates under at least one stage (SFT data under sft, preference data under rm)."""
+    """Each option validates under at least one stage (SFT data under sft, preference data under rm, prompts
+    under ppo)."""
     errors = []
-    for stage in ("sft", "rm"):
+    for stage in ("sft", "rm", "ppo"):
         try:
             cfg = compose(stage, [f"{group}={option}"])
         except UserError as err:
@@ -29,6 +30,16 @@ def test_every_group_option_composes(group, option):
         assert cfg.stage.name == stage
         return
     pytest.fail(f"{group}/{option} composes under no stage: {errors}")
+
+
+def test_ppo_composes_with_prompt_data_and_its_choices():
+    cfg = compose("ppo", [])
+    assert cfg.data.source == "builtin:sample_prompts" and cfg.stage.reward.model == "stage:rm"
+    assert compose("ppo", ["+experiment=ppo_parity"]).stage.reward.function == "rlhf_cli.tasks.parity:gold_reward"
+    with pytest.raises(UserError, match="stage.kl_control"):
+        compose("ppo", ["stage.kl_control=adaptiv"])
+    with pytest.raises(UserError, match="stage.generation.max_new_tokens"):
+        compose("ppo", ["stage.generation.max_new_tokens=0"])
 
 
 def test_stage_files_choose_their_data_and_model():
@@ -44,7 +55,7 @@ def test_stage_files_choose_their_data_and_model():
 def test_every_experiment_composes_and_is_global(experiment):
     text = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text()
     assert text.startswith("# @package _global_")
-    stage = experiment.split("_")[0] if experiment.split("_")[0] in ("rm", "dpo") else None
+    stage = experiment.split("_")[0] if experiment.split("_")[0] in ("rm", "dpo", "ppo") else None
     errors = []
     for candidate in [stage] if stage else ["sft", "rm", "dpo"]:
         try:
