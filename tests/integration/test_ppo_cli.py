@@ -13,8 +13,11 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 PPO = ["stage.rollout_batch_size=8", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2",
        "stage.ppo_epochs=2", "stage.generation.max_new_tokens=12", "stage.eval_batch_size=8",
        "data.eval_fraction=0.04", "optim.lr=1e-4", "stage.critic.lr=1e-4"]  # fmt: skip
-PARITY = ["data=parity", "data.eval_fraction=0.02", "stage.reward.model=null",
-          "stage.reward.function=rlhf_cli.tasks.parity:gold_reward"]  # fmt: skip (the critic then starts from the policy)
+PARITY = [
+    "data=parity",
+    "data.eval_fraction=0.02",
+    "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
+]  # fmt: skip (the critic then starts from the policy)
 OBSERVED = ("score_mean", "score_std", "kl", "non_score_reward", "total_reward", "entropy", "policy_loss", "value_loss",
             "clipfrac_policy", "clipfrac_value", "approx_kl", "explained_variance", "response_length", "eos_fraction",
             "kl_coef", "generation_share", "scoring_share", "update_share", "gen_tok/s", "train_tok/s")  # fmt: skip
