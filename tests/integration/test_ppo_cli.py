@@ -45,7 +45,8 @@ def _iterations(run_dir):
 
 def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, "chain"), "stage.max_steps=3", "stage.eval_every=2",
-               "stage.sample_every=1", "stage.sample_rows=2", cwd=tmp_path)  # fmt: skip
+               "stage.sample_every=1", "stage.sample_rows=2", "stage.reward.normalize=rm_stats", "stage.reward.clip=3",
+               cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "chain")["stages"]["ppo"]
     assert rec["status"] == "completed" and rec["outputs"] == {"final": "ppo/final", "critic": "ppo/critic"}
@@ -84,7 +85,8 @@ def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp
 @pytest.mark.parametrize(
     "variant,extra",
     [
-        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "stage.offload_frozen=true"]),
+        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "stage.offload_frozen=true",
+                  "stage.reward.reduce=prob"]),
         ("zero3", ["deepspeed=zero3", "stage.reward.normalize=running", "stage.entropy_coef=0.01"]),
         ("ptx", ["stage.ptx.coef=0.5", "stage.ptx.micro_batch_size=2", "stage.whiten_rewards=true",
                  "stage.kl_estimator=k3", "stage.target_kl=1e-9"]),
@@ -97,6 +99,7 @@ def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, 
     assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
     if variant == "lora":
         assert manifest(runs / variant)["stages"]["ppo"]["inputs"]["reference"].startswith("the policy with LoRA")
+        assert all(-1.0 <= r["score_mean"] <= 1.0 for r in log)  # a sigmoid probability, minus a missing-EOS penalty
     if variant == "ptx":
         assert log[0]["ptx_loss"] > 0
         # The first mini-batch is measured before any update (KL 0); the second, after one, exceeds target_kl.

@@ -3,10 +3,13 @@ forward equal those of generation and of each row alone, dropout and the first-s
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from rlhf_cli.config.schema import GenerationConfig, TinyModelConfig
+from rlhf_cli.data import PreferencePair, tokenize_pair
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.ppo import policy_loss
@@ -19,7 +22,7 @@ from rlhf_cli.rollout.generation import (
     sampling_config,
     truncate_at_eos,
 )
-from rlhf_cli.rollout.rewards import FunctionReward
+from rlhf_cli.rollout.rewards import FunctionReward, ModelReward
 
 TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
@@ -116,6 +119,26 @@ def test_first_ppo_step_has_ratio_one_only_with_dropout_off(tok):
             assert ratio_dev < 1e-6 and approx_kl[mask].abs().max().item() < 1e-10
         else:
             assert ratio_dev > 1e-3
+
+
+def test_reward_model_reads_the_token_ids_it_was_trained_on(tok):
+    """With the policy's tokenizer, the reward model sees prompt + response ids exactly as `rlhf rm` tokenized its
+    pairs (tokenize_pair), ending at the EOS, whatever padding the rollout batch had."""
+    conv = [{"role": "user", "content": "Is 4 even or odd?"}]
+    trained = tokenize_pair(tok, PreferencePair("test", conv, "4 is even.", "4 is odd."), max_length=256)
+    prompts = [tokenize_prompt(tok, conv, 64), tokenize_prompt(tok, [{"role": "user", "content": PROMPTS[1]}], 64)]
+    assert prompts[0].input_ids == trained.prompt_ids
+    batch = collate_prompts(prompts, tok.pad_token_id)
+    sampled = torch.tensor([[*trained.chosen_ids, 7, 7], [9, 9, 9, 9, 9, 9, 9]])[:, : len(trained.chosen_ids) + 2]
+    response, mask, has_eos = truncate_at_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+    seq = join(batch["input_ids"], batch["attention_mask"], response, mask, has_eos)
+    reward = ModelReward.__new__(ModelReward)  # only the encoding is under test: no model needed
+    reward.same_tokens, reward.tokenizer, reward.dist = True, tok, SimpleNamespace(device=torch.device("cpu"))
+    encoded = reward._encode(prompts, seq, ["4 is even.", "..."])
+    n = len(trained.prompt_ids) + len(trained.chosen_ids)
+    assert encoded["input_ids"][0, :n].tolist() == trained.prompt_ids + trained.chosen_ids
+    assert encoded["attention_mask"][0].sum() == n and trained.chosen_ids[-1] == tok.eos_token_id
+    assert encoded["attention_mask"][1].sum() == len(prompts[1].input_ids) + sampled.shape[1]  # no EOS: all of it
 
 
 def test_function_reward_checks_what_the_function_returns(tok):
