@@ -1,13 +1,18 @@
 """`rlhf ppo` end to end on the tiny model: outputs and metrics, the first-mini-batch invariant, a Python reward
-function, LoRA / ZeRO-3 / offload / ptx variants, resume == uninterrupted, 2 ranks (ZeRO-2, ZeRO-3), clear errors."""
+function, LoRA / ZeRO-3 / offload / ptx variants, preempted + resumed == uninterrupted, 2 ranks (ZeRO-2, ZeRO-3),
+clear errors."""
 
 import json
 import shutil
+import signal
+import time
 
 import pytest
 import torch
-from conftest import FAST, manifest, metrics, rlhf, torchrun, weights
+from conftest import FAST, launch_ranks, manifest, metrics, rlhf, torchrun, weights
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
 # Small iterations: 8 prompts per rank, mini-batches of 4 (micro 2 x accumulation 2), 2 PPO epochs.
 PPO = ["stage.rollout_batch_size=8", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2",
@@ -106,17 +111,28 @@ def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, 
         assert log[0]["optimizer_steps"] == 2 and log[0]["early_stopped"] == 1.0
 
 
-def test_ppo_resume_equals_uninterrupted(base, runs, tmp_path):
+def test_ppo_preempted_then_resumed_equals_uninterrupted(base, runs, tmp_path):
+    """SIGUSR1 during an iteration: the actor, the critic, both optimizers, the KL controller and the running reward
+    statistics are saved at the next iteration boundary, exit 75; the same command resumes to the same end."""
     common = [*FAST, *PPO, "stage.max_steps=4", "stage.save_every=0", "stage.kl_control=adaptive",
-              "stage.kl_target=0.5", "stage.reward.normalize=running"]  # fmt: skip
+              "stage.kl_target=0.5", "stage.reward.normalize=running", "logging.progress=false"]  # fmt: skip
     full = rlhf("ppo", *common, *_copy(base, runs, "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     parts = _copy(base, runs, "parts")
-    first = rlhf("ppo", *common, *parts, "stage.stop_after_steps=2", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert manifest(runs / "parts")["stages"]["ppo"]["status"] == "interrupted"
+    (proc,) = launch_ranks(["ppo", *common, *parts], 1, tmp_path)
+    log = runs / "parts" / "ppo" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):  # the step-0 eval, then iteration 1
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(120) == PREEMPTED_EXIT_CODE, proc.stdout.read()[-2000:]
+    assert manifest(runs / "parts")["stages"]["ppo"]["status"] == "preempted"
+    (ckpt,) = (runs / "parts" / "ppo" / "checkpoints").iterdir()
+    assert {p.name for p in ckpt.iterdir()} >= {"actor", "critic", "COMPLETE"}
     second = rlhf("ppo", *common, *parts, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
+    assert f"resuming ppo from {ckpt}" in second.stderr
     a, b = _iterations(runs / "full"), _iterations(runs / "parts")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
