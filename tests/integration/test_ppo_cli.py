@@ -175,6 +175,24 @@ def test_ppo_bad_settings_fail_clearly(base, runs, tmp_path, extra, message):
     assert message in res.stderr and "Traceback" not in res.stderr
 
 
+def test_reward_model_with_another_tokenizer_scores_texts_and_cannot_be_the_critic(base, runs, tmp_path):
+    """A classifier whose tokenizer differs from the policy's (here: another chat template) scores the decoded texts
+    rendered with its own template; as a critic (which reads the policy's ids) it is refused with a clear message."""
+    args = _copy(base, runs, "other")
+    other = runs / "other" / "other_rm"
+    shutil.copytree(runs / "other" / "rm" / "final", other)
+    template = other / "chat_template.jinja"
+    template.write_text("Conversation follows.\n" + template.read_text())
+    res = rlhf("ppo", *FAST, *PPO, *args, "stage.max_steps=1", f"stage.reward.model={other}",
+               "stage.critic.init=policy", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rec = manifest(runs / "other")["stages"]["ppo"]
+    assert rec["inputs"]["reward"].endswith("texts re-tokenized with its own tokenizer)")
+    bad = rlhf("ppo", *FAST, *PPO, *args, "stage.max_steps=1", "run.overwrite=true", f"stage.critic.source={other}",
+               cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and "has another tokenizer than the policy" in bad.stderr, bad.stderr
+
+
 def test_ppo_without_rm_says_which_command(runs, tmp_path):
     sft = rlhf("sft", *FAST, f"run.root={runs}", "run.name=normm", "stage.max_steps=2", "stage.save_every=0",
                cwd=tmp_path)  # fmt: skip
