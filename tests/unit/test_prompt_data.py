@@ -308,3 +308,17 @@ def test_sample_prompts_script_is_deterministic_and_avoids_sft_prompts(tmp_path)
     prompts = {r["prompt"] for r in rows}
     sft = [json.loads(line) for line in (ASSETS / "sample_dolly.jsonl").read_text().splitlines()]
     assert len(prompts) == 500 and not prompts & {dolly_row(r, "x")[0]["content"] for r in sft}
+
+
+HH_REAL = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH_REAL.is_file(), reason=f"real HH-RLHF test split not found at {HH_REAL}")
+def test_hh_rlhf_real_file_gives_ppo_prompts(tok):
+    """The prompts of the real HH-RLHF harmless-base test split: every pair's conversation up to its final reply,
+    each once; the four rows with an empty final reply are reported, long prompts dropped and counted."""
+    data = build(tok, HH_REAL, "hh_rlhf", max_prompt_length=512)
+    assert data.report.rows_read == 2312 and data.report.bad_rows == 4
+    assert data.report.dropped == {"duplicate prompt": 2, "prompt longer than data.max_prompt_length": 246}
+    assert len(data.train) == 2312 - 4 - 2 - 246
+    assert all(ex.messages[-1]["role"] == "user" and len(ex.input_ids) <= 512 for ex in data.train)
