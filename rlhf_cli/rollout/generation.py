@@ -98,9 +98,12 @@ def model_inputs(seq: Sequences) -> dict[str, torch.Tensor]:
 
 
 def response_logits(model: Any, seq: Sequences) -> torch.Tensor:
-    """Logits that predict the response tokens: (B, R, V), from positions P-1 .. P+R-2."""
-    logits = model(**model_inputs(seq), use_cache=False).logits
-    return logits[:, seq.prompt_len - 1 : -1]
+    """Logits that predict the response tokens: (B, R, V), from positions P-1 .. P+R-2. Only the last R + 1
+    positions go through the LM head (`logits_to_keep`): with long prompts and large vocabularies the (B, P, V)
+    logits of the prompt are most of a forward's memory, and nothing reads them."""
+    width = seq.response_mask.shape[1]
+    logits = model(**model_inputs(seq), use_cache=False, logits_to_keep=width + 1).logits
+    return logits[:, :-1]
 
 
 def response_logprobs(logits: torch.Tensor, seq: Sequences, temperature: float) -> torch.Tensor:
