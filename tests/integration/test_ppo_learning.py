@@ -3,8 +3,10 @@
 The tiny default model fine-tuned on the built-in sample (which asks "Is N even or odd?" only 11 times) answers
 in the right shape but is right about half the time. `+experiment=ppo_parity` trains on 420 parity prompts with
 the gold reward (rlhf_cli.tasks.parity:gold_reward) as the reward function and evaluates greedy answers on 180
-numbers it never trains on. Measured on 2 CPU cores (seed 42): held-out accuracy 0.57 before PPO, 0.73 after 30
-iterations, 0.83 after 60, with a KL to the reference of about 11 nats per response; about 1.5 minutes for PPO.
+numbers it never trains on. Measured on 2 CPU cores (seed 42): held-out accuracy 0.57 before PPO, 0.89 after 30
+iterations, 0.97 after 60, with a KL to the reference of 10-15 nats per response; about 1.5 minutes for PPO. The
+path is sensitive to floating-point detail (an earlier build that computed the logits of every position, not only
+the response's, reached 0.83), hence the margin in the bar: +0.15 over the SFT policy.
 """
 
 from __future__ import annotations
