@@ -169,3 +169,29 @@ def nan_scores(prompts, responses):
 
 def words(prompts, responses):
     return ["good"] * len(responses)
+
+
+def test_rollout_metrics_by_hand():
+    """Sequence-level means (score, k1 KL summed over each response, rewards, length, EOS) and the explained
+    variance over valid tokens, from one rank's sums."""
+    from rlhf_cli.losses.ppo import explained_variance
+    from rlhf_cli.rollout.experience import Rollout
+    from rlhf_cli.stages.ppo_update import rollout_metrics
+
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    seq = join(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 3, dtype=torch.long), mask,
+               torch.tensor([True, False]))  # fmt: skip
+    ro = Rollout(seq, [None, None], ["a", "b"], logprobs=torch.tensor([[-1.0, -2, -3], [-1, -1, -0.3]]),
+                 ref_logprobs=torch.tensor([[-1.5, -2, -2], [-2, -1, -0.9]]), values=torch.tensor([[0.1, 0.2, 0.3],
+                 [0.5, 0.4, 0.0]]), scores=torch.tensor([1.0, -1.0]))  # fmt: skip
+    ro.non_score = torch.tensor([[-0.1, 0, 0.2], [-0.2, 0, 0]])
+    ro.rewards = ro.non_score + torch.tensor([[0, 0, 1.0], [0, -1, 0]])
+    ro.returns = torch.tensor([[1.0, 0.8, 0.9], [-0.5, -1.2, 0.0]])
+    out = rollout_metrics(ro)
+    assert out["score_mean"] == pytest.approx(0.0) and out["score_std"] == pytest.approx(1.0)
+    # k1 sums over valid tokens: (0.5 + 0 - 1) = -0.5 and (1 + 0) = 1 (the masked 0.6 is not counted) -> 0.25
+    assert out["kl"] == pytest.approx(0.25)
+    assert out["non_score_reward"] == pytest.approx((0.1 - 0.2) / 2)
+    assert out["total_reward"] == pytest.approx((0.1 - 0.2 + 1 - 1) / 2)
+    assert out["response_length"] == 2.5 and out["eos_fraction"] == 0.5 and out["generated_tokens"] == 5
+    assert out["explained_variance"] == pytest.approx(explained_variance(ro.values, ro.returns, mask), abs=1e-6)
