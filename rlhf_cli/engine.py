@@ -295,7 +295,7 @@ def save_checkpoint(engines: Any, ckpt_dir: Path, step_no: int, client_state: di
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    check_disk_space(ckpt_dir, sum(expected_checkpoint_bytes(e, ckpt_dir) for e in tagged.values()))
+    check_disk_space(ckpt_dir, expected_checkpoint_bytes(list(tagged.values()), ckpt_dir))
     barrier()
     for i, (tag, engine) in enumerate(tagged.items()):
         client = dict(client_state, rng=rng_state()) if i == 0 else {}
@@ -312,14 +312,14 @@ def save_checkpoint(engines: Any, ckpt_dir: Path, step_no: int, client_state: di
     return final
 
 
-def expected_checkpoint_bytes(engine: Any, ckpt_dir: Path) -> int:
-    """Size of the next checkpoint: the last committed one if there is one, else an estimate of the model
-    (its dtype) plus fp32 Adam moments and master weights for the trainable parameters, over all ranks."""
+def expected_checkpoint_bytes(engines: list[Any], ckpt_dir: Path) -> int:
+    """Size of the next checkpoint: the last committed one if there is one, else an estimate per engine of the
+    model (its dtype) plus fp32 Adam moments and master weights for the trainable parameters, over all ranks."""
     done = complete_checkpoints(ckpt_dir)
     if done:
         return sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file())
-    n_all, n_train = count_parameters(engine.module)
-    return n_all * 4 + n_train * 12
+    counts = [count_parameters(engine.module) for engine in engines]
+    return sum(n_all * 4 + n_train * 12 for n_all, n_train in counts)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

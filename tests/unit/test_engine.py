@@ -97,4 +97,4 @@ def test_expected_checkpoint_size_uses_the_last_one(tmp_path):
     (step / "state").mkdir(parents=True)
     (step / "state" / "blob").write_bytes(b"x" * 1000)
     (step / COMPLETE_MARKER).write_text("")
-    assert expected_checkpoint_bytes(engine=None, ckpt_dir=tmp_path) == 1000
+    assert expected_checkpoint_bytes(engines=[], ckpt_dir=tmp_path) == 1000
