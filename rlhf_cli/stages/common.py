@@ -131,6 +131,11 @@ def interrupted(last: dict[str, Any], plan: StepPlan, metrics: Metrics, run: Run
     return True
 
 
+def export_final(engine: Any, tokenizer: Any, run: Run, lora_cfg: Any) -> Callable[[], None]:
+    """The usual `finish` export: the trained model into final/, LoRA adapters merged when lora.merge is set."""
+    return lambda: eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=lora_cfg.enabled and lora_cfg.merge)
+
+
 def finish(run: Run, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
            export: Callable[[], Any], outputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
            completed: bool = True) -> None:  # fmt: skip

@@ -26,7 +26,7 @@ from rlhf_cli.models import (
     load_tokenizer,
 )
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import finish, interrupted, model_inputs, policy_engine, step_plan, train_loop
+from rlhf_cli.stages.common import export_final, finish, interrupted, model_inputs, policy_engine, step_plan, train_loop
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "eval_reward_accuracy")
 PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
@@ -79,10 +79,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         return None
 
     # 6. Final evaluation, export of the policy, headline metrics into the manifest.
-    def export() -> None:
-        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-
-    finish(run, metrics, last, run_eval(), SHOW, export,
+    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora),
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 

@@ -32,7 +32,7 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import finish, interrupted, step_plan, train_loop
+from rlhf_cli.stages.common import export_final, finish, interrupted, step_plan, train_loop
 
 SHOW = ("loss", "accuracy", "lr", "pairs/s", "eval_accuracy")
 
@@ -92,11 +92,8 @@ def run(cfg: Any, run: Run) -> Path | None:
         return None
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest, then the accuracy gate.
-    def export() -> None:
-        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=model_cfg.lora.enabled and model_cfg.lora.merge)
-
     final_eval = run_eval()
-    finish(run, metrics, last, final_eval, SHOW, export, completed=False,
+    finish(run, metrics, last, final_eval, SHOW, export_final(engine, tokenizer, run, model_cfg.lora), completed=False,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
     run.update_stage(status="completed", ended_at=now())

@@ -19,7 +19,7 @@ from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import finish, interrupted, model_inputs, step_plan, train_loop
+from rlhf_cli.stages.common import export_final, finish, interrupted, model_inputs, step_plan, train_loop
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -72,10 +72,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         return None
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest.
-    def export() -> None:
-        eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
-
-    finish(run, metrics, last, run_eval(), SHOW, export,
+    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora),
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 from huggingface_hub import constants as hf_constants
 from peft import PeftModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlhf_cli.config.schema import LoRAConfig, ModelConfig, TinyModelConfig
+from rlhf_cli.config.schema import LoRAConfig, ModelConfig
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import (
     BUILTIN_TINY,
@@ -30,14 +31,6 @@ from rlhf_cli.models import (
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "rlhf_cli" / "assets"
-TINY = TinyModelConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 
 
 def _script(name: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from messages import assistant, system, user
+from helpers import assistant, system, user
 
 from rlhf_cli.config.schema import PreferenceDataConfig
 from rlhf_cli.data import (

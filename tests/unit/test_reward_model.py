@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForSequenceClassification,
@@ -29,14 +30,6 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 
-TINY = TinyModelConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 BUILTIN = ModelConfig(name_or_path="builtin:tiny-llama", tiny=TINY)
 WORDS = "what is two plus two it four five the answer sky blue green hello".split()
 

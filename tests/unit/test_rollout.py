@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY
 
-from rlhf_cli.config.schema import GenerationConfig, TinyModelConfig
+from rlhf_cli.config.schema import GenerationConfig
 from rlhf_cli.data import PreferencePair, tokenize_pair
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.errors import UserError
@@ -24,8 +25,6 @@ from rlhf_cli.rollout.generation import (
 )
 from rlhf_cli.rollout.rewards import FunctionReward, ModelReward
 
-TINY = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
 TAU = 0.7
 PROMPTS = ["Is 7 even or odd?", "Reverse the order of these words: cat, dog, sun, moon, tree.", "Hi"]
 

@@ -1,0 +1,25 @@
+"""Shared by the unit tests: message builders (`user("hi")` -> {"role": "user", "content": "hi"}) and the shape of
+a very small Llama for model-level tests."""
+
+from rlhf_cli.config.schema import TinyModelConfig
+
+TINY = TinyModelConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
