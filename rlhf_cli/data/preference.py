@@ -33,6 +33,7 @@ from rlhf_cli.data.sft import (
     DataReport,
     DropExample,
     apply_bad_row_policy,
+    build_splits,
     split_eval,
     tokenize_conversation,
 )
@@ -132,23 +133,11 @@ def build_preference_datasets(data_cfg: PreferenceDataConfig, tokenizer, seed: i
     prompt (SHP posts, multi-reply data) never straddle train and eval and inflate eval accuracy.
     """
     _check_config(data_cfg, tokenizer)
-    report = DataReport()
-    pairs = _read_pairs(data_cfg, data_cfg.split, report, report.dropped)
-    if data_cfg.eval_split:
-        train_pairs, eval_pairs = pairs, _read_pairs(data_cfg, data_cfg.eval_split, report, report.eval_dropped)
-    else:
-        train_pairs, eval_pairs = _split_by_prompt(pairs, data_cfg.eval_fraction, seed)
-    if data_cfg.max_samples is not None:
-        train_pairs = train_pairs[: data_cfg.max_samples]
-    train = _tokenize_all(tokenizer, train_pairs, data_cfg, report.dropped)
-    evals = _tokenize_all(tokenizer, eval_pairs, data_cfg, report.eval_dropped)
-    report.train_examples, report.eval_examples = len(train), len(evals)
-    if not train:
-        raise DataError(
-            f"no preference pair left from data.source={data_cfg.source} (split {data_cfg.split}).\n"
-            f"{report.summary()}\n"
-            "Check data.format, data.max_length / data.truncation, and the rows themselves."
-        )
+    train, evals, report = build_splits(
+        data_cfg, seed, lambda split, report, dropped: _read_pairs(data_cfg, split, report, dropped), _split_by_prompt,
+        lambda items, dropped: _tokenize_all(tokenizer, items, data_cfg, dropped),
+        "no preference pair left", "data.format, data.max_length / data.truncation",
+    )  # fmt: skip
     return PreferenceData(train, evals, report)
 
 

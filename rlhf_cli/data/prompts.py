@@ -28,6 +28,7 @@ from rlhf_cli.data.sft import (
     _reject_special_text,
     _render,
     apply_bad_row_policy,
+    build_splits,
     split_eval,
 )
 from rlhf_cli.data.sources import BadRow, Row, load_rows
@@ -118,23 +119,11 @@ def build_prompt_datasets(data_cfg: PromptDataConfig, tokenizer, seed: int) -> P
     `data.max_samples` then caps the training prompts. Raises DataError when no training prompt is left.
     """
     _check_prompt_config(data_cfg, tokenizer)
-    report = DataReport()
-    conversations = _read_prompts(data_cfg, data_cfg.split, report, report.dropped)
-    if data_cfg.eval_split:
-        eval_convs = _read_prompts(data_cfg, data_cfg.eval_split, report, report.eval_dropped)
-        train_convs = conversations
-    else:
-        train_convs, eval_convs = split_eval(conversations, data_cfg.eval_fraction, seed)
-    train_convs = train_convs if data_cfg.max_samples is None else train_convs[: data_cfg.max_samples]
-    train = _tokenize_prompts(tokenizer, train_convs, data_cfg.max_prompt_length, report.dropped)
-    evals = _tokenize_prompts(tokenizer, eval_convs, data_cfg.max_prompt_length, report.eval_dropped)
-    report.train_examples, report.eval_examples = len(train), len(evals)
-    if not train:
-        raise DataError(
-            f"no training prompt left from data.source={data_cfg.source} (split {data_cfg.split}).\n"
-            f"{report.summary()}\n"
-            "Check data.format, data.max_prompt_length, and the rows themselves."
-        )
+    train, evals, report = build_splits(
+        data_cfg, seed, lambda split, report, dropped: _read_prompts(data_cfg, split, report, dropped), split_eval,
+        lambda items, dropped: _tokenize_prompts(tokenizer, items, data_cfg.max_prompt_length, dropped),
+        "no training prompt left", "data.format, data.max_prompt_length",
+    )  # fmt: skip
     return PromptData(train, evals, report)
 
 

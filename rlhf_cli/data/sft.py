@@ -8,7 +8,7 @@ template's role headers, separators after an end-of-turn token, and padding.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -213,25 +213,38 @@ def _reject_special_text(tokenizer, messages: Conversation) -> None:
 def build_sft_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     """Read, adapt, split and tokenize the SFT data described by `data_cfg`; report what was left out."""
     _check_config(data_cfg, tokenizer)
+    train, evals, report = build_splits(
+        data_cfg, seed, lambda split, report, dropped: _read_conversations(data_cfg, split, report, dropped),
+        split_eval, lambda items, dropped: _tokenize_all(tokenizer, items, data_cfg, dropped),
+        "no training example left", "data.format, data.max_length / data.truncation",
+    )  # fmt: skip
+    return SFTData(train, evals, report)
+
+
+def build_splits(
+    data_cfg: Any, seed: int, read: Callable[[str, DataReport, dict], list], split: Callable[[list, float, int], tuple],
+    tokenize: Callable[[list, dict], list], nothing_left: str, check: str,
+) -> tuple[list, list, DataReport]:  # fmt: skip
+    """The shape every data builder shares: `read(split, report, dropped)` the train split, then the eval split or a
+    seeded held-out fraction (`split(items, fraction, seed)`), cap the training items at data.max_samples,
+    `tokenize(items, dropped)` both; drops are counted per reason in the report. DataError when no training
+    example is left (`nothing_left` says what, `check` which settings to look at)."""
     report = DataReport()
-    conversations = _read_conversations(data_cfg, data_cfg.split, report, report.dropped)
+    items = read(data_cfg.split, report, report.dropped)
     if data_cfg.eval_split:
-        train_convs = conversations
-        eval_convs = _read_conversations(data_cfg, data_cfg.eval_split, report, report.eval_dropped)
+        train_items, eval_items = items, read(data_cfg.eval_split, report, report.eval_dropped)
     else:
-        train_convs, eval_convs = split_eval(conversations, data_cfg.eval_fraction, seed)
+        train_items, eval_items = split(items, data_cfg.eval_fraction, seed)
     if data_cfg.max_samples is not None:
-        train_convs = train_convs[: data_cfg.max_samples]
-    train = _tokenize_all(tokenizer, train_convs, data_cfg, report.dropped)
-    evals = _tokenize_all(tokenizer, eval_convs, data_cfg, report.eval_dropped)
+        train_items = train_items[: data_cfg.max_samples]
+    train, evals = tokenize(train_items, report.dropped), tokenize(eval_items, report.eval_dropped)
     report.train_examples, report.eval_examples = len(train), len(evals)
     if not train:
         raise DataError(
-            f"no training example left from data.source={data_cfg.source} (split {data_cfg.split}).\n"
-            f"{report.summary()}\n"
-            "Check data.format, data.max_length / data.truncation, and the rows themselves."
+            f"{nothing_left} from data.source={data_cfg.source} (split {data_cfg.split}).\n{report.summary()}\n"
+            f"Check {check}, and the rows themselves."
         )
-    return SFTData(train, evals, report)
+    return train, evals, report
 
 
 def _check_config(data_cfg: DataConfig, tokenizer) -> None:
