@@ -22,14 +22,12 @@ from rlhf_cli.config.schema import PreferenceDataConfig
 from rlhf_cli.data.adapters import Conversation
 from rlhf_cli.data.preference_formats import PreferencePair, adapt_preference_rows, row_adapter
 from rlhf_cli.data.sft import (
-    BAD_ROW_POLICIES,
     BOUNDARY_MERGE,
     EMPTY_TURN,
     IGNORE_INDEX,
     NO_ROOM,
     SHORT_AFTER_TRUNCATION,
     TOO_LONG,
-    TRUNCATION_POLICIES,
     DataReport,
     DropExample,
     apply_bad_row_policy,
@@ -37,6 +35,7 @@ from rlhf_cli.data.sft import (
     split_eval,
     tokenize_conversation,
 )
+from rlhf_cli.data.sft import _check_config as check_sft_config
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.errors import DataError
 
@@ -143,14 +142,7 @@ def build_preference_datasets(data_cfg: PreferenceDataConfig, tokenizer, seed: i
 
 def _check_config(data_cfg: PreferenceDataConfig, tokenizer) -> None:
     row_adapter(data_cfg.format)  # an unknown format fails before any download
-    if data_cfg.truncation not in TRUNCATION_POLICIES:
-        raise DataError(f"data.truncation: '{data_cfg.truncation}' is not one of {', '.join(TRUNCATION_POLICIES)}.")
-    if data_cfg.bad_rows not in BAD_ROW_POLICIES:
-        raise DataError(f"data.bad_rows: '{data_cfg.bad_rows}' is not one of {', '.join(BAD_ROW_POLICIES)}.")
-    if not 0.0 <= data_cfg.eval_fraction < 1.0:
-        raise DataError(f"data.eval_fraction: {data_cfg.eval_fraction} must be in [0, 1).")
-    if data_cfg.max_length < 2:
-        raise DataError(f"data.max_length: {data_cfg.max_length} leaves no room for a prompt and a reply.")
+    check_sft_config(data_cfg, tokenizer)  # truncation, bad_rows, eval_fraction, max_length, chat template
     if data_cfg.margin_column and data_cfg.strength_column:
         raise DataError("data.margin_column and data.strength_column are both set; a margin comes from one of them.")
     if data_cfg.strength_column and not data_cfg.margin_map:
@@ -158,8 +150,6 @@ def _check_config(data_cfg: PreferenceDataConfig, tokenizer) -> None:
     for label, value in data_cfg.margin_map.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DataError(f"data.margin_map.{label}: {value!r} is not a number.")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the tokenizer has no chat template; set model.chat_template to a Jinja chat template.")
 
 
 def _read_pairs(
