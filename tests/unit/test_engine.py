@@ -98,3 +98,14 @@ def test_expected_checkpoint_size_uses_the_last_one(tmp_path):
     (step / "state" / "blob").write_bytes(b"x" * 1000)
     (step / COMPLETE_MARKER).write_text("")
     assert expected_checkpoint_bytes(engines=[], ckpt_dir=tmp_path) == 1000
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_frozen_model_is_eval_without_grad_in_the_engine_precision(precision, dtype):
+    from rlhf_cli import engine as eng
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    ds = SimpleNamespace(zero_stage=0, precision=precision, offload_param=False)
+    out = eng.frozen(model, ds, micro_batch=2, device=torch.device("cpu"))
+    assert not out.training and not any(p.requires_grad for p in out.parameters())
+    assert all(p.dtype == dtype for p in out.parameters())
