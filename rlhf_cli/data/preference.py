@@ -30,13 +30,12 @@ from rlhf_cli.data.sft import (
     TOO_LONG,
     DataReport,
     DropExample,
-    apply_bad_row_policy,
     build_splits,
+    read_split,
     split_eval,
     tokenize_conversation,
 )
 from rlhf_cli.data.sft import _check_config as check_sft_config
-from rlhf_cli.data.sources import load_rows
 from rlhf_cli.errors import DataError
 
 IDENTICAL_AFTER_TRUNCATION = "chosen and rejected identical after truncation"
@@ -155,12 +154,7 @@ def _check_config(data_cfg: PreferenceDataConfig, tokenizer) -> None:
 def _read_pairs(
     data_cfg: PreferenceDataConfig, split: str, report: DataReport, dropped: dict[str, int]
 ) -> list[PreferencePair]:
-    """Load and adapt one split under the `data.bad_rows` policy; filtered rows are counted in `dropped`."""
-    rows = load_rows(data_cfg.source, split, data_cfg.subset)
-    report.rows_read += len(rows)
-    adapted = adapt_preference_rows(rows, data_cfg)
-    apply_bad_row_policy(adapted.bad_rows, adapted.skipped, data_cfg.bad_rows, report, dropped)
-    return adapted.pairs
+    return read_split(data_cfg, split, report, dropped, adapt_preference_rows).pairs
 
 
 def _split_by_prompt(

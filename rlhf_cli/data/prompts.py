@@ -27,11 +27,11 @@ from rlhf_cli.data.sft import (
     _check_config,
     _reject_special_text,
     _render,
-    apply_bad_row_policy,
     build_splits,
+    read_split,
     split_eval,
 )
-from rlhf_cli.data.sources import BadRow, Row, load_rows
+from rlhf_cli.data.sources import BadRow, Row
 from rlhf_cli.errors import DataError
 
 # Drop reasons (keys of DataReport.dropped / eval_dropped).
@@ -146,10 +146,7 @@ def _read_prompts(
     data_cfg: PromptDataConfig, split: str, report: DataReport, dropped: dict[str, int]
 ) -> list[tuple[str, Conversation]]:
     """Load and adapt one split under `data.bad_rows`, prepend `data.system_prompt`, keep each prompt once."""
-    rows = load_rows(data_cfg.source, split, data_cfg.subset)
-    report.rows_read += len(rows)
-    adapted = _adapt_rows(rows, data_cfg)
-    apply_bad_row_policy(adapted.bad_rows, adapted.skipped, data_cfg.bad_rows, report, dropped)
+    adapted = read_split(data_cfg, split, report, dropped, _adapt_rows)
     unique: dict[str, tuple[str, Conversation]] = {}
     for location, conv in adapted.conversations:
         if data_cfg.system_prompt:

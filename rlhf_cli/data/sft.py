@@ -263,12 +263,17 @@ def _check_config(data_cfg: DataConfig, tokenizer) -> None:
 def _read_conversations(
     data_cfg: DataConfig, split: str, report: DataReport, dropped: dict[str, int]
 ) -> list[tuple[str, Conversation]]:
-    """Load and adapt one split, applying the `data.bad_rows` policy; skipped rows are counted in `dropped`."""
+    return read_split(data_cfg, split, report, dropped, adapt_rows).conversations
+
+
+def read_split(data_cfg: Any, split: str, report: DataReport, dropped: dict[str, int], adapt: Callable) -> Any:
+    """Load one split, `adapt(rows, data_cfg)` its rows and apply the `data.bad_rows` policy; rows the format
+    filtered out are counted in `dropped`. Returns what the adapter made (conversations or pairs, and the rejects)."""
     rows = load_rows(data_cfg.source, split, data_cfg.subset)
     report.rows_read += len(rows)
-    adapted = adapt_rows(rows, data_cfg)
+    adapted = adapt(rows, data_cfg)
     apply_bad_row_policy(adapted.bad_rows, adapted.skipped, data_cfg.bad_rows, report, dropped)
-    return adapted.conversations
+    return adapted
 
 
 def apply_bad_row_policy(

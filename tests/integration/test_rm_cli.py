@@ -137,10 +137,7 @@ def _bert_folder(folder: Path) -> Path:
     config = BertConfig(
         vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
     )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _save_seeded(BertModel, config, tok, folder)
 
 
 def test_encoder_reward_model_trains_reloads_and_scores(tmp_path):
@@ -256,6 +253,14 @@ def test_score_errors_name_the_row_and_the_fix(e2e, tmp_path):
     assert code == 2 and "no run directory" in err
 
 
+def _save_seeded(model_class, config, tok, folder: Path) -> Path:
+    """A freshly initialised (seed 0) model of `config` and its tokenizer, saved as a Hugging Face folder."""
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def _classifier_folder(folder: Path) -> Path:
     """A tiny 3-label decoder classifier (e.g. a toxicity model) with named labels."""
     tok = tiny_tokenizer()
@@ -264,10 +269,7 @@ def _classifier_folder(folder: Path) -> Path:
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
     )
     config = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, id2label=labels, **shape)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _save_seeded(LlamaForSequenceClassification, config, tok, folder)
 
 
 def test_score_with_a_three_class_classifier(tmp_path):

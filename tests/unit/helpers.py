@@ -1,7 +1,13 @@
-"""Shared by the unit tests: message builders (`user("hi")` -> {"role": "user", "content": "hi"}) and the shape of
-a very small Llama for model-level tests."""
+"""Shared by the unit tests: repository paths, message builders (`user("hi")` -> {"role": "user", "content":
+"hi"}) and the shape of a very small Llama for model-level tests."""
+
+from pathlib import Path
 
 from rlhf_cli.config.schema import TinyModelConfig
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "rlhf_cli" / "assets"
+HH_REAL = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"  # real data, when beside the repo
 
 TINY = TinyModelConfig(
     hidden_size=32,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY
+from helpers import ASSETS, REPO, TINY
 from huggingface_hub import constants as hf_constants
 from peft import PeftModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,9 +27,6 @@ from rlhf_cli.models import (
     tiny_tokenizer,
     tiny_tokenizer_path,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "rlhf_cli" / "assets"
 
 
 def _script(name: str):

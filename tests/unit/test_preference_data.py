@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assistant, system, user
+from helpers import HH_REAL, REPO, assistant, system, user
 
 from rlhf_cli.config.schema import PreferenceDataConfig
 from rlhf_cli.data import (
@@ -32,9 +32,7 @@ from rlhf_cli.data.sft import BOUNDARY_MERGE, NO_ROOM, SHORT_AFTER_TRUNCATION, T
 from rlhf_cli.errors import DataError
 from rlhf_cli.models.tiny import tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "preference"
-HH_REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 EOS = 1
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assistant, system, user
+from helpers import ASSETS, HH_REAL, REPO, assistant, system, user
 
 from rlhf_cli.config.schema import PromptDataConfig
 from rlhf_cli.data.adapters import dolly_row
@@ -30,8 +30,6 @@ from rlhf_cli.errors import DataError
 from rlhf_cli.models.tiny import tiny_tokenizer
 from rlhf_cli.tasks.word_order import expected_words
 
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "rlhf_cli" / "assets"
 PAD = 0
 
 
@@ -308,9 +306,6 @@ def test_sample_prompts_script_is_deterministic_and_avoids_sft_prompts(tmp_path)
     prompts = {r["prompt"] for r in rows}
     sft = [json.loads(line) for line in (ASSETS / "sample_dolly.jsonl").read_text().splitlines()]
     assert len(prompts) == 500 and not prompts & {dolly_row(r, "x")[0]["content"] for r in sft}
-
-
-HH_REAL = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 @pytest.mark.skipif(not HH_REAL.is_file(), reason=f"real HH-RLHF test split not found at {HH_REAL}")

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
+from helpers import ASSETS
 
 from rlhf_cli.data.adapters import dolly_row
 from rlhf_cli.tasks import word_order, write_rows
 from rlhf_cli.tasks.word_order import build_rows, expected_words, gold_reward, make_prompt
-
-ASSETS = Path(__file__).resolve().parents[2] / "rlhf_cli" / "assets"
 
 REVERSE = "Reverse the order of these words: cat, dog, sun."
 SORT = "Sort these words alphabetically: tree, apple, moon."
