@@ -379,12 +379,19 @@ def gathered_for_generation(engine: Any) -> Iterator[Any]:
         module.train(was_training)
 
 
-def place(model: Any, device: torch.device) -> Any:
-    """Move a frozen (non-ZeRO-3) model between the accelerator and the CPU; a DeepSpeed inference engine stays
-    put (ZeRO-3 offloads its parameters itself with `deepspeed.offload_param`)."""
-    if isinstance(model, torch.nn.Module) and not hasattr(model, "zero_optimization_stage"):
+@contextlib.contextmanager
+def on_device(model: Any, device: torch.device, offloaded: bool) -> Iterator[Any]:
+    """A frozen model that lives on the CPU between uses (`offloaded`), on `device` for the duration; otherwise
+    unchanged. A DeepSpeed inference engine (ZeRO-3) stays put: it offloads its parameters itself
+    (`deepspeed.offload_param`)."""
+    movable = offloaded and isinstance(model, torch.nn.Module) and not hasattr(model, "zero_optimization_stage")
+    if movable:
         model.to(device)
-    return model
+    try:
+        yield model
+    finally:
+        if movable:
+            model.to("cpu")
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

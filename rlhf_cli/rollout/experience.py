@@ -22,7 +22,14 @@ from rlhf_cli.losses.ppo import (
     per_token_rewards,
 )
 from rlhf_cli.models.reward import head_outputs
-from rlhf_cli.rollout.generation import Sequences, model_inputs, response_logits, response_logprobs, sample
+from rlhf_cli.rollout.generation import (
+    Sequences,
+    decode_responses,
+    model_inputs,
+    response_logits,
+    response_logprobs,
+    sample,
+)
 
 
 @dataclass
@@ -64,12 +71,8 @@ class Reference:
         if self.model is None:
             with unwrap_peft(actor).disable_adapter():
                 return response_logprobs(response_logits(actor, seq), seq, temperature)
-        model = eng.place(self.model, self.device) if self.offload else self.model
-        try:
+        with eng.on_device(self.model, self.device, self.offload) as model:
             return response_logprobs(response_logits(model, seq), seq, temperature)
-        finally:
-            if self.offload:
-                eng.place(self.model, torch.device("cpu"))
 
 
 def unwrap_peft(model: Any) -> Any:
@@ -83,47 +86,36 @@ def critic_values(critic: Any, seq: Sequences) -> torch.Tensor:
     return out[:, seq.prompt_len - 1 : -1] * seq.response_mask
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 @torch.no_grad()
 def collect(actor: Any, critic: Any, ref: Reference, reward: Any, prompts: list[Any], batch: dict, tokenizer: Any,
-            st: Any, gen_config: Any, micro: int) -> Rollout:  # fmt: skip
+            st: Any, gen_config: Any) -> Rollout:  # fmt: skip
     """Sample one response per prompt (left-padded batch {"input_ids", "attention_mask"} (B, P)) and read back the
-    old log-probs, reference log-probs, values and scores, micro-batch by micro-batch."""
+    old log-probs, reference log-probs and values (micro-batch by micro-batch) and the scores, with the missing-EOS
+    rule (stage.reward.missing_eos_penalty / missing_eos_score) applied."""
     t0 = time.perf_counter()
     with eng.gathered_for_generation(actor) as module:
         seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
     t1 = time.perf_counter()
-    responses = tokenizer.batch_decode(seq.response_ids.masked_fill(seq.response_mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)  # fmt: skip
+    responses = decode_responses(tokenizer, seq)
     actor.eval(), critic.eval()
     tau = st.generation.temperature
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
-    for part in _chunks(len(prompts), micro):
-        sub = _full_width(seq, part)
+    for start in range(0, len(prompts), st.micro_batch_size):
+        sub = seq.rows(slice(start, start + st.micro_batch_size), trim=False)
         parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
         parts["ref"].append(ref.logprobs(actor, sub, tau))
         parts["values"].append(critic_values(critic, sub))
-    scores = reward.score(prompts, seq, responses).float()
+    r = st.reward
+    scores = apply_missing_eos(reward.score(prompts, seq, responses).float(), seq.has_eos, r.missing_eos_penalty,
+                               r.missing_eos_score)  # fmt: skip
     actor.train(), critic.train()
-    t2 = time.perf_counter()
     out = Rollout(seq, prompts, responses, *(torch.cat(parts[k]) for k in ("old", "ref", "values")), scores)
-    out.seconds = {"generation": t1 - t0, "scoring": t2 - t1}
+    out.seconds = {"generation": t1 - t0, "scoring": time.perf_counter() - t1}
     return out
 
 
-def _full_width(seq: Sequences, part: slice) -> Sequences:
-    """Rows `part` at the batch's full width (old log-probs keep the rollout's (B, R) shape)."""
-    return Sequences(seq.input_ids[part], seq.attention_mask[part], seq.position_ids[part], seq.response_mask[part],
-                     seq.has_eos[part], seq.prompt_len)  # fmt: skip
-
-
-def shape_scores(ro: Rollout, reward_cfg: Any, stats: tuple[float, float] | None) -> torch.Tensor:
-    """Missing-EOS rule, then optional normalisation with (mean, std), then optional clipping -> (B,)."""
-    scores = apply_missing_eos(ro.scores, ro.seq.has_eos, reward_cfg.missing_eos_penalty, reward_cfg.missing_eos_score)
-    ro.scores = scores
+def shape_scores(scores: torch.Tensor, reward_cfg: Any, stats: tuple[float, float] | None) -> torch.Tensor:
+    """Optional normalisation with (mean, std), then optional clipping: (B,) -> (B,)."""
     if stats is not None:
         return normalize_scores(scores, stats[0], stats[1], reward_cfg.clip)
     return clip_scores(scores, reward_cfg.clip)

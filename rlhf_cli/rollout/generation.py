@@ -35,10 +35,11 @@ class Sequences:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len :]
 
-    def rows(self, idx: torch.Tensor | slice) -> Sequences:
-        """The sub-batch `idx`, with columns that are padding in every selected row trimmed from the right."""
+    def rows(self, idx: torch.Tensor | slice, trim: bool = True) -> Sequences:
+        """The sub-batch `idx`; with `trim`, columns that are padding in every selected row are cut from the right
+        (without, it keeps the batch's width, so per-row results stack back into (B, R))."""
         mask = self.response_mask[idx]
-        width = int(mask.sum(0).nonzero().max()) + 1 if mask.any() else 1
+        width = int(mask.sum(0).nonzero().max()) + 1 if trim and mask.any() else mask.shape[1]
         end = self.prompt_len + width
         return Sequences(
             self.input_ids[idx, :end], self.attention_mask[idx, :end], self.position_ids[idx, :end],
@@ -91,6 +92,12 @@ def sample(module: Any, prompts: dict[str, torch.Tensor], config: GenerationConf
         response = torch.full((response.shape[0], 1), pad_id, dtype=response.dtype, device=response.device)
         mask = torch.zeros(response.shape, device=response.device)
     return join(prompts["input_ids"], prompts["attention_mask"], response, mask, has_eos)
+
+
+def decode_responses(tokenizer: Any, seq: Sequences) -> list[str]:
+    """The responses as text, up to and including their EOS (special tokens dropped)."""
+    ids = seq.response_ids.masked_fill(seq.response_mask == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def model_inputs(seq: Sequences) -> dict[str, torch.Tensor]:

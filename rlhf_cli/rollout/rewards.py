@@ -85,12 +85,8 @@ class ModelReward:
         from rlhf_cli.models.reward import sequence_logits
 
         batch = self._encode(prompts, seq, responses)
-        model = eng.place(self.model, self.dist.device) if self.offload else self.model
-        try:
+        with eng.on_device(self.model, self.dist.device, self.offload) as model:
             logits = sequence_logits(model, **batch).float()
-        finally:
-            if self.offload:
-                eng.place(self.model, torch.device("cpu"))
         if self.cfg.reduce == "prob":
             logits = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         return logits[:, self.index]

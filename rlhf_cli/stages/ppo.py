@@ -28,7 +28,7 @@ from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import disable_dropout, enable_gradient_checkpointing, is_builtin, load_causal_lm, load_tokenizer
 from rlhf_cli.models.reward import load_reward_model, pools_last_token
 from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_scores
-from rlhf_cli.rollout.generation import sample, sampling_config
+from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import StepPlan, finish, interrupted, policy_engine, train_loop
@@ -85,8 +85,9 @@ def run(cfg: Any, run: Run) -> Path | None:
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
         # Sampling is seeded by (seed, iteration, rank): a resumed run draws what an uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
-        ro = collect(actor, critic, ref, reward, prompts, batch, tokenizer, st, gen_config, st.micro_batch_size)
-        ro = advantages(ro, st, kl_ctl.value, shape_scores(ro, st.reward, score_stats(st, ro, moments, rm_stats)))
+        ro = collect(actor, critic, ref, reward, prompts, batch, tokenizer, st, gen_config)
+        stats = score_stats(st, ro.scores, moments, rm_stats)
+        ro = advantages(ro, st, kl_ctl.value, shape_scores(ro.scores, st.reward, stats))
         out = {**rollout_metrics(ro), "kl_coef": kl_ctl.value}
         t0 = time.perf_counter()
         out.update(ppo_update(actor, critic, ro, st, step, cfg.seed, ptx))
@@ -200,15 +201,12 @@ def reward_stats(st: Any, run: Run) -> tuple[float, float] | None:
     return float(metrics["reward_mean"]), float(metrics["reward_std"])
 
 
-def score_stats(st: Any, ro: Any, moments: RunningMoments, rm_stats: tuple | None) -> tuple[float, float] | None:
-    """The (mean, std) to normalise this batch's scores with, updating the running moments with every rank's."""
+def score_stats(st: Any, scores: torch.Tensor, moments: RunningMoments, rm_stats: tuple | None) -> tuple | None:
+    """The (mean, std) to normalise this batch's scores (B,) with; `running` first adds every rank's scores."""
     if st.reward.normalize == "rm_stats":
         return rm_stats
     if st.reward.normalize != "running":
         return None
-    from rlhf_cli.losses.ppo import apply_missing_eos
-
-    scores = apply_missing_eos(ro.scores, ro.seq.has_eos, st.reward.missing_eos_penalty, st.reward.missing_eos_score)
     moments.update(eng.all_gather_cat(scores.detach().double().cpu()))
     return moments.mean, moments.std
 
@@ -250,9 +248,7 @@ def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, d
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
         with eng.gathered_for_generation(actor) as module:
             seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(seq.response_ids.masked_fill(seq.response_mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)  # fmt: skip
-        scores = reward.score(prompts, seq, texts).double().cpu()
+        scores = reward.score(prompts, seq, decode_responses(tokenizer, seq)).double().cpu()
         sums += torch.tensor([len(prompts), scores.sum(), seq.response_mask.sum(), seq.has_eos.sum()],
                              dtype=torch.float64)  # fmt: skip
     torch.set_rng_state(rng)

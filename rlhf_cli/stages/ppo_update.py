@@ -61,22 +61,21 @@ def ppo_update(actor: Any, critic: Any, ro: Rollout, st: Any, iteration: int, se
     sums = torch.zeros(N_SUMS, dtype=torch.float64)
     first: dict[str, float] = {}
     steps, norm = 0, None
-    for epoch in range(st.ppo_epochs):
-        perm = torch.randperm(n, generator=gen)
-        for m in range(n_mini):
-            ptx_batches = ptx.micro_batches((iteration * st.ppo_epochs + epoch) * n_mini + m, ro.mask.device) \
-                if ptx else None  # fmt: skip
-            mb, norm = minibatch_step(actor, critic, ro, st, perm[m * mini : (m + 1) * mini], ptx_batches)
-            sums += mb
-            steps += 1
-            approx_kl = float(mb[UPDATE_KEYS.index("approx_kl")] / mb[VALID])
-            if not first:  # before any optimizer step: the ratio must be 1 and the approximate KL 0
-                first = {"log_ratio_first": float(mb[ABS_LOG_RATIO] / mb[VALID]), "approx_kl_first": approx_kl}
-            if st.target_kl is not None and approx_kl > st.target_kl:
-                break
-        else:
-            continue
-        break
+    # One flat loop over (epoch, mini-batch), so an early stop leaves it with a single break; the update index
+    # (iteration x epochs x mini-batches + position) also picks the ptx batch.
+    for update in range(st.ppo_epochs * n_mini):
+        m = update % n_mini
+        if m == 0:
+            perm = torch.randperm(n, generator=gen)  # a new shuffle every PPO epoch
+        ptx_batches = ptx.micro_batches(iteration * st.ppo_epochs * n_mini + update, ro.mask.device) if ptx else None
+        mb, norm = minibatch_step(actor, critic, ro, st, perm[m * mini : (m + 1) * mini], ptx_batches)
+        sums += mb
+        steps += 1
+        approx_kl = float(mb[UPDATE_KEYS.index("approx_kl")] / mb[VALID])
+        if not first:  # before any optimizer step: the ratio must be 1 and the approximate KL 0
+            first = {"log_ratio_first": float(mb[ABS_LOG_RATIO] / mb[VALID]), "approx_kl_first": approx_kl}
+        if st.target_kl is not None and approx_kl > st.target_kl:
+            break
     out = {k: float(sums[i] / sums[VALID]) for i, k in enumerate(UPDATE_KEYS)}
     out["loss"] = out["policy_loss"] + st.vf_coef * out["value_loss"]
     if ptx:
