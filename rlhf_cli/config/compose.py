@@ -124,7 +124,7 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
 
 # Keys whose value must be one of a few words: checked here so a typo fails before any model is built.
 _CHOICES: dict[str, tuple] = {
-    "data.truncation": ("drop", "truncate_response"),
+    "data.truncation": ("drop", "truncate_response", "truncate_prompt"),
     "data.bad_rows": ("skip", "fail"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "deepspeed.precision": ("fp32", "bf16", "fp16"),

@@ -75,8 +75,9 @@ class DataConfig:
     eval_fraction: float = 0.05
     max_samples: int | None = None  # cap on rows read (after the eval split is taken)
     max_length: int = 512  # tokens of prompt + response
-    # When prompt + response exceed max_length: `drop` the example, or `truncate_response` (keep the whole
-    # prompt, cut the response; dropped anyway if fewer than min_response_tokens remain).
+    # When prompt + response exceed max_length: `drop` the example, `truncate_response` (keep the whole
+    # prompt, cut the response; dropped anyway if fewer than min_response_tokens remain), or `truncate_prompt`
+    # (keep the final turns and the whole reply, cut the oldest context of the prompt).
     truncation: str = "drop"
     min_response_tokens: int = 1
     # A malformed row (missing field, wrong type, empty response): `skip` it (counted, reported) or `fail`.
@@ -100,8 +101,9 @@ class PreferenceDataConfig:
     eval_fraction: float = 0.1
     max_samples: int | None = None
     max_length: int = 512  # tokens of prompt + the longer reply
-    # Too long: `drop` the pair, or `truncate_response` (keep the whole prompt, cut both replies; dropped
-    # anyway if either keeps fewer than min_response_tokens).
+    # Too long: `drop` the pair, `truncate_response` (keep the whole prompt, cut both replies; dropped
+    # anyway if either keeps fewer than min_response_tokens), or `truncate_prompt` (keep the final turns and both
+    # whole replies, cut the oldest context of the prompt).
     truncation: str = "drop"
     min_response_tokens: int = 1
     bad_rows: str = "skip"
@@ -130,7 +132,10 @@ class PromptDataConfig:
     eval_split: str | None = None
     eval_fraction: float = 0.1
     max_samples: int | None = None  # cap on training prompts (after the eval split is taken)
-    max_prompt_length: int = 256  # tokens after the chat template; longer prompts are dropped (counted)
+    max_prompt_length: int = 256  # tokens after the chat template
+    # A longer prompt is dropped (`drop`, counted) or cut from the left (`truncate_prompt`: the oldest context goes,
+    # the final turns stay).
+    truncation: str = "drop"
     bad_rows: str = "skip"
     system_prompt: str | None = None
 
