@@ -194,3 +194,45 @@ def test_rollout_metrics_by_hand():
     assert out["total_reward"] == pytest.approx((0.1 - 0.2 + 1 - 1) / 2)
     assert out["response_length"] == 2.5 and out["eos_fraction"] == 0.5 and out["generated_tokens"] == 5
     assert out["explained_variance"] == pytest.approx(explained_variance(ro.values, ro.returns, mask), abs=1e-6)
+
+
+# Fields a chat checkpoint's generation_config.json may ship; each would change the sampled distribution.
+SHIPPED_GENERATION = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 1, "min_p": 0.2, "typical_p": 0.5,
+                      "min_new_tokens": 4, "suppress_tokens": [3], "bad_words_ids": [[4]], "top_k": 50,
+                      "top_p": 0.8, "temperature": 0.3, "epsilon_cutoff": 0.01}  # fmt: skip
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_rollouts_ignore_the_checkpoints_generation_config(tok, monkeypatch, greedy):
+    """With a checkpoint whose generation config sets penalties and warpers, the logits processors that generation
+    actually builds are the temperature alone (sampling) or none (greedy), and the model keeps its config."""
+    model = _model(tok)
+    for key, value in SHIPPED_GENERATION.items():
+        setattr(model.generation_config, key, value)
+    built: list[list[str]] = []
+    original = type(model)._get_logits_processor
+
+    def spy(self, *args, **kwargs):
+        processors = original(self, *args, **kwargs)
+        built.append([type(p).__name__ for p in processors])
+        return processors
+
+    monkeypatch.setattr(type(model), "_get_logits_processor", spy)
+    config = sampling_config(GenerationConfig(max_new_tokens=4, temperature=TAU), tok.eos_token_id,
+                             tok.pad_token_id, greedy=greedy)  # fmt: skip
+    sample(model, collate_prompts(_prompts(tok), tok.pad_token_id), config, tok.eos_token_id, tok.pad_token_id)
+    assert built == [[] if greedy else ["TemperatureLogitsWarper"]]
+    assert model.generation_config.repetition_penalty == 1.3  # restored after generation
+
+
+def test_tokens_banned_by_the_checkpoint_config_still_reach_rollouts(tok):
+    """A checkpoint config that suppresses tokens (or, like `no_repeat_ngram_size: 1`, bans the EOS that the chat
+    template already put in the prompt) must not change rollouts: the greedy rollouts of the same model with and
+    without it are identical, although it bans the very tokens the clean rollouts chose."""
+    model, batch = _model(tok), collate_prompts(_prompts(tok), tok.pad_token_id)
+    config = sampling_config(GenerationConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id, greedy=True)
+    clean = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    model.generation_config.suppress_tokens = sorted(set(clean.response_ids[:, 0].tolist()))
+    model.generation_config.no_repeat_ngram_size = 1
+    shipped = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(clean.input_ids, shipped.input_ids)
