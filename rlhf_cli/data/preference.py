@@ -26,12 +26,14 @@ from rlhf_cli.data.sft import (
     EMPTY_TURN,
     IGNORE_INDEX,
     NO_ROOM,
+    REPLY_CHANGED,
     SHORT_AFTER_TRUNCATION,
     TOO_LONG,
     DataReport,
     DropExample,
     build_splits,
     read_split,
+    recent_turns,
     split_eval,
     tokenize_conversation,
 )
@@ -47,6 +49,7 @@ class PreferenceExample:
     chosen_ids: list[int]  # (Lc,), ends with EOS unless truncated
     rejected_ids: list[int]  # (Lr,)
     margin: float = 0.0
+    prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
 
 
 @dataclass
@@ -66,10 +69,28 @@ def tokenize_pair(
 
     `truncate_response` keeps the whole prompt and cuts each reply to the room left: a cut reply loses its EOS,
     so a reward model scores it where it was cut (the caller may count such pairs: `ids[-1] != eos`).
+    `truncate_prompt` cuts the oldest exchanges of the prompt (`recent_turns`) until it and the longer reply fit;
+    both replies share that one cut prompt and keep exactly the ids they have after the whole prompt.
     """
-    chosen = _reply_ids(tokenizer, pair.prompt, pair.chosen)
-    rejected = _reply_ids(tokenizer, pair.prompt, pair.rejected)
-    prompt_ids = _render_prompt(tokenizer, pair.prompt)
+    prompt_ids, chosen_ids, rejected_ids = _pair_ids(tokenizer, pair.prompt, pair)
+    longer = max(len(chosen_ids), len(rejected_ids))
+    truncated = truncation == "truncate_prompt" and len(prompt_ids) + longer > max_length
+    if truncated:
+        prompt_ids, *replies = _pair_ids(tokenizer, recent_turns(tokenizer, pair.prompt, longer, max_length), pair)
+        if replies != [chosen_ids, rejected_ids]:
+            raise DropExample(REPLY_CHANGED)  # a template that renders a reply after its history differently
+    chosen_ids, rejected_ids = _fit_pair(
+        len(prompt_ids), chosen_ids, rejected_ids, max_length, truncation, min_response_tokens
+    )
+    margin = 0.0 if pair.margin is None else pair.margin
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, margin, truncated)
+
+
+def _pair_ids(tokenizer, prompt: Conversation, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
+    """Ids of `prompt` (P,) with the generation prompt, and of each reply after it (Lc,), (Lr,), through EOS."""
+    chosen = _reply_ids(tokenizer, prompt, pair.chosen)
+    rejected = _reply_ids(tokenizer, prompt, pair.rejected)
+    prompt_ids = _render_prompt(tokenizer, prompt)
     for full, _ in (chosen, rejected):
         if full[: len(prompt_ids)] != prompt_ids:
             # SFT already checks this for its own rendering; this guards the one the pair's ids come from.
@@ -77,10 +98,7 @@ def tokenize_pair(
     chosen_ids, rejected_ids = (full[len(prompt_ids) : end] for full, end in (chosen, rejected))
     if not chosen_ids or not rejected_ids:
         raise DropExample(EMPTY_TURN)
-    chosen_ids, rejected_ids = _fit_pair(
-        len(prompt_ids), chosen_ids, rejected_ids, max_length, truncation, min_response_tokens
-    )
-    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, 0.0 if pair.margin is None else pair.margin)
+    return prompt_ids, chosen_ids, rejected_ids
 
 
 def _reply_ids(tokenizer, prompt: Conversation, reply: str) -> tuple[list[int], int]:
@@ -105,13 +123,14 @@ def _render_prompt(tokenizer, prompt: Conversation) -> list[int]:
 def _fit_pair(
     prompt_len: int, chosen: list[int], rejected: list[int], max_length: int, truncation: str, min_response_tokens: int
 ) -> tuple[list[int], list[int]]:
-    """Apply `data.max_length` (prompt + the longer reply) with the `data.truncation` policy."""
+    """Apply `data.max_length` (prompt + the longer reply) with the `data.truncation` policy (`truncate_prompt` has
+    already cut the prompt)."""
     if prompt_len >= max_length:
         raise DropExample(NO_ROOM)
     room = max_length - prompt_len
     if max(len(chosen), len(rejected)) <= room:
         return chosen, rejected
-    if truncation == "drop":
+    if truncation != "truncate_response":
         raise DropExample(TOO_LONG)
     chosen, rejected = chosen[:room], rejected[:room]
     if min(len(chosen), len(rejected)) < min_response_tokens:

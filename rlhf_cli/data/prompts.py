@@ -8,6 +8,9 @@ reward function such as `rlhf_cli.tasks.word_order:gold_reward` receives.
 `PROMPT_FORMATS` lists `data.format` values: the SFT formats read only their prompt columns (a reply column may be
 there or not), the preference formats give the prompt of each pair. Identical prompts are kept once: preference
 data repeats a prompt for every pair on it (SHP posts), and a repeat would otherwise straddle train and eval.
+
+A prompt longer than `data.max_prompt_length` is dropped (`data.truncation=drop`) or loses its oldest exchanges
+(`truncate_prompt`, SFT's `cut_oldest_turns`); `truncate_response` has no meaning here, the reply is generated.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rlhf_cli.data.sft import (
     _reject_special_text,
     _render,
     build_splits,
+    cut_oldest_turns,
     read_split,
     split_eval,
 )
@@ -38,12 +42,15 @@ from rlhf_cli.errors import DataError
 PROMPT_TOO_LONG = "prompt longer than data.max_prompt_length"
 DUPLICATE_PROMPT = "duplicate prompt"
 
+PROMPT_TRUNCATION_POLICIES = ("drop", "truncate_prompt")
+
 
 @dataclass(frozen=True)
 class PromptExample:
     input_ids: list[int]  # (P,) chat template with the generation prompt: what the policy continues
     text: str  # content of the final user message (the prompt a reward function sees)
-    messages: list[dict]  # the conversation, ending with that user message
+    messages: list[dict]  # the conversation, ending with that user message (after any cut: what input_ids render)
+    prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
 
 
 @dataclass
@@ -121,7 +128,7 @@ def build_prompt_datasets(data_cfg: PromptDataConfig, tokenizer, seed: int) -> P
     _check_prompt_config(data_cfg, tokenizer)
     train, evals, report = build_splits(
         data_cfg, seed, lambda split, report, dropped: _read_prompts(data_cfg, split, report, dropped), split_eval,
-        lambda items, dropped: _tokenize_prompts(tokenizer, items, data_cfg.max_prompt_length, dropped),
+        lambda items, dropped: _tokenize_prompts(tokenizer, items, data_cfg, dropped),
         "no training prompt left", "data.format, data.max_prompt_length",
     )  # fmt: skip
     return PromptData(train, evals, report)
@@ -138,6 +145,16 @@ def _check_prompt_config(data_cfg: PromptDataConfig, tokenizer) -> None:
         raise DataError(f"data.max_prompt_length: {data_cfg.max_prompt_length} must be at least 1 token.")
     if data_cfg.max_samples is not None and data_cfg.max_samples < 1:
         raise DataError(f"data.max_samples: {data_cfg.max_samples} must be at least 1 (or null for all prompts).")
+    if data_cfg.truncation == "truncate_response":
+        raise DataError(
+            "data.truncation: truncate_response does not apply to prompt data: a prompt has no response to cut (the "
+            "policy writes it). Use drop (leave out prompts longer than data.max_prompt_length) or truncate_prompt "
+            "(cut their oldest turns)."
+        )
+    if data_cfg.truncation not in PROMPT_TRUNCATION_POLICIES:
+        raise DataError(
+            f"data.truncation: '{data_cfg.truncation}' is not one of {', '.join(PROMPT_TRUNCATION_POLICIES)}."
+        )
     # SFT's checks of data.bad_rows, data.eval_fraction and the chat template; its length settings do not apply.
     _check_config(DataConfig(bad_rows=data_cfg.bad_rows, eval_fraction=data_cfg.eval_fraction), tokenizer)
 
@@ -157,28 +174,35 @@ def _read_prompts(
     return list(unique.values())
 
 
-def tokenize_prompt(tokenizer, messages: Conversation, max_prompt_length: int) -> PromptExample:
+def tokenize_prompt(
+    tokenizer, messages: Conversation, max_prompt_length: int, truncation: str = "drop"
+) -> PromptExample:
     """Render `messages` (ending with a user message) with the generation prompt; DropExample(reason) to leave out.
 
     The ids equal the prompt ids of `tokenize_pair` / SFT for the same conversation, so generation continues
-    exactly where those stages trained the reply.
+    exactly where those stages trained the reply. Longer than `max_prompt_length`: `truncate_prompt` cuts the
+    oldest exchanges (`cut_oldest_turns`; the system prompt and the final user message stay whole), `drop` and a
+    prompt whose system prompt and final user turn alone are too long give DropExample(PROMPT_TOO_LONG).
     """
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("a prompt must end with a user message")
     _reject_special_text(tokenizer, messages)  # as SFT/RM: text like "<|end|>" would encode as the control token
     ids = _render(tokenizer, messages, add_generation_prompt=True)
+    truncated = truncation == "truncate_prompt" and len(ids) > max_prompt_length
+    if truncated:
+        messages, ids = cut_oldest_turns(tokenizer, messages, max_prompt_length)
     if len(ids) > max_prompt_length:
         raise DropExample(PROMPT_TOO_LONG)
-    return PromptExample(ids, messages[-1]["content"], messages)
+    return PromptExample(ids, messages[-1]["content"], messages, truncated)
 
 
 def _tokenize_prompts(
-    tokenizer, conversations: list[tuple[str, Conversation]], max_prompt_length: int, dropped: dict[str, int]
+    tokenizer, conversations: list[tuple[str, Conversation]], data_cfg: PromptDataConfig, dropped: dict[str, int]
 ) -> list[PromptExample]:
     examples = []
     for _, conv in conversations:
         try:
-            examples.append(tokenize_prompt(tokenizer, conv, max_prompt_length))
+            examples.append(tokenize_prompt(tokenizer, conv, data_cfg.max_prompt_length, data_cfg.truncation))
         except DropExample as drop:
             dropped[drop.reason] = dropped.get(drop.reason, 0) + 1
     return examples

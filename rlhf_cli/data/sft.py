@@ -3,6 +3,10 @@
 Labels are *not* shifted here: `labels[t]` is the target for position t, the same length as `input_ids`, and
 the loss shifts logits/labels (ALGORITHMS.md §1). -100 marks tokens without loss: system/user turns, the
 template's role headers, separators after an end-of-turn token, and padding.
+
+Examples longer than `data.max_length` are dropped (`drop`), have their last response cut (`truncate_response`),
+or lose the oldest exchanges of their prompt (`truncate_prompt`, `cut_oldest_turns`: whole turns, re-rendered,
+never raw tokens, so the template's BOS/system header and the final assistant header stay in place).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from rlhf_cli.data.sources import load_rows
 from rlhf_cli.errors import DataError
 
 IGNORE_INDEX = -100
-TRUNCATION_POLICIES = ("drop", "truncate_response")
+TRUNCATION_POLICIES = ("drop", "truncate_response", "truncate_prompt")
 BAD_ROW_POLICIES = ("skip", "fail")
 MAX_BAD_ROW_SAMPLES = 10
 
@@ -33,6 +37,10 @@ NO_TARGETS = "no response tokens"
 SPECIAL_TEXT = "text contains a special token"
 EMPTY_TURN = "assistant turn renders to no tokens"
 BOUNDARY_MERGE = "tokens merge across a turn boundary"
+REPLY_CHANGED = "reply tokens change when the oldest turns are cut"
+
+# What was cut from kept examples, the key of DataReport.truncated.
+PROMPT_TRUNCATED = "prompt cut to its final turns"
 
 
 class DropExample(Exception):
@@ -47,11 +55,12 @@ class DropExample(Exception):
 class SFTExample:
     input_ids: list[int]  # (T,)
     labels: list[int]  # (T,), IGNORE_INDEX where no loss; unshifted
+    prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
 
 
 @dataclass
 class DataReport:
-    """What happened to the rows: read, rejected as malformed, dropped (per reason), kept."""
+    """What happened to the rows: read, rejected as malformed, dropped (per reason), kept, and kept with a cut."""
 
     rows_read: int = 0
     bad_rows: int = 0
@@ -60,18 +69,20 @@ class DataReport:
     eval_dropped: dict[str, int] = field(default_factory=dict)
     train_examples: int = 0
     eval_examples: int = 0
+    truncated: dict[str, int] = field(default_factory=dict)  # training examples kept with a cut, per what was cut
+    eval_truncated: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One line of counts, plus a line of drop reasons when there are any."""
+        """One line of counts, plus a line of drop reasons and one of truncations when there are any."""
         line = f"data: {self.rows_read} rows read -> {self.train_examples} train / {self.eval_examples} eval examples"
         if self.bad_rows:
             line += f"; {self.bad_rows} bad rows skipped (e.g. {self.bad_row_samples[0]})"
-        drops = dict(self.dropped)
-        for reason, n in self.eval_dropped.items():
-            drops[f"{reason} (eval)"] = n
-        if not drops:
-            return line
-        return line + "\ndropped: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(drops.items()))
+        sections = (("dropped", self.dropped, self.eval_dropped), ("truncated", self.truncated, self.eval_truncated))
+        for name, train, evals in sections:
+            counts = {**train, **{f"{reason} (eval)": n for reason, n in evals.items()}}
+            if counts:
+                line += f"\n{name}: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items()))
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,16 +103,25 @@ def tokenize_conversation(
 ) -> SFTExample:
     """Render `messages` with the tokenizer's chat template; label every assistant turn, mask the rest.
 
+    Longer than `max_length`: `truncate_prompt` cuts the oldest exchanges before the last reply (`recent_turns`);
+    that reply keeps exactly the ids and labels it has after the whole conversation, so it is never cut.
     Raises DropExample(reason) when the example must be left out, DataError when the template cannot be used.
     """
     if not messages or messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant":
         raise ValueError("a conversation must start with a user/system message and end with an assistant message")
     _reject_special_text(tokenizer, messages)
     ids, labels, prompt_len = _render_with_labels(tokenizer, messages)
+    truncated = truncation == "truncate_prompt" and len(ids) > max_length
+    if truncated:
+        reply = (ids[prompt_len:], labels[prompt_len:])
+        kept = recent_turns(tokenizer, messages[:-1], len(reply[0]), max_length)
+        ids, labels, prompt_len = _render_with_labels(tokenizer, [*kept, messages[-1]])
+        if (ids[prompt_len:], labels[prompt_len:]) != reply:
+            raise DropExample(REPLY_CHANGED)  # a template that renders the reply after its history differently
     ids, labels = _fit(ids, labels, prompt_len, max_length, truncation, min_response_tokens)
     if all(label == IGNORE_INDEX for label in labels):
         raise DropExample(NO_TARGETS)  # an example without targets adds nothing but a 0/0 to the loss
-    return SFTExample(ids, labels)
+    return SFTExample(ids, labels, truncated)
 
 
 def _render_with_labels(tokenizer, messages: Conversation) -> tuple[list[int], list[int], int]:
@@ -144,18 +164,51 @@ def _turn_labels(turn: list[int], eos_id: int | None) -> list[int]:
 
 
 def _fit(ids, labels, prompt_len, max_length, truncation, min_response_tokens) -> tuple[list[int], list[int]]:
-    """Apply `data.max_length` with the `data.truncation` policy."""
+    """Apply `data.max_length` with the `data.truncation` policy (`truncate_prompt` has already cut the prompt)."""
     if prompt_len >= max_length:
         raise DropExample(NO_ROOM)
     if len(ids) <= max_length:
         return ids, labels
-    if truncation == "drop":
+    if truncation != "truncate_response":
         raise DropExample(TOO_LONG)
     # truncate_response: keep the whole prompt, cut the last response (it then has no EOS, as in generation).
     ids, labels = ids[:max_length], labels[:max_length]
     if sum(label != IGNORE_INDEX for label in labels[prompt_len:]) < min_response_tokens:
         raise DropExample(SHORT_AFTER_TRUNCATION)
     return ids, labels
+
+
+def recent_turns(tokenizer, prompt: Conversation, reply_len: int, max_length: int) -> Conversation:
+    """`prompt` with its oldest exchanges cut (`cut_oldest_turns`) so that it and a reply of `reply_len` tokens fit
+    `max_length` tokens. When the system prompt and the final user turn alone do not leave room, the example is
+    dropped with the reason `drop` gives: DropExample(NO_ROOM) if they fill max_length, else DropExample(TOO_LONG)."""
+    kept, ids = cut_oldest_turns(tokenizer, prompt, max_length - reply_len)
+    if len(ids) + reply_len > max_length:
+        raise DropExample(NO_ROOM if len(ids) >= max_length else TOO_LONG)
+    return kept
+
+
+def cut_oldest_turns(tokenizer, prompt: Conversation, budget: int) -> tuple[Conversation, list[int]]:
+    """The longest tail of `prompt` whose rendering with the generation prompt has at most `budget` ids.
+
+    prompt: messages ending with the user turn a reply answers. Returns (kept messages, their ids (P,)). A leading
+    system message is always kept; after it a tail starts at a user message, so each cut removes the oldest whole
+    exchange (a user message and the replies to it) and the result is a well-formed chat that still ends with the
+    assistant header. Whole turns are cut and the tail is rendered again, never raw tokens from the left, which
+    would take the template's BOS/system header with them. The final user message is never shortened: it is the
+    question the reply answers (and the text a reward function reads), and a reply to half a question is a wrong
+    label. When even the system prompt and that final turn exceed `budget`, that shortest tail is returned, longer
+    than `budget`, for the caller to drop the example with its reason.
+    """
+    head = prompt[:1] if prompt and prompt[0]["role"] == "system" else []
+    # Oldest first: the first tail that fits keeps the most context (each later tail renders shorter).
+    starts = [i for i in range(len(head), len(prompt)) if prompt[i]["role"] == "user"] or [len(head)]
+    for start in starts:
+        kept = head + prompt[start:]
+        ids = _render(tokenizer, kept, add_generation_prompt=True)
+        if len(ids) <= budget:
+            break
+    return kept, ids
 
 
 def _render(tokenizer, messages: Conversation, add_generation_prompt: bool, tokenize: bool = True) -> Any:
@@ -227,8 +280,9 @@ def build_splits(
 ) -> tuple[list, list, DataReport]:  # fmt: skip
     """The shape every data builder shares: `read(split, report, dropped)` the train split, then the eval split or a
     seeded held-out fraction (`split(items, fraction, seed)`), cap the training items at data.max_samples,
-    `tokenize(items, dropped)` both; drops are counted per reason in the report. DataError when no training
-    example is left (`nothing_left` says what, `check` which settings to look at)."""
+    `tokenize(items, dropped)` both; drops are counted per reason in the report, and so are the examples kept with
+    their prompt cut (`prompt_truncated`). DataError when no training example is left (`nothing_left` says what,
+    `check` which settings to look at)."""
     report = DataReport()
     items = read(data_cfg.split, report, report.dropped)
     if data_cfg.eval_split:
@@ -239,6 +293,9 @@ def build_splits(
         train_items = train_items[: data_cfg.max_samples]
     train, evals = tokenize(train_items, report.dropped), tokenize(eval_items, report.eval_dropped)
     report.train_examples, report.eval_examples = len(train), len(evals)
+    for examples, truncated in ((train, report.truncated), (evals, report.eval_truncated)):
+        if n_cut := sum(ex.prompt_truncated for ex in examples):
+            truncated[PROMPT_TRUNCATED] = n_cut
     if not train:
         raise DataError(
             f"{nothing_left} from data.source={data_cfg.source} (split {data_cfg.split}).\n{report.summary()}\n"

@@ -1,4 +1,5 @@
-"""SFT tokenization (labels, EOS, truncation, drops), dataset building (bad rows, eval split), collation.
+"""SFT tokenization (labels, EOS, truncation of the response or of the prompt's oldest turns, drops), dataset building
+(bad rows, eval split, drop and truncation counts), collation.
 
 The tokenizer is a local WordLevel one: each word is one token and the chat markers are special tokens, so
 the expected ids and labels below are written out token by token.
@@ -6,6 +7,8 @@ the expected ids and labels below are written out token by token.
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf_cli.config.schema import DataConfig
 from rlhf_cli.data import DataReport, DropExample, SFTExample, build_sft_datasets, collate_sft, tokenize_conversation
+from rlhf_cli.data.sft import NO_ROOM, PROMPT_TRUNCATED, REPLY_CHANGED, TOO_LONG
 from rlhf_cli.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "data"
@@ -92,6 +96,8 @@ MULTI = [
     user("how are you"),
     assistant("fine thanks"),
 ]
+# 42 tokens: system 6, "hi" exchange 10, "how are you" exchange 13, "say it" 6, final header 2, reply "a b c" 5.
+LONG = [*MULTI, user("say it"), assistant("a b c")]
 
 
 # ---------------------------------------------------------------- tokenize_conversation
@@ -151,6 +157,53 @@ def test_multi_turn_truncation_cuts_only_the_last_response(tok):
     # Prompt = 25 tokens (both earlier turns and the last header); the full example is 29.
     ex = tokenize_conversation(tok, MULTI, max_length=26, truncation="truncate_response")
     assert ex.labels == [X] * 13 + ids("hello <|end|>") + [X] * 10 + ids("fine")
+
+
+def test_truncate_prompt_cuts_the_oldest_exchanges_and_keeps_the_reply(tok):
+    full = tokenize_conversation(tok, LONG, max_length=64)
+    assert len(full.input_ids) == 42 and not full.prompt_truncated
+    reply_ids, reply_labels = ids("a b c <|end|> NL"), ids("a b c <|end|>") + [X]
+    assert (full.input_ids[-5:], full.labels[-5:]) == (reply_ids, reply_labels)
+    # 32 tokens: the oldest exchange ("hi"/"hello") goes, the system prompt and the later turns stay.
+    ex = tokenize_conversation(tok, LONG, max_length=32, truncation="truncate_prompt")
+    assert ex.input_ids == ids(
+        "<|system|> NL be brief <|end|> NL <|user|> NL how are you <|end|> NL <|assistant|> NL fine thanks <|end|> NL "
+        "<|user|> NL say it <|end|> NL <|assistant|> NL a b c <|end|> NL"
+    )
+    # The kept earlier reply is still trained; the final reply has exactly the ids and labels of the full rendering.
+    assert ex.labels == [X] * 15 + ids("fine thanks <|end|>") + [X] * 9 + reply_labels
+    assert (ex.input_ids[-5:], ex.labels[-5:]) == (reply_ids, reply_labels) and ex.prompt_truncated
+    untruncated = tokenize_conversation(tok, [MULTI[0], *LONG[3:]], max_length=64)
+    assert (ex.input_ids, ex.labels) == (untruncated.input_ids, untruncated.labels)
+    # 31 tokens: both earlier exchanges go; the system prompt and the final user turn are never cut.
+    ex = tokenize_conversation(tok, LONG, max_length=31, truncation="truncate_prompt")
+    assert ex.input_ids == ids(
+        "<|system|> NL be brief <|end|> NL <|user|> NL say it <|end|> NL <|assistant|> NL a b c <|end|> NL"
+    )
+    assert ex.labels == [X] * 14 + reply_labels
+    # A conversation that fits is left alone and not counted as truncated.
+    assert tokenize_conversation(tok, LONG, max_length=42, truncation="truncate_prompt") == full
+    with pytest.raises(DropExample) as err:  # the 37-token prompt alone fills 32 tokens
+        tokenize_conversation(tok, LONG, max_length=32, truncation="drop")
+    assert err.value.reason == NO_ROOM
+
+
+def test_truncate_prompt_drops_when_the_final_turn_leaves_no_room(tok):
+    # System prompt + final user turn + header = 14 tokens, + the 5-token reply = 19.
+    for max_length, reason in ((18, TOO_LONG), (14, NO_ROOM)):  # the reasons `drop` gives
+        with pytest.raises(DropExample) as err:
+            tokenize_conversation(tok, LONG, max_length=max_length, truncation="truncate_prompt")
+        assert err.value.reason == reason
+    assert len(tokenize_conversation(tok, LONG, max_length=19, truncation="truncate_prompt").input_ids) == 19
+
+
+def test_truncate_prompt_drops_when_the_template_renders_the_reply_by_position():
+    # A template that renders an assistant turn by its index: after the cut the reply would not be the same tokens.
+    by_position = "{% if loop.index0 < 3 %}brief {% endif %}{{ m.content }}"
+    tok = make_tokenizer(TEMPLATE.replace("{{ m.content }}", by_position))
+    with pytest.raises(DropExample) as err:
+        tokenize_conversation(tok, LONG, max_length=31, truncation="truncate_prompt")
+    assert err.value.reason == REPLY_CHANGED
 
 
 def test_special_token_text_in_a_message_is_dropped(tok):
@@ -240,6 +293,22 @@ def test_drops_are_counted_per_reason(tok):
     assert [len(ex.input_ids) for ex in data.train] == [12, 15, 13]
     data = build_sft_datasets(cfg(max_length=14, truncation="truncate_response"), tok, seed=0)
     assert data.report.dropped == {"prompt leaves no room for the response": 1}
+
+
+def test_truncated_prompts_are_counted_in_the_report(tok, tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": conv}) + "\n" for conv in (LONG, SINGLE)))
+    config = cfg(source=str(path), format="jsonl", eval_split=str(path), max_length=32, truncation="truncate_prompt")
+    data = build_sft_datasets(config, tok, seed=0)
+    report = data.report
+    assert [ex.prompt_truncated for ex in data.train] == [True, False] and report.dropped == {}
+    assert report.truncated == report.eval_truncated == {PROMPT_TRUNCATED: 1}
+    assert report.summary().endswith(
+        "\ntruncated: prompt cut to its final turns x1, prompt cut to its final turns (eval) x1"
+    )
+    assert report.to_dict()["truncated"] == {PROMPT_TRUNCATED: 1}
+    report = build_sft_datasets(replace(config, truncation="drop"), tok, seed=0).report
+    assert (report.train_examples, report.dropped, report.truncated) == (1, {NO_ROOM: 1}, {})
 
 
 def test_no_training_example_left_says_why(tok):

@@ -1,5 +1,6 @@
 """Preference data: format adapters (with bad rows and their locations), margins, shared-prompt tokenization,
-truncation, dataset building, collation, the built-in sample, and the real HH-RLHF file when it is present.
+truncation (of the replies, or of the prompt's oldest turns), dataset building, collation, the built-in sample, and the
+real HH-RLHF file when it is present.
 
 Token-level expectations use the project's tiny tokenizer (byte-level BPE, eos `<|end|>` = 1, pad 0, template
 `<|role|>\\ncontent<|end|>\\n`), decoding ids back to text where exact ids would be unreadable.
@@ -28,7 +29,7 @@ from rlhf_cli.data import (
     load_rows,
     tokenize_pair,
 )
-from rlhf_cli.data.sft import BOUNDARY_MERGE, NO_ROOM, SHORT_AFTER_TRUNCATION, TOO_LONG
+from rlhf_cli.data.sft import BOUNDARY_MERGE, NO_ROOM, PROMPT_TRUNCATED, SHORT_AFTER_TRUNCATION, TOO_LONG
 from rlhf_cli.errors import DataError
 from rlhf_cli.models.tiny import tiny_tokenizer
 
@@ -245,6 +246,48 @@ def test_replies_identical_after_truncation_are_dropped(tok):
     assert drop.value.reason == "chosen and rejected identical after truncation"
 
 
+CHAT = [
+    system("Be brief."),
+    user("Hi."),
+    assistant("Hello, how can I help?"),
+    user("Tell me about space."),
+    assistant("Space is big."),
+    user("Name a planet."),
+]
+LONG_PAIR = PreferencePair("x", CHAT, "Mars.", "A fish that swims in the sea.")
+
+
+def render_prompt(tok, prompt) -> list[int]:
+    return tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+
+
+def test_truncate_prompt_cuts_oldest_turns_of_the_one_shared_prompt(tok):
+    full = tokenize_pair(tok, LONG_PAIR, max_length=512)
+    tail, shortest = [CHAT[0], *CHAT[3:]], [CHAT[0], CHAT[-1]]  # first exchange cut; both cut
+    longer = len(full.rejected_ids)  # 11 tokens; chosen 5; prompts 74 (whole), 51 (tail), 21 (shortest)
+    assert longer > len(full.chosen_ids)
+    room = len(render_prompt(tok, tail)) + longer
+    ex = tokenize_pair(tok, LONG_PAIR, max_length=room, truncation="truncate_prompt")
+    # Chosen and rejected share the cut prompt, and keep exactly the ids they have after the whole prompt.
+    assert ex == PreferenceExample(render_prompt(tok, tail), full.chosen_ids, full.rejected_ids, prompt_truncated=True)
+    assert tok.decode(ex.prompt_ids).startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nTell me about space.")
+    assert tok.decode(ex.prompt_ids).endswith("<|user|>\nName a planet.<|end|>\n<|assistant|>\n")
+    # The room is the longer reply's: one token less and the next exchange goes too.
+    ex = tokenize_pair(tok, LONG_PAIR, max_length=room - 1, truncation="truncate_prompt")
+    assert ex.prompt_ids == render_prompt(tok, shortest)
+    assert (ex.chosen_ids, ex.rejected_ids) == (full.chosen_ids, full.rejected_ids)
+    assert tokenize_pair(tok, LONG_PAIR, max_length=512, truncation="truncate_prompt") == full  # fits: not cut
+    with pytest.raises(DropExample) as drop:  # the whole 74-token prompt fills `room`
+        tokenize_pair(tok, LONG_PAIR, max_length=room, truncation="drop")
+    assert drop.value.reason == NO_ROOM
+    # The system prompt and the final question are never cut: when they leave too little room, the pair is dropped
+    # with the reason `drop` gives.
+    for max_length, reason in ((len(render_prompt(tok, shortest)) + longer - 1, TOO_LONG), (21, NO_ROOM)):
+        with pytest.raises(DropExample) as drop:
+            tokenize_pair(tok, LONG_PAIR, max_length=max_length, truncation="truncate_prompt")
+        assert drop.value.reason == reason
+
+
 def test_bpe_merge_across_the_prompt_boundary_drops_the_pair():
     tok = tiny_tokenizer()
     # The generation prompt ends with a space, which the byte-level BPE merges into " no" in the full text.
@@ -278,6 +321,19 @@ def test_build_reports_bad_rows_drops_and_caps(tok, tmp_path):
     assert again.train == data.train and again.eval == data.eval
     capped = build_preference_datasets(cfg(path, eval_fraction=0.2, max_samples=2), tok, seed=3)
     assert len(capped.train) == 2 and capped.eval == data.eval  # the cap applies after the eval split
+
+
+def test_build_counts_pairs_whose_prompt_was_truncated(tok, tmp_path):
+    rows = [{"prompt": CHAT, "chosen": LONG_PAIR.chosen, "rejected": LONG_PAIR.rejected}]
+    rows += [{"prompt": "Name a planet.", "chosen": "Venus.", "rejected": "A cat."}]
+    path = write_rows(tmp_path / "p.jsonl", rows)
+    # 62 tokens: the prompt without its first exchange (51) and the longer reply (11).
+    data = build_preference_datasets(cfg(path, eval_fraction=0.0, max_length=62, truncation="truncate_prompt"), tok, 0)
+    assert [ex.prompt_truncated for ex in data.train] == [True, False]
+    assert data.report.dropped == {} and data.report.truncated == {PROMPT_TRUNCATED: 1}
+    assert "\ntruncated: prompt cut to its final turns x1" in data.report.summary()
+    data = build_preference_datasets(cfg(path, eval_fraction=0.0, max_length=62), tok, 0)
+    assert (data.report.dropped, data.report.truncated, len(data.train)) == ({NO_ROOM: 1}, {}, 1)
 
 
 def test_held_out_fraction_keeps_pairs_of_one_prompt_together(tok, tmp_path):
@@ -393,3 +449,22 @@ def test_hh_rlhf_real_file_parses_with_few_reasoned_drops(tok):
         ex = tokenize_pair(tok, pair, max_length=4096)
         assert ex.chosen_ids[-1] == ex.rejected_ids[-1] == EOS
         assert ex.prompt_ids == tok.apply_chat_template(pair.prompt, add_generation_prompt=True, return_dict=False)
+
+
+@pytest.mark.skipif(not HH_REAL.is_file(), reason=f"real HH-RLHF test split not found at {HH_REAL}")
+def test_hh_rlhf_real_file_truncate_prompt_keeps_the_long_dialogues(tok):
+    """At max_length=256, `drop` loses more than half of the first 400 pairs (long multi-turn prompts), biasing the
+    data towards short dialogues; `truncate_prompt` keeps all but those whose final question and longer reply
+    alone exceed 256 tokens. (All 2,308 pairs: drop 1,275, truncate_prompt 384 with 891 cut; ~25 s, hence a slice.)"""
+    reports = {}
+    for truncation in ("drop", "truncate_prompt"):
+        config = PreferenceDataConfig(source=str(HH_REAL), format="hh_rlhf", max_length=256, truncation=truncation,
+                                      eval_fraction=0.0, max_samples=400)  # fmt: skip
+        data = build_preference_datasets(config, tok, seed=0)
+        print(f"HH-RLHF first 400 pairs, max_length=256, {truncation}: {data.report.summary()}")
+        assert all(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) <= 256 for ex in data.train)
+        reports[truncation] = data.report
+    assert reports["drop"].dropped == {NO_ROOM: 123, TOO_LONG: 92} and reports["drop"].truncated == {}
+    assert reports["truncate_prompt"].dropped == {TOO_LONG: 62}
+    assert reports["truncate_prompt"].truncated == {PROMPT_TRUNCATED: 153}
+    assert reports["truncate_prompt"].train_examples == 400 - 62 == reports["drop"].train_examples + 153

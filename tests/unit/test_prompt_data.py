@@ -1,6 +1,6 @@
 """Prompt data for PPO: every format from small files (bad rows with file:line under both policies), prompt ids
-identical to the preference/SFT prompt ids, length drops, system prompt, splits, left-padded batches, and the
-built-in prompt sets.
+identical to the preference/SFT prompt ids, length drops or cuts of the oldest turns, system prompt, splits, left-padded
+batches, and the built-in prompt sets.
 
 Token-level expectations use the project's tiny tokenizer (pad 0, eos `<|end|>` = 1, template
 `<|role|>\\ncontent<|end|>\\n`, generation prompt `<|assistant|>\\n`).
@@ -22,10 +22,13 @@ from rlhf_cli.data.preference import tokenize_pair
 from rlhf_cli.data.preference_formats import PreferencePair
 from rlhf_cli.data.prompts import (
     PROMPT_FORMATS,
+    PROMPT_TOO_LONG,
     PromptExample,
     build_prompt_datasets,
     collate_prompts,
+    tokenize_prompt,
 )
+from rlhf_cli.data.sft import PROMPT_TRUNCATED, DropExample
 from rlhf_cli.errors import DataError
 from rlhf_cli.models.tiny import tiny_tokenizer
 from rlhf_cli.tasks.word_order import expected_words
@@ -192,9 +195,18 @@ def test_unknown_format_and_bad_settings_raise_naming_the_key(tok, tmp_path):
         ({"max_prompt_length": 0}, "data.max_prompt_length"),
         ({"max_prompt_length": 12.5}, "data.max_prompt_length"),
         ({"max_samples": 0}, "data.max_samples"),
+        ({"truncation": "cut"}, "data.truncation: 'cut' is not one of drop, truncate_prompt"),
     ]:
         with pytest.raises(DataError, match=key):
             build(tok, path, "jsonl", **cfg)
+
+
+def test_truncate_response_is_refused_for_prompt_data(tok, tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "Hi."}])
+    with pytest.raises(DataError) as err:
+        build(tok, path, "jsonl", truncation="truncate_response")
+    assert str(err.value).startswith("data.truncation: truncate_response does not apply to prompt data")
+    assert "drop" in str(err.value) and "truncate_prompt" in str(err.value)
 
 
 # ---------------------------------------------------------------- tokenization
@@ -237,6 +249,50 @@ def test_too_long_prompts_are_dropped_and_counted(tok, tmp_path):
     assert "prompt longer than data.max_prompt_length x1" in data.report.summary()
     with pytest.raises(DataError, match=r"(?s)no training prompt left .*data.max_prompt_length"):
         build(tok, path, "jsonl", max_prompt_length=limit - 1)
+
+
+CHAT = [
+    user("Hi."),
+    assistant("Hello."),
+    user("Tell me about space."),
+    assistant("Space is big."),
+    user("Name a planet."),
+]
+
+
+def test_truncate_prompt_keeps_the_final_turns(tok):
+    def render(conv):
+        return tok.apply_chat_template(conv, add_generation_prompt=True, return_dict=False)
+
+    limit = len(render(CHAT[2:]))
+    ex = tokenize_prompt(tok, CHAT, limit, truncation="truncate_prompt")
+    assert ex == PromptExample(render(CHAT[2:]), "Name a planet.", CHAT[2:], prompt_truncated=True)
+    assert tok.decode(ex.input_ids) == (
+        "<|user|>\nTell me about space.<|end|>\n<|assistant|>\nSpace is big.<|end|>\n"
+        "<|user|>\nName a planet.<|end|>\n<|assistant|>\n"
+    )
+    # The ids are those a preference pair on the same conversation gets under the same cut, so PPO generates
+    # after exactly the prompt the reward model was trained on.
+    pair = PreferencePair("x", CHAT, "Mars.", "A fish.")
+    whole = tokenize_pair(tok, pair, max_length=512)
+    longer = max(len(whole.chosen_ids), len(whole.rejected_ids))
+    assert tokenize_pair(tok, pair, max_length=limit + longer, truncation="truncate_prompt").prompt_ids == ex.input_ids
+    assert tokenize_prompt(tok, CHAT, limit - 1, truncation="truncate_prompt").messages == CHAT[-1:]
+    for max_prompt_length, truncation in ((len(render(CHAT[-1:])) - 1, "truncate_prompt"), (limit, "drop")):
+        with pytest.raises(DropExample) as err:  # the final user message is never shortened
+            tokenize_prompt(tok, CHAT, max_prompt_length, truncation)
+        assert err.value.reason == PROMPT_TOO_LONG
+
+
+def test_truncated_prompts_are_counted_in_the_report(tok, tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"messages": CHAT}, {"prompt": "Hi."}])
+    limit = len(tok.apply_chat_template(CHAT[2:], add_generation_prompt=True, return_dict=False))
+    data = build(tok, path, "jsonl", max_prompt_length=limit, truncation="truncate_prompt")
+    assert [(ex.messages, ex.prompt_truncated) for ex in data.train] == [(CHAT[2:], True), ([user("Hi.")], False)]
+    assert data.report.dropped == {} and data.report.truncated == {PROMPT_TRUNCATED: 1}
+    assert "\ntruncated: prompt cut to its final turns x1" in data.report.summary()
+    data = build(tok, path, "jsonl", max_prompt_length=limit)  # drop, the default
+    assert (data.report.dropped, data.report.truncated) == ({PROMPT_TOO_LONG: 1}, {})
 
 
 def test_eval_fraction_eval_split_and_max_samples(tok, tmp_path):
