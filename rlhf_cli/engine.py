@@ -35,6 +35,7 @@ from deepspeed.utils import logger as ds_logger
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import merged_for_export
+from rlhf_cli.models.load import error_summary, is_unreadable_file_error, torch_file_problem
 from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 ds_logger.setLevel(logging.WARNING)
@@ -359,6 +360,89 @@ def load_checkpoint(engines: Any, path: Path) -> dict:
     set_rng_state(state.pop("rng"))
     state.setdefault("step", checkpoint_step(path))
     return state
+
+
+def resume_latest(engines: Any, ckpt_dir: Path) -> tuple[Path | None, dict | None, list[str]]:
+    """Load the newest complete checkpoint of `ckpt_dir` that loads on every rank into `engines` (one engine, or a
+    dict of named ones as for `load_checkpoint`). Returns (its path, the client state `load_checkpoint` returns,
+    lines to log); (None, None, []) when there is none, i.e. start from step 0.
+
+    A committed checkpoint whose files were damaged later (cut short by a full disk or a bad copy) is skipped for the
+    next older one, and once one loads, rank 0 renames each damaged one to `damaged-step-N/`: kept for inspection,
+    but out of later resumes, out of `keep_last` pruning (which would otherwise delete the good one for it) and out
+    of the way of the next save of step N. When none loads, nothing is renamed and a UserError says what to remove.
+    Collective: every rank calls it, each loads its own shard files, and the ranks agree on every attempt."""
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        client, problems = _try_checkpoint(engines, path)
+        if not problems:
+            return path, client, _set_aside(damaged, path)
+        damaged.append((path, "; ".join(problems)))
+    if damaged:
+        listed = ", ".join(f"{path.name} ({why})" for path, why in damaged)
+        folders = " ".join(str(path) for path, _ in damaged)
+        raise UserError(
+            f"no checkpoint in {ckpt_dir} can be loaded, all are damaged: {listed}. Remove them (rm -r {folders}) "
+            f"to train this stage again from step 0, or start over with a new run.name"
+        )
+    return None, None, []
+
+
+def _try_checkpoint(engines: Any, path: Path) -> tuple[dict | None, list[str]]:
+    """(client state, []) when `path` loaded on every rank, else (None, what was wrong on each rank that failed).
+    The cheap file check comes first, so a cut file is found before it half-loads an engine; errors of an unreadable
+    file are caught on load, anything else (a model that does not match the checkpoint) is raised as before."""
+    problem = _damaged_file(path)
+    client = None
+    if problem is None:
+        try:
+            client = load_checkpoint(engines, path)
+        except Exception as err:
+            if not (isinstance(err, FileNotFoundError) or is_unreadable_file_error(err)):
+                raise
+            problem = error_summary(err)
+    problems: list[Any] = [problem]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank's verdict (not just a flag): the ranks agree, and rank 0 can say which rank failed and why.
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problems = [f"rank {rank}: {p}" if p else None for rank, p in enumerate(problems)]
+    failed = [p for p in problems if p]
+    return (None if failed else client), failed
+
+
+def _damaged_file(path: Path) -> str | None:
+    """The first state file of checkpoint `path` that is cut short (DeepSpeed's .pt files are torch zip archives,
+    whose directory is at the end), as `relative/path: what`, or None."""
+    for file in sorted(path.rglob("*.pt")):
+        problem = torch_file_problem(file)
+        if problem:
+            return f"{file.relative_to(path)}: {problem}"
+    return None
+
+
+def _set_aside(damaged: list[tuple[Path, str]], resumed: Path) -> list[str]:
+    """Rename each damaged checkpoint to `damaged-step-N/` (rank 0; `-2`, `-3`... when that name is taken) and return
+    the one log line that says so."""
+    if not damaged:
+        return []
+    targets = []
+    for path, _ in damaged:
+        target, n = path.with_name(f"damaged-{path.name}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"damaged-{path.name}-{n}")
+        targets.append(target)
+    barrier()  # every rank has chosen the same names before rank 0 renames
+    if dist.get_rank() == 0:
+        for (path, _), target in zip(damaged, targets, strict=True):
+            os.replace(path, target)
+    barrier()
+    listed = ", ".join(f"{path.name} ({why})" for path, why in damaged)
+    return [
+        f"[yellow]damaged checkpoint(s) in {resumed.parent}: {listed}; kept as {', '.join(t.name for t in targets)} "
+        f"for inspection, resuming from the older {resumed.name}[/]"
+    ]
 
 
 @contextlib.contextmanager

@@ -37,11 +37,13 @@ def generate(model_path: str, a: GenerateArgs) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-    except OSError as err:
-        raise UserError(f"cannot load a model from {model_path}: {str(err).splitlines()[0]}") from None
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models.load import TOKENIZER_MARKERS, load_pretrained
+
+    # The shared loader: a missing folder, an unfetchable hub id or truncated weights end in one message naming them.
+    cfg = ModelConfig(name_or_path=model_path)
+    tokenizer = load_pretrained(AutoTokenizer, model_path, cfg, TOKENIZER_MARKERS)
+    model = load_pretrained(AutoModelForCausalLM, model_path, cfg)
     model.eval()
     messages = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)

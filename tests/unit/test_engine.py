@@ -1,5 +1,6 @@
 """The DeepSpeed config built from the typed settings, the LR schedule and the weight-decay groups."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -109,3 +110,134 @@ def test_frozen_model_is_eval_without_grad_in_the_engine_precision(precision, dt
     out = eng.frozen(model, ds, micro_batch=2, device=torch.device("cpu"))
     assert not out.training and not any(p.requires_grad for p in out.parameters())
     assert all(p.dtype == dtype for p in out.parameters())
+
+
+# ---------------------------------------------------------------- resume from damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A 1-process gloo group for the module, kept to the end of the session: DeepSpeed caches the group, so a
+    destroyed and re-created one would break the next engine."""
+    import socket
+
+    from rlhf_cli import engine as eng
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+            mp.setenv(key, value)
+        mp.setenv("MASTER_PORT", str(port))
+        eng.init_distributed()
+        yield
+
+
+@pytest.fixture
+def trained(tmp_path, process_group):
+    """A real DeepSpeed engine on a tiny model, with committed checkpoints step-1..3 in `ckpt`; returns
+    (engine, ckpt dir, the weights saved at each step)."""
+    from rlhf_cli import engine as eng
+
+    cfg = _cfg("optim.lr=0.1")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    engine = eng.initialize(model, ds_config(cfg.deepspeed, cfg.optim, 2, 1, 1), cfg.optim, total_steps=10)
+    ckpt, saved = tmp_path / "checkpoints", {}
+    for step in (1, 2, 3):
+        _train_one_step(engine)
+        eng.save_checkpoint(engine, ckpt, step, {"step": step}, keep_last=3)
+        saved[step] = _weights(engine)
+    _train_one_step(engine)  # the engine's live state is past every checkpoint
+    return engine, ckpt, saved
+
+
+def _train_one_step(engine):
+    x = torch.randn(2, 4)
+    engine.backward(engine(x).pow(2).sum())
+    engine.step()
+
+
+def _weights(engine):
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def _cut(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+
+
+def _state_file(step_dir):
+    return next(step_dir.rglob("*model_states.pt"))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_sets_it_aside(trained):
+    from rlhf_cli import engine as eng
+    from rlhf_cli.run_dir import complete_checkpoints
+
+    engine, ckpt, saved = trained
+    state_file = _state_file(ckpt / "step-3")
+    _cut(state_file)
+    path, client, notes = eng.resume_latest(engine, ckpt)
+    assert path == ckpt / "step-2" and client["step"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(_weights(engine), saved[2], strict=True))
+    assert len(notes) == 1 and "damaged checkpoint(s)" in notes[0] and "resuming from the older step-2" in notes[0]
+    assert f"step-3 ({state_file.relative_to(ckpt / 'step-3')}: file is" in notes[0] and "damaged-step-3" in notes[0]
+    assert (ckpt / "damaged-step-3").is_dir() and complete_checkpoints(ckpt) == [ckpt / "step-1", ckpt / "step-2"]
+    # A new step-3 does not collide with the damaged one, and pruning counts only the good checkpoints.
+    eng.save_checkpoint(engine, ckpt, 3, {"step": 3}, keep_last=2)
+    assert complete_checkpoints(ckpt) == [ckpt / "step-2", ckpt / "step-3"] and (ckpt / "damaged-step-3").is_dir()
+    # Damaged again: the name is taken, the next one gets a suffix.
+    _cut(_state_file(ckpt / "step-3"))
+    assert eng.resume_latest(engine, ckpt)[0] == ckpt / "step-2" and (ckpt / "damaged-step-3-2").is_dir()
+
+
+def test_resume_catches_damage_only_the_load_sees(trained, monkeypatch):
+    """Damage the cheap file check cannot see is caught from the load error itself."""
+    from rlhf_cli import engine as eng
+
+    engine, ckpt, _ = trained
+    monkeypatch.setattr(eng, "_damaged_file", lambda path: None)
+    _cut(_state_file(ckpt / "step-3"))
+    path, client, notes = eng.resume_latest(engine, ckpt)
+    assert path == ckpt / "step-2" and client["step"] == 2
+    assert re.search(r"step-3 \((OSError|RuntimeError): ", notes[0])  # torch's errors for a cut zip archive
+
+
+def test_ranks_fall_back_together_when_one_rank_fails(trained, monkeypatch):
+    """Rank 0 loads step-3 but rank 1 cannot read its shard: both go back to step-2, and rank 0 says why."""
+    import torch.distributed as dist
+
+    from rlhf_cli import engine as eng
+
+    engine, ckpt, saved = trained
+
+    calls = []
+
+    def gather(out, mine):  # what all_gather_object returns when rank 1 fails on its first try (step-3) only
+        calls.append(mine)
+        out[:] = [mine, "EOFError: Ran out of input" if len(calls) == 1 else None]
+
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    monkeypatch.setattr(eng, "barrier", lambda: None)
+    path, client, notes = eng.resume_latest(engine, ckpt)
+    assert path == ckpt / "step-2" and client["step"] == 2 and "step-3 (rank 1: EOFError: Ran out of input)" in notes[0]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(engine), saved[2], strict=True))
+    assert calls == [None, None]  # rank 0 itself loaded step-3, then went back with rank 1
+
+
+def test_resume_when_no_checkpoint_loads_names_what_to_remove(trained):
+    from rlhf_cli import engine as eng
+    from rlhf_cli.errors import UserError
+
+    engine, ckpt, _ = trained
+    for step in (1, 2, 3):
+        _cut(_state_file(ckpt / f"step-{step}"))
+    with pytest.raises(UserError, match=r"no checkpoint in .* can be loaded, all are damaged: step-3 \(.*step-1 \("):
+        eng.resume_latest(engine, ckpt)
+    with pytest.raises(UserError, match=re.escape(f"rm -r {ckpt / 'step-3'} {ckpt / 'step-2'} {ckpt / 'step-1'}")):
+        eng.resume_latest(engine, ckpt)
+    assert not list(ckpt.glob("damaged-*"))  # nothing renamed when there is nothing to resume from
+    assert eng.resume_latest(engine, ckpt / "none") == (None, None, [])

@@ -344,3 +344,93 @@ def test_disable_dropout_reaches_functional_attention_dropout():
     torch.manual_seed(1)
     torch.testing.assert_close(a, model(ids).logits)
     assert model.config.attention_dropout == 0.0
+
+
+# ---------------------------------------------------------------- damaged weight files
+
+
+def _saved_folder(tmp_path, tok, **save_kwargs):
+    folder = tmp_path / "model"
+    build_tiny_llama(TINY, tok, 0).save_pretrained(folder, **save_kwargs)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _truncate(path, size: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.truncate(size)
+
+
+def test_truncated_safetensors_is_named_before_loading(tmp_path, tok):
+    from rlhf_cli.commands.generate import GenerateArgs, generate
+
+    folder = _saved_folder(tmp_path, tok)
+    weights = folder / "model.safetensors"
+    full = weights.stat().st_size
+    _truncate(weights, full - 100)
+    expected = f"{weights} is incomplete or corrupt (file is {full - 100} bytes, its header says {full}): re-export"
+    cfg = ModelConfig(name_or_path=str(folder))
+    assert load_tokenizer(cfg).eos_token  # the tokenizer does not read the weights
+    for load in (lambda: load_causal_lm(cfg, tok, seed=0), lambda: generate(str(folder), GenerateArgs(prompt="hi"))):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            load()
+
+
+@pytest.mark.parametrize(
+    "damage,problem",
+    [
+        (lambda path: _truncate(path, 5), "file is 5 bytes, less than the 8-byte header length"),
+        (lambda path: _truncate(path, 40), "file is 40 bytes, its header alone says"),
+        (lambda path: path.write_bytes((2).to_bytes(8, "little") + b"{["), "its header is not a safetensors header"),
+    ],
+)
+def test_safetensors_header_checks(tmp_path, tok, damage, problem):
+    from rlhf_cli.models.load import check_weight_files
+
+    folder = _saved_folder(tmp_path, tok)
+    check_weight_files(folder)  # intact
+    damage(folder / "model.safetensors")
+    with pytest.raises(
+        UserError, match=re.escape(f"{folder / 'model.safetensors'} is incomplete or corrupt ({problem}")
+    ):
+        check_weight_files(folder)
+
+
+def test_sharded_checkpoint_needs_every_shard_intact(tmp_path, tok):
+    folder = _saved_folder(tmp_path, tok, max_shard_size="20KB")
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    assert len(shards) > 2
+    cfg = ModelConfig(name_or_path=str(folder))
+    _truncate(folder / shards[1], 1000)
+    with pytest.raises(
+        UserError, match=re.escape(f"{folder / shards[1]} is incomplete or corrupt (file is 1000 bytes")
+    ):
+        load_causal_lm(cfg, tok, seed=0)
+    (folder / shards[1]).unlink()
+    with pytest.raises(UserError, match=re.escape(f"{index} names {shards[1]}, missing from {folder}")):
+        load_causal_lm(cfg, tok, seed=0)
+
+
+def test_damage_the_header_check_cannot_see_is_still_one_message(tmp_path, tok):
+    """A header that frames the file correctly but that safetensors rejects (an unknown dtype), and an old-style
+    (pickle) .bin cut short: the library's own error becomes a UserError naming the folder."""
+    folder = _saved_folder(tmp_path, tok)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes().replace(b'"F32"', b'"X32"'))
+    cfg = ModelConfig(name_or_path=str(folder))
+    with pytest.raises(
+        UserError, match=re.escape(f"the weights in {folder} are incomplete or corrupt (SafetensorError")
+    ):
+        load_causal_lm(cfg, tok, seed=0)
+    weights.unlink()
+    state = build_tiny_llama(TINY, tok, 0).state_dict()
+    old_bin = folder / "pytorch_model.bin"
+    torch.save(state, old_bin, _use_new_zipfile_serialization=False)
+    _truncate(old_bin, old_bin.stat().st_size // 2)
+    with pytest.raises(UserError, match=re.escape(f"the weights in {folder} are incomplete or corrupt (RuntimeError")):
+        load_causal_lm(cfg, tok, seed=0)
+    torch.save(state, old_bin)  # the zip format: its directory is at the end, so the header check sees a cut
+    _truncate(old_bin, old_bin.stat().st_size // 2)
+    with pytest.raises(UserError, match=re.escape(f"{old_bin} is incomplete or corrupt (file is")):
+        load_causal_lm(cfg, tok, seed=0)

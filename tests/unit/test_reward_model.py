@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -239,3 +240,24 @@ def test_sequence_logits_of_a_multi_label_decoder(tok, decoder):
     torch.testing.assert_close(logits[0], three.score(hidden)[0, -1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="one output"):
         sequence_scores(three, ids, mask)
+
+
+def test_truncated_reward_model_is_named_by_its_loaders(tok, decoder, tmp_path):
+    """A reward model folder cut short (an interrupted copy): `rlhf rm`/`ppo` (critic, stage.reward.model) and
+    `rlhf score` each stop with the file named, before the library reads it."""
+    from rlhf_cli.commands.score import load as score_load
+
+    folder = tmp_path / "runs" / "demo" / "rm" / "final"
+    decoder.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    full = weights.stat().st_size
+    with open(weights, "r+b") as fh:
+        fh.truncate(full // 2)
+    expected = f"{weights} is incomplete or corrupt (file is {full // 2} bytes, its header says {full})"
+    cfg = ModelConfig(name_or_path=str(folder))
+    for source in (folder, folder.parent):  # the stage folder resolves to its final/
+        with pytest.raises(UserError, match=re.escape(expected)):
+            load_reward_model(cfg, str(source), tok)
+        with pytest.raises(UserError, match=re.escape(expected)):
+            score_load(str(source))
