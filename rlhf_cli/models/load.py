@@ -177,8 +177,8 @@ def _corrupt_weights(name: str, source: str, local: bool, err: BaseException) ->
     if local:
         return UserError(f"the weights in {source} are incomplete or corrupt ({what}): re-export or re-download them")
     return UserError(
-        f"the cached weights of '{name}' are incomplete or corrupt ({what}): delete '{name}' from the Hugging Face "
-        f"cache ({hf_constants.HF_HUB_CACHE}, or `hf cache delete`) and download it again"
+        f"the cached weights of '{name}' are incomplete or corrupt ({what}): remove them from the Hugging Face cache "
+        f"(`hf cache rm model/{name}`; the cache is {hf_constants.HF_HUB_CACHE}) and download them again"
     )
 
 

@@ -434,3 +434,18 @@ def test_damage_the_header_check_cannot_see_is_still_one_message(tmp_path, tok):
     _truncate(old_bin, old_bin.stat().st_size // 2)
     with pytest.raises(UserError, match=re.escape(f"{old_bin} is incomplete or corrupt (file is")):
         load_causal_lm(cfg, tok, seed=0)
+
+
+def test_unreadable_cached_hub_weights_say_how_to_clear_the_cache():
+    from safetensors import SafetensorError
+
+    from rlhf_cli.models.load import load_pretrained
+
+    class Broken:  # what from_pretrained raises for a hub id whose cached file was cut short
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise SafetensorError("Error while deserializing header: incomplete metadata, file not fully covered")
+
+    with pytest.raises(UserError, match="the cached weights of 'org/model' are incomplete or corrupt") as err:
+        load_pretrained(Broken, "org/model", ModelConfig(name_or_path="org/model"))
+    assert "`hf cache rm model/org/model`" in str(err.value)
