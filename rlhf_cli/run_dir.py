@@ -202,10 +202,20 @@ def _take_lock(root: Path) -> Any:
     return fh
 
 
+def check_run_name(name: str, what: str = "config key `run.name`") -> None:
+    """A run name is one folder name, so `<root>/<name>` is a folder inside the root: an empty name would make the
+    root itself the run directory, `..` or a separator would write (and, with run.overwrite, delete) outside it."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise UserError(
+            f"{what} is {name!r}, must be a single folder name (not empty, not `.` or `..`, no `/`, `\\` or NUL)"
+        )
+
+
 def open_run(run_cfg: Any, stage: str, is_main: bool = True) -> Run:
     """Open `<root>/<name>/` for `stage`: lock it (rank 0), refuse to redo a completed stage unless
     `run.overwrite`, create the stage folder. Every rank calls it; ranks then meet at a barrier before
     reading `latest_checkpoint()`, so they agree on where to resume."""
+    check_run_name(run_cfg.name)  # again here, before anything is created or deleted: callers may skip compose()
     root = Path(run_cfg.root) / run_cfg.name
     run = Run(root=root, stage=stage, is_main=is_main)
     if is_main:
@@ -219,10 +229,23 @@ def open_run(run_cfg: Any, stage: str, is_main: bool = True) -> Run:
                 f"add run.overwrite=true to train it again (replacing it), or choose another run.name"
             )
         if is_main:
-            shutil.rmtree(run.stage_dir, ignore_errors=True)
+            _remove_stage_dir(run)
     if is_main:
         run.stage_dir.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def _remove_stage_dir(run: Run) -> None:
+    """`run.overwrite`: delete the stage folder, but only a real folder directly inside the run directory; a
+    symlinked stage folder (or a name that got past the checks) must never make the tool delete anything else."""
+    resolved = run.stage_dir.resolve()
+    if run.stage_dir.is_symlink() or resolved.parent != run.root.resolve():
+        run.release()
+        raise UserError(
+            f"refusing to delete {run.stage_dir} for run.overwrite=true: it resolves to {resolved}, outside the run "
+            f"directory {run.root}; remove it yourself or choose another run.name"
+        )
+    shutil.rmtree(run.stage_dir, ignore_errors=True)
 
 
 def _start_record(config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> dict[str, Any]:

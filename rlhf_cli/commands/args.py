@@ -49,8 +49,10 @@ def resolve_checkpoint(model: str | None, run: str | None, root: str, stage: str
         raise UserError(f"give exactly one of run=<name> (with stage=, default {stage}) or model=<path or hub id>")
     if model is not None:
         return model
-    from rlhf_cli.run_dir import Run
+    from rlhf_cli.run_dir import Run, check_run_name
 
+    check_run_name(run, "argument `run`")
+    check_run_name(stage, "argument `stage`")
     handle = Run(root=Path(root) / run, stage=stage)
     if not handle.root.is_dir():
         raise UserError(f"no run directory {handle.root}; check run= and root= (runs are listed under {root}/)")

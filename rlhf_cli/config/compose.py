@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import operator
 import re
 from importlib import resources
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf_cli.config.schema import STAGE_SCHEMAS
+from rlhf_cli.config.schema import STAGE_SCHEMAS, DataConfig, TinyModelConfig
 from rlhf_cli.errors import UserError
+from rlhf_cli.run_dir import check_run_name
 
 
 def config_dir() -> Path:
@@ -86,6 +89,40 @@ def _schema_error(err: OmegaConfBaseException, schema: type, where: str) -> User
     return UserError(f"bad value for config key `{key}` (set {where}): {msg}")
 
 
+_GRAMMAR_NOISE = ("See https://hydra.cc", "Error parsing override")
+_LEXER_PREFIX = "LexerNoViableAltException: "
+
+
+def check_override_syntax(overrides: list[str]) -> None:
+    """Parse each override on its own, so a grammar error names the override it is in: Hydra's message for the
+    whole list can say only "no viable alternative at input '[1,'"."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for ov in overrides:
+        try:
+            parsed = parser.parse_overrides([ov])[0]
+        except OverrideParseException as err:
+            raise UserError(
+                f"cannot parse the override `{ov}`: {_grammar_problem(err.message, ov)} (quote a value with special "
+                "characters, e.g. 'data.system_prompt=\"Be brief, please.\"'; "
+                "https://hydra.cc/docs/advanced/override_grammar/basic)"
+            ) from None
+        if not parsed.key_or_group:
+            raise UserError(f"cannot parse the override `{ov}`: no key before `=` (overrides are key=value)")
+
+
+def _grammar_problem(message: str, override: str) -> str:
+    """Hydra's parse error in one line: a lexer error points at a character with a caret on a second line."""
+    lines = [ln for ln in message.splitlines() if ln.strip() and not ln.startswith(_GRAMMAR_NOISE)]
+    if len(lines) == 2 and lines[0].startswith(_LEXER_PREFIX):
+        pos = len(lines[1]) - 1 - len(_LEXER_PREFIX)  # the caret sits under the override after the prefix
+        if 0 <= pos < len(override):
+            return f"unexpected `{override[pos]}` at character {pos + 1}"
+    return "; ".join(lines) or message
+
+
 def compose(stage: str, overrides: list[str]) -> DictConfig:
     """Compose `config.yaml` for `stage` with Hydra-style `overrides`; returns the validated, typed config
     (a DictConfig backed by the stage's dataclass: unknown keys and wrong types are errors)."""
@@ -97,6 +134,7 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     if stage not in STAGE_SCHEMAS:
         raise UserError(f"unknown stage `{stage}`; stages: {', '.join(STAGE_SCHEMAS)}")
     cfg_dir = config_dir()
+    check_override_syntax(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(cfg_dir), version_base=None):
@@ -118,6 +156,8 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
     except OmegaConfBaseException as err:
         raise _schema_error(err, schema, where(getattr(err, "full_key", "") or "")) from None
     check_choices(typed)
+    check_ranges(typed)
+    check_run_name(typed.run.name, "config key `run.name`")
     OmegaConf.set_readonly(typed, True)
     return typed
 
@@ -165,13 +205,163 @@ def check_choices(cfg: DictConfig) -> None:
             "model.lora.merge=true is not supported with deepspeed.zero_stage=3; use deepspeed=zero2 "
             "or model.lora.merge=false (final/ then holds the adapters only)"
         )
-    positive = ("stage.micro_batch_size", "stage.gradient_accumulation_steps", "data.max_length",
-                "data.max_prompt_length", "stage.rollout_batch_size", "stage.ppo_epochs",
-                "stage.generation.max_new_tokens")  # fmt: skip
-    for key in positive:
+
+
+# Numeric keys with a known range, key -> range: `> 0`, `>= 1`, `== 0`, `[0, 1)` (brackets include the end, parens
+# exclude it), `finite`; a bound may be another config key. `or null` marks a key that may be null (the schema's
+# `X | None` decides; the words are for the message). A list is checked item by item. Keys a stage's schema lacks
+# are skipped, so one table serves every stage; `_STAGE_RANGES` adds or overrides keys for one stage, the way
+# `_STAGE_CHOICES` does. Every value must also be finite. An entry may be (range, why) to explain the rule.
+_DATA_RANGES = {
+    "eval_fraction": "[0, 1)",
+    "max_samples": ">= 1 or null",
+    "max_length": ">= 1",
+    "max_prompt_length": ">= 1",
+    "min_response_tokens": ">= 1",
+    "shp_min_score_ratio": ">= 0",
+}
+_TRAIN_RANGES = {
+    "epochs": "> 0",
+    "max_steps": ">= 1 or null",
+    "micro_batch_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1",
+    "eval_every": ">= 0",
+    "eval_batch_size": ">= 1",
+    "save_every": ">= 0",
+    "keep_last": ">= 1",
+    "stop_after_steps": ">= 1 or null",
+}
+_RANGES: dict[str, str | tuple[str, str]] = {
+    "seed": ">= 0",
+    "optim.lr": "> 0",
+    "optim.betas": "[0, 1)",
+    "optim.eps": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.warmup_ratio": "[0, 1]",
+    "optim.warmup_steps": ">= 0 or null",
+    "optim.min_lr_ratio": "[0, 1]",
+    "optim.max_grad_norm": "> 0",  # the schema has no null here: clipping is always on
+    "model.lora.r": ">= 1",
+    "model.lora.alpha": "> 0",
+    "model.lora.dropout": "[0, 1)",
+    **{f"model.tiny.{f.name}": ">= 1" for f in dataclasses.fields(TinyModelConfig)},
+    **{f"data.{key}": spec for key, spec in _DATA_RANGES.items()},
+    **{f"stage.{key}": spec for key, spec in _TRAIN_RANGES.items()},
+    "logging.log_every": ">= 1",
+    "launcher.nproc_per_node": ">= 1",
+    "launcher.nnodes": ">= 1",
+    "launcher.node_rank": "[0, launcher.nnodes)",
+    "launcher.master_port": "[1, 65535]",
+    # Sampling and scoring of generated responses (the online stages).
+    "stage.generation.max_new_tokens": ">= 1",
+    "stage.generation.top_k": ">= 0",
+    "stage.generation.top_p": "(0, 1]",
+    "stage.reward.missing_eos_penalty": ">= 0 or null",
+    "stage.reward.missing_eos_score": "finite or null",
+    "stage.reward.clip": "> 0 or null",
+}
+# PPO's rollouts are its training data: the log-probs of the ratio and the KL are those of softmax(logits / T).
+_ON_POLICY = (
+    "training rollouts must sample from the distribution whose log-probs enter the ratio and the KL, "
+    "softmax(logits / temperature); top-k / top-p sampling would make PPO silently off-policy"
+)
+_STAGE_RANGES: dict[str, dict[str, str | tuple[str, str]]] = {
+    "rm": {"stage.center_coef": ">= 0 or null", "stage.min_eval_accuracy": "[0, 1] or null"},
+    "dpo": {
+        "stage.beta": "> 0",
+        "stage.label_smoothing": "[0, 0.5)",
+        "stage.rpo_alpha": ">= 0",
+        "stage.simpo_gamma": ">= 0",
+        "stage.orpo_lambda": ">= 0",
+    },
+    "ppo": {
+        "stage.rollout_batch_size": ">= 1",
+        "stage.ppo_epochs": ">= 1",
+        "stage.clip_eps": "> 0",
+        "stage.value_clip_eps": "> 0",
+        "stage.vf_coef": ">= 0",
+        "stage.gamma": "[0, 1]",
+        "stage.lam": "[0, 1]",
+        "stage.entropy_coef": ">= 0",
+        "stage.kl_coef": ">= 0",
+        "stage.kl_target": "> 0",
+        "stage.kl_horizon": ">= 1",
+        "stage.target_kl": "> 0 or null",
+        "stage.sample_every": ">= 0",
+        "stage.sample_rows": ">= 0",
+        "stage.critic.lr": "> 0",
+        "stage.ptx.coef": ">= 0",
+        "stage.ptx.micro_batch_size": ">= 1",
+        **{
+            f"stage.ptx.data.{f.name}": _DATA_RANGES[f.name]
+            for f in dataclasses.fields(DataConfig)
+            if f.name in _DATA_RANGES
+        },
+        "stage.generation.temperature": ("> 0", _ON_POLICY),
+        "stage.generation.top_k": ("== 0", _ON_POLICY),
+        "stage.generation.top_p": ("== 1", _ON_POLICY),
+    },
+}
+# Lists whose length is fixed.
+_LENGTHS = {"optim.betas": 2}
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
+_INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
+
+
+def range_bounds(spec: str) -> tuple[tuple[str, str], ...]:
+    """A range as (comparison, bound) pairs: `[0, 1)` -> ((">=", "0"), ("<", "1")); `finite` -> ()."""
+    spec = spec.removesuffix(" or null")
+    interval = _INTERVAL.fullmatch(spec)
+    if interval:
+        low, a, b, high = interval.groups()
+        return ((">=" if low == "[" else ">", a), ("<=" if high == "]" else "<", b))
+    if spec == "finite":
+        return ()
+    op, _, bound = spec.partition(" ")
+    if op not in _COMPARE or not bound:
+        raise ValueError(f"bad range {spec!r}")
+    return ((op, bound),)
+
+
+def _in_range(cfg: DictConfig, value: float, spec: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    for op, bound in range_bounds(spec):
+        limit = OmegaConf.select(cfg, bound) if bound[0].isalpha() else float(bound)
+        if not _COMPARE[op](value, limit):
+            return False
+    return True
+
+
+def _range_error(cfg: DictConfig, key: str, value: float, spec: str, why: str) -> UserError:
+    need = "in " + spec if _INTERVAL.match(spec) else spec.removeprefix("== ")
+    if spec.startswith("finite"):
+        need = "a finite number" + spec.removeprefix("finite")
+    elif not math.isfinite(value):
+        need = f"a finite number {need}"
+    refs = [f"{bound} is {OmegaConf.select(cfg, bound)}" for _, bound in range_bounds(spec) if bound[0].isalpha()]
+    given = f" ({', '.join(refs)})" if refs else ""
+    return UserError(f"config key `{key}` is {value}, must be {need}{given}{why}")
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Refuse numbers out of their range (table above) before anything is built: a negative learning rate
+    otherwise ends in a traceback from the optimizer, and a DPO beta of 0 trains on a constant loss."""
+    stage = cfg.stage.name
+    for key, rule in {**_RANGES, **_STAGE_RANGES.get(stage, {})}.items():
+        spec, why = (rule, None) if isinstance(rule, str) else rule
         value = OmegaConf.select(cfg, key)
-        if value is not None and value < 1:
-            raise UserError(f"config key `{key}` must be >= 1, got {value}")
+        if value is None:
+            continue
+        if key in _LENGTHS and len(value) != _LENGTHS[key]:
+            raise UserError(
+                f"config key `{key}` has {len(value)} value(s) {list(value)}, must have exactly {_LENGTHS[key]}"
+            )
+        items = enumerate(value) if OmegaConf.is_list(value) else [(None, value)]
+        for i, item in items:
+            if not _in_range(cfg, item, spec):
+                because = f" for `rlhf {stage}`: {why}" if why else ""
+                raise _range_error(cfg, key if i is None else f"{key}[{i}]", item, spec, because)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -253,8 +253,9 @@ class RewardConfig:
     # A classifier with several labels: which one (index or label name); `logit` or `prob` (softmax / sigmoid).
     label: str | None = None
     reduce: str = "logit"
-    # Responses without EOS: `missing_eos_penalty` is subtracted from their score, or (when set) their score is
-    # replaced by `missing_eos_score`.
+    # Responses without EOS: `missing_eos_penalty` (>= 0) is subtracted from their score; missing_eos_score, when
+    # set, replaces the score (the penalty is then not applied); both apply after normalisation and clipping, in the
+    # units of the normalised score.
     missing_eos_penalty: float | None = 1.0
     missing_eos_score: float | None = None
     # none | rm_stats (the reward-model stage's recorded eval mean / std) | running (running mean / std)

@@ -63,3 +63,22 @@ def test_generate_from_missing_run_or_stage(runs, tmp_path):
         rlhf("generate", "run=half", f"root={runs}", "prompt=hi", cwd=tmp_path), "run `rlhf sft run.name=half` first"
     )
     _one_clear_error(rlhf("generate", "run=half", f"root={runs}", "promt=hi", cwd=tmp_path), "did you mean `prompt`")
+
+
+def test_out_of_range_value_fails_before_anything_is_built(runs, tmp_path):
+    res = rlhf("sft", f"run.root={runs}", "optim.lr=-0.1", cwd=tmp_path)
+    _one_clear_error(res, "config key `optim.lr` is -0.1, must be > 0")
+    assert not runs.exists()
+
+
+def test_override_syntax_error_names_the_override(runs, tmp_path):
+    res = rlhf("dpo", f"run.root={runs}", "stage.beta=0.1", "optim.lr=[1,", cwd=tmp_path)
+    _one_clear_error(res, "cannot parse the override `optim.lr=[1,`")
+    assert res.stderr.count("\n") == 1 and not runs.exists()
+
+
+def test_run_name_outside_the_root_is_refused(runs, tmp_path):
+    res = rlhf("sft", f"run.root={runs}", "run.name=../../x", "run.overwrite=true", cwd=tmp_path)
+    _one_clear_error(res, "`run.name` is '../../x', must be a single folder name")
+    _one_clear_error(rlhf("generate", "run=../x", f"root={runs}", "prompt=hi", cwd=tmp_path), "argument `run`")
+    assert not runs.exists() and not (tmp_path.parent / "x").exists()

@@ -2,7 +2,10 @@
 
 import os
 
+import pytest
+
 from rlhf_cli.config.compose import compose
+from rlhf_cli.errors import UserError
 from rlhf_cli.launch import strip_local_rank, torchrun_command
 
 
@@ -24,3 +27,27 @@ def test_self_launch_command_forwards_usr1_and_keeps_overrides():
     assert "--standalone" in single and not any(a.startswith("--master_port") for a in single)
     assert any(a.startswith("--signals_to_handle=") and "SIGUSR1" in a for a in cmd)
     assert cmd[-5:] == ["-m", "rlhf_cli", "sft", "optim.lr=1e-4", "launcher.nproc_per_node=4"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["launcher.nproc_per_node=0"], "config key `launcher.nproc_per_node` is 0, must be >= 1"),
+        (["launcher.nnodes=0"], "config key `launcher.nnodes` is 0, must be >= 1"),
+        (["launcher.nnodes=2", "launcher.node_rank=2"],
+         "config key `launcher.node_rank` is 2, must be in [0, launcher.nnodes) (launcher.nnodes is 2)"),
+        (["launcher.node_rank=-1"], "config key `launcher.node_rank` is -1, must be in [0, launcher.nnodes)"),
+        (["launcher.master_port=0"], "config key `launcher.master_port` is 0, must be in [1, 65535]"),
+        (["launcher.master_port=65536"], "config key `launcher.master_port` is 65536, must be in [1, 65535]"),
+    ],
+)  # fmt: skip
+def test_launcher_values_out_of_range_are_refused(overrides, message):
+    """nproc_per_node=0 used to run one process silently; a node rank beyond nnodes would hang at rendezvous."""
+    with pytest.raises(UserError) as err:
+        compose("sft", overrides)
+    assert message in str(err.value)
+
+
+def test_launcher_edges_are_accepted():
+    cfg = compose("sft", ["launcher.nnodes=2", "launcher.node_rank=1", "launcher.master_port=65535"])
+    assert cfg.launcher.node_rank == 1

@@ -77,3 +77,36 @@ def test_resume_under_changed_config_warns(tmp_path):
     assert "warning" not in run.begin("", "abc", {}, tmp_path / "step-2")
     assert "hash abc -> def" in run.begin("", "def", {}, tmp_path / "step-2")
     run.release()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../outside", "a/b", "a\\b"])
+def test_run_name_must_be_one_folder_name_before_anything_is_created(tmp_path, name):
+    root = tmp_path / "runs"
+    root.mkdir()
+    with pytest.raises(UserError, match="`run.name` is .*, must be a single folder name"):
+        open_run(SimpleNamespace(root=str(root), name=name, overwrite=True), "sft")
+    assert not any(tmp_path.rglob("*.lock")) and list(tmp_path.iterdir()) == [root] and not any(root.iterdir())
+
+
+def test_overwrite_never_deletes_outside_the_run_directory(tmp_path):
+    """A stage folder that is a symlink to elsewhere: run.overwrite must refuse, not delete the target."""
+    run = open_run(_cfg(tmp_path), "sft")
+    run.update_stage(status="completed")
+    run.release()
+    precious = tmp_path / "precious"
+    (precious / "final").mkdir(parents=True)
+    (precious / "final" / "model.safetensors").write_text("weights")
+    run.stage_dir.rmdir()
+    run.stage_dir.symlink_to(precious, target_is_directory=True)
+    with pytest.raises(UserError, match="refusing to delete .*outside the run directory"):
+        open_run(_cfg(tmp_path, overwrite=True), "sft")
+    assert (precious / "final" / "model.safetensors").read_text() == "weights"
+    open_run(_cfg(tmp_path), "rm").release()  # the lock was released
+
+
+@pytest.mark.parametrize("run,stage,key", [("../x", "sft", "run"), ("", "sft", "run"), ("demo", "../../x", "stage")])
+def test_tools_refuse_a_run_or_stage_that_is_not_one_folder_name(tmp_path, run, stage, key):
+    from rlhf_cli.commands.args import resolve_checkpoint
+
+    with pytest.raises(UserError, match=f"argument `{key}` is .*, must be a single folder name"):
+        resolve_checkpoint(None, run, str(tmp_path), stage)
