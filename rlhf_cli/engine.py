@@ -447,15 +447,22 @@ def _set_aside(damaged: list[tuple[Path, str]], resumed: Path) -> list[str]:
 
 @contextlib.contextmanager
 def gathered_for_generation(engine: Any) -> Iterator[Any]:
-    """The engine's module ready for `generate`: under ZeRO-3 its parameters are gathered for the duration
-    (every forward of an autoregressive loop would otherwise all-gather each layer, and ranks that stop at
-    different lengths would deadlock); eval mode, restored to train mode on exit."""
+    """The engine's module ready for `generate`, in eval mode (restored on exit).
+
+    Under ZeRO-3 the parameters are gathered once for the whole generation and DeepSpeed's module hooks are
+    removed for its duration (DeepSpeed's own `unwrap_model_for_generation`, as TRL and OpenRLHF do), then put back.
+    With the hooks left on, every decoding step re-gathers and re-partitions each layer (slow everywhere), and a rank
+    whose responses all end early leaves the loop while another still issues all-gathers (a hang on NCCL). Without
+    hooks each rank decodes on its own, so `generate` needs no `synced_gpus`. Costs one full copy of the weights
+    per rank while generating."""
     module = engine.module
     was_training = module.training
     module.eval()
     gather = contextlib.nullcontext()
     if engine.zero_optimization_stage() == 3:
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        gather = unwrap_model_for_generation(engine)
     try:
         with gather, torch.no_grad():
             yield module

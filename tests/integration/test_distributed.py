@@ -168,3 +168,12 @@ def test_deepspeed_launcher(runs, tmp_path):
     assert "2 rank(s)" in res.stdout + res.stderr
     assert manifest(runs / "ds")["stages"]["sft"]["status"] == "completed"
     assert (runs / "ds" / "sft" / "logs" / "rank-1.log").is_file()
+
+
+def test_zero3_generation_with_partitioned_parameters_and_ranks_of_different_lengths(tmp_path):
+    """Every parameter a shard (persistence threshold 0); rank 0 stops after 2 tokens, rank 1 after 40: the hooks are
+    off while generating (no per-token gathers, no hang), responses equal the unpartitioned model's, and training
+    afterwards equals training on an engine that never generated."""
+    res = torchrun([str(HERE / "zero3_generation_check.py")], cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "hooks 128 -> 0 -> 128" in res.stdout and "ok: training after generation matches" in res.stdout
