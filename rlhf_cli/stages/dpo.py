@@ -55,12 +55,12 @@ def run(cfg: Any, run: Run) -> Path | None:
     engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
 
     # 4. Resume; record the stage as running.
-    resume = run.latest_checkpoint()
-    start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
+    resume, client, notes = eng.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
+    start_step = client["step"] if client else 0
     inputs = {"policy": source, "reference": ref.describe(), "data": cfg.data.source}
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    for line in (started, data.report.summary(), plan.describe(), f"reference: {ref.describe()}"):
+    for line in (started, *notes, data.report.summary(), plan.describe(), f"reference: {ref.describe()}"):
         metrics.message(line)
 
     # 5. Train.

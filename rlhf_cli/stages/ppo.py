@@ -62,10 +62,9 @@ def run(cfg: Any, run: Run) -> Path | None:
     moments, rm_stats = RunningMoments(), reward_stats(st, run)
 
     # 4. Resume (actor, critic, optimizers, schedulers, KL controller, running stats); record the stage.
-    resume = run.latest_checkpoint()
+    resume, client, notes = eng.resume_latest({"actor": actor, "critic": critic}, run.checkpoints_dir)
     start_step = 0
-    if resume:
-        client = eng.load_checkpoint({"actor": actor, "critic": critic}, resume)
+    if client:
         start_step = client["step"]
         kl_ctl.load_state_dict(client["kl_controller"])
         moments.load_state_dict(client["running_moments"])
@@ -73,7 +72,8 @@ def run(cfg: Any, run: Run) -> Path | None:
               "reward": reward.describe(), "data": cfg.data.source}  # fmt: skip
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    for line in (started, data.report.summary(), describe_plan(plan, st), *(f"{k}: {v}" for k, v in inputs.items())):
+    sources = (f"{k}: {v}" for k, v in inputs.items())
+    for line in (started, *notes, data.report.summary(), describe_plan(plan, st), *sources):
         metrics.message(line)
 
     # 5. Train: an evaluation of the starting policy, then the iterations.

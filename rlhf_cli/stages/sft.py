@@ -48,12 +48,13 @@ def run(cfg: Any, run: Run) -> Path | None:
     engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
-    resume = run.latest_checkpoint()
-    start_step = eng.load_checkpoint(engine, resume)["step"] if resume else 0
+    resume, client, notes = eng.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
+    start_step = client["step"] if client else 0
     inputs = {"model": cfg.model.name_or_path, "data": cfg.data.source}
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    metrics.message(started)
+    for line in (started, *notes):
+        metrics.message(line)
     metrics.message(data.report.summary())
     metrics.message(plan.describe())
 
