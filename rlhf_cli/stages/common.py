@@ -159,10 +159,12 @@ def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, wo
 
     st = cfg.stage
     policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
-    disable_dropout(policy)  # else pi / pi_ref (or pi / pi_old) != 1 at the first step
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if cfg.model.lora.enabled:
         policy = apply_lora(policy, cfg.model.lora)
+    # After LoRA, whose adapters bring their own dropout (model.lora.dropout): with any dropout on, the train-mode
+    # forward differs from the eval-mode rollout / reference one, so pi / pi_old (PPO) and pi / pi_ref (DPO) != 1.
+    disable_dropout(policy)
     ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, world_size)
     return eng.initialize(policy, ds_cfg, cfg.optim, total_steps)

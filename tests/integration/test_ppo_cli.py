@@ -63,6 +63,8 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
         assert key in log[-1], key
     # Dropout off, one temperature everywhere: before any update the ratio is 1 and the approximate KL 0.
     assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
+    # Iteration 2 starts from an updated policy (LoRA B != 0, so adapter dropout would show): still pi / pi_old = 1.
+    assert log[1]["log_ratio_first"] < 1e-5
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
     assert log[0]["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
     evals = [r["step"] for r in metrics(runs / "chain", "ppo") if "eval_score" in r]
@@ -90,7 +92,7 @@ def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp
 @pytest.mark.parametrize(
     "variant,extra",
     [
-        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "stage.offload_frozen=true",
+        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.1", "stage.offload_frozen=true",
                   "stage.reward.reduce=prob"]),
         ("zero3", ["deepspeed=zero3", "stage.reward.normalize=running", "stage.entropy_coef=0.01"]),
         ("ptx", ["stage.ptx.coef=0.5", "stage.ptx.micro_batch_size=2", "stage.whiten_rewards=true",
@@ -102,6 +104,8 @@ def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, 
     assert res.returncode == 0, res.stderr
     log = _iterations(runs / variant)
     assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
+    # Iteration 2 starts from an updated policy (LoRA B != 0, so adapter dropout would show): still pi / pi_old = 1.
+    assert log[1]["log_ratio_first"] < 1e-5
     if variant == "lora":
         assert manifest(runs / variant)["stages"]["ppo"]["inputs"]["reference"].startswith("the policy with LoRA")
         assert all(-1.0 <= r["score_mean"] <= 1.0 for r in log)  # a sigmoid probability, minus a missing-EOS penalty

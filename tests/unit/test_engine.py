@@ -241,3 +241,28 @@ def test_resume_when_no_checkpoint_loads_names_what_to_remove(trained):
         eng.resume_latest(engine, ckpt)
     assert not list(ckpt.glob("damaged-*"))  # nothing renamed when there is nothing to resume from
     assert eng.resume_latest(engine, ckpt / "none") == (None, None, [])
+
+
+def test_policy_engine_has_no_dropout_left_after_lora(process_group):
+    """The policy of DPO / PPO with `model.lora.dropout=0.1`: once the adapters are non-zero (B is 0 at init, which
+    hides any dropout), two train-mode forwards are identical and equal the eval-mode forward, so pi / pi_old and
+    pi / pi_ref start at 1."""
+    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.stages.common import policy_engine
+
+    cfg = compose("dpo", ["model.name_or_path=builtin:tiny-llama", "model.lora.enabled=true", "model.lora.dropout=0.1",
+                          "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176",
+                          "model.tiny.num_hidden_layers=2"])  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    engine = policy_engine(cfg, cfg.model, tok, total_steps=1, world_size=1)
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.randint(5, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
+    engine.train()
+    with torch.no_grad():
+        first, second = engine(input_ids=ids).logits, engine(input_ids=ids).logits
+        engine.eval()
+        evaluated = engine(input_ids=ids).logits
+    assert torch.equal(first, second) and torch.equal(first, evaluated)
