@@ -119,19 +119,18 @@ def apply_missing_eos(
 ) -> torch.Tensor:
     """Scores of truncated completions (no EOS): scores (B,), has_eos (B,) bool -> new (B,) fp32 tensor.
 
-    `penalty` subtracts a constant (TRL `missing_eos_penalty`); `replace_with` overwrites the score
-    (lm-human-preferences uses -1). A truncated reply must not be scored as if it were complete (pitfall 6).
+    `replace_with`, when given, overwrites the score (lm-human-preferences uses -1) and `penalty` is then not applied;
+    otherwise `penalty` subtracts a constant (TRL `missing_eos_penalty`). A truncated reply must not be scored as if
+    it were complete (pitfall 6).
     """
-    if penalty is not None and replace_with is not None:
-        raise ValueError("give at most one of penalty and replace_with")
     scores = scores.float()
     if scores.shape != has_eos.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and has_eos {tuple(has_eos.shape)} differ")
     has_eos = has_eos.bool()
-    if penalty is not None:
-        return torch.where(has_eos, scores, scores - penalty)
     if replace_with is not None:
         return torch.where(has_eos, scores, torch.full_like(scores, replace_with))
+    if penalty is not None:
+        return torch.where(has_eos, scores, scores - penalty)
     return scores.clone()
 
 

@@ -34,8 +34,8 @@ from rlhf_cli.rollout.generation import (
 
 @dataclass
 class Rollout:
-    """Tensors are (B, R) over response tokens unless noted; `scores` (B,) are the reward source's scores after
-    the missing-EOS rule, before normalisation; `used_scores` (B,) after normalisation and clipping."""
+    """Tensors are (B, R) over response tokens unless noted; `scores` (B,) are the reward source's scores as it gave
+    them; `used_scores` (B,) after normalisation, clipping and the missing-EOS rule (`shape_scores`)."""
 
     seq: Sequences
     prompts: list[Any]
@@ -90,8 +90,7 @@ def critic_values(critic: Any, seq: Sequences) -> torch.Tensor:
 def collect(actor: Any, critic: Any, ref: Reference, reward: Any, prompts: list[Any], batch: dict, tokenizer: Any,
             st: Any, gen_config: Any) -> Rollout:  # fmt: skip
     """Sample one response per prompt (left-padded batch {"input_ids", "attention_mask"} (B, P)) and read back the
-    old log-probs, reference log-probs and values (micro-batch by micro-batch) and the scores, with the missing-EOS
-    rule (stage.reward.missing_eos_penalty / missing_eos_score) applied."""
+    old log-probs, reference log-probs and values (micro-batch by micro-batch) and the reward source's scores."""
     t0 = time.perf_counter()
     with eng.gathered_for_generation(actor) as module:
         seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -105,20 +104,21 @@ def collect(actor: Any, critic: Any, ref: Reference, reward: Any, prompts: list[
         parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
         parts["ref"].append(ref.logprobs(actor, sub, tau))
         parts["values"].append(critic_values(critic, sub))
-    r = st.reward
-    scores = apply_missing_eos(reward.score(prompts, seq, responses).float(), seq.has_eos, r.missing_eos_penalty,
-                               r.missing_eos_score)  # fmt: skip
+    scores = reward.score(prompts, seq, responses).float()
     actor.train(), critic.train()
     out = Rollout(seq, prompts, responses, *(torch.cat(parts[k]) for k in ("old", "ref", "values")), scores)
     out.seconds = {"generation": t1 - t0, "scoring": time.perf_counter() - t1}
     return out
 
 
-def shape_scores(scores: torch.Tensor, reward_cfg: Any, stats: tuple[float, float] | None) -> torch.Tensor:
-    """Optional normalisation with (mean, std), then optional clipping: (B,) -> (B,)."""
-    if stats is not None:
-        return normalize_scores(scores, stats[0], stats[1], reward_cfg.clip)
-    return clip_scores(scores, reward_cfg.clip)
+def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward_cfg: Any,
+                 stats: tuple[float, float] | None) -> torch.Tensor:  # fmt: skip
+    """The score that enters the reward: optional normalisation with (mean, std), optional clipping, then the
+    missing-EOS rule (stage.reward.missing_eos_penalty, or missing_eos_score in its place) in the units of the
+    normalised score, as InstructGPT-style setups do: a penalty of 1 is then one standard deviation whatever the
+    reward model's scale, and the statistics describe the reward model's own scores. (B,), (B,) bool -> (B,)."""
+    shaped = normalize_scores(scores, *stats, reward_cfg.clip) if stats else clip_scores(scores, reward_cfg.clip)
+    return apply_missing_eos(shaped, has_eos, reward_cfg.missing_eos_penalty, reward_cfg.missing_eos_score)
 
 
 def advantages(ro: Rollout, st: Any, kl_coef: float, used_scores: torch.Tensor) -> Rollout:

@@ -134,8 +134,8 @@ def test_apply_missing_eos():
     close(same, [1.0, 2.0, -0.5])
     same[0] = 9.0
     assert scores[0].item() == 1.0  # a new tensor
-    with pytest.raises(ValueError, match="at most one"):
-        apply_missing_eos(scores, has_eos, penalty=1.0, replace_with=-1.0)
+    # The replacement wins over the penalty (so missing_eos_score can be set without unsetting the default penalty).
+    close(apply_missing_eos(scores, has_eos, penalty=1.0, replace_with=-1.0), [1.0, -1.0, -1.0])
 
 
 # ---------------------------------------------------------------- GAE

@@ -236,3 +236,20 @@ def test_tokens_banned_by_the_checkpoint_config_still_reach_rollouts(tok):
     model.generation_config.no_repeat_ngram_size = 1
     shipped = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
     assert torch.equal(clean.input_ids, shipped.input_ids)
+
+
+@pytest.mark.parametrize(
+    "stats,clip,penalty,score,expected",
+    [
+        ((3.0, 2.0), None, 1.0, None, [-0.5, 0.5 - 1.0]),  # normalised, then one unit of the normalised score off
+        ((3.0, 2.0), 0.4, 1.0, None, [-0.4, 0.4 - 1.0]),  # clipped first: the penalty still tells the two apart
+        ((3.0, 2.0), None, 1.0, -5.0, [-0.5, -5.0]),  # the replacement wins over the (default) penalty
+        (None, None, 1.0, None, [2.0, 3.0]),  # no normalisation: raw score minus the penalty
+    ],
+)  # fmt: skip
+def test_missing_eos_rule_applies_after_normalisation_and_clipping(stats, clip, penalty, score, expected):
+    from rlhf_cli.rollout.experience import shape_scores
+
+    reward_cfg = SimpleNamespace(clip=clip, missing_eos_penalty=penalty, missing_eos_score=score)
+    out = shape_scores(torch.tensor([2.0, 4.0]), torch.tensor([True, False]), reward_cfg, stats)
+    assert out.tolist() == pytest.approx(expected)
