@@ -44,6 +44,10 @@ from rlhf_cli.models.tiny import build_tiny_llama
 
 log = logging.getLogger(__name__)
 
+# Written by `rlhf rm` next to the exported weights: the mean / std of its scores on the held-out replies, so that
+# `stage.reward.normalize=rm_stats` uses the statistics of the very model that scores (wherever it is copied).
+REWARD_STATS_FILE = "reward_stats.json"
+
 # Prefix-stable (each turn renders the same whatever follows), so SFT's prefix-difference tokenization applies:
 # user/system turns are plain text separated by a blank line; an assistant turn is `[SEP] text [SEP]`.
 ENCODER_CHAT_TEMPLATE = (

@@ -26,7 +26,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.losses.ppo import RunningMoments, kl_controller
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import disable_dropout, enable_gradient_checkpointing, is_builtin, load_causal_lm, load_tokenizer
-from rlhf_cli.models.reward import load_reward_model, pools_last_token
+from rlhf_cli.models.reward import REWARD_STATS_FILE, load_reward_model, pools_last_token
 from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_scores
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
@@ -46,7 +46,8 @@ def run(cfg: Any, run: Run) -> Path | None:
     source = run.resolve_source(cfg.model.name_or_path)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
 
-    # 2. Tokenizer, prompts, the iteration plan, optional ptx data.
+    # 2. Tokenizer, prompts, the iteration plan, optional ptx data; the recorded reward statistics (rm_stats).
+    rm_stats = reward_stats(st, run)
     tokenizer = load_tokenizer(model_cfg)
     data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
     plan = iteration_plan(len(data.train), st, dist.world_size)
@@ -59,7 +60,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist)
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
     kl_ctl = kl_controller(st.kl_control, st.kl_coef, st.kl_target, st.kl_horizon)
-    moments, rm_stats = RunningMoments(), reward_stats(st, run)
+    moments = RunningMoments()
 
     # 4. Resume (actor, critic, optimizers, schedulers, KL controller, running stats); record the stage.
     resume, client, notes = eng.resume_latest({"actor": actor, "critic": critic}, run.checkpoints_dir)
@@ -87,7 +88,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
         ro = collect(actor, critic, ref, reward, prompts, batch, tokenizer, st, gen_config)
         stats = score_stats(st, ro.scores, moments, rm_stats)
-        ro = advantages(ro, st, kl_ctl.value, shape_scores(ro.scores, st.reward, stats))
+        ro = advantages(ro, st, kl_ctl.value, shape_scores(ro.scores, ro.seq.has_eos, st.reward, stats))
         out = {**rollout_metrics(ro), "kl_coef": kl_ctl.value}
         t0 = time.perf_counter()
         out.update(ppo_update(actor, critic, ro, st, step, cfg.seed, ptx))
@@ -190,15 +191,32 @@ def build_reference(cfg: Any, run: Run, source: str, tokenizer: Any, dist: Any) 
 
 
 def reward_stats(st: Any, run: Run) -> tuple[float, float] | None:
-    """(mean, std) recorded by this run's reward-model stage, for stage.reward.normalize=rm_stats."""
-    if st.reward.normalize != "rm_stats":
+    """(mean, std) of the reward model actually used, for stage.reward.normalize=rm_stats: the `reward_stats.json`
+    that `rlhf rm` writes next to its weights (for this run's `stage:rm`, also its manifest record, as older runs
+    have no file). Refused, before any model is loaded, where no statistics describe the scores that get normalised:
+    a reward function, `reduce=prob`, another label, or a model without the file."""
+    r = st.reward
+    if r.normalize != "rm_stats":
         return None
-    metrics = run.stage_record("rm").get("metrics", {})
-    if "reward_mean" not in metrics or "reward_std" not in metrics:
-        raise UserError("stage.reward.normalize=rm_stats needs the reward mean / std that `rlhf rm` records from its "
-                        "eval split, and this run's rm stage has none (no eval split?); use "
-                        "stage.reward.normalize=running")  # fmt: skip
-    return float(metrics["reward_mean"]), float(metrics["reward_std"])
+    fix, file = "; use stage.reward.normalize=running (or none)", REWARD_STATS_FILE
+    if r.function or not r.model:
+        raise UserError(f"stage.reward.normalize=rm_stats needs a reward model trained by `rlhf rm`, whose recorded "
+                        f"eval mean / std it uses; the reward here is the function {r.function}{fix}")  # fmt: skip
+    if r.reduce != "logit" or r.label not in (None, "0", 0):
+        raise UserError(f"stage.reward.normalize=rm_stats: the recorded mean / std are of the reward model's logit "
+                        f"(label 0), not of reduce={r.reduce} label={r.label} (stage.reward){fix}")  # fmt: skip
+    folder = Path(run.resolve_source(r.model))
+    stats_file = folder / REWARD_STATS_FILE
+    if stats_file.is_file():
+        recorded = json.loads(stats_file.read_text())
+    elif r.model == "stage:rm":
+        recorded = run.stage_record("rm").get("metrics", {})
+    else:
+        recorded = {}
+    if "reward_mean" not in recorded or "reward_std" not in recorded:
+        raise UserError(f"stage.reward.normalize=rm_stats needs the reward mean / std that `rlhf rm` records from its "
+                        f"eval split ({file} next to the weights), and {r.model} has none{fix}")  # fmt: skip
+    return float(recorded["reward_mean"]), float(recorded["reward_std"])
 
 
 def score_stats(st: Any, scores: torch.Tensor, moments: RunningMoments, rm_stats: tuple | None) -> tuple | None:

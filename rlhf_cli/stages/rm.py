@@ -10,6 +10,7 @@ manifest keeps for reward normalisation downstream (PPO). `stage.min_eval_accura
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from rlhf_cli.losses import bradley_terry_loss, split_pairs
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import enable_gradient_checkpointing
 from rlhf_cli.models.reward import (
+    REWARD_STATS_FILE,
     apply_reward_lora,
     check_max_length,
     load_reward_model,
@@ -94,7 +96,15 @@ def run(cfg: Any, run: Run) -> Path | None:
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest, then the accuracy gate.
     final_eval = run_eval()
-    finish(run, metrics, last, final_eval, SHOW, export_final(engine, tokenizer, run, model_cfg.lora), completed=False,
+    export = export_final(engine, tokenizer, run, model_cfg.lora)
+
+    def export_with_stats() -> None:
+        export()
+        if dist.is_main and "reward_mean" in final_eval:
+            stats = {k: final_eval[k] for k in ("reward_mean", "reward_std", "eval_pairs")}
+            (run.final_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+
+    finish(run, metrics, last, final_eval, SHOW, export_with_stats, completed=False,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
     run.update_stage(status="completed", ended_at=now())

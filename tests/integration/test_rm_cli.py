@@ -92,6 +92,8 @@ def test_rm_end_to_end_after_sft(e2e):
     config = json.loads((e2e / "rm" / "final" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
     assert config["pad_token_id"] == 0 and (e2e / "rm" / "final" / "chat_template.jinja").is_file()
+    stats = json.loads((e2e / "rm" / "final" / "reward_stats.json").read_text())  # read by ppo's rm_stats
+    assert stats == {k: m[k] for k in ("reward_mean", "reward_std", "eval_pairs")}
 
 
 def test_rm_without_sft_names_the_command(tmp_path):
