@@ -346,7 +346,28 @@ def load_causal_lm(
         )
     resize_for_tokenizer(model, tokenizer)
     sync_special_ids(model, tokenizer)
+    fp32_output_head(model)
     return model
+
+
+class FP32OutputHead(nn.Linear):
+    """An LM head that computes its logits in fp32 whatever the dtype of its weights and inputs: (..., d) -> (..., V)
+    fp32. Under bf16 a bf16 head rounds every logit before the log-softmax (about 1e-2 nats per token, 0.5 nats
+    summed over a 255-token reply: the size of a DPO margin), and upcasting the rounded logits does not undo it
+    (ALGORITHMS.md section 1). Only the positions that reach the head pay for it (`logits_to_keep`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_output_head(model: PreTrainedModel) -> None:
+    """Make the model's output projection an `FP32OutputHead`, in place. The class of the existing module is
+    swapped rather than the module replaced, so its parameters stay the same objects: tied embeddings stay tied,
+    state-dict names and checkpoints are unchanged, and DeepSpeed's ZeRO-3 hooks gather its weight as before."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:
+        head.__class__ = FP32OutputHead
 
 
 def resize_for_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:

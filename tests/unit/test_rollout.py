@@ -253,3 +253,28 @@ def test_missing_eos_rule_applies_after_normalisation_and_clipping(stats, clip, 
     reward_cfg = SimpleNamespace(clip=clip, missing_eos_penalty=penalty, missing_eos_score=score)
     out = shape_scores(torch.tensor([2.0, 4.0]), torch.tensor([True, False]), reward_cfg, stats)
     assert out.tolist() == pytest.approx(expected)
+
+
+def test_bf16_policy_log_probs_come_from_fp32_logits(tok):
+    """Under bf16 the LM head runs in fp32 on the bf16 hidden states: the response logits are exactly
+    fp32(h) @ fp32(W).T, not bf16 logits upcast afterwards; names and tied weights of the checkpoint are unchanged."""
+    from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models import load_causal_lm
+
+    plain = build_tiny_llama(TINY, tok, 0)
+    model = load_causal_lm(ModelConfig(tiny=TINY), tok, seed=0).to(torch.bfloat16).eval()
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (plain.lm_head.weight is
+                                                                         plain.model.embed_tokens.weight)  # fmt: skip
+    batch = collate_prompts(_prompts(tok), tok.pad_token_id)
+    seq = sample(model, batch, sampling_config(GenerationConfig(max_new_tokens=6), tok.eos_token_id,
+                                               tok.pad_token_id, greedy=True), tok.eos_token_id, tok.pad_token_id)  # fmt: skip
+    with torch.no_grad():
+        logits = response_logits(model, seq)
+        width = seq.response_mask.shape[1]
+        hidden = model.model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
+                             position_ids=seq.position_ids).last_hidden_state[:, -width - 1 : -1]  # fmt: skip
+    assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    expected = hidden.float() @ model.lm_head.weight.float().T
+    assert torch.equal(logits, expected)
+    assert (expected.bfloat16().float() - expected).abs().max() > 0  # what a bf16 head would have rounded away
