@@ -35,7 +35,7 @@ from deepspeed.utils import logger as ds_logger
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import merged_for_export
-from rlhf_cli.models.load import error_summary, is_unreadable_file_error, torch_file_problem
+from rlhf_cli.models.weights import error_summary, is_unreadable_file_error, torch_file_problem
 from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 ds_logger.setLevel(logging.WARNING)

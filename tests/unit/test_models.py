@@ -385,7 +385,7 @@ def test_truncated_safetensors_is_named_before_loading(tmp_path, tok):
     ],
 )
 def test_safetensors_header_checks(tmp_path, tok, damage, problem):
-    from rlhf_cli.models.load import check_weight_files
+    from rlhf_cli.models.weights import check_weight_files
 
     folder = _saved_folder(tmp_path, tok)
     check_weight_files(folder)  # intact

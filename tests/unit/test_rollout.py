@@ -267,8 +267,8 @@ def test_bf16_policy_log_probs_come_from_fp32_logits(tok):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == (plain.lm_head.weight is
                                                                          plain.model.embed_tokens.weight)  # fmt: skip
     batch = collate_prompts(_prompts(tok), tok.pad_token_id)
-    seq = sample(model, batch, sampling_config(GenerationConfig(max_new_tokens=6), tok.eos_token_id,
-                                               tok.pad_token_id, greedy=True), tok.eos_token_id, tok.pad_token_id)  # fmt: skip
+    greedy = sampling_config(GenerationConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id, greedy=True)
+    seq = sample(model, batch, greedy, tok.eos_token_id, tok.pad_token_id)
     with torch.no_grad():
         logits = response_logits(model, seq)
         width = seq.response_mask.shape[1]
