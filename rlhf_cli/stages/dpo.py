@@ -26,7 +26,16 @@ from rlhf_cli.models import (
     load_tokenizer,
 )
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import export_final, finish, interrupted, model_inputs, policy_engine, step_plan, train_loop
+from rlhf_cli.stages.common import (
+    eval_batches,
+    export_final,
+    finish,
+    interrupted,
+    model_inputs,
+    policy_engine,
+    step_plan,
+    train_loop,
+)
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "eval_reward_accuracy")
 PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
@@ -175,17 +184,17 @@ def train_step(engine, ref, st, examples, split, chunks, pad_id, device) -> dict
 
 @torch.no_grad()
 def evaluate(engine: Any, ref: Reference, st: Any, examples: list, pad_id: int, dist: Any) -> dict[str, float]:
-    """The per-pair quantities averaged over all eval pairs (sharded over ranks, summed exactly)."""
+    """The per-pair quantities averaged over all eval pairs (sharded over ranks by `eval_batches`, summed exactly).
+    Filler pairs index real examples (the precomputed reference table has no row -1) and are left out of the sums."""
     if not examples:
         return {}
     engine.eval()
-    mine = list(range(dist.rank, len(examples), dist.world_size))
-    sums = dict.fromkeys(PAIR_KEYS, 0.0)
-    for j in range(0, len(mine), st.eval_batch_size):
-        idx = mine[j : j + st.eval_batch_size]
-        batch = {k: v.to(dist.device) for k, v in collate_preference([examples[i] for i in idx], pad_id).items()}
-        out = pair_losses(engine, ref, st, batch, "eval", idx)
-        for key in PAIR_KEYS:
-            sums[key] += float(out[key].sum())
-    n = float(eng.all_reduce_sum(len(mine)))
-    return {f"eval_{k}": float(eng.all_reduce_sum(v)) / n for k, v in sums.items()}
+    sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64)  # PAIR_KEYS, then the pairs
+    for part in eval_batches(len(examples), st.eval_batch_size, dist.rank, dist.world_size):
+        pairs = [examples[i] for i in part.idx]
+        batch = {k: v.to(dist.device) for k, v in collate_preference(pairs, pad_id).items()}
+        out = pair_losses(engine, ref, st, batch, "eval", part.idx)
+        per_pair = torch.stack([out[key].detach().double().cpu() for key in PAIR_KEYS] + [part.weight])  # (K+1, B)
+        sums += per_pair[:, part.real].sum(dim=1)
+    *totals, n = eng.all_reduce_sum(sums).tolist()
+    return {f"eval_{k}": v / n for k, v in zip(PAIR_KEYS, totals, strict=True)}

@@ -31,7 +31,7 @@ from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_sc
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import StepPlan, finish, interrupted, policy_engine, train_loop
+from rlhf_cli.stages.common import StepPlan, eval_batches, finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update, rollout_metrics
 
 SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "eval_score")
@@ -249,26 +249,26 @@ def write_samples(path: Path, iteration: int, ro: Any, n: int) -> None:
 
 @torch.no_grad()
 def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any, seed: int) -> dict:
-    """Greedy (or seeded sampled) responses to the held-out prompts, scored by the reward source: mean score,
-    length, EOS fraction. Every rank takes the same number of prompts (the remainder of a division by the world
-    size is left out), so ZeRO-3 collectives inside the forwards line up."""
-    usable = len(examples) - len(examples) % dist.world_size
-    mine = examples[:usable][dist.rank :: dist.world_size]
-    if not mine:
+    """Greedy (or seeded sampled) responses to all held-out prompts, scored by the reward source: mean score,
+    length, EOS fraction. Sharded by `eval_batches`: every rank generates and scores the same batches (ZeRO-3
+    collectives in the gathering and the reward model's forwards line up); filler prompts are left out of the sums."""
+    if not examples:
         return {}
     config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              greedy=not st.eval_sampling)  # fmt: skip
     rng = torch.get_rng_state()
     torch.manual_seed(seed + dist.rank)  # the same draws at every evaluation: scores differ only by the policy
-    sums = torch.zeros(4, dtype=torch.float64)
-    for j in range(0, len(mine), st.eval_batch_size):
-        prompts = mine[j : j + st.eval_batch_size]
+    sums = torch.zeros(4, dtype=torch.float64)  # prompts, score, response tokens, EOS
+    for part in eval_batches(len(examples), st.eval_batch_size, dist.rank, dist.world_size):
+        prompts = [examples[i] for i in part.idx]
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
         with eng.gathered_for_generation(actor) as module:
             seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        scores = reward.score(prompts, seq, decode_responses(tokenizer, seq)).double().cpu()
-        sums += torch.tensor([len(prompts), scores.sum(), seq.response_mask.sum(), seq.has_eos.sum()],
-                             dtype=torch.float64)  # fmt: skip
+        scores = reward.score(prompts, seq, decode_responses(tokenizer, seq))
+        per_prompt = torch.stack(  # (4, B), rows as in `sums`
+            [part.weight, scores.double().cpu(), seq.response_mask.sum(-1).double().cpu(), seq.has_eos.double().cpu()]
+        )
+        sums += per_prompt[:, part.real].sum(dim=1)
     torch.set_rng_state(rng)
     n, score, length, eos = eng.all_reduce_sum(sums).tolist()
     return {"eval_score": score / n, "eval_response_length": length / n, "eval_eos_fraction": eos / n}

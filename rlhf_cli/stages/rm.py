@@ -34,7 +34,7 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import export_final, finish, interrupted, step_plan, train_loop
+from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, step_plan, train_loop
 
 SHOW = ("loss", "accuracy", "lr", "pairs/s", "eval_accuracy")
 
@@ -162,18 +162,20 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
 
 @torch.no_grad()
 def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: int) -> dict[str, float]:
-    """Held-out pairs (sharded over ranks, summed exactly): accuracy, mean margin, BT loss, and the mean and
-    population std of the rewards of all 2N replies (chosen and rejected together)."""
+    """Held-out pairs (sharded over ranks by `eval_batches`, summed exactly): accuracy, mean margin, BT loss, and
+    the mean and population std of the rewards of all 2N replies (chosen and rejected together)."""
     if not examples:
         return {}
     engine.eval()
-    mine = examples[dist.rank :: dist.world_size]
     sums = torch.zeros(6, dtype=torch.float64)  # pairs, correct, margin, loss, reward, reward^2
-    for j in range(0, len(mine), batch_size):
-        b = {k: v.to(dist.device) for k, v in collate_preference(mine[j : j + batch_size], pad_id).items()}
+    for part in eval_batches(len(examples), batch_size, dist.rank, dist.world_size):
+        b = {k: v.to(dist.device) for k, v in collate_preference([examples[i] for i in part.idx], pad_id).items()}
         scores = sequence_scores(engine, b["input_ids"], b["attention_mask"]).double()
-        r_chosen, r_rejected = split_pairs(scores)
-        loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"])
+        real = part.real.to(scores.device)  # filler pairs ran the forward only to keep the ranks in step
+        if not real.any():
+            continue  # fillers only: nothing to add (and the BT mean over no pair is NaN)
+        r_chosen, r_rejected = (r[real] for r in split_pairs(scores))
+        loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"][real])
         correct, margin, chosen, rejected, squares = pair_sums(r_chosen, r_rejected)
         n = torch.tensor(float(len(r_chosen)), dtype=torch.float64)
         sums += torch.stack([n, correct, margin, loss.double().cpu() * n, chosen + rejected, squares])

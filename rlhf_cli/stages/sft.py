@@ -14,12 +14,12 @@ import torch
 
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
-from rlhf_cli.data import build_sft_datasets, collate_sft
+from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
 from rlhf_cli.losses import count_targets, sft_loss_sum
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import export_final, finish, interrupted, model_inputs, step_plan, train_loop
+from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, model_inputs, step_plan, train_loop
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -105,14 +105,16 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
 
 @torch.no_grad()
 def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: int) -> dict[str, float]:
-    """Token-level eval loss and perplexity over all eval examples (sharded over ranks, summed exactly)."""
+    """Token-level eval loss and perplexity over all eval examples (sharded over ranks by `eval_batches`, summed
+    exactly)."""
     if not examples:
         return {}
     engine.eval()
-    mine = examples[dist.rank :: dist.world_size]
     total, count = 0.0, 0
-    for j in range(0, len(mine), batch_size):
-        b = {k: v.to(dist.device) for k, v in collate_sft(mine[j : j + batch_size], pad_id).items()}
+    for part in eval_batches(len(examples), batch_size, dist.rank, dist.world_size):
+        b = collate_sft([examples[i] for i in part.idx], pad_id)
+        b["labels"][~part.real] = IGNORE_INDEX  # a filler row adds nothing to the loss sum or the token count
+        b = {k: v.to(dist.device) for k, v in b.items()}
         loss_sum, n = sft_loss_sum(engine(**model_inputs(b)).logits, b["labels"])
         total += float(loss_sum)
         count += n
