@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli import preempt
 from rlhf_cli.errors import UserError
@@ -108,7 +109,7 @@ def train_loop(
         preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
         if (st.save_every and done % st.save_every == 0) or stopping or preempted:
             if save is None:
-                eng.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+                ckpt.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
             else:
                 save(done)
         if preempted:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
@@ -64,7 +65,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
 
     # 4. Resume; record the stage as running.
-    resume, client, notes = eng.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
+    resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
     start_step = client["step"] if client else 0
     inputs = {"policy": source, "reference": ref.describe(), "data": cfg.data.source}
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)

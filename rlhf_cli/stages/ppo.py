@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
@@ -63,7 +64,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     moments = RunningMoments()
 
     # 4. Resume (actor, critic, optimizers, schedulers, KL controller, running stats); record the stage.
-    resume, client, notes = eng.resume_latest({"actor": actor, "critic": critic}, run.checkpoints_dir)
+    resume, client, notes = ckpt.resume_latest({"actor": actor, "critic": critic}, run.checkpoints_dir)
     start_step = 0
     if client:
         start_step = client["step"]
@@ -103,7 +104,7 @@ def run(cfg: Any, run: Run) -> Path | None:
 
     def save(step: int) -> None:
         client = {"step": step, "kl_controller": kl_ctl.state_dict(), "running_moments": moments.state_dict()}
-        eng.save_checkpoint({"actor": actor, "critic": critic}, run.checkpoints_dir, step, client, st.keep_last)
+        ckpt.save_checkpoint({"actor": actor, "critic": critic}, run.checkpoints_dir, step, client, st.keep_last)
 
     if start_step == 0 and data.eval:
         metrics.log(0, run_eval(), SHOW)

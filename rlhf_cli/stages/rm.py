@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
@@ -71,7 +72,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
-    resume, client, notes = eng.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
+    resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
     start_step = client["step"] if client else 0
     inputs = {"model": run_relative(source, run), "model_name_or_path": cfg.model.name_or_path, "data": cfg.data.source}
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)

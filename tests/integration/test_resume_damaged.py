@@ -1,6 +1,6 @@
 """A committed checkpoint damaged after the fact (a state file cut short): resume names it, sets it aside as
 `damaged-step-N/` and goes on from the older one to the result of an uninterrupted run; when no checkpoint loads,
-one clear error says what to remove. Needs the stages to resume through `engine.resume_latest`."""
+one clear error says what to remove. Needs the stages to resume through `checkpoints.resume_latest`."""
 
 import shutil
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_cli import checkpoints
 from rlhf_cli.config.compose import compose
 from rlhf_cli.engine import ds_config, lr_schedule, param_groups
 
@@ -80,18 +81,17 @@ def test_checkpoint_refused_when_the_disk_is_too_full(tmp_path, monkeypatch):
     import shutil as sh
     from collections import namedtuple
 
-    from rlhf_cli import engine as eng
     from rlhf_cli.errors import UserError
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10 * 2**30, 9 * 2**30, 2**30))
-    eng.check_disk_space(tmp_path / "not" / "yet" / "made", needed=2**29)  # fits: 0.5 GiB of 1 GiB free
+    checkpoints.check_disk_space(tmp_path / "not" / "yet" / "made", needed=2**29)  # fits: 0.5 GiB of 1 GiB free
     with pytest.raises(UserError, match=r"not enough disk space .* 2\.00 GiB needed, 1\.00 GiB free"):
-        eng.check_disk_space(tmp_path, needed=2 * 2**30)
+        checkpoints.check_disk_space(tmp_path, needed=2 * 2**30)
 
 
 def test_expected_checkpoint_size_uses_the_last_one(tmp_path):
-    from rlhf_cli.engine import expected_checkpoint_bytes
+    from rlhf_cli.checkpoints import expected_checkpoint_bytes
     from rlhf_cli.run_dir import COMPLETE_MARKER
 
     step = tmp_path / "step-4"
@@ -147,7 +147,7 @@ def trained(tmp_path, process_group):
     ckpt, saved = tmp_path / "checkpoints", {}
     for step in (1, 2, 3):
         _train_one_step(engine)
-        eng.save_checkpoint(engine, ckpt, step, {"step": step}, keep_last=3)
+        checkpoints.save_checkpoint(engine, ckpt, step, {"step": step}, keep_last=3)
         saved[step] = _weights(engine)
     _train_one_step(engine)  # the engine's live state is past every checkpoint
     return engine, ckpt, saved
@@ -173,34 +173,31 @@ def _state_file(step_dir):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_sets_it_aside(trained):
-    from rlhf_cli import engine as eng
     from rlhf_cli.run_dir import complete_checkpoints
 
     engine, ckpt, saved = trained
     state_file = _state_file(ckpt / "step-3")
     _cut(state_file)
-    path, client, notes = eng.resume_latest(engine, ckpt)
+    path, client, notes = checkpoints.resume_latest(engine, ckpt)
     assert path == ckpt / "step-2" and client["step"] == 2
     assert all(torch.equal(a, b) for a, b in zip(_weights(engine), saved[2], strict=True))
     assert len(notes) == 1 and "damaged checkpoint(s)" in notes[0] and "resuming from the older step-2" in notes[0]
     assert f"step-3 ({state_file.relative_to(ckpt / 'step-3')}: file is" in notes[0] and "damaged-step-3" in notes[0]
     assert (ckpt / "damaged-step-3").is_dir() and complete_checkpoints(ckpt) == [ckpt / "step-1", ckpt / "step-2"]
     # A new step-3 does not collide with the damaged one, and pruning counts only the good checkpoints.
-    eng.save_checkpoint(engine, ckpt, 3, {"step": 3}, keep_last=2)
+    checkpoints.save_checkpoint(engine, ckpt, 3, {"step": 3}, keep_last=2)
     assert complete_checkpoints(ckpt) == [ckpt / "step-2", ckpt / "step-3"] and (ckpt / "damaged-step-3").is_dir()
     # Damaged again: the name is taken, the next one gets a suffix.
     _cut(_state_file(ckpt / "step-3"))
-    assert eng.resume_latest(engine, ckpt)[0] == ckpt / "step-2" and (ckpt / "damaged-step-3-2").is_dir()
+    assert checkpoints.resume_latest(engine, ckpt)[0] == ckpt / "step-2" and (ckpt / "damaged-step-3-2").is_dir()
 
 
 def test_resume_catches_damage_only_the_load_sees(trained, monkeypatch):
     """Damage the cheap file check cannot see is caught from the load error itself."""
-    from rlhf_cli import engine as eng
-
     engine, ckpt, _ = trained
-    monkeypatch.setattr(eng, "_damaged_file", lambda path: None)
+    monkeypatch.setattr(checkpoints, "_damaged_file", lambda path: None)
     _cut(_state_file(ckpt / "step-3"))
-    path, client, notes = eng.resume_latest(engine, ckpt)
+    path, client, notes = checkpoints.resume_latest(engine, ckpt)
     assert path == ckpt / "step-2" and client["step"] == 2
     assert re.search(r"step-3 \((OSError|RuntimeError): ", notes[0])  # torch's errors for a cut zip archive
 
@@ -208,8 +205,6 @@ def test_resume_catches_damage_only_the_load_sees(trained, monkeypatch):
 def test_ranks_fall_back_together_when_one_rank_fails(trained, monkeypatch):
     """Rank 0 loads step-3 but rank 1 cannot read its shard: both go back to step-2, and rank 0 says why."""
     import torch.distributed as dist
-
-    from rlhf_cli import engine as eng
 
     engine, ckpt, saved = trained
 
@@ -221,26 +216,25 @@ def test_ranks_fall_back_together_when_one_rank_fails(trained, monkeypatch):
 
     monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
     monkeypatch.setattr(dist, "all_gather_object", gather)
-    monkeypatch.setattr(eng, "barrier", lambda: None)
-    path, client, notes = eng.resume_latest(engine, ckpt)
+    monkeypatch.setattr(checkpoints, "barrier", lambda: None)
+    path, client, notes = checkpoints.resume_latest(engine, ckpt)
     assert path == ckpt / "step-2" and client["step"] == 2 and "step-3 (rank 1: EOFError: Ran out of input)" in notes[0]
     assert all(torch.equal(a, b) for a, b in zip(_weights(engine), saved[2], strict=True))
     assert calls == [None, None]  # rank 0 itself loaded step-3, then went back with rank 1
 
 
 def test_resume_when_no_checkpoint_loads_names_what_to_remove(trained):
-    from rlhf_cli import engine as eng
     from rlhf_cli.errors import UserError
 
     engine, ckpt, _ = trained
     for step in (1, 2, 3):
         _cut(_state_file(ckpt / f"step-{step}"))
     with pytest.raises(UserError, match=r"no checkpoint in .* can be loaded, all are damaged: step-3 \(.*step-1 \("):
-        eng.resume_latest(engine, ckpt)
+        checkpoints.resume_latest(engine, ckpt)
     with pytest.raises(UserError, match=re.escape(f"rm -r {ckpt / 'step-3'} {ckpt / 'step-2'} {ckpt / 'step-1'}")):
-        eng.resume_latest(engine, ckpt)
+        checkpoints.resume_latest(engine, ckpt)
     assert not list(ckpt.glob("damaged-*"))  # nothing renamed when there is nothing to resume from
-    assert eng.resume_latest(engine, ckpt / "none") == (None, None, [])
+    assert checkpoints.resume_latest(engine, ckpt / "none") == (None, None, [])
 
 
 def test_policy_engine_has_no_dropout_left_after_lora(process_group):
