@@ -1,13 +1,14 @@
-"""`rlhf score model=<path|hub id> ...` (or `run=<name> stage=rm`): score prompt/response pairs with a reward model
-or any sequence classifier.
+"""`rlhf score (run.name=<run> | model=<path>) (prompt=... response=... | input=... output=...)`:
+score prompt/response pairs with a reward model or any sequence classifier.
 
-Input: `input=<file.jsonl>` with rows {"prompt": str or message list, "response": str} and `output=<file.jsonl>`
-(the rows again, each with a "score" added), or one pair on the command line: `prompt=... response=...` (prints
-the score). A tokenizer with a chat template renders the pair as a conversation, tokenized exactly as `rlhf rm`
-trains (the score is read at the reply's EOS); without one (off-the-shelf encoders) the pair is the tokenizer's
-sentence pair (prompt, response). `text=response` scores the response alone (e.g. a toxicity classifier).
-A classifier with several labels needs `label=<index or name>`; `reduce=prob` turns the logit into a probability
-(softmax over the labels; a sigmoid for one label or multi-label classifiers).
+One pair on the command line, `prompt=... response=...`, prints a labelled line: `score: <value> (<model>, <what the
+value is>)`. A file, `input=<file.jsonl>` with rows {"prompt": str or message list, "response": str}, is written to
+`output=<file.jsonl>`: the rows again, each with a "score" added. A tokenizer with a chat template renders the pair
+as a conversation, tokenized exactly as `rlhf rm` trains (the score is read at the reply's EOS); without one
+(off-the-shelf encoders) the pair is the tokenizer's sentence pair (prompt, response). `text=response` scores the
+response alone (e.g. a toxicity classifier). A classifier with several labels needs `label=<index or name>`;
+`reduce=prob` turns the logit into a probability (softmax over the labels; a sigmoid for one label or multi-label
+classifiers).
 """
 
 from __future__ import annotations
@@ -29,19 +30,31 @@ EXAMPLE = 'prompt="Hi" response="Hello!"'
 
 @dataclass
 class ScoreArgs:
+    # A reward model or classifier: a Hugging Face folder or hub id.
     model: str | None = None
+    # Instead of model=: the run whose reward model scores, the folder <run.root>/<run.name>/.
     run: str | None = None
+    # The folder that holds the runs.
     root: str = "runs"
+    # The stage of the run whose final/ scores.
     stage: str = "rm"
+    # A .jsonl / .json / .parquet file of {prompt, response} rows to score (with output=).
     input: str | None = None
+    # Where the scored rows go (.jsonl).
     output: str | None = None
+    # One pair: the prompt and the response to score.
     prompt: str | None = None
     response: str | None = None
+    # A system message before the prompt.
     system: str | None = None
+    # A classifier with several labels: the one to read (index or name).
     label: str | None = None
     reduce: str = "logit"  # logit | prob
     text: str = "conversation"  # conversation | response
     batch_size: int = 16
+
+
+ARGS = ScoreArgs  # for `rlhf score --help`
 
 
 def parse_args(args: list[str]) -> ScoreArgs:
@@ -158,8 +171,17 @@ def load(path: str) -> tuple[Any, Any]:
     return tokenizer, model.eval()
 
 
+def reading(config: Any, path: str, index: int, reduce: str) -> str:
+    """What a score is, for the single-pair line: `reward model runs/x/rm/final, logit of label 0`."""
+    kind = "reward model" if config.num_labels == 1 else "classifier"
+    name = (config.id2label or {}).get(index)
+    label = f"label {index}" + (f" ({name})" if name and name != f"LABEL_{index}" else "")
+    return f"{kind} {path}, {'probability' if reduce == 'prob' else 'logit'} of {label}"
+
+
 @torch.no_grad()
-def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> list[float]:
+def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[list[float], str]:
+    """The score of every row, and what a score is (`reading`)."""
     from rlhf_cli.models.reward import sequence_logits
 
     tokenizer, model = load(path)
@@ -179,17 +201,18 @@ def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> list[fl
         if a.reduce == "prob":
             logits = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
         scores += logits[:, index].tolist()
-    return scores
+    return scores, reading(model.config, path, index, a.reduce)
 
 
 def main(args: list[str]) -> int:
     a = parse_args(args)
     path = resolve_checkpoint(a.model, a.run, a.root, a.stage)
     if a.input is None:
-        print(f"{score_rows([('command line', {'prompt': a.prompt, 'response': a.response})], path, a)[0]:.6g}")
+        (score,), what = score_rows([("command line", {"prompt": a.prompt, "response": a.response})], path, a)
+        print(f"score: {score:.6g} ({what})")
         return 0
     rows = read_pairs(a.input)
-    scores = score_rows(rows, path, a)
+    scores, _ = score_rows(rows, path, a)
     out = Path(a.output).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:

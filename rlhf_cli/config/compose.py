@@ -41,13 +41,22 @@ def _groups(cfg_dir: Path) -> set[str]:
     return {p.name for p in cfg_dir.iterdir() if p.is_dir()}
 
 
+# The tools' spelling of the run keys -> the stages' (`rlhf generate run=x`, `rlhf sft run.name=x`): each command
+# accepts both. `run=x` is never a valid stage override (run is a group of keys), and no stage schema has a top-level
+# `root` (tests/integration/test_cli_help.py checks it), so neither alias can shadow a real key.
+RUN_ALIASES = {"run": "run.name", "root": "run.root"}
+
+
 def _as_forced(overrides: list[str], groups: set[str]) -> list[str]:
     """Turn plain `a.b=v` overrides into `++a.b=v` so a key that the schema has but the chosen YAML
     leaves out (say `model.lora.r` with a hub model file) can still be set; the schema check that
-    follows rejects keys that exist nowhere. Group choices (`model=x`, `+experiment=y`) stay as given."""
+    follows rejects keys that exist nowhere. Group choices (`model=x`, `+experiment=y`) stay as given.
+    `run=x` / `root=r` become `run.name=x` / `run.root=r` (RUN_ALIASES)."""
     out = []
     for ov in overrides:
-        key = ov.split("=", 1)[0]
+        key, sep, value = ov.partition("=")
+        if sep and key in RUN_ALIASES and not value.startswith("{"):  # `run={name: x}` is Hydra's own dict syntax
+            key, ov = RUN_ALIASES[key], f"{RUN_ALIASES[key]}={value}"
         if "=" not in ov or key.startswith(("+", "~")) or key in groups:
             out.append(ov)
         else:

@@ -80,5 +80,5 @@ def test_override_syntax_error_names_the_override(runs, tmp_path):
 def test_run_name_outside_the_root_is_refused(runs, tmp_path):
     res = rlhf("sft", f"run.root={runs}", "run.name=../../x", "run.overwrite=true", cwd=tmp_path)
     _one_clear_error(res, "`run.name` is '../../x', must be a single folder name")
-    _one_clear_error(rlhf("generate", "run=../x", f"root={runs}", "prompt=hi", cwd=tmp_path), "argument `run`")
+    _one_clear_error(rlhf("generate", "run=../x", f"root={runs}", "prompt=hi", cwd=tmp_path), "argument `run.name`")
     assert not runs.exists() and not (tmp_path.parent / "x").exists()

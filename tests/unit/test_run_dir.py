@@ -104,7 +104,9 @@ def test_overwrite_never_deletes_outside_the_run_directory(tmp_path):
     open_run(_cfg(tmp_path), "rm").release()  # the lock was released
 
 
-@pytest.mark.parametrize("run,stage,key", [("../x", "sft", "run"), ("", "sft", "run"), ("demo", "../../x", "stage")])
+@pytest.mark.parametrize(
+    "run,stage,key", [("../x", "sft", "run.name"), ("", "sft", "run.name"), ("demo", "../../x", "stage")]
+)
 def test_tools_refuse_a_run_or_stage_that_is_not_one_folder_name(tmp_path, run, stage, key):
     from rlhf_cli.commands.args import resolve_checkpoint
 
