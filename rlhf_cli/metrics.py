@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
+
+from rlhf_cli.run_dir import atomic_write_text
 
 console = Console(stderr=True, soft_wrap=True)
+UNKNOWN_ETA = "-:--:--"  # what rich's TimeRemainingColumn shows before it can estimate
 
 
 def _fmt(value: Any) -> str:
@@ -20,41 +28,123 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _pairs(values: dict[str, Any], show: Iterable[str]) -> list[str]:
+    """`key value` for each shown key present in `values`, in the order of `show`."""
+    return [f"{k} {_fmt(values[k])}" for k in show if k in values]
+
+
+def plain_line(step: int, total: int, eta: str, values: dict[str, Any], show: Iterable[str]) -> str:
+    """The log line written instead of the bar when stderr is not a terminal (CI, SLURM logs)."""
+    return "  ".join([f"step {step}/{total}", f"eta {eta}", *_pairs(values, show)])
+
+
+def first_replayed_step(start_step: int) -> int:
+    """The first step whose metrics a run starting at `start_step` logs (again). A checkpoint of step N is saved after
+    step N's row is written, so rows up to N stay; from step 0 nothing stays, because the step-0 rows (PPO's
+    evaluation of the starting policy) are logged again."""
+    return start_step + 1 if start_step else 0
+
+
+def drop_replayed_rows(path: Path, start_step: int) -> int:
+    """Rewrite metrics.jsonl with only the rows of steps before `first_replayed_step(start_step)` (atomically: a
+    temporary file renamed over it) and return how many rows went. Without this, the steps between the checkpoint and
+    an interruption would have two rows each after a resume. A torn last line (killed mid-write) goes too."""
+    if not path.is_file():
+        return 0
+    first = first_replayed_step(start_step)
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < first:
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+class _Stats:
+    """The shown metrics under the bar, on as many lines as the width needs; a `key value` pair is never split. (In a
+    column of the bar's own line they squeezed step/total and the ETA into `…` at 80 columns.)"""
+
+    def __init__(self, pairs: list[str]):
+        self.pairs = pairs
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width, line = options.max_width - 2, ""
+        for pair in self.pairs:
+            if line and len(line) + 2 + len(pair) > width:
+                yield Text(f"  {line}", no_wrap=True, overflow="ellipsis")
+                line = ""
+            line = f"{line}  {pair}" if line else pair
+        if line:
+            yield Text(f"  {line}", no_wrap=True, overflow="ellipsis")
+
+
+class _Bar(Progress):
+    """Line 1: description, bar, step/total, elapsed time and ETA; the bar alone takes what the others leave of the
+    width, so they keep their full width down to about 40 columns. The metrics follow on their own lines."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            yield _Stats(task.fields.get("stats", []))
+
+
+def progress_bar(out: Console, total_steps: int, start_step: int) -> tuple[Progress, Any]:
+    """A started bar at `start_step` of `total_steps` on `out`, and its task id."""
+    bar = _Bar(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=None, table_column=Column(ratio=1)),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=False,
+        expand=True,
+    )
+    task = bar.add_task("train", total=total_steps, completed=start_step, stats=[])
+    bar.start()
+    return bar, task
+
+
+def _tensorboard(folder: Path, purge_step: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        console.print("[yellow]tensorboard is not installed; pip install tensorboard to use logging.tensorboard")
+        return None
+    # purge_step hides the events a crashed attempt logged for the steps that now run again.
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
 class Metrics:
     """`log(step, values)` appends one JSON line and refreshes the bar. A no-op on ranks other than 0.
 
-    Without a terminal (CI, SLURM logs) the bar is replaced by one plain line every `log_every` steps."""
+    Without a terminal (CI, SLURM logs) the bar is replaced by one plain line every `log_every` steps. A run that
+    starts at a checkpoint's step first drops the rows of the steps it replays, so every step has one row."""
 
     def __init__(self, path: Path, total_steps: int, logging_cfg: Any, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.log_every = max(1, logging_cfg.log_every)
         self.total = total_steps
-        self._file = open(path, "a") if enabled else None
-        self._tb = None
-        if enabled and logging_cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                console.print(
-                    "[yellow]tensorboard is not installed; pip install tensorboard to use logging.tensorboard"
-                )
-            else:
-                self._tb = SummaryWriter(str(path.parent / "tensorboard"))
-        self._bar = None
+        self._clock = (time.monotonic(), start_step)  # for the ETA of plain lines
+        self._file = self._tb = self._bar = None
         self._latest: dict[str, Any] = {}
-        if enabled and logging_cfg.progress and sys.stderr.isatty():
-            self._bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=console,
-                transient=False,
-            )
-            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
-            self._bar.start()
+        if not enabled:
+            return
+        dropped = drop_replayed_rows(path, start_step)
+        if dropped:
+            self.message(f"metrics.jsonl: dropped {dropped} row(s) of the steps that run again from step {start_step}")
+        self._file = open(path, "a")
+        if logging_cfg.tensorboard:
+            self._tb = _tensorboard(path.parent / "tensorboard", first_replayed_step(start_step))
+        if logging_cfg.progress and sys.stderr.isatty():
+            self._bar, self._task = progress_bar(console, total_steps, start_step)
 
     def log(self, step: int, values: dict[str, Any], show: tuple[str, ...] = ()) -> None:
         if not self.enabled:
@@ -69,20 +159,39 @@ class Metrics:
         if self._bar is not None:
             # The bar keeps the latest value of each shown key, so an eval-only record does not blank the loss.
             self._latest.update({k: values[k] for k in show if k in values})
-            stats = "  ".join(f"{k} {_fmt(v)}" for k, v in self._latest.items())
-            self._bar.update(self._task, completed=step, stats=stats)
+            self._bar.update(self._task, completed=step, stats=_pairs(self._latest, show))
         elif step % self.log_every == 0 or step == self.total:
-            stats = "  ".join(f"{k} {_fmt(values[k])}" for k in show if k in values)
-            console.print(f"step {step}/{self.total}  {stats}", highlight=False)
+            console.print(plain_line(step, self.total, self.eta(step), values, show), highlight=False)
+
+    def eta(self, step: int) -> str:
+        """Time left at the mean pace of this process's steps so far (eval and checkpoints included), H:MM:SS."""
+        started, first = self._clock
+        if step <= first:
+            return UNKNOWN_ETA
+        left = (time.monotonic() - started) / (step - first) * max(self.total - step, 0)
+        return str(timedelta(seconds=round(left)))
 
     def message(self, text: str) -> None:
         if self.enabled:
             console.print(text, highlight=False)
 
+    @contextmanager
+    def closed_on_error(self) -> Iterator[None]:
+        """Inside: an exception (preemption, Ctrl-C, an error) closes the metrics first, so that a live bar does not
+        redraw itself over the message the CLI prints next."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
     def close(self) -> None:
+        """Stop the bar and close the files; nothing is written after (a second call does nothing)."""
+        self.enabled = False
         if self._bar is not None:
             self._bar.stop()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+        self._file = self._tb = self._bar = None

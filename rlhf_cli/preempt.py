@@ -1,18 +1,25 @@
 """Preemption: SLURM (and most schedulers) send SIGTERM or SIGUSR1 some time before they kill or requeue a
 job. The handler only sets a flag; the training loop asks all ranks at the next step boundary
 (`engine.any_rank`), they save one checkpoint together and the process exits with PREEMPTED_EXIT_CODE.
-Re-running the same command (or the requeued job) resumes from that checkpoint."""
+Re-running the same command (or the requeued job) resumes from that checkpoint.
+
+Ctrl-C (SIGINT) during the training loop is the same request (`ctrl_c_saves`); a second Ctrl-C stops at once. Outside
+the loop (loading, final evaluation, export) Ctrl-C stops at once, and `after_ctrl_c` says where the next run starts."""
 
 from __future__ import annotations
 
 import signal
-from types import FrameType
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType, TracebackType
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.run_dir import Run, checkpoint_step
 
 # EX_TEMPFAIL from sysexits.h: "try again later". Batch scripts requeue on it (scripts/slurm_multinode.sbatch).
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # for the whole run; SIGINT only inside `ctrl_c_saves`
 
 _received: list[int] = []
 
@@ -21,9 +28,32 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)  # nothing else: the loop acts at a step boundary, where state is consistent
 
 
+def _ctrl_c(signum: int, frame: FrameType | None) -> None:
+    if signal.SIGINT in _received:
+        raise KeyboardInterrupt  # the second Ctrl-C: stop now, as users expect, without a new checkpoint
+    _received.append(signum)
+    try:
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    except RuntimeError:  # the signal came in the middle of a write to stderr; the notice is only a courtesy
+        pass
+
+
 def install() -> None:
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+
+
+@contextmanager
+def ctrl_c_saves() -> Iterator[None]:
+    """Inside: SIGINT asks for a checkpoint at the next step boundary, like SIGTERM. Torchrun starts every rank in a
+    session of its own and forwards SIGINT to each once; ranks started by hand from a shell all get it from the
+    terminal. Only inside the loop: before it there is nothing to save, after it the stage is nearly done."""
+    previous = signal.signal(signal.SIGINT, _ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def requested() -> bool:
@@ -31,7 +61,32 @@ def requested() -> bool:
 
 
 def signal_name() -> str:
-    return signal.Signals(_received[0]).name if _received else ""
+    """What asked this rank to stop, as messages name it: `Ctrl-C (SIGINT)`, `SIGTERM`, ...; "" if nothing did."""
+    if not _received:
+        return ""
+    return "Ctrl-C (SIGINT)" if _received[0] == signal.SIGINT else signal.Signals(_received[0]).name
+
+
+def after_ctrl_c(exc: KeyboardInterrupt) -> str:
+    """Where the same command starts again after a Ctrl-C that stopped at once: the newest complete checkpoint of the
+    stage, or step 0. The stage's run is taken from the traceback: the interrupt crossed the frame that opened it
+    (cli.run_stage) unless it came before, when nothing of the run is known yet."""
+    run = _run_in(exc.__traceback__)
+    if run is None:
+        return "the same command resumes from the newest checkpoint of the stage, if there is one"
+    newest = run.latest_checkpoint()
+    if newest is None:
+        return "no checkpoint yet: the next run starts at step 0"
+    return f"the next run resumes from step {checkpoint_step(newest)} ({newest})"
+
+
+def _run_in(tb: TracebackType | None) -> Run | None:
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, Run):
+                return value
+        tb = tb.tb_next
+    return None
 
 
 class Preempted(UserError):
