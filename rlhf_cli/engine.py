@@ -11,8 +11,10 @@ d(sum of all losses / normaliser) whatever the micro-batch split or the number o
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -37,6 +39,8 @@ from rlhf_cli.models import merged_for_export
 ds_logger.setLevel(logging.WARNING)
 # ZeRO calls torch's older collective names, which warn on every step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+# Printed by DeepSpeed every time it JIT-loads an op it has already built (see `_without_build_notice`).
+BUILD_NOTICE = re.compile(r"DeepSpeed deepspeed\.ops\.[\w.]+ built successfully")
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,26 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        with _without_build_notice():
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@contextlib.contextmanager
+def _without_build_notice() -> Iterator[None]:
+    """Drop DeepSpeed's `DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully` line.
+
+    On the CPU accelerator DeepSpeed's communication backend loads its shared-memory all-reduce op whenever the
+    process group starts (its kernel serves only the inference all-reduce of tensor parallelism, AutoTP, not ZeRO)
+    and prints that line unconditionally, also when the op comes from the build cache; DeepSpeed (0.19) has no setting
+    for it. Python's stdout is held back meanwhile and everything else is passed on; a failed build raises as before."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    finally:
+        lines = held.getvalue().splitlines(keepends=True)
+        sys.stdout.write("".join(line for line in lines if not BUILD_NOTICE.fullmatch(line.strip())))
 
 
 def shutdown(together: bool = True) -> None:

@@ -10,13 +10,18 @@
    efficiency measures the parallel overhead, not a speed-up.
 3. RM and DPO pairs/s; PPO generation and training tokens/s and the split of an iteration's wall time between
    generation, scoring and the update.
+4. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
+   `--help`, `--cfg job`, a config error, a refused stage (completed; run directory in use), `explain`, and
+   `generate` / `score` on a tiny run (2 steps of sft and rm).
 
-Usage: python scripts/bench.py [--steps N] [--warmup K] [--skip-scaling] [key=value stage overrides ...]
+Usage: python scripts/bench.py [--steps N] [--warmup K] [--skip-scaling] [--startup-only] [key=value overrides ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -153,12 +159,66 @@ def ppo_stage(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{max(r['peak_mem_mib'] for r in recs):.0f} MiB")  # fmt: skip
 
 
+def rlhf(args: list[str], expect: int = 0) -> tuple[float, str]:
+    """(wall seconds, stdout + stderr) of `rlhf <args>` in a fresh interpreter, which must exit with `expect`."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "rlhf_cli", *args], capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    if res.returncode != expect:
+        sys.exit(f"bench: `rlhf {' '.join(args)}` exited {res.returncode}, not {expect}:\n{res.stderr[-3000:]}")
+    return seconds, res.stdout + res.stderr
+
+
+@contextlib.contextmanager
+def held_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock as another `rlhf` process would (run_dir.py), naming this process."""
+    with open(run_dir / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} (scripts/bench.py)")
+        lock.flush()
+        yield
+
+
+def startup(repeats: int = 3) -> None:
+    """Start-up seconds of the first commands, each the median of `repeats` fresh processes. Refusals, `--cfg job`
+    and config errors should answer before torch or DeepSpeed load; generate and score load only torch and
+    transformers."""
+    with tempfile.TemporaryDirectory() as root:
+        run = [f"run.root={root}", "run.name=bench"]
+        outs = [rlhf([stage, *run, "stage.max_steps=2", "stage.save_every=0", "stage.eval_every=0",
+                      "logging.progress=false"])[1] for stage in ("sft", "rm")]  # a tiny run to refuse, use, score with
+        notice = "printed" if any("built successfully" in out for out in outs) else "not printed"
+        tool = ["run=bench", f"root={root}"]
+        cases = [
+            ("rlhf --help", ["--help"], 0),
+            ("rlhf sft --cfg job", ["sft", "--cfg", "job"], 0),
+            ("config error (optim.lrr=1)", ["sft", "optim.lrr=1"], 2),
+            ("refusal: completed stage", ["sft", *run], 2),
+            ("refusal: run directory in use", ["sft", *run], 2),
+            ("rlhf explain sft", ["explain", "sft", f"run.root={root}"], 0),
+            ("rlhf explain ppo", ["explain", "ppo", *run], 0),
+            ("rlhf generate (tiny run)", ["generate", *tool, "prompt=What is the capital of France?"], 0),
+            ("rlhf score (tiny run)", ["score", *tool, "prompt=What is 2 + 2?", "response=2 + 2 = 4."], 0),
+        ]
+        print(f"\nStart-up, median of {repeats} fresh processes (seconds until the command has answered)")
+        for name, args, expect in cases:
+            with held_lock(Path(root) / "bench") if "in use" in name else contextlib.nullcontext():
+                seconds = statistics.median(rlhf(args, expect)[0] for _ in range(repeats))
+            print(f"  {name:32} {seconds:6.2f}")
+        print(f"  DeepSpeed's op build line at a stage start: {notice}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--startup-only", action="store_true")
     args, overrides = parser.parse_known_args()
+    startup()
+    if args.startup_only:
+        return
     single_process(args, overrides)
     preference_stages(args, overrides)
     ppo_stage(args, overrides)

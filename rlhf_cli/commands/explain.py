@@ -1,21 +1,27 @@
 """`rlhf explain <stage> [overrides]`: the batch algebra and a per-GPU memory estimate of the model states
 (parameters, gradients, optimizer states) under the chosen ZeRO stage and offload, without training.
 
-The byte counts follow DeepSpeed's own estimators (mixed precision with Adam: 16-bit parameters and
-gradients, fp32 gradient partition, fp32 master weights, two fp32 Adam moments), so the totals agree with
-`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (tested). Activations
-are not included: they depend on the batch and the sequence length.
+The byte counts of a trained model follow DeepSpeed's own estimators (mixed precision with Adam: 16-bit parameters
+and gradients, fp32 gradient partition, fp32 master weights, two fp32 Adam moments), so they agree with
+`estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (tested). `rlhf explain ppo` has a
+row for each of PPO's four models (actor and critic trained, reference and reward model frozen) and prints the
+iteration plan from the stage's own functions (stages/plan.py). Activations are not included: they depend on the
+batch and the sequence length. Models are built on the meta device: no weights are read or allocated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
 
-GIB = 2**30
+GIB, MIB = 2**30, 2**20
+# Columns of the memory table (per GPU; the last one per GPU's process, in CPU memory) and their widths.
+COLUMNS = (("weights", 10), ("gradients", 11), ("optimizer", 11), ("gathered layer", 16), ("GPU total", 11),
+           ("CPU", 9))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,11 @@ class ModelStates:
         return self.params + self.grads + self.optimizer + self.working
 
 
+def weight_bytes(precision: str) -> int:
+    """Bytes per parameter of the weights a GPU computes with: 16-bit under bf16 / fp16, else fp32."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 def model_state_bytes(
     n_params: int, n_trainable: int, largest_layer: int, zero_stage: int, precision: str, world_size: int,
     offload_optimizer: bool = False, offload_param: bool = False,
@@ -43,10 +54,9 @@ def model_state_bytes(
     fp32 partition only), 12 B optimizer (fp32 master + 2 moments). fp32: 4 B weights, 4 B grads, 8 B moments.
     Frozen parameters (LoRA base) hold weights only."""
     n, t = float(n_params), float(n_trainable)
-    mixed = precision in ("bf16", "fp16")
-    w = 2 if mixed else 4
-    g16, g32 = (2, 4) if mixed else (0, 4)
-    opt = 12 if mixed else 8
+    w = weight_bytes(precision)
+    g16, g32 = (2, 4) if w == 2 else (0, 4)
+    opt = 12 if w == 2 else 8
     if zero_stage == 3:
         g16 = 0  # reduced straight into the fp32 partition
     params = n * w / (world_size if zero_stage == 3 else 1)
@@ -65,81 +75,201 @@ def model_state_bytes(
     return ModelStates(params, grads, optimizer, working, cpu)
 
 
-def count_model(model_cfg: Any) -> tuple[int, int, int]:
-    """(all, trainable, largest layer) parameter counts of the configured model, built on the meta device
-    (no weights are loaded or allocated)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def frozen_state_bytes(
+    n_params: int, zero_stage: int, precision: str, world_size: int, offload_frozen: bool, offload_param: bool
+) -> ModelStates:
+    """Per-GPU bytes of a frozen model as `engine.frozen` holds it (PPO's reference and reward model): weights only,
+    in the training precision. Under ZeRO-3 a DeepSpeed inference engine partitions them over the ranks (in CPU
+    memory with deepspeed.offload_param; stage.offload_frozen does not move an engine); otherwise every GPU holds a
+    full copy, or the copy waits in CPU memory between uses with stage.offload_frozen."""
+    weights = float(n_params) * weight_bytes(precision) / (world_size if zero_stage == 3 else 1)
+    on_cpu = offload_param if zero_stage == 3 else offload_frozen
+    return ModelStates(0.0 if on_cpu else weights, 0.0, 0.0, 0.0, weights if on_cpu else 0.0)
 
-    from rlhf_cli.models import apply_lora, build_tiny_llama, is_builtin, load_tokenizer
+
+def add_states(states: list[ModelStates]) -> ModelStates:
+    return ModelStates(*(sum(getattr(s, f.name) for s in states) for f in fields(ModelStates)))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model of a stage in the memory table: its name, what it is, its parameter counts and bytes per GPU."""
+
+    name: str
+    what: str
+    n_params: int = 0
+    trainable: int = 0
+    largest: int = 0
+    states: ModelStates = ModelStates(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def count_model(model_cfg: Any, scalar_head: bool = False) -> tuple[int, int, int]:
+    """(all, trainable, largest layer) parameter counts of the configured model, built on the meta device
+    (no weights are loaded or allocated): a causal LM, or with `scalar_head` the one-label sequence classifier that
+    a reward model or a critic is (a classifier with k labels has (k - 1) x hidden parameters more)."""
+    import torch
 
     with torch.device("meta"):
-        if is_builtin(model_cfg.name_or_path):
-            model = build_tiny_llama(model_cfg.tiny, load_tokenizer(model_cfg), seed=0)
-        else:
-            try:
-                config = AutoConfig.from_pretrained(
-                    model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-                )
-            except OSError as err:
-                raise UserError(f"cannot read the config of {model_cfg.name_or_path}: {err}") from None
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        model = _meta_model(model_cfg, scalar_head)
         if model_cfg.lora.enabled:
-            model = apply_lora(model, model_cfg.lora)
+            from rlhf_cli.models.load import apply_lora
+
+            model = apply_lora(model, model_cfg.lora, "SEQ_CLS" if scalar_head else "CAUSAL_LM")
     params = list(model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), largest
 
 
-def starting_model(cfg: Any, overrides: list[str]) -> Any:
-    """The model config to count: `stage:<name>` is that stage's final/ in the run directory when it exists, else
-    the model `rlhf <name>` would start from with the same overrides (the architecture is the same)."""
+def _meta_model(model_cfg: Any, scalar_head: bool) -> Any:
+    """The model of `model_cfg` from its config alone (call under torch.device("meta"))."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_cli.models.load import is_builtin, load_tokenizer
+    from rlhf_cli.models.tiny import build_tiny_llama
+
+    remote = model_cfg.trust_remote_code
+    if is_builtin(model_cfg.name_or_path):
+        causal = build_tiny_llama(model_cfg.tiny, load_tokenizer(model_cfg), seed=0)
+        if not scalar_head:
+            return causal
+        config = causal.config
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                                trust_remote_code=remote)  # fmt: skip
+        except OSError as err:
+            raise UserError(f"cannot read the config of {model_cfg.name_or_path}: {err}") from None
+        if not scalar_head:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config, trust_remote_code=remote)
+
+
+def resolve_model(cfg: Any, name: str, overrides: list[str]) -> Any:
+    """The model config (LoRA off) that `name` stands for in this run: `stage:<x>` is that stage's final/ when it
+    exists, else the model `rlhf <x>` would start from, given the model.* and run.* overrides (the architecture is
+    the same); any other name as it is."""
     from omegaconf import OmegaConf
 
+    if name.startswith("stage:"):
+        source = name.split(":", 1)[1]
+        final = Path(cfg.run.root) / cfg.run.name / source / "final"
+        if not final.is_dir():
+            upstream = compose_upstream(source, tuple(upstream_overrides(overrides)))
+            return resolve_model(upstream, upstream.model.name_or_path, overrides)
+        name = str(final)
+    return OmegaConf.merge(cfg.model, {"name_or_path": name, "lora": {"enabled": False}})
+
+
+@functools.lru_cache
+def compose_upstream(stage: str, overrides: tuple[str, ...]) -> Any:
+    """An earlier stage's config, composed once: PPO's four models lead back to the same sft and rm configs."""
     from rlhf_cli.config.compose import compose
 
-    name = cfg.model.name_or_path
-    if not name.startswith("stage:"):
-        return cfg.model
-    source = name.split(":", 1)[1]
-    final = Path(cfg.run.root) / cfg.run.name / source / "final"
-    if final.is_dir():
-        return OmegaConf.merge(cfg.model, {"name_or_path": str(final)})
-    return starting_model(compose(source, overrides), overrides)
+    return compose(stage, list(overrides))
 
 
-def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
-    world = cfg.launcher.nproc_per_node * cfg.launcher.nnodes
-    st, ds = cfg.stage, cfg.deepspeed
-    n, t, largest = count_model(starting_model(cfg, list(overrides)))
-    states = model_state_bytes(
-        n, t, largest, ds.zero_stage, ds.precision, world, ds.offload_optimizer, ds.offload_param
-    )
+def upstream_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that also hold for an earlier stage: its model's settings and the run, not this stage's keys
+    (another stage's schema would refuse them) nor model.name_or_path (this stage's own starting point)."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    return [o for o, k in zip(overrides, keys, strict=True)
+            if k.split(".")[0] in ("model", "run") and k != "model.name_or_path"]  # fmt: skip
+
+
+def trained_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, note: str = "trained") -> Row:
+    ds = cfg.deepspeed
+    n, t, largest = count_model(model_cfg, scalar_head)
+    states = model_state_bytes(n, t, largest, ds.zero_stage, ds.precision, world_size(cfg), ds.offload_optimizer,
+                               ds.offload_param)  # fmt: skip
+    what = f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters, {t / 1e6:.1f}M trainable; {note}"
+    return Row(name, what, n, t, largest, states)
+
+
+def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -> Row:
+    ds = cfg.deepspeed
+    n, _, largest = count_model(model_cfg, scalar_head)
+    states = frozen_state_bytes(n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.offload_frozen,
+                                ds.offload_param)  # fmt: skip
+    where = "partitioned over the ranks (ZeRO-3)" if ds.zero_stage == 3 else "a full copy on every GPU"
+    if states.cpu:
+        where = "in CPU memory " + ("(deepspeed.offload_param)" if ds.zero_stage == 3 else "between uses "
+                                    "(stage.offload_frozen)")  # fmt: skip
+    return Row(name, f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters; frozen, {where}", n, 0, largest, states)
+
+
+def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list[Row]:
+    """The models a stage holds on every GPU: the trained one (for ppo the actor, then critic, reference, reward)."""
+    name = {"rm": "reward model", "ppo": "actor"}.get(stage, "policy")
+    rows = [trained_row(name, policy, cfg, scalar_head=stage == "rm")]
+    return rows + ppo_rows(cfg, overrides) if stage == "ppo" else rows
+
+
+def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
+    """PPO's critic (trained by its own AdamW), frozen reference and reward model, chosen as `rlhf ppo` does
+    (stages/ppo.py: build_critic, build_reference; rollout/rewards.py: build_reward)."""
+    st, policy_name = cfg.stage, cfg.model.name_or_path
+    from_rm = st.critic.init == "reward" and st.reward.model and not st.reward.function
+    critic = resolve_model(cfg, st.critic.source or (st.reward.model if from_rm else policy_name), overrides)
+    rows = [trained_row("critic", critic, cfg, scalar_head=True, note="trained by its own AdamW (stage.critic.lr)")]
+    if cfg.model.lora.enabled and not st.reference:
+        rows.append(Row("reference", "none: the actor's base weights with its LoRA adapters disabled"))
+    else:
+        rows.append(frozen_row("reference", resolve_model(cfg, st.reference or policy_name, overrides), cfg))
+    if st.reward.function or not st.reward.model:
+        rows.append(Row("reward", f"none: the function {st.reward.function}"))
+    else:
+        rows.append(frozen_row("reward", resolve_model(cfg, st.reward.model, overrides), cfg, scalar_head=True))
+    return rows
+
+
+def memory_lines(rows: list[Row], ds: Any) -> list[str]:
+    """The table (per GPU, one row per model and the total; MiB below 1 GiB), then what each row is."""
+    total = add_states([r.states for r in rows])
+    unit, scale = ("GiB", GIB) if max(total.gpu_total, total.cpu) >= GIB else ("MiB", MIB)
+
+    def cells(s: ModelStates) -> str:
+        values = (s.params, s.grads, s.optimizer, s.working, s.gpu_total, s.cpu)
+        return "".join(f"{v / scale:>{width}.3f}" for v, (_, width) in zip(values, COLUMNS, strict=True))
+
+    lines = [
+        f"memory per GPU in {unit}, model states (ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer "
+        f"{ds.offload_optimizer}, offload parameters {ds.offload_param}); activations not included",
+        f"  {'model':<14}" + "".join(f"{title:>{width}}" for title, width in COLUMNS),
+        *(f"  {r.name:<14}{cells(r.states)}" for r in rows),
+        f"  {'total':<14}{cells(total)}",
+        f"  = {total.gpu_total / scale:.3f} {unit} per GPU"
+        + (f", and {total.cpu / scale:.3f} {unit} per GPU in CPU memory (offloaded)" if total.cpu else ""),
+    ]
+    return lines + [f"  {r.name}: {r.what}" for r in rows]
+
+
+def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
+    st, world = cfg.stage, world_size(cfg)
     lines = [
         f"rlhf {stage}: batch algebra",
         f"  micro batch {st.micro_batch_size} x accumulation {st.gradient_accumulation_steps} x world size {world} "
         f"({cfg.launcher.nnodes} node(s) x {cfg.launcher.nproc_per_node}) = global batch "
         f"{st.micro_batch_size * st.gradient_accumulation_steps * world} sequences per optimizer step",
         f"  at most {st.micro_batch_size * max_tokens(cfg)} tokens per micro-batch ({max_tokens(cfg)} per sequence)",
-        "",
-        f"memory per GPU, model states (ZeRO-{ds.zero_stage}, {ds.precision}, offload optimizer "
-        f"{ds.offload_optimizer}, offload parameters {ds.offload_param}); activations not included",
-        f"  policy ({cfg.model.name_or_path}, trained): {n / 1e6:.1f}M parameters, {t / 1e6:.1f}M trainable",
-        f"    parameters {states.params / GIB:8.3f} GiB",
-        f"    gradients  {states.grads / GIB:8.3f} GiB",
-        f"    optimizer  {states.optimizer / GIB:8.3f} GiB",
     ]
-    if states.working:
-        lines.append(f"    gathered layer (ZeRO-3 working set) {states.working / GIB:8.3f} GiB")
-    lines.append(f"    total      {states.gpu_total / GIB:8.3f} GiB per GPU")
-    if stage == "ppo":
-        frozen = n * {"fp32": 4, "bf16": 2, "fp16": 2}[ds.precision] / (world if ds.zero_stage == 3 else 1)
-        lines.append(f"  ppo also trains a critic of about the same size (its own optimizer: about the same again) and "
-                     f"holds a frozen reference and reward model: about {frozen / GIB:.3f} GiB of weights each "
-                     f"({'on CPU between uses' if st.offload_frozen else 'on the GPU'})")  # fmt: skip
-    if states.cpu:
-        lines.append(f"    offloaded to CPU memory: {states.cpu / GIB:.3f} GiB per GPU")
-    return "\n".join(lines)
+    return lines + ppo_plan_lines(cfg, policy) if stage == "ppo" else lines
+
+
+def ppo_plan_lines(cfg: Any, policy: Any) -> list[str]:
+    """The iteration plan `rlhf ppo` prints, from its own functions and the prompts it would train on."""
+    from rlhf_cli.data import build_prompt_datasets
+    from rlhf_cli.models.load import load_tokenizer
+    from rlhf_cli.stages.plan import describe_plan, iteration_plan, ppo_updates
+
+    data = build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed)
+    plan = iteration_plan(len(data.train), cfg.stage, world_size(cfg))
+    updates = ppo_updates(plan, cfg.stage)
+    return [f"  {describe_plan(plan, cfg.stage)}", f"  = {updates} optimizer steps of the actor, as many of the critic"]
+
+
+def world_size(cfg: Any) -> int:
+    return cfg.launcher.nproc_per_node * cfg.launcher.nnodes
 
 
 def max_tokens(cfg: Any) -> int:
@@ -147,6 +277,20 @@ def max_tokens(cfg: Any) -> int:
     if "max_prompt_length" in cfg.data:
         return cfg.data.max_prompt_length + cfg.stage.generation.max_new_tokens
     return cfg.data.max_length
+
+
+def policy_model(cfg: Any, overrides: list[str]) -> Any:
+    """The model the stage trains, with its LoRA settings (the other models never carry adapters)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(resolve_model(cfg, cfg.model.name_or_path, overrides), {"lora": cfg.model.lora})
+
+
+def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
+    overrides = list(overrides)
+    policy = policy_model(cfg, overrides)
+    rows = memory_rows(cfg, stage, policy, overrides)
+    return "\n".join([*batch_lines(cfg, stage, policy), "", *memory_lines(rows, cfg.deepspeed)])
 
 
 def main(args: list[str]) -> int:

@@ -1,36 +1,24 @@
-"""Models: the built-in tiny Llama, loading from local folders / run-dir stages / the hub, LoRA, export."""
+"""Models: the built-in tiny Llama, loading from local folders / run-dir stages / the hub, LoRA, export.
 
-from rlhf_cli.models.load import (
-    apply_lora,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    ensure_distinct_pad,
-    is_builtin,
-    load_causal_lm,
-    load_pretrained,
-    load_tokenizer,
-    merged_for_export,
-    resize_for_tokenizer,
-    resolve_source,
-    sync_special_ids,
-)
-from rlhf_cli.models.tiny import BUILTIN_TINY, build_tiny_llama, tiny_tokenizer, tiny_tokenizer_path
+The names below are imported on first use (PEP 562), so importing one submodule (`models.weights` for a
+checkpoint check) does not load torch and transformers through this package.
+"""
 
-__all__ = [
-    "BUILTIN_TINY",
-    "apply_lora",
-    "build_tiny_llama",
-    "disable_dropout",
-    "enable_gradient_checkpointing",
-    "ensure_distinct_pad",
-    "is_builtin",
-    "load_causal_lm",
-    "load_pretrained",
-    "load_tokenizer",
-    "merged_for_export",
-    "resize_for_tokenizer",
-    "resolve_source",
-    "sync_special_ids",
-    "tiny_tokenizer",
-    "tiny_tokenizer_path",
-]
+import importlib
+
+_EXPORTS = {
+    "rlhf_cli.models.load": (
+        "apply_lora", "disable_dropout", "enable_gradient_checkpointing", "ensure_distinct_pad", "is_builtin",
+        "is_peft_model", "load_causal_lm", "load_pretrained", "load_tokenizer", "merged_for_export",
+        "resize_for_tokenizer", "resolve_source", "sync_special_ids",
+    ),
+    "rlhf_cli.models.tiny": ("BUILTIN_TINY", "build_tiny_llama", "tiny_tokenizer", "tiny_tokenizer_path"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -31,6 +31,9 @@ from rlhf_cli.config.schema import LoRAConfig, ModelConfig
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.tiny import BUILTIN_TINY, build_tiny_llama, tiny_tokenizer
 from rlhf_cli.models.weights import check_weight_files, error_summary, is_unreadable_file_error
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +345,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def apply_lora(
-    model: PreTrainedModel, lora_cfg: LoRAConfig, task_type: TaskType = TaskType.CAUSAL_LM,
+    model: PreTrainedModel, lora_cfg: LoRAConfig, task_type: str = "CAUSAL_LM",
     modules_to_save: list[str] | None = None,
 ) -> PeftModel:  # fmt: skip
     """Wrap `model` (in place, peft's way) with LoRA adapters; only adapter weights (and `modules_to_save`,
-    trained in full) stay trainable. Reward models pass TaskType.SEQ_CLS, which keeps their head trainable."""
+    trained in full) stay trainable. Reward models pass peft's task type "SEQ_CLS", which keeps their head trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model  # here: only LoRA runs pay for importing peft
+
     if lora_cfg.r < 1 or lora_cfg.alpha <= 0:
         raise UserError(f"model.lora: r must be >= 1 and alpha > 0 (got r={lora_cfg.r}, alpha={lora_cfg.alpha})")
     _check_lora_targets(model, list(lora_cfg.target_modules))
@@ -356,7 +361,7 @@ def apply_lora(
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
         bias="none",
-        task_type=task_type,
+        task_type=TaskType(task_type),
         modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
@@ -389,6 +394,12 @@ def merged_for_export(model: nn.Module, merge: bool = True) -> nn.Module:
     add rounding error to the base weights. The cost is one extra model in memory during export.
     Not a PeftModel, or merge is false: `model` itself (a PeftModel then saves as an adapter folder).
     """
-    if not isinstance(model, PeftModel) or not merge:
+    if not is_peft_model(model) or not merge:
         return model
     return copy.deepcopy(model).merge_and_unload()
+
+
+def is_peft_model(model: Any) -> bool:
+    """isinstance(model, PeftModel) without importing peft: a PeftModel only exists once something imported peft."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)

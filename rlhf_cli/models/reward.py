@@ -20,10 +20,9 @@ import copy
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel, TaskType
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -36,11 +35,15 @@ from rlhf_cli.models.load import (
     disable_dropout,
     ensure_distinct_pad,
     is_builtin,
+    is_peft_model,
     load_pretrained,
     load_tokenizer,
     resize_for_tokenizer,
 )
 from rlhf_cli.models.tiny import build_tiny_llama
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a DeepSpeed engine (`.module`) and/or a PeftModel."""
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
-    if isinstance(model, PeftModel):
+    if is_peft_model(model):
         model = model.get_base_model()
     return model
 
@@ -231,7 +234,7 @@ def apply_reward_lora(model: PreTrainedModel, lora_cfg: LoRAConfig) -> PeftModel
         for n, m in model.named_children()
         if n not in (model.base_model_prefix, "classifier", "score") and next(m.parameters(), None) is not None
     ]
-    return apply_lora(model, lora_cfg, TaskType.SEQ_CLS, extra or None)
+    return apply_lora(model, lora_cfg, "SEQ_CLS", extra or None)
 
 
 def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:

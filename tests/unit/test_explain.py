@@ -7,7 +7,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from rlhf_cli.cli import main
-from rlhf_cli.commands.explain import count_model, model_state_bytes
+from rlhf_cli.commands.explain import MIB, count_model, memory_rows, model_state_bytes, policy_model
 from rlhf_cli.config.compose import compose
 
 P, LARGEST = 1_234_567_890, 155_000_000
@@ -59,13 +59,83 @@ def test_explain_cli_prints_batch_algebra_and_memory(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "micro batch 2 x accumulation 2 x world size 4" in out and "global batch 16" in out
-    assert "ZeRO-3" in out and "gathered layer" in out and "GiB per GPU" in out
+    assert "ZeRO-3" in out and "gathered layer" in out and "MiB per GPU" in out  # GiB from 1 GiB on
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo", "ppo"])
 def test_explain_follows_stage_inputs_to_the_sft_model(stage, capsys, tmp_path):
-    # `stage:sft` before any run: the model `rlhf sft` would start from (the built-in tiny Llama, 3.7M parameters).
+    # `stage:sft` before any run: the model `rlhf sft` would start from (the built-in tiny Llama, 3.7M parameters;
+    # `rlhf rm` trains it as a classifier: a one-label head instead of the LM head).
     assert main(["explain", stage, f"run.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
-    assert "3.7M parameters" in out and "tokens per micro-batch" in out
+    n, _, _ = count_model(compose("sft", []).model, scalar_head=stage == "rm")
+    assert f"{n / 1e6:.1f}M parameters" in out and "tokens per micro-batch" in out
+    assert (n / 1e6 == pytest.approx(3.7, abs=0.05)) == (stage != "rm")
     assert ("critic" in out) == (stage == "ppo")
+
+
+PPO_SETTINGS = {  # name -> (overrides, GPU bytes per parameter of a frozen model: bf16, partitioned, or on CPU)
+    "zero2": (["deepspeed=zero2", "deepspeed.precision=bf16", "launcher.nproc_per_node=4"], 2),
+    "zero3": (["deepspeed=zero3", "deepspeed.precision=bf16", "launcher.nproc_per_node=8"], 2 / 8),
+    "offload_frozen": (["deepspeed=zero2", "deepspeed.precision=bf16", "stage.offload_frozen=true"], 0),
+}
+
+
+@pytest.mark.parametrize("setting", list(PPO_SETTINGS))
+def test_explain_ppo_totals_actor_critic_reference_and_reward(setting, capsys, tmp_path):
+    args, frozen_bytes = PPO_SETTINGS[setting]
+    args = [*args, f"run.root={tmp_path}", "stage.kl_coef=0.2"]  # a ppo-only key: never passed to sft / rm
+    cfg = compose("ppo", args)
+    gpus = cfg.launcher.nproc_per_node
+    rows = memory_rows(cfg, "ppo", policy_model(cfg, args), args)
+    assert [r.name for r in rows] == ["actor", "critic", "reference", "reward"]
+    actor, critic, reference, reward = rows
+    # Actor and critic are trained (the critic is the reward model's backbone under a one-label head): DeepSpeed's
+    # estimators give their bytes per GPU. The frozen reference and reward model hold bf16 weights only.
+    for row in (actor, critic):
+        assert row.trainable == row.n_params > 0
+        if cfg.deepspeed.zero_stage == 3:
+            _, expected, _ = estimate_zero3_model_states_mem_needs(row.n_params, row.largest, num_gpus_per_node=gpus,
+                                                                   cpu_offload=False, cpu_offload_params=False)
+        else:
+            _, expected = estimate_zero2_model_states_mem_needs(row.n_params, num_gpus_per_node=gpus, cpu_offload=False)
+        assert row.states.gpu_total == pytest.approx(expected, rel=1e-6)
+    assert (reference.n_params, critic.n_params) == (actor.n_params, reward.n_params)
+    for row in (reference, reward):
+        assert row.trainable == 0 and row.states.gpu_total == pytest.approx(frozen_bytes * row.n_params)
+        assert row.states.cpu == (2 * row.n_params if setting == "offload_frozen" else 0)
+    total = sum(r.states.gpu_total for r in rows)
+    assert main(["explain", "ppo", *args]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[1].splitlines()
+    assert table[0].startswith("memory per GPU in MiB")  # the tiny models
+    printed = {line.split()[0]: float(line.split()[5]) for line in table[2:7]}  # the GPU total column
+    assert list(printed) == ["actor", "critic", "reference", "reward", "total"]
+    assert printed["total"] == pytest.approx(total / MIB, abs=5e-4)
+    assert printed["total"] == pytest.approx(sum(v for k, v in printed.items() if k != "total"), abs=3e-3)
+    assert f"= {total / MIB:.3f} MiB per GPU" in out
+
+
+def test_explain_ppo_prints_the_iteration_plan_of_the_stage(capsys, tmp_path):
+    args = ["stage.max_steps=7", "stage.ppo_epochs=3", "stage.rollout_batch_size=16", "stage.micro_batch_size=4",
+            "stage.gradient_accumulation_steps=2", "launcher.nproc_per_node=2", f"run.root={tmp_path}"]  # fmt: skip
+    assert main(["explain", "ppo", *args]) == 0
+    batch = capsys.readouterr().out.split("\n\n")[0]
+    # 16 prompts per rank and iteration, 2 mini-batches of 4 x 2 each, over 3 epochs: 6 optimizer steps an iteration.
+    assert "prompts, 32 per iteration (16 x 2 rank(s)); 7 iterations of 3 PPO epoch(s) x 2 mini-batch(es) of 8 per " \
+           "rank" in batch
+    assert "= 42 optimizer steps of the actor, as many of the critic" in batch
+
+
+def test_explain_ppo_without_reference_or_reward_model(capsys, tmp_path):
+    # A LoRA actor's reference is its own base weights; a reward function holds no model: both rows are 0.
+    function = "stage.reward.function=rlhf_cli.tasks.parity:gold_reward"
+    args = [f"run.root={tmp_path}", "model.lora.enabled=true", function]
+    cfg = compose("ppo", args)
+    rows = memory_rows(cfg, "ppo", policy_model(cfg, args), args)
+    actor, critic, reference, reward = rows
+    assert 0 < actor.trainable < actor.n_params  # LoRA adapters only
+    assert critic.trainable == critic.n_params  # the critic starts from the policy (no reward model) without LoRA
+    assert reference.states.gpu_total == reward.states.gpu_total == 0
+    assert main(["explain", "ppo", *args]) == 0
+    assert "reward: none: the function rlhf_cli.tasks.parity:gold_reward" in capsys.readouterr().out

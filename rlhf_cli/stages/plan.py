@@ -1,0 +1,84 @@
+"""Batch algebra without torch, DeepSpeed or a model: the step plan of every stage and PPO's iteration plan.
+
+Pure functions of the config and the number of examples, so `rlhf explain` prints exactly what a stage will do (the
+same functions, the same messages) without importing the stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_cli.errors import UserError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Batch algebra of an offline stage. The data position is a pure function of the step number, so a
+    resumed run sees exactly the examples an uninterrupted run would, none twice and none skipped."""
+
+    n_examples: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.world_size
+
+    def rank_indices(self, step: int, rank: int, seed: int) -> list[int]:
+        """Example indices of `rank` for optimizer step `step` (0-based): a seeded permutation per epoch,
+        cut into global batches; each rank takes a contiguous slice of the global batch."""
+        import torch  # here, not at the top: `rlhf explain` reads the plan without loading torch
+
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(self.n_examples, generator=gen)
+        start = pos * self.global_batch + rank * self.per_rank
+        return perm[start : start + self.per_rank].tolist()
+
+    def describe(self) -> str:
+        return (
+            f"{self.n_examples} examples, global batch {self.global_batch} = micro {self.micro_batch} x "
+            f"accumulation {self.grad_accum} x {self.world_size} rank(s); {self.steps_per_epoch} steps/epoch, "
+            f"{self.total_steps} steps"
+        )
+
+
+def mini_batch(st: Any) -> int:
+    """PPO's mini-batch per rank: one actor and one critic optimizer step each."""
+    return st.micro_batch_size * st.gradient_accumulation_steps
+
+
+def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
+    """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
+    if st.rollout_batch_size % mini_batch(st):
+        raise UserError(
+            f"stage.rollout_batch_size={st.rollout_batch_size} is not a multiple of the mini-batch "
+            f"stage.micro_batch_size x stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
+        )
+    per_iteration = st.rollout_batch_size * world_size
+    per_epoch = n_prompts // per_iteration
+    if per_epoch == 0:
+        raise UserError(f"only {n_prompts} training prompts for {per_iteration} prompts per iteration; lower "
+                        "stage.rollout_batch_size or add prompts")  # fmt: skip
+    total = st.max_steps or math.ceil(st.epochs * per_epoch)
+    return StepPlan(n_prompts, st.rollout_batch_size, 1, world_size, per_epoch, max(1, total))
+
+
+def ppo_updates(plan: StepPlan, st: Any) -> int:
+    """Optimizer steps of the actor (and as many of the critic) over the whole stage: the schedules' length."""
+    return plan.total_steps * st.ppo_epochs * (st.rollout_batch_size // mini_batch(st))
+
+
+def describe_plan(plan: StepPlan, st: Any) -> str:
+    return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
+            f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
+            f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
