@@ -8,14 +8,20 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from rlhf_cli import launch, preempt
 from rlhf_cli.errors import UserError
 
+if TYPE_CHECKING:
+    from rlhf_cli.run_dir import Run
+
+STARTED = time.monotonic()  # for the wall time of the command in the end-of-stage summary
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
@@ -26,40 +32,69 @@ STAGES: dict[str, str] = {
     "dpo": "rlhf_cli.stages.dpo",
     "ppo": "rlhf_cli.stages.ppo",
 }
-EXAMPLES: dict[str, str] = {
-    "sft": "rlhf sft +experiment=dolly optim.lr=2e-5   # supervised fine-tuning (default: tiny built-in demo)",
-    "rm": "rlhf rm +experiment=hh_rlhf                 # reward model on preference pairs, from this run's sft",
-    "dpo": "rlhf dpo stage.loss=ipo stage.beta=0.5     # DPO family on preference pairs, from this run's sft",
-    "ppo": "rlhf ppo stage.kl_coef=0.1                 # PPO with a critic: policy from sft, reward + critic from rm",
+# Stage -> (what it does, an example): `rlhf --help` and `rlhf <stage> --help`.
+EXAMPLES: dict[str, tuple[str, str]] = {
+    "sft": ("supervised fine-tuning (default: tiny built-in demo)", "rlhf sft +experiment=dolly optim.lr=2e-5"),
+    "rm": ("reward model on preference pairs, from this run's sft", "rlhf rm +experiment=hh_rlhf"),
+    "dpo": ("DPO family on preference pairs, from this run's sft", "rlhf dpo stage.loss=ipo stage.beta=0.5"),
+    "ppo": ("PPO with a critic: policy from sft, reward + critic from rm", "rlhf ppo stage.kl_coef=0.1"),
 }
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("rlhf_cli.commands.generate", 'rlhf generate run=demo prompt="What is the capital of France?"'),
-    "explain": ("rlhf_cli.commands.explain", "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8"),
-    "score": ("rlhf_cli.commands.score", 'rlhf score run=demo prompt="What is 2 + 2?" response="2 + 2 = 4."'),
-}
+# Tool -> (module with `main(args)`, what it does, examples: the first one is also in `rlhf --help`).
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "generate": ("rlhf_cli.commands.generate", "chat with the newest policy of a run, or any causal LM", (
+        'rlhf generate run.name=demo prompt="What is the capital of France?"',
+        'rlhf generate run.name=demo stage=sft prompt="Hi" temperature=0.7 top_p=0.9',
+        'rlhf generate model=path/to/hf/folder prompt="Hi"',
+    )),
+    "explain": ("rlhf_cli.commands.explain", "batch algebra and GPU memory of a stage, without training", (
+        "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8",
+        "rlhf explain ppo deepspeed=zero3 launcher.nproc_per_node=4",
+    )),
+    "score": ("rlhf_cli.commands.score", "score prompt/response pairs with a reward model or classifier", (
+        'rlhf score run.name=demo prompt="What is 2 + 2?" response="2 + 2 = 4."',
+        "rlhf score model=path/to/rm input=pairs.jsonl output=scored.jsonl",
+    )),
+}  # fmt: skip
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]
 
-Stages (each composes configs/config.yaml with Hydra; any key can be overridden, e.g. optim.lr=2e-5,
-a config group swapped, e.g. model=qwen2_5_0_5b, and an experiment applied with +experiment=<name>):
+Stages: each composes configs/config.yaml with Hydra; a key is set with
+key=value (optim.lr=2e-5), a config group swapped with group=choice
+(model=qwen2_5_0_5b), an experiment applied with +experiment=<name>.
 {stages}
 
 Tools:
 {tools}
 
 Options:
-  --cfg job    print the composed, validated config of a stage and exit without running
-  --help       this help
+  --cfg job    print the composed, validated config of a stage; run nothing
+  --help, -h   this help; `rlhf <command> --help`: a stage's groups and keys,
+               a tool's arguments
 
-The run directory is runs/<run.name>/ (run.root, run.name); an interrupted stage resumes when the same
-command is run again, and a completed stage is kept unless run.overwrite=true.
+The run directory is <run.root>/<run.name>/ (runs/demo/ by default; run= and
+root= are accepted for run.name= and run.root=). An interrupted stage resumes
+when the same command is run again; a completed stage is kept unless
+run.overwrite=true.
 """
 
 
 def usage() -> str:
-    stages = "\n".join(f"  {name:<12}{EXAMPLES[name]}" for name in STAGES)
-    tools = "\n".join(f"  {name:<12}{example}" for name, (_, example) in COMMANDS.items())
+    def entry(name: str, summary: str, example: str) -> str:
+        return f"  {name:<10}{summary}\n{'':<14}{example}"
+
+    stages = "\n".join(entry(name, *EXAMPLES[name]) for name in STAGES)
+    tools = "\n".join(entry(name, summary, examples[0]) for name, (_, summary, examples) in COMMANDS.items())
     return USAGE.format(stages=stages, tools=tools)
+
+
+def command_help(verb: str, args: list[str]) -> str:
+    """`rlhf <verb> --help`: generated from the stage's schema and configs/, or from the tool's arguments."""
+    from rlhf_cli.commands.help import stage_help, tool_help
+
+    if verb in STAGES:
+        return stage_help(verb, [a for a in args if a not in ("--help", "-h")], EXAMPLES[verb][1])
+    module, _, examples = COMMANDS[verb]
+    return tool_help(verb, importlib.import_module(module), examples)
 
 
 def run_stage(stage: str, args: list[str]) -> int:
@@ -77,9 +112,24 @@ def run_stage(stage: str, args: list[str]) -> int:
         out_console.print(to_yaml(cfg), end="", markup=False)
         return 0
 
-    if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
-        return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
+    from rlhf_cli.run_dir import open_run
 
+    if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
+        if not cfg.run.overwrite:  # a completed stage or a run in use is refused before torchrun starts any rank
+            open_run(cfg.run, stage).release()
+        return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
+    # A single process locks and checks the run directory before DeepSpeed and the models are imported, so a refusal
+    # is immediate. The ranks of a launched job open it together once they have joined the group (`train_stage`).
+    run = open_run(cfg.run, stage) if os.environ.get("WORLD_SIZE", "1") == "1" else None
+    try:
+        return train_stage(stage, cfg, run)
+    finally:
+        if run is not None:
+            run.release()
+
+
+def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
+    """Join the process group, open the run directory (unless this single process has: `run`), run the stage."""
     from rlhf_cli import engine
     from rlhf_cli.config.compose import config_hash
     from rlhf_cli.run_dir import now, open_run
@@ -88,8 +138,9 @@ def run_stage(stage: str, args: list[str]) -> int:
     dist = engine.init_distributed()
     if not engine.same_on_all_ranks(config_hash(cfg)):
         raise UserError("the ranks composed different configs; start every rank with the same command and configs/")
-    run = open_run(cfg.run, stage, is_main=dist.is_main)
-    engine.barrier()
+    if run is None:
+        run = open_run(cfg.run, stage, is_main=dist.is_main)
+        engine.barrier()  # every rank has checked the manifest before rank 0 may change it
     if not dist.is_main:
         launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
     try:
@@ -108,23 +159,26 @@ def run_stage(stage: str, args: list[str]) -> int:
         if out is None:
             err_console.print(f"stage {stage} stopped early; run the same command again to resume ({run.root})")
         else:
-            try_next = {"rm": f'rlhf score run={run.root.name} root={cfg.run.root} prompt="What is 2 + 2?" '
-                              'response="2 + 2 = 4."'}.get(stage, f"rlhf generate run={run.root.name} "
-                              f'root={cfg.run.root} stage={stage} prompt="What is the capital of France?"')  # fmt: skip
-            err_console.print(f"[green]done[/]: {out}\nrun directory: {run.root}\ntry: {try_next}")
+            from rlhf_cli.summary import print_summary
+
+            run_args = f"run.name={cfg.run.name}" + (f" run.root={cfg.run.root}" if cfg.run.root != "runs" else "")
+            wall = time.monotonic() - STARTED
+            print_summary(err_console, run, run_args, terminal=err_console.is_terminal, wall_seconds=wall)
     return 0
 
 
 def dispatch(argv: list[str]) -> int:
     argv = launch.strip_local_rank(argv)  # the deepspeed launcher puts it before the verb
+    if argv[:1] == ["help"] and argv[1:2]:  # `rlhf help sft` = `rlhf sft --help`
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         out_console.print(usage(), markup=False)
         return 0 if argv else 2
     verb, args = argv[0], argv[1:]
+    if verb in {**STAGES, **COMMANDS} and ("--help" in args or "-h" in args):
+        out_console.print(command_help(verb, args), markup=False)
+        return 0
     if verb in STAGES:
-        if "--help" in args or "-h" in args:
-            out_console.print(f"{EXAMPLES[verb]}\n\n`rlhf {verb} --cfg job` lists every key.", markup=False)
-            return 0
         return run_stage(verb, args)
     if verb in COMMANDS:
         module: Callable = importlib.import_module(COMMANDS[verb][0])
@@ -155,8 +209,8 @@ def _main(argv: list[str] | None) -> int:
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]; run the same command again to resume from the last checkpoint")
+    except KeyboardInterrupt as exc:  # a Ctrl-C that stopped at once (inside the training loop the first one saves)
+        err_console.print(f"[yellow]interrupted[/]: {preempt.after_ctrl_c(exc)}")
         return 130
 
 

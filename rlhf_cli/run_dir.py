@@ -63,8 +63,11 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # of the manifest's started_at / ended_at
+
+
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return time.strftime(TIME_FORMAT)
 
 
 def checkpoint_step(path: Path) -> int:

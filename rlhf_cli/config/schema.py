@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 class RunConfig:
     """Where the stage reads and writes: `<root>/<name>/`."""
 
+    # The run's folder name: the stages of one run share <root>/<name>/, each starting from the one before.
     name: str = "demo"
+    # The folder that holds the runs.
     root: str = "runs"
     # A completed stage is never overwritten unless this is true.
     overwrite: bool = False
@@ -47,7 +49,8 @@ class TinyModelConfig:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face hub id, a local HF folder, or `builtin:tiny-llama` (built from `tiny`, random init).
+    # A Hugging Face hub id, a local HF folder, `stage:<name>` (that stage's final/ in this run), or
+    # `builtin:tiny-llama` (built from `tiny`, random init).
     name_or_path: str = "builtin:tiny-llama"
     # Tokenizer to load; None means the same as name_or_path.
     tokenizer: str | None = None
@@ -124,7 +127,9 @@ class PromptDataConfig:
     (instruction + context/input; the response column is not needed) | hh_rlhf | shp | ultrafeedback (the prompt of
     each pair)."""
 
+    # A hub dataset id, a local .json/.jsonl/.parquet file, or `builtin:<name>`.
     source: str = "builtin:sample_prompts"
+    # Row format: jsonl | dolly | alpaca | hh_rlhf | shp | ultrafeedback (the prompt of each pair).
     format: str = "jsonl"
     subset: str | None = None
     split: str = "train"
@@ -142,6 +147,7 @@ class PromptDataConfig:
 
 @dataclass
 class OptimConfig:
+    # Peak learning rate, reached after the warmup.
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -156,6 +162,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # ZeRO partitions over the ranks: 1 the optimizer states, 2 also the gradients, 3 also the parameters; 0 none.
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_param: bool = False
@@ -178,6 +185,7 @@ class LauncherConfig:
     """`nproc_per_node` > 1 makes `rlhf` start that many ranks itself (through torchrun). Under an outside
     launcher (torchrun, deepspeed, srun) these keys are ignored."""
 
+    # Processes (one per GPU) on this node.
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -190,6 +198,7 @@ class TrainStageConfig:
     """Keys every training stage has (optimizer steps, batches, evaluation, checkpoints)."""
 
     name: str = ""
+    # Passes over the training data (a fraction is allowed).
     epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     micro_batch_size: int = 4  # examples (pairs for rm and dpo) per rank and forward
@@ -198,6 +207,8 @@ class TrainStageConfig:
     eval_batch_size: int = 8
     save_every: int = 50  # optimizer steps between resume checkpoints; 0 = only at the end
     keep_last: int = 2
+    # A completed stage drops its resume checkpoints (final/ stays); true keeps them (e.g. to fine-tune on from there).
+    keep_checkpoints: bool = False
     # End the run (after a checkpoint) once this step is reached; the same command then resumes.
     stop_after_steps: int | None = None
 

@@ -16,43 +16,8 @@ from rlhf_cli import preempt
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.run_dir import Run, now
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Batch algebra of an offline stage. The data position is a pure function of the step number, so a
-    resumed run sees exactly the examples an uninterrupted run would, none twice and none skipped."""
-
-    n_examples: int
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-    steps_per_epoch: int
-    total_steps: int
-
-    @property
-    def per_rank(self) -> int:
-        return self.micro_batch * self.grad_accum
-
-    @property
-    def global_batch(self) -> int:
-        return self.per_rank * self.world_size
-
-    def rank_indices(self, step: int, rank: int, seed: int) -> list[int]:
-        """Example indices of `rank` for optimizer step `step` (0-based): a seeded permutation per epoch,
-        cut into global batches; each rank takes a contiguous slice of the global batch."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        perm = torch.randperm(self.n_examples, generator=gen)
-        start = pos * self.global_batch + rank * self.per_rank
-        return perm[start : start + self.per_rank].tolist()
-
-    def describe(self) -> str:
-        return (
-            f"{self.n_examples} examples, global batch {self.global_batch} = micro {self.micro_batch} x "
-            f"accumulation {self.grad_accum} x {self.world_size} rank(s); {self.steps_per_epoch} steps/epoch, "
-            f"{self.total_steps} steps"
-        )
+from rlhf_cli.stages.plan import StepPlan
+from rlhf_cli.summary import complete_stage
 
 
 def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
@@ -82,44 +47,47 @@ def train_loop(
 
     `step_fn(step)` runs one optimizer step (0-based) and returns its metrics: "loss", "grad_norm" and,
     for tokens/s, "tokens" / "target_tokens". Every `st.eval_every` steps `eval_fn()` adds eval metrics.
-    Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 (any rank) all ranks save at the same
+    Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 / Ctrl-C (any rank) all ranks save at the same
     step and raise Preempted; `save(step)` writes the checkpoint (default: the engine's state). Returns the last
     step's record with running totals."""
     engine.train()
     totals = {"tokens": 0.0, "target_tokens": 0.0, "pairs": 0.0, "train_seconds": 0.0}
     last: dict[str, Any] = {"step": start_step}
-    for step in range(start_step, plan.total_steps):
-        t0 = time.perf_counter()
-        out = step_fn(step)
-        dt = time.perf_counter() - t0
-        done = step + 1
-        totals["train_seconds"] += dt
-        values = {**out, "lr": eng.current_lr(engine), "epoch": done / plan.steps_per_epoch, "step_seconds": dt,
-                  "peak_mem_mib": eng.peak_memory_mib(dist.device)}  # fmt: skip
-        for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s"), ("pairs", "pairs/s")):
-            if key in out:
-                totals[key] += out[key]
-                values[rate] = out[key] / dt
-        if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
-            values.update(eval_fn())
-            engine.train()
-        metrics.log(done, values, show)
-        last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
-        stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
-        preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
-        if (st.save_every and done % st.save_every == 0) or stopping or preempted:
-            if save is None:
-                ckpt.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
-            else:
-                save(done)
-        if preempted:
-            raise preempt.Preempted(
-                f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; "
-                "checkpoint saved, run the same command again to resume"
-            )
-        if stopping:
-            metrics.message(f"stopped after step {done} (stage.stop_after_steps); run the same command to resume")
-            break
+    # Ctrl-C in the loop: a checkpoint at the next step boundary, like SIGTERM (a second Ctrl-C stops at once).
+    with preempt.ctrl_c_saves(), metrics.closed_on_error():
+        for step in range(start_step, plan.total_steps):
+            t0 = time.perf_counter()
+            out = step_fn(step)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            totals["train_seconds"] += dt
+            values = {**out, "lr": eng.current_lr(engine), "epoch": done / plan.steps_per_epoch, "step_seconds": dt,
+                      "peak_mem_mib": eng.peak_memory_mib(dist.device)}  # fmt: skip
+            for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s"), ("pairs", "pairs/s")):
+                if key in out:
+                    totals[key] += out[key]
+                    values[rate] = out[key] / dt
+            if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
+                values.update(eval_fn())
+                engine.train()
+            metrics.log(done, values, show)
+            last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
+            stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
+            preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
+            if (st.save_every and done % st.save_every == 0) or stopping or preempted:
+                if save is None:
+                    ckpt.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+                else:
+                    save(done)
+            if preempted:
+                raise preempt.Preempted(
+                    f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; checkpoint "
+                    f"saved at step {done} ({run.checkpoints_dir / f'step-{done}'}), run the same command again to "
+                    "resume from it"
+                )
+            if stopping:
+                metrics.message(f"stopped after step {done} (stage.stop_after_steps); run the same command to resume")
+                break
     return last
 
 
@@ -138,19 +106,22 @@ def export_final(engine: Any, tokenizer: Any, run: Run, lora_cfg: Any) -> Callab
 
 
 def finish(run: Run, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
-           export: Callable[[], Any], outputs: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
-           completed: bool = True) -> None:  # fmt: skip
+           export: Callable[[], Any], st: Any, outputs: dict[str, str] | None = None,
+           extra: dict[str, Any] | None = None, completed: bool = True) -> None:  # fmt: skip
     """The end of a stage: log the final evaluation, close the metrics, `export()` the checkpoints, then record
-    the outputs (final/ and `outputs`) and the headline metrics in the manifest, and (`completed`) the status."""
+    the outputs (final/ and `outputs`) and the headline metrics in the manifest, and (`completed`) the status with
+    the stage's summary (its resume checkpoints dropped unless `st.keep_checkpoints`)."""
     metrics.log(last["step"], final_eval, show)
     metrics.close()
     export()
-    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib") if k in last}
+    # Token totals only where the stage counts them (RM / DPO / PPO have no target tokens: no recorded zero).
+    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib")
+                if k in last and (last[k] or k not in ("tokens", "target_tokens"))}  # fmt: skip
     record = {"outputs": {"final": str(run.final_dir.relative_to(run.root)), **(outputs or {})},
               "metrics": {**headline, **final_eval, **(extra or {})}}  # fmt: skip
-    if completed:
-        record.update(status="completed", ended_at=now())
     run.update_stage(**record)
+    if completed:
+        complete_stage(run, st.keep_checkpoints)
 
 
 def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int) -> Any:

@@ -38,7 +38,7 @@ from rlhf_cli.stages.common import (
     train_loop,
 )
 
-SHOW = ("loss", "reward_accuracy", "reward_margin", "eval_reward_accuracy")
+SHOW = ("loss", "reward_accuracy", "reward_margin", "lr", "tok/s", "eval_reward_accuracy")
 PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
              "logps_rejected")  # fmt: skip
 
@@ -89,7 +89,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         return None
 
     # 6. Final evaluation, export of the policy, headline metrics into the manifest.
-    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora),
+    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora), st,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 

@@ -11,7 +11,6 @@ model run in eval mode without gradients.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,11 @@ from rlhf_cli.rollout.experience import Reference, advantages, collect, shape_sc
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import StepPlan, eval_batches, finish, interrupted, policy_engine, train_loop
+from rlhf_cli.stages.common import eval_batches, finish, interrupted, policy_engine, train_loop
+from rlhf_cli.stages.plan import describe_plan, iteration_plan, ppo_updates
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update, rollout_metrics
 
-SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "eval_score")
+SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "lr", "tok/s", "eval_score")
 
 
 def run(cfg: Any, run: Run) -> Path | None:
@@ -52,7 +52,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     tokenizer = load_tokenizer(model_cfg)
     data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
     plan = iteration_plan(len(data.train), st, dist.world_size)
-    updates = plan.total_steps * st.ppo_epochs * (st.rollout_batch_size // mini_batch(st))
+    updates = ppo_updates(plan, st)
     ptx = PtxData(st, tokenizer, cfg.seed, dist) if st.ptx.coef > 0 else None
 
     # 3. Actor and critic in DeepSpeed engines; frozen reference and reward source.
@@ -117,35 +117,9 @@ def run(cfg: Any, run: Run) -> Path | None:
         eng.export_hf(actor, tokenizer, run.final_dir, merge_lora=cfg.model.lora.enabled and cfg.model.lora.merge)
         eng.export_hf(critic, tokenizer, run.stage_dir / "critic", merge_lora=False)
 
-    finish(run, metrics, last, run_eval(), SHOW, export, outputs={"critic": f"{run.stage}/critic"},
+    finish(run, metrics, last, run_eval(), SHOW, export, st, outputs={"critic": f"{run.stage}/critic"},
            extra={"iterations": plan.total_steps, "kl_coef": kl_ctl.value, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
-
-
-def mini_batch(st: Any) -> int:
-    return st.micro_batch_size * st.gradient_accumulation_steps
-
-
-def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
-    """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
-    if st.rollout_batch_size % mini_batch(st):
-        raise UserError(
-            f"stage.rollout_batch_size={st.rollout_batch_size} is not a multiple of the mini-batch "
-            f"stage.micro_batch_size x stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
-        )
-    per_iteration = st.rollout_batch_size * world_size
-    per_epoch = n_prompts // per_iteration
-    if per_epoch == 0:
-        raise UserError(f"only {n_prompts} training prompts for {per_iteration} prompts per iteration; lower "
-                        "stage.rollout_batch_size or add prompts")  # fmt: skip
-    total = st.max_steps or math.ceil(st.epochs * per_epoch)
-    return StepPlan(n_prompts, st.rollout_batch_size, 1, world_size, per_epoch, max(1, total))
-
-
-def describe_plan(plan: StepPlan, st: Any) -> str:
-    return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
-            f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
-            f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
 
 
 def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates: int, dist: Any) -> tuple[Any, str]:

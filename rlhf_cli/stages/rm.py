@@ -34,10 +34,11 @@ from rlhf_cli.models.reward import (
     load_reward_tokenizer,
     sequence_scores,
 )
-from rlhf_cli.run_dir import Run, now
+from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, step_plan, train_loop
+from rlhf_cli.summary import complete_stage
 
-SHOW = ("loss", "accuracy", "lr", "pairs/s", "eval_accuracy")
+SHOW = ("loss", "accuracy", "lr", "tok/s", "pairs/s", "eval_accuracy")
 
 
 def run(cfg: Any, run: Run) -> Path | None:
@@ -105,10 +106,10 @@ def run(cfg: Any, run: Run) -> Path | None:
             stats = {k: final_eval[k] for k in ("reward_mean", "reward_std", "eval_pairs")}
             (run.final_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
 
-    finish(run, metrics, last, final_eval, SHOW, export_with_stats, completed=False,
+    finish(run, metrics, last, final_eval, SHOW, export_with_stats, st, completed=False,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
-    run.update_stage(status="completed", ended_at=now())
+    complete_stage(run, st.keep_checkpoints)
     return run.final_dir
 
 

@@ -74,7 +74,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         return None
 
     # 6. Final evaluation, export of final/, headline metrics into the manifest.
-    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora),
+    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora), st,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     return run.final_dir
 

@@ -63,8 +63,7 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
         assert key in log[-1], key
     # Dropout off, one temperature everywhere: before any update the ratio is 1 and the approximate KL 0.
     assert log[0]["log_ratio_first"] < 1e-5 and abs(log[0]["approx_kl_first"]) < 1e-8
-    # Iteration 2 starts from an updated policy (LoRA B != 0, so adapter dropout would show): still pi / pi_old = 1.
-    assert log[1]["log_ratio_first"] < 1e-5
+    assert log[1]["log_ratio_first"] < 1e-5  # iteration 2 starts from an updated policy: still pi / pi_old = 1
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
     assert log[0]["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
     evals = [r["step"] for r in metrics(runs / "chain", "ppo") if "eval_score" in r]
@@ -73,6 +72,15 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     assert len(samples) == 6 and {"prompt", "response", "score", "iteration"} <= set(samples[0])
     AutoModelForCausalLM.from_pretrained(runs / "chain" / "ppo" / "final")
     AutoModelForSequenceClassification.from_pretrained(runs / "chain" / "ppo" / "critic")
+    # The end-of-stage summary: the starting evaluation kept next to the last, the next command with the run name.
+    start, end = rec["summary"]["headline"]["eval_score"]
+    assert start == evals_scores(runs / "chain")[0] and end == evals_scores(runs / "chain")[-1]
+    assert "ppo completed:" in res.stderr and "eval_score: " in res.stderr and "next: rlhf generate run.name=chain" \
+        in res.stderr and "target_tokens" not in rec["metrics"]
+
+
+def evals_scores(run_dir):
+    return [r["eval_score"] for r in metrics(run_dir, "ppo") if "eval_score" in r]
 
 
 def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp_path):

@@ -32,6 +32,7 @@ def test_sft_end_to_end(runs, tmp_path):
         "stage.save_every=8",
         "stage.keep_last=2",
         "stage.eval_every=12",
+        "stage.keep_checkpoints=true",
     ]
     res = rlhf(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -49,6 +50,12 @@ def test_sft_end_to_end(runs, tmp_path):
     assert sum(r["loss"] for r in log[-4:]) < sum(r["loss"] for r in log[:4]) - 0.5
     assert [r["step"] for r in metrics(run_dir) if "eval_loss" in r] == [12, 24]
     assert sorted(p.name for p in (run_dir / "sft" / "checkpoints").iterdir()) == ["step-16", "step-24"]
+    # The summary: first and last values, disk, the next command (checkpoints kept on request here).
+    summary = rec["summary"]
+    assert summary["headline"]["eval_loss"][0] > summary["headline"]["eval_loss"][1] and summary["checkpoints_kept"]
+    assert summary["disk_bytes"]["checkpoints"] > 0 and summary["tokens_per_second"] > 0
+    assert "target_tokens" in rec["metrics"] and rec["metrics"]["target_tokens"] > 0
+    assert "sft completed:" in res.stderr and f"next: rlhf rm run.name=e2e run.root={runs}" in res.stderr
     # final/ reloads with plain transformers and generates with the chat template.
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)

@@ -1,0 +1,79 @@
+"""Start-up: a refused stage and `rlhf explain` answer without loading the libraries they do not need, and DeepSpeed's
+build notice is dropped while everything else it prints is kept. These check what is imported, not how long it takes
+(`make bench` times the start-up)."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_cli.engine import _without_build_notice
+
+HEAVY = ("torch", "transformers", "deepspeed", "peft")
+# Runs the CLI in a fresh interpreter, then names the heavy libraries it imported.
+PROBE = f"""
+import sys
+from rlhf_cli.cli import main
+code = main(sys.argv[1:])
+print("LOADED", *[m for m in {HEAVY!r} if m in sys.modules])
+sys.exit(code)
+"""
+
+
+def run_cli(args: list[str], cwd) -> tuple[int, set[str], str]:
+    """(exit code, heavy libraries imported, stderr) of `rlhf <args>` in a fresh interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    loaded = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("LOADED")]
+    assert loaded, res.stderr
+    return res.returncode, set(loaded[-1]), res.stderr
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    root = tmp_path / "runs" / "x"
+    root.mkdir(parents=True)
+    return root
+
+
+def test_completed_stage_is_refused_before_any_heavy_import(run_root):
+    (run_root / "manifest.json").write_text(json.dumps({"run": "x", "stages": {"sft": {"status": "completed"}}}))
+    code, loaded, err = run_cli(["sft", f"run.root={run_root.parent}", "run.name=x"], run_root)
+    assert code == 2 and "already complete" in err and not loaded
+
+
+def test_run_in_use_is_refused_before_any_heavy_import(run_root):
+    with open(run_root / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 1 on test-host")
+        lock.flush()
+        code, loaded, err = run_cli(["sft", f"run.root={run_root.parent}", "run.name=x"], run_root)
+    assert code == 2 and "in use by pid 1 on test-host" in err and not loaded
+
+
+def test_explain_builds_on_torch_and_transformers_only(run_root):
+    code, loaded, err = run_cli(["explain", "sft", f"run.root={run_root.parent}"], run_root)
+    assert code == 0, err
+    assert loaded == {"torch", "transformers"}  # no DeepSpeed, no peft (LoRA off)
+
+
+def test_build_notice_is_dropped_and_everything_else_kept(capsys):
+    with _without_build_notice():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("[WARNING] async_io requires the dev libaio .so object and headers")
+    assert capsys.readouterr().out == "[WARNING] async_io requires the dev libaio .so object and headers\n"
+    with pytest.raises(RuntimeError, match="build failed"), _without_build_notice():
+        print("ninja: build stopped")
+        raise RuntimeError("build failed")
+    assert capsys.readouterr().out == "ninja: build stopped\n"
+
+
+def test_joining_the_process_group_prints_no_build_notice():
+    code = "from rlhf_cli import engine; engine.init_distributed(); engine.shutdown()"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "built successfully" not in res.stdout + res.stderr
