@@ -19,8 +19,8 @@ install: $(STAMP)
 # then two completions from the result.
 demo: install
 	$(BIN)/rlhf sft run.name=demo run.overwrite=true
-	$(BIN)/rlhf generate run=demo prompt="What is the capital of France?"
-	$(BIN)/rlhf generate run=demo prompt="What do you call a baby cat?"
+	$(BIN)/rlhf generate run.name=demo prompt="What is the capital of France?"
+	$(BIN)/rlhf generate run.name=demo prompt="What do you call a baby cat?"
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
