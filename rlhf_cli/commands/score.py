@@ -18,12 +18,13 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from rlhf_cli.commands.args import parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 EXAMPLE = 'prompt="Hi" response="Hello!"'
 
@@ -142,6 +143,8 @@ def encode(tokenizer: Any, location: str, row: dict, a: ScoreArgs) -> dict[str, 
 
 def batch_tensors(encoded: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) tensors; the attention mask comes from lengths (pad may equal EOS)."""
+    import torch  # here, not at the top: argument errors and --help answer without loading torch
+
     width = max(len(e["input_ids"]) for e in encoded)
     out: dict[str, torch.Tensor] = {}
     for key, fill in (("input_ids", pad_id), ("token_type_ids", 0)):
@@ -154,6 +157,7 @@ def batch_tensors(encoded: list[dict[str, list[int]]], pad_id: int, device: torc
 
 def load(path: str) -> tuple[Any, Any]:
     """(tokenizer, model in eval mode) from a folder or hub id, with clear errors."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_cli.config.schema import ModelConfig
@@ -179,9 +183,17 @@ def reading(config: Any, path: str, index: int, reduce: str) -> str:
     return f"{kind} {path}, {'probability' if reduce == 'prob' else 'logit'} of {label}"
 
 
-@torch.no_grad()
 def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[list[float], str]:
     """The score of every row, and what a score is (`reading`)."""
+    import torch
+
+    with torch.no_grad():
+        return _score_rows(rows, path, a)
+
+
+def _score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[list[float], str]:
+    import torch
+
     from rlhf_cli.models.reward import sequence_logits
 
     tokenizer, model = load(path)
