@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-learning lint clean
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -27,6 +27,10 @@ test: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# The long learning check: sft + ppo_parity over 3 seeds (about 5 minutes each on 2 CPU cores).
+bench-learning: install
+	$(BIN)/python scripts/bench_learning.py --seeds 1 2 3
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts
