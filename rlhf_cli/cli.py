@@ -120,6 +120,8 @@ def run_stage(stage: str, args: list[str]) -> int:
         return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
     # A single process locks and checks the run directory before DeepSpeed and the models are imported, so a refusal
     # is immediate. The ranks of a launched job open it together once they have joined the group (`train_stage`).
+    # Signals are handled from here on: a Ctrl-C while DeepSpeed imports must not be lost (see preempt).
+    preempt.install()
     run = open_run(cfg.run, stage) if os.environ.get("WORLD_SIZE", "1") == "1" else None
     try:
         return train_stage(stage, cfg, run)
@@ -134,7 +136,6 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     from rlhf_cli.config.compose import config_hash
     from rlhf_cli.run_dir import now, open_run
 
-    preempt.install()
     dist = engine.init_distributed()
     if not engine.same_on_all_ranks(config_hash(cfg)):
         raise UserError("the ranks composed different configs; start every rank with the same command and configs/")

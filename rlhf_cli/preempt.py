@@ -39,9 +39,21 @@ def _ctrl_c(signum: int, frame: FrameType | None) -> None:
         pass
 
 
+_stopped_while_loading: list[int] = []
+
+
+def _ctrl_c_loading(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C outside the loop: stop at once. Remembered too, because a library may swallow the KeyboardInterrupt
+    (a bare `except:` around an optional import while DeepSpeed or a model loads): `ctrl_c_saves` then stops the run
+    before its first step instead of training on as if nothing had been pressed."""
+    _stopped_while_loading.append(signum)
+    raise KeyboardInterrupt
+
+
 def install() -> None:
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+    signal.signal(signal.SIGINT, _ctrl_c_loading)
 
 
 @contextmanager
@@ -49,6 +61,8 @@ def ctrl_c_saves() -> Iterator[None]:
     """Inside: SIGINT asks for a checkpoint at the next step boundary, like SIGTERM. Torchrun starts every rank in a
     session of its own and forwards SIGINT to each once; ranks started by hand from a shell all get it from the
     terminal. Only inside the loop: before it there is nothing to save, after it the stage is nearly done."""
+    if _stopped_while_loading:
+        raise KeyboardInterrupt  # pressed while loading, and the first one was swallowed on the way here
     previous = signal.signal(signal.SIGINT, _ctrl_c)
     try:
         yield

@@ -51,3 +51,24 @@ def test_after_ctrl_c_says_where_the_next_run_starts(tmp_path):
     expected = f"the next run resumes from step 10 ({run.checkpoints_dir / 'step-10'})"
     assert _interrupted_in(run) == expected
     assert "if there is one" in _interrupted_in(None)  # before the run directory was opened
+
+
+def test_ctrl_c_while_loading_swallowed_by_a_library_still_stops_before_the_first_step(monkeypatch):
+    """A Ctrl-C while DeepSpeed or a model loads raises at once; if a bare `except:` on the way swallows it, the
+    training loop refuses to start instead of training on as if nothing had been pressed."""
+    monkeypatch.setattr(preempt, "_stopped_while_loading", [])
+    monkeypatch.setattr(preempt, "_received", [])
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *preempt.SIGNALS)}
+    try:
+        preempt.install()
+        try:  # what an optional import guarded by a bare except does to it
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:  # noqa: BLE001
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            with preempt.ctrl_c_saves():
+                raise AssertionError("the loop must not start")
+        assert not preempt.requested()  # a stop, not a checkpoint request
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
