@@ -45,13 +45,13 @@ def first_replayed_step(start_step: int) -> int:
     return start_step + 1 if start_step else 0
 
 
-def drop_replayed_rows(path: Path, start_step: int) -> int:
-    """Rewrite metrics.jsonl with only the rows of steps before `first_replayed_step(start_step)` (atomically: a
-    temporary file renamed over it) and return how many rows went. Without this, the steps between the checkpoint and
-    an interruption would have two rows each after a resume. A torn last line (killed mid-write) goes too."""
+def drop_replayed_rows(path: Path, first: int) -> int:
+    """Rewrite metrics.jsonl with only the rows of steps before `first` (the first step this run logs again, see
+    `first_replayed_step`), atomically (a temporary file renamed over it), and return how many rows went. Without
+    this, the steps between the checkpoint and an interruption would have two rows each after a resume. A torn last
+    line (killed mid-write) goes too."""
     if not path.is_file():
         return 0
-    first = first_replayed_step(start_step)
     lines = path.read_text().splitlines()
     kept = []
     for line in lines:
@@ -128,7 +128,8 @@ class Metrics:
     Without a terminal (CI, SLURM logs) the bar is replaced by one plain line every `log_every` steps. A run that
     starts at a checkpoint's step first drops the rows of the steps it replays, so every step has one row."""
 
-    def __init__(self, path: Path, total_steps: int, logging_cfg: Any, enabled: bool, start_step: int = 0):
+    def __init__(self, path: Path, total_steps: int, logging_cfg: Any, enabled: bool, start_step: int = 0,
+                 replay_from: int | None = None):  # fmt: skip
         self.enabled = enabled
         self.log_every = max(1, logging_cfg.log_every)
         self.total = total_steps
@@ -137,12 +138,14 @@ class Metrics:
         self._latest: dict[str, Any] = {}
         if not enabled:
             return
-        dropped = drop_replayed_rows(path, start_step)
+        # The rows of steps >= replay_from are logged again by this run (default: first_replayed_step(start_step)).
+        replay_from = first_replayed_step(start_step) if replay_from is None else replay_from
+        dropped = drop_replayed_rows(path, replay_from)
         if dropped:
             self.message(f"metrics.jsonl: dropped {dropped} row(s) of the steps that run again from step {start_step}")
         self._file = open(path, "a")
         if logging_cfg.tensorboard:
-            self._tb = _tensorboard(path.parent / "tensorboard", first_replayed_step(start_step))
+            self._tb = _tensorboard(path.parent / "tensorboard", replay_from)
         if logging_cfg.progress and sys.stderr.isatty():
             self._bar, self._task = progress_bar(console, total_steps, start_step)
 
@@ -162,6 +165,12 @@ class Metrics:
             self._bar.update(self._task, completed=step, stats=_pairs(self._latest, show))
         elif step % self.log_every == 0 or step == self.total:
             console.print(plain_line(step, self.total, self.eta(step), values, show), highlight=False)
+
+    def set_total(self, total_steps: int) -> None:
+        """A new step total, for a stage that knows its length only as it goes (rejection sampling's rounds)."""
+        self.total = total_steps
+        if self._bar is not None:
+            self._bar.update(self._task, total=total_steps)
 
     def eta(self, step: int) -> str:
         """Time left at the mean pace of this process's steps so far (eval and checkpoints included), H:MM:SS."""

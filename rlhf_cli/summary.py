@@ -14,12 +14,15 @@ from typing import Any
 
 from rlhf_cli.run_dir import TIME_FORMAT, Run, now
 
+HEADLINE_RS = ("candidate_score_mean", "selected_score_mean", "best_of_n_gain", "loss", "eval_score", "eval_gold")
 # Stage -> the metrics that say whether it worked, in the order shown. The first and last logged values are kept.
 HEADLINE: dict[str, tuple[str, ...]] = {
     "sft": ("loss", "eval_loss", "eval_perplexity"),
     "rm": ("loss", "accuracy", "eval_accuracy", "eval_margin"),
     "dpo": ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"),
     "ppo": ("score_mean", "kl", "eval_score", "eval_response_length", "eval_eos_fraction"),
+    # First -> last: round 1 -> the last round for the selection, the starting policy -> the last one for eval.
+    "rejection_sampling": HEADLINE_RS,
 }
 # Stage -> what usually comes next in the chain ({run}: the run-name arguments).
 NEXT: dict[str, str] = {
@@ -27,6 +30,8 @@ NEXT: dict[str, str] = {
     "rm": "rlhf ppo {run}",
     "dpo": 'rlhf generate {run} stage=dpo prompt="What is the capital of France?"',
     "ppo": 'rlhf generate {run} stage=ppo prompt="What is the capital of France?"',
+    "rejection_sampling": "rlhf ppo {run} model.name_or_path=stage:rejection_sampling   (Llama 2: PPO on top), or "
+    'rlhf generate {run} stage=rejection_sampling prompt="Hi"',
 }
 
 

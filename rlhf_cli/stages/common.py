@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,15 +42,18 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def train_loop(
     st: Any, engine: Any, plan: StepPlan, dist: Any, run: Run, metrics: Metrics, start_step: int,
     step_fn: Callable[[int], dict[str, Any]], eval_fn: Callable[[], dict[str, float]], show: tuple[str, ...],
-    save: Callable[[int], Any] | None = None,
+    save: Callable[[int], Any] | None = None, step_offset: int = 0, ckpt_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Optimizer steps from `start_step` to the end of the plan, or to `st.stop_after_steps`.
 
     `step_fn(step)` runs one optimizer step (0-based) and returns its metrics: "loss", "grad_norm" and,
     for tokens/s, "tokens" / "target_tokens". Every `st.eval_every` steps `eval_fn()` adds eval metrics.
     Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 / Ctrl-C (any rank) all ranks save at the same
-    step and raise Preempted; `save(step)` writes the checkpoint (default: the engine's state). Returns the last
-    step's record with running totals."""
+    step and raise Preempted; `save(step)` writes the checkpoint (default: the engine's state). A stage that trains in
+    several phases (rejection sampling's rounds) numbers its steps across them: `step_offset` is added to the step in
+    metrics, checkpoint names and `st.stop_after_steps`, and its checkpoints go to `ckpt_dir`. Returns the last step's
+    record (its "step" counted within this loop) with running totals."""
+    ckpt_dir = ckpt_dir or run.checkpoints_dir
     engine.train()
     totals = {"tokens": 0.0, "target_tokens": 0.0, "pairs": 0.0, "train_seconds": 0.0}
     last: dict[str, Any] = {"step": start_step}
@@ -70,23 +74,24 @@ def train_loop(
             if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
                 values.update(eval_fn())
                 engine.train()
-            metrics.log(done, values, show)
+            metrics.log(step_offset + done, values, show)
             last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
-            stopping = st.stop_after_steps is not None and plan.total_steps > done >= st.stop_after_steps
+            stopping = st.stop_after_steps is not None and plan.total_steps > done
+            stopping = stopping and step_offset + done >= st.stop_after_steps
             preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
+            at = step_offset + done
             if (st.save_every and done % st.save_every == 0) or stopping or preempted:
                 if save is None:
-                    ckpt.save_checkpoint(engine, run.checkpoints_dir, done, {"step": done}, st.keep_last)
+                    ckpt.save_checkpoint(engine, ckpt_dir, at, {"step": at}, st.keep_last)
                 else:
                     save(done)
             if preempted:
                 raise preempt.Preempted(
-                    f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {done}; checkpoint "
-                    f"saved at step {done} ({run.checkpoints_dir / f'step-{done}'}), run the same command again to "
-                    "resume from it"
+                    f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {at}; checkpoint "
+                    f"saved at step {at} ({ckpt_dir / f'step-{at}'}), run the same command again to resume from it"
                 )
             if stopping:
-                metrics.message(f"stopped after step {done} (stage.stop_after_steps); run the same command to resume")
+                metrics.message(f"stopped after step {at} (stage.stop_after_steps); run the same command to resume")
                 break
     return last
 

@@ -1,0 +1,239 @@
+"""Rejection sampling's data, round by round: which prompts a round samples, N candidates per prompt drawn and scored
+chunk by chunk into files, and the round's selection read back from them (ALGORITHMS.md section 7).
+
+Files of round k, under `<stage>/round-k/`:
+- `chunks/chunk-NNNNN.jsonl`: the candidates of one chunk of `generation_batch_size` prompts, written at once
+  (temporary name, then rename), so a killed run keeps every finished chunk and redoes only the missing ones;
+- `selected.jsonl` (what the round fine-tunes on), `candidates.jsonl` (every candidate with its score, when
+  `stage.save_candidates`) and `selection.json` (the round's statistics), written by rank 0 once every chunk exists.
+
+A chunk's draws are seeded by (seed, round, chunk), never by rank: a chunk samples the same candidates whichever rank
+draws it, so 2 ranks select exactly what 1 rank does, and a resumed round what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_cli import engine as eng
+from rlhf_cli import preempt
+from rlhf_cli.data import IGNORE_INDEX, collate_prompts
+from rlhf_cli.data.sft import SFTExample
+from rlhf_cli.rollout.experience import expand
+from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
+from rlhf_cli.rollout.scoring import score_responses
+from rlhf_cli.rollout.selection import duplicates, select, selection_stats, valid_mask
+from rlhf_cli.run_dir import atomic_write_text
+
+CHUNK_GLOB = "chunk-*.jsonl"
+
+
+@dataclass(frozen=True)
+class RoundFiles:
+    """The paths of one round."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, stage_dir: Path, round_no: int) -> RoundFiles:
+        return cls(stage_dir / f"round-{round_no}")
+
+    @property
+    def chunks(self) -> Path:
+        return self.dir / "chunks"
+
+    def chunk(self, c: int) -> Path:
+        return self.chunks / f"chunk-{c:05d}.jsonl"
+
+    @property
+    def selected(self) -> Path:
+        return self.dir / "selected.jsonl"
+
+    @property
+    def candidates(self) -> Path:
+        return self.dir / "candidates.jsonl"
+
+    @property
+    def selection(self) -> Path:
+        return self.dir / "selection.json"
+
+    @property
+    def done(self) -> Path:
+        """Written last, once the round's policy is exported: the round is complete."""
+        return self.dir / "round.json"
+
+
+def round_prompts(n_train: int, per_round: int | None, seed: int, round_no: int) -> list[int]:
+    """Indices of the training prompts round `round_no` samples: all of them in a seeded order, or the first
+    `per_round` of it (a different subset each round)."""
+    gen = torch.Generator().manual_seed(seed * 7_919 + round_no)
+    order = torch.randperm(n_train, generator=gen).tolist()
+    return order[: per_round or n_train]
+
+
+def chunk_slots(n_chunks: int, done: set[int], rank: int, world_size: int) -> list[int | None]:
+    """The chunks this rank draws: the missing ones, dealt round-robin, padded with None so that every rank has the
+    same number of slots (each slot ends with a collective: the preemption check)."""
+    todo = [c for c in range(n_chunks) if c not in done]
+    mine: list[int | None] = list(todo[rank::world_size])
+    slots = math.ceil(len(todo) / world_size)
+    return mine + [None] * (slots - len(mine))
+
+
+def finished_chunks(files: RoundFiles) -> set[int]:
+    """Chunks already on disk (a temporary file of a killed write does not count)."""
+    if not files.chunks.is_dir():
+        return set()
+    return {int(p.stem.split("-")[1]) for p in files.chunks.glob(CHUNK_GLOB)}
+
+
+def write_chunk(files: RoundFiles, c: int, rows: list[dict]) -> None:
+    """All candidate rows of chunk `c` in one file, atomically (temporary name, fsync, rename)."""
+    files.chunks.mkdir(parents=True, exist_ok=True)
+    tmp = files.chunks / f".tmp-chunk-{c:05d}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, files.chunk(c))
+
+
+def candidate_rows(round_no: int, prompt_idx: list[int], prompts: list[Any], n: int, seq: Any, texts: list[str],
+                   raw: torch.Tensor, scores: torch.Tensor) -> list[dict]:  # fmt: skip
+    """One JSON row per candidate of a chunk: prompts (B,) each drawn `n` times, so row i is candidate i % n of
+    prompt i // n; `seq` the sampled batch (B*n rows), `raw` / `scores` (B*n,) before / after the reward shaping.
+    A score that could not be computed (NaN) is written as null."""
+    lengths = seq.response_mask.sum(1).long().tolist()
+    ids = seq.response_ids.tolist()
+    rows = []
+    for i, text in enumerate(texts):
+        p = i // n
+        score, raw_score = float(scores[i]), float(raw[i])
+        rows.append({
+            "round": round_no, "prompt_index": prompt_idx[p], "candidate": i % n, "prompt": prompts[p].text,
+            "response": text, "score": score if math.isfinite(score) else None,
+            "raw_score": raw_score if math.isfinite(raw_score) else None, "ended_with_eos": bool(seq.has_eos[i]),
+            "response_ids": ids[i][: lengths[i]],
+        })  # fmt: skip
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def select_round(files: RoundFiles, n_chunks: int, n_samples: int, st: Any) -> dict[str, float]:
+    """Rank 0, once every chunk exists: read the candidates, drop copies and unscorable ones, select per
+    `st.selection`, write selected.jsonl (+ candidates.jsonl) and selection.json, remove the chunk files.
+    Returns the round's selection statistics."""
+    rows = [row for c in range(n_chunks) for row in read_rows(files.chunk(c))]
+    grid = [rows[j : j + n_samples] for j in range(0, len(rows), n_samples)]  # a prompt's candidates are consecutive
+    scores = torch.tensor([[math.nan if r["score"] is None else r["score"] for r in g] for g in grid],
+                          dtype=torch.float64)  # fmt: skip
+    dup = duplicates([[tuple(r["response_ids"]) for r in g] for g in grid])
+    valid = valid_mask(scores, dup)
+    chosen = select(scores, valid, st.selection, st.top_k, st.threshold)
+    stats = selection_stats(scores, valid_mask(scores), chosen)
+    stats["duplicate_fraction"] = float(dup.double().mean()) if dup.numel() else 0.0
+    picked = [row for g, mask in zip(grid, chosen.tolist(), strict=True) for row, keep in zip(g, mask, strict=True)
+              if keep]  # fmt: skip
+    _write_jsonl(files.selected, picked)
+    if st.save_candidates:
+        for row, is_dup in zip(rows, dup.flatten().tolist(), strict=True):
+            row["duplicate"] = is_dup
+        _write_jsonl(files.candidates, rows)
+    atomic_write_text(files.selection, json.dumps(stats, indent=2) + "\n")  # last: the round's selection is done
+    for path in files.chunks.glob(CHUNK_GLOB):
+        path.unlink()
+    files.chunks.rmdir()
+    return stats
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def training_examples(rows: list[dict], prompts: list[Any]) -> list[SFTExample]:
+    """SFT examples from selected rows: the prompt's own token ids (the chat template with the generation prompt,
+    exactly what was sampled from) followed by the sampled response ids, EOS included when there was one; the loss
+    reads the response only. No decode / re-tokenise round trip: the policy learns the very tokens it drew."""
+    out = []
+    for row in rows:
+        prompt = list(prompts[row["prompt_index"]].input_ids)
+        response = list(row["response_ids"])
+        out.append(SFTExample(input_ids=prompt + response, labels=[IGNORE_INDEX] * len(prompt) + response))
+    return out
+
+
+def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_no: int, prompts: list[Any],
+                  tokenizer: Any, reward: Any, st: Any, rm_stats: Any, dist: Any, seed: int, say: Any,
+                  collective: bool) -> dict[str, float]:  # fmt: skip
+    """Draw and score the chunks of round `round_no` that are not on disk yet (`chunks[c]`: prompt indices), this
+    rank's share of them, each written as soon as it is scored. `collective` (ZeRO-3: every generation and reward
+    forward is a collective): a rank without a chunk for a slot draws a filler and discards it. After every slot the
+    ranks ask each other about SIGTERM / SIGUSR1 / Ctrl-C and stop together (Preempted) with the finished chunks kept.
+    Returns the throughput of this call: responses/s, gen_tok/s, generation and scoring seconds (rank 0's)."""
+    gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    done = finished_chunks(files)
+    slots = chunk_slots(len(chunks), done, dist.rank, dist.world_size)
+    counts = torch.zeros(2, dtype=torch.float64)  # candidates, new tokens written by this rank
+    seconds = torch.zeros(2, dtype=torch.float64)  # generation, scoring
+    started, reported = time.perf_counter(), 0
+    with preempt.ctrl_c_saves():
+        for k, c in enumerate(slots):
+            if c is not None or collective:
+                key = c if c is not None else 0  # a filler redraws chunk 0 and throws it away
+                rows, took = draw_chunk(model, chunks[key], prompts, tokenizer, reward, st, rm_stats, gen_config,
+                                        seed * 1_000_003 + round_no * 100_003 + key, round_no, dist.device)  # fmt: skip
+                seconds += torch.tensor(took, dtype=torch.float64)
+                if c is not None:
+                    write_chunk(files, c, rows)
+                    counts += torch.tensor([len(rows), sum(len(r["response_ids"]) for r in rows)], dtype=torch.float64)
+            if eng.any_rank(preempt.requested()):
+                raise preempt.Preempted(
+                    f"stopped by {preempt.signal_name() or 'a signal on another rank'} while sampling round "
+                    f"{round_no}: {len(finished_chunks(files))} of {len(chunks)} chunks kept in {files.chunks}; run "
+                    "the same command again to draw the rest"
+                )
+            if dist.is_main and (k + 1) * 10 // len(slots) > reported:  # about every tenth of the round
+                reported = (k + 1) * 10 // len(slots)
+                say(f"round {round_no}: sampled {len(done) + (k + 1) * dist.world_size}/{len(chunks)} chunk(s)")
+    wall = time.perf_counter() - started
+    n, tokens = eng.all_reduce_sum(counts).tolist()
+    return {"responses/s": n / max(wall, 1e-9), "gen_tok/s": tokens / max(wall, 1e-9),
+            "generation_seconds": float(seconds[0]), "scoring_seconds": float(seconds[1]),
+            "new_tokens": tokens}  # fmt: skip
+
+
+@torch.no_grad()
+def draw_chunk(model: Any, prompt_idx: list[int], prompts: list[Any], tokenizer: Any, reward: Any, st: Any,
+               rm_stats: Any, gen_config: Any, seed: int, round_no: int,
+               device: torch.device) -> tuple[list[dict], tuple[float, float]]:  # fmt: skip
+    """`st.n_samples` candidates for each prompt of one chunk, in one generate call (each prompt repeated, its copies
+    consecutive), seeded by `seed`; scored, reward-shaped (missing-EOS rule), as candidate rows. Returns the rows
+    and (generation seconds, scoring seconds)."""
+    chosen = [prompts[i] for i in prompt_idx]
+    expanded, _ = expand(chosen, st.n_samples)
+    batch = {k: v.to(device) for k, v in collate_prompts(expanded, tokenizer.pad_token_id).items()}
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with eng.gathered_for_generation(model) as module:
+        seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    t1 = time.perf_counter()
+    texts = decode_responses(tokenizer, seq)
+    scores = score_responses(reward, expanded, seq, texts, st.reward, rm_stats, allow_invalid=True)
+    rows = candidate_rows(round_no, prompt_idx, chosen, st.n_samples, seq, texts, scores.raw, scores.shaped)
+    return rows, (t1 - t0, time.perf_counter() - t1)
