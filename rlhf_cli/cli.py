@@ -1,4 +1,6 @@
-"""`rlhf <stage> [overrides]`: compose -> validate -> run directory -> STAGES[stage](cfg, run).
+"""`rlhf <stage> [overrides]`: compose -> validate -> run directory -> the stage's `run(cfg, run)`.
+
+The stages, their summaries and examples come from the registry (rlhf_cli/stages/__init__.py).
 
 No training logic here. Every `UserError` ends as one red line on stderr and exit code 2, no traceback.
 """
@@ -17,6 +19,7 @@ from rich.console import Console
 
 from rlhf_cli import launch, preempt
 from rlhf_cli.errors import UserError
+from rlhf_cli.stages import STAGES
 
 if TYPE_CHECKING:
     from rlhf_cli.run_dir import Run
@@ -25,20 +28,6 @@ STARTED = time.monotonic()  # for the wall time of the command in the end-of-sta
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
-# Stage name -> module with `run(cfg, run)`; one name per stage (CLI verb, config, module, run-dir folder).
-STAGES: dict[str, str] = {
-    "sft": "rlhf_cli.stages.sft",
-    "rm": "rlhf_cli.stages.rm",
-    "dpo": "rlhf_cli.stages.dpo",
-    "ppo": "rlhf_cli.stages.ppo",
-}
-# Stage -> (what it does, an example): `rlhf --help` and `rlhf <stage> --help`.
-EXAMPLES: dict[str, tuple[str, str]] = {
-    "sft": ("supervised fine-tuning (default: tiny built-in demo)", "rlhf sft +experiment=dolly optim.lr=2e-5"),
-    "rm": ("reward model on preference pairs, from this run's sft", "rlhf rm +experiment=hh_rlhf"),
-    "dpo": ("DPO family on preference pairs, from this run's sft", "rlhf dpo stage.loss=ipo stage.beta=0.5"),
-    "ppo": ("PPO with a critic: policy from sft, reward + critic from rm", "rlhf ppo stage.kl_coef=0.1"),
-}
 # Tool -> (module with `main(args)`, what it does, examples: the first one is also in `rlhf --help`).
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "generate": ("rlhf_cli.commands.generate", "chat with the newest policy of a run, or any causal LM", (
@@ -80,9 +69,10 @@ run.overwrite=true.
 
 def usage() -> str:
     def entry(name: str, summary: str, example: str) -> str:
-        return f"  {name:<10}{summary}\n{'':<14}{example}"
+        head = f"  {name:<10}" if len(name) < 10 else f"  {name}\n{'':<12}"  # a long name gets a line of its own
+        return f"{head}{summary}\n{'':<14}{example}"
 
-    stages = "\n".join(entry(name, *EXAMPLES[name]) for name in STAGES)
+    stages = "\n".join(entry(name, spec.summary, spec.example) for name, spec in STAGES.items())
     tools = "\n".join(entry(name, summary, examples[0]) for name, (_, summary, examples) in COMMANDS.items())
     return USAGE.format(stages=stages, tools=tools)
 
@@ -92,7 +82,7 @@ def command_help(verb: str, args: list[str]) -> str:
     from rlhf_cli.commands.help import stage_help, tool_help
 
     if verb in STAGES:
-        return stage_help(verb, [a for a in args if a not in ("--help", "-h")], EXAMPLES[verb][1])
+        return stage_help(verb, [a for a in args if a not in ("--help", "-h")])
     module, _, examples = COMMANDS[verb]
     return tool_help(verb, importlib.import_module(module), examples)
 
@@ -145,7 +135,7 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     if not dist.is_main:
         launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
     try:
-        out = importlib.import_module(STAGES[stage]).run(cfg, run)
+        out = importlib.import_module(STAGES[stage].module).run(cfg, run)
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")

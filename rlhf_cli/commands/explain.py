@@ -5,13 +5,15 @@ The byte counts of a trained model follow DeepSpeed's own estimators (mixed prec
 and gradients, fp32 gradient partition, fp32 master weights, two fp32 Adam moments), so they agree with
 `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (tested). `rlhf explain ppo` has a
 row for each of PPO's four models (actor and critic trained, reference and reward model frozen) and prints the
-iteration plan from the stage's own functions (stages/plan.py). Activations are not included: they depend on the
+iteration plan from the stage's own functions (stages/plan.py); `rlhf explain rejection_sampling` adds the frozen
+reward model and the size of a round's generation. Activations are not included: they depend on the
 batch and the sequence length. Models are built on the meta device: no weights are read or allocated.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -200,9 +202,12 @@ def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -
 
 def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list[Row]:
     """The models a stage holds on every GPU: the trained one (for ppo the actor, then critic, reference, reward)."""
-    name = {"rm": "reward model", "ppo": "actor"}.get(stage, "policy")
-    rows = [trained_row(name, policy, cfg, scalar_head=stage == "rm")]
-    return rows + ppo_rows(cfg, overrides) if stage == "ppo" else rows
+    from rlhf_cli.stages import STAGES
+
+    spec = STAGES[stage]
+    rows = [trained_row(spec.trained_model, policy, cfg, scalar_head=spec.scalar_head)]
+    more = _MORE_ROWS.get(stage)
+    return rows + more(cfg, overrides) if more else rows
 
 
 def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
@@ -216,11 +221,19 @@ def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
         rows.append(Row("reference", "none: the actor's base weights with its LoRA adapters disabled"))
     else:
         rows.append(frozen_row("reference", resolve_model(cfg, st.reference or policy_name, overrides), cfg))
+    return rows + reward_rows(cfg, overrides)
+
+
+def reward_rows(cfg: Any, overrides: list[str]) -> list[Row]:
+    """The frozen reward model of an online stage, or none when a Python function scores."""
+    st = cfg.stage
     if st.reward.function or not st.reward.model:
-        rows.append(Row("reward", f"none: the function {st.reward.function}"))
-    else:
-        rows.append(frozen_row("reward", resolve_model(cfg, st.reward.model, overrides), cfg, scalar_head=True))
-    return rows
+        return [Row("reward", f"none: the function {st.reward.function}")]
+    return [frozen_row("reward", resolve_model(cfg, st.reward.model, overrides), cfg, scalar_head=True)]
+
+
+# Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic).
+_MORE_ROWS = {"ppo": ppo_rows, "rejection_sampling": reward_rows}
 
 
 def memory_lines(rows: list[Row], ds: Any) -> list[str]:
@@ -253,7 +266,8 @@ def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
         f"{st.micro_batch_size * st.gradient_accumulation_steps * world} sequences per optimizer step",
         f"  at most {st.micro_batch_size * max_tokens(cfg)} tokens per micro-batch ({max_tokens(cfg)} per sequence)",
     ]
-    return lines + ppo_plan_lines(cfg, policy) if stage == "ppo" else lines
+    more = _MORE_LINES.get(stage)
+    return lines + more(cfg, policy) if more else lines
 
 
 def ppo_plan_lines(cfg: Any, policy: Any) -> list[str]:
@@ -266,6 +280,36 @@ def ppo_plan_lines(cfg: Any, policy: Any) -> list[str]:
     plan = iteration_plan(len(data.train), cfg.stage, world_size(cfg))
     updates = ppo_updates(plan, cfg.stage)
     return [f"  {describe_plan(plan, cfg.stage)}", f"  = {updates} optimizer steps of the actor, as many of the critic"]
+
+
+def rejection_sampling_lines(cfg: Any, policy: Any) -> list[str]:
+    """A round's generation (prompts x n_samples) and the most its fine-tuning can train on: every selected sample
+    (how many there are, the selection decides once the candidates are scored)."""
+    from rlhf_cli.data import build_prompt_datasets
+    from rlhf_cli.models.load import load_tokenizer
+
+    st, world = cfg.stage, world_size(cfg)
+    n_train = len(build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed).train)
+    prompts = min(st.prompts_per_round or n_train, n_train)
+    per_rank = math.ceil(prompts / world)
+    per_prompt = {"best": 1, "top_k": min(st.top_k, st.n_samples)}.get(st.selection, st.n_samples)
+    batch = st.micro_batch_size * st.gradient_accumulation_steps * world
+    steps = math.ceil(st.epochs * math.ceil(prompts * per_prompt / batch))
+    lines = [
+        f"  generation per round: {prompts} prompts x {st.n_samples} samples = {prompts * st.n_samples} candidates; "
+        f"{per_rank} prompts per rank in {math.ceil(per_rank / st.generation_batch_size)} generate call(s) of up to "
+        f"{st.generation_batch_size} x {st.n_samples} sequences; {st.rounds} round(s)",
+        f"  fine-tuning per round: at most {prompts * per_prompt} selected samples ({st.selection}: at most "
+        f"{per_prompt} per prompt) x {st.epochs:g} epoch(s) / global batch {batch} = "
+        + (f"{st.max_steps} optimizer steps (stage.max_steps)" if st.max_steps else f"at most {steps} optimizer steps"),
+    ]
+    if st.keep_previous:
+        lines.append("  stage.keep_previous: round k also trains on the selected samples of rounds 1..k-1")
+    return lines
+
+
+# Stage -> lines after the batch algebra: the plan of an online stage.
+_MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_lines}
 
 
 def world_size(cfg: Any) -> int:
@@ -294,8 +338,9 @@ def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
 
 
 def main(args: list[str]) -> int:
-    from rlhf_cli.cli import STAGES, out_console
+    from rlhf_cli.cli import out_console
     from rlhf_cli.config.compose import compose
+    from rlhf_cli.stages import STAGES
 
     if not args or args[0] not in STAGES:
         raise UserError(f"usage: rlhf explain <stage> [key=value ...]; stages: {', '.join(STAGES)}")

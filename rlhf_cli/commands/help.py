@@ -142,11 +142,11 @@ def tool_help(verb: str, module: Any, examples: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------- stages
 
 
-def stage_help(stage: str, overrides: list[str], example: str) -> str:
+def stage_help(stage: str, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from rlhf_cli.config.compose import compose, config_dir
-    from rlhf_cli.config.schema import STAGE_SCHEMAS
+    from rlhf_cli.stages import STAGES
 
     cfg_dir = config_dir()
     cfg = compose(stage, overrides)
@@ -157,7 +157,7 @@ def stage_help(stage: str, overrides: list[str], example: str) -> str:
         lines += _wrap_choices(group, choices)
     values = "their values with the overrides given" if overrides else "their defaults"
     lines += ["", f"Most used keys, with {values} (key=value sets one):"]
-    schema = STAGE_SCHEMAS[stage]
+    schema = STAGES[stage].schema
     for key in [*COMMON_KEYS, *stage_keys(schema)]:
         cls, f = field_owner(schema, key)
         if dataclasses.is_dataclass(_default(f)):  # a nested group: its keys, and its docstring's first paragraph
@@ -169,7 +169,7 @@ def stage_help(stage: str, overrides: list[str], example: str) -> str:
         lines += key_entry(
             key, _yaml_value(OmegaConf.select(cfg, key)), field_comments(cls).get(f.name, "") + alias_note(key)
         )
-    lines += ["", "Example:", *_wrap(example, 2), ""]
+    lines += ["", "Example:", *_wrap(STAGES[stage].example, 2), ""]
     lines.append(f"`rlhf {stage} --cfg job` prints every key.")
     return "\n".join(lines)
 

@@ -21,9 +21,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlhf_cli.config.schema import STAGE_SCHEMAS, DataConfig, TinyModelConfig
+from rlhf_cli.config import schema as s
 from rlhf_cli.errors import UserError
 from rlhf_cli.run_dir import check_run_name
+from rlhf_cli.stages import STAGES
 
 
 def config_dir() -> Path:
@@ -140,8 +141,8 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    if stage not in STAGE_SCHEMAS:
-        raise UserError(f"unknown stage `{stage}`; stages: {', '.join(STAGE_SCHEMAS)}")
+    if stage not in STAGES:
+        raise UserError(f"unknown stage `{stage}`; stages: {', '.join(STAGES)}")
     cfg_dir = config_dir()
     check_override_syntax(overrides)
     GlobalHydra.instance().clear()
@@ -159,53 +160,56 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
 def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in the config") -> DictConfig:
     """Merge `raw` onto the stage's schema; the result is read-only so every rank sees the same config.
     `where(key)` says where a bad key was set, for the message."""
-    schema = STAGE_SCHEMAS[stage]
+    schema = STAGES[stage].schema
     try:
         typed = OmegaConf.merge(OmegaConf.structured(schema), raw)
     except OmegaConfBaseException as err:
         raise _schema_error(err, schema, where(getattr(err, "full_key", "") or "")) from None
-    check_choices(typed)
-    check_ranges(typed)
+    if typed.stage.name != stage:  # the verb picks the stage: another name would check and run a different one
+        raise UserError(
+            f"config key `stage.name` is {typed.stage.name!r}, must be {stage!r}: the command chooses the stage "
+            "(`rlhf <stage>`)"
+        )
+    check_choices(typed, stage)
+    check_ranges(typed, stage)
     check_run_name(typed.run.name, "config key `run.name`")
     OmegaConf.set_readonly(typed, True)
     return typed
 
 
-# Keys whose value must be one of a few words: checked here so a typo fails before any model is built.
+# Keys whose value must be one of a few words: checked here so a typo fails before any model is built. The stage's own
+# keys and its data formats come from its registry entry (rlhf_cli/stages/__init__.py); the lists from the schema.
 _CHOICES: dict[str, tuple] = {
-    "data.truncation": ("drop", "truncate_response", "truncate_prompt"),
-    "data.bad_rows": ("skip", "fail"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "deepspeed.precision": ("fp32", "bf16", "fp16"),
-    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "optim.schedule": s.SCHEDULES,
+    "deepspeed.precision": s.PRECISIONS,
+    "deepspeed.zero_stage": s.ZERO_STAGES,
 }
-_FORMATS = {
-    "sft": ("dolly", "alpaca", "oasst1", "jsonl"),
-    "rm": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
-    "dpo": ("hh_rlhf", "shp", "ultrafeedback", "jsonl"),
-    "ppo": ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback"),
-}
-_STAGE_CHOICES = {
-    "dpo": {"stage.loss": ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")},
-    "ppo": {
-        "stage.kl_estimator": ("k1", "k2", "k3"),
-        "stage.kl_control": ("fixed", "adaptive"),
-        "stage.reward.reduce": ("logit", "prob"),
-        "stage.reward.normalize": ("none", "rm_stats", "running"),
-        "stage.critic.init": ("reward", "policy"),
-        "stage.ptx.data.format": ("dolly", "alpaca", "oasst1", "jsonl"),
-    },
-}
+# The same for every data group: `data` and a stage's nested ones (StageSpec.nested_data), relative to the group.
+_DATA_CHOICES: dict[str, tuple] = {"truncation": s.TRUNCATIONS, "bad_rows": s.BAD_ROWS}
 
 
-def check_choices(cfg: DictConfig) -> None:
-    choices = {**_CHOICES, "data.format": _FORMATS[cfg.stage.name], **_STAGE_CHOICES.get(cfg.stage.name, {})}
-    for key, allowed in choices.items():
+def _data_keys(table: dict, groups: tuple[str, ...]) -> dict:
+    return {f"{group}.{key}": rule for group in groups for key, rule in table.items()}
+
+
+def check_choices(cfg: DictConfig, stage: str | None = None) -> None:
+    spec = STAGES[stage or cfg.stage.name]
+    formats = {"data.format": spec.formats} if spec.formats else {}
+    data = _data_keys(_DATA_CHOICES, ("data", *spec.nested_data))
+    for key, rule in {**_CHOICES, **data, **formats, **spec.choices}.items():
+        allowed, why = rule if isinstance(rule[0], tuple) else (rule, None)
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise UserError(f"config key `{key}` is {value!r}, must be one of {list(allowed)}{hint}")
+            because = f" for `rlhf {spec.name}`: {why}" if why else ""
+            raise UserError(f"config key `{key}` is {value!r}, must be one of {list(allowed)}{hint}{because}")
+    for key, (other, value) in spec.required_when.items():
+        if OmegaConf.select(cfg, other) == value and OmegaConf.select(cfg, key) is None:
+            raise UserError(
+                f"config key `{other}` is {value!r}, which needs `{key}`, but `{key}` is null: set {key}=<value> "
+                f"or choose another {other}"
+            )
     lora = OmegaConf.select(cfg, "model.lora")
     if lora is not None and lora.enabled and lora.merge and cfg.deepspeed.zero_stage == 3:
         # Merging needs the whole base weight next to the adapters; LoRA's trainable state is small, so
@@ -219,8 +223,8 @@ def check_choices(cfg: DictConfig) -> None:
 # Numeric keys with a known range, key -> range: `> 0`, `>= 1`, `== 0`, `[0, 1)` (brackets include the end, parens
 # exclude it), `finite`; a bound may be another config key. `or null` marks a key that may be null (the schema's
 # `X | None` decides; the words are for the message). A list is checked item by item. Keys a stage's schema lacks
-# are skipped, so one table serves every stage; `_STAGE_RANGES` adds or overrides keys for one stage, the way
-# `_STAGE_CHOICES` does. Every value must also be finite. An entry may be (range, why) to explain the rule.
+# are skipped, so one table serves every stage; a stage's registry entry adds or overrides keys (StageSpec.ranges),
+# as it does for choices. Every value must also be finite. An entry may be (range, why) to explain the rule.
 _DATA_RANGES = {
     "eval_fraction": "[0, 1)",
     "max_samples": ">= 1 or null",
@@ -253,64 +257,23 @@ _RANGES: dict[str, str | tuple[str, str]] = {
     "model.lora.r": ">= 1",
     "model.lora.alpha": "> 0",
     "model.lora.dropout": "[0, 1)",
-    **{f"model.tiny.{f.name}": ">= 1" for f in dataclasses.fields(TinyModelConfig)},
-    **{f"data.{key}": spec for key, spec in _DATA_RANGES.items()},
+    **{f"model.tiny.{f.name}": ">= 1" for f in dataclasses.fields(s.TinyModelConfig)},
+    **_data_keys(_DATA_RANGES, ("data",)),
     **{f"stage.{key}": spec for key, spec in _TRAIN_RANGES.items()},
     "logging.log_every": ">= 1",
     "launcher.nproc_per_node": ">= 1",
     "launcher.nnodes": ">= 1",
     "launcher.node_rank": "[0, launcher.nnodes)",
     "launcher.master_port": "[1, 65535]",
-    # Sampling and scoring of generated responses (the online stages).
-    "stage.generation.max_new_tokens": ">= 1",
-    "stage.generation.top_k": ">= 0",
-    "stage.generation.top_p": "(0, 1]",
-    "stage.reward.missing_eos_penalty": ">= 0 or null",
-    "stage.reward.missing_eos_score": "finite or null",
-    "stage.reward.clip": "> 0 or null",
 }
-# PPO's rollouts are its training data: the log-probs of the ratio and the KL are those of softmax(logits / T).
-_ON_POLICY = (
-    "training rollouts must sample from the distribution whose log-probs enter the ratio and the KL, "
-    "softmax(logits / temperature); top-k / top-p sampling would make PPO silently off-policy"
-)
-_STAGE_RANGES: dict[str, dict[str, str | tuple[str, str]]] = {
-    "rm": {"stage.center_coef": ">= 0 or null", "stage.min_eval_accuracy": "[0, 1] or null"},
-    "dpo": {
-        "stage.beta": "> 0",
-        "stage.label_smoothing": "[0, 0.5)",
-        "stage.rpo_alpha": ">= 0",
-        "stage.simpo_gamma": ">= 0",
-        "stage.orpo_lambda": ">= 0",
-    },
-    "ppo": {
-        "stage.rollout_batch_size": ">= 1",
-        "stage.ppo_epochs": ">= 1",
-        "stage.clip_eps": "> 0",
-        "stage.value_clip_eps": "> 0",
-        "stage.vf_coef": ">= 0",
-        "stage.gamma": "[0, 1]",
-        "stage.lam": "[0, 1]",
-        "stage.entropy_coef": ">= 0",
-        "stage.kl_coef": ">= 0",
-        "stage.kl_target": "> 0",
-        "stage.kl_horizon": ">= 1",
-        "stage.target_kl": "> 0 or null",
-        "stage.sample_every": ">= 0",
-        "stage.sample_rows": ">= 0",
-        "stage.critic.lr": "> 0",
-        "stage.ptx.coef": ">= 0",
-        "stage.ptx.micro_batch_size": ">= 1",
-        **{
-            f"stage.ptx.data.{f.name}": _DATA_RANGES[f.name]
-            for f in dataclasses.fields(DataConfig)
-            if f.name in _DATA_RANGES
-        },
-        "stage.generation.temperature": ("> 0", _ON_POLICY),
-        "stage.generation.top_k": ("== 0", _ON_POLICY),
-        "stage.generation.top_p": ("== 1", _ON_POLICY),
-    },
-}
+
+
+def stage_ranges(stage: str) -> dict[str, str | tuple[str, str]]:
+    """Every range checked for `stage`: the common table, the data ranges of its nested data groups, its own."""
+    spec = STAGES[stage]
+    return {**_RANGES, **_data_keys(_DATA_RANGES, spec.nested_data), **spec.ranges}
+
+
 # Lists whose length is fixed.
 _LENGTHS = {"optim.betas": 2}
 _COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq}
@@ -353,11 +316,11 @@ def _range_error(cfg: DictConfig, key: str, value: float, spec: str, why: str) -
     return UserError(f"config key `{key}` is {value}, must be {need}{given}{why}")
 
 
-def check_ranges(cfg: DictConfig) -> None:
+def check_ranges(cfg: DictConfig, stage: str | None = None) -> None:
     """Refuse numbers out of their range (table above) before anything is built: a negative learning rate
     otherwise ends in a traceback from the optimizer, and a DPO beta of 0 trains on a constant loss."""
-    stage = cfg.stage.name
-    for key, rule in {**_RANGES, **_STAGE_RANGES.get(stage, {})}.items():
+    stage = stage or cfg.stage.name
+    for key, rule in stage_ranges(stage).items():
         spec, why = (rule, None) if isinstance(rule, str) else rule
         value = OmegaConf.select(cfg, key)
         if value is None:

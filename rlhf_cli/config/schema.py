@@ -2,7 +2,10 @@
 
 Hydra composes plain YAML; `rlhf_cli.config.compose.validate` then checks the result against these
 dataclasses, so a mistyped key or a wrong type fails before any model is built. Every field has a
-default, so a YAML file only names what it changes.
+default, and these defaults are the only ones: a YAML file under configs/ names only what it changes
+(tests/unit/test_config_defaults.py checks it). The tuples next to a field list its allowed values, once:
+validation and the stage registry (rlhf_cli/stages/__init__.py) read them, and unit tests compare them with the
+code that dispatches on the value.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ class ModelConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
+SFT_FORMATS = ("dolly", "alpaca", "oasst1", "jsonl")
+TRUNCATIONS = ("drop", "truncate_response", "truncate_prompt")  # every data group; prompt data: drop | truncate_prompt
+BAD_ROWS = ("skip", "fail")
+
+
 @dataclass
 class DataConfig:
     # A hub dataset id, a local .json/.jsonl/.parquet file, or `builtin:<name>` (files shipped in the package).
@@ -88,6 +96,9 @@ class DataConfig:
     system_prompt: str | None = None
     # OASST1 only: keep threads in these languages (empty list keeps all).
     languages: list[str] = field(default_factory=list)
+
+
+PREFERENCE_FORMATS = ("hh_rlhf", "shp", "ultrafeedback", "jsonl")
 
 
 @dataclass
@@ -119,6 +130,9 @@ class PreferenceDataConfig:
     shp_min_score_ratio: float = 2.0
 
 
+PROMPT_FORMATS = ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback")
+
+
 @dataclass
 class PromptDataConfig:
     """Prompts for the online stages (PPO): the conversation up to the reply the policy writes.
@@ -145,19 +159,28 @@ class PromptDataConfig:
     system_prompt: str | None = None
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 @dataclass
 class OptimConfig:
+    """AdamW. These values serve every stage; a stage file sets its own lr (and schedule)."""
+
     # Peak learning rate, reached after the warmup.
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     # cosine | linear | constant (all with linear warmup)
     schedule: str = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.05
     warmup_steps: int | None = None  # overrides warmup_ratio when set
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -174,7 +197,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
+    log_every: int = 10  # optimizer steps between metric lines
     tensorboard: bool = False
     # Rich progress bar; off automatically when stdout is not a terminal.
     progress: bool = True
@@ -227,6 +250,9 @@ class RMStageConfig(TrainStageConfig):
     min_eval_accuracy: float | None = None
 
 
+DPO_LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")
+
+
 @dataclass
 class DPOStageConfig(TrainStageConfig):
     name: str = "dpo"
@@ -253,6 +279,10 @@ class GenerationConfig:
     top_p: float = 1.0
 
 
+REWARD_REDUCES = ("logit", "prob")
+REWARD_NORMALIZATIONS = ("none", "rm_stats", "running")
+
+
 @dataclass
 class RewardConfig:
     """Where the score of a (prompt, response) comes from: a reward model / classifier, or a Python function."""
@@ -274,6 +304,9 @@ class RewardConfig:
     clip: float | None = None  # clip the (normalised) score to [-clip, clip]
 
 
+CRITIC_INITS = ("reward", "policy")
+
+
 @dataclass
 class CriticConfig:
     """The value model: a scalar head read at every token."""
@@ -292,6 +325,10 @@ class PtxConfig:
     coef: float = 0.0
     data: DataConfig = field(default_factory=DataConfig)
     micro_batch_size: int = 4
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_CONTROLS = ("fixed", "adaptive")
 
 
 @dataclass
@@ -331,6 +368,38 @@ class PPOStageConfig(TrainStageConfig):
     reward: RewardConfig = field(default_factory=RewardConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
+
+
+SELECTIONS = ("best", "top_k", "threshold")
+ROUND_INITS = ("previous", "sft")
+
+
+@dataclass
+class RejectionSamplingStageConfig(TrainStageConfig):
+    """Best-of-N rejection sampling (Llama 2), in rounds: sample n_samples responses per prompt from the current
+    policy, score them, keep the best (selection), fine-tune on them with the SFT loss. The TrainStageConfig keys
+    (epochs, max_steps, micro_batch_size, ...) describe the fine-tuning of ONE round."""
+
+    name: str = "rejection_sampling"
+    rounds: int = 1  # sample, select, fine-tune: that many times, each round from the policy of the one before; >= 1
+    n_samples: int = 4  # N candidates per prompt, >= 1
+    selection: str = "best"  # best | top_k | threshold
+    top_k: int = 2  # selection=top_k: the k best valid candidates per prompt, >= 1
+    threshold: float | None = None  # selection=threshold: every valid candidate scoring >= threshold (required then)
+    keep_previous: bool = False  # round k also trains on the selected samples of rounds 1..k-1 (Llama 2)
+    init: str = "previous"  # previous | sft: a round fine-tunes the previous round's policy, or the starting one
+    prompts_per_round: int | None = None  # a seeded subset of the training prompts per round; None = all; >= 1
+    generation_batch_size: int = 8  # prompts per generate call (x n_samples rows), >= 1
+    save_candidates: bool = True  # write every candidate with its score (round-k/candidates.jsonl)
+    # module:function of a gold metric scored on the held-out answers next to the reward (e.g.
+    # rlhf_cli.tasks.parity:gold_reward).
+    gold_reward: str | None = None
+    # Held-out prompts are answered greedily, or (eval_sampling) sampled like the candidates (as PPO's).
+    eval_sampling: bool = False
+    # Move the reward model to CPU between uses (as PPO's).
+    offload_frozen: bool = False
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 @dataclass
@@ -378,5 +447,9 @@ class PPORoot(RootConfig):
     stage: PPOStageConfig = field(default_factory=PPOStageConfig)
 
 
-# Stage name -> root schema. One name per stage: CLI verb, config group file, module, run-dir folder.
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTRoot, "rm": RMRoot, "dpo": DPORoot, "ppo": PPORoot}
+@dataclass
+class RejectionSamplingRoot(RootConfig):
+    """The composed config of `rlhf rejection_sampling`."""
+
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    stage: RejectionSamplingStageConfig = field(default_factory=RejectionSamplingStageConfig)

@@ -1,0 +1,152 @@
+"""The stage registry: `STAGES`, one entry per stage, read by the CLI (verbs, `rlhf --help`, dispatch), by composition
+and validation (root schema, data formats, allowed choices, numeric ranges) and by `rlhf explain`.
+
+Adding a stage: its root schema in config/schema.py, configs/stage/<name>.yaml (only what differs from the schema's
+defaults), an entry here, and the module `rlhf_cli.stages.<name>` with `run(cfg, run)`. Every table of an entry has a
+default, so a stage without choices or ranges of its own leaves them out.
+
+Kept light: only the schema dataclasses are imported here (no torch, transformers or DeepSpeed), so `rlhf --help` and a
+refused stage answer at once (tests/unit/test_startup.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from rlhf_cli.config import schema as s
+
+# A numeric range in the syntax of rlhf_cli/config/compose.py (`> 0`, `>= 1 or null`, `[0, 1)`, `finite`), or
+# (range, why) where the message should explain the rule. A choice: the allowed values, or (allowed values, why).
+Range = str | tuple[str, str]
+Choice = tuple | tuple[tuple, str]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: one name everywhere (CLI verb, configs/stage/<name>.yaml, module, run-dir folder)."""
+
+    name: str
+    module: str  # the module with `run(cfg, run)`, imported only when the stage runs
+    schema: type  # the root dataclass of the composed config
+    summary: str  # its line in `rlhf --help`
+    example: str  # a command, in `rlhf --help` and `rlhf <stage> --help`
+    formats: tuple[str, ...] = ()  # data.format values; () leaves the check to the data adapters
+    choices: Mapping[str, Choice] = field(default_factory=dict)  # key -> allowed values, next to the common ones
+    ranges: Mapping[str, Range] = field(default_factory=dict)  # key -> range; adds to or overrides the common ones
+    # key -> (other key, value): the key must not be null when the other key has that value.
+    required_when: Mapping[str, tuple[str, object]] = field(default_factory=dict)
+    # Further data groups inside the stage (PPO-ptx's stage.ptx.data): the data.* choices and ranges apply to them too.
+    nested_data: tuple[str, ...] = ()
+    trained_model: str = "policy"  # `rlhf explain`: what the model the stage trains is called
+    scalar_head: bool = False  # the trained model is a one-label sequence classifier (a reward model)
+
+
+# Sampling and scoring of generated responses: the same keys, the same ranges in every online stage.
+ONLINE_RANGES: dict[str, Range] = {
+    "stage.generation.max_new_tokens": ">= 1",
+    "stage.generation.top_k": ">= 0",
+    "stage.generation.top_p": "(0, 1]",
+    "stage.reward.missing_eos_penalty": ">= 0 or null",
+    "stage.reward.missing_eos_score": "finite or null",
+    "stage.reward.clip": "> 0 or null",
+}
+ONLINE_CHOICES: dict[str, Choice] = {
+    "stage.reward.reduce": s.REWARD_REDUCES,
+    "stage.reward.normalize": s.REWARD_NORMALIZATIONS,
+}
+
+# PPO's rollouts are its training data: the log-probs of the ratio and the KL are those of softmax(logits / T).
+_ON_POLICY = (
+    "training rollouts must sample from the distribution whose log-probs enter the ratio and the KL, "
+    "softmax(logits / temperature); top-k / top-p sampling would make PPO silently off-policy"
+)
+_PPO_RANGES: dict[str, Range] = {
+    **ONLINE_RANGES,
+    "stage.rollout_batch_size": ">= 1",
+    "stage.ppo_epochs": ">= 1",
+    "stage.clip_eps": "> 0",
+    "stage.value_clip_eps": "> 0",
+    "stage.vf_coef": ">= 0",
+    "stage.gamma": "[0, 1]",
+    "stage.lam": "[0, 1]",
+    "stage.entropy_coef": ">= 0",
+    "stage.kl_coef": ">= 0",
+    "stage.kl_target": "> 0",
+    "stage.kl_horizon": ">= 1",
+    "stage.target_kl": "> 0 or null",
+    "stage.sample_every": ">= 0",
+    "stage.sample_rows": ">= 0",
+    "stage.critic.lr": "> 0",
+    "stage.ptx.coef": ">= 0",
+    "stage.ptx.micro_batch_size": ">= 1",
+    "stage.generation.temperature": ("> 0", _ON_POLICY),
+    "stage.generation.top_k": ("== 0", _ON_POLICY),
+    "stage.generation.top_p": ("== 1", _ON_POLICY),
+}
+_RS_RANGES: dict[str, Range] = {
+    **ONLINE_RANGES,
+    "stage.rounds": ">= 1",
+    "stage.n_samples": ">= 1",
+    "stage.top_k": ">= 1",
+    "stage.threshold": "finite or null",
+    "stage.prompts_per_round": ">= 1 or null",
+    "stage.generation_batch_size": ">= 1",
+    "stage.generation.temperature": ("> 0", "N samples at temperature 0 are one greedy answer N times"),
+}
+# Selection compares scores of candidates drawn in different generate calls (and with stage.threshold): a running
+# mean / std moves between those calls, so the same answer would score differently.
+_RS_NORMALIZE = (
+    tuple(n for n in s.REWARD_NORMALIZATIONS if n != "running"),
+    "a running normalisation moves between the generate calls of a round, so the candidates it selects from (and "
+    "stage.threshold) would be scored on different scales; use rm_stats (the reward model's recorded mean / std) "
+    "or none",
+)
+
+STAGES: dict[str, StageSpec] = {
+    "sft": StageSpec(
+        "sft", "rlhf_cli.stages.sft", s.SFTRoot,
+        summary="supervised fine-tuning (default: tiny built-in demo)",
+        example="rlhf sft +experiment=dolly optim.lr=2e-5",
+        formats=s.SFT_FORMATS,
+    ),
+    "rm": StageSpec(
+        "rm", "rlhf_cli.stages.rm", s.RMRoot,
+        summary="reward model on preference pairs, from this run's sft",
+        example="rlhf rm +experiment=hh_rlhf",
+        formats=s.PREFERENCE_FORMATS,
+        ranges={"stage.center_coef": ">= 0 or null", "stage.min_eval_accuracy": "[0, 1] or null"},
+        trained_model="reward model",
+        scalar_head=True,
+    ),
+    "dpo": StageSpec(
+        "dpo", "rlhf_cli.stages.dpo", s.DPORoot,
+        summary="DPO family on preference pairs, from this run's sft",
+        example="rlhf dpo stage.loss=ipo stage.beta=0.5",
+        formats=s.PREFERENCE_FORMATS,
+        choices={"stage.loss": s.DPO_LOSSES},
+        ranges={"stage.beta": "> 0", "stage.label_smoothing": "[0, 0.5)", "stage.rpo_alpha": ">= 0",
+                "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
+    ),
+    "ppo": StageSpec(
+        "ppo", "rlhf_cli.stages.ppo", s.PPORoot,
+        summary="PPO with a critic: policy from sft, reward + critic from rm",
+        example="rlhf ppo stage.kl_coef=0.1",
+        formats=s.PROMPT_FORMATS,
+        choices={"stage.kl_estimator": s.KL_ESTIMATORS, "stage.kl_control": s.KL_CONTROLS, **ONLINE_CHOICES,
+                 "stage.critic.init": s.CRITIC_INITS, "stage.ptx.data.format": s.SFT_FORMATS},
+        ranges=_PPO_RANGES,
+        nested_data=("stage.ptx.data",),
+        trained_model="actor",
+    ),
+    "rejection_sampling": StageSpec(
+        "rejection_sampling", "rlhf_cli.stages.rejection_sampling", s.RejectionSamplingRoot,
+        summary="best-of-N rejection sampling in rounds, from sft; reward from rm",
+        example="rlhf rejection_sampling stage.n_samples=8 stage.rounds=2",
+        formats=s.PROMPT_FORMATS,
+        choices={"stage.selection": s.SELECTIONS, "stage.init": s.ROUND_INITS, **ONLINE_CHOICES,
+                 "stage.reward.normalize": _RS_NORMALIZE},
+        ranges=_RS_RANGES,
+        required_when={"stage.threshold": ("stage.selection", "threshold")},
+    ),
+}  # fmt: skip

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf_cli.cli import COMMANDS, STAGES, main
 from rlhf_cli.commands import generate as generate_cmd
 from rlhf_cli.commands.help import field_comments
-from rlhf_cli.config.schema import STAGE_SCHEMAS, PPOStageConfig
+from rlhf_cli.config.schema import PPOStageConfig
 from rlhf_cli.models import tiny_tokenizer
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
@@ -90,7 +90,7 @@ def test_a_stage_takes_run_and_root_for_run_name_and_run_root(capsys, tmp_path):
     assert code == 0, err
     assert "name: newbie" in out and f"root: {tmp_path}" in out
     # The aliases never hide a real key: no stage has a top-level `root` (and `run` is a group of keys).
-    assert all("root" not in {f.name for f in dataclasses.fields(s)} for s in STAGE_SCHEMAS.values())
+    assert all("root" not in {f.name for f in dataclasses.fields(s.schema)} for s in STAGES.values())
 
 
 def test_a_tool_takes_run_name_and_run_root():

@@ -55,9 +55,10 @@ def test_stage_files_choose_their_data_and_model():
 def test_every_experiment_composes_and_is_global(experiment):
     text = (CONFIGS / "experiment" / f"{experiment}.yaml").read_text()
     assert text.startswith("# @package _global_")
-    stage = experiment.split("_")[0] if experiment.split("_")[0] in ("rm", "dpo", "ppo") else None
+    prefix = experiment.split("_")[0]
+    stage = {"rs": "rejection_sampling"}.get(prefix, prefix)  # an online stage's experiment is named after it
     errors = []
-    for candidate in [stage] if stage else ["sft", "rm", "dpo"]:
+    for candidate in [stage] if stage in ("rm", "dpo", "ppo", "rejection_sampling") else ["sft", "rm", "dpo"]:
         try:
             compose(candidate, [f"+experiment={experiment}"])
             return
@@ -136,6 +137,8 @@ def test_cli_help_lists_stages_with_examples(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "sft" in out and "rlhf sft +experiment=dolly" in out and "generate" in out
+    assert "  rejection_sampling\n            best-of-N rejection sampling in rounds, from sft; reward from rm\n" in out
+    assert "rlhf rejection_sampling stage.n_samples=8 stage.rounds=2" in out
 
 
 def test_cli_bad_key_exits_2_with_one_line(capsys):
@@ -257,7 +260,7 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
     import dataclasses
 
     from rlhf_cli.config import compose as compose_mod
-    from rlhf_cli.config.schema import STAGE_SCHEMAS
+    from rlhf_cli.stages import STAGES
 
     def field_types(schema, prefix=""):
         out = {}
@@ -268,9 +271,9 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
                 out.update(field_types(type(default), f"{prefix}{f.name}."))
         return out
 
-    tables = [(None, compose_mod._RANGES)] + list(compose_mod._STAGE_RANGES.items())
+    tables = [(None, compose_mod._RANGES)] + [(name, spec.ranges) for name, spec in STAGES.items()]
     for stage, table in tables:
-        schemas = [STAGE_SCHEMAS[stage]] if stage else list(STAGE_SCHEMAS.values())
+        schemas = [STAGES[stage].schema] if stage else [spec.schema for spec in STAGES.values()]
         types = {}
         for schema in schemas:
             types.update(field_types(schema))

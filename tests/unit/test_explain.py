@@ -95,8 +95,9 @@ def test_explain_ppo_totals_actor_critic_reference_and_reward(setting, capsys, t
     for row in (actor, critic):
         assert row.trainable == row.n_params > 0
         if cfg.deepspeed.zero_stage == 3:
-            _, expected, _ = estimate_zero3_model_states_mem_needs(row.n_params, row.largest, num_gpus_per_node=gpus,
-                                                                   cpu_offload=False, cpu_offload_params=False)
+            _, expected, _ = estimate_zero3_model_states_mem_needs(
+                row.n_params, row.largest, num_gpus_per_node=gpus, cpu_offload=False, cpu_offload_params=False
+            )
         else:
             _, expected = estimate_zero2_model_states_mem_needs(row.n_params, num_gpus_per_node=gpus, cpu_offload=False)
         assert row.states.gpu_total == pytest.approx(expected, rel=1e-6)
@@ -122,8 +123,10 @@ def test_explain_ppo_prints_the_iteration_plan_of_the_stage(capsys, tmp_path):
     assert main(["explain", "ppo", *args]) == 0
     batch = capsys.readouterr().out.split("\n\n")[0]
     # 16 prompts per rank and iteration, 2 mini-batches of 4 x 2 each, over 3 epochs: 6 optimizer steps an iteration.
-    assert "prompts, 32 per iteration (16 x 2 rank(s)); 7 iterations of 3 PPO epoch(s) x 2 mini-batch(es) of 8 per " \
-           "rank" in batch
+    assert (
+        "prompts, 32 per iteration (16 x 2 rank(s)); 7 iterations of 3 PPO epoch(s) x 2 mini-batch(es) of 8 per "
+        "rank" in batch
+    )
     assert "= 42 optimizer steps of the actor, as many of the critic" in batch
 
 
@@ -139,3 +142,20 @@ def test_explain_ppo_without_reference_or_reward_model(capsys, tmp_path):
     assert reference.states.gpu_total == reward.states.gpu_total == 0
     assert main(["explain", "ppo", *args]) == 0
     assert "reward: none: the function rlhf_cli.tasks.parity:gold_reward" in capsys.readouterr().out
+
+
+def test_explain_rejection_sampling_gives_a_round_and_its_models(capsys, tmp_path):
+    # 450 training prompts (sample_prompts less its held-out 10 %); top_k=2 of 4 samples; 2 ranks of micro 8 x 2.
+    args = ["stage.selection=top_k", "stage.prompts_per_round=100", "stage.micro_batch_size=8",
+            "stage.gradient_accumulation_steps=2", "launcher.nproc_per_node=2", f"run.root={tmp_path}"]  # fmt: skip
+    assert main(["explain", "rejection_sampling", *args]) == 0
+    batch, memory = capsys.readouterr().out.split("\n\n")[:2]
+    assert "micro batch 8 x accumulation 2 x world size 2" in batch and "global batch 32" in batch
+    assert "generation per round: 100 prompts x 4 samples = 400 candidates; 50 prompts per rank in 7 generate" in batch
+    # At most 2 selected per prompt: 200 samples / 32 per step = 7 steps of one epoch.
+    assert (
+        "at most 200 selected samples (top_k: at most 2 per prompt) x 1 epoch(s) / global batch 32 = at most 7 "
+        "optimizer steps" in batch
+    )
+    rows = [line.split()[0] for line in memory.splitlines()[2:5]]
+    assert rows == ["policy", "reward", "total"]  # no reference, no critic
