@@ -288,23 +288,25 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 @contextlib.contextmanager
-def gathered_for_generation(engine: Any) -> Iterator[Any]:
-    """The engine's module ready for `generate`, in eval mode (restored on exit).
+def gathered_for_generation(model: Any) -> Iterator[Any]:
+    """The module to call `generate` on, in eval mode and without gradients (its mode restored on exit).
 
-    Under ZeRO-3 the parameters are gathered once for the whole generation and DeepSpeed's module hooks are
-    removed for its duration (DeepSpeed's own `unwrap_model_for_generation`, as TRL and OpenRLHF do), then put back.
-    With the hooks left on, every decoding step re-gathers and re-partitions each layer (slow everywhere), and a rank
-    whose responses all end early leaves the loop while another still issues all-gathers (a hang on NCCL). Without
-    hooks each rank decodes on its own, so `generate` needs no `synced_gpus`. Costs one full copy of the weights
-    per rank while generating."""
-    module = engine.module
+    `model` is a training engine (`initialize`), a frozen model (`frozen`: a plain module, or under ZeRO-3 an
+    inference engine), or any plain module. Under ZeRO-3 the parameters are gathered once for the whole generation
+    and DeepSpeed's module hooks are removed for its duration (DeepSpeed's own `unwrap_model_for_generation`, as TRL
+    and OpenRLHF do), then put back. With the hooks left on, every decoding step re-gathers and re-partitions each
+    layer (slow everywhere), and a rank whose responses all end early leaves the loop while another still issues
+    all-gathers (a hang on NCCL). Without hooks each rank decodes on its own, so `generate` needs no `synced_gpus`.
+    Costs one full copy of the weights per rank while generating."""
+    is_engine = hasattr(model, "zero_optimization_stage")  # training or inference DeepSpeed engine
+    module = model.module if is_engine else model
     was_training = module.training
     module.eval()
     gather = contextlib.nullcontext()
-    if engine.zero_optimization_stage() == 3:
+    if is_engine and model.zero_optimization_stage() == 3:
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        gather = unwrap_model_for_generation(engine)
+        gather = unwrap_model_for_generation(model)
     try:
         with gather, torch.no_grad():
             yield module

@@ -18,13 +18,15 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rlhf_cli.commands.args import parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
 
-if TYPE_CHECKING:
-    import torch
+# Light at import (torch and transformers load inside them): the loading, label and encoding helpers the online
+# stages share with this command.
+from rlhf_cli.models.classifier import REDUCTIONS, TEXTS, batch_tensors, classifier_scores, encode, label_index
+from rlhf_cli.models.classifier import load_classifier as load
 
 EXAMPLE = 'prompt="Hi" response="Hello!"'
 
@@ -60,9 +62,9 @@ ARGS = ScoreArgs  # for `rlhf score --help`
 
 def parse_args(args: list[str]) -> ScoreArgs:
     a = parse_key_values(args, ScoreArgs, EXAMPLE)
-    if a.reduce not in ("logit", "prob"):
+    if a.reduce not in REDUCTIONS:
         raise UserError(f"reduce must be logit or prob, got `{a.reduce}`")
-    if a.text not in ("conversation", "response"):
+    if a.text not in TEXTS:
         raise UserError(f"text must be conversation or response, got `{a.text}`")
     if a.batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {a.batch_size}")
@@ -104,77 +106,6 @@ def read_pairs(path: str) -> list[tuple[str, dict]]:
     return rows
 
 
-def label_index(config: Any, label: str | None) -> int:
-    """The output to read: the only one, or `label` given as an index or as a name of config.id2label."""
-    n, names = config.num_labels, {str(v): int(k) for k, v in config.id2label.items()}
-    if label is None:
-        if n == 1:
-            return 0
-        raise UserError(f"this classifier has {n} labels ({', '.join(names)}); choose one with label=<index or name>")
-    index = int(label) if label.isdigit() else names.get(label)
-    if index is None or not 0 <= index < n:
-        raise UserError(f"label `{label}` is not one of this classifier's labels: {', '.join(names)} (or 0..{n - 1})")
-    return index
-
-
-def encode(tokenizer: Any, location: str, row: dict, a: ScoreArgs) -> dict[str, list[int]]:
-    """Token ids (and token_type_ids for sentence pairs) of one row, as the model expects them."""
-    from rlhf_cli.data import IGNORE_INDEX, DropExample, tokenize_conversation
-
-    if a.text == "response":
-        return dict(tokenizer(row["response"]))
-    prompt = row["prompt"]
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if a.system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": a.system}, *messages]
-    if not tokenizer.chat_template:
-        return dict(tokenizer("\n\n".join(m["content"] for m in messages), row["response"]))
-    try:
-        ex = tokenize_conversation(
-            tokenizer, [*messages, {"role": "assistant", "content": row["response"]}], max_length=sys.maxsize
-        )
-    except (DropExample, ValueError) as err:
-        raise UserError(f"{location}: cannot render this pair with the chat template: {err}") from None
-    # As in training: the reply ends at its last trained token (the EOS), not at template glue after it.
-    end = max(i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX) + 1
-    return {"input_ids": ex.input_ids[:end]}
-
-
-def batch_tensors(encoded: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) tensors; the attention mask comes from lengths (pad may equal EOS)."""
-    import torch  # here, not at the top: argument errors and --help answer without loading torch
-
-    width = max(len(e["input_ids"]) for e in encoded)
-    out: dict[str, torch.Tensor] = {}
-    for key, fill in (("input_ids", pad_id), ("token_type_ids", 0)):
-        if key in encoded[0]:
-            out[key] = torch.tensor([e[key] + [fill] * (width - len(e[key])) for e in encoded])
-    lengths = torch.tensor([len(e["input_ids"]) for e in encoded])
-    out["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def load(path: str) -> tuple[Any, Any]:
-    """(tokenizer, model in eval mode) from a folder or hub id, with clear errors."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from rlhf_cli.config.schema import ModelConfig
-    from rlhf_cli.models.load import TOKENIZER_MARKERS, load_pretrained
-
-    cfg = ModelConfig(name_or_path=path)
-    tokenizer = load_pretrained(AutoTokenizer, path, cfg, TOKENIZER_MARKERS)
-    model = load_pretrained(AutoModelForSequenceClassification, path, cfg, dtype=torch.float32)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # else transformers refuses batches > 1
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    return tokenizer, model.eval()
-
-
 def reading(config: Any, path: str, index: int, reduce: str) -> str:
     """What a score is, for the single-pair line: `reward model runs/x/rm/final, logit of label 0`."""
     kind = "reward model" if config.num_labels == 1 else "classifier"
@@ -194,25 +125,19 @@ def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[l
 def _score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[list[float], str]:
     import torch
 
-    from rlhf_cli.models.reward import sequence_logits
-
     tokenizer, model = load(path)
     index = label_index(model.config, a.label)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     limit = getattr(model.config, "max_position_embeddings", None)
-    encoded = [encode(tokenizer, location, row, a) for location, row in rows]
+    encoded = [encode(tokenizer, location, row, a.text, a.system) for location, row in rows]
     for (location, _), enc in zip(rows, encoded, strict=True):
         if limit and len(enc["input_ids"]) > limit:
             raise UserError(f"{location}: {len(enc['input_ids'])} tokens, more than the model's {limit} positions")
-    sigmoid = model.config.num_labels == 1 or model.config.problem_type == "multi_label_classification"
     scores: list[float] = []
     for j in range(0, len(encoded), a.batch_size):
         batch = batch_tensors(encoded[j : j + a.batch_size], tokenizer.pad_token_id, device)
-        logits = sequence_logits(model, **batch).float()  # (B, num_labels)
-        if a.reduce == "prob":
-            logits = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
-        scores += logits[:, index].tolist()
+        scores += classifier_scores(model, batch, index, a.reduce).tolist()
     return scores, reading(model.config, path, index, a.reduce)
 
 

@@ -1,7 +1,10 @@
-"""One rollout batch with everything PPO needs (ALGORITHMS.md section 4): sample responses, read back the old
-policy's and the reference's log-probs at the sampling temperature and the critic's values (all in eval mode,
-without gradients), score the responses, then build the per-token rewards (KL in the reward), advantages and
-returns."""
+"""One rollout batch of an online stage (ALGORITHMS.md sections 4 and 8): sample N responses per prompt, read back
+the rollout policy's log-probs at the sampling temperature and, where the stage has them, the reference's log-probs
+and the critic's values (all in eval mode, without gradients), and score the responses (rollout/scoring.py).
+
+`collect` gives a `Rollout`; what a method derives from it (per-token rewards, advantages, returns) goes in a
+separate `Advantages`, so one rollout can feed several estimators. PPO's (KL in the reward, GAE) is `advantages`.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +15,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
-from rlhf_cli.losses.ppo import (
-    apply_missing_eos,
-    clip_scores,
-    gae,
-    kl_penalty,
-    masked_whiten,
-    normalize_scores,
-    per_token_rewards,
-)
+from rlhf_cli.losses.ppo import gae, kl_penalty, masked_whiten, per_token_rewards
 from rlhf_cli.models.reward import head_outputs
 from rlhf_cli.rollout.generation import (
     Sequences,
@@ -30,31 +25,41 @@ from rlhf_cli.rollout.generation import (
     response_logprobs,
     sample,
 )
+from rlhf_cli.rollout.scoring import Scores, Stats, score_responses
 
 
 @dataclass
 class Rollout:
-    """Tensors are (B, R) over response tokens unless noted; `scores` (B,) are the reward source's scores as it gave
-    them; `used_scores` (B,) after normalisation, clipping and the missing-EOS rule (`shape_scores`)."""
+    """B = prompts x n_samples rows, a prompt's samples consecutive. Tensors are (B, R) over response tokens unless
+    noted. `group` (B,) long: the index of the row's prompt in this rank's batch (row i: i // n_samples);
+    `ref_logprobs` is None without a reference, `values` None without a critic; `scores` raw and shaped (B,)."""
 
     seq: Sequences
     prompts: list[Any]
     responses: list[str]
+    group: torch.Tensor
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    used_scores: torch.Tensor = None
-    kl: torch.Tensor = None
-    rewards: torch.Tensor = None
-    non_score: torch.Tensor = None
-    advantages: torch.Tensor = None
-    returns: torch.Tensor = None
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+    scores: Scores
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def mask(self) -> torch.Tensor:
         return self.seq.response_mask
+
+
+@dataclass
+class Advantages:
+    """What an estimator derives from a rollout, (B, R) over response tokens, 0 after the end: `advantages` (what
+    the policy loss reads); with a critic, `returns` (the value targets); with KL in the reward, `kl` (the per-token
+    estimate), `rewards` (KL penalty + score on the last token) and `non_score` (the KL penalty alone)."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    non_score: torch.Tensor | None = None
 
 
 class Reference:
@@ -68,6 +73,7 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(self, actor: Any, seq: Sequences, temperature: float) -> torch.Tensor:
+        """log pi_ref of the response tokens at `temperature`: (B, R), 0 after the end."""
         if self.model is None:
             with unwrap_peft(actor).disable_adapter():
                 return response_logprobs(response_logits(actor, seq), seq, temperature)
@@ -86,48 +92,64 @@ def critic_values(critic: Any, seq: Sequences) -> torch.Tensor:
     return out[:, seq.prompt_len - 1 : -1] * seq.response_mask
 
 
+def expand(prompts: list[Any], n: int) -> tuple[list[Any], torch.Tensor]:
+    """Each prompt n times, its copies consecutive: (prompts (B*n), group (B*n,) long, row i -> prompt i // n)."""
+    if n < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n}")
+    return [p for p in prompts for _ in range(n)], torch.arange(len(prompts)).repeat_interleave(n)
+
+
 @torch.no_grad()
-def collect(actor: Any, critic: Any, ref: Reference, reward: Any, prompts: list[Any], batch: dict, tokenizer: Any,
-            st: Any, gen_config: Any) -> Rollout:  # fmt: skip
-    """Sample one response per prompt (left-padded batch {"input_ids", "attention_mask"} (B, P)) and read back the
-    old log-probs, reference log-probs and values (micro-batch by micro-batch) and the reward source's scores."""
+def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, prompts: list[Any], batch: dict,
+            tokenizer: Any, st: Any, gen_config: Any, n_samples: int = 1, stats: Stats = None,
+            allow_invalid: bool = False) -> Rollout:  # fmt: skip
+    """Sample `n_samples` responses per prompt from `actor` (a training engine or a plain module) and read back, in
+    micro-batches of `st.micro_batch_size`, the old log-probs at `st.generation.temperature`, the reference's
+    log-probs (`ref`, or None) and the values (`critic`, or None); then score them (`score_responses` with
+    `st.reward`, `stats` and `allow_invalid`). `prompts` (B,) are the PromptExamples of the left-padded `batch`
+    {"input_ids", "attention_mask"} (B, P); the rollout has B * n_samples rows, a prompt's samples consecutive.
+    The models' train / eval modes are restored afterwards."""
     t0 = time.perf_counter()
+    prompts, group = expand(prompts, n_samples)
+    if n_samples > 1:
+        batch = {k: v.repeat_interleave(n_samples, dim=0) for k, v in batch.items()}
     with eng.gathered_for_generation(actor) as module:
         seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
     t1 = time.perf_counter()
     responses = decode_responses(tokenizer, seq)
-    actor.eval(), critic.eval()
+    models = [m for m in (actor, critic) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     tau = st.generation.temperature
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
     for start in range(0, len(prompts), st.micro_batch_size):
         sub = seq.rows(slice(start, start + st.micro_batch_size), trim=False)
         parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
-        parts["ref"].append(ref.logprobs(actor, sub, tau))
-        parts["values"].append(critic_values(critic, sub))
-    scores = reward.score(prompts, seq, responses).float()
-    actor.train(), critic.train()
-    out = Rollout(seq, prompts, responses, *(torch.cat(parts[k]) for k in ("old", "ref", "values")), scores)
+        if ref is not None:
+            parts["ref"].append(ref.logprobs(actor, sub, tau))
+        if critic is not None:
+            parts["values"].append(critic_values(critic, sub))
+    scores = score_responses(reward, prompts, seq, responses, st.reward, stats, allow_invalid)
+    for m, mode in zip(models, modes, strict=True):
+        m.train(mode)
+    old, ref_lp, values = (torch.cat(parts[k]) if parts[k] else None for k in ("old", "ref", "values"))
+    out = Rollout(seq, prompts, responses, group.to(seq.input_ids.device), old, ref_lp, values, scores)
     out.seconds = {"generation": t1 - t0, "scoring": time.perf_counter() - t1}
     return out
 
 
-def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward_cfg: Any,
-                 stats: tuple[float, float] | None) -> torch.Tensor:  # fmt: skip
-    """The score that enters the reward: optional normalisation with (mean, std), optional clipping, then the
-    missing-EOS rule (stage.reward.missing_eos_penalty, or missing_eos_score in its place) in the units of the
-    normalised score, as InstructGPT-style setups do: a penalty of 1 is then one standard deviation whatever the
-    reward model's scale, and the statistics describe the reward model's own scores. (B,), (B,) bool -> (B,)."""
-    shaped = normalize_scores(scores, *stats, reward_cfg.clip) if stats else clip_scores(scores, reward_cfg.clip)
-    return apply_missing_eos(shaped, has_eos, reward_cfg.missing_eos_penalty, reward_cfg.missing_eos_score)
-
-
-def advantages(ro: Rollout, st: Any, kl_coef: float, used_scores: torch.Tensor) -> Rollout:
-    """KL-in-reward per token, GAE over response tokens, returns before whitening, whitened advantages."""
+@torch.no_grad()
+def advantages(ro: Rollout, st: Any, kl_coef: float) -> Advantages:
+    """PPO's estimator (ALGORITHMS.md section 4): the KL to the reference (`st.kl_estimator`, from the rollout
+    policy's log-probs) in the per-token reward with the shaped score on the last token, optional reward whitening,
+    GAE over response tokens (`st.gamma`, `st.lam`), returns before whitening, whitened advantages. Needs the
+    reference's log-probs and the critic's values."""
+    if ro.ref_logprobs is None or ro.values is None:
+        raise ValueError("PPO's advantages need a rollout with reference log-probs and critic values")
     mask = ro.mask
-    ro.used_scores = used_scores
-    ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, st.kl_estimator) * mask
-    ro.rewards, ro.non_score = per_token_rewards(ro.kl, used_scores, mask, kl_coef)
-    rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if st.whiten_rewards else ro.rewards
-    adv, ro.returns = gae(rewards, ro.values, mask, st.gamma, st.lam)
-    ro.advantages = masked_whiten(adv, mask)
-    return ro
+    kl = kl_penalty(ro.logprobs, ro.ref_logprobs, st.kl_estimator) * mask
+    rewards, non_score = per_token_rewards(kl, ro.scores.shaped, mask, kl_coef)
+    whitened = masked_whiten(rewards, mask, shift_mean=False) if st.whiten_rewards else rewards
+    adv, returns = gae(whitened, ro.values, mask, st.gamma, st.lam)
+    return Advantages(masked_whiten(adv, mask), returns, kl, rewards, non_score)

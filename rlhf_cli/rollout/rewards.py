@@ -5,6 +5,10 @@
   through EOS), exactly the ids it was trained on, and the score is taken at the last real token. Otherwise the
   texts are re-rendered with its own tokenizer, as `rlhf score` does.
 - `FunctionReward`: a Python function `module:function(prompts, responses) -> list[float]` (verifiable tasks).
+
+`score(..., allow_invalid=True)` turns what a reward function could not judge (None, NaN, inf) into a NaN score, for
+the stages that drop such a sample (rejection sampling) or give it no advantage (GRPO); PPO keeps the default, where
+it is an error. Shaping the scores (normalisation, clipping, the missing-EOS rule) is rollout/scoring.py's.
 """
 
 from __future__ import annotations
@@ -20,27 +24,43 @@ import torch
 
 from rlhf_cli import engine as eng
 from rlhf_cli.errors import UserError
+from rlhf_cli.models.classifier import batch_tensors, classifier_scores, encode, label_index, load_classifier
 from rlhf_cli.models.load import disable_dropout
 from rlhf_cli.rollout.generation import Sequences
 
 
-def load_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """Import `module:function` (stage.reward.function)."""
+def load_function(spec: str, key: str = "stage.reward.function") -> Callable[[list[str], list[str]], list[float]]:
+    """Import `module:function` (stage.reward.function, or the setting `key` that names it in errors, e.g. a gold
+    metric's)."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise UserError(f"stage.reward.function=`{spec}`: expected `module:function`, e.g. "
+        raise UserError(f"{key}=`{spec}`: expected `module:function`, e.g. "
                         "rlhf_cli.tasks.word_order:gold_reward")  # fmt: skip
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # the `rlhf` console script does not put the current directory there
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"stage.reward.function=`{spec}`: cannot import `{module_name}` ({err}); the module "
+        raise UserError(f"{key}=`{spec}`: cannot import `{module_name}` ({err}); the module "
                         "must be importable from the current directory or the Python path") from None  # fmt: skip
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"stage.reward.function=`{spec}`: `{module_name}` has no function `{name}`")
+        raise UserError(f"{key}=`{spec}`: `{module_name}` has no function `{name}`")
     return fn
+
+
+def check_scores(values: Any, n: int, what: str, allow_invalid: bool = False) -> list[float]:
+    """What a scoring function returned for `n` responses, as floats. One number per response, finite unless
+    `allow_invalid`, where None / NaN / inf become NaN (a response the function could not judge); anything else is a
+    UserError that starts with `what` (e.g. "stage.reward.function m:f")."""
+    try:
+        out = [math.nan if v is None and allow_invalid else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must return a list of numbers") from None
+    if len(out) != n or not (allow_invalid or all(math.isfinite(v) for v in out)):
+        raise UserError(f"{what} returned {len(out)} values for {n} responses, or a value that is not finite; it "
+                        "must return one finite number per response")  # fmt: skip
+    return [v if math.isfinite(v) else math.nan for v in out]
 
 
 class FunctionReward:
@@ -50,29 +70,21 @@ class FunctionReward:
     def describe(self) -> str:
         return f"function {self.spec}"
 
-    def score(self, prompts: list[Any], seq: Sequences, responses: list[str]) -> torch.Tensor:
+    def score(self, prompts: list[Any], seq: Sequences, responses: list[str],
+              allow_invalid: bool = False) -> torch.Tensor:  # fmt: skip
+        """(B,) fp32 on the rollout's device; NaN where the function could not judge (only with `allow_invalid`)."""
         out = self.fn([p.text for p in prompts], responses)
-        try:
-            values = [float(v) for v in out]
-        except (TypeError, ValueError):
-            raise UserError(f"stage.reward.function {self.spec} must return a list of numbers") from None
-        if len(values) != len(responses) or not all(math.isfinite(v) for v in values):
-            raise UserError(f"stage.reward.function {self.spec} returned {len(values)} values for {len(responses)} "
-                            "responses, or a value that is not finite; it must return one finite number per "
-                            "response")  # fmt: skip
+        values = check_scores(out, len(responses), f"stage.reward.function {self.spec}", allow_invalid)
         return torch.tensor(values, dtype=torch.float32, device=seq.input_ids.device)
 
 
 class ModelReward:
     def __init__(self, reward_cfg: Any, path: str, policy_tokenizer: Any, ds: Any, micro: int, dist: Any,
                  offload: bool):  # fmt: skip
-        from rlhf_cli.commands.score import label_index, load
-
         self.cfg, self.path, self.dist, self.offload = reward_cfg, path, dist, offload
-        self.tokenizer, model = load(path)
+        self.tokenizer, model = load_classifier(path)
         disable_dropout(model)
         self.index = label_index(model.config, reward_cfg.label)
-        self.sigmoid = model.config.num_labels == 1 or model.config.problem_type == "multi_label_classification"
         self.same_tokens = same_tokenizer(self.tokenizer, policy_tokenizer)
         self.model = eng.frozen(model, ds, micro, torch.device("cpu") if offload else dist.device)
 
@@ -81,27 +93,22 @@ class ModelReward:
         return f"model {self.path} (label {self.index}, {self.cfg.reduce}; {how})"
 
     @torch.no_grad()
-    def score(self, prompts: list[Any], seq: Sequences, responses: list[str]) -> torch.Tensor:
-        from rlhf_cli.models.reward import sequence_logits
-
+    def score(self, prompts: list[Any], seq: Sequences, responses: list[str],
+              allow_invalid: bool = False) -> torch.Tensor:  # fmt: skip
+        """(B,) fp32: the chosen label's logit or probability (a model always gives a number: `allow_invalid` is
+        accepted for the common interface)."""
         batch = self._encode(prompts, seq, responses)
         with eng.on_device(self.model, self.dist.device, self.offload) as model:
-            logits = sequence_logits(model, **batch).float()
-        if self.cfg.reduce == "prob":
-            logits = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
-        return logits[:, self.index]
+            return classifier_scores(model, batch, self.index, self.cfg.reduce)
 
     def _encode(self, prompts: list[Any], seq: Sequences, responses: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded ids of prompt + response through EOS (the last real token is the EOS when there is one)."""
-        from rlhf_cli.commands.score import ScoreArgs, batch_tensors, encode
-
         if self.same_tokens:
             lengths = seq.response_mask.sum(1).long().tolist()
             rows = [{"input_ids": list(p.input_ids) + seq.response_ids[i, : lengths[i]].tolist()}
                     for i, p in enumerate(prompts)]  # fmt: skip
         else:
-            args = ScoreArgs(reduce=self.cfg.reduce)
-            rows = [encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "}, args)
+            rows = [encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "})
                     for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
         return batch_tensors(rows, self.tokenizer.pad_token_id, self.dist.device)
 

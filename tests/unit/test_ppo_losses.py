@@ -10,15 +10,11 @@ import torch
 
 from rlhf_cli.losses.ppo import (
     KL_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMoments,
     apply_missing_eos,
     clip_scores,
     entropy_from_logits,
     explained_variance,
     gae,
-    kl_controller,
     kl_penalty,
     masked_mean,
     masked_sum,
@@ -29,6 +25,7 @@ from rlhf_cli.losses.ppo import (
     policy_loss,
     value_loss,
 )
+from rlhf_cli.rollout.controllers import AdaptiveKLController, FixedKLController, RunningMoments, kl_controller
 
 NAN = float("nan")
 

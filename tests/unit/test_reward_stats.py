@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.rollout.online import reward_stats
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.ppo import reward_stats
 
 
 def _run(tmp_path, rm_metrics=None):

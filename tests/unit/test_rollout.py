@@ -170,30 +170,52 @@ def words(prompts, responses):
     return ["good"] * len(responses)
 
 
+def _rollout(mask, has_eos, logprobs, ref_logprobs, values, raw_scores):
+    from rlhf_cli.rollout.experience import Rollout
+    from rlhf_cli.rollout.scoring import Scores
+
+    seq = join(torch.zeros(len(mask), 1, dtype=torch.long), torch.ones(len(mask), 1),
+               torch.ones(mask.shape, dtype=torch.long), mask, has_eos)  # fmt: skip
+    return Rollout(seq, [None] * len(mask), ["r"] * len(mask), torch.arange(len(mask)), logprobs, ref_logprobs, values,
+                   Scores(raw_scores, raw_scores.clone()))  # fmt: skip
+
+
 def test_rollout_metrics_by_hand():
     """Sequence-level means (score, k1 KL summed over each response, rewards, length, EOS) and the explained
     variance over valid tokens, from one rank's sums."""
     from rlhf_cli.losses.ppo import explained_variance
-    from rlhf_cli.rollout.experience import Rollout
-    from rlhf_cli.stages.ppo_update import rollout_metrics
+    from rlhf_cli.rollout.experience import Advantages
+    from rlhf_cli.rollout.online import rollout_metrics
 
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    seq = join(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 3, dtype=torch.long), mask,
-               torch.tensor([True, False]))  # fmt: skip
-    ro = Rollout(seq, [None, None], ["a", "b"], logprobs=torch.tensor([[-1.0, -2, -3], [-1, -1, -0.3]]),
-                 ref_logprobs=torch.tensor([[-1.5, -2, -2], [-2, -1, -0.9]]), values=torch.tensor([[0.1, 0.2, 0.3],
-                 [0.5, 0.4, 0.0]]), scores=torch.tensor([1.0, -1.0]))  # fmt: skip
-    ro.non_score = torch.tensor([[-0.1, 0, 0.2], [-0.2, 0, 0]])
-    ro.rewards = ro.non_score + torch.tensor([[0, 0, 1.0], [0, -1, 0]])
-    ro.returns = torch.tensor([[1.0, 0.8, 0.9], [-0.5, -1.2, 0.0]])
-    out = rollout_metrics(ro)
+    ro = _rollout(mask, torch.tensor([True, False]), torch.tensor([[-1.0, -2, -3], [-1, -1, -0.3]]),
+                  torch.tensor([[-1.5, -2, -2], [-2, -1, -0.9]]), torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 0.0]]),
+                  torch.tensor([1.0, -1.0]))  # fmt: skip
+    non_score = torch.tensor([[-0.1, 0, 0.2], [-0.2, 0, 0]])
+    adv = Advantages(advantages=torch.zeros(2, 3), returns=torch.tensor([[1.0, 0.8, 0.9], [-0.5, -1.2, 0.0]]),
+                     rewards=non_score + torch.tensor([[0, 0, 1.0], [0, -1, 0]]), non_score=non_score)  # fmt: skip
+    out = rollout_metrics(ro, adv)
     assert out["score_mean"] == pytest.approx(0.0) and out["score_std"] == pytest.approx(1.0)
     # k1 sums over valid tokens: (0.5 + 0 - 1) = -0.5 and (1 + 0) = 1 (the masked 0.6 is not counted) -> 0.25
     assert out["kl"] == pytest.approx(0.25)
     assert out["non_score_reward"] == pytest.approx((0.1 - 0.2) / 2)
     assert out["total_reward"] == pytest.approx((0.1 - 0.2 + 1 - 1) / 2)
     assert out["response_length"] == 2.5 and out["eos_fraction"] == 0.5 and out["generated_tokens"] == 5
-    assert out["explained_variance"] == pytest.approx(explained_variance(ro.values, ro.returns, mask), abs=1e-6)
+    assert out["explained_variance"] == pytest.approx(explained_variance(ro.values, adv.returns, mask), abs=1e-6)
+    assert "invalid_fraction" not in out
+
+
+def test_rollout_metrics_without_reference_critic_or_advantages_and_with_unscored_responses():
+    """A critic-free, reference-free rollout (rejection sampling) reports scores, length and EOS only; a response
+    that could not be scored (NaN) is left out of the score mean and counted in invalid_fraction."""
+    from rlhf_cli.rollout.online import rollout_metrics
+
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1]])
+    ro = _rollout(mask, torch.tensor([True, True, False]), torch.zeros(3, 3), None, None,
+                  torch.tensor([2.0, float("nan"), 4.0]))  # fmt: skip
+    out = rollout_metrics(ro)
+    assert out == pytest.approx({"rollout_sequences": 3, "score_mean": 3.0, "score_std": 1.0, "response_length": 2.0,
+                                 "eos_fraction": 2 / 3, "generated_tokens": 6, "invalid_fraction": 1 / 3})  # fmt: skip
 
 
 # Fields a chat checkpoint's generation_config.json may ship; each would change the sampled distribution.
@@ -248,7 +270,7 @@ def test_tokens_banned_by_the_checkpoint_config_still_reach_rollouts(tok):
     ],
 )  # fmt: skip
 def test_missing_eos_rule_applies_after_normalisation_and_clipping(stats, clip, penalty, score, expected):
-    from rlhf_cli.rollout.experience import shape_scores
+    from rlhf_cli.rollout.scoring import shape_scores
 
     reward_cfg = SimpleNamespace(clip=clip, missing_eos_penalty=penalty, missing_eos_score=score)
     out = shape_scores(torch.tensor([2.0, 4.0]), torch.tensor([True, False]), reward_cfg, stats)

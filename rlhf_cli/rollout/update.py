@@ -1,0 +1,74 @@
+"""Optimizer steps on rollout rows (ALGORITHMS.md section 4): the actor's clipped-surrogate step and the critic's
+clipped-value step, separate so that critic-free methods (GRPO, RLOO, REINFORCE++) use the actor step alone.
+
+Loss normalisation: a step's loss is a token mean over its rows' valid response tokens on all ranks: each
+micro-batch's summed loss goes to `engine.backward` with `n_tokens`, the step's global count of valid tokens, so the
+split into micro-batches and ranks does not change it. Each function returns this rank's sums (float64, CPU) for
+the caller to all-reduce with whatever else it counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf_cli import engine as eng
+from rlhf_cli.losses.ppo import entropy_from_logits, masked_sum, policy_loss, value_loss
+from rlhf_cli.rollout.experience import Rollout, critic_values
+from rlhf_cli.rollout.generation import response_logits, response_logprobs
+
+# This rank's per-token sums of an actor step: losses and statistics, all forwarded tokens, valid response tokens,
+# |log ratio|.
+ACTOR_SUMS = ("policy_loss", "clipfrac_policy", "approx_kl", "entropy", "tokens", "valid", "abs_log_ratio")
+CRITIC_SUMS = ("value_loss", "clipfrac_value")
+
+
+def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Tensor, st: Any, n_tokens: float,
+               extra_loss: Callable[[int], torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, float | None]:  # fmt: skip
+    """One optimizer step of `actor` (a DeepSpeed engine) on the rollout rows `idx` (M,), in micro-batches of
+    `st.micro_batch_size`: PPO's clipped surrogate (`st.clip_eps`) on `advantages` (B, R) against the rollout's old
+    log-probs, both at `st.generation.temperature`, minus `st.entropy_coef` x entropy; `extra_loss(c)`, when given,
+    adds a term to micro-batch c's summed loss (in units of the `n_tokens` normaliser, e.g. PPO-ptx).
+    Returns (this rank's sums (len(ACTOR_SUMS),) float64, the gradient norm of the step)."""
+    tau = st.generation.temperature if st.generation.temperature > 0 else 1.0
+    sums = torch.zeros(len(ACTOR_SUMS), dtype=torch.float64)
+    norm = None
+    for c, chunk in enumerate(idx.split(st.micro_batch_size)):
+        sub = ro.seq.rows(chunk)
+        mask, width = sub.response_mask, sub.response_mask.shape[1]
+        logits = response_logits(actor, sub)
+        logprobs = response_logprobs(logits, sub, tau)
+        old = ro.logprobs[chunk, :width]
+        pg, clipped, approx_kl = policy_loss(logprobs, old, advantages[chunk, :width], st.clip_eps)
+        entropy = entropy_from_logits(logits / tau if st.entropy_coef else logits.detach() / tau)
+        loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
+        if extra_loss is not None:
+            loss = loss + extra_loss(c)
+        eng.backward(actor, loss, n_tokens)
+        norm = eng.step(actor)  # DeepSpeed applies it at the last micro-batch (the accumulation boundary)
+        sums[:4] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (pg, clipped, approx_kl,
+                                                                                          entropy)])  # fmt: skip
+        sums[4] += float(sub.attention_mask.sum())
+        sums[5] += float(mask.sum())
+        sums[6] += float(masked_sum((logprobs.detach() - old).abs(), mask))
+    return sums, norm
+
+
+def critic_step(critic: Any, ro: Rollout, returns: torch.Tensor, idx: torch.Tensor, st: Any,
+                n_tokens: float) -> torch.Tensor:  # fmt: skip
+    """One optimizer step of `critic` (a DeepSpeed engine) on the rollout rows `idx` (M,): `st.vf_coef` x the
+    clipped value loss (`st.value_clip_eps`, around the rollout's values) against `returns` (B, R).
+    Returns this rank's sums (len(CRITIC_SUMS),) float64."""
+    sums = torch.zeros(len(CRITIC_SUMS), dtype=torch.float64)
+    for chunk in idx.split(st.micro_batch_size):
+        sub = ro.seq.rows(chunk)
+        mask, width = sub.response_mask, sub.response_mask.shape[1]
+        values = critic_values(critic, sub)
+        vf, clipped = value_loss(values, ro.values[chunk, :width], returns[chunk, :width], st.value_clip_eps)
+        eng.backward(critic, st.vf_coef * masked_sum(vf, mask), n_tokens)
+        eng.step(critic)
+        sums += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (vf, clipped)])
+    return sums
