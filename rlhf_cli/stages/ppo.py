@@ -6,6 +6,9 @@ put the KL to the reference into the per-token reward; GAE; then `ppo_epochs` pa
 mini-batches (one actor and one critic optimizer step each, gradient accumulation over micro-batches). The losses
 are token means over the mini-batch on all ranks. Dropout is off in all four models; the reference and the reward
 model run in eval mode without gradients.
+
+This module only wires the shared online parts of rlhf_cli/rollout/ (collection, scoring, advantages, the actor and
+critic steps, evaluation) with what is PPO's own: the critic, the KL controller and the update schedule.
 """
 
 from __future__ import annotations
