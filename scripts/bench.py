@@ -9,7 +9,8 @@
    On a 2-core machine the 1-process run uses both cores and each of the 2 processes one, so the
    efficiency measures the parallel overhead, not a speed-up.
 3. RM and DPO pairs/s; PPO generation and training tokens/s and the split of an iteration's wall time between
-   generation, scoring and the update.
+   generation, scoring and the update; rejection sampling's generation throughput for N = 4 and N = 8 and the time
+   split of a round between generation, scoring and fine-tuning.
 4. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
    `--help`, `--cfg job`, a config error, a refused stage (completed; run directory in use), `explain`, and
    `generate` / `score` on a tiny run (2 steps of sft and rm).
@@ -25,6 +26,7 @@ import fcntl
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,6 +161,35 @@ def ppo_stage(args: argparse.Namespace, overrides: list[str]) -> None:
           f"{max(r['peak_mem_mib'] for r in recs):.0f} MiB")  # fmt: skip
 
 
+def rejection_sampling_stage(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Rejection sampling on the tiny default after short sft and rm stages: one round each with N = 4 and N = 8
+    (all built-in prompts, up to 32 new tokens), generation throughput and the round's time split."""
+    with tempfile.TemporaryDirectory() as root:
+        common = [f"run.root={root}", "logging.progress=false", "logging.log_every=1000000", *overrides]
+        print("\nRejection sampling, tiny default, 1 round over the built-in prompts, 1 process")
+        print(f"  {'N':>2} {'responses/s':>11} {'new tok/s':>9} {'generation s':>12} {'scoring s':>9} "
+              f"{'fine-tune s':>11} {'gain':>6}")  # fmt: skip
+        for stage, steps in (("sft", 40), ("rm", 20)):
+            _stage_or_exit([stage, *common, "run.name=bench", "stage.save_every=0", f"stage.max_steps={steps}"])
+        for n in (4, 8):
+            name = f"rs{n}"
+            shutil.copytree(Path(root) / "bench", Path(root) / name, ignore=shutil.ignore_patterns(".lock"))
+            _stage_or_exit(["rejection_sampling", *common, f"run.name={name}", f"stage.n_samples={n}"])
+            rows = [json.loads(line) for line in (Path(root) / name / "rejection_sampling" / "metrics.jsonl")
+                    .read_text().splitlines()]  # fmt: skip
+            sel = next(r for r in rows if "responses/s" in r)
+            tune = next(r for r in reversed(rows) if "finetune_seconds" in r)
+            print(f"  {n:>2} {sel['responses/s']:11.1f} {sel['gen_tok/s']:9.0f} "
+                  f"{sel['generation_seconds']:12.1f} {sel['scoring_seconds']:9.1f} "
+                  f"{tune['finetune_seconds']:11.1f} {sel['best_of_n_gain']:6.3f}")  # fmt: skip
+
+
+def _stage_or_exit(args: list[str]) -> None:
+    res = subprocess.run([sys.executable, "-m", "rlhf_cli", *args], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        sys.exit(f"bench {args[0]} failed:\n{res.stderr[-3000:]}")
+
+
 def rlhf(args: list[str], expect: int = 0) -> tuple[float, str]:
     """(wall seconds, stdout + stderr) of `rlhf <args>` in a fresh interpreter, which must exit with `expect`."""
     t0 = time.perf_counter()
@@ -222,6 +253,7 @@ def main() -> None:
     single_process(args, overrides)
     preference_stages(args, overrides)
     ppo_stage(args, overrides)
+    rejection_sampling_stage(args, overrides)
     if not args.skip_scaling:
         scaling(args, overrides)
 

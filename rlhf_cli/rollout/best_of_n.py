@@ -192,6 +192,9 @@ def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_
     counts = torch.zeros(2, dtype=torch.float64)  # candidates, new tokens written by this rank
     seconds = torch.zeros(2, dtype=torch.float64)  # generation, scoring
     started, reported = time.perf_counter(), 0
+    if done and dist.is_main:
+        say(f"round {round_no}: {len(done)} of {len(chunks)} chunk(s) already drawn; drawing the other "
+            f"{len(chunks) - len(done)}")  # fmt: skip
     with preempt.ctrl_c_saves():
         for k, c in enumerate(slots):
             if c is not None or collective:

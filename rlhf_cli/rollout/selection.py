@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-SELECTIONS = ("best", "top_k", "threshold")
+from rlhf_cli.config.schema import SELECTIONS
 
 
 def duplicates(responses: list[list[tuple[int, ...]]]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     for r in range(first, st.rounds + 1):
         sampler = source if r == 1 else str(round_policy_dir(run, r - 1))
         files = bon.RoundFiles.of(run.stage_dir, r)
-        if fresh and data.eval:  # the starting policy's held-out score: the 'before' of the headline
+        if fresh and r == 1 and data.eval:  # the starting policy's held-out score: the 'before' of the headline
             metrics.log(0, {"round": 0, **evaluate_start(cfg, sampler, tokenizer, reward, data, gold, dist)}, SHOW)
         if not files.selection.is_file():
             sample_and_select(cfg, run, files, r, sampler, tokenizer, data, reward, rm_stats, dist, metrics, offset)
@@ -186,7 +187,7 @@ def evaluate_start(cfg: Any, source: str, tokenizer: Any, reward: Any, data: Any
     st = cfg.stage
     model = generation_model(cfg, source, tokenizer, dist)
     out = evaluate_policy(model, reward, data.eval, tokenizer, st.generation, dist, cfg.seed, st.eval_batch_size,
-                          sampling=st.eval_sampling, gold=gold)  # fmt: skip
+                          sampling=st.eval_sampling, gold=gold, allow_invalid=True)  # fmt: skip
     del model
     free_memory()
     return out
@@ -239,20 +240,21 @@ def fine_tune(cfg: Any, run: Run, r: int, init: str, examples: list, tokenizer: 
         return {"round": r, **train_step(engine, micro_batches(examples, idx, micro, pad_id), dist.device)}
 
     def run_eval() -> dict[str, float]:
-        return evaluate_policy(engine, reward, data.eval, tokenizer, st.generation, dist, cfg.seed,
-                               st.eval_batch_size, sampling=st.eval_sampling, gold=gold)  # fmt: skip
+        return evaluate_policy(engine, reward, data.eval, tokenizer, st.generation, dist, cfg.seed, st.eval_batch_size,
+                               sampling=st.eval_sampling, gold=gold, allow_invalid=True)  # fmt: skip
 
     def save(done: int) -> None:
         ckpt.save_checkpoint(engine, ckpt_dir, offset + done, {"step": offset + done}, st.keep_last)
 
-    start = client["step"] - offset if client else 0
+    start, t0 = client["step"] - offset if client else 0, time.perf_counter()
     last = train_loop(st, engine, plan, dist, run, metrics, start, one_step, run_eval, SHOW, save=save,
                       step_offset=offset, ckpt_dir=ckpt_dir)  # fmt: skip
     if last["step"] < plan.total_steps:
         metrics.close()
         run.update_stage(status="interrupted", ended_at=now(), last_step=offset + last["step"])
         return None
-    return plan.total_steps, run_eval() if data.eval else {}, last, engine
+    evals = run_eval() if data.eval else {}
+    return plan.total_steps, {**evals, "finetune_seconds": time.perf_counter() - t0}, last, engine
 
 
 def round_plan(n_examples: int, st: Any, world_size: int, r: int) -> Any:

@@ -1,0 +1,181 @@
+"""`rlhf rejection_sampling` end to end on the tiny model: two rounds after sft and rm (files, selection, metrics,
+clean-up), SIGKILL during round 2's sampling and during its fine-tuning then resume == uninterrupted (round 1 not
+redone), 2 ranks under ZeRO-2 == 1 rank, clear errors."""
+
+import json
+import shutil
+import signal
+import time
+
+import pytest
+from conftest import FAST, launch_ranks, manifest, metrics, rlhf, torchrun, weights
+
+from rlhf_cli.run_dir import complete_checkpoints
+
+# Small rounds: 16 prompts x 4 samples in chunks of 4 prompts, 8-token answers, fine-tuned in batches of 8.
+RS = ["stage.n_samples=4", "stage.prompts_per_round=16", "stage.generation_batch_size=4",
+      "stage.generation.max_new_tokens=8", "stage.eval_batch_size=8", "data.eval_fraction=0.04", "optim.lr=1e-3",
+      "stage.save_every=0"]  # fmt: skip
+PARITY = ["data=parity", "data.eval_fraction=0.02", "stage.reward.model=null",
+          "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
+          "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward"]  # fmt: skip
+ROUND_KEYS = ("candidates", "candidate_score_mean", "selected", "selected_score_mean", "selected_score_std",
+              "best_of_n_gain", "valid_prompt_fraction", "duplicate_fraction", "responses/s", "gen_tok/s",
+              "generation_seconds", "scoring_seconds")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A run with short `sft` and `rm` stages, copied by each test."""
+    root = tmp_path_factory.mktemp("rs_base")
+    for stage, steps in (("sft", 20), ("rm", 10)):
+        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
+                   "stage.save_every=0", cwd=root)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    return root / "base"
+
+
+def _copy(base, runs, name):
+    shutil.copytree(base, runs / name, ignore=shutil.ignore_patterns("rejection_sampling", ".lock"))
+    return [f"run.root={runs}", f"run.name={name}"]
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _check_best_of_n(round_dir, n_samples):
+    """selected.jsonl holds, per prompt, the first-drawn highest-scoring candidate that is not a copy."""
+    cands, chosen = _rows(round_dir / "candidates.jsonl"), _rows(round_dir / "selected.jsonl")
+    by_prompt = {}
+    for row in cands:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    assert all(len(group) == n_samples for group in by_prompt.values())
+    expected = []
+    for group in by_prompt.values():
+        valid = [r for r in group if r["score"] is not None and not r["duplicate"]]
+        if valid:
+            expected.append(max(valid, key=lambda r: (r["score"], -r["candidate"])))
+    key = lambda r: (r["prompt_index"], r["candidate"])  # noqa: E731
+    assert sorted(map(key, chosen)) == sorted(map(key, expected))
+    return cands, chosen
+
+
+def test_two_rounds_after_sft_and_rm(base, runs, tmp_path):
+    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "chain"), "stage.rounds=2", "stage.max_steps=3",
+               cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rec = manifest(runs / "chain")["stages"]["rejection_sampling"]
+    assert rec["status"] == "completed" and rec["outputs"]["final"] == "rejection_sampling/final"
+    assert rec["inputs"]["reward"].startswith("model ") and rec["inputs"]["policy"].endswith("chain/sft/final")
+    assert rec["metrics"]["rounds"] == 2 and rec["metrics"]["steps"] == 6
+    stage = runs / "chain" / "rejection_sampling"
+    for r in (1, 2):
+        cands, chosen = _check_best_of_n(stage / f"round-{r}", 4)
+        assert len(cands) == 64 and {c["round"] for c in cands} == {r}
+        assert all(c["response_ids"] and c["response"] is not None for c in chosen)
+        assert json.loads((stage / f"round-{r}" / "round.json").read_text())["steps"] == 3
+        assert not (stage / f"round-{r}" / "chunks").exists()
+    assert not (stage / "checkpoints").exists()  # round checkpoints and round-1's policy went at completion
+    assert (stage / "final" / "model.safetensors").is_file()
+    log = metrics(runs / "chain", "rejection_sampling")
+    assert log[0]["step"] == 0 and log[0]["round"] == 0 and "eval_score" in log[0]  # the SFT policy, before
+    rounds = [r for r in log if "selected_score_mean" in r]
+    assert [(r["round"], r["step"]) for r in rounds] == [(1, 0), (2, 3)]
+    for row in rounds:
+        assert all(key in row for key in ROUND_KEYS), set(ROUND_KEYS) - set(row)
+        assert row["candidates"] == 64 and row["selected_score_mean"] >= row["candidate_score_mean"]
+        assert row["best_of_n_gain"] >= 0
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    evals = [r for r in log if "eval_score" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert rec["summary"]["headline"]["eval_score"] == [evals[0]["eval_score"], evals[-1]["eval_score"]]
+    assert "rejection_sampling completed" in res.stderr and "next:" in res.stderr
+
+
+def _wait(predicate, proc, what, timeout=240):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"exited before {what}: {proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_killed_in_round_2_sampling_and_fine_tuning_resumes_to_the_same_weights(base, runs, tmp_path):
+    """SIGKILL while round 2 draws its chunks, then again during round 2's fine-tuning: each re-run continues where
+    the last stopped (finished chunks kept, checkpoint resumed), round 1 is never redone, and the result equals an
+    uninterrupted run's."""
+    common = [*FAST, *RS, *PARITY, "stage.rounds=2", "stage.prompts_per_round=32", "stage.generation_batch_size=2",
+              "stage.max_steps=6", "stage.save_every=1", "stage.keep_last=1"]  # fmt: skip
+    full = rlhf("rejection_sampling", *common, *_copy(base, runs, "full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    args = ["rejection_sampling", *common, *_copy(base, runs, "parts")]
+    stage = runs / "parts" / "rejection_sampling"
+    round1, round2 = stage / "round-1", stage / "round-2"
+
+    (proc,) = launch_ranks(args, 1, tmp_path)
+    _wait(lambda: len(list((round2 / "chunks").glob("chunk-*.jsonl"))) >= 2, proc, "round 2's first chunks")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (round2 / "selection.json").exists(), "the kill came after round 2's sampling"
+    kept = len(list((round2 / "chunks").glob("chunk-*.jsonl")))
+    round1_files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in round1.iterdir()}
+
+    (proc,) = launch_ranks(args, 1, tmp_path)
+    _wait(lambda: complete_checkpoints(stage / "checkpoints" / "round-2"), proc, "round 2's first checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    out = proc.communicate()[0]
+    assert not (round2 / "round.json").exists(), "the kill came after round 2's fine-tuning"
+    assert f"round 2: {kept} of 16 chunk(s) already drawn" in out
+
+    last = rlhf(*args, cwd=tmp_path)
+    assert last.returncode == 0, last.stderr
+    assert "resuming rejection_sampling from" in last.stderr and "round-2/step-" in last.stderr
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in round1.iterdir()} == round1_files
+    a, b = runs / "full" / "rejection_sampling", stage
+    for r in (1, 2):
+        assert _rows(a / f"round-{r}" / "selected.jsonl") == _rows(b / f"round-{r}" / "selected.jsonl")
+    assert [r["step"] for r in metrics(runs / "parts", "rejection_sampling") if "loss" in r] == list(range(1, 13))
+    wa, wb = weights(a / "final"), weights(b / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_two_ranks_zero2_select_and_train_as_one_rank(base, runs, tmp_path):
+    """Chunks are seeded by (seed, round, chunk), not by rank: 2 ranks draw, select and (with the same global
+    batch) train exactly what 1 rank does."""
+    common = [*FAST, *RS, *PARITY, "stage.max_steps=3", "stage.generation_batch_size=3"]  # 16 prompts: 6 chunks
+    one = rlhf("rejection_sampling", *common, *_copy(base, runs, "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    args = ["-m", "rlhf_cli", "rejection_sampling", *common, *_copy(base, runs, "two"), "deepspeed=zero2",
+            "stage.gradient_accumulation_steps=1"]  # fmt: skip
+    two = torchrun(args, cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = runs / "one" / "rejection_sampling", runs / "two" / "rejection_sampling"
+    drop = ("duplicate",)
+    ra = [{k: v for k, v in r.items() if k not in drop} for r in _rows(a / "round-1" / "candidates.jsonl")]
+    rb = [{k: v for k, v in r.items() if k not in drop} for r in _rows(b / "round-1" / "candidates.jsonl")]
+    assert ra == rb
+    assert _rows(a / "round-1" / "selected.jsonl") == _rows(b / "round-1" / "selected.jsonl")
+    la = [r["loss"] for r in metrics(runs / "one", "rejection_sampling") if "loss" in r]
+    lb = [r["loss"] for r in metrics(runs / "two", "rejection_sampling") if "loss" in r]
+    assert lb == pytest.approx(la, rel=1e-5)
+    wa, wb = weights(a / "final"), weights(b / "final")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["stage.selection=threshold"], "stage.threshold"),
+        (["stage.selection=median"], "stage.selection"),
+        (["stage.reward.normalize=running"], "stage.reward.normalize"),
+        (["stage.generation.temperature=0"], "stage.generation.temperature"),
+        (["stage.prompts_per_round=2", "stage.micro_batch_size=8"], "round 1 selected 2 sample(s)"),
+    ],
+)
+def test_bad_settings_fail_clearly(base, runs, tmp_path, extra, message):
+    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "bad"), "stage.max_steps=1", *extra,
+               cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,77 @@
+"""Rejection sampling's round data (rlhf_cli/rollout/best_of_n.py): prompt subsets, chunk dealing, chunk files and
+the selection read back from them, training examples on the sampled ids."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_cli.data import IGNORE_INDEX
+from rlhf_cli.rollout import best_of_n as bon
+
+
+def test_round_prompts_are_a_seeded_subset_that_changes_by_round():
+    a, b = bon.round_prompts(50, 20, seed=3, round_no=1), bon.round_prompts(50, 20, seed=3, round_no=2)
+    assert len(a) == 20 == len(set(a)) and a == bon.round_prompts(50, 20, seed=3, round_no=1)
+    assert a != b
+    assert sorted(bon.round_prompts(7, None, seed=3, round_no=1)) == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "n,done,world,expected",
+    [
+        (5, set(), 1, [[0, 1, 2, 3, 4]]),
+        (5, set(), 2, [[0, 2, 4], [1, 3, None]]),  # every rank gets the same number of slots
+        (5, {1}, 2, [[0, 3], [2, 4]]),
+        (3, {0, 1, 2}, 2, [[], []]),
+        (1, set(), 3, [[0], [None], [None]]),
+    ],
+)
+def test_chunk_slots_deal_the_missing_chunks_evenly(n, done, world, expected):
+    assert [bon.chunk_slots(n, done, rank, world) for rank in range(world)] == expected
+
+
+def _row(p, c, score, ids):
+    return {"round": 1, "prompt_index": p, "candidate": c, "prompt": f"q{p}", "response": str(ids), "score": score,
+            "raw_score": score, "ended_with_eos": True, "response_ids": ids}  # fmt: skip
+
+
+def test_select_round_reads_the_chunks_and_writes_the_selection(tmp_path):
+    files = bon.RoundFiles.of(tmp_path, 1)
+    # chunk 0: prompts 7 and 2; chunk 1: prompt 5 (two candidates per prompt)
+    bon.write_chunk(files, 0, [_row(7, 0, 0.5, [1, 2]), _row(7, 1, 0.9, [3]), _row(2, 0, None, [4]),
+                               _row(2, 1, None, [5])])  # fmt: skip
+    bon.write_chunk(files, 1, [_row(5, 0, 0.2, [6]), _row(5, 1, 0.8, [6])])  # a copy: the second is not a new sample
+    assert bon.finished_chunks(files) == {0, 1}
+    st = SimpleNamespace(selection="best", top_k=1, threshold=None, save_candidates=True)
+    stats = bon.select_round(files, 2, 2, st)
+    chosen = bon.read_rows(files.selected)
+    assert [(r["prompt_index"], r["candidate"]) for r in chosen] == [(7, 1), (5, 0)]
+    assert stats["valid_prompt_fraction"] == pytest.approx(2 / 3) and stats["selected"] == 2
+    assert stats["duplicate_fraction"] == pytest.approx(1 / 6)
+    assert json.loads(files.selection.read_text()) == stats
+    assert [r["duplicate"] for r in bon.read_rows(files.candidates)] == [False, False, False, False, False, True]
+    assert not files.chunks.exists()
+
+
+def test_training_examples_are_the_prompt_ids_then_the_sampled_ids():
+    prompts = [SimpleNamespace(input_ids=[10, 11, 12]), SimpleNamespace(input_ids=[20])]
+    (ex,) = bon.training_examples([{"prompt_index": 0, "response_ids": [5, 6, 2]}], prompts)
+    assert ex.input_ids == [10, 11, 12, 5, 6, 2]
+    assert ex.labels == [IGNORE_INDEX] * 3 + [5, 6, 2]
+
+
+def test_candidate_rows_keep_prompt_and_candidate_alignment():
+    prompts = [SimpleNamespace(text="a"), SimpleNamespace(text="b")]
+    seq = SimpleNamespace(
+        response_ids=torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 6], [7, 2, 0]]),
+        response_mask=torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]),
+        has_eos=torch.tensor([True, True, False, True]),
+    )
+    raw = torch.tensor([1.0, float("nan"), 3.0, 4.0])
+    rows = bon.candidate_rows(2, [9, 4], prompts, 2, seq, ["w", "x", "y", "z"], raw, raw - 1)
+    assert [(r["prompt_index"], r["candidate"], r["prompt"]) for r in rows] == [(9, 0, "a"), (9, 1, "a"),
+                                                                                 (4, 0, "b"), (4, 1, "b")]  # fmt: skip
+    assert [r["response_ids"] for r in rows] == [[1, 2], [3], [4, 5, 6], [7, 2]]
+    assert rows[1]["score"] is None and rows[2]["score"] == 2.0 and rows[2]["ended_with_eos"] is False
