@@ -98,7 +98,8 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
         returns, resid = adv.returns, adv.returns - ro.values
         parts.update(tok=mask.sum(), r=masked_sum(returns, mask), r2=masked_sum(returns**2, mask),
                      d=masked_sum(resid, mask), d2=masked_sum(resid**2, mask))  # fmt: skip
-    sums = dict(zip(parts, eng.all_reduce_sum(torch.stack(list(parts.values())).double().cpu()).tolist(), strict=True))
+    local = torch.stack([v.double().cpu() for v in parts.values()])  # the count is a CPU tensor, the rest may not be
+    sums = dict(zip(parts, eng.all_reduce_sum(local).tolist(), strict=True))
     n, k = sums["n"], sums["valid"]
     mean = sums["s"] / k if k else math.nan
     out = {"rollout_sequences": n, "score_mean": mean, "score_std": max(sums["s2"] / k - mean**2, 0.0) ** 0.5 if k
