@@ -10,6 +10,7 @@ import time
 import pytest
 from conftest import FAST, launch_ranks, manifest, metrics, rlhf, torchrun, weights
 
+from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 from rlhf_cli.run_dir import complete_checkpoints
 
 # Small rounds: 16 prompts x 4 samples in chunks of 4 prompts, 8-token answers, fine-tuned in batches of 8.
@@ -62,9 +63,11 @@ def _check_best_of_n(round_dir, n_samples):
 
 
 def test_two_rounds_after_sft_and_rm(base, runs, tmp_path):
+    """Two rounds with the reward model; round 2 restarts from sft (init=sft) on both rounds' selections."""
     res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "chain"), "stage.rounds=2", "stage.max_steps=3",
-               cwd=tmp_path)  # fmt: skip
+               "stage.init=sft", "stage.keep_previous=true", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
+    assert f"round 2: fine-tuning on 32 selected samples from {runs / 'chain' / 'sft' / 'final'}" in res.stderr
     rec = manifest(runs / "chain")["stages"]["rejection_sampling"]
     assert rec["status"] == "completed" and rec["outputs"]["final"] == "rejection_sampling/final"
     assert rec["inputs"]["reward"].startswith("model ") and rec["inputs"]["policy"].endswith("chain/sft/final")
@@ -164,18 +167,29 @@ def test_two_ranks_zero2_select_and_train_as_one_rank(base, runs, tmp_path):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
 
 
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["stage.selection=threshold"], "stage.threshold"),
-        (["stage.selection=median"], "stage.selection"),
-        (["stage.reward.normalize=running"], "stage.reward.normalize"),
-        (["stage.generation.temperature=0"], "stage.generation.temperature"),
-        (["stage.prompts_per_round=2", "stage.micro_batch_size=8"], "round 1 selected 2 sample(s)"),
-    ],
-)
-def test_bad_settings_fail_clearly(base, runs, tmp_path, extra, message):
-    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "bad"), "stage.max_steps=1", *extra,
-               cwd=tmp_path)  # fmt: skip
+def test_sigusr1_while_sampling_keeps_the_chunks_then_resumes(base, runs, tmp_path):
+    """SIGUSR1 (a scheduler's warning) between two chunks: exit 75 with the finished chunks kept; the same command
+    draws only the others. (The config refusals are unit tests: tests/unit/test_registry.py.)"""
+    args = ["rejection_sampling", *FAST, *RS, *PARITY, *_copy(base, runs, "usr1"), "stage.prompts_per_round=32",
+            "stage.generation_batch_size=2", "stage.max_steps=2"]  # fmt: skip
+    chunks = runs / "usr1" / "rejection_sampling" / "round-1" / "chunks"
+    (proc,) = launch_ranks(args, 1, tmp_path)
+    _wait(lambda: len(list(chunks.glob("chunk-*.jsonl"))) >= 2, proc, "round 1's first chunks")
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "while sampling round 1" in out and "Traceback" not in out
+    assert manifest(runs / "usr1")["stages"]["rejection_sampling"]["status"] == "preempted"
+    kept = len(list(chunks.glob("chunk-*.jsonl")))
+    assert 2 <= kept < 16
+    again = rlhf(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"round 1: {kept} of 16 chunk(s) already drawn; drawing the other {16 - kept}" in again.stderr
+
+
+def test_too_few_selected_samples_for_a_batch_fail_clearly(base, runs, tmp_path):
+    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "bad"), "stage.max_steps=1",
+               "stage.prompts_per_round=2", "stage.micro_batch_size=8", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
+    assert "round 1 selected 2 sample(s), fewer than one global batch of 16" in res.stderr
+    assert "Traceback" not in res.stderr
