@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,21 @@ FAST = [
     "logging.progress=false",
     "optim.lr=3e-3",
 ]
+
+
+def sft_rm_base(root: Path) -> Path:
+    """A run `base` under `root` with short `sft` and `rm` stages on the FAST model, for online stages to copy."""
+    for stage, steps in (("sft", 20), ("rm", 10)):
+        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
+                   "stage.save_every=0", cwd=root)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+    return root / "base"
+
+
+def copy_run(base: Path, runs: Path, name: str, stage: str) -> list[str]:
+    """Copy the run `base` to `runs/name` without `stage`'s folder; the run-name overrides of the copy."""
+    shutil.copytree(base, runs / name, ignore=shutil.ignore_patterns(stage, ".lock"))
+    return [f"run.root={runs}", f"run.name={name}"]
 
 
 def rlhf(*args: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, launch_ranks, manifest, metrics, rlhf, torchrun, weights
+from conftest import FAST, copy_run, launch_ranks, manifest, metrics, rlhf, sft_rm_base, torchrun, weights
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
@@ -31,17 +31,11 @@ OBSERVED = ("score_mean", "score_std", "kl", "non_score_reward", "total_reward",
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A run with short `sft` and `rm` stages, copied by each test that needs them."""
-    root = tmp_path_factory.mktemp("ppo_base")
-    for stage, steps in (("sft", 20), ("rm", 10)):
-        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
-                   "stage.save_every=0", cwd=root)  # fmt: skip
-        assert res.returncode == 0, res.stderr
-    return root / "base"
+    return sft_rm_base(tmp_path_factory.mktemp("ppo_base"))
 
 
 def _copy(base, runs, name):
-    shutil.copytree(base, runs / name, ignore=shutil.ignore_patterns("ppo", ".lock"))
-    return [f"run.root={runs}", f"run.name={name}"]
+    return copy_run(base, runs, name, "ppo")
 
 
 def _iterations(run_dir):

@@ -3,12 +3,11 @@ clean-up), SIGKILL during round 2's sampling and during its fine-tuning then res
 redone), 2 ranks under ZeRO-2 == 1 rank, clear errors."""
 
 import json
-import shutil
 import signal
 import time
 
 import pytest
-from conftest import FAST, launch_ranks, manifest, metrics, rlhf, torchrun, weights
+from conftest import FAST, copy_run, launch_ranks, manifest, metrics, rlhf, sft_rm_base, torchrun, weights
 
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 from rlhf_cli.run_dir import complete_checkpoints
@@ -27,18 +26,12 @@ ROUND_KEYS = ("candidates", "candidate_score_mean", "selected", "selected_score_
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A run with short `sft` and `rm` stages, copied by each test."""
-    root = tmp_path_factory.mktemp("rs_base")
-    for stage, steps in (("sft", 20), ("rm", 10)):
-        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
-                   "stage.save_every=0", cwd=root)  # fmt: skip
-        assert res.returncode == 0, res.stderr
-    return root / "base"
+    """A run with short `sft` and `rm` stages, copied by each test that needs them."""
+    return sft_rm_base(tmp_path_factory.mktemp("rs_base"))
 
 
 def _copy(base, runs, name):
-    shutil.copytree(base, runs / name, ignore=shutil.ignore_patterns("rejection_sampling", ".lock"))
-    return [f"run.root={runs}", f"run.name={name}"]
+    return copy_run(base, runs, name, "rejection_sampling")
 
 
 def _rows(path):
