@@ -56,7 +56,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     source = run.resolve_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(OmegaConf.merge(cfg.model, {"name_or_path": source}))
     data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    gold = load_function(st.gold_reward) if st.gold_reward else None
+    gold = load_function(st.gold_reward, key="stage.gold_reward") if st.gold_reward else None
 
     # 2. The reward source (loaded once for every round) and the statistics it is normalised with.
     rm_stats = reward_stats(st, run)

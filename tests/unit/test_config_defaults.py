@@ -149,7 +149,7 @@ EXPERIMENTS = {
     ("dpo", "dpo_ultrafeedback"): (5e-07, "cosine", 0.1, 0.0, 10, 1.0, 4, 16, 500),
     ("ppo", "ppo_hh_rlhf"): (1e-06, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 25),
     ("ppo", "ppo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 10),
-    ("rejection_sampling", "rs_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 50),
+    ("rejection_sampling", "rs_parity"): (0.001, "constant", 0.0, 0.1, 10, 3.0, 8, 32, 50),
 }
 
 
