@@ -150,6 +150,16 @@ def same_on_all_ranks(value: str) -> bool:
     return len(set(values)) == 1
 
 
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a picklable object), e.g. what rank 0 found on disk, so that ranks which
+    looked at different moments still act on one view."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (used to agree on stopping at a step boundary)."""
     return bool(all_reduce_sum(float(flag)) > 0)

@@ -187,7 +187,9 @@ def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_
     ranks ask each other about SIGTERM / SIGUSR1 / Ctrl-C and stop together (Preempted) with the finished chunks kept.
     Returns the throughput of this call: responses/s, gen_tok/s, generation and scoring seconds (rank 0's)."""
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    done = finished_chunks(files)
+    # Rank 0's listing, not each rank's own: a rank that looked after another had written a chunk would deal the
+    # chunks differently and one chunk would be drawn by no rank.
+    done = eng.from_main(finished_chunks(files) if dist.is_main else None)
     slots = chunk_slots(len(chunks), done, dist.rank, dist.world_size)
     counts = torch.zeros(2, dtype=torch.float64)  # candidates, new tokens written by this rank
     seconds = torch.zeros(2, dtype=torch.float64)  # generation, scoring

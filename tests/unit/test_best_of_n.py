@@ -75,3 +75,44 @@ def test_candidate_rows_keep_prompt_and_candidate_alignment():
                                                                                  (4, 0, "b"), (4, 1, "b")]  # fmt: skip
     assert [r["response_ids"] for r in rows] == [[1, 2], [3], [4, 5, 6], [7, 2]]
     assert rows[1]["score"] is None and rows[2]["score"] == 2.0 and rows[2]["ended_with_eos"] is False
+
+
+def _late_rank_zero(rank: int, port: int, root: str, out: str) -> None:
+    """One of 2 gloo ranks drawing 6 chunks with the draw stubbed out. Rank 0 reaches the round a second late, after
+    rank 1 could already have written a chunk: the deal must still give every chunk to exactly one rank."""
+    import os
+    import time
+    from pathlib import Path
+
+    import torch.distributed as tdist
+
+    from rlhf_cli import engine as eng
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    drawn = []
+
+    def draw(model, prompt_idx, *args):
+        drawn.append(prompt_idx[0])
+        return [_row(prompt_idx[0], 0, 1.0, [1])], (0.0, 0.0)
+
+    bon.draw_chunk, bon.sampling_config = draw, lambda *args: None
+    if rank == 0:
+        time.sleep(1.0)
+    dist = eng.Dist(rank, 2, rank, torch.device("cpu"))
+    files = bon.RoundFiles(Path(root))
+    bon.sample_chunks(None, [[c] for c in range(6)], files, 1, [], SimpleNamespace(eos_token_id=0, pad_token_id=0),
+                      None, SimpleNamespace(generation=None), None, dist, 0, print, collective=False)  # fmt: skip
+    Path(out, f"rank{rank}.json").write_text(json.dumps(drawn))
+    tdist.destroy_process_group()
+
+
+def test_ranks_deal_the_chunks_from_one_listing_even_when_one_rank_is_late(tmp_path):
+    import torch.multiprocessing as mp
+
+    from rlhf_cli.engine import _free_port
+
+    mp.spawn(_late_rank_zero, args=(_free_port(), str(tmp_path / "round"), str(tmp_path)), nprocs=2)
+    drawn = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(drawn[0] + drawn[1]) == list(range(6)), drawn  # each chunk drawn once, none left out
+    assert bon.finished_chunks(bon.RoundFiles(tmp_path / "round")) == set(range(6))
