@@ -26,3 +26,37 @@ __all__ = [
     "split_pairs",
     "token_logprobs",
 ]
+
+from rlhf_cli.losses.critic_free import (  # noqa: E402  (critic-free online RL, ALGORITHMS.md section 8)
+    aggregate,
+    clipped_surrogate,
+    dynamic_sampling_mask,
+    global_moments,
+    global_whiten,
+    group_advantages,
+    group_stats,
+    k3_kl_loss,
+    mask_truncated,
+    reinforce_pp_returns,
+    rloo_advantages,
+    sequence_k1,
+    zero_variance_fraction,
+    zero_variance_groups,
+)
+
+__all__ += [
+    "aggregate",
+    "clipped_surrogate",
+    "dynamic_sampling_mask",
+    "global_moments",
+    "global_whiten",
+    "group_advantages",
+    "group_stats",
+    "k3_kl_loss",
+    "mask_truncated",
+    "reinforce_pp_returns",
+    "rloo_advantages",
+    "sequence_k1",
+    "zero_variance_fraction",
+    "zero_variance_groups",
+]
