@@ -23,6 +23,8 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "ppo": ("score_mean", "kl", "eval_score", "eval_response_length", "eval_eos_fraction"),
     # First -> last: round 1 -> the last round for the selection, the starting policy -> the last one for eval.
     "rejection_sampling": HEADLINE_RS,
+    **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("score_mean", "zero_variance_groups", "kl", "eval_score",
+                                                         "eval_gold", "eval_response_length")),  # fmt: skip
 }
 # Stage -> what usually comes next in the chain ({run}: the run-name arguments).
 NEXT: dict[str, str] = {
@@ -32,6 +34,8 @@ NEXT: dict[str, str] = {
     "ppo": 'rlhf generate {run} stage=ppo prompt="What is the capital of France?"',
     "rejection_sampling": "rlhf ppo {run} model.name_or_path=stage:rejection_sampling   (Llama 2: PPO on top), or "
     'rlhf generate {run} stage=rejection_sampling prompt="Hi"',
+    **{verb: f'rlhf generate {{run}} stage={verb} prompt="Is 7 even or odd?"' for verb in ("grpo", "rloo",
+                                                                                          "reinforce_pp")},
 }
 
 

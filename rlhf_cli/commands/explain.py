@@ -225,15 +225,31 @@ def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
 
 
 def reward_rows(cfg: Any, overrides: list[str]) -> list[Row]:
-    """The frozen reward model of an online stage, or none when a Python function scores."""
+    """The frozen reward model of an online stage, or none when Python functions score."""
     st = cfg.stage
+    functions = [f.fn for f in st.reward.get("functions", [])]
+    if functions:
+        return [Row("reward", f"none: the functions {', '.join(functions)}")]
     if st.reward.function or not st.reward.model:
         return [Row("reward", f"none: the function {st.reward.function}")]
     return [frozen_row("reward", resolve_model(cfg, st.reward.model, overrides), cfg, scalar_head=True)]
 
 
+def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
+    """GRPO / RLOO / REINFORCE++: no critic; a frozen reference only when stage.kl_coef > 0 (stages/critic_free.py)."""
+    st = cfg.stage
+    if not st.kl_coef:
+        rows = [Row("reference", "none: stage.kl_coef=0 (no KL, no reference model loaded)")]
+    elif cfg.model.lora.enabled and not st.reference:
+        rows = [Row("reference", "none: the policy's base weights with its LoRA adapters disabled")]
+    else:
+        rows = [frozen_row("reference", resolve_model(cfg, st.reference or cfg.model.name_or_path, overrides), cfg)]
+    return rows + reward_rows(cfg, overrides)
+
+
 # Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic).
-_MORE_ROWS = {"ppo": ppo_rows, "rejection_sampling": reward_rows}
+_MORE_ROWS = {"ppo": ppo_rows, "rejection_sampling": reward_rows, "grpo": critic_free_rows,
+              "rloo": critic_free_rows, "reinforce_pp": critic_free_rows}  # fmt: skip
 
 
 def memory_lines(rows: list[Row], ds: Any) -> list[str]:
@@ -308,8 +324,26 @@ def rejection_sampling_lines(cfg: Any, policy: Any) -> list[str]:
     return lines
 
 
+def critic_free_lines(cfg: Any, policy: Any) -> list[str]:
+    """The iteration plan `rlhf grpo` / `rloo` / `reinforce_pp` prints, from its own functions."""
+    from rlhf_cli.data import build_prompt_datasets
+    from rlhf_cli.models.load import load_tokenizer
+    from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates, describe_critic_free
+
+    st, world = cfg.stage, world_size(cfg)
+    data = build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed)
+    plan = critic_free_plan(len(data.train), st, world)
+    lines = [f"  {describe_critic_free(plan, st, world)}",
+             f"  = {critic_free_updates(plan, st, world)} optimizer steps of the policy"]  # fmt: skip
+    if st.advantage == "grpo":
+        lines.append(f"  GRPO: advantages / {st.scale_rewards} std, loss {st.loss_aggregation}, clip "
+                     f"[{1 - st.clip_eps_low:g}, {1 + st.clip_eps_high:g}], k3 KL loss x {st.kl_coef:g}")  # fmt: skip
+    return lines
+
+
 # Stage -> lines after the batch algebra: the plan of an online stage.
-_MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_lines}
+_MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_lines, "grpo": critic_free_lines,
+               "rloo": critic_free_lines, "reinforce_pp": critic_free_lines}  # fmt: skip
 
 
 def world_size(cfg: Any) -> int:

@@ -307,3 +307,26 @@ def mask_truncated(mask: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
     if has_eos.shape != (mask.shape[0],):
         raise ValueError(f"has_eos {tuple(has_eos.shape)} must be (B,) with B = {mask.shape[0]}")
     return torch.where(has_eos.bool()[:, None], mask, torch.zeros_like(mask))
+
+
+def aggregation_weights(mask: torch.Tensor, mode: str, norm_length: int | None = None) -> torch.Tensor:
+    """`aggregate` as per-token weights, for a loss summed over micro-batches and ranks then divided by one global
+    count (`aggregation_count`): mask (B, T) -> weights (B, T) fp32 (0 off the mask). token_mean: 1 per token (count:
+    the tokens); seq_mean_token_mean: 1 / the row's tokens; seq_mean_token_sum_norm: 1 / norm_length (count: rows).
+    sum(weights * loss) / count == aggregate(loss, mask, mode, num_tokens=count or num_seqs=count)."""
+    m = mask.float()
+    if mode == "token_mean":
+        return m
+    if mode == "seq_mean_token_mean":
+        return m / m.sum(1, keepdim=True).clamp(min=1)
+    if mode == "seq_mean_token_sum_norm":
+        if norm_length is None or norm_length <= 0:
+            raise ValueError(f"seq_mean_token_sum_norm needs norm_length > 0 (max response length), got {norm_length}")
+        return m / norm_length
+    raise ValueError(f"unknown loss aggregation {mode!r}; one of {AGGREGATIONS}")
+
+
+def aggregation_count(mask: torch.Tensor, mode: str) -> float:
+    """This batch's share of the aggregation's denominator: its valid tokens (token_mean) or its rows (the others,
+    empty rows included, as `aggregate`); sum it over ranks for the step's normaliser."""
+    return float(mask.float().sum()) if mode == "token_mean" else float(mask.shape[0])

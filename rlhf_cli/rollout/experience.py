@@ -32,13 +32,14 @@ from rlhf_cli.rollout.scoring import Scores, Stats, score_responses
 class Rollout:
     """B = prompts x n_samples rows, a prompt's samples consecutive. Tensors are (B, R) over response tokens unless
     noted. `group` (B,) long: the index of the row's prompt in this rank's batch (row i: i // n_samples);
-    `ref_logprobs` is None without a reference, `values` None without a critic; `scores` raw and shaped (B,)."""
+    `logprobs` (the rollout policy's) is None when not computed, `ref_logprobs` None without a reference, `values`
+    None without a critic; `scores` raw and shaped (B,)."""
 
     seq: Sequences
     prompts: list[Any]
     responses: list[str]
     group: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     values: torch.Tensor | None
     scores: Scores
@@ -102,13 +103,15 @@ def expand(prompts: list[Any], n: int) -> tuple[list[Any], torch.Tensor]:
 @torch.no_grad()
 def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, prompts: list[Any], batch: dict,
             tokenizer: Any, st: Any, gen_config: Any, n_samples: int = 1, stats: Stats = None,
-            allow_invalid: bool = False) -> Rollout:  # fmt: skip
+            allow_invalid: bool = False, old_logprobs: bool = True) -> Rollout:  # fmt: skip
     """Sample `n_samples` responses per prompt from `actor` (a training engine or a plain module) and read back, in
     micro-batches of `st.micro_batch_size`, the old log-probs at `st.generation.temperature`, the reference's
     log-probs (`ref`, or None) and the values (`critic`, or None); then score them (`score_responses` with
     `st.reward`, `stats` and `allow_invalid`). `prompts` (B,) are the PromptExamples of the left-padded `batch`
     {"input_ids", "attention_mask"} (B, P); the rollout has B * n_samples rows, a prompt's samples consecutive.
-    The models' train / eval modes are restored afterwards."""
+    The models' train / eval modes are restored afterwards. `old_logprobs=False` skips the rollout policy's
+    log-probs (`logprobs` is then None): a method that updates once per rollout takes its ratio from the detached
+    current log-probs and needs no KL in the reward."""
     t0 = time.perf_counter()
     prompts, group = expand(prompts, n_samples)
     if n_samples > 1:
@@ -125,7 +128,8 @@ def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, 
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
     for start in range(0, len(prompts), st.micro_batch_size):
         sub = seq.rows(slice(start, start + st.micro_batch_size), trim=False)
-        parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
+        if old_logprobs:
+            parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
         if ref is not None:
             parts["ref"].append(ref.logprobs(actor, sub, tau))
         if critic is not None:
@@ -153,3 +157,47 @@ def advantages(ro: Rollout, st: Any, kl_coef: float) -> Advantages:
     whitened = masked_whiten(rewards, mask, shift_mean=False) if st.whiten_rewards else rewards
     adv, returns = gae(whitened, ro.values, mask, st.gamma, st.lam)
     return Advantages(masked_whiten(adv, mask), returns, kl, rewards, non_score)
+
+
+def concat(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts (each from its own generate call) as one: prompts left-padded to the widest prompt, responses and
+    per-token tensors right-padded to the longest response (pad ids, mask 0, log-probs 0). `group` renumbered so
+    that prompt indices stay distinct. Timings add up."""
+    if len(parts) == 1:
+        return parts[0]
+    p_len = max(r.seq.prompt_len for r in parts)
+    r_len = max(r.mask.shape[1] for r in parts)
+
+    def widen(x: torch.Tensor, left: int, right: int, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    seqs, per_token = [], {"logprobs": [], "ref_logprobs": [], "values": []}
+    for r in parts:
+        s, left, right = r.seq, p_len - r.seq.prompt_len, r_len - r.mask.shape[1]
+        seqs.append(Sequences(widen(s.input_ids, left, right, pad_id), widen(s.attention_mask, left, right, 0),
+                              widen(s.position_ids, left, right, 0), widen(s.response_mask, 0, right, 0.0),
+                              s.has_eos, p_len))  # fmt: skip
+        for key in per_token:
+            value = getattr(r, key)
+            per_token[key].append(None if value is None else widen(value, 0, right, 0.0))
+    fields = ("input_ids", "attention_mask", "position_ids", "response_mask", "has_eos")
+    seq = Sequences(*(torch.cat([getattr(s, f) for s in seqs]) for f in fields), p_len)
+    offsets = torch.tensor([0] + [int(r.group.max()) + 1 for r in parts[:-1]]).cumsum(0)
+    group = torch.cat([r.group + int(o) for r, o in zip(parts, offsets, strict=True)])
+    joined = {k: None if any(v is None for v in vs) else torch.cat(vs) for k, vs in per_token.items()}
+    scores = Scores(torch.cat([r.scores.raw for r in parts]), torch.cat([r.scores.shaped for r in parts]))
+    seconds = {k: sum(r.seconds.get(k, 0.0) for r in parts) for k in parts[0].seconds}
+    return Rollout(seq, [p for r in parts for p in r.prompts], [t for r in parts for t in r.responses], group,
+                   joined["logprobs"], joined["ref_logprobs"], joined["values"], scores, seconds)  # fmt: skip
+
+
+def take_rows(ro: Rollout, idx: list[int]) -> Rollout:
+    """The rows `idx` of a rollout (same widths)."""
+    t = torch.tensor(idx, dtype=torch.long, device=ro.mask.device)
+    s = ro.seq
+    seq = Sequences(s.input_ids[t], s.attention_mask[t], s.position_ids[t], s.response_mask[t], s.has_eos[t],
+                    s.prompt_len)  # fmt: skip
+    pick = (lambda x: None if x is None else x[t])  # noqa: E731
+    return Rollout(seq, [ro.prompts[i] for i in idx], [ro.responses[i] for i in idx], ro.group[t], pick(ro.logprobs),
+                   pick(ro.ref_logprobs), pick(ro.values), Scores(ro.scores.raw[t], ro.scores.shaped[t]),
+                   dict(ro.seconds))  # fmt: skip

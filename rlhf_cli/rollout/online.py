@@ -46,7 +46,7 @@ def reward_stats(st: Any, run: Any) -> tuple[float, float] | None:
     if r.normalize != "rm_stats":
         return None
     fix, file = "; use stage.reward.normalize=running (or none)", REWARD_STATS_FILE
-    if r.function or not r.model:
+    if r.function or getattr(r, "functions", None) or not r.model:
         raise UserError(f"stage.reward.normalize=rm_stats needs a reward model trained by `rlhf rm`, whose recorded "
                         f"eval mean / std it uses; the reward here is the function {r.function}{fix}")  # fmt: skip
     if r.reduce != "logit" or r.label not in (None, "0", 0):
@@ -90,7 +90,7 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
     lengths = mask.sum(1)
     parts = {"n": torch.tensor(float(len(ro.prompts))), "valid": valid.float().sum(), "s": scores.sum(),
              "s2": (scores**2).sum(), "length": lengths.sum(), "eos": ro.seq.has_eos.float().sum()}  # fmt: skip
-    if ro.ref_logprobs is not None:
+    if ro.ref_logprobs is not None and ro.logprobs is not None:
         parts["kl"] = ((ro.logprobs - ro.ref_logprobs) * mask).sum(1).sum()
     if adv is not None and adv.rewards is not None:
         parts["non_score"], parts["total"] = adv.non_score.sum(), adv.rewards.sum()

@@ -4,7 +4,8 @@
   probability). When it shares the policy's tokenizer, it reads the rollout's own token ids (prompt + response
   through EOS), exactly the ids it was trained on, and the score is taken at the last real token. Otherwise the
   texts are re-rendered with its own tokenizer, as `rlhf score` does.
-- `FunctionReward`: a Python function `module:function(prompts, responses) -> list[float]` (verifiable tasks).
+- `FunctionReward`: a Python function `module:function(prompts, responses) -> list[float]` (verifiable tasks), or
+  a weighted sum of several (`stage.reward.functions`).
 
 `score(..., allow_invalid=True)` turns what a reward function could not judge (None, NaN, inf) into a NaN score, for
 the stages that drop such a sample (rejection sampling) or give it no advantage (GRPO); PPO keeps the default, where
@@ -64,18 +65,35 @@ def check_scores(values: Any, n: int, what: str, allow_invalid: bool = False) ->
 
 
 class FunctionReward:
-    def __init__(self, spec: str):
-        self.spec, self.fn = spec, load_function(spec)
+    """One Python function (`stage.reward.function`), or several weighted ones (`stage.reward.functions`): the score
+    is the weighted sum, NaN where any term could not judge. With several, `last_terms` holds each function's scores
+    of the last call ((B,) tensors, by function name) for the stage to log."""
+
+    def __init__(self, terms: str | list[tuple[str, float]], key: str = "stage.reward.function"):
+        self.key = key
+        terms = [(terms, 1.0)] if isinstance(terms, str) else terms
+        self.terms = [(spec, float(weight), load_function(spec, key)) for spec, weight in terms]
+        names = [spec.partition(":")[2] for spec, _, _ in self.terms]
+        self.names = names if len(set(names)) == len(names) else [spec for spec, _, _ in self.terms]
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return f"function {self.spec}"
+        if len(self.terms) == 1 and self.key == "stage.reward.function":
+            return f"function {self.terms[0][0]}"
+        return "functions " + " + ".join(f"{weight:g} x {spec}" for spec, weight, _ in self.terms)
 
     def score(self, prompts: list[Any], seq: Sequences, responses: list[str],
               allow_invalid: bool = False) -> torch.Tensor:  # fmt: skip
-        """(B,) fp32 on the rollout's device; NaN where the function could not judge (only with `allow_invalid`)."""
-        out = self.fn([p.text for p in prompts], responses)
-        values = check_scores(out, len(responses), f"stage.reward.function {self.spec}", allow_invalid)
-        return torch.tensor(values, dtype=torch.float32, device=seq.input_ids.device)
+        """(B,) fp32 on the rollout's device; NaN where a function could not judge (only with `allow_invalid`)."""
+        texts = [p.text for p in prompts]
+        total = torch.zeros(len(responses), dtype=torch.float32, device=seq.input_ids.device)
+        for name, (spec, weight, fn) in zip(self.names, self.terms, strict=True):
+            values = check_scores(fn(texts, responses), len(responses), f"{self.key} {spec}", allow_invalid)
+            term = torch.tensor(values, dtype=torch.float32, device=total.device)
+            if self.key == "stage.reward.functions":
+                self.last_terms[name] = term
+            total += weight * term
+        return total
 
 
 class ModelReward:
@@ -121,6 +139,8 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any) -> FunctionReward | ModelReward:
     """The reward source named by `stage.reward` (a function wins over a model)."""
     r = st.reward
+    if getattr(r, "functions", None):
+        return FunctionReward([(f.fn, f.weight) for f in r.functions], key="stage.reward.functions")
     if r.function:
         return FunctionReward(r.function)
     if not r.model:

@@ -10,29 +10,49 @@ the caller to all-reduce with whatever else it counts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli.losses.critic_free import clipped_surrogate, k3_kl_loss
 from rlhf_cli.losses.ppo import entropy_from_logits, masked_sum, policy_loss, value_loss
 from rlhf_cli.rollout.experience import Rollout, critic_values
 from rlhf_cli.rollout.generation import response_logits, response_logprobs
 
 # This rank's per-token sums of an actor step: losses and statistics, all forwarded tokens, valid response tokens,
-# |log ratio|.
-ACTOR_SUMS = ("policy_loss", "clipfrac_policy", "approx_kl", "entropy", "tokens", "valid", "abs_log_ratio")
+# |log ratio|, then the tokens clipped at 1 - eps_low and at 1 + eps_high, and the k3 KL to the reference.
+ACTOR_SUMS = ("policy_loss", "clipfrac_policy", "approx_kl", "entropy", "tokens", "valid", "abs_log_ratio",
+              "clipfrac_low", "clipfrac_high", "kl_loss")  # fmt: skip
 CRITIC_SUMS = ("value_loss", "clipfrac_value")
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The actor loss of a critic-free method (GRPO / RLOO / REINFORCE++), where PPO's is the default: the clipped
+    surrogate with its own low / high ranges (DAPO clip-higher), per-token `weights` (B, R) that carry the loss
+    aggregation (1 per token for a token mean, 1 / length for a mean per sequence, 1 / max length for Dr. GRPO; 0
+    off the loss), optionally `kl_coef` x k3 to the rollout's reference log-probs as a loss term, and with
+    `old_from_rollout=False` the ratio against the detached current log-probs (one update per rollout: ratio 1)."""
+
+    clip_low: float
+    clip_high: float
+    weights: torch.Tensor
+    kl_coef: float = 0.0
+    old_from_rollout: bool = True
+
+
 def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Tensor, st: Any, n_tokens: float,
-               extra_loss: Callable[[int], torch.Tensor] | None = None
+               extra_loss: Callable[[int], torch.Tensor] | None = None, objective: Objective | None = None
                ) -> tuple[torch.Tensor, float | None]:  # fmt: skip
     """One optimizer step of `actor` (a DeepSpeed engine) on the rollout rows `idx` (M,), in micro-batches of
     `st.micro_batch_size`: PPO's clipped surrogate (`st.clip_eps`) on `advantages` (B, R) against the rollout's old
-    log-probs, both at `st.generation.temperature`, minus `st.entropy_coef` x entropy; `extra_loss(c)`, when given,
-    adds a term to micro-batch c's summed loss (in units of the `n_tokens` normaliser, e.g. PPO-ptx).
-    Returns (this rank's sums (len(ACTOR_SUMS),) float64, the gradient norm of the step)."""
+    log-probs, both at `st.generation.temperature`, minus `st.entropy_coef` x entropy, summed over valid tokens;
+    `objective` replaces it with a critic-free method's (see `Objective`). The step's loss is that sum over all
+    micro-batches and ranks divided by `n_tokens` (the step's global normaliser: valid tokens, or sequences).
+    `extra_loss(c)`, when given, adds a term to micro-batch c's summed loss (in units of the normaliser, e.g.
+    PPO-ptx). Returns (this rank's sums (len(ACTOR_SUMS),) float64, the gradient norm of the step)."""
     tau = st.generation.temperature if st.generation.temperature > 0 else 1.0
     sums = torch.zeros(len(ACTOR_SUMS), dtype=torch.float64)
     norm = None
@@ -41,19 +61,34 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
         mask, width = sub.response_mask, sub.response_mask.shape[1]
         logits = response_logits(actor, sub)
         logprobs = response_logprobs(logits, sub, tau)
-        old = ro.logprobs[chunk, :width]
-        pg, clipped, approx_kl = policy_loss(logprobs, old, advantages[chunk, :width], st.clip_eps)
         entropy = entropy_from_logits(logits / tau if st.entropy_coef else logits.detach() / tau)
-        loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
+        if objective is None:
+            old = ro.logprobs[chunk, :width]
+            pg, clipped, approx_kl = policy_loss(logprobs, old, advantages[chunk, :width], st.clip_eps)
+            low = high = kl = torch.zeros_like(pg)
+            loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
+        else:
+            old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
+            pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low,
+                                              objective.clip_high)  # fmt: skip
+            log_ratio = (logprobs.detach() - old).clamp(-20.0, 20.0)
+            clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
+            per_token = pg - st.entropy_coef * entropy
+            kl = torch.zeros_like(pg)
+            if objective.kl_coef:
+                kl = k3_kl_loss(logprobs, ro.ref_logprobs[chunk, :width])
+                per_token = per_token + objective.kl_coef * kl
+            loss = (per_token * objective.weights[chunk, :width]).sum()
         if extra_loss is not None:
             loss = loss + extra_loss(c)
         eng.backward(actor, loss, n_tokens)
         norm = eng.step(actor)  # DeepSpeed applies it at the last micro-batch (the accumulation boundary)
-        sums[:4] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (pg, clipped, approx_kl,
-                                                                                          entropy)])  # fmt: skip
+        stats = (pg, clipped, approx_kl, entropy)
+        sums[:4] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in stats])
         sums[4] += float(sub.attention_mask.sum())
         sums[5] += float(mask.sum())
         sums[6] += float(masked_sum((logprobs.detach() - old).abs(), mask))
+        sums[7:] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (low, high, kl)])
     return sums, norm
 
 

@@ -103,6 +103,37 @@ _RS_NORMALIZE = (
     "or none",
 )
 
+# GRPO / RLOO / REINFORCE++: the same keys and rules under three verbs (their defaults differ).
+_CRITIC_FREE_RANGES: dict[str, Range] = {
+    **ONLINE_RANGES,
+    "stage.rollout_batch_size": ">= 1",
+    "stage.n_samples": ">= 1",
+    "stage.ppo_epochs": ">= 1",
+    "stage.clip_eps_low": "> 0",
+    "stage.clip_eps_high": "> 0",
+    "stage.kl_coef": ">= 0",
+    "stage.gamma": "[0, 1]",
+    "stage.entropy_coef": ">= 0",
+    "stage.max_sampling_batches": ">= 1",
+    "stage.sample_every": ">= 0",
+    "stage.sample_rows": ">= 0",
+    "stage.generation.temperature": ("> 0", _ON_POLICY),
+    "stage.generation.top_k": ("== 0", _ON_POLICY),
+    "stage.generation.top_p": ("== 1", _ON_POLICY),
+}
+_CRITIC_FREE_CHOICES: dict[str, Choice] = {
+    "stage.advantage": s.ADVANTAGES,
+    "stage.scale_rewards": s.REWARD_SCALINGS,
+    "stage.loss_aggregation": s.LOSS_AGGREGATIONS,
+    **ONLINE_CHOICES,
+}
+
+
+def _critic_free(name: str, summary: str, example: str) -> StageSpec:
+    return StageSpec(name, "rlhf_cli.stages.critic_free", s.CriticFreeRoot, summary=summary, example=example,
+                     formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES)
+
+
 STAGES: dict[str, StageSpec] = {
     "sft": StageSpec(
         "sft", "rlhf_cli.stages.sft", s.SFTRoot,
@@ -149,4 +180,10 @@ STAGES: dict[str, StageSpec] = {
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},
     ),
+    "grpo": _critic_free("grpo", "GRPO (group-relative, no critic; Dr. GRPO / DAPO options), from sft",
+                         "rlhf grpo +experiment=grpo_parity stage.n_samples=8"),
+    "rloo": _critic_free("rloo", "RLOO (leave-one-out baseline, no critic), from sft",
+                         "rlhf rloo +experiment=grpo_parity stage.advantage=rloo"),
+    "reinforce_pp": _critic_free("reinforce_pp", "REINFORCE++ (global whitening, no critic), from sft",
+                                 "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline"),
 }  # fmt: skip

@@ -82,3 +82,47 @@ def describe_plan(plan: StepPlan, st: Any) -> str:
     return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
             f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
             f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
+
+
+def critic_free_rows(st: Any, world_size: int) -> int:
+    """Rollout rows per rank of a critic-free iteration: rollout_batch_size prompts x n_samples responses, dealt
+    evenly over the ranks, a whole number of mini-batches each (a prompt's group may straddle two ranks)."""
+    rows = st.rollout_batch_size * st.n_samples
+    if rows % world_size:
+        raise UserError(f"stage.rollout_batch_size x stage.n_samples = {rows} rollout rows cannot be dealt evenly to "
+                        f"{world_size} ranks; make it a multiple of the number of processes")  # fmt: skip
+    per_rank = rows // world_size
+    if per_rank % mini_batch(st):
+        raise UserError(f"{per_rank} rollout rows per rank (stage.rollout_batch_size x stage.n_samples / {world_size} "
+                        f"rank(s)) is not a multiple of the mini-batch stage.micro_batch_size x "
+                        f"stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them")  # fmt: skip
+    if st.dynamic_sampling and st.rollout_batch_size % world_size:
+        raise UserError(f"stage.dynamic_sampling replaces whole groups on each rank: stage.rollout_batch_size="
+                        f"{st.rollout_batch_size} must be a multiple of the {world_size} ranks")  # fmt: skip
+    return per_rank
+
+
+def critic_free_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
+    """The iterations of a critic-free stage: rollout_batch_size prompts per iteration (all ranks together), the
+    data position a pure function of the iteration (`StepPlan.rank_indices(step, 0, seed)` gives every rank the
+    iteration's prompts)."""
+    critic_free_rows(st, world_size)
+    per_epoch = n_prompts // st.rollout_batch_size
+    if per_epoch == 0:
+        raise UserError(f"only {n_prompts} training prompts for {st.rollout_batch_size} prompts per iteration; lower "
+                        "stage.rollout_batch_size or add prompts")  # fmt: skip
+    total = st.max_steps or math.ceil(st.epochs * per_epoch)
+    return StepPlan(n_prompts, st.rollout_batch_size, 1, 1, per_epoch, max(1, total))
+
+
+def critic_free_updates(plan: StepPlan, st: Any, world_size: int) -> int:
+    """Optimizer steps over the whole stage (the schedule's length)."""
+    return plan.total_steps * st.ppo_epochs * (critic_free_rows(st, world_size) // mini_batch(st))
+
+
+def describe_critic_free(plan: StepPlan, st: Any, world_size: int) -> str:
+    rows = critic_free_rows(st, world_size)
+    return (f"{plan.n_examples} prompts, {st.rollout_batch_size} per iteration x {st.n_samples} samples = "
+            f"{st.rollout_batch_size * st.n_samples} rows ({rows} per rank on {world_size} rank(s)); "
+            f"{plan.total_steps} iterations of {st.ppo_epochs} epoch(s) x {rows // mini_batch(st)} mini-batch(es) of "
+            f"{mini_batch(st)} rows per rank; advantage {st.advantage}")  # fmt: skip

@@ -106,5 +106,6 @@ def minibatch_step(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: An
     actor_sums, norm = actor_step(actor, ro, adv.advantages, idx, st, n_tokens, ptx_loss if ptx_batches else None)
     critic_sums = critic_step(critic, ro, adv.returns, idx, st, n_tokens)
     for key, value in (*zip(ACTOR_SUMS, actor_sums, strict=True), *zip(CRITIC_SUMS, critic_sums, strict=True)):
-        local[SLOT[key]] += value
+        if key in SLOT:  # the clip-higher and KL-loss sums are the critic-free methods'
+            local[SLOT[key]] += value
     return eng.all_reduce_sum(local), norm

@@ -91,6 +91,11 @@ def test_every_stage_file_has_a_registry_entry_and_back():
 # Stage -> its composed config less the schema's defaults: what configs/config.yaml, the group files it picks and
 # configs/stage/<stage>.yaml change. (Unchanged by moving the shared values into the schema: checked against the
 # composed configs from before.)
+# What the three critic-free verbs share (the schema's defaults are GRPO's; rloo / reinforce_pp set their own).
+_ONLINE = {"model.name_or_path": "stage:sft", "optim.lr": 2e-5, "optim.schedule": "constant", "optim.warmup_ratio": 0.0,
+           "data.max_prompt_length": 192, "stage.max_steps": 30, "stage.micro_batch_size": 16,
+           "stage.gradient_accumulation_steps": 2, "stage.eval_every": 10, "stage.eval_batch_size": 32,
+           "stage.save_every": 10, "stage.rollout_batch_size": 8, "stage.generation.temperature": 1.0}  # fmt: skip
 STAGE_VALUES = {
     "sft": {"data.max_length": 256, "stage.epochs": 16.0, "stage.micro_batch_size": 8,
             "stage.gradient_accumulation_steps": 2, "stage.eval_every": 50, "stage.eval_batch_size": 16},
@@ -105,6 +110,10 @@ STAGE_VALUES = {
     "rejection_sampling": {"model.name_or_path": "stage:sft", "optim.lr": 1e-4, "optim.schedule": "constant",
                            "optim.warmup_ratio": 0.0, "data.max_prompt_length": 192, "stage.micro_batch_size": 8,
                            "stage.eval_batch_size": 32, "stage.generation.temperature": 1.0},
+    "grpo": {**_ONLINE, "stage.gradient_accumulation_steps": 4},
+    "rloo": {**_ONLINE, "stage.name": "rloo", "stage.advantage": "rloo", "stage.n_samples": 4, "stage.kl_coef": 0.05},
+    "reinforce_pp": {**_ONLINE, "stage.name": "reinforce_pp", "stage.advantage": "reinforce_pp", "stage.n_samples": 4,
+                     "stage.kl_coef": 0.01},
 }  # fmt: skip
 
 
@@ -150,6 +159,8 @@ EXPERIMENTS = {
     ("ppo", "ppo_hh_rlhf"): (1e-06, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 25),
     ("ppo", "ppo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 10),
     ("rejection_sampling", "rs_parity"): (0.001, "constant", 0.0, 0.1, 10, 3.0, 8, 32, 50),
+    **{(verb, "grpo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10)
+       for verb in ("grpo", "rloo", "reinforce_pp")},
 }
 
 

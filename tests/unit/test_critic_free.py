@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from rlhf_cli.losses import critic_free as cf
 from rlhf_cli.losses.critic_free import (
     AGGREGATIONS,
     aggregate,
@@ -364,3 +365,19 @@ def test_mask_truncated_zeroes_rows_without_eos():
     assert aggregate(LOSS, mask_truncated(LOSS_MASK, has_eos), "token_mean").item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="has_eos"):
         mask_truncated(LOSS_MASK, torch.tensor([True]))
+
+
+@pytest.mark.parametrize("mode", cf.AGGREGATIONS)
+def test_aggregation_weights_split_over_micro_batches_equal_aggregate(mode):
+    """Per-token weights summed over two micro-batches and divided by the global count == `aggregate` of the whole
+    batch (what the actor step relies on)."""
+    loss = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [5.0, 6.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    w = cf.aggregation_weights(mask, mode, norm_length=4)
+    count = cf.aggregation_count(mask[:2], mode) + cf.aggregation_count(mask[2:], mode)
+    split = ((w[:2] * loss[:2]).sum() + (w[2:] * loss[2:]).sum()) / count
+    whole = cf.aggregate(loss, mask, mode, norm_length=4)
+    assert float(split) == pytest.approx(float(whole))
+    # by hand: tokens 21/6; per-sequence means (2 + 4 + 5.5)/3; Dr. GRPO sums / 4: (6 + 4 + 11)/4/3
+    expected = {"token_mean": 21 / 6, "seq_mean_token_mean": 11.5 / 3, "seq_mean_token_sum_norm": 21 / 12}
+    assert float(whole) == pytest.approx(expected[mode])
