@@ -52,6 +52,12 @@ def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
+def format_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """1.0 when the reply names exactly one of "even" / "odd" (right or wrong), else 0.0: a shaping term to weigh
+    next to `gold_reward` (stage.reward.functions), as format rewards are next to accuracy rewards."""
+    return [1.0 if len({w for w in response_words(r) if w in ("even", "odd")}) == 1 else 0.0 for r in responses]
+
+
 def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED, sft_sample: Path = SFT_SAMPLE) -> list[dict[str, str]]:
     """`n` prompts for distinct numbers in a seeded order, leaving out the numbers the SFT sample asks about."""
     taken = sft_sample_prompts(sft_sample)

@@ -43,3 +43,10 @@ def test_shipped_prompts_regenerate_and_avoid_the_sft_sample(tmp_path):
     assert len(rows) == DEFAULT_N == len({r["prompt"] for r in rows})
     assert not {r["prompt"] for r in rows} & sft_sample_prompts()
     assert all(gold_reward([r["prompt"]], [r["answer"]]) == [1.0] for r in rows)
+
+
+def test_format_reward_asks_for_one_answer_word_right_or_wrong():
+    from rlhf_cli.tasks.parity import format_reward
+
+    prompts = ["Is 4 even or odd?"] * 4
+    assert format_reward(prompts, ["4 is odd.", "4 is even.", "even or odd", "four"]) == [1.0, 1.0, 0.0, 0.0]
