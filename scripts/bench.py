@@ -133,32 +133,38 @@ def preference_stages(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  {stage:6} {pairs:8.1f} {tok:9.0f} {sec:7.3f} {max(r['peak_mem_mib'] for r in recs):13.0f}")
 
 
-def ppo_stage(args: argparse.Namespace, overrides: list[str]) -> None:
-    """PPO on the tiny default after short sft and rm stages in the same run: rollout generation tokens/s,
-    training tokens/s, the share of each iteration's wall time in generation / scoring / update, peak memory."""
+# PPO and GRPO at the same batch: 32 sampled rows per iteration (PPO: 32 prompts x 1; GRPO: 8 prompts x 4), one
+# process, the tiny default, up to 32 new tokens. PPO: 4 epochs x 2 mini-batches (its defaults), actor and critic;
+# GRPO: one pass in one mini-batch of 32 rows (no old-log-prob forward, no critic, no reference: kl_coef 0).
+ONLINE = {"ppo": [], "grpo": ["stage.rollout_batch_size=8", "stage.n_samples=4", "stage.micro_batch_size=8",
+                              "stage.gradient_accumulation_steps=4"]}  # fmt: skip
+
+
+def online_stages(args: argparse.Namespace, overrides: list[str]) -> None:
+    """PPO and GRPO on the tiny default after short sft and rm stages in the same run: samples/s, rollout generation
+    tokens/s, training tokens/s, the share of each iteration's wall time in generation / scoring / update, peak RSS."""
     with tempfile.TemporaryDirectory() as root:
         common = [f"run.root={root}", "run.name=bench", "stage.save_every=0", "stage.eval_every=0",
                   "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
-        for stage, steps in (("sft", 40), ("rm", 20), ("ppo", args.steps)):
-            res = subprocess.run([sys.executable, "-m", "rlhf_cli", stage, *common, f"stage.max_steps={steps}"],
-                                 capture_output=True, text=True, check=False)  # fmt: skip
-            if res.returncode != 0:
-                sys.exit(f"bench {stage} failed:\n{res.stderr[-3000:]}")
-        lines = (Path(root) / "bench" / "ppo" / "metrics.jsonl").read_text().splitlines()
-    recs = [r for r in map(json.loads, lines) if "gen_tok/s" in r][args.warmup :]
+        for stage, steps in (("sft", 40), ("rm", 20)):
+            _stage_or_exit([stage, *common, f"stage.max_steps={steps}"])
+        print(f"\nOnline RL, tiny default, 32 sampled rows per iteration, up to 32 new tokens, 1 process; median of "
+              f"{args.steps - args.warmup} iterations after {args.warmup}")  # fmt: skip
+        print(f"  {'stage':<5} {'samples/s':>9} {'s/iter':>6} {'gen tok/s':>9} {'train tok/s':>11} {'generation':>10} "
+              f"{'scoring':>7} {'update':>6} {'peak MiB':>8}")  # fmt: skip
+        for stage, extra in ONLINE.items():
+            _stage_or_exit([stage, *common, *extra, f"stage.max_steps={args.steps}"])
+            lines = (Path(root) / "bench" / stage / "metrics.jsonl").read_text().splitlines()
+            recs = [r for r in map(json.loads, lines) if "gen_tok/s" in r][args.warmup :]
 
-    def med(key: str) -> float:
-        return statistics.median(r[key] for r in recs)
+            def med(key: str, recs: list = recs) -> float:
+                return statistics.median(r[key] for r in recs)
 
-    print(f"\nPPO, tiny default (rollout 32 prompts, up to 32 new tokens, 4 epochs x 2 mini-batches), median of "
-          f"{len(recs)} iterations")  # fmt: skip
-    print(
-        f"  s/iteration {med('step_seconds'):.3f}  generation {med('gen_tok/s'):.0f} new tokens/s  "
-        f"training {med('train_tok/s'):.0f} tokens/s  response length {med('response_length'):.1f}"
-    )
-    print(f"  wall-time share: generation {med('generation_share'):.2f}  scoring (old/ref log-probs, values, "
-          f"reward) {med('scoring_share'):.2f}  update {med('update_share'):.2f}  peak RSS "
-          f"{max(r['peak_mem_mib'] for r in recs):.0f} MiB")  # fmt: skip
+            print(f"  {stage:<5} {med('rollout_sequences') / med('step_seconds'):9.1f} {med('step_seconds'):6.2f} "
+                  f"{med('gen_tok/s'):9.0f} {med('train_tok/s'):11.0f} {med('generation_share'):10.2f} "
+                  f"{med('scoring_share'):7.2f} {med('update_share'):6.2f} "
+                  f"{max(r['peak_mem_mib'] for r in recs):8.0f}")  # fmt: skip
+        print("  (shares of the iteration's wall time; scoring = old / reference log-probs, values, reward)")
 
 
 def rejection_sampling_stage(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -240,22 +246,24 @@ def startup(repeats: int = 3) -> None:
         print(f"  DeepSpeed's op build line at a stage start: {notice}")
 
 
+SECTIONS = {"single": single_process, "preference": preference_stages, "online": online_stages,
+            "rejection_sampling": rejection_sampling_stage, "scaling": scaling}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--startup-only", action="store_true")
+    parser.add_argument("--only", choices=SECTIONS, help="run one section (after the start-up times)")
     args, overrides = parser.parse_known_args()
     startup()
     if args.startup_only:
         return
-    single_process(args, overrides)
-    preference_stages(args, overrides)
-    ppo_stage(args, overrides)
-    rejection_sampling_stage(args, overrides)
-    if not args.skip_scaling:
-        scaling(args, overrides)
+    for name, section in SECTIONS.items():
+        if args.only in (None, name) and not (name == "scaling" and args.skip_scaling):
+            section(args, overrides)
 
 
 if __name__ == "__main__":
