@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -33,3 +36,34 @@ def token_logprobs(
             row = row / temperature
         out[i] = row.gather(-1, safe[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1)
     return out.masked_fill(~mask, 0.0)
+
+
+def chunked_target_logprobs(
+    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """log softmax(project(hidden))[target] in fp32, `chunk_size` positions at a time.
+
+    hidden (N, d) at the positions a loss reads, targets (N,) the token each predicts; `project` maps (n, d) ->
+    (n, V) logits (the LM head). -> (N,) fp32. With gradients on and more than one chunk each chunk is
+    checkpointed: only its (n, d) input is kept and its (n, V) logits are recomputed in backward, so at most one
+    chunk of logits is ever held, in forward or backward. One chunk (the usual case for small vocabularies) costs
+    no recomputation. Equals `token_logprobs` on the full logits at those positions (same fp32 logsumexp)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = hidden.shape[0]
+    starts = range(0, n, chunk_size) if n else [0]  # an empty batch still yields a (0,) result in the graph
+    recompute = torch.is_grad_enabled() and n > chunk_size
+    parts = []
+    for s in starts:
+        h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
+        if recompute:
+            parts.append(checkpoint(_target_logprobs, project, h, t, use_reentrant=False))
+        else:
+            parts.append(_target_logprobs(project, h, t))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _target_logprobs(project: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One chunk: hidden (n, d), targets (n,) -> (n,) fp32 log-probs."""
+    logits = project(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -22,6 +22,15 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+def sft_loss_from_logprobs(token_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`sft_loss_sum` from per-token log-probs already computed where the labels are trained.
+
+    token_logps (B, T-1) fp32 with 0 on ignored positions (`token_logprobs`, or `models.lm_head.target_logprobs`,
+    which projects only those positions through the LM head), labels (B, T) unshifted -> (scalar fp32 sum, N).
+    Same normalisation contract as `sft_loss_sum`: the caller divides by the optimizer step's target count."""
+    return -token_logps.sum(), count_targets(labels)
+
+
 def count_targets(labels: torch.Tensor) -> int:
     """Target tokens a batch contributes to the loss (labels (B, T), counted after the shift)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -18,7 +18,6 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
-from rlhf_cli.losses import token_logprobs
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import (
@@ -26,13 +25,13 @@ from rlhf_cli.models import (
     load_causal_lm,
     load_tokenizer,
 )
+from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
     eval_batches,
     export_final,
     finish,
     interrupted,
-    model_inputs,
     policy_engine,
     step_plan,
     train_loop,
@@ -95,8 +94,11 @@ def run(cfg: Any, run: Run) -> Path | None:
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (fp32) and completion lengths of a stacked pair batch, each (2B,)."""
-    logps = token_logprobs(model(**model_inputs(batch)).logits, batch["labels"])
+    """Summed completion log-probs (fp32) and completion lengths of a stacked pair batch, each (2B,).
+
+    Chosen and rejected rows go through one forward; only their completion positions reach the LM head, in chunks
+    (`models.lm_head`). Called under torch.no_grad for the reference, so no graph is built there."""
+    logps = target_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     return logps.sum(-1), (batch["labels"][:, 1:] != -100).sum(-1).float()
 
 

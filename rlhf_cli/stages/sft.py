@@ -16,11 +16,13 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
-from rlhf_cli.losses import count_targets, sft_loss_sum
+from rlhf_cli.losses import count_targets
+from rlhf_cli.losses.sft import sft_loss_from_logprobs
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, model_inputs, step_plan, train_loop
+from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, step_plan, train_loop
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -90,8 +92,7 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
     tokens, norm = 0, None
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        logits = engine(**model_inputs(b)).logits
-        loss_sum, _ = sft_loss_sum(logits, b["labels"])
+        loss_sum, _ = sft_loss(engine, b)
         eng.backward(engine, loss_sum, n_global)
         norm = eng.step(engine)
         total += loss_sum.detach().double().cpu()
@@ -102,6 +103,13 @@ def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torc
         "tokens": float(eng.all_reduce_sum(tokens)),
         "grad_norm": norm,
     }
+
+
+def sft_loss(model: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed target-token NLL of a collated batch (input_ids, attention_mask, labels (B, T)) and its target count.
+    Only the target positions go through the LM head, in chunks (`models.lm_head`): no (B, T, V) logits."""
+    logps = target_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])  # (B, T-1) fp32
+    return sft_loss_from_logprobs(logps, b["labels"])
 
 
 @torch.no_grad()
@@ -116,7 +124,7 @@ def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: in
         b = collate_sft([examples[i] for i in part.idx], pad_id)
         b["labels"][~part.real] = IGNORE_INDEX  # a filler row adds nothing to the loss sum or the token count
         b = {k: v.to(dist.device) for k, v in b.items()}
-        loss_sum, n = sft_loss_sum(engine(**model_inputs(b)).logits, b["labels"])
+        loss_sum, n = sft_loss(engine, b)
         total += float(loss_sum)
         count += n
     total, count = float(eng.all_reduce_sum(total)), float(eng.all_reduce_sum(count))
