@@ -125,7 +125,8 @@ def summary_lines(record: dict, stage: str, run_args: str, wall_seconds: float |
     disk = summary.get("disk_bytes", {})
     if disk:
         ckpt = human_bytes(disk["checkpoints"])
-        kept = f"{ckpt} kept" if summary.get("checkpoints_kept") else f"{ckpt} removed (stage.keep_checkpoints=true)"
+        kept = (f"{ckpt} kept" if summary.get("checkpoints_kept")
+                else f"{ckpt} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
         rows.append(("disk", f"stage {human_bytes(disk['stage'])}, run {human_bytes(disk['run'])}; resume "
                              f"checkpoints {kept}"))  # fmt: skip
     if stage in NEXT:
