@@ -212,7 +212,7 @@ def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list
 
 def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
     """PPO's critic (trained by its own AdamW), frozen reference and reward model, chosen as `rlhf ppo` does
-    (stages/ppo.py: build_critic, build_reference; rollout/rewards.py: build_reward)."""
+    (stages/ppo.py: build_critic; rollout/online.py: build_reference; rollout/rewards.py: build_reward)."""
     st, policy_name = cfg.stage, cfg.model.name_or_path
     from_rm = st.critic.init == "reward" and st.reward.model and not st.reward.function
     critic = resolve_model(cfg, st.critic.source or (st.reward.model if from_rm else policy_name), overrides)

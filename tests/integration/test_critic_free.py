@@ -90,16 +90,19 @@ def test_two_ranks_with_groups_straddling_the_ranks(base, runs, tmp_path, verb, 
     assert all(bool(v.isfinite().all()) for v in state.values())
 
 
-def test_kl_coef_zero_loads_no_reference_and_function_weights_are_logged(base, runs, tmp_path):
+@pytest.mark.parametrize("verb", ["grpo", "reinforce_pp"])
+def test_kl_coef_zero_loads_no_reference_and_function_weights_are_logged(base, runs, tmp_path, verb):
+    """GRPO (one pass in one mini-batch: no old log-probs either) and plain REINFORCE++ with kl_coef=0 and two
+    weighted reward functions."""
     funcs = ("stage.reward.functions=[{fn:rlhf_cli.tasks.parity:gold_reward,weight:1.0},"
              "{fn:rlhf_cli.tasks.parity:format_reward,weight:0.5}]")  # fmt: skip
-    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "nokl", "grpo"), "stage.max_steps=1", funcs,
-               "stage.micro_batch_size=8", cwd=tmp_path)  # fmt: skip
+    res = rlhf(verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "nokl", verb), "stage.max_steps=1", funcs,
+               "stage.micro_batch_size=8", "stage.kl_coef=0", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
-    rec = manifest(runs / "nokl")["stages"]["grpo"]
-    assert rec["inputs"]["reference"] == "none (stage.kl_coef=0)"
+    rec = manifest(runs / "nokl")["stages"][verb]
+    assert rec["inputs"]["reference"] == "none (stage.kl_coef=0)" and rec["metrics"]["advantage"] == verb
     assert rec["inputs"]["reward"].startswith("functions 1 x rlhf_cli.tasks.parity:gold_reward + 0.5 x")
-    (it,) = _iterations(runs / "nokl", "grpo")
+    (it,) = _iterations(runs / "nokl", verb)
     assert "kl" not in it and "kl_loss" not in it
     assert it["score_mean"] == pytest.approx(it["reward/gold_reward"] + 0.5 * it["reward/format_reward"], abs=1e-6)
 
