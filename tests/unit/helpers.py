@@ -3,6 +3,8 @@
 
 from pathlib import Path
 
+import torch
+
 from rlhf_cli.config.schema import TinyModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,3 +31,12 @@ def assistant(text):
 
 def system(text):
     return {"role": "system", "content": text}
+
+
+def t(rows) -> torch.Tensor:
+    """A float32 tensor of hand-written numbers."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def close(actual: torch.Tensor, expected, **kw) -> None:
+    torch.testing.assert_close(actual, t(expected), **kw)

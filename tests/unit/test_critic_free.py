@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from helpers import close, t
 
 from rlhf_cli.losses import critic_free as cf
 from rlhf_cli.losses.critic_free import (
@@ -29,14 +30,6 @@ from rlhf_cli.losses.critic_free import (
 from rlhf_cli.losses.ppo import policy_loss
 
 NAN = float("nan")
-
-
-def t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def close(actual: torch.Tensor, expected, **kw) -> None:
-    torch.testing.assert_close(actual, t(expected), **kw)
 
 
 class FakeRanks:

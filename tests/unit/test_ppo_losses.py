@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import close, t
 
 from rlhf_cli.losses.ppo import (
     KL_ESTIMATORS,
@@ -28,14 +29,6 @@ from rlhf_cli.losses.ppo import (
 from rlhf_cli.rollout.controllers import AdaptiveKLController, FixedKLController, RunningMoments, kl_controller
 
 NAN = float("nan")
-
-
-def t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def close(actual: torch.Tensor, expected, **kw) -> None:
-    torch.testing.assert_close(actual, t(expected), **kw)
 
 
 def reference_gae(r: list[float], v: list[float], gamma: float, lam: float) -> tuple[list[float], list[float]]:
