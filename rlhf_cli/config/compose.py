@@ -162,7 +162,8 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
     `where(key)` says where a bad key was set, for the message."""
     schema = STAGES[stage].schema
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        # The verb names the stage (grpo / rloo / reinforce_pp share one schema, whose default name is one of them).
+        typed = OmegaConf.merge(OmegaConf.structured(schema), {"stage": {"name": stage}}, raw)
     except OmegaConfBaseException as err:
         raise _schema_error(err, schema, where(getattr(err, "full_key", "") or "")) from None
     if typed.stage.name != stage:  # the verb picks the stage: another name would check and run a different one
