@@ -1,9 +1,19 @@
-"""Learning benchmark: `rlhf sft` then `rlhf ppo +experiment=ppo_parity` for several seeds and thread counts, and the
-held-out gold accuracy of the greedy policy at every evaluation (step 0 = the SFT policy), the final KL and the time.
+"""Learning benchmark: the parity task's learning stages after one `rlhf sft` per seed, with the spread over seeds.
 
-The suite's learning test runs one seed; this is the long version that shows the spread (`make bench-learning`,
-about 5 minutes per run on 2 CPU cores). Usage: python scripts/bench_learning.py [--seeds 1 2 3] [--threads 2]
-[--out results.json]
+For each (seed, threads): `rlhf sft`, then each stage on its own copy of that run, and the held-out gold accuracy of
+the greedy policy at every evaluation (the first = the SFT policy):
+- ppo: `rlhf ppo +experiment=ppo_parity` (60 iterations, `eval_score` every 15), the final KL and the time;
+- rejection_sampling: `rlhf rejection_sampling +experiment=rs_parity` (2 rounds of best-of-8, `eval_gold` before
+  round 1 and after each round), the mean score of all / the selected candidates per round and the time;
+- grpo, rloo, reinforce_pp (only when asked for): `+experiment=grpo_parity` (40 iterations, `eval_gold` every 10;
+  rloo at kl_coef 0.01), the final KL and the time.
+
+tests/integration/test_ppo_learning.py runs a short version of ppo and rejection sampling (30 PPO iterations, one
+round) for the default seed; this is the full-length check that shows the spread (`make bench-learning`: about 6
+minutes per seed on 2 CPU cores: sft about 2, ppo 2-2.5, rejection sampling 1-1.5; each critic-free stage 4-5 more).
+
+Usage: python scripts/bench_learning.py [--seeds 1 2 3] [--threads 2] [--stages ppo rejection_sampling]
+[--out results.json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -11,12 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+STAGES = {
+    "ppo": ["ppo", "+experiment=ppo_parity", "stage.save_every=0"],
+    "rejection_sampling": ["rejection_sampling", "+experiment=rs_parity"],
+    "grpo": ["grpo", "+experiment=grpo_parity", "stage.save_every=0"],
+    "rloo": ["rloo", "+experiment=grpo_parity", "stage.kl_coef=0.01", "stage.save_every=0"],
+    "reinforce_pp": ["reinforce_pp", "+experiment=grpo_parity", "stage.save_every=0"],
+}
+DEFAULT_STAGES = ["ppo", "rejection_sampling"]
 
 
 def rlhf(args: list[str], threads: int, cwd: Path) -> float:
@@ -29,46 +49,105 @@ def rlhf(args: list[str], threads: int, cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
-def one_run(seed: int, threads: int, root: Path) -> dict:
-    """sft + ppo_parity for one (seed, threads); the evaluations of the PPO stage and the timings."""
+def rows(run_dir: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def iteration_result(log: list[dict], key: str) -> dict:
+    """Held-out accuracy (`key`) by iteration (0 = the SFT policy), the EOS fraction of the last evaluation, the final
+    KL (nan when the stage logs none)."""
+    evals = [r for r in log if key in r]
+    kl = [r["kl"] for r in log if "kl" in r]
+    return {"accuracy": {r["step"]: r[key] for r in evals}, "eos": evals[-1]["eval_eos_fraction"],
+            "final_kl": kl[-1] if kl else float("nan")}  # fmt: skip
+
+
+def rs_result(log: list[dict]) -> dict:
+    """Held-out accuracy by round (0 = the SFT policy), the EOS fraction of the last evaluation, and per round the
+    mean score of all candidates and of the selected ones."""
+    evals = [r for r in log if "eval_gold" in r]  # before round 1, then after each round (the last without "round")
+    picks = [r for r in log if "selected_score_mean" in r]
+    return {"accuracy": dict(enumerate(r["eval_gold"] for r in evals)), "eos": evals[-1]["eval_eos_fraction"],
+            "candidate_score_mean": {r["round"]: r["candidate_score_mean"] for r in picks},
+            "selected_score_mean": {r["round"]: r["selected_score_mean"] for r in picks}}  # fmt: skip
+
+
+RESULTS = {
+    "ppo": lambda log: iteration_result(log, "eval_score"),
+    "rejection_sampling": rs_result,
+    **{stage: lambda log: iteration_result(log, "eval_gold") for stage in ("grpo", "rloo", "reinforce_pp")},
+}
+
+
+def one_run(seed: int, threads: int, root: Path, stages: list[str]) -> dict:
+    """sft once for (seed, threads), then each stage on its own copy of that run; evaluations and timings."""
     name = f"parity-s{seed}-t{threads}"
-    common = [f"run.root={root}", f"run.name={name}", f"seed={seed}", "logging.progress=false"]
-    sft_seconds = rlhf(["sft", *common], threads, root)
-    ppo_seconds = rlhf(["ppo", "+experiment=ppo_parity", "stage.save_every=0", *common], threads, root)
-    rows = [json.loads(line) for line in (root / name / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r["eval_score"] for r in rows if "eval_score" in r}
-    kl = [r["kl"] for r in rows if "kl" in r]
-    return {"seed": seed, "threads": threads, "accuracy": evals, "final_kl": kl[-1], "sft_seconds": sft_seconds,
-            "ppo_seconds": ppo_seconds}  # fmt: skip
+    common = [f"run.name={name}", f"seed={seed}", "logging.progress=false"]
+    sft_root = root / "sft"
+    result = {"seed": seed, "threads": threads}
+    result["sft_seconds"] = rlhf(["sft", f"run.root={sft_root}", *common], threads, root)
+    for stage in stages:
+        stage_root = root / stage
+        shutil.copytree(sft_root / name, stage_root / name, ignore=shutil.ignore_patterns(".lock"))
+        seconds = rlhf([*STAGES[stage], f"run.root={stage_root}", *common], threads, root)
+        result[stage] = {**RESULTS[stage](rows(stage_root / name, stage)), "seconds": seconds}
+    return result
 
 
-def report(results: list[dict]) -> None:
-    steps = sorted({s for r in results for s in r["accuracy"]})
-    print("seed threads " + " ".join(f"acc@{s:<3}" for s in steps) + "  final_kl  sft_s  ppo_s")
-    for r in results:
-        accs = " ".join(f"{r['accuracy'].get(s, float('nan')):7.3f}" for s in steps)
-        print(f"{r['seed']:4d} {r['threads']:7d} {accs}  {r['final_kl']:8.2f}  {r['sft_seconds']:5.0f}  "
-              f"{r['ppo_seconds']:5.0f}")  # fmt: skip
-    first = [r["accuracy"][steps[0]] for r in results]
-    last = [r["accuracy"][steps[-1]] for r in results]
-    gains = [b - a for a, b in zip(first, last, strict=True)]
-    print(f"start {min(first):.3f}-{max(first):.3f}, end {min(last):.3f}-{max(last):.3f} (median "
-          f"{statistics.median(last):.3f}), gain {min(gains):+.3f} to {max(gains):+.3f} over {len(results)} run(s)")
+def spread(label: str, values: list[float]) -> str:
+    return f"{label} {min(values):.3f}-{max(values):.3f} (median {statistics.median(values):.3f})"
+
+
+def report(results: list[dict], stage: str) -> None:
+    """One table per stage: a row per (seed, threads), then per evaluation the range over runs and the gain over the
+    SFT policy."""
+    done = [r for r in results if stage in r]
+    if not done:
+        return
+    points = sorted({p for r in done for p in r[stage]["accuracy"]})
+    tag = "r" if stage == "rejection_sampling" else ""  # rejection sampling evaluates per round, PPO per iteration
+    rounds = sorted({p for r in done for p in r[stage].get("candidate_score_mean", {})})
+    head = " ".join(f"{'acc@' + tag + str(p):>7}" for p in points)
+    extra = "  final_kl" if not tag else "".join(f"  cand@r{p}  sel@r{p}" for p in rounds)
+    print(f"\n{stage}\nseed threads {head}  eos{extra}  sft_s  stage_s")
+    for r in done:
+        s = r[stage]
+        accs = " ".join(f"{s['accuracy'].get(p, float('nan')):7.3f}" for p in points)
+        if not tag:
+            extra = f"  {s['final_kl']:8.2f}"
+        else:
+            extra = "".join(f"  {s['candidate_score_mean'].get(p, float('nan')):7.3f}  "
+                            f"{s['selected_score_mean'].get(p, float('nan')):6.3f}" for p in rounds)  # fmt: skip
+        print(f"{r['seed']:4d} {r['threads']:6d} {accs}  {s['eos']:.2f}{extra}  {r['sft_seconds']:5.0f}  "
+              f"{s['seconds']:7.0f}")  # fmt: skip
+    start = [r[stage]["accuracy"][points[0]] for r in done]
+    lines = [spread("start (the SFT policy): accuracy", start)]
+    for p in points[1:]:
+        acc = [r[stage]["accuracy"].get(p, float("nan")) for r in done]
+        gains = [b - a for a, b in zip(start, acc, strict=True)]
+        where = f"after round {p}" if tag else f"at {p} iterations"
+        lines.append(f"{spread(where + ': accuracy', acc)}, gain {min(gains):+.3f} to {max(gains):+.3f}")
+    print("\n".join(lines) + f"\nover {len(done)} run(s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=DEFAULT_STAGES)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="run under this (new) folder and keep the runs")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
             for seed in args.seeds:
-                results.append(one_run(seed, threads, Path(tmp)))
+                root = (args.keep or Path(tmp)) / f"s{seed}-t{threads}"
+                root.mkdir(parents=True)
+                results.append(one_run(seed, threads, root, args.stages))
                 print(json.dumps(results[-1]), flush=True)
-    report(results)
+    for stage in args.stages:
+        report(results, stage)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -1,13 +1,20 @@
 """Learning: PPO, rejection sampling and GRPO raise the gold reward of held-out prompts of the parity task above the SFT
-policy (all start from one `rlhf sft` run).
+policy (all start from one `rlhf sft` run). Short versions: the first 30 of ppo_parity's 60 iterations, one of
+rs_parity's two rounds, 10 of grpo_parity's 40 iterations. The full-length runs, for several seeds and with the spread
+over them, are `make bench-learning` (scripts/bench_learning.py; `--stages grpo rloo reinforce_pp` for the others).
 
-The tiny default model fine-tuned on the built-in sample (which asks "Is N even or odd?" only 11 times) answers
-in the right shape but is right about half the time. `+experiment=ppo_parity` trains on 420 parity prompts with
-the gold reward (rlhf_cli.tasks.parity:gold_reward) as the reward function and evaluates greedy answers on 180
-numbers it never trains on. Measured on 2 CPU cores (seed 42): held-out accuracy 0.57 before PPO, 0.89 after 30
-iterations, 0.97 after 60, with a KL to the reference of 10-15 nats per response; about 1.5 minutes for PPO. The
-path is sensitive to floating-point detail (an earlier build that computed the logits of every position, not only
-the response's, reached 0.83), hence the margin in the bar: +0.15 over the SFT policy.
+The tiny default model fine-tuned on the built-in sample (which asks "Is N even or odd?" only 11 times) answers in the
+right shape but is right about half the time. `+experiment=ppo_parity` trains on 420 parity prompts with the gold reward
+(rlhf_cli.tasks.parity:gold_reward) as the reward function and evaluates greedy answers on 180 numbers it never trains
+on; an iteration's remaining mini-batches are skipped once the approximate KL to the rollout policy passes 0.05
+(stage.target_kl). Measured on 2 CPU cores (`make bench-learning`, sft and ppo seeded alike), held-out accuracy before
+PPO / after 15 / 30 / 60 iterations: seed 42 (this test's) 0.57 / 0.69 / 0.71 / 0.82, seed 1 0.53 / 0.66 / 0.74 / 0.87,
+seed 2 0.56 / 0.72 / 0.76 / 0.89, seed 3 0.58 / 0.66 / 0.70 / 0.94, KL to the reference 8-13 nats per response; about 1
+minute for the 30 iterations. So +0.12 to +0.21 at 30 iterations (+0.24 to +0.36 at 60), and the bar there is +0.08 over
+the SFT policy. The path is sensitive to floating-point detail: without the KL stop, seed 42 went 0.57 / 0.66 / 0.89 /
+0.97 until 27f0d71 (SFT logits only at the target positions), which moved the SFT weights by at most 5e-5, and after it
+the greedy policy settled on one answer word within 15 iterations (0.49 from 15 to 60; seeds 1-3 still reached
+0.91-0.96).
 """
 
 from __future__ import annotations
@@ -35,14 +42,14 @@ def _copy(sft_run, tmp_path):
 
 def test_ppo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
     runs = _copy(sft_run, tmp_path)
-    res = rlhf("ppo", "+experiment=ppo_parity", f"run.root={runs}", "logging.progress=false", "stage.save_every=0",
-               cwd=tmp_path, timeout=900)  # fmt: skip
+    res = rlhf("ppo", "+experiment=ppo_parity", "stage.max_steps=30", "stage.eval_every=30", f"run.root={runs}",
+               "logging.progress=false", "stage.save_every=0", cwd=tmp_path, timeout=900)  # fmt: skip
     assert res.returncode == 0, res.stderr
     evals = [r for r in metrics(runs / "demo", "ppo") if "eval_score" in r]
     before, after = evals[0], evals[-1]
-    assert before["step"] == 0 and after["step"] == 60
+    assert before["step"] == 0 and after["step"] == 30
     assert 0.3 < before["eval_score"] < 0.75  # the SFT policy: right about half the time
-    assert after["eval_score"] >= before["eval_score"] + 0.15, (before["eval_score"], after["eval_score"])
+    assert after["eval_score"] >= before["eval_score"] + 0.08, (before["eval_score"], after["eval_score"])
     assert after["eval_eos_fraction"] > 0.9  # still answers and stops
     kl = [r["kl"] for r in metrics(runs / "demo", "ppo") if "kl" in r]
     assert 0.0 < kl[-1] < 40.0  # moved away from the reference, within the KL penalty's leash
@@ -50,35 +57,36 @@ def test_ppo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
 
 
 def test_best_of_8_rejection_sampling_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
-    """Rejection sampling with the gold reward as the reward function (`+experiment=rs_parity`): per round, 8 samples
-    for each of 420 prompts, the best kept, 3 epochs of SFT on them; held-out gold accuracy on the 180 other numbers.
-    Measured on 2 CPU cores (3 seeds of the stage on this SFT policy; the held-out split moves with the seed): 0.57 /
-    0.54 / 0.53 before, 0.79 / 0.68 / 0.84 after round 1, 0.97 / 0.98 / 1.00 after round 2; about 50 s. With 4
-    samples instead of 8 the same two rounds reach only 0.68 (fewer prompts have a right answer to keep). The bars:
-    +0.08 after one round, +0.3 after two."""
+    """Rejection sampling with the gold reward as the reward function (`+experiment=rs_parity`), its first round: 8
+    samples for each of 420 prompts, the best kept, 3 epochs of SFT on them; held-out gold accuracy on the 180 other
+    numbers. Measured on 2 CPU cores, before / after round 1 / after round 2 (round 2: `make bench-learning`):
+    seed 42 (this test's) 0.57 / 0.75 / 0.98, about 30 s a round; since 27f0d71, with sft and stage seeded alike, seed 1
+    0.53 / 0.68 / 0.76, seed 2 0.56 / 0.71 / 0.95, seed 3 0.58 / 0.69 / 0.79 (earlier, 3 seeds of the stage on
+    one SFT policy: 0.57 / 0.54 / 0.53 -> 0.79 / 0.68 / 0.84 -> 0.97 / 0.98 / 1.00). So +0.11 to +0.31 after one
+    round, and the bar is +0.08. With 4 samples instead of 8 two rounds reach only 0.68 (fewer prompts have a right
+    answer to keep)."""
     runs = _copy(sft_run, tmp_path)
-    res = rlhf("rejection_sampling", "+experiment=rs_parity", f"run.root={runs}", "logging.progress=false",
-               cwd=tmp_path, timeout=900)  # fmt: skip
+    res = rlhf("rejection_sampling", "+experiment=rs_parity", "stage.rounds=1", f"run.root={runs}",
+               "logging.progress=false", cwd=tmp_path, timeout=900)  # fmt: skip
     assert res.returncode == 0, res.stderr
     log = metrics(runs / "demo", "rejection_sampling")
-    before, round1, after = [r for r in log if "eval_gold" in r]
-    assert before["step"] == 0 and round1["round"] == 1 and after["step"] == 2 * round1["step"]
+    before, after = [r for r in log if "eval_gold" in r]
+    assert before["step"] == 0 and before["round"] == 0 and after["step"] > 0
     assert 0.3 < before["eval_gold"] < 0.75  # the SFT policy: right about half the time
-    assert round1["eval_gold"] >= before["eval_gold"] + 0.08, (before["eval_gold"], round1["eval_gold"])
-    assert after["eval_gold"] >= before["eval_gold"] + 0.3, (before["eval_gold"], after["eval_gold"])
+    assert after["eval_gold"] >= before["eval_gold"] + 0.08, (before["eval_gold"], after["eval_gold"])
     assert after["eval_eos_fraction"] > 0.9
-    first, second = [r for r in log if "selected_score_mean" in r]
-    # Best-of-8 keeps mostly right answers; the second round samples from a better policy.
+    (first,) = [r for r in log if "selected_score_mean" in r]
+    # Best-of-8 keeps mostly right answers from a policy that is right about half the time.
     assert first["selected_score_mean"] > 0.8 > 0.6 > first["candidate_score_mean"]
-    assert second["candidate_score_mean"] > first["candidate_score_mean"]
 
 
 def test_grpo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
     """GRPO with the gold reward as the reward function (`+experiment=grpo_parity`: 16 prompts x 8 samples per
     iteration, 4 mini-batches x 2 epochs, lr 1e-4, no KL), cut to its first 10 iterations; held-out greedy gold
     accuracy on the 180 other numbers. Measured on one SFT policy (seeds 42 / 1 / 2 of the stage): 0.57 / 0.54 / 0.53
-    before, 0.69 / 0.63 / 0.69 after 10 iterations, 0.71 / 0.69 / 0.79 after the full 40 (`make bench-learning` runs
-    those, and RLOO and REINFORCE++). The bar: +0.06 after 10."""
+    before, 0.69 / 0.63 / 0.69 after 10 iterations, 0.71 / 0.69 / 0.79 after the full 40 (`python
+    scripts/bench_learning.py --stages grpo rloo reinforce_pp` runs the 40, and RLOO and REINFORCE++). The bar: +0.06
+    after 10."""
     runs = _copy(sft_run, tmp_path)
     res = rlhf("grpo", "+experiment=grpo_parity", f"run.root={runs}", "logging.progress=false", "stage.save_every=0",
                "stage.max_steps=10", cwd=tmp_path, timeout=900)  # fmt: skip
