@@ -60,38 +60,37 @@ def estimate(ro: Rollout, st: Any, offset: int) -> Estimate:
     mask, n = ro.mask, ro.mask.shape[0]
     mine = slice(offset, offset + n)
     scores = gather_rows(ro.scores.shaped)
+    # The tokens in the loss: a response the reward could not score (NaN) is out of it and of every statistic, and
+    # with mask_truncated so is one without EOS. REINFORCE++ whitens over exactly these tokens.
+    loss_mask = mask * torch.isfinite(scores[mine]).to(mask)[:, None]
+    if st.mask_truncated:
+        loss_mask = mask_truncated(loss_mask, ro.seq.has_eos)
     stats: dict[str, float] = {}
     if st.advantage in GROUPED:
         stats["zero_variance_groups"] = zero_variance_fraction(scores, st.n_samples)
     if st.advantage == "grpo":
-        adv, valid = group_advantages(scores, st.n_samples, st.scale_rewards)
-        per_token = adv[mine].to(mask)[:, None] * mask
+        per_token = group_advantages(scores, st.n_samples, st.scale_rewards)[0][mine].to(mask)[:, None] * mask
     elif st.advantage == "rloo":
         seq_kl = sequence_k1(ro.logprobs, ro.ref_logprobs, mask) if st.kl_coef else torch.zeros(n)
-        adv, valid = rloo_advantages(scores, st.n_samples, gather_rows(seq_kl), st.kl_coef)
+        adv = rloo_advantages(scores, st.n_samples, gather_rows(seq_kl), st.kl_coef)[0]
         per_token = adv[mine].to(mask)[:, None] * mask
     else:
-        per_token, valid = reinforce_pp(ro, st, scores, mine)
-    valid_rows = valid[mine].to(mask.device)
-    loss_mask = mask * valid_rows[:, None]
-    if st.mask_truncated:
-        loss_mask = mask_truncated(loss_mask, ro.seq.has_eos)
+        per_token = reinforce_pp(ro, st, scores, mine, loss_mask)
     weights = aggregation_weights(loss_mask, st.loss_aggregation, st.generation.max_new_tokens)
-    stats["advantage_mean"] = float(eng.all_reduce_sum((per_token * loss_mask).sum()) /
-                                    eng.all_reduce_sum(loss_mask.sum()).clamp(min=1))  # fmt: skip
+    total, count = eng.all_reduce_sum(torch.stack([(per_token * loss_mask).sum(), loss_mask.sum()]).double()).tolist()
+    stats["advantage_mean"] = total / max(count, 1.0)
     return Estimate(Advantages(per_token * loss_mask), weights, loss_mask, stats)
 
 
-def reinforce_pp(ro: Rollout, st: Any, scores: torch.Tensor, mine: slice) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp(ro: Rollout, st: Any, scores: torch.Tensor, mine: slice, loss_mask: torch.Tensor) -> torch.Tensor:
     """REINFORCE++ (and -baseline): per-token k1 to the reference in the reward (rollout log-probs, detached), the
     score (minus its group's mean for the baseline variant, over the whole gathered group) on the last token,
-    discounted returns (`st.gamma`), whitened over every rank's valid tokens. -> ((B, R) advantages, (N,) valid)."""
+    discounted returns (`st.gamma`), whitened over every rank's tokens of `loss_mask`. -> (B, R) advantages."""
     mask = ro.mask
     kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask if st.kl_coef else torch.zeros_like(mask)
     outcome = scores
     if st.advantage == "reinforce_pp_baseline":
         outcome = scores - group_stats(scores.float(), st.n_samples)[0].double().repeat_interleave(st.n_samples)
     local = outcome[mine].to(device=mask.device, dtype=torch.float32)
-    returns, valid_local = reinforce_pp_returns(kl, local, mask, st.kl_coef, st.gamma)
-    whitened = global_whiten(returns, mask * valid_local[:, None], all_reduce=eng.all_reduce_sum)
-    return whitened, torch.isfinite(scores)
+    returns, _ = reinforce_pp_returns(kl, local, mask, st.kl_coef, st.gamma)
+    return global_whiten(returns, loss_mask, all_reduce=eng.all_reduce_sum)

@@ -17,7 +17,7 @@ import torch
 
 from rlhf_cli import engine as eng
 from rlhf_cli.losses.critic_free import clipped_surrogate, k3_kl_loss
-from rlhf_cli.losses.ppo import entropy_from_logits, masked_sum, policy_loss, value_loss
+from rlhf_cli.losses.ppo import LOG_RATIO_CLAMP, entropy_from_logits, masked_sum, policy_loss, value_loss
 from rlhf_cli.rollout.experience import Rollout, critic_values
 from rlhf_cli.rollout.generation import response_logits, response_logprobs
 
@@ -71,7 +71,7 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
             old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
             pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low,
                                               objective.clip_high)  # fmt: skip
-            log_ratio = (logprobs.detach() - old).clamp(-20.0, 20.0)
+            log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
             per_token = pg - st.entropy_coef * entropy
             kl = torch.zeros_like(pg)

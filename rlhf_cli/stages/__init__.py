@@ -61,6 +61,14 @@ _ON_POLICY = (
     "training rollouts must sample from the distribution whose log-probs enter the ratio and the KL, "
     "softmax(logits / temperature); top-k / top-p sampling would make PPO silently off-policy"
 )
+# Training rollouts of PPO and the critic-free stages: the ratio and the KL read softmax(logits / T) itself.
+_ON_POLICY_SAMPLING: dict[str, Range] = {
+    "stage.generation.temperature": ("> 0", _ON_POLICY),
+    "stage.generation.top_k": ("== 0", _ON_POLICY),
+    "stage.generation.top_p": ("== 1", _ON_POLICY),
+    "stage.sample_every": ">= 0",
+    "stage.sample_rows": ">= 0",
+}
 _PPO_RANGES: dict[str, Range] = {
     **ONLINE_RANGES,
     "stage.rollout_batch_size": ">= 1",
@@ -75,14 +83,10 @@ _PPO_RANGES: dict[str, Range] = {
     "stage.kl_target": "> 0",
     "stage.kl_horizon": ">= 1",
     "stage.target_kl": "> 0 or null",
-    "stage.sample_every": ">= 0",
-    "stage.sample_rows": ">= 0",
     "stage.critic.lr": "> 0",
     "stage.ptx.coef": ">= 0",
     "stage.ptx.micro_batch_size": ">= 1",
-    "stage.generation.temperature": ("> 0", _ON_POLICY),
-    "stage.generation.top_k": ("== 0", _ON_POLICY),
-    "stage.generation.top_p": ("== 1", _ON_POLICY),
+    **_ON_POLICY_SAMPLING,
 }
 _RS_RANGES: dict[str, Range] = {
     **ONLINE_RANGES,
@@ -115,11 +119,7 @@ _CRITIC_FREE_RANGES: dict[str, Range] = {
     "stage.gamma": "[0, 1]",
     "stage.entropy_coef": ">= 0",
     "stage.max_sampling_batches": ">= 1",
-    "stage.sample_every": ">= 0",
-    "stage.sample_rows": ">= 0",
-    "stage.generation.temperature": ("> 0", _ON_POLICY),
-    "stage.generation.top_k": ("== 0", _ON_POLICY),
-    "stage.generation.top_p": ("== 1", _ON_POLICY),
+    **_ON_POLICY_SAMPLING,
 }
 _CRITIC_FREE_CHOICES: dict[str, Choice] = {
     "stage.advantage": s.ADVANTAGES,

@@ -76,11 +76,14 @@ def test_rloo_puts_the_sequence_kl_into_the_reward_before_the_leave_one_out_base
     assert est.advantages.advantages[:4, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("advantage", ["reinforce_pp", "reinforce_pp_baseline"])
-def test_reinforce_pp_returns_are_whitened_over_the_valid_tokens(advantage):
-    ro, st = _rollout(), _st(advantage)
+@pytest.mark.parametrize("advantage,truncated", [("reinforce_pp", False), ("reinforce_pp_baseline", False),
+                                                  ("reinforce_pp", True)])  # fmt: skip
+def test_reinforce_pp_returns_are_whitened_over_the_valid_tokens(advantage, truncated):
+    ro, st = _rollout(), _st(advantage, mask_truncated=truncated)
     est = rcf.estimate(ro, st, offset=0)
     adv, m = est.advantages.advantages, est.loss_mask.bool()
+    # The NaN row is always out; with mask_truncated so is row 2 (no EOS), and the whitening ignores it too.
+    assert not m[9].any() and m[2].any() != truncated and (adv[~m] == 0).all()
     assert float(adv[m].mean()) == pytest.approx(0.0, abs=1e-5)
     assert float(adv[m].var(unbiased=False)) == pytest.approx(1.0, abs=1e-4)
     # Before whitening, row 0's first-token return is the score (minus its group mean) minus the summed KL penalty.
