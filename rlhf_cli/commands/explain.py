@@ -108,7 +108,19 @@ class Row:
 def count_model(model_cfg: Any, scalar_head: bool = False) -> tuple[int, int, int]:
     """(all, trainable, largest layer) parameter counts of the configured model, built on the meta device
     (no weights are loaded or allocated): a causal LM, or with `scalar_head` the one-label sequence classifier that
-    a reward model or a critic is (a classifier with k labels has (k - 1) x hidden parameters more)."""
+    a reward model or a critic is (a classifier with k labels has (k - 1) x hidden parameters more).
+    Read from the checkpoint's safetensors headers or the built-in model's config when possible (models/shapes.py:
+    no torch import, so `explain` answers in about a second)."""
+    from rlhf_cli.models.shapes import counts, fast_shapes
+
+    shapes = fast_shapes(model_cfg, scalar_head)
+    if shapes is not None:
+        return counts(shapes)
+    return meta_counts(model_cfg, scalar_head)
+
+
+def meta_counts(model_cfg: Any, scalar_head: bool = False) -> tuple[int, int, int]:
+    """count_model's counts from the model built on the meta device (LoRA applied as the stage applies it)."""
     import torch
 
     with torch.device("meta"):

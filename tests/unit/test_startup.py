@@ -54,10 +54,17 @@ def test_run_in_use_is_refused_before_any_heavy_import(run_root):
     assert code == 2 and "in use by pid 1 on test-host" in err and not loaded
 
 
-def test_explain_builds_on_torch_and_transformers_only(run_root):
+def test_explain_of_an_offline_stage_loads_no_heavy_library(run_root):
+    # The built-in model's parameters are counted from its config (models/shapes.py), not a meta-device model.
     code, loaded, err = run_cli(["explain", "sft", f"run.root={run_root.parent}"], run_root)
     assert code == 0, err
-    assert loaded == {"torch", "transformers"}  # no DeepSpeed, no peft (LoRA off)
+    assert not loaded
+
+
+def test_explain_with_lora_builds_the_meta_model_with_peft(run_root):
+    code, loaded, err = run_cli(["explain", "sft", f"run.root={run_root.parent}", "model.lora.enabled=true"], run_root)
+    assert code == 0, err
+    assert loaded == {"torch", "transformers", "peft"}  # no DeepSpeed
 
 
 def test_build_notice_is_dropped_and_everything_else_kept(capsys):
