@@ -98,6 +98,25 @@ class DataConfig:
     languages: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PackingFields:
+    """Padding-free packing of the training steps (SFT, RM, DPO; rlhf_cli/data/packing.py)."""
+
+    # Several examples per row, position ids restarting per example so attention never crosses them: the same loss
+    # and gradients, fewer pad tokens. None (the default): on where the model's attention keeps packed examples
+    # apart (decoders of the listed families with sdpa, eager or flash attention), off elsewhere; true refuses a
+    # model that cannot.
+    packing: bool | None = None
+    # Tokens (padding included) per packed forward; None: stage.micro_batch_size x data.max_length (x 2 for pairs),
+    # what one unpacked micro-batch holds at most. At least data.max_length (2 x data.max_length for pairs).
+    max_tokens_per_batch: int | None = None
+
+
+@dataclass
+class SFTDataConfig(PackingFields, DataConfig):
+    """The data of `rlhf sft`: DataConfig and the packing keys."""
+
+
 PREFERENCE_FORMATS = ("hh_rlhf", "shp", "ultrafeedback", "jsonl")
 
 
@@ -128,6 +147,11 @@ class PreferenceDataConfig:
     margin_map: dict = field(default_factory=dict)
     # SHP only: keep pairs whose score ratio (preferred / other) is at least this (the SHP authors use 2).
     shp_min_score_ratio: float = 2.0
+
+
+@dataclass
+class PairDataConfig(PackingFields, PreferenceDataConfig):
+    """The pairs of `rlhf rm` and `rlhf dpo`: PreferenceDataConfig and the packing keys."""
 
 
 PROMPT_FORMATS = ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback")
@@ -286,7 +310,7 @@ class RootConfig:
 class SFTRoot(RootConfig):
     """The composed config of `rlhf sft`."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
     stage: SFTStageConfig = field(default_factory=SFTStageConfig)
 
 
@@ -294,7 +318,7 @@ class SFTRoot(RootConfig):
 class RMRoot(RootConfig):
     """The composed config of `rlhf rm`. `model.name_or_path` may be `stage:<name>` (that stage's final/)."""
 
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
     stage: RMStageConfig = field(default_factory=RMStageConfig)
 
 
@@ -302,7 +326,7 @@ class RMRoot(RootConfig):
 class DPORoot(RootConfig):
     """The composed config of `rlhf dpo`."""
 
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
     stage: DPOStageConfig = field(default_factory=DPOStageConfig)
 
 

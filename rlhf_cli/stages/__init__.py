@@ -56,6 +56,11 @@ ONLINE_CHOICES: dict[str, Choice] = {
     "stage.reward.normalize": s.REWARD_NORMALIZATIONS,
 }
 
+# Packed training (SFT, RM, DPO): a forward must hold the longest example (for pairs the stage also checks 2x).
+_PACKING_RANGES: dict[str, Range] = {
+    "data.max_tokens_per_batch": (">= data.max_length or null", "a packed forward must hold the longest example"),
+}
+
 # PPO's rollouts are its training data: the log-probs of the ratio and the KL are those of softmax(logits / T).
 _ON_POLICY = (
     "training rollouts must sample from the distribution whose log-probs enter the ratio and the KL, "
@@ -140,13 +145,15 @@ STAGES: dict[str, StageSpec] = {
         summary="supervised fine-tuning (default: tiny built-in demo)",
         example="rlhf sft +experiment=dolly optim.lr=2e-5",
         formats=s.SFT_FORMATS,
+        ranges=_PACKING_RANGES,
     ),
     "rm": StageSpec(
         "rm", "rlhf_cli.stages.rm", s.RMRoot,
         summary="reward model on preference pairs, from this run's sft",
         example="rlhf rm +experiment=hh_rlhf",
         formats=s.PREFERENCE_FORMATS,
-        ranges={"stage.center_coef": ">= 0 or null", "stage.min_eval_accuracy": "[0, 1] or null"},
+        ranges={**_PACKING_RANGES, "stage.center_coef": ">= 0 or null",
+                "stage.min_eval_accuracy": "[0, 1] or null"},
         trained_model="reward model",
         scalar_head=True,
     ),
@@ -156,8 +163,8 @@ STAGES: dict[str, StageSpec] = {
         example="rlhf dpo stage.loss=ipo stage.beta=0.5",
         formats=s.PREFERENCE_FORMATS,
         choices={"stage.loss": s.DPO_LOSSES},
-        ranges={"stage.beta": "> 0", "stage.label_smoothing": "[0, 0.5)", "stage.rpo_alpha": ">= 0",
-                "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
+        ranges={**_PACKING_RANGES, "stage.beta": "> 0", "stage.label_smoothing": "[0, 0.5)",
+                "stage.rpo_alpha": ">= 0", "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
     ),
     "ppo": StageSpec(
         "ppo", "rlhf_cli.stages.ppo", s.PPORoot,
