@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.preempt import PREEMPTED_EXIT_CODE, SIGNALS
+from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -52,21 +52,39 @@ def torchrun_command(launcher: Any, stage: str, args: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+# What the parent passes on to torchrun, which passes them on to the ranks (torchrun_command's --signals_to_handle).
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT)
+
+
 def self_launch(launcher: Any, stage: str, args: list[str], manifest: Path) -> int:
-    """Run the stage under torchrun and wait. SIGTERM / SIGUSR1 sent to this process are passed to torchrun,
-    which forwards them to the ranks, so preemption works the same as with a direct launch.
-    Returns the exit code, PREEMPTED_EXIT_CODE when the ranks stopped for preemption."""
-    child = subprocess.Popen(torchrun_command(launcher, stage, args))
+    """Run the stage under torchrun and wait for it, whatever signal comes: SIGTERM / SIGUSR1 / Ctrl-C sent to this
+    process are passed to torchrun, which forwards them to the ranks, so preemption and Ctrl-C work as with a
+    direct launch, and the command returns only once the ranks have saved and stopped.
+    torchrun runs in a session of its own: a Ctrl-C at the terminal reaches this process only, which passes each one
+    on once (in the terminal's process group torchrun would get it twice, and the ranks would take the second as
+    "stop at once, without a checkpoint").
+    Returns the exit code: PREEMPTED_EXIT_CODE when the ranks stopped with a checkpoint (preemption or the first
+    Ctrl-C), 130 when a Ctrl-C stopped them at once."""
+    child: list[subprocess.Popen] = []
+    pending: list[int] = []  # a signal that came before torchrun started: sent to it once it has
 
     def forward(signum: int, frame: Any) -> None:
-        child.send_signal(signum)
+        if child:
+            child[0].send_signal(signum)
+        else:
+            pending.append(signum)
 
-    for sig in SIGNALS:
-        signal.signal(sig, forward)
-    rc = child.wait()
-    if rc != 0 and _stage_status(manifest, stage) == "preempted":
-        return PREEMPTED_EXIT_CODE
-    return rc
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        child.append(subprocess.Popen(torchrun_command(launcher, stage, args), start_new_session=True))
+        for signum in pending:
+            child[0].send_signal(signum)
+        rc = child[0].wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    status = _stage_status(manifest, stage) if rc != 0 else None
+    return {"preempted": PREEMPTED_EXIT_CODE, "interrupted": 130}.get(status, rc)
 
 
 def _stage_status(manifest: Path, stage: str) -> str | None:

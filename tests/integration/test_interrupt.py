@@ -9,20 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import FAST, manifest, metrics, rlhf
+from conftest import FAST, free_port, manifest, metrics, rlhf
 
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 from rlhf_cli.run_dir import checkpoint_step, complete_checkpoints
 
 
-def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
-    """`rlhf` in the background, its output in `log` (a pipe nobody reads could fill up and block it)."""
+def _start(args: list[str], cwd: Path, log: Path, own_group: bool = False) -> subprocess.Popen:
+    """`rlhf` in the background, its output in `log` (a pipe nobody reads could fill up and block it); with
+    `own_group` in a process group of its own, as a shell starts a foreground job."""
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # a plain single-process run
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     with open(log, "w") as fh:
         return subprocess.Popen(
             [sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=fh,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, start_new_session=own_group,
         )  # fmt: skip
 
 
@@ -94,3 +95,21 @@ def test_metrics_have_one_row_per_step_after_a_resume(runs, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming sft from {run_dir / 'sft' / 'checkpoints' / f'step-{newest}'}" in resumed.stderr
     assert [r["step"] for r in metrics(run_dir)] == [*range(1, 31), 30]  # the final evaluation shares step 30
+
+
+def test_ctrl_c_at_the_terminal_of_a_self_launched_two_rank_run_waits_for_the_checkpoint(runs, tmp_path):
+    """`launcher.nproc_per_node=2`: the terminal sends SIGINT to the foreground process group. The command must wait
+    while both ranks finish the step and save (not return at once with the ranks still running), and exit 75."""
+    args = ["sft", *FAST, f"run.root={runs}", "run.name=two", "stage.max_steps=200", "stage.save_every=0",
+            "deepspeed=zero2", "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}"]  # fmt: skip
+    run_dir, log = runs / "two", tmp_path / "rlhf.log"
+    proc = _start(args, tmp_path, log, own_group=True)
+    _wait_until(lambda: _rows(run_dir / "sft" / "metrics.jsonl") >= 2, proc, log)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at the terminal
+    assert proc.wait(180) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
+    (ckpt,) = complete_checkpoints(run_dir / "sft" / "checkpoints")  # both ranks' shards written before the exit
+    step = checkpoint_step(ckpt)
+    assert 2 <= step < 200 and f"checkpoint saved at step {step}" in log.read_text()
+    assert manifest(run_dir)["stages"]["sft"]["status"] == "preempted"
+    assert sorted(p.name for p in ckpt.rglob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
