@@ -69,17 +69,20 @@ def logit_projection(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 def target_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-    chunk_size: int | None = None,
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+    chunk_size: int | None = None, position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """log pi(label_{t+1} | prefix) in fp32, computed only where the label is trained; 0 elsewhere.
 
     input_ids, attention_mask, labels (B, T), labels unshifted with IGNORE_INDEX on prompt and pad -> (B, T-1), the
     same as `token_logprobs(model(...).logits, labels)` (to float rounding) at a fraction of the head's cost and
-    memory. `chunk_size` positions per head call (default: CHUNK_ELEMENTS // vocab). Gradients flow as usual."""
+    memory. `chunk_size` positions per head call (default: CHUNK_ELEMENTS // vocab). Gradients flow as usual.
+    A packed batch (`data.packing`) comes with `position_ids` (B, T) restarting per sequence and no attention mask."""
     project = logit_projection(model)
+    # Packed rows: no KV cache, or transformers skips its packed-sequence detection and attention crosses sequences.
+    packed = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
     if project is None:
-        return token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+        return token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask, **packed).logits, labels)
     inner = unwrap(model)
     mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts label t+1
     size = chunk_size or max(1, CHUNK_ELEMENTS // inner.config.get_text_config().vocab_size)
@@ -92,7 +95,7 @@ def target_logprobs(
     handle = inner.get_decoder().register_forward_hook(at_targets)
     try:
         nothing = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=nothing)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=nothing, **packed)
     finally:
         handle.remove()
     if len(found) != 1:

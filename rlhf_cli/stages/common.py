@@ -34,6 +34,58 @@ def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
     return StepPlan(n_examples, micro, accum, world_size, steps_per_epoch, max(1, total))
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the row
+    capacity (the longest item: data.max_length, x 2 for a pair), the tokens per forward, and whether forwards are
+    flattened into one row (flash attention detects packed sequences only there)."""
+
+    enabled: bool
+    capacity: int
+    budget: int
+    flat: bool = False
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "packing: off (padded micro-batches)"
+        return (f"packing: on, rows of up to {self.capacity} tokens, up to {self.budget} tokens (padding included) "
+                f"per forward")  # fmt: skip
+
+
+def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
+    """The stage's `Packing` from `data.packing` / `data.max_tokens_per_batch` and the model (or engine) it trains:
+    auto is on where its attention keeps packed sequences apart; forced on where it does not is a UserError.
+    `per_item`: sequences per item (1 for SFT, 2 for a preference pair, whose two sequences share a forward)."""
+    from rlhf_cli.data.packing import FLAT_ATTENTION, packing_budget, resolve_packing
+    from rlhf_cli.models.reward import unwrap
+
+    config = unwrap(model).config
+    capacity = data_cfg.max_length * per_item
+    if not resolve_packing(data_cfg.packing, config):
+        return Packing(False, capacity, capacity)
+    budget = packing_budget(data_cfg.max_tokens_per_batch, st.micro_batch_size, data_cfg.max_length, per_item)
+    return Packing(True, capacity, budget, config._attn_implementation in FLAT_ATTENTION)
+
+
+def accumulate(engine: Any, forwards: list, one: Callable[[Any, bool], None], packed: bool) -> float | None:
+    """Forward and backward of each of this rank's forwards of one optimizer step; the optimizer steps after the last.
+
+    `one(forward, real)` runs one forward/backward; with real=False it must back-propagate a zero loss. Packed ranks
+    may hold different numbers of forwards, but under ZeRO-3 every forward and under ZeRO-2 every backward is a
+    collective: every rank runs the largest count over the ranks, the missing ones repeating its own last forward with
+    weight 0. DeepSpeed's accumulation boundary is set explicitly (true on the last forward), since its micro-step
+    counter assumes gradient_accumulation_steps forwards per step. Returns the gradient norm (`eng.step`)."""
+    count = len(forwards)
+    if packed:
+        count = int(eng.all_gather_cat(torch.tensor([count])).max())
+    norm = None
+    for i in range(count):
+        engine.set_gradient_accumulation_boundary(i == count - 1)
+        one(forwards[min(i, len(forwards) - 1)], i < len(forwards))
+        norm = eng.step(engine)
+    return norm
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the model's forward takes (labels stay out: our losses are computed outside)."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

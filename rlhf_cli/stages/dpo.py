@@ -18,6 +18,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
+from rlhf_cli.data.packing import real_tokens, segment_sums
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import (
@@ -28,14 +29,17 @@ from rlhf_cli.models import (
 from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
+    accumulate,
     eval_batches,
     export_final,
     finish,
     interrupted,
+    packing_for,
     policy_engine,
     step_plan,
     train_loop,
 )
+from rlhf_cli.stages.rm import pair_batches
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "lr", "tok/s", "eval_reward_accuracy")
 PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
@@ -62,6 +66,9 @@ def run(cfg: Any, run: Run) -> Path | None:
     if st.precompute_ref and st.loss not in REFERENCE_FREE:
         ref.precompute({"train": data.train, "eval": data.eval}, tokenizer.pad_token_id)
     engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
+    packing = packing_for(cfg.data, st, engine, per_item=2)
+    if packing.enabled and ref.model is not None:
+        packing_for(cfg.data, st, ref.model, per_item=2)  # a reference of another family must pack too (or refuse)
 
     # 4. Resume; record the stage as running.
     resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
@@ -69,16 +76,17 @@ def run(cfg: Any, run: Run) -> Path | None:
     inputs = {"policy": source, "reference": ref.describe(), "data": cfg.data.source}
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    for line in (started, *notes, data.report.summary(), plan.describe(), f"reference: {ref.describe()}"):
+    for line in (started, *notes, data.report.summary(), plan.describe(), f"reference: {ref.describe()}",
+                 packing.describe()):  # fmt: skip
         metrics.message(line)
 
-    # 5. Train.
+    # 5. Train: the step's pairs from the plan (a pure function of the step), packed or in micro-batches.
     pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
-        chunks = [idx[j : j + micro] for j in range(0, len(idx), micro)]
-        return train_step(engine, ref, st, data.train, "train", chunks, pad_id, dist.device)
+        forwards = pair_forwards(data.train, idx, micro, pad_id, packing)
+        return train_step(engine, ref, st, "train", forwards, dist.device, packing.enabled)
 
     def run_eval() -> dict[str, float]:
         return evaluate(engine, ref, st, data.eval, pad_id, dist)
@@ -93,13 +101,27 @@ def run(cfg: Any, run: Run) -> Path | None:
     return run.final_dir
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs (fp32) and completion lengths of a stacked pair batch, each (2B,).
+def pair_forwards(examples: list, idx: list[int], micro: int, pad_id: int, packing: Any) -> list[tuple[list, dict]]:
+    """This rank's forwards of one step as (pair indices into `examples`, batch), packed or padded (`rm.pair_batches`):
+    the indices in the batch's pair order, for the precomputed reference table."""
+    batches = pair_batches(examples, idx, micro, pad_id, packing)
+    if not packing.enabled:
+        return [(idx[j : j + micro], b) for j, b in zip(range(0, len(idx), micro), batches, strict=True)]
+    return [([idx[i] for i in b["pairs"].tolist()], b) for b in batches]
 
-    Chosen and rejected rows go through one forward; only their completion positions reach the LM head, in chunks
-    (`models.lm_head`). Called under torch.no_grad for the reference, so no graph is built there."""
-    logps = target_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    return logps.sum(-1), (batch["labels"][:, 1:] != -100).sum(-1).float()
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (fp32) and completion lengths of a stacked pair batch, each (2B,) chosen first.
+
+    Chosen and rejected go through one forward, as padded rows or packed side by side (`data.packing`: position ids
+    restart per sequence; the sums are taken per sequence); only their completion positions reach the LM head, in
+    chunks (`models.lm_head`). Called under torch.no_grad for the reference, so no graph is built there."""
+    logps = target_logprobs(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                            position_ids=batch.get("position_ids"))  # fmt: skip
+    targets = (batch["labels"][:, 1:] != -100).float()
+    if "segment" in batch:
+        return segment_sums(logps, batch), segment_sums(targets.to(logps.device), batch)
+    return logps.sum(-1), targets.sum(-1)
 
 
 class Reference:
@@ -168,21 +190,25 @@ def pair_losses(engine: Any, ref: Reference, st: Any, batch: dict, split: str, i
             "logps_rejected": pr.detach()}  # fmt: skip
 
 
-def train_step(engine, ref, st, examples, split, chunks, pad_id, device) -> dict[str, float]:
-    """One optimizer step: the per-pair losses summed, divided by the pairs of the step on all ranks."""
-    n_global = float(eng.all_reduce_sum(sum(len(c) for c in chunks)))
-    sums = dict.fromkeys(PAIR_KEYS, 0.0)
-    tokens, norm = 0, None
-    for chunk in chunks:
-        batch = {k: v.to(device) for k, v in collate_preference([examples[i] for i in chunk], pad_id).items()}
-        out = pair_losses(engine, ref, st, batch, split, chunk)
-        eng.backward(engine, out["loss"].sum(), n_global)
-        norm = eng.step(engine)
-        for key in PAIR_KEYS:
-            sums[key] += float(out[key].detach().sum())
-        tokens += int(batch["attention_mask"].sum())
-    means = {k: float(eng.all_reduce_sum(v)) / n_global for k, v in sums.items()}
-    return {**means, "tokens": float(eng.all_reduce_sum(tokens)), "pairs": n_global, "grad_norm": norm}
+def train_step(engine, ref, st, split, forwards, device, packed: bool = False) -> dict[str, float]:
+    """One optimizer step over this rank's forwards, (pair indices, batch) each: the per-pair losses summed, divided
+    by the pairs of the step on all ranks."""
+    n_global = float(eng.all_reduce_sum(sum(len(idx) for idx, _ in forwards)))
+    sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64)  # PAIR_KEYS, then the tokens
+
+    def one(forward: tuple[list, dict], real: bool) -> None:
+        idx, batch = forward
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = pair_losses(engine, ref, st, batch, split, idx)
+        eng.backward(engine, out["loss"].sum() * (1.0 if real else 0.0), n_global)  # a filler adds nothing
+        if real:
+            per_pair = [float(out[key].detach().sum()) for key in PAIR_KEYS]
+            sums.add_(torch.tensor([*per_pair, real_tokens(batch)], dtype=torch.float64))
+
+    norm = accumulate(engine, forwards, one, packed)
+    *totals, tokens = eng.all_reduce_sum(sums).tolist()
+    means = {k: v / n_global for k, v in zip(PAIR_KEYS, totals, strict=True)}
+    return {**means, "tokens": tokens, "pairs": n_global, "grad_norm": norm}
 
 
 @torch.no_grad()

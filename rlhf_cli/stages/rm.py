@@ -22,6 +22,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
+from rlhf_cli.data.packing import collate_packed_pairs, pair_size, plan_forwards, real_tokens
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import bradley_terry_loss, split_pairs
 from rlhf_cli.metrics import Metrics
@@ -32,10 +33,21 @@ from rlhf_cli.models.reward import (
     check_max_length,
     load_reward_model,
     load_reward_tokenizer,
+    packed_sequence_scores,
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, step_plan, train_loop
+from rlhf_cli.stages.common import (
+    Packing,
+    accumulate,
+    eval_batches,
+    export_final,
+    finish,
+    interrupted,
+    packing_for,
+    step_plan,
+    train_loop,
+)
 from rlhf_cli.summary import complete_stage
 
 SHOW = ("loss", "accuracy", "lr", "tok/s", "pairs/s", "eval_accuracy")
@@ -71,6 +83,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
     )
     engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+    packing = packing_for(cfg.data, st, engine, per_item=2)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
     resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
@@ -79,15 +92,16 @@ def run(cfg: Any, run: Run) -> Path | None:
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
     model_line = f"model: {source} ({type(model).__name__})"
-    for line in (started, *notes, model_line, data.report.summary(), plan.describe()):
+    for line in (started, *notes, model_line, data.report.summary(), plan.describe(), packing.describe()):
         metrics.message(line)
 
-    # 5. Train.
+    # 5. Train: the step's pairs from the plan (a pure function of the step), packed or in micro-batches.
     pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
-        return train_step(engine, micro_batches(data.train, idx, micro, pad_id), dist.device, st.center_coef)
+        batches = pair_batches(data.train, idx, micro, pad_id, packing)
+        return train_step(engine, batches, dist.device, st.center_coef, packing.enabled)
 
     def run_eval() -> dict[str, float]:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
@@ -128,26 +142,41 @@ def run_relative(path: str, run: Run) -> str:
         return path
 
 
-def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate_preference([examples[i] for i in idx[j : j + micro]], pad_id) for j in range(0, len(idx), micro)]
+def pair_batches(examples: list, idx: list[int], micro: int, pad_id: int, packing: Packing) -> list[dict]:
+    """The forwards of this rank's step over the pairs `idx`: packed (a pair's chosen and rejected side by side,
+    `data.packing`) or padded micro-batches of 2B rows; both hold margin (B,) and the sequences chosen first."""
+    mine = [examples[i] for i in idx]
+    if not packing.enabled:
+        return [collate_preference(mine[j : j + micro], pad_id) for j in range(0, len(mine), micro)]
+    layout = plan_forwards([pair_size(p) for p in mine], packing.capacity, packing.budget)
+    return [collate_packed_pairs(mine, rows, pad_id, packing.flat) for rows in layout]
 
 
-def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, center_coef: Any) -> dict:
-    """One optimizer step over this rank's micro-batches of B_i pairs each (2 B_i rows, chosen first).
+def batch_scores(model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reward per sequence (2B,) of a padded or a packed pair batch."""
+    if "position_ids" in b:
+        return packed_sequence_scores(model, b)
+    return sequence_scores(model, b["input_ids"], b["attention_mask"])
+
+
+def train_step(engine: Any, batches: list[dict], device: torch.device, center_coef: Any, packed: bool = False) -> dict:
+    """One optimizer step over this rank's forwards of B_i pairs each (2 B_i sequences, chosen first).
 
     Normaliser: pairs of the whole step over all ranks, so the gradient is that of the mean over those pairs."""
     n_pairs = float(eng.all_reduce_sum(sum(len(b["margin"]) for b in batches)))
     sums = torch.zeros(6, dtype=torch.float64)  # loss, correct, margin, chosen, rejected, tokens
-    norm = None
-    for b in batches:
+
+    def one(b: dict[str, torch.Tensor], real: bool) -> None:
         b = {k: v.to(device) for k, v in b.items()}
-        r_chosen, r_rejected = split_pairs(sequence_scores(engine, b["input_ids"], b["attention_mask"]))
+        r_chosen, r_rejected = split_pairs(batch_scores(engine, b))
         loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"], center_coef)
         n = len(r_chosen)
-        eng.backward(engine, loss * n, n_pairs)  # summed per-pair loss of this micro-batch
-        norm = eng.step(engine)
-        loss_sum, tokens = loss.detach().double().cpu() * n, b["attention_mask"].sum().double().cpu()
-        sums += torch.cat([loss_sum.view(1), pair_sums(r_chosen, r_rejected)[:4], tokens.view(1)])
+        eng.backward(engine, loss * (n if real else 0.0), n_pairs)  # summed per-pair loss; a filler adds nothing
+        if real:
+            loss_sum, tokens = loss.detach().double().cpu() * n, torch.tensor([float(real_tokens(b))]).double()
+            sums.add_(torch.cat([loss_sum.view(1), pair_sums(r_chosen, r_rejected)[:4], tokens]))
+
+    norm = accumulate(engine, batches, one, packed)
     total = eng.all_reduce_sum(sums)
     loss, accuracy, margin, chosen, rejected = (total[:5] / n_pairs).tolist()
     return {

@@ -16,13 +16,24 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
+from rlhf_cli.data.packing import collate_packed_sft, plan_forwards, real_tokens
 from rlhf_cli.losses import count_targets
 from rlhf_cli.losses.sft import sft_loss_from_logprobs
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
 from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import eval_batches, export_final, finish, interrupted, step_plan, train_loop
+from rlhf_cli.stages.common import (
+    Packing,
+    accumulate,
+    eval_batches,
+    export_final,
+    finish,
+    interrupted,
+    packing_for,
+    step_plan,
+    train_loop,
+)
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -49,6 +60,7 @@ def run(cfg: Any, run: Run) -> Path | None:
         cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
     )
     engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+    packing = packing_for(cfg.data, st, engine, per_item=1)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
     resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
@@ -60,13 +72,14 @@ def run(cfg: Any, run: Run) -> Path | None:
         metrics.message(line)
     metrics.message(data.report.summary())
     metrics.message(plan.describe())
+    metrics.message(packing.describe())
 
-    # 5. Train.
+    # 5. Train: the step's examples from the plan (a pure function of the step), packed or in micro-batches.
     pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
-        return train_step(engine, micro_batches(data.train, idx, micro, pad_id), dist.device)
+        return train_step(engine, step_batches(data.train, idx, micro, pad_id, packing), dist.device, packing.enabled)
 
     def run_eval() -> dict[str, float]:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
@@ -85,30 +98,43 @@ def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> li
     return [collate_sft([examples[i] for i in idx[j : j + micro]], pad_id) for j in range(0, len(idx), micro)]
 
 
-def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; the loss is normalised over all ranks."""
+def step_batches(examples: list, idx: list[int], micro: int, pad_id: int, packing: Packing) -> list[dict]:
+    """The forwards of this rank's step over the examples `idx`: packed (`data.packing`) or padded micro-batches."""
+    if not packing.enabled:
+        return micro_batches(examples, idx, micro, pad_id)
+    mine = [examples[i] for i in idx]
+    layout = plan_forwards([len(ex.input_ids) for ex in mine], packing.capacity, packing.budget)
+    return [collate_packed_sft(mine, rows, pad_id, packing.flat) for rows in layout]
+
+
+def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, packed: bool = False) -> dict:
+    """One optimizer step over this rank's forwards (packed or padded); the loss is normalised over all ranks."""
     n_global = float(eng.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches)))
-    total = torch.zeros((), dtype=torch.float64)
-    tokens, norm = 0, None
-    for b in batches:
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
+
+    def one(b: dict[str, torch.Tensor], real: bool) -> None:
         b = {k: v.to(device) for k, v in b.items()}
         loss_sum, _ = sft_loss(engine, b)
-        eng.backward(engine, loss_sum, n_global)
-        norm = eng.step(engine)
-        total += loss_sum.detach().double().cpu()
-        tokens += int(b["attention_mask"].sum())
+        eng.backward(engine, loss_sum if real else loss_sum * 0.0, n_global)  # a filler forward adds nothing
+        if real:
+            sums.add_(torch.tensor([float(loss_sum.detach()), real_tokens(b)], dtype=torch.float64))
+
+    norm = accumulate(engine, batches, one, packed)
+    total, tokens = eng.all_reduce_sum(sums).tolist()
     return {
-        "loss": float(eng.all_reduce_sum(total)) / n_global,
+        "loss": total / n_global,
         "target_tokens": n_global,
-        "tokens": float(eng.all_reduce_sum(tokens)),
+        "tokens": tokens,
         "grad_norm": norm,
     }
 
 
 def sft_loss(model: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed target-token NLL of a collated batch (input_ids, attention_mask, labels (B, T)) and its target count.
-    Only the target positions go through the LM head, in chunks (`models.lm_head`): no (B, T, V) logits."""
-    logps = target_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])  # (B, T-1) fp32
+    """Summed target-token NLL of a collated batch (input_ids, attention_mask, labels (B, T)), or a packed one
+    (input_ids, position_ids, labels (R, W)), and its target count. Only the target positions go through the LM head,
+    in chunks (`models.lm_head`): no (B, T, V) logits."""
+    logps = target_logprobs(model, b["input_ids"], b.get("attention_mask"), b["labels"],
+                            position_ids=b.get("position_ids"))  # (B, T-1) fp32  # fmt: skip
     return sft_loss_from_logprobs(logps, b["labels"])
 
 
