@@ -217,6 +217,8 @@ def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list
     from rlhf_cli.stages import STAGES
 
     spec = STAGES[stage]
+    if stage == "eval":  # nothing trained: the reference, one policy at a time (same architecture), the judge
+        return [frozen_row("reference", policy, cfg), frozen_row("policy", policy, cfg), *reward_rows(cfg, overrides)]
     rows = [trained_row(spec.trained_model, policy, cfg, scalar_head=spec.scalar_head)]
     more = _MORE_ROWS.get(stage)
     return rows + more(cfg, overrides) if more else rows
@@ -287,6 +289,13 @@ def memory_lines(rows: list[Row], ds: Any) -> list[str]:
 
 def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
     st, world = cfg.stage, world_size(cfg)
+    if stage == "eval":
+        return [
+            "rlhf eval: sampling",
+            f"  generate calls of at most {st.eval_batch_size} prompts x {st.n_samples} samples = "
+            f"{st.eval_batch_size * st.n_samples} sequences of at most {max_tokens(cfg)} tokens, the held-out prompts "
+            f"shared over {world} rank(s); the reference first, then each policy, one at a time",
+        ]
     lines = [
         f"rlhf {stage}: batch algebra",
         f"  micro batch {st.micro_batch_size} x accumulation {st.gradient_accumulation_steps} x world size {world} "

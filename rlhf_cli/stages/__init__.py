@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from rlhf_cli.config import schema as s
+from rlhf_cli.config.evaluate import EvalRoot
 
 # A numeric range in the syntax of rlhf_cli/config/compose.py (`> 0`, `>= 1 or null`, `[0, 1)`, `finite`), or
 # (range, why) where the message should explain the rule. A choice: the allowed values, or (allowed values, why).
@@ -193,4 +194,14 @@ STAGES: dict[str, StageSpec] = {
                          "rlhf rloo +experiment=grpo_parity stage.advantage=rloo"),
     "reinforce_pp": _critic_free("reinforce_pp", "REINFORCE++ (global whitening, no critic), from sft",
                                  "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline"),
+    "eval": StageSpec(
+        "eval", "rlhf_cli.stages.eval", EvalRoot,
+        summary="held-out comparison of the run's policies with sft: reward, win rate, KL, gold",
+        example="rlhf eval stage.policies=[sft,ppo,dpo] stage.n_samples=4",
+        formats=s.PROMPT_FORMATS,
+        choices=ONLINE_CHOICES,
+        ranges={**ONLINE_RANGES, "stage.n_samples": ">= 1", "stage.max_prompts": ">= 1 or null",
+                "stage.eval_batch_size": ">= 1", "stage.generation.temperature": "> 0"},
+        trained_model="reference policy (nothing is trained)",
+    ),
 }  # fmt: skip

@@ -114,6 +114,7 @@ STAGE_VALUES = {
     "rloo": {**_ONLINE, "stage.name": "rloo", "stage.advantage": "rloo", "stage.n_samples": 4, "stage.kl_coef": 0.05},
     "reinforce_pp": {**_ONLINE, "stage.name": "reinforce_pp", "stage.advantage": "reinforce_pp", "stage.n_samples": 4,
                      "stage.kl_coef": 0.01},
+    "eval": {"model.name_or_path": "stage:sft", "data.max_prompt_length": 192},
 }  # fmt: skip
 
 

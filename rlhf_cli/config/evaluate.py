@@ -1,0 +1,47 @@
+"""Typed schema of `rlhf eval` (stages/eval.py): which policies of the run, against which reference, judged by which
+reward and gold metric, on which held-out prompts. Same rules as rlhf_cli/config/schema.py: every field's only
+default is here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_cli.config.online import GenerationConfig, RewardConfig
+from rlhf_cli.config.schema import PromptDataConfig, RootConfig
+
+
+@dataclass
+class EvalGenerationConfig(GenerationConfig):
+    """Sampling of the evaluated responses. At temperature 1 without top-k / top-p the samples come from the policy
+    itself, so the KL estimate is the KL between the two models; otherwise between the two sampling distributions."""
+
+    temperature: float = 1.0
+
+
+@dataclass
+class EvalStageConfig:
+    """`rlhf eval`: every policy samples `n_samples` responses per held-out prompt; each is scored by the reward and
+    the gold metric, compared with the reference's response to the same prompt (win rate), and its log-probability
+    under the policy and the reference gives a Monte-Carlo sequence KL. The reference is `model.name_or_path`
+    (default: this run's sft), whose tokenizer and chat template every policy shares."""
+
+    name: str = "eval"
+    # Stages of this run whose final/ is evaluated ([] = every completed policy stage, in the order they ran).
+    policies: list[str] = field(default_factory=list)
+    # The judge of reward and win rate. The default `stage:rm` is skipped (with a note) when the run has no reward
+    # model; any other source must exist.
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # A gold metric next to the reward: `module:function(prompts, responses) -> list[float]`, or a second reward model
+    # (`stage:<name>`, a folder or hub id). None: none.
+    gold: str | None = None
+    n_samples: int = 1  # responses per prompt and policy
+    max_prompts: int | None = None  # held-out prompts used (None: all)
+    eval_batch_size: int = 32  # prompts per generate call
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    offload_frozen: bool = False  # the reward model(s) wait on the CPU between uses
+
+
+@dataclass
+class EvalRoot(RootConfig):
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    stage: EvalStageConfig = field(default_factory=EvalStageConfig)

@@ -1,0 +1,199 @@
+"""`rlhf eval`: did alignment work? Every policy of the run against the reference (SFT) policy on held-out prompts.
+
+Each policy samples `stage.n_samples` responses per held-out prompt (temperature `stage.generation.temperature`,
+1 by default, so the samples come from the policy itself). Per response: the reward (the run's reward model, or
+functions), a win against the reference's response to the same prompt and sample index under that reward (ties
+count half), the sequence KL log pi(y|x) - log pi_ref(y|x) (its mean over the policy's own samples is a Monte-Carlo
+estimate of KL(pi || pi_ref), reported with its standard error), the length, EOS, and the gold metric when one is
+given. The reference is evaluated the same way with draws of its own, so its win rate is 0.5 up to sampling error
+and its KL exactly 0: the check that the comparison is fair. Writes `<run>/eval/eval.json` and the headline
+numbers into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf_cli import engine as eng
+from rlhf_cli.commands.args import model_kind
+from rlhf_cli.config.compose import config_hash, to_yaml
+from rlhf_cli.data import build_prompt_datasets, collate_prompts
+from rlhf_cli.errors import UserError
+from rlhf_cli.losses.critic_free import sequence_k1
+from rlhf_cli.metrics import console
+from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
+from rlhf_cli.rollout.comparison import moment_sums, summarise, win_values
+from rlhf_cli.rollout.evaluation import gold_scores
+from rlhf_cli.rollout.experience import expand
+from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sample, sampling_config
+from rlhf_cli.rollout.rewards import build_reward, load_function
+from rlhf_cli.rollout.scoring import score_responses
+from rlhf_cli.run_dir import Run, atomic_write_text
+from rlhf_cli.stages.common import eval_batches
+from rlhf_cli.summary import complete_stage
+
+REFERENCE = "reference"
+COLUMNS = (("reward_mean", "reward"), ("win_rate", "win rate"), ("kl", "KL"), ("gold_mean", "gold"),
+           ("response_length", "length"), ("eos_rate", "EOS"))  # fmt: skip
+
+
+def run(cfg: Any, run: Run) -> Path:
+    """Evaluate the policies and write `<run>/eval/eval.json`; returns its path."""
+    st = cfg.stage
+    # 1. Distributed group, the reference and its tokenizer, the held-out prompts.
+    dist = eng.init_distributed()
+    torch.manual_seed(cfg.seed)
+    ref_path = run.resolve_source(cfg.model.name_or_path)
+    policies = policy_paths(run, st.policies)
+    ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": ref_path, "lora": {"enabled": False}})
+    tokenizer = load_tokenizer(ref_cfg)
+    prompts = held_out_prompts(cfg, tokenizer)
+
+    # 2. The judges: the reward (absent when the run has no reward model and none was named) and the gold metric.
+    reward, notes = judge(cfg, run, tokenizer, dist)
+    gold = gold_judge(cfg, run, tokenizer, dist)
+    run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ref_path, **policies}, None)
+    for line in notes:
+        _say(dist, line)
+
+    # 3. The reference: its own samples and scores, which every policy's responses are compared with.
+    reference = frozen_policy(cfg, ref_cfg, tokenizer, dist)
+    ref_scores, ref_row = evaluate(reference, reference, prompts, tokenizer, reward, gold, st, dist, None, draw=0)
+    rows = {REFERENCE: ref_row}
+
+    # 4. Each policy: its samples, their reward, win against the reference's, KL to the reference, gold.
+    for k, (name, path) in enumerate(policies.items(), start=1):
+        policy = frozen_policy(cfg, OmegaConf.merge(ref_cfg, {"name_or_path": path}), tokenizer, dist)
+        rows[name] = evaluate(policy, reference, prompts, tokenizer, reward, gold, st, dist, ref_scores, draw=k)[1]
+        del policy
+
+    # 5. eval.json, the headline numbers in the manifest, the table.
+    out = {"reference": ref_path, "policies": {**policies}, "prompts": len(prompts), "n_samples": st.n_samples,
+           "temperature": st.generation.temperature, "reward": reward.describe() if reward else None,
+           "gold": st.gold, "results": rows}  # fmt: skip
+    path = run.stage_dir / "eval.json"
+    if dist.is_main:
+        atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+        run.update_stage(outputs={"eval": str(path.relative_to(run.root))}, metrics=headline(rows))
+        console.print("\n".join(table(rows)), markup=False, highlight=False)
+    complete_stage(run, keep_checkpoints=True)
+    return path
+
+
+def policy_paths(run: Run, names: list[str]) -> dict[str, str]:
+    """stage name -> final/ of each policy to evaluate: `names`, or every completed stage of the run whose final/ is
+    a causal LM, in the order the stages ran."""
+    if names:
+        return {name: run.resolve_source(f"stage:{name}") for name in names}
+    stages = run.read_manifest()["stages"]
+    found = {}
+    for name, record in stages.items():
+        final = run.root / name / "final"
+        kind = model_kind(str(final)) if final.is_dir() and record.get("status") == "completed" else None
+        if kind is not None and kind[0] == "causal-lm":
+            found[name] = str(final)
+    if not found:
+        raise UserError(f"run `{run.root.name}` has no completed policy stage to evaluate; run `rlhf sft "
+                        f"run.name={run.root.name}` first, or name them with stage.policies=[...]")  # fmt: skip
+    return found
+
+
+def held_out_prompts(cfg: Any, tokenizer: Any) -> list:
+    """The held-out prompts of `data` (the same split the online stages evaluate on with the same seed)."""
+    prompts = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed).eval
+    if not prompts:
+        raise UserError(f"data `{cfg.data.source}` leaves no held-out prompt; set data.eval_fraction above 0 or "
+                        "data.eval_split")  # fmt: skip
+    return prompts[: cfg.stage.max_prompts] if cfg.stage.max_prompts else prompts
+
+
+def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, list[str]]:
+    """The reward source of `stage.reward`, or None (with a note) for the default `stage:rm` when the run has no
+    completed reward model (a DPO-only run): then no reward and no win rate."""
+    r = cfg.stage.reward
+    if not (r.functions or r.function) and r.model == "stage:rm":
+        if run.stage_record("rm").get("status") != "completed":
+            return None, ["no reward model in this run (stage rm): reward and win rate are left out; name one with "
+                          "stage.reward.model=<folder> or stage.reward.function=module:function"]  # fmt: skip
+    return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
+
+
+def gold_judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> Any | None:
+    """`stage.gold`: a `module:function` (its scores per response), or a second reward model (stage:<name>, a folder
+    or a hub id) read like stage.reward.model; None without one."""
+    spec = cfg.stage.gold
+    if not spec:
+        return None
+    if not spec.startswith("stage:") and "/" not in spec and ":" in spec and not Path(spec).exists():
+        fn = load_function(spec, key="stage.gold")
+        return SimpleNamespace(score=lambda prompts, seq, texts: torch.tensor(gold_scores(fn, prompts, texts)))
+    gold_cfg = SimpleNamespace(reward=OmegaConf.merge(cfg.stage.reward, {"model": spec, "function": None,
+                               "functions": []}), eval_batch_size=cfg.stage.eval_batch_size,
+                               offload_frozen=cfg.stage.offload_frozen)  # fmt: skip
+    return build_reward(gold_cfg, run, cfg.deepspeed, tokenizer, dist)
+
+
+def frozen_policy(cfg: Any, model_cfg: Any, tokenizer: Any, dist: Any) -> Any:
+    model = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
+    disable_dropout(model)
+    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, dist.device)
+
+
+@torch.no_grad()
+def evaluate(policy: Any, reference: Any, prompts: list, tokenizer: Any, reward: Any | None, gold: Any | None,
+             st: Any, dist: Any, ref_scores: torch.Tensor | None,
+             draw: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """(this rank's reward scores (rows of its batches in order), the summary over all ranks) of `policy`'s samples.
+    `draw` seeds the sampling (the reference's own draws are 0: a policy that is the reference still samples afresh).
+    `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
+    config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sums, scores, done = torch.zeros(6, 3, dtype=torch.float64), [], 0
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+        torch.manual_seed(1_000_003 * draw + dist.rank)
+        for part in eval_batches(len(prompts), st.eval_batch_size, dist.rank, dist.world_size):
+            rows, _ = expand([prompts[i] for i in part.idx], st.n_samples)
+            batch = {k: v.to(dist.device) for k, v in collate_prompts(rows, tokenizer.pad_token_id).items()}
+            with eng.gathered_for_generation(policy) as module:
+                seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            texts = decode_responses(tokenizer, seq)
+            values = {"length": seq.response_mask.sum(1), "eos": seq.has_eos.double()}
+            logp = response_logprobs(response_logits(policy, seq), seq, st.generation.temperature)
+            ref_logp = logp if policy is reference else response_logprobs(
+                response_logits(reference, seq), seq, st.generation.temperature)  # fmt: skip
+            values["kl"] = sequence_k1(logp, ref_logp, seq.response_mask)
+            if reward is not None:
+                values["reward"] = score_responses(reward, rows, seq, texts, None, allow_invalid=True).raw.cpu()
+                if ref_scores is not None:  # the reference's responses to the same rows, in the same order
+                    values["win"] = win_values(values["reward"], ref_scores[done : done + len(texts)])
+                scores.append(values["reward"])
+            done += len(texts)
+            if gold is not None:
+                values["gold"] = gold.score(rows, seq, texts).double().cpu()
+            sums += moment_sums(values, part.weight.repeat_interleave(st.n_samples))
+    return (torch.cat(scores) if scores else torch.zeros(0)), summarise(eng.all_reduce_sum(sums))
+
+
+def headline(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Manifest metrics: `<policy>/<quantity>` for the table's columns."""
+    return {f"{name}/{key}": row[key] for name, row in rows.items() for key, _ in COLUMNS if key in row}
+
+
+def table(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Plain lines: one per policy, mean +- standard error of each quantity that was measured."""
+    keys = [(k, title) for k, title in COLUMNS if any(k in r for r in rows.values())]
+    lines = ["eval: " + "  ".join(f"{title:>16}" for _, title in keys)]
+    for name, row in rows.items():
+        cells = [f"{row[k]:.3f} +- {row[k + '_se']:.3f}" if k in row else "-" for k, _ in keys]
+        lines.append(f"{name:<6}" + "  ".join(f"{c:>16}" for c in cells))
+    return lines
+
+
+def _say(dist: Any, line: str) -> None:
+    if dist.is_main:
+        console.print(line, markup=False, highlight=False)
