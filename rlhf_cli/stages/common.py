@@ -36,20 +36,26 @@ def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
 
 @dataclass(frozen=True)
 class Packing:
-    """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the row
-    capacity (the longest item: data.max_length, x 2 for a pair), the tokens per forward, and whether forwards are
-    flattened into one row (flash attention detects packed sequences only there)."""
+    """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the
+    longest possible item (data.max_length, x 2 for a pair), the tokens per forward (padding included), and whether
+    forwards are flattened into one row (flash attention detects packed sequences only there)."""
 
     enabled: bool
     capacity: int
     budget: int
     flat: bool = False
 
+    def row_capacity(self, sizes: list[int]) -> int:
+        """Rows as long as the step's longest item (sizes: tokens per item): a row then costs the attention of one
+        padded row (sdpa and eager attend over the whole row, masked), while holding several short items. Flattened
+        forwards (varlen flash attention) cost nothing per row: rows as long as the budget."""
+        return self.budget if self.flat else max(sizes)
+
     def describe(self) -> str:
         if not self.enabled:
             return "packing: off (padded micro-batches)"
-        return (f"packing: on, rows of up to {self.capacity} tokens, up to {self.budget} tokens (padding included) "
-                f"per forward")  # fmt: skip
+        rows = "the whole forward" if self.flat else "the step's longest example"
+        return f"packing: on, up to {self.budget} tokens per forward (padding included), rows as long as {rows}"
 
 
 def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:

@@ -148,7 +148,8 @@ def pair_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
     mine = [examples[i] for i in idx]
     if not packing.enabled:
         return [collate_preference(mine[j : j + micro], pad_id) for j in range(0, len(mine), micro)]
-    layout = plan_forwards([pair_size(p) for p in mine], packing.capacity, packing.budget)
+    sizes = [pair_size(p) for p in mine]
+    layout = plan_forwards(sizes, packing.row_capacity(sizes), packing.budget)
     return [collate_packed_pairs(mine, rows, pad_id, packing.flat) for rows in layout]
 
 

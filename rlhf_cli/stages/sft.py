@@ -103,7 +103,8 @@ def step_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
     if not packing.enabled:
         return micro_batches(examples, idx, micro, pad_id)
     mine = [examples[i] for i in idx]
-    layout = plan_forwards([len(ex.input_ids) for ex in mine], packing.capacity, packing.budget)
+    sizes = [len(ex.input_ids) for ex in mine]
+    layout = plan_forwards(sizes, packing.row_capacity(sizes), packing.budget)
     return [collate_packed_sft(mine, rows, pad_id, packing.flat) for rows in layout]
 
 

@@ -25,7 +25,7 @@ from transformers import (
 
 from rlhf_cli import cli
 from rlhf_cli.commands import score as score_cmd
-from rlhf_cli.config.schema import PreferenceDataConfig
+from rlhf_cli.config.schema import PairDataConfig
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.sources import ASSETS_DIR
 from rlhf_cli.models import tiny_tokenizer
@@ -52,7 +52,7 @@ def _eval_rewards(run_dir: Path, final: Path) -> tuple[torch.Tensor, torch.Tenso
     """Chosen and rejected rewards (N,) of the rm stage's eval pairs, recomputed with plain transformers."""
     cfg = OmegaConf.load(run_dir / "rm" / "config.yaml")
     tok = AutoTokenizer.from_pretrained(final)
-    data = build_preference_datasets(PreferenceDataConfig(**OmegaConf.to_container(cfg.data)), tok, seed=cfg.seed)
+    data = build_preference_datasets(PairDataConfig(**OmegaConf.to_container(cfg.data)), tok, seed=cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     batch = collate_preference(data.eval, tok.pad_token_id)
     with torch.no_grad():

@@ -93,14 +93,14 @@ def test_collate_packed_restarts_positions_and_ignores_each_first_label():
 def test_packed_examples_do_not_see_each_other_and_a_kv_cache_would_break_it(tok):
     model = load_causal_lm(BUILTIN, tok, seed=0)
     eos = tok.eos_token_id
-    exs = _examples(eos)
-    packing = Packing(True, capacity=120, budget=240)
-    batch = sft.step_batches(exs, [0, 1, 2], 3, eos, packing)[0]
-    assert batch["input_ids"].shape[0] == 1 and batch["segment"][0, 0] == 0  # one row; the 91-token example first
+    exs, idx, packing = _examples(eos), [3, 4, 2, 0], Packing(True, capacity=256, budget=1000)
+    # 44, 26, 17 and 4 tokens into rows of 44: [44], [26, 17], [4], one forward; example 4 is sequence 1.
+    batch = sft.step_batches(exs, idx, 4, eos, packing)[0]
+    assert batch["segment"][1].unique().tolist() == [-1, 1, 2]
     changed = list(exs)
-    changed[1] = SFTExample([7, *exs[1].input_ids[1:]], exs[1].labels)  # the first token of the row's first example
-    other = sft.step_batches(changed, [0, 1, 2], 3, eos, packing)[0]
-    first, rest = batch["segment"] == 0, batch["segment"] > 0
+    changed[4] = SFTExample([7, *exs[4].input_ids[1:]], exs[4].labels)  # the first token of its row
+    other = sft.step_batches(changed, idx, 4, eos, packing)[0]
+    first, rest = batch["segment"] == 1, (batch["segment"] >= 0) & (batch["segment"] != 1)
     kwargs = {"attention_mask": None, "position_ids": batch["position_ids"]}
     with torch.no_grad():
         a = model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
@@ -145,8 +145,8 @@ def _tok_ids(tok, pad_is_eos):
     return tok.eos_token_id, tok.eos_token_id if pad_is_eos else tok.pad_token_id
 
 
-# Examples of 4, 91, 17, 44 and 26 tokens: rows [91, 4] and [44, 26, 17] (95 and 87 tokens), one per forward.
-SMALL_ROWS = Packing(True, capacity=100, budget=150)
+# Examples of 4, 91, 17, 44 and 26 tokens: rows as long as the longest, [91] and [44, 26, 17, 4], one per forward.
+SMALL_ROWS = Packing(True, capacity=256, budget=150)
 
 
 @pytest.mark.parametrize("variant", ["plain", "pad_is_eos", "lora_checkpointing"])
@@ -184,9 +184,9 @@ def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos
     scores = sequence_scores(model, padded["input_ids"], padded["attention_mask"])
     bradley_terry_loss(*split_pairs(scores), padded["margin"])[0].mul(3).backward()
     expected = _grads(model)
-    forwards = rm.pair_batches(pairs, [0, 1, 2], 3, pad, Packing(True, capacity=150, budget=300))
-    # Pairs of 54, 108 and 37 tokens: rows [108, 37] and [54] in one forward (2 rows x 145 <= 300).
-    assert len(forwards) == 1 and forwards[0]["input_ids"].shape == (2, 145)
+    forwards = rm.pair_batches(pairs, [0, 1, 2], 3, pad, Packing(True, capacity=512, budget=300))
+    # Pairs of 54, 108 and 37 tokens: rows [108] and [54, 37] in one forward (2 rows x 108 <= 300).
+    assert len(forwards) == 1 and forwards[0]["input_ids"].shape == (2, 108)
     for b in forwards:
         packed = rm.batch_scores(model, b)
         chosen, rejected = split_pairs(packed)
@@ -213,8 +213,8 @@ def test_packed_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos):
     out["loss"].sum().backward()
     expected = _grads(policy)
     logps, lengths = dpo.sequence_logps(policy, padded)
-    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, Packing(True, capacity=150, budget=150))
-    assert [idx for idx, _ in forwards] == [[11, 12], [10]]  # pairs 1 and 2 (108 + 37 tokens) in a row, then pair 0
+    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, Packing(True, capacity=512, budget=150))
+    assert [idx for idx, _ in forwards] == [[11], [10, 12]]  # pair 1 (108 tokens) alone; pairs 0 and 2 (54 + 37)
     for idx, b in forwards:
         order = torch.tensor(idx) - 10
         both = torch.cat([order, order + 3])
@@ -277,7 +277,9 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
                                         r"\(2 x data.max_length = 128\)"):  # fmt: skip
         packing_for(data, st, model, per_item=2)
     model.config._attn_implementation = "flash_attention_2"  # (only read here: nothing runs)
-    assert packing_for(data, st, model, per_item=1) == Packing(True, 64, 100, flat=True)
+    flat = packing_for(data, st, model, per_item=1)
+    assert flat == Packing(True, 64, 100, flat=True) and flat.row_capacity([5, 60]) == 100  # one row per forward
+    assert Packing(True, 64, 100).row_capacity([5, 60, 7]) == 60  # sdpa / eager: rows of the step's longest item
     model.config._attn_implementation = "flex_attention"
     assert not packing_for(data, st, model, per_item=1).enabled  # auto: off, no error
     data.packing = True
