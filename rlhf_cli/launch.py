@@ -59,14 +59,21 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signa
 def self_launch(launcher: Any, stage: str, args: list[str], manifest: Path) -> int:
     """Run the stage under torchrun and wait for it, whatever signal comes: SIGTERM / SIGUSR1 / Ctrl-C sent to this
     process are passed to torchrun, which forwards them to the ranks, so preemption and Ctrl-C work as with a
-    direct launch, and the command returns only once the ranks have saved and stopped.
-    torchrun runs in a session of its own: a Ctrl-C at the terminal reaches this process only, which passes each one
-    on once (in the terminal's process group torchrun would get it twice, and the ranks would take the second as
-    "stop at once, without a checkpoint").
+    direct launch, and the command returns only once the ranks have saved and stopped (`wait_forwarding`).
     Returns the exit code: PREEMPTED_EXIT_CODE when the ranks stopped with a checkpoint (preemption or the first
     Ctrl-C), 130 when a Ctrl-C stopped them at once."""
+    rc = wait_forwarding(torchrun_command(launcher, stage, args))
+    status = _stage_status(manifest, stage) if rc != 0 else None
+    return {"preempted": PREEMPTED_EXIT_CODE, "interrupted": 130}.get(status, rc)
+
+
+def wait_forwarding(command: list[str]) -> int:
+    """Run `command` in a session of its own and return its exit code, passing every FORWARDED signal this process
+    gets on to it once (also one that comes before it has started). Its own session: a Ctrl-C at the terminal
+    reaches this process only, which passes each one on once (in the terminal's process group the child would get it
+    twice, and a stage takes the second Ctrl-C as "stop at once, without a checkpoint")."""
     child: list[subprocess.Popen] = []
-    pending: list[int] = []  # a signal that came before torchrun started: sent to it once it has
+    pending: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         if child:
@@ -76,15 +83,13 @@ def self_launch(launcher: Any, stage: str, args: list[str], manifest: Path) -> i
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        child.append(subprocess.Popen(torchrun_command(launcher, stage, args), start_new_session=True))
+        child.append(subprocess.Popen(command, start_new_session=True))
         for signum in pending:
             child[0].send_signal(signum)
-        rc = child[0].wait()
+        return child[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    status = _stage_status(manifest, stage) if rc != 0 else None
-    return {"preempted": PREEMPTED_EXIT_CODE, "interrupted": 130}.get(status, rc)
 
 
 def _stage_status(manifest: Path, stage: str) -> str | None:
