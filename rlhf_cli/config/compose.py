@@ -38,8 +38,12 @@ def config_dir() -> Path:
     raise UserError("cannot find the configs folder (config.yaml); reinstall the package with `make install`")
 
 
+# Folders under configs/ that are not config groups of a stage: pipeline/ holds `rlhf pipeline`'s stage lists.
+NOT_GROUPS = ("pipeline",)
+
+
 def _groups(cfg_dir: Path) -> set[str]:
-    return {p.name for p in cfg_dir.iterdir() if p.is_dir()}
+    return {p.name for p in cfg_dir.iterdir() if p.is_dir() and p.name not in NOT_GROUPS}
 
 
 # The tools' spelling of the run keys -> the stages' (`rlhf generate run=x`, `rlhf sft run.name=x`): each command

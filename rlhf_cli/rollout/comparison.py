@@ -9,6 +9,9 @@ import torch
 
 # The per-response quantities `rlhf eval` averages, in the order of the rows of a `Sums` tensor.
 QUANTITIES = ("reward", "win", "kl", "gold", "length", "eos")
+# The summary's keys as the table shows them.
+COLUMNS = (("reward_mean", "reward"), ("win_rate", "win rate"), ("kl", "KL"), ("gold_mean", "gold"),
+           ("response_length", "length"), ("eos_rate", "EOS"))  # fmt: skip
 
 
 def win_values(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -59,3 +62,14 @@ def summarise(sums: torch.Tensor) -> dict[str, float]:
     if out:
         out["responses"] = float(sums[:, 0].max())
     return out
+
+
+def table(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Plain lines: a header, then one per policy with mean +- standard error of each quantity that was measured."""
+    keys = [(k, title) for k, title in COLUMNS if any(k in r for r in rows.values())]
+    width = max(len(name) for name in rows)
+    lines = [f"  {'policy':<{width}}" + "".join(f"{title:>18}" for _, title in keys)]
+    for name, row in rows.items():
+        cells = [f"{row[k]:.3f} +- {row[k + '_se']:.3f}" if k in row else "-" for k, _ in keys]
+        lines.append(f"  {name:<{width}}" + "".join(f"{cell:>18}" for cell in cells))
+    return lines

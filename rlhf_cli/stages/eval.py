@@ -28,7 +28,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
-from rlhf_cli.rollout.comparison import moment_sums, summarise, win_values
+from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
 from rlhf_cli.rollout.evaluation import gold_scores
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sample, sampling_config
@@ -39,8 +39,6 @@ from rlhf_cli.stages.common import eval_batches
 from rlhf_cli.summary import complete_stage
 
 REFERENCE = "reference"
-COLUMNS = (("reward_mean", "reward"), ("win_rate", "win rate"), ("kl", "KL"), ("gold_mean", "gold"),
-           ("response_length", "length"), ("eos_rate", "EOS"))  # fmt: skip
 
 
 def run(cfg: Any, run: Run) -> Path:
@@ -182,16 +180,6 @@ def evaluate(policy: Any, reference: Any, prompts: list, tokenizer: Any, reward:
 def headline(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     """Manifest metrics: `<policy>/<quantity>` for the table's columns."""
     return {f"{name}/{key}": row[key] for name, row in rows.items() for key, _ in COLUMNS if key in row}
-
-
-def table(rows: dict[str, dict[str, float]]) -> list[str]:
-    """Plain lines: one per policy, mean +- standard error of each quantity that was measured."""
-    keys = [(k, title) for k, title in COLUMNS if any(k in r for r in rows.values())]
-    lines = ["eval: " + "  ".join(f"{title:>16}" for _, title in keys)]
-    for name, row in rows.items():
-        cells = [f"{row[k]:.3f} +- {row[k + '_se']:.3f}" if k in row else "-" for k, _ in keys]
-        lines.append(f"{name:<6}" + "  ".join(f"{c:>16}" for c in cells))
-    return lines
 
 
 def _say(dist: Any, line: str) -> None:

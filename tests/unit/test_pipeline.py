@@ -1,0 +1,64 @@
+"""commands/pipeline.py without running stages: pipeline files, the split of the overrides, and the plan (skip a
+stage completed with the same config, resume an interrupted one, refuse a changed one, re-run what follows a stage
+that runs again)."""
+
+import json
+
+import pytest
+
+from rlhf_cli.commands.pipeline import load_pipeline, pipeline_files, plan_steps, split_args
+from rlhf_cli.config.compose import compose, config_hash
+from rlhf_cli.errors import UserError
+
+
+@pytest.mark.parametrize("name", sorted(pipeline_files()))
+def test_every_shipped_pipeline_composes_and_validates(name, tmp_path):
+    pipeline = load_pipeline(name)
+    steps = plan_steps(pipeline, [f"run.root={tmp_path}"], {s: [] for s in pipeline.stages})
+    assert [s.stage for s in steps] == pipeline.stages and all(s.action == "run" for s in steps)
+    assert pipeline.stages[-1] == "eval"  # every pipeline ends with the evaluation
+
+
+def test_overrides_go_to_every_stage_or_to_the_one_they_name():
+    common, per_stage = split_args(["seed=3", "ppo.stage.kl_coef=0.1", "sft.+experiment=dolly"], ["sft", "rm", "ppo"])
+    assert common == ["seed=3"] and per_stage == {"sft": ["+experiment=dolly"], "rm": [], "ppo": ["stage.kl_coef=0.1"]}
+    with pytest.raises(UserError, match="stage `dpo` is not in this pipeline"):
+        split_args(["dpo.stage.beta=0.2"], ["sft", "rm"])
+    with pytest.raises(UserError, match="shares one run"):
+        split_args(["rm.run.name=other"], ["sft", "rm"])
+
+
+def test_bad_pipeline_files_are_refused(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("stages: [sft, rmm]\n")
+    with pytest.raises(UserError, match="must list distinct stages"):
+        load_pipeline(str(bad))
+    with pytest.raises(UserError, match="unknown pipeline `nope`"):
+        load_pipeline("nope")
+
+
+def _manifest(root, stages):
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "manifest.json").write_text(json.dumps({"run": "x", "stages": stages}))
+
+
+def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
+    pipeline = load_pipeline("instructgpt")  # sft, rm, ppo, eval
+    common = [f"run.root={tmp_path}", "run.name=x"]
+    hashes = {s: config_hash(compose(s, common)) for s in pipeline.stages}
+    no_extra = {s: [] for s in pipeline.stages}
+    _manifest(tmp_path, {"sft": {"status": "completed", "config_hash": hashes["sft"]},
+                         "rm": {"status": "preempted", "config_hash": hashes["rm"]}})  # fmt: skip
+    steps = plan_steps(pipeline, common, no_extra)
+    assert [(s.stage, s.action, s.why) for s in steps[:3]] == [
+        ("sft", "skip", "completed with this config"), ("rm", "run", "resumes"), ("ppo", "run", "new")]  # fmt: skip
+    # A changed config of a completed stage: refused before anything runs, naming the way to re-run it.
+    with pytest.raises(UserError, match=r"`sft` of run `x` was completed with another config .*`sft.run.overwrite=true`"):
+        plan_steps(pipeline, common, {**no_extra, "sft": ["stage.max_steps=7"]})
+    # Overwriting sft re-runs it, and the completed stages after it run again too.
+    (tmp_path / "x" / "manifest.json").write_text(json.dumps({"run": "x", "stages": {
+        s: {"status": "completed", "config_hash": hashes[s]} for s in pipeline.stages}}))  # fmt: skip
+    steps = plan_steps(pipeline, common, {**no_extra, "sft": ["run.overwrite=true"]})
+    assert all(s.action == "run" and "run.overwrite=true" in s.args for s in steps)
+    assert [s.why for s in steps[1:]] == ["an earlier stage ran again"] * 3
+    assert all(s.action == "skip" for s in plan_steps(pipeline, common, no_extra))
