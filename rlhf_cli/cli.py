@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         'rlhf score run.name=demo prompt="What is 2 + 2?" response="2 + 2 = 4."',
         "rlhf score model=path/to/rm input=pairs.jsonl output=scored.jsonl",
     )),
+    "pipeline": ("rlhf_cli.commands.pipeline", "the stages of a pipeline config in one run, then eval", (
+        "rlhf pipeline pipeline=instructgpt run.name=chain ppo.stage.kl_coef=0.1",
+        "rlhf pipeline pipeline=dpo run.name=d launcher.nproc_per_node=2",
+    )),
 }  # fmt: skip
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]

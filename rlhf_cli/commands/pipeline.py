@@ -1,6 +1,7 @@
 """`rlhf pipeline [pipeline=<name or file.yaml>] [key=value ...] [<stage>.key=value ...]`: the stages a pipeline config
 lists (configs/pipeline/<name>.yaml), in order, in one run directory, each taking its inputs from the earlier ones
-(`stage:<name>` sources) and ending with `rlhf eval`.
+(`stage:<name>` sources) and ending with `rlhf eval`. Shipped: `default` (sft, rm, ppo, dpo, rejection_sampling,
+eval: `make demo`), `instructgpt` (sft, rm, ppo), `dpo` (sft, dpo), `llama2` (sft, rm, rejection_sampling, ppo).
 
 Overrides: `key=value` goes to every stage (run.name=x, seed=1, launcher.nproc_per_node=2, deepspeed=zero2);
 `<stage>.key=value` to that stage only (ppo.stage.kl_coef=0.1, sft.+experiment=dolly, rm.run.overwrite=true),
