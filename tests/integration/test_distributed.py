@@ -23,9 +23,33 @@ def _close(a: dict, b: dict, atol: float = 2e-5) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol)
 
 
+# Packed (the default) into forwards of at most 160 tokens (the examples have 19 to 79): ranks hold different numbers
+# of forwards in some steps.
+PACKED = ["data.max_length=160", "data.max_tokens_per_batch=160"]
+
+
+def _uneven_steps(steps: int) -> int:
+    """Steps of `test_two_processes_match_one` in which the two ranks hold different numbers of packed forwards (each
+    rank then adds weight-0 fillers up to the other's count), computed with the stage's own layout functions."""
+    from rlhf_cli.config.compose import compose
+    from rlhf_cli.data import build_sft_datasets
+    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.stages.common import Packing, step_plan
+    from rlhf_cli.stages.sft import step_batches
+
+    cfg = compose("sft", [*FAST, *TWO, *PACKED])
+    tok = load_tokenizer(cfg.model)
+    data = build_sft_datasets(cfg.data, tok, seed=cfg.seed)
+    plan, packing = step_plan(len(data.train), cfg.stage, 2), Packing(True, 160, 160)
+    counts = [[len(step_batches(data.train, plan.rank_indices(s, r, cfg.seed), 4, tok.pad_token_id, packing))
+               for r in (0, 1)] for s in range(steps)]  # fmt: skip
+    return sum(a != b for a, b in counts)
+
+
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_two_processes_match_one(runs, tmp_path, zero):
-    base = ["sft", *FAST, f"run.root={runs}", f"deepspeed={zero}", "stage.max_steps=6", "stage.save_every=0"]
+    base = ["sft", *FAST, f"run.root={runs}", f"deepspeed={zero}", "stage.max_steps=6", "stage.save_every=0", *PACKED]
+    assert _uneven_steps(6) >= 2
     one = rlhf(*base, *ONE, "run.name=one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     two = torchrun(["-m", "rlhf_cli", *base, *TWO, "run.name=two"], cwd=tmp_path)
@@ -40,7 +64,9 @@ def test_two_processes_match_one(runs, tmp_path, zero):
     norms_b = [r["grad_norm"] for r in metrics(runs / "two") if "loss" in r]
     assert all(n is not None and n > 0 for n in norms_a)
     assert norms_b == pytest.approx(norms_a, rel=1e-4)
-    _close(weights(runs / "one" / "sft" / "final"), weights(runs / "two" / "sft" / "final"))
+    # One rank packs 8 examples, two ranks 4 each: other rows, other fp32 rounding, which Adam turns into ~2e-5 in a
+    # near-zero gradient's weight; a real error moves weights by ~lr (3e-3) and shows in the losses and norms above.
+    _close(weights(runs / "one" / "sft" / "final"), weights(runs / "two" / "sft" / "final"), atol=1e-4)
     assert (runs / "two" / "sft" / "logs" / "rank-1.log").is_file()  # rank 1's output is kept, not printed
     assert "step 6/6" not in (runs / "two" / "sft" / "logs" / "rank-1.log").read_text()
 

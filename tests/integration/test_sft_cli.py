@@ -85,7 +85,9 @@ def _wait_for(path, proc, timeout=120):
 
 
 def test_killed_run_resumes_to_the_same_result(runs, tmp_path):
-    common = ["sft", f"run.root={runs}", "stage.max_steps=30", "stage.save_every=3", *FAST]
+    # Packed (the default) into forwards of at most 256 tokens: a varying number of forwards per step.
+    common = ["sft", f"run.root={runs}", "stage.max_steps=30", "stage.save_every=3", *FAST,
+              "data.max_tokens_per_batch=256"]  # fmt: skip
     full = rlhf(*common, "run.name=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     # Same command, killed hard (no handler runs) right after its first committed checkpoint.
@@ -128,10 +130,12 @@ def test_stop_after_steps_then_rerun_resumes(runs, tmp_path):
 
 
 def test_micro_batch_times_accumulation_invariance(runs, tmp_path):
-    """Global batch 8 as 8 x 1 and as 2 x 4 micro-batches (unequal lengths): same weights after 3 steps."""
+    """Global batch 8 as 8 x 1 packed (the default) and as 2 x 4 padded micro-batches (unequal lengths): same weights
+    after 3 steps, so packing and the micro-batch split change nothing but speed."""
     base = ["sft", f"run.root={runs}", "stage.max_steps=3", "stage.save_every=0", *FAST]
     one = rlhf(*base, "run.name=b8", "stage.micro_batch_size=8", "stage.gradient_accumulation_steps=1", cwd=tmp_path)
-    four = rlhf(*base, "run.name=b2", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=4", cwd=tmp_path)
+    four = rlhf(*base, "run.name=b2", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=4",
+                "data.packing=false", cwd=tmp_path)  # fmt: skip
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     a, b = weights(runs / "b8" / "sft" / "final"), weights(runs / "b2" / "sft" / "final")
     for key in a:
