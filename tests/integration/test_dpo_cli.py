@@ -84,10 +84,15 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
     assert ("none" in ref) == (loss in ("simpo", "orpo"))
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])  # zero3: the reference is a partitioned inference engine
-def test_two_processes_match_one(sft_final, runs, tmp_path, zero):
+# Packed (the default). zero3: the reference is a partitioned inference engine, and forwards of at most 160 tokens
+# (pairs of 33 to 156) give the two ranks 3 and 4, then 3 and 2 forwards in the first steps: the weight-0 fillers run
+# the policy and the reference forward too.
+@pytest.mark.parametrize(
+    ("zero", "packing"), [("zero2", []), ("zero3", ["data.max_length=80", "data.max_tokens_per_batch=160"])]
+)
+def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
     base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",
-            "stage.gradient_accumulation_steps=1", "optim.lr=1e-3"]  # fmt: skip
+            "stage.gradient_accumulation_steps=1", "optim.lr=1e-3", *packing]  # fmt: skip
     one = rlhf(*base, "stage.micro_batch_size=8", "run.name=one", cwd=tmp_path)
     two = torchrun(["-m", "rlhf_cli", *base, "stage.micro_batch_size=4", "run.name=two"], cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
