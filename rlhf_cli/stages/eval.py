@@ -89,9 +89,9 @@ def policy_paths(run: Run, names: list[str]) -> dict[str, str]:
     a causal LM, in the order the stages ran."""
     if names:
         return {name: run.resolve_source(f"stage:{name}") for name in names}
-    stages = run.read_manifest()["stages"]
+    stages = run.read_manifest()["stages"]  # sorted by name: order by the time each ended
     found = {}
-    for name, record in stages.items():
+    for name, record in sorted(stages.items(), key=lambda item: item[1].get("ended_at") or ""):
         final = run.root / name / "final"
         kind = model_kind(str(final)) if final.is_dir() and record.get("status") == "completed" else None
         if kind is not None and kind[0] == "causal-lm":

@@ -28,7 +28,7 @@ def _add_policy(run_dir, name, scale):
     tensors["lm_head.weight"] = tensors["lm_head.weight"] * scale
     save_file(tensors, str(path), metadata={"format": "pt"})
     record = manifest(run_dir)
-    record["stages"][name] = {"status": "completed", "ended_at": "2026-11-30T12:00:00+0000"}
+    record["stages"][name] = {"status": "completed", "ended_at": "2100-01-01T00:00:00+0000"}
     (run_dir / "manifest.json").write_text(json.dumps(record))
 
 
