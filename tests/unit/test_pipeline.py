@@ -53,7 +53,8 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
     assert [(s.stage, s.action, s.why) for s in steps[:3]] == [
         ("sft", "skip", "completed with this config"), ("rm", "run", "resumes"), ("ppo", "run", "new")]  # fmt: skip
     # A changed config of a completed stage: refused before anything runs, naming the way to re-run it.
-    with pytest.raises(UserError, match=r"`sft` of run `x` was completed with another config .*`sft.run.overwrite=true`"):
+    refused = r"`sft` of run `x` was completed with another config .*`sft.run.overwrite=true`"
+    with pytest.raises(UserError, match=refused):
         plan_steps(pipeline, common, {**no_extra, "sft": ["stage.max_steps=7"]})
     # Overwriting sft re-runs it, and the completed stages after it run again too.
     (tmp_path / "x" / "manifest.json").write_text(json.dumps({"run": "x", "stages": {
