@@ -107,8 +107,8 @@ class PackingFields:
     # apart (decoders of the listed families with sdpa, eager or flash attention), off elsewhere; true refuses a
     # model that cannot.
     packing: bool | None = None
-    # Tokens (padding included) per packed forward; None: stage.micro_batch_size x data.max_length (x 2 for pairs),
-    # what one unpacked micro-batch holds at most. At least data.max_length (2 x data.max_length for pairs).
+    # Tokens (padding included) per packed forward, at least data.max_length (2 x data.max_length for pairs). None:
+    # stage.micro_batch_size x the step's longest example (pair), the size of the step's widest padded micro-batch.
     max_tokens_per_batch: int | None = None
 
 

@@ -10,8 +10,8 @@ as unpacked. The model must be called with `use_cache=False`: with a cache objec
 attention silently crosses examples (tests/unit/test_packing.py shows it).
 
 Which examples a step sees is not changed here (the step plan is); only how one rank's examples of one optimizer step
-are laid out: first-fit decreasing into rows of `capacity` tokens (the longest possible item), rows grouped into
-forwards of at most `budget` tokens counted with padding (R x W). Deterministic: ties go by position.
+are laid out: first-fit decreasing into rows of `capacity` tokens, rows grouped into forwards of at most `budget`
+tokens counted with padding (R x W); stages/common.py `Packing` picks both. Deterministic: ties go by position.
 """
 
 from __future__ import annotations
@@ -58,17 +58,15 @@ def resolve_packing(requested: bool | None, config) -> bool:
     return reason is None
 
 
-def packing_budget(max_tokens: int | None, micro_batch: int, max_length: int, per_item: int) -> int:
-    """Tokens per packed forward: `data.max_tokens_per_batch`, or what one unpacked micro-batch holds at most
-    (micro x max_length x sequences per item). Refuses a budget that cannot hold the longest item."""
-    budget = max_tokens or micro_batch * max_length * per_item
-    if budget < max_length * per_item:
+def check_budget(max_tokens: int | None, max_length: int, per_item: int) -> int | None:
+    """`data.max_tokens_per_batch`, refused when it cannot hold the longest item (per_item sequences of max_length)."""
+    if max_tokens is not None and max_tokens < max_length * per_item:
         what = "a pair's two sequences (2 x " if per_item == 2 else "the longest example ("
         raise UserError(
-            f"data.max_tokens_per_batch={budget} cannot hold {what}data.max_length = {max_length * per_item}); raise "
-            f"data.max_tokens_per_batch or lower data.max_length"
+            f"data.max_tokens_per_batch={max_tokens} cannot hold {what}data.max_length = {max_length * per_item}); "
+            f"raise data.max_tokens_per_batch or lower data.max_length"
         )
-    return budget
+    return max_tokens
 
 
 def plan_forwards(sizes: Sequence[int], capacity: int, budget: int) -> list[list[list[int]]]:

@@ -37,40 +37,48 @@ def step_plan(n_examples: int, stage_cfg: Any, world_size: int) -> StepPlan:
 @dataclass(frozen=True)
 class Packing:
     """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the
-    longest possible item (data.max_length, x 2 for a pair), the tokens per forward (padding included), and whether
-    forwards are flattened into one row (flash attention detects packed sequences only there)."""
+    longest possible item (data.max_length, x 2 for a pair), the tokens per forward (padding included;
+    data.max_tokens_per_batch, or None: per step, `micro` x the step's longest item, the size of the step's widest
+    padded micro-batch, so packing never holds more activations than padding), and whether forwards are flattened into
+    one row (flash attention detects packed sequences only there)."""
 
     enabled: bool
     capacity: int
-    budget: int
+    budget: int | None = None
     flat: bool = False
+    micro: int = 1
 
-    def row_capacity(self, sizes: list[int]) -> int:
-        """Rows as long as the step's longest item (sizes: tokens per item): a row then costs the attention of one
-        padded row (sdpa and eager attend over the whole row, masked), while holding several short items. Flattened
-        forwards (varlen flash attention) cost nothing per row: rows as long as the budget."""
-        return self.budget if self.flat else max(sizes)
+    def layout(self, sizes: list[int]) -> list[list[list[int]]]:
+        """Item positions as [forward][row][position], sizes (N,) tokens per item. Rows are as long as the step's
+        longest item: a row then costs the attention of one padded row (sdpa and eager attend over the whole row,
+        masked) while holding several short items. Flattened forwards (varlen flash attention): one row each."""
+        from rlhf_cli.data.packing import plan_forwards
+
+        budget = self.budget or self.micro * max(sizes)
+        return plan_forwards(sizes, budget if self.flat else max(sizes), budget)
 
     def describe(self) -> str:
         if not self.enabled:
             return "packing: off (padded micro-batches)"
-        rows = "the whole forward" if self.flat else "the step's longest example"
-        return f"packing: on, up to {self.budget} tokens per forward (padding included), rows as long as {rows}"
+        budget = f"{self.budget} tokens" if self.budget else f"{self.micro} x the step's longest example"
+        rows = "one row per forward" if self.flat else "rows as long as the step's longest example"
+        return f"packing: on, up to {budget} per forward (padding included), {rows}"
 
 
 def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
     """The stage's `Packing` from `data.packing` / `data.max_tokens_per_batch` and the model (or engine) it trains:
     auto is on where its attention keeps packed sequences apart; forced on where it does not is a UserError.
     `per_item`: sequences per item (1 for SFT, 2 for a preference pair, whose two sequences share a forward)."""
-    from rlhf_cli.data.packing import FLAT_ATTENTION, packing_budget, resolve_packing
+    from rlhf_cli.data.packing import FLAT_ATTENTION, check_budget, resolve_packing
     from rlhf_cli.models.reward import unwrap
 
     config = unwrap(model).config
     capacity = data_cfg.max_length * per_item
     if not resolve_packing(data_cfg.packing, config):
-        return Packing(False, capacity, capacity)
-    budget = packing_budget(data_cfg.max_tokens_per_batch, st.micro_batch_size, data_cfg.max_length, per_item)
-    return Packing(True, capacity, budget, config._attn_implementation in FLAT_ATTENTION)
+        return Packing(False, capacity)
+    budget = check_budget(data_cfg.max_tokens_per_batch, data_cfg.max_length, per_item)
+    flat = config._attn_implementation in FLAT_ATTENTION
+    return Packing(True, capacity, budget, flat, st.micro_batch_size)
 
 
 def accumulate(engine: Any, forwards: list, one: Callable[[Any, bool], None], packed: bool) -> float | None:

@@ -22,7 +22,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
-from rlhf_cli.data.packing import collate_packed_pairs, pair_size, plan_forwards, real_tokens
+from rlhf_cli.data.packing import collate_packed_pairs, pair_size, real_tokens
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import bradley_terry_loss, split_pairs
 from rlhf_cli.metrics import Metrics
@@ -149,7 +149,7 @@ def pair_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
     if not packing.enabled:
         return [collate_preference(mine[j : j + micro], pad_id) for j in range(0, len(mine), micro)]
     sizes = [pair_size(p) for p in mine]
-    layout = plan_forwards(sizes, packing.row_capacity(sizes), packing.budget)
+    layout = packing.layout(sizes)
     return [collate_packed_pairs(mine, rows, pad_id, packing.flat) for rows in layout]
 
 

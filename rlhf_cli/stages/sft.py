@@ -16,7 +16,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
-from rlhf_cli.data.packing import collate_packed_sft, plan_forwards, real_tokens
+from rlhf_cli.data.packing import collate_packed_sft, real_tokens
 from rlhf_cli.losses import count_targets
 from rlhf_cli.losses.sft import sft_loss_from_logprobs
 from rlhf_cli.metrics import Metrics
@@ -104,7 +104,7 @@ def step_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
         return micro_batches(examples, idx, micro, pad_id)
     mine = [examples[i] for i in idx]
     sizes = [len(ex.input_ids) for ex in mine]
-    layout = plan_forwards(sizes, packing.row_capacity(sizes), packing.budget)
+    layout = packing.layout(sizes)
     return [collate_packed_sft(mine, rows, pad_id, packing.flat) for rows in layout]
 
 

@@ -270,16 +270,21 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
     st = SimpleNamespace(micro_batch_size=4)
     data = SimpleNamespace(packing=None, max_tokens_per_batch=None, max_length=64)
     model = load_causal_lm(BUILTIN, tok, seed=0)
-    assert packing_for(data, st, model, per_item=1) == Packing(True, capacity=64, budget=256)
-    assert packing_for(data, st, model, per_item=2) == Packing(True, capacity=128, budget=512)
+    auto = packing_for(data, st, model, per_item=1)
+    assert auto == Packing(True, capacity=64, budget=None, micro=4)
+    # No budget set: micro x the step's longest item per forward (4 x 60), rows as long as that item: 60 | 50 + 7 |
+    # 40 + 5 | 30, four rows of width 60 in one forward.
+    assert auto.layout([60, 5, 7, 30, 50, 40]) == [[[0], [4, 2], [5, 1], [3]]]
+    assert auto.layout([60, 5]) == [[[0], [1]]]
+    assert packing_for(data, st, model, per_item=2) == Packing(True, capacity=128, micro=4)
     data.max_tokens_per_batch = 100
     with pytest.raises(UserError, match=r"data.max_tokens_per_batch=100 cannot hold a pair's two sequences "
                                         r"\(2 x data.max_length = 128\)"):  # fmt: skip
         packing_for(data, st, model, per_item=2)
+    assert packing_for(data, st, model, per_item=1).layout([60, 5, 7, 30]) == [[[0]], [[3, 2, 1]]]
     model.config._attn_implementation = "flash_attention_2"  # (only read here: nothing runs)
     flat = packing_for(data, st, model, per_item=1)
-    assert flat == Packing(True, 64, 100, flat=True) and flat.row_capacity([5, 60]) == 100  # one row per forward
-    assert Packing(True, 64, 100).row_capacity([5, 60, 7]) == 60  # sdpa / eager: rows of the step's longest item
+    assert flat == Packing(True, 64, 100, flat=True, micro=4) and flat.layout([60, 5, 7, 30]) == [[[0, 3, 2]], [[1]]]
     model.config._attn_implementation = "flex_attention"
     assert not packing_for(data, st, model, per_item=1).enabled  # auto: off, no error
     data.packing = True
@@ -289,4 +294,4 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
     with pytest.raises(UserError, match="model type `bert` is not among the families tested with packing"):
         packing_for(data, st, encoder, per_item=2)
     data.packing = False
-    assert packing_for(data, st, encoder, per_item=2) == Packing(False, 128, 128)
+    assert packing_for(data, st, encoder, per_item=2) == Packing(False, 128)
