@@ -11,7 +11,10 @@
 3. RM and DPO pairs/s; PPO generation and training tokens/s and the split of an iteration's wall time between
    generation, scoring and the update; rejection sampling's generation throughput for N = 4 and N = 8 and the time
    split of a round between generation, scoring and fine-tuning.
-4. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
+4. Packing (`--only packing`, scripts/bench_packing.py): SFT, RM and DPO steps with data.packing on and off next to a
+   bare padded PyTorch loop, on the tiny default and on a length-spread workload (10-91 tokens, 5.3M Llama, 4,096
+   vocabulary): non-pad tokens/s, pad efficiency, MFU against a measured fp32 matmul peak, peak RSS.
+5. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
    `--help`, `--cfg job`, a config error, a refused stage (completed; run directory in use), `explain`, and
    `generate` / `score` on a tiny run (2 steps of sft and rm).
 
@@ -246,8 +249,15 @@ def startup(repeats: int = 3) -> None:
         print(f"  DeepSpeed's op build line at a stage start: {notice}")
 
 
+def packing(args: argparse.Namespace, overrides: list[str]) -> None:
+    """SFT, RM and DPO with packing on / off next to a bare padded loop, two workloads (scripts/bench_packing.py)."""
+    from bench_packing import packing_section
+
+    packing_section(args, overrides)
+
+
 SECTIONS = {"single": single_process, "preference": preference_stages, "online": online_stages,
-            "rejection_sampling": rejection_sampling_stage, "scaling": scaling}
+            "rejection_sampling": rejection_sampling_stage, "scaling": scaling, "packing": packing}  # fmt: skip
 
 
 def main() -> None:
