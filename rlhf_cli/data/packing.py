@@ -22,18 +22,9 @@ import torch
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.logprobs import IGNORE_INDEX
+from rlhf_cli.stages.plan import FLAT_ATTENTION, PACKED_ATTENTION, PACKED_MODEL_TYPES
 
-# Attention implementations that keep packed sequences apart through position ids (transformers 5 masking_utils and
-# modeling_flash_attention_utils). Flash attention detects packing only in a single row: forwards are flattened.
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-FLAT_ATTENTION = ("flash_attention_2", "flash_attention_3")
-# Decoder families whose transformers forward passes position_ids to the mask factory and the rotary embedding, with
-# nothing else depending on the row layout. tests/unit/test_packing.py checks every one (packed == separate logits),
-# so a transformers upgrade that breaks one fails there.
-PACKED_MODEL_TYPES = frozenset(
-    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "smollm3", "starcoder2", "glm4",
-     "granite", "cohere", "stablelm"]
-)  # fmt: skip
+__all__ = ["FLAT_ATTENTION", "PACKED_ATTENTION", "PACKED_MODEL_TYPES"]  # also the packing layer's names
 
 
 def packing_unsupported(config) -> str | None:

@@ -12,6 +12,35 @@ from typing import Any
 
 from rlhf_cli.errors import UserError
 
+# Packing (rlhf_cli/data/packing.py), here so that `rlhf explain` states it without importing torch. Attention
+# implementations that keep packed sequences apart through position ids (transformers 5 masking_utils and
+# modeling_flash_attention_utils); flash attention detects packing only in a single row, so its forwards are flattened.
+PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+FLAT_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# Decoder families whose transformers forward passes position_ids to the mask factory and the rotary embedding, with
+# nothing else depending on the row layout. tests/unit/test_packing.py checks every one (packed == separate logits),
+# so a transformers upgrade that breaks one fails there.
+PACKED_MODEL_TYPES = frozenset(
+    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "smollm3", "starcoder2", "glm4",
+     "granite", "cohere", "stablelm"]
+)  # fmt: skip
+
+
+def packing_summary(data_cfg: Any, st: Any, attn_implementation: str, per_item: int) -> list[str]:
+    """How SFT / RM / DPO lay out a step (`data.packing`, `data.max_tokens_per_batch`), for `rlhf explain`: lines.
+    `per_item`: sequences per example (2 for a preference pair)."""
+    if data_cfg.packing is False:
+        return ["  packing: off (data.packing=false): padded micro-batches"]
+    if attn_implementation not in PACKED_ATTENTION:
+        state = "refused" if data_cfg.packing else "off"
+        return [f"  packing: {state} (model.attn_implementation={attn_implementation} cannot keep examples apart)"]
+    item = "pair" if per_item == 2 else "example"
+    budget = data_cfg.max_tokens_per_batch
+    size = f"{budget} tokens" if budget else f"micro {st.micro_batch_size} x the step's longest {item}"
+    when = "on (data.packing=true)" if data_cfg.packing else "on where supported (data.packing=null: tested decoders)"
+    return [f"  packing: {when}; same loss and gradients as padded",
+            f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one"]  # fmt: skip
+
 
 @dataclass(frozen=True)
 class StepPlan:

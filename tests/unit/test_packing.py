@@ -295,3 +295,23 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
         packing_for(data, st, encoder, per_item=2)
     data.packing = False
     assert packing_for(data, st, encoder, per_item=2) == Packing(False, 128)
+
+
+def test_explain_summary_states_packing_without_torch():
+    """`rlhf explain` reads stages.plan.packing_summary, which needs no torch (the explain of sft/rm/dpo loads none)."""
+    from rlhf_cli.config.compose import compose
+    from rlhf_cli.stages.plan import packing_summary
+
+    cfg = compose("dpo", [])
+    assert packing_summary(cfg.data, cfg.stage, "sdpa", 2) == [
+        "  packing: on where supported (data.packing=null: tested decoders); same loss and gradients as padded",
+        "    forwards of up to micro 8 x the step's longest pair (data.max_tokens_per_batch), each pair whole in one",
+    ]
+    cfg = compose("sft", ["data.max_tokens_per_batch=1024", "data.packing=true"])
+    assert packing_summary(cfg.data, cfg.stage, "sdpa", 1)[1].startswith("    forwards of up to 1024 tokens")
+    assert packing_summary(cfg.data, cfg.stage, "flex_attention", 1) == [
+        "  packing: refused (model.attn_implementation=flex_attention cannot keep examples apart)"
+    ]
+    cfg = compose("sft", ["data.packing=false"])
+    off = packing_summary(cfg.data, cfg.stage, "sdpa", 1)
+    assert off == ["  packing: off (data.packing=false): padded micro-batches"]
