@@ -292,9 +292,10 @@ def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
     if stage == "eval":
         return [
             "rlhf eval: sampling",
-            f"  generate calls of at most {st.eval_batch_size} prompts x {st.n_samples} samples = "
-            f"{st.eval_batch_size * st.n_samples} sequences of at most {max_tokens(cfg)} tokens, the held-out prompts "
-            f"shared over {world} rank(s); the reference first, then each policy, one at a time",
+            f"  per generate call at most {st.eval_batch_size} prompts x {st.n_samples} judged answer(s) "
+            f"({'greedy' if st.generation.temperature == 0 else f'temperature {st.generation.temperature:g}'}), "
+            f"then x {st.kl_samples} samples at temperature 1 for the KL; at most {max_tokens(cfg)} tokens per "
+            f"sequence, the held-out prompts shared over {world} rank(s); the reference, then each policy in turn",
         ]
     lines = [
         f"rlhf {stage}: batch algebra",

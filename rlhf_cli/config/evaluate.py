@@ -12,18 +12,19 @@ from rlhf_cli.config.schema import PromptDataConfig, RootConfig
 
 @dataclass
 class EvalGenerationConfig(GenerationConfig):
-    """Sampling of the evaluated responses. At temperature 1 without top-k / top-p the samples come from the policy
-    itself, so the KL estimate is the KL between the two models; otherwise between the two sampling distributions."""
+    """Decoding of the judged responses (reward, win rate, gold, length, EOS): greedy at temperature 0, as the stages'
+    own held-out evaluations decode; above 0, `n_samples` samples per prompt."""
 
-    temperature: float = 1.0
+    temperature: float = 0.0
 
 
 @dataclass
 class EvalStageConfig:
-    """`rlhf eval`: every policy samples `n_samples` responses per held-out prompt; each is scored by the reward and
-    the gold metric, compared with the reference's response to the same prompt (win rate), and its log-probability
-    under the policy and the reference gives a Monte-Carlo sequence KL. The reference is `model.name_or_path`
-    (default: this run's sft), whose tokenizer and chat template every policy shares."""
+    """`rlhf eval`: every policy answers each held-out prompt (`generation`: greedy by default); each answer is scored
+    by the reward and the gold metric and compared with the reference's answer to the same prompt (win rate).
+    Separately, `kl_samples` samples per prompt at temperature 1 (the policy itself) give a Monte-Carlo estimate of
+    KL(policy || reference). The reference is `model.name_or_path` (default: this run's sft), whose tokenizer and
+    chat template every policy shares."""
 
     name: str = "eval"
     # Stages of this run whose final/ is evaluated ([] = every completed policy stage, in the order they ran).
@@ -34,7 +35,8 @@ class EvalStageConfig:
     # A gold metric next to the reward: `module:function(prompts, responses) -> list[float]`, or a second reward model
     # (`stage:<name>`, a folder or hub id). None: none.
     gold: str | None = None
-    n_samples: int = 1  # responses per prompt and policy
+    n_samples: int = 1  # judged responses per prompt and policy (more than 1 needs generation.temperature > 0)
+    kl_samples: int = 4  # samples per prompt at temperature 1 for the KL estimate (0: no KL)
     max_prompts: int | None = None  # held-out prompts used (None: all)
     eval_batch_size: int = 32  # prompts per generate call
     generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)

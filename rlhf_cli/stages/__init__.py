@@ -200,8 +200,9 @@ STAGES: dict[str, StageSpec] = {
         example="rlhf eval stage.policies=[sft,ppo,dpo] stage.n_samples=4",
         formats=s.PROMPT_FORMATS,
         choices=ONLINE_CHOICES,
-        ranges={**ONLINE_RANGES, "stage.n_samples": ">= 1", "stage.max_prompts": ">= 1 or null",
-                "stage.eval_batch_size": ">= 1", "stage.generation.temperature": "> 0"},
+        ranges={**ONLINE_RANGES, "stage.n_samples": ">= 1", "stage.kl_samples": ">= 0",
+                "stage.max_prompts": ">= 1 or null", "stage.eval_batch_size": ">= 1",
+                "stage.generation.temperature": ">= 0"},
         trained_model="reference policy (nothing is trained)",
     ),
 }  # fmt: skip

@@ -49,6 +49,9 @@ def run(cfg: Any, run: Run) -> Path:
     torch.manual_seed(cfg.seed)
     ref_path = run.resolve_source(cfg.model.name_or_path)
     policies = policy_paths(run, st.policies)
+    if st.n_samples > 1 and st.generation.temperature == 0:
+        raise UserError(f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
+                        "one answer per prompt")  # fmt: skip
     ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": ref_path, "lora": {"enabled": False}})
     tokenizer = load_tokenizer(ref_cfg)
     prompts = held_out_prompts(cfg, tokenizer)
@@ -73,8 +76,8 @@ def run(cfg: Any, run: Run) -> Path:
 
     # 5. eval.json, the headline numbers in the manifest, the table.
     out = {"reference": ref_path, "policies": {**policies}, "prompts": len(prompts), "n_samples": st.n_samples,
-           "temperature": st.generation.temperature, "reward": reward.describe() if reward else None,
-           "gold": st.gold, "results": rows}  # fmt: skip
+           "temperature": st.generation.temperature, "kl_samples": st.kl_samples,
+           "reward": reward.describe() if reward else None, "gold": st.gold, "results": rows}  # fmt: skip
     path = run.stage_dir / "eval.json"
     if dist.is_main:
         atomic_write_text(path, json.dumps(out, indent=2) + "\n")
@@ -147,34 +150,58 @@ def frozen_policy(cfg: Any, model_cfg: Any, tokenizer: Any, dist: Any) -> Any:
 def evaluate(policy: Any, reference: Any, prompts: list, tokenizer: Any, reward: Any | None, gold: Any | None,
              st: Any, dist: Any, ref_scores: torch.Tensor | None,
              draw: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
-    """(this rank's reward scores (rows of its batches in order), the summary over all ranks) of `policy`'s samples.
-    `draw` seeds the sampling (the reference's own draws are 0: a policy that is the reference still samples afresh).
-    `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
-    config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """(this rank's reward scores of the judged responses (rows of its batches in order), the summary over all ranks)
+    of `policy`. `draw` seeds the sampling (the reference's own draws are 0: a policy that is the reference samples
+    afresh). `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
     sums, scores, done = torch.zeros(6, 3, dtype=torch.float64), [], 0
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         torch.manual_seed(1_000_003 * draw + dist.rank)
         for part in eval_batches(len(prompts), st.eval_batch_size, dist.rank, dist.world_size):
-            rows, _ = expand([prompts[i] for i in part.idx], st.n_samples)
-            batch = {k: v.to(dist.device) for k, v in collate_prompts(rows, tokenizer.pad_token_id).items()}
-            with eng.gathered_for_generation(policy) as module:
-                seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            texts = decode_responses(tokenizer, seq)
-            values = {"length": seq.response_mask.sum(1), "eos": seq.has_eos.double()}
-            logp = response_logprobs(response_logits(policy, seq), seq, st.generation.temperature)
-            ref_logp = logp if policy is reference else response_logprobs(
-                response_logits(reference, seq), seq, st.generation.temperature)  # fmt: skip
-            values["kl"] = sequence_k1(logp, ref_logp, seq.response_mask)
-            if reward is not None:
-                values["reward"] = score_responses(reward, rows, seq, texts, None, allow_invalid=True).raw.cpu()
-                if ref_scores is not None:  # the reference's responses to the same rows, in the same order
-                    values["win"] = win_values(values["reward"], ref_scores[done : done + len(texts)])
+            examples = [prompts[i] for i in part.idx]
+            values = judged_values(policy, examples, tokenizer, reward, gold, st, dist)
+            if ref_scores is not None and "reward" in values:  # the reference's answers to the same rows
+                values["win"] = win_values(values["reward"], ref_scores[done : done + len(values["reward"])])
+            if "reward" in values:
                 scores.append(values["reward"])
-            done += len(texts)
-            if gold is not None:
-                values["gold"] = gold.score(rows, seq, texts).double().cpu()
+            done += len(values["length"])
             sums += moment_sums(values, part.weight.repeat_interleave(st.n_samples))
+            if st.kl_samples:
+                kl = {"kl": sampled_kl(policy, reference, examples, tokenizer, st, dist)}
+                sums += moment_sums(kl, part.weight.repeat_interleave(st.kl_samples))
     return (torch.cat(scores) if scores else torch.zeros(0)), summarise(eng.all_reduce_sum(sums))
+
+
+def _generate(model: Any, rows: list, config: Any, tokenizer: Any, dist: Any) -> Any:
+    batch = {k: v.to(dist.device) for k, v in collate_prompts(rows, tokenizer.pad_token_id).items()}
+    with eng.gathered_for_generation(model) as module:
+        return sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def judged_values(policy: Any, examples: list, tokenizer: Any, reward: Any | None, gold: Any | None, st: Any,
+                  dist: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one)."""
+    rows, _ = expand(examples, st.n_samples)
+    seq = _generate(policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id),
+                    tokenizer, dist)  # fmt: skip
+    texts = decode_responses(tokenizer, seq)
+    values = {"length": seq.response_mask.sum(1), "eos": seq.has_eos.double()}
+    if reward is not None:
+        values["reward"] = score_responses(reward, rows, seq, texts, None, allow_invalid=True).raw.cpu()
+    if gold is not None:
+        values["gold"] = gold.score(rows, seq, texts).double().cpu()
+    return values
+
+
+def sampled_kl(policy: Any, reference: Any, examples: list, tokenizer: Any, st: Any, dist: Any) -> torch.Tensor:
+    """log pi(y|x) - log pi_ref(y|x) of `st.kl_samples` samples y ~ pi(.|x) per prompt at temperature 1, without
+    top-k / top-p (so y comes from the policy itself): (B * kl_samples,); its mean estimates KL(pi || pi_ref)."""
+    plain = SimpleNamespace(max_new_tokens=st.generation.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    rows, _ = expand(examples, st.kl_samples)
+    seq = _generate(policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer,
+                    dist)  # fmt: skip
+    logp = response_logprobs(response_logits(policy, seq), seq, 1.0)
+    ref_logp = logp if policy is reference else response_logprobs(response_logits(reference, seq), seq, 1.0)
+    return sequence_k1(logp, ref_logp, seq.response_mask)
 
 
 def headline(rows: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -162,9 +162,9 @@ def test_explain_rejection_sampling_gives_a_round_and_its_models(capsys, tmp_pat
 
 
 def test_explain_eval_holds_frozen_models_only(capsys):
-    assert main(["explain", "eval", "stage.n_samples=4"]) == 0
+    assert main(["explain", "eval", "stage.kl_samples=8"]) == 0
     out = capsys.readouterr().out
-    assert "32 prompts x 4 samples = 128 sequences" in out
+    assert "32 prompts x 1 judged answer(s) (greedy), then x 8 samples at temperature 1" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("  reference ", "  policy ", "  reward "))]
     assert [r[0] for r in rows] == ["reference", "policy", "reward"]
     assert all(r[2] == r[3] == "0.000" for r in rows)  # no gradients, no optimizer states
