@@ -27,6 +27,12 @@ from typing import Any
 from rlhf_cli.errors import UserError
 
 DEFAULT = "default"
+# The summary table's metrics per stage (first -> last); a stage not listed shows every headline metric.
+KEY_METRICS = {
+    "sft": ("eval_loss",), "rm": ("eval_accuracy",), "dpo": ("eval_reward_accuracy", "eval_loss"),
+    "ppo": ("eval_score", "kl"), "rejection_sampling": ("eval_score", "eval_gold"),
+    **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("eval_score", "eval_gold", "kl")),
+}  # fmt: skip
 
 
 @dataclass
@@ -179,15 +185,19 @@ def summary_table(run_dir: Path, stages: list[str]) -> list[str]:
         summary = rec.get("summary", {})
         seconds = summary.get("stage_seconds")
         wall = f"{seconds / 60:.1f} min" if seconds is not None else "-"
-        heads = ", ".join(f"{k} {_num(a)} -> {_num(b)}" for k, (a, b) in summary.get("headline", {}).items())
+        headline = summary.get("headline", {})
+        keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
+        heads = ", ".join(f"{k} {_num(headline[k][0])} -> {_num(headline[k][1])}" for k in keys)
         lines.append(f"  {stage:<20} {rec.get('status', 'not run'):<10} {wall:>8}  {heads}")
     report = run_dir / "eval" / "eval.json"
     if "eval" in stages and report.is_file():
         from rlhf_cli.rollout.comparison import table
 
         ev = json.loads(report.read_text())
-        lines += ["", f"held-out evaluation ({ev['prompts']} prompts x {ev['n_samples']} samples, "
-                  f"reference {ev['reference']}; mean +- standard error):", *table(ev["results"])]  # fmt: skip
+        how = "greedy" if not ev["temperature"] else f"{ev['n_samples']} samples at temperature {ev['temperature']:g}"
+        lines += ["", f"held-out evaluation: {ev['prompts']} prompts, answers {how}, KL from {ev['kl_samples']} "
+                  f"samples per prompt; reference {ev['reference']}; mean +- standard error",
+                  *table(ev["results"])]  # fmt: skip
     return lines
 
 
