@@ -184,7 +184,7 @@ def summary_table(run_dir: Path, stages: list[str]) -> list[str]:
         rec = records.get(stage, {})
         summary = rec.get("summary", {})
         seconds = summary.get("stage_seconds")
-        wall = f"{seconds / 60:.1f} min" if seconds is not None else "-"
+        wall = "-" if seconds is None else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
         headline = summary.get("headline", {})
         keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
         heads = ", ".join(f"{k} {_num(headline[k][0])} -> {_num(headline[k][1])}" for k in keys)
