@@ -112,6 +112,9 @@ class PPOStageConfig(TrainStageConfig):
     offload_frozen: bool = False
     # Held-out prompts are answered greedily, or (eval_sampling) sampled like the rollouts, seeded by stage and seed.
     eval_sampling: bool = False
+    # module:function of a gold metric scored on the held-out answers next to the reward (`eval_gold` beside
+    # `eval_score`: reward over-optimisation shows as the proxy rising while the gold stalls or falls).
+    gold_reward: str | None = None
     # Every `sample_every` iterations, `sample_rows` prompt/response/score rows go to <stage>/samples.jsonl.
     sample_every: int = 10
     sample_rows: int = 4

@@ -34,24 +34,25 @@ from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.experience import Reference, advantages, collect
 from rlhf_cli.rollout.generation import sampling_config
 from rlhf_cli.rollout.online import build_reference, reward_stats, rollout_metrics, score_stats, timing, write_samples
-from rlhf_cli.rollout.rewards import build_reward, same_tokenizer
+from rlhf_cli.rollout.rewards import build_reward, load_function, same_tokenizer
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.plan import StepPlan, describe_plan, iteration_plan, ppo_updates
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update
 
-SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "lr", "tok/s", "eval_score")
+SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "lr", "tok/s", "eval_score", "eval_gold")
 
 
 def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/ppo/final/` (and the critic in `<run>/ppo/critic/`)."""
     st = cfg.stage
-    # 1. Distributed group, seeds, the policy's starting checkpoint; the recorded reward statistics (rm_stats).
+    # 1. Distributed group, seeds, the policy's starting checkpoint; reward statistics (rm_stats); the gold metric.
     dist = eng.init_distributed()
     torch.manual_seed(cfg.seed)
     source = run.resolve_source(cfg.model.name_or_path)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
     rm_stats = reward_stats(st, run)
+    gold = load_function(st.gold_reward, key="stage.gold_reward") if st.gold_reward else None
 
     # 2. Tokenizer, prompts, the iteration plan, optional ptx data.
     tokenizer = load_tokenizer(model_cfg)
@@ -83,7 +84,7 @@ def run(cfg: Any, run: Run) -> Path | None:
 
     # 5. Train: an evaluation of the starting policy, then the iterations.
     def run_eval() -> dict[str, float]:
-        return evaluate(actor, reward, data.eval, tokenizer, st, dist, cfg.seed)
+        return evaluate(actor, reward, data.eval, tokenizer, st, dist, cfg.seed, gold)
 
     if start_step == 0 and data.eval:
         metrics.log(0, run_eval(), SHOW)
@@ -161,11 +162,12 @@ def load_state(p: Parts, client: dict | None) -> int:
     return client["step"]
 
 
-def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any, seed: int) -> dict:
+def evaluate(actor: Any, reward: Any, examples: list, tokenizer: Any, st: Any, dist: Any, seed: int,
+             gold: Any = None) -> dict:  # fmt: skip
     """PPO's held-out evaluation: `evaluate_policy` with the stage's generation settings, `eval_batch_size` and
-    `eval_sampling` (greedy unless set)."""
+    `eval_sampling` (greedy unless set), and the gold metric `gold` (loaded from `stage.gold_reward`) when set."""
     return evaluate_policy(actor, reward, examples, tokenizer, st.generation, dist, seed, st.eval_batch_size,
-                           sampling=st.eval_sampling)  # fmt: skip
+                           sampling=st.eval_sampling, gold=gold)  # fmt: skip
 
 
 def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates: int, dist: Any) -> tuple[Any, str]:

@@ -6,6 +6,7 @@ The rule it has to find is simple and general (the last digit decides), so onlin
 alone and the gain carries over to numbers it never saw: the project's learning test for PPO.
 
     python -m rlhf_cli.tasks.parity --out rlhf_cli/assets/parity.jsonl     # rewrites the shipped prompts
+    python -m rlhf_cli.tasks.parity --pairs                                 # rewrites parity_pairs.jsonl
 
 Standard library only, so reward functions stay cheap to import.
 """
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
-from rlhf_cli.tasks import prompts_main
+from rlhf_cli.tasks import prompts_main, write_rows
 from rlhf_cli.tasks.word_order import SFT_SAMPLE, response_words, sft_sample_prompts
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "parity.jsonl"
+DEFAULT_PAIRS_OUT = DEFAULT_OUT.with_name("parity_pairs.jsonl")
 DEFAULT_SEED = 5
 DEFAULT_N = 600
 _PROMPT = re.compile(r"Is (\d+) even or odd\?")
@@ -68,8 +71,30 @@ def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED, sft_sample: Path = 
     return [{"prompt": make_prompt(k), "answer": "even" if k % 2 == 0 else "odd"} for k in numbers[:n]]
 
 
+def build_pairs(seed: int = DEFAULT_SEED, sft_sample: Path = SFT_SAMPLE) -> list[dict[str, str]]:
+    """Preference pairs for the numbers neither the SFT sample nor the prompts (`build_rows`) ask about, in a seeded
+    order: chosen "N is even." / "N is odd." (right), rejected the other (wrong). A reward model trained on them has
+    to learn parity from the pairs, and the online stages' prompts and held-out numbers stay unseen by it: the learned,
+    imperfect reward of `configs/pipeline/parity.yaml`, judged by `gold_reward`."""
+    taken = sft_sample_prompts(sft_sample) | {row["prompt"] for row in build_rows(DEFAULT_N, DEFAULT_SEED, sft_sample)}
+    numbers = [k for k in range(1, 1000) if make_prompt(k) not in taken]
+    random.Random(seed).shuffle(numbers)
+    answer = {True: "even", False: "odd"}
+    return [{"prompt": make_prompt(k), "chosen": f"{k} is {answer[k % 2 == 0]}.",
+             "rejected": f"{k} is {answer[k % 2 != 0]}."} for k in numbers]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> Path:
-    return prompts_main(__doc__, DEFAULT_OUT, DEFAULT_N, DEFAULT_SEED, build_rows, argv)
+    """Write the prompts; with --pairs, the preference pairs (parity_pairs.jsonl) instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--pairs" in args:
+        args.remove("--pairs")
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else DEFAULT_PAIRS_OUT
+        rows = build_pairs()
+        write_rows(out, rows)
+        print(f"wrote {len(rows)} pairs to {out}")
+        return out
+    return prompts_main(__doc__, DEFAULT_OUT, DEFAULT_N, DEFAULT_SEED, build_rows, args)
 
 
 if __name__ == "__main__":

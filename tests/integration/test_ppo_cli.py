@@ -81,7 +81,7 @@ def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp
     args = _copy(base, runs, "fn")
     shutil.rmtree(runs / "fn" / "rm")
     res = rlhf("ppo", *FAST, *PPO, *PARITY, *args, "stage.max_steps=2", "stage.kl_control=adaptive",
-               "stage.kl_target=0.5", cwd=tmp_path)  # fmt: skip
+               "stage.kl_target=0.5", "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "fn")["stages"]["ppo"]
     assert rec["inputs"]["reward"] == "function rlhf_cli.tasks.parity:gold_reward"
@@ -89,6 +89,9 @@ def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp
     log = _iterations(runs / "fn")
     assert all(-1.0 <= r["score_mean"] <= 1.0 for r in log)  # 0/1 gold, minus 1 for a reply without EOS
     assert log[1]["kl_coef"] != log[0]["kl_coef"]  # the adaptive controller moved
+    # The gold metric beside the proxy at every evaluation; here the proxy is the gold function itself.
+    evals = [r for r in metrics(runs / "fn", "ppo") if "eval_score" in r]
+    assert len(evals) == 2 and all(r["eval_gold"] == r["eval_score"] for r in evals)
 
 
 @pytest.mark.parametrize(

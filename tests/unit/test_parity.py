@@ -6,7 +6,7 @@ import pytest
 
 from rlhf_cli.data.sources import ASSETS_DIR
 from rlhf_cli.tasks import write_rows
-from rlhf_cli.tasks.parity import DEFAULT_N, DEFAULT_SEED, build_rows, gold_reward, number_of
+from rlhf_cli.tasks.parity import DEFAULT_N, DEFAULT_SEED, build_pairs, build_rows, gold_reward, number_of
 from rlhf_cli.tasks.word_order import sft_sample_prompts
 
 
@@ -50,3 +50,15 @@ def test_format_reward_asks_for_one_answer_word_right_or_wrong():
 
     prompts = ["Is 4 even or odd?"] * 4
     assert format_reward(prompts, ["4 is odd.", "4 is even.", "even or odd", "four"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_shipped_pairs_regenerate_and_share_no_number_with_the_prompts_or_the_sft_sample():
+    pairs = build_pairs()
+    shipped = [json.loads(line) for line in (ASSETS_DIR / "parity_pairs.jsonl").read_text().splitlines()]
+    asked = {row["prompt"] for row in build_rows(DEFAULT_N, DEFAULT_SEED)} | sft_sample_prompts()
+    parity_asked = {p for p in asked if p.endswith("even or odd?")}
+    assert shipped == pairs and len(pairs) == 999 - len(parity_asked) == len({p["prompt"] for p in pairs})
+    assert not asked & {p["prompt"] for p in pairs}
+    prompts = [p["prompt"] for p in pairs]
+    assert gold_reward(prompts, [p["chosen"] for p in pairs]) == [1.0] * len(pairs)
+    assert gold_reward(prompts, [p["rejected"] for p in pairs]) == [0.0] * len(pairs)
