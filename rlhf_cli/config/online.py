@@ -20,6 +20,7 @@ class GenerationConfig:
 
 
 REWARD_REDUCES = ("logit", "prob")
+REWARD_TEXTS = ("conversation", "response")
 REWARD_NORMALIZATIONS = ("none", "rm_stats", "running")
 
 
@@ -42,6 +43,9 @@ class RewardConfig:
     # A classifier with several labels: which one (index or label name); `logit` or `prob` (softmax / sigmoid).
     label: str | None = None
     reduce: str = "logit"
+    # What the model reads: `conversation` (prompt + response, as `rlhf rm` trains) or `response` alone (a classifier
+    # of the text itself, e.g. toxicity, which the prompt's own wording must not sway).
+    text: str = "conversation"
     # Responses without EOS: `missing_eos_penalty` (>= 0) is subtracted from their score; missing_eos_score, when
     # set, replaces the score (the penalty is then not applied); both apply after normalisation and clipping, in the
     # units of the normalised score.

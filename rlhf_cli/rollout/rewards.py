@@ -108,6 +108,8 @@ class ModelReward:
 
     def describe(self) -> str:
         how = "rollout token ids" if self.same_tokens else "texts re-tokenized with its own tokenizer"
+        if self.cfg.text == "response":
+            how = "the response text alone"
         return f"model {self.path} (label {self.index}, {self.cfg.reduce}; {how})"
 
     @torch.no_grad()
@@ -121,12 +123,12 @@ class ModelReward:
 
     def _encode(self, prompts: list[Any], seq: Sequences, responses: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded ids of prompt + response through EOS (the last real token is the EOS when there is one)."""
-        if self.same_tokens:
+        if self.same_tokens and self.cfg.text == "conversation":
             lengths = seq.response_mask.sum(1).long().tolist()
             rows = [{"input_ids": list(p.input_ids) + seq.response_ids[i, : lengths[i]].tolist()}
                     for i, p in enumerate(prompts)]  # fmt: skip
         else:
-            rows = [encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "})
+            rows = [encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "}, self.cfg.text)
                     for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
         return batch_tensors(rows, self.tokenizer.pad_token_id, self.dist.device)
 

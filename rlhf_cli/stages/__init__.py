@@ -54,6 +54,7 @@ ONLINE_RANGES: dict[str, Range] = {
 }
 ONLINE_CHOICES: dict[str, Choice] = {
     "stage.reward.reduce": s.REWARD_REDUCES,
+    "stage.reward.text": s.REWARD_TEXTS,
     "stage.reward.normalize": s.REWARD_NORMALIZATIONS,
 }
 

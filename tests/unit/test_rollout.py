@@ -133,11 +133,17 @@ def test_reward_model_reads_the_token_ids_it_was_trained_on(tok):
     seq = join(batch["input_ids"], batch["attention_mask"], response, mask, has_eos)
     reward = ModelReward.__new__(ModelReward)  # only the encoding is under test: no model needed
     reward.same_tokens, reward.tokenizer, reward.dist = True, tok, SimpleNamespace(device=torch.device("cpu"))
+    reward.cfg = SimpleNamespace(text="conversation")
     encoded = reward._encode(prompts, seq, ["4 is even.", "..."])
     n = len(trained.prompt_ids) + len(trained.chosen_ids)
     assert encoded["input_ids"][0, :n].tolist() == trained.prompt_ids + trained.chosen_ids
     assert encoded["attention_mask"][0].sum() == n and trained.chosen_ids[-1] == tok.eos_token_id
     assert encoded["attention_mask"][1].sum() == len(prompts[1].input_ids) + sampled.shape[1]  # no EOS: all of it
+    # stage.reward.text=response (a classifier of the text itself): the response alone, never the prompt.
+    reward.cfg = SimpleNamespace(text="response")
+    alone = reward._encode(prompts, seq, ["4 is even.", "..."])
+    first = tok("4 is even.")["input_ids"]
+    assert alone["input_ids"][0, : len(first)].tolist() == first and alone["attention_mask"][0].sum() == len(first)
 
 
 def test_function_reward_checks_what_the_function_returns(tok):
