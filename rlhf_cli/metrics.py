@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.run_dir import atomic_write_text
 
 console = Console(stderr=True, soft_wrap=True)
@@ -122,6 +124,27 @@ def _tensorboard(folder: Path, purge_step: int) -> Any:
     return SummaryWriter(str(folder), purge_step=purge_step)
 
 
+def _wandb(stage_dir: Path, logging_cfg: Any) -> Any:
+    """A W&B run named <run>/<stage> with the stage's resolved config (config.yaml, written when the stage began), its
+    files under <stage>/wandb/; its id is kept in <stage>/wandb/run_id so a resumed stage continues the same run."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logging.wandb=true needs the wandb package: pip install 'rlhf-cli[wandb]'") from None
+    import yaml
+
+    folder = stage_dir / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    config_file = stage_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    return wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
+                      name=f"{stage_dir.parent.name}/{stage_dir.name}", id=run_id, resume="allow", dir=str(folder),
+                      mode=logging_cfg.wandb_mode, config=config, reinit="finish_previous")  # fmt: skip
+
+
 class Metrics:
     """`log(step, values)` appends one JSON line and refreshes the bar. A no-op on ranks other than 0.
 
@@ -134,7 +157,7 @@ class Metrics:
         self.log_every = max(1, logging_cfg.log_every)
         self.total = total_steps
         self._clock = (time.monotonic(), start_step)  # for the ETA of plain lines
-        self._file = self._tb = self._bar = None
+        self._file = self._tb = self._bar = self._wandb = None
         self._latest: dict[str, Any] = {}
         if not enabled:
             return
@@ -146,6 +169,8 @@ class Metrics:
         self._file = open(path, "a")
         if logging_cfg.tensorboard:
             self._tb = _tensorboard(path.parent / "tensorboard", replay_from)
+        if getattr(logging_cfg, "wandb", False):
+            self._wandb = _wandb(path.parent, logging_cfg)
         if logging_cfg.progress and sys.stderr.isatty():
             self._bar, self._task = progress_bar(console, total_steps, start_step)
 
@@ -155,10 +180,12 @@ class Metrics:
         record = {"step": step, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for key, val in values.items():
-                if isinstance(val, (int, float)):
-                    self._tb.add_scalar(key, val, step)
+            for key, val in numbers.items():
+                self._tb.add_scalar(key, val, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
         if self._bar is not None:
             # The bar keeps the latest value of each shown key, so an eval-only record does not blank the loss.
             self._latest.update({k: values[k] for k in show if k in values})
@@ -201,6 +228,8 @@ class Metrics:
             self._bar.stop()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._file is not None:
             self._file.close()
-        self._file = self._tb = self._bar = None
+        self._file = self._tb = self._bar = self._wandb = None

@@ -188,6 +188,7 @@ _CHOICES: dict[str, tuple] = {
     "optim.schedule": s.SCHEDULES,
     "deepspeed.precision": s.PRECISIONS,
     "deepspeed.zero_stage": s.ZERO_STAGES,
+    "logging.wandb_mode": s.WANDB_MODES,
 }
 # The same for every data group: `data` and a stage's nested ones (StageSpec.nested_data), relative to the group.
 _DATA_CHOICES: dict[str, tuple] = {"truncation": s.TRUNCATIONS, "bad_rows": s.BAD_ROWS}

@@ -184,6 +184,7 @@ class PromptDataConfig:
 
 
 SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("online", "offline")
 
 
 @dataclass
@@ -223,6 +224,12 @@ class DeepSpeedConfig:
 class LoggingConfig:
     log_every: int = 10  # optimizer steps between metric lines
     tensorboard: bool = False
+    # Weights & Biases (pip install 'rlhf-cli[wandb]'): every metrics.jsonl row, the resolved config and the run name
+    # (<run>/<stage>); its files go to <stage>/wandb/. A resumed stage continues the same W&B run.
+    wandb: bool = False
+    wandb_project: str = "rlhf"
+    wandb_entity: str | None = None
+    wandb_mode: str = "online"  # online | offline (sync later with `wandb sync <stage>/wandb/offline-run-*`)
     # Rich progress bar; off automatically when stdout is not a terminal.
     progress: bool = True
 

@@ -131,3 +131,31 @@ def test_start_from_step_0_drops_every_row_and_other_ranks_touch_nothing(tmp_pat
     assert path.read_text() == ""
     Metrics(tmp_path / "new.jsonl", 100, LOGGING, True, start_step=5).close()  # no file yet: nothing to drop
     assert (tmp_path / "new.jsonl").read_text() == ""
+
+
+def test_wandb_offline_gets_every_row_the_config_and_a_resumed_run_keeps_its_id(tmp_path, monkeypatch):
+    """logging.wandb=true in W&B's offline mode: a run named <run>/<stage> with the stage's config.yaml, every numeric
+    value of every row, files only under <stage>/wandb/; a second Metrics (a resume) continues the same run id."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    stage_dir = tmp_path / "myrun" / "sft"
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "config.yaml").write_text("seed: 7\noptim:\n  lr: 0.001\n")
+    cfg = SimpleNamespace(log_every=1, tensorboard=False, progress=False, wandb=True, wandb_project="rlhf-test",
+                          wandb_entity=None, wandb_mode="offline")  # fmt: skip
+    m = Metrics(stage_dir / "metrics.jsonl", 3, cfg, True)
+    run = m._wandb
+    assert run.name == "myrun/sft" and run.config["seed"] == 7 and run.config["optim"]["lr"] == 0.001
+    logged = []
+    monkeypatch.setattr(run, "log", lambda values, step: logged.append((step, values)))
+    m.log(1, {"loss": 2.0, "note": "text is left out"})
+    m.log(2, {"loss": 1.5, "eval_loss": 1.7})
+    m.close()
+    assert logged == [(1, {"loss": 2.0}), (2, {"loss": 1.5, "eval_loss": 1.7})]
+    run_id = (stage_dir / "wandb" / "run_id").read_text().strip()
+    assert run.id == run_id and any((stage_dir / "wandb").glob("wandb/offline-run-*"))
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["config.yaml", "metrics.jsonl", "wandb"]
+    resumed = Metrics(stage_dir / "metrics.jsonl", 3, cfg, True, start_step=2)
+    assert resumed._wandb.id == run_id
+    resumed.close()
+    assert wandb.run is None
