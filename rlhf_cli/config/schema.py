@@ -154,7 +154,7 @@ class PairDataConfig(PackingFields, PreferenceDataConfig):
     """The pairs of `rlhf rm` and `rlhf dpo`: PreferenceDataConfig and the packing keys."""
 
 
-PROMPT_FORMATS = ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback")
+PROMPT_FORMATS = ("jsonl", "dolly", "alpaca", "dialogsum", "hh_rlhf", "shp", "ultrafeedback")
 
 
 @dataclass
@@ -162,12 +162,12 @@ class PromptDataConfig:
     """Prompts for the online stages (PPO): the conversation up to the reply the policy writes.
 
     Formats: jsonl (a `prompt` string or a `messages` list; a final assistant message is dropped) | dolly | alpaca
-    (instruction + context/input; the response column is not needed) | hh_rlhf | shp | ultrafeedback (the prompt of
-    each pair)."""
+    (instruction + context/input; the response column is not needed) | dialogsum (summarise the `dialogue` column) |
+    hh_rlhf | shp | ultrafeedback (the prompt of each pair)."""
 
     # A hub dataset id, a local .json/.jsonl/.parquet file, or `builtin:<name>`.
     source: str = "builtin:sample_prompts"
-    # Row format: jsonl | dolly | alpaca | hh_rlhf | shp | ultrafeedback (the prompt of each pair).
+    # Row format: jsonl | dolly | alpaca | dialogsum | hh_rlhf | shp | ultrafeedback (the prompt of each pair).
     format: str = "jsonl"
     subset: str | None = None
     split: str = "train"

@@ -95,11 +95,18 @@ def alpaca_prompt(row: dict, location: str) -> Conversation:
     return [{"role": "user", "content": prompt}]
 
 
+def dialogsum_prompt(row: dict, location: str) -> Conversation:
+    """Dialogue-summarisation sets (knkarthick/dialogsum, SAMSum): a request to summarise the `dialogue` column, the
+    classic prompt source of detoxification runs (ppo_detox): everyday conversations that a policy continues."""
+    return [{"role": "user", "content": "Summarize the following dialogue.\n\n" + _text(row, "dialogue", location)}]
+
+
 # Table adapters `(rows, data_cfg) -> Adapted`, collecting bad rows with their locations as SFT's do.
 _ROW_FORMATS: dict[str, Callable[[list[tuple[str, Row]], PromptDataConfig], Adapted]] = {
     "jsonl": _rowwise(jsonl_prompt),
     "dolly": _rowwise(dolly_prompt),
     "alpaca": _rowwise(alpaca_prompt),
+    "dialogsum": _rowwise(dialogsum_prompt),
 }
 _PAIR_FORMATS = tuple(f for f in PREFERENCE_FORMATS if f != "jsonl")  # generic pairs: use a `prompt` column
 PROMPT_FORMATS: tuple[str, ...] = (*_ROW_FORMATS, *_PAIR_FORMATS)

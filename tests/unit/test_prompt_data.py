@@ -139,6 +139,15 @@ def test_dolly_and_alpaca_join_like_the_sft_adapters_without_needing_a_reply(tok
     assert bad_lines(data.report, alpaca) == {3: "empty prompt: 'instruction' and 'input' are both empty"}
 
 
+def test_dialogsum_asks_for_a_summary_of_the_dialogue_column(tok, tmp_path):
+    rows = [{"id": "train_0", "dialogue": "#Person1#: Hi.\n#Person2#: Hello!", "summary": "They greet.", "topic": "x"},
+            {"id": "train_1", "summary": "no dialogue"}]  # fmt: skip
+    path = write_lines(tmp_path / "d.jsonl", rows)
+    data = build(tok, path, "dialogsum")
+    assert [ex.text for ex in data.train] == ["Summarize the following dialogue.\n\n#Person1#: Hi.\n#Person2#: Hello!"]
+    assert bad_lines(data.report, path) == {2: "missing field 'dialogue'"}
+
+
 def test_preference_formats_give_each_pairs_prompt_once(tok, tmp_path):
     hh = write_lines(
         tmp_path / "hh.jsonl",
@@ -188,7 +197,7 @@ def test_unknown_format_and_bad_settings_raise_naming_the_key(tok, tmp_path):
     with pytest.raises(DataError, match="data.format: unknown prompt format 'oasst1'") as err:
         build(tok, path, "oasst1")
     assert ", ".join(PROMPT_FORMATS) in str(err.value)
-    assert PROMPT_FORMATS == ("jsonl", "dolly", "alpaca", "hh_rlhf", "shp", "ultrafeedback")
+    assert PROMPT_FORMATS == ("jsonl", "dolly", "alpaca", "dialogsum", "hh_rlhf", "shp", "ultrafeedback")
     for cfg, key in [
         ({"bad_rows": "ignore"}, "data.bad_rows"),
         ({"eval_fraction": 1.0}, "data.eval_fraction"),
