@@ -47,6 +47,14 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "rlhf pipeline pipeline=instructgpt run.name=chain ppo.stage.kl_coef=0.1",
         "rlhf pipeline pipeline=dpo run.name=d launcher.nproc_per_node=2",
     )),
+    "runs": ("rlhf_cli.commands.runs", "the runs: stages, status, key metrics, times, what resumes", (
+        "rlhf runs",
+        "rlhf runs run.root=/scratch/runs",
+    )),
+    "plot": ("rlhf_cli.commands.plot", "draw a run's training curves again (<stage>/metrics.png)", (
+        "rlhf plot run.name=demo",
+        "rlhf plot run.name=demo stage=ppo run.root=/scratch/runs",
+    )),
 }  # fmt: skip
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.run_dir import TIME_FORMAT, Run, now
 
 HEADLINE_RS = ("candidate_score_mean", "selected_score_mean", "best_of_n_gain", "loss", "eval_score", "eval_gold")
@@ -96,6 +98,25 @@ def complete_stage(run: Run, keep_checkpoints: bool) -> None:
         start = datetime.strptime(record["started_at"], TIME_FORMAT)
         summary["stage_seconds"] = (datetime.strptime(ended, TIME_FORMAT) - start).total_seconds()
     run.update_stage(status="completed", ended_at=ended, summary=summary)
+    plot = draw_curves(run)
+    if plot is not None:
+        run.update_stage(summary={**summary, "plot": str(plot)})
+
+
+def draw_curves(run: Run) -> Path | None:
+    """The stage's training curves as `<stage>/metrics.png` (plots.py), drawn once the stage is recorded complete: a
+    picture that fails (a missing font, a full disk) costs one warning line, never the completed stage."""
+    from rlhf_cli import plots
+
+    if run.stage not in plots.PANELS:  # eval: a table of numbers, no curves
+        return None
+    try:
+        return plots.plot_stage(run.stage_dir, run.stage)[0]
+    except Exception as exc:  # noqa: BLE001 - any failure of the plot is reported, none fails the stage
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        print(f"warning: no plot of the {run.stage} curves ({reason}); `rlhf plot run.name={run.root.name} "
+              f"run.root={run.root.parent} stage={run.stage}` draws it again", file=sys.stderr)  # fmt: skip
+        return None
 
 
 def drop_resume_checkpoints(ckpt_dir: Path) -> None:
@@ -129,6 +150,8 @@ def summary_lines(record: dict, stage: str, run_args: str, wall_seconds: float |
                 else f"{ckpt} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
         rows.append(("disk", f"stage {human_bytes(disk['stage'])}, run {human_bytes(disk['run'])}; resume "
                              f"checkpoints {kept}"))  # fmt: skip
+    if summary.get("plot"):
+        rows.append(("curves", summary["plot"]))
     if stage in NEXT:
         rows.append(("next", NEXT[stage].format(run=run_args)))
     return rows

@@ -1,0 +1,179 @@
+"""Training curves of a stage as one PNG next to its metrics: `<run>/<stage>/metrics.png`.
+
+Drawn when a stage completes (summary.complete_stage) and again by `rlhf plot`. What a stage shows is its entry in
+PANELS: panels, each a title and the metrics.jsonl keys drawn on it. A key the run did not log is left out and a panel
+left with no key is not drawn, so a new stage needs only an entry here, and a run without evaluation (eval_every=0)
+still gets its training curves. Every series is drawn against its own steps: evaluations are logged on fewer steps
+than training metrics, often in rows of their own.
+
+matplotlib is imported here only, and only when a figure is drawn (its object API on the Agg canvas: no display, no
+pyplot state), so the CLI starts without it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.errors import UserError
+
+PLOT_FILE = "metrics.png"
+MARKERS_UP_TO = 40  # a series with this many points or fewer is drawn with markers, so a single evaluation shows
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    keys: tuple[str, ...]  # metrics.jsonl keys, one line each
+    # The x axis: "step", or a metric (see `against`): the evaluation rewards against the rollouts' KL to the
+    # reference, the reward over-optimisation curve of Gao et al. 2022.
+    x: str = "step"
+
+
+_LOSS = Panel("loss", ("loss", "eval_loss"))
+_LR = Panel("learning rate", ("lr",))
+# The online stages: the proxy reward (reward model or function) next to the gold metric when the task has one.
+_REWARD = Panel("reward (score) and gold", ("score_mean", "eval_score", "eval_gold"))
+_KL = Panel("KL to the reference", ("kl",))
+_GOLD_VS_KL = Panel("proxy and gold reward vs KL", ("eval_score", "eval_gold"), x="kl")
+_LENGTH = Panel("response length", ("response_length", "eval_response_length"))
+_CRITIC_FREE = (_REWARD, _KL, _GOLD_VS_KL, Panel("groups with zero reward variance", ("zero_variance_groups",)),
+                Panel("policy loss", ("policy_loss",)), Panel("entropy", ("entropy",)), _LENGTH)  # fmt: skip
+
+PANELS: dict[str, tuple[Panel, ...]] = {
+    "sft": (_LOSS, Panel("eval perplexity", ("eval_perplexity",)), _LR),
+    "rm": (
+        _LOSS,
+        Panel("accuracy", ("accuracy", "eval_accuracy")),
+        Panel("margin", ("margin", "eval_margin")),
+        Panel("rewards", ("reward_chosen", "reward_rejected", "reward_mean")),
+    ),
+    "dpo": (
+        _LOSS,
+        Panel("reward margin", ("reward_margin", "eval_reward_margin")),
+        Panel("reward accuracy", ("reward_accuracy", "eval_reward_accuracy")),
+        Panel("implicit rewards", ("reward_chosen", "reward_rejected", "eval_reward_chosen", "eval_reward_rejected")),
+        Panel("log-probs", ("logps_chosen", "logps_rejected", "eval_logps_chosen", "eval_logps_rejected")),
+    ),
+    "ppo": (
+        _REWARD,
+        _KL,
+        Panel("KL coefficient", ("kl_coef",)),
+        _GOLD_VS_KL,
+        Panel("losses", ("policy_loss", "value_loss")),
+        Panel("explained variance", ("explained_variance",)),
+        _LENGTH,
+    ),
+    # Selection rows sit at the step where their round's fine-tuning starts, evaluations where it ends.
+    "rejection_sampling": (
+        Panel("best-of-N selection", ("candidate_score_mean", "selected_score_mean")),
+        Panel("held-out score and gold", ("eval_score", "eval_gold")),
+        Panel("fine-tuning loss", ("loss",)),
+        Panel("held-out response length", ("eval_response_length",)),
+    ),
+    **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), _CRITIC_FREE),
+}
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (a crash's torn last line) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`, by step. A step logged twice keeps its later value: a file written before resumes
+    dropped the replayed rows holds the replay after the original, and the replay is what the run continued from."""
+    by_step: dict[int, float] = {}
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            by_step[row["step"]] = float(value)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def against(rows: list[dict], key: str, x: str) -> tuple[list[float], list[float]]:
+    """(x, values) of `key`, in step order, each value at the `x` of the first step after its own (the last `x`
+    logged when none follows). Why after: the online stages log an iteration's KL from its rollout, sampled before
+    its update, and evaluate after the update, so the evaluation at step N judges the policy that step N + 1's
+    rollout samples (the starting evaluation, step 0, gets step 1's KL: 0 when the reference is the start)."""
+    x_steps, x_values = series(rows, x)
+    if not x_steps:
+        return [], []
+    xs, ys = [], []
+    for step, value in zip(*series(rows, key), strict=True):
+        xs.append(x_values[min(bisect.bisect_right(x_steps, step), len(x_steps) - 1)])
+        ys.append(value)
+    return xs, ys
+
+
+def _lines(panel: Panel, rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
+    """(label, x, y) of each key of `panel` that has points in `rows`."""
+    out = []
+    for key in panel.keys:
+        xs, ys = series(rows, key) if panel.x == "step" else against(rows, key, panel.x)
+        if any(math.isfinite(y) for y in ys):
+            out.append((key, xs, ys))
+    return out
+
+
+def draw(stage: str, rows: list[dict], title: str) -> Any:
+    """A matplotlib Figure with one axes per panel of `stage` that has data (the axes' titles are the panels')."""
+    from matplotlib.figure import Figure
+
+    panels = [(p, lines) for p in PANELS[stage] if (lines := _lines(p, rows))]
+    if not panels:
+        keys = sorted({k for p in PANELS[stage] for k in p.keys})
+        raise UserError(f"nothing to plot for {stage}: its metrics.jsonl has none of {', '.join(keys)}")
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.3 * nrows + 0.4), layout="constrained")
+    fig.suptitle(title)
+    axes = list(fig.subplots(nrows, cols, squeeze=False).flat)
+    for ax, (panel, lines) in zip(axes, panels, strict=False):
+        for label, xs, ys in lines:
+            few = len(xs) <= MARKERS_UP_TO
+            # Against a metric the points are a path in step order that may turn back: markers on a thin line.
+            style = {"linewidth": 1.2} if panel.x == "step" else {"linewidth": 0.6, "linestyle": ":"}
+            ax.plot(xs, ys, label=label, marker="o" if few or panel.x != "step" else None, markersize=3, **style)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel(panel.x if panel.x == "step" else f"{panel.x} of the rollout after each evaluation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(panels) :]:  # the empty cells of the last row
+        fig.delaxes(ax)
+    return fig
+
+
+def plot_stage(stage_dir: Path, stage: str | None = None) -> tuple[Path, list[str]]:
+    """Draw `<stage_dir>/metrics.png` from `<stage_dir>/metrics.jsonl` (the stage: the folder's name unless given);
+    (its path, the titles of the panels drawn). Written under a temporary name, then renamed: a reader never sees a
+    half-written PNG, and a failure leaves the previous one."""
+    stage = stage or stage_dir.name
+    if stage not in PANELS:
+        raise UserError(f"no plot is defined for stage `{stage}` (plots exist for {', '.join(PANELS)})")
+    metrics = stage_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{stage} has no metrics to plot: {metrics} does not exist")
+    fig = draw(stage, read_rows(metrics), f"{stage_dir.parent.name} / {stage}")
+    out = stage_dir / PLOT_FILE
+    tmp = stage_dir / f".{PLOT_FILE}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png", dpi=90)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, [ax.get_title() for ax in fig.axes]
