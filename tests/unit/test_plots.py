@@ -1,0 +1,200 @@
+"""Training-curve PNGs (rlhf_cli/plots.py) from small hand-written metrics.jsonl files, one per stage kind, and the
+end-of-stage hook (summary.complete_stage). No training."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from rlhf_cli import plots
+from rlhf_cli.errors import UserError
+from rlhf_cli.plots import PANELS, against, draw, plot_stage, read_rows, series
+from rlhf_cli.run_dir import Run
+from rlhf_cli.summary import complete_stage, summary_lines
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _online(n: int = 6, gold: bool = True, critic: bool = True, kl: bool = True) -> list[dict]:
+    """An online stage's log: the starting evaluation at step 0, iterations 1..n, evaluations at 3 and n."""
+    rows = []
+    for step in range(1, n + 1):
+        row = {"step": step, "score_mean": 0.1 * step, "response_length": 7.0, "policy_loss": -0.01, "entropy": 0.6}
+        row.update({"kl": 0.5 * (step - 1)} if kl else {})
+        row.update({"kl_coef": 0.05, "value_loss": 0.2, "explained_variance": 0.1} if critic else {})
+        row.update({} if critic else {"zero_variance_groups": 0.25})
+        rows.append(row)
+    for step in (0, 3, n):
+        rows.append({"step": step, "eval_score": 0.2 * step, "eval_response_length": 6.0,
+                     **({"eval_gold": 0.5 + 0.01 * step} if gold else {})})  # fmt: skip
+    return sorted(rows, key=lambda r: r["step"])
+
+
+# Stage -> (its rows, the panels it must get). Evaluations sit on fewer steps than training rows, in rows of their own.
+CASES = {
+    "sft": ([{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 7)]
+            + [{"step": 3, "eval_loss": 2.9, "eval_perplexity": 18.2}, {"step": 6, "eval_loss": 2.7,
+                                                                        "eval_perplexity": 14.9}],
+            ["loss", "eval perplexity", "learning rate"]),
+    "rm": ([{"step": s, "loss": 0.7 - 0.05 * s, "accuracy": 0.5 + 0.05 * s, "margin": 0.1 * s, "reward_chosen": 0.2,
+             "reward_rejected": 0.1} for s in range(1, 5)]
+           + [{"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "eval_margin": 0.3, "reward_mean": 0.1}],
+           ["loss", "accuracy", "margin", "rewards"]),
+    "dpo": ([{"step": s, "loss": 0.69 - 0.02 * s, "reward_margin": 0.1 * s, "reward_accuracy": 0.6,
+              "reward_chosen": 0.1, "reward_rejected": -0.1, "logps_chosen": -80.0, "logps_rejected": -90.0 - s}
+             for s in range(1, 5)]
+            + [{"step": 4, "eval_loss": 0.65, "eval_reward_margin": 0.2, "eval_reward_accuracy": 0.62,
+                "eval_logps_chosen": -81.0, "eval_logps_rejected": -95.0}],
+            ["loss", "reward margin", "reward accuracy", "implicit rewards", "log-probs"]),
+    "ppo": (_online(), ["reward (score) and gold", "KL to the reference", "KL coefficient",
+                        "proxy and gold reward vs KL", "losses", "explained variance", "response length"]),
+    "rejection_sampling": ([{"step": 0, "round": 0, "eval_score": 0.5, "eval_gold": 0.5},
+                            {"step": 0, "round": 1, "candidate_score_mean": 0.4, "selected_score_mean": 0.8}]
+                           + [{"step": s, "round": 1, "loss": 1.0 / s} for s in range(1, 6)]
+                           + [{"step": 5, "round": 1, "eval_score": 0.6, "eval_gold": 0.6, "eval_response_length": 6.0},
+                              {"step": 5, "round": 2, "candidate_score_mean": 0.5, "selected_score_mean": 0.9}],
+                           ["best-of-N selection", "held-out score and gold", "fine-tuning loss",
+                            "held-out response length"]),
+    "grpo": (_online(critic=False, kl=False), ["reward (score) and gold", "groups with zero reward variance",
+                                               "policy loss", "entropy", "response length"]),
+    "rloo": (_online(critic=False), ["reward (score) and gold", "KL to the reference", "proxy and gold reward vs KL",
+                                     "groups with zero reward variance", "policy loss", "entropy",
+                                     "response length"]),
+    "reinforce_pp": (_online(critic=False, gold=False), ["reward (score) and gold", "KL to the reference",
+                                                         "proxy and gold reward vs KL",
+                                                         "groups with zero reward variance", "policy loss",
+                                                         "entropy", "response length"]),
+}  # fmt: skip
+
+
+def _write(folder: Path, rows: list[dict], tail: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return folder
+
+
+def _assert_png(path: Path) -> tuple[int, int]:
+    """The file is a PNG (signature, IHDR first); its (width, height)."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 300 and height > 200
+    return width, height
+
+
+def _labels(fig) -> dict[str, list[str]]:
+    return {ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes}
+
+
+def test_every_stage_with_curves_has_a_case_here():
+    assert set(CASES) == set(PANELS)
+
+
+@pytest.mark.parametrize("stage", list(CASES))
+def test_each_stage_kind_gets_a_png_with_its_panels(tmp_path, stage):
+    rows, titles = CASES[stage]
+    folder = _write(tmp_path / "demo" / stage, rows, tail='{"step": 9, "lo')  # a crash's torn last line
+    path, drawn = plot_stage(folder)
+    assert path == folder / "metrics.png" and drawn == titles
+    _assert_png(path)
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "metrics.png"]  # no temporary file left
+
+
+def test_a_missing_eval_key_leaves_its_line_and_panel_out(tmp_path):
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 5)]  # stage.eval_every=0: no eval rows
+    fig = draw("sft", rows, "demo / sft")
+    assert _labels(fig) == {"loss": ["loss"], "learning rate": ["lr"]}
+    fig = draw("sft", CASES["sft"][0], "demo / sft")
+    assert _labels(fig)["loss"] == ["loss", "eval_loss"]
+    ppo = draw("ppo", _online(gold=False), "demo / ppo")  # no gold metric: the proxy reward alone
+    assert _labels(ppo)["reward (score) and gold"] == ["score_mean", "eval_score"]
+    assert _labels(ppo)["proxy and gold reward vs KL"] == ["eval_score"]
+
+
+def test_each_series_is_drawn_against_its_own_steps():
+    fig = draw("sft", CASES["sft"][0], "demo / sft")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["loss"].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert list(lines["eval_loss"].get_xdata()) == [3, 6] and list(lines["eval_loss"].get_ydata()) == [2.9, 2.7]
+
+
+def test_rewards_against_kl_take_the_kl_of_the_next_rollout():
+    rows = [{"step": 1, "kl": 0.0}, {"step": 2, "kl": 1.0}, {"step": 3, "kl": 2.5},
+            {"step": 0, "eval_gold": 0.5}, {"step": 2, "eval_gold": 0.6}, {"step": 3, "eval_gold": 0.7}]  # fmt: skip
+    # Step 0 (the start) -> step 1's rollout; step 2 -> step 3's; the last evaluation -> the last KL there is.
+    assert against(rows, "eval_gold", "kl") == ([0.0, 2.5, 2.5], [0.5, 0.6, 0.7])
+    assert against(rows, "eval_gold", "missing") == ([], [])
+
+
+def test_a_resumed_log_plots_one_point_per_step(tmp_path):
+    # Today a resume drops the replayed rows first: one row per step, the resumed ones after the kept ones.
+    today = [{"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": s, "loss": 2.0 / s} for s in range(5, 9)]
+    assert series(today, "loss") == ([1, 2, 3, 4, 5, 6, 7, 8], [r["loss"] for r in today])
+    # An older log holds the replay after the original rows (steps 5-6 twice): the replay's values are kept.
+    older = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)] + [{"step": s, "loss": 9.0} for s in range(5, 9)]
+    folder = _write(tmp_path / "demo" / "sft", older)
+    rows = read_rows(folder / "metrics.jsonl")
+    assert series(rows, "loss") == ([1, 2, 3, 4, 5, 6, 7, 8], [1.0, 0.5, 1 / 3, 0.25, 9.0, 9.0, 9.0, 9.0])
+    path, titles = plot_stage(folder)
+    _assert_png(path)
+    assert titles == ["loss"]
+
+
+def test_bad_input_is_one_clear_message(tmp_path):
+    with pytest.raises(UserError, match="no plot is defined for stage `eval`"):
+        plot_stage(_write(tmp_path / "demo" / "eval", [{"step": 0}]))
+    with pytest.raises(UserError, match="does not exist"):
+        plot_stage(tmp_path / "demo" / "rm")
+    with pytest.raises(UserError, match="nothing to plot for dpo: its metrics.jsonl has none of"):
+        plot_stage(_write(tmp_path / "demo" / "dpo", [{"step": 1, "time": 1.0}]))
+
+
+# ---------------------------------------------------------------- the end-of-stage hook
+
+
+def _running_stage(tmp_path: Path, stage: str, rows: list[dict]) -> Run:
+    run = Run(root=tmp_path / "demo", stage=stage)
+    _write(run.stage_dir, rows)
+    run.manifest_path.write_text(json.dumps({"run": "demo", "stages": {stage: {"status": "running"}}}))
+    return run
+
+
+def test_a_completed_stage_holds_its_png_and_its_summary_names_it(tmp_path):
+    run = _running_stage(tmp_path, "dpo", CASES["dpo"][0])
+    complete_stage(run, keep_checkpoints=False)
+    record = run.stage_record()
+    assert record["status"] == "completed" and record["summary"]["plot"] == str(run.stage_dir / "metrics.png")
+    _assert_png(run.stage_dir / "metrics.png")
+    assert dict(summary_lines(record, "dpo", "run.name=demo"))["curves"] == str(run.stage_dir / "metrics.png")
+
+
+@pytest.mark.parametrize("failure", ["no keys", "matplotlib"])
+def test_a_failed_plot_is_one_warning_and_the_stage_stays_completed(tmp_path, capsys, monkeypatch, failure):
+    rows = CASES["sft"][0]
+    if failure == "no keys":
+        rows = [{"step": 1, "time": 1.0}]
+    else:
+
+        def broken(*_):
+            raise RuntimeError("no font")
+
+        monkeypatch.setattr(plots, "draw", broken)
+    run = _running_stage(tmp_path, "sft", rows)
+    complete_stage(run, keep_checkpoints=False)
+    record = run.stage_record()
+    assert record["status"] == "completed" and "plot" not in record["summary"]
+    assert not (run.stage_dir / "metrics.png").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning: no plot of the sft curves (")
+    assert ("RuntimeError: no font" if failure == "matplotlib" else "nothing to plot for sft") in err
+    assert "rlhf plot run.name=demo" in err and "stage=sft" in err
+
+
+def test_a_stage_without_curves_is_left_alone(tmp_path, capsys):
+    run = _running_stage(tmp_path, "eval", [{"step": 0}])
+    complete_stage(run, keep_checkpoints=True)
+    assert run.stage_record()["status"] == "completed" and not (run.stage_dir / "metrics.png").exists()
+    assert capsys.readouterr().err == ""
