@@ -140,7 +140,12 @@ def draw(stage: str, rows: list[dict], title: str) -> Any:
         raise UserError(f"nothing to plot for {stage}: its metrics.jsonl has none of {', '.join(keys)}")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.6 * cols, 3.3 * nrows + 0.4), layout="constrained")
+    width, height = 4.6 * cols, 3.3 * nrows + 0.4
+    fig = Figure(figsize=(width, height))
+    # Fixed margins in inches rather than a layout engine: constrained or tight layout measures every label in an
+    # extra drawing pass, which doubles the time of the save, paid by every completed stage.
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.65 / height,
+                        wspace=0.32, hspace=0.42)  # fmt: skip
     fig.suptitle(title)
     axes = list(fig.subplots(nrows, cols, squeeze=False).flat)
     for ax, (panel, lines) in zip(axes, panels, strict=False):
