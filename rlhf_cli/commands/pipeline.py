@@ -109,6 +109,11 @@ def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[
     from rlhf_cli.config.compose import compose, config_hash
 
     composed = {s: compose(s, [*pipeline.overrides.get(s, []), *common, *per_stage[s]]) for s in pipeline.stages}
+    runs = {s: str(Path(c.run.root) / c.run.name) for s, c in composed.items()}
+    if len(set(runs.values())) > 1:  # an experiment file that names its run
+        listed = ", ".join(f"{s}: {r}" for s, r in runs.items())
+        raise UserError(f"the stages of pipeline {pipeline.name} would write to different runs ({listed}); give "
+                        "run.name=<name> on the command line")  # fmt: skip
     first = next(iter(composed.values()))
     manifest = _manifest(Path(first.run.root) / first.run.name)
     steps, rerun = [], False

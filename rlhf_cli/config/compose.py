@@ -80,17 +80,32 @@ def _valid_keys(schema: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def locate_key(key: str, cfg_dir: Path, overrides: list[str]) -> str:
-    """Where a bad key was set: the command line, or `file:line` of a YAML under configs/."""
+def locate_key(key: str, cfg_dir: Path, overrides: list[str], stage: str | None = None) -> str:
+    """Where a bad key was set: the command line, or `file:line` of the first YAML of this composition that sets it
+    (the experiments named, the groups chosen on the command line, the stage's file, then config.yaml's defaults)."""
     if any(ov.lstrip("+~").split("=", 1)[0] == key for ov in overrides):
         return "on the command line"
     leaf = key.rsplit(".", 1)[-1]
     pattern = re.compile(rf"^\s*{re.escape(leaf)}\s*:")
-    for path in sorted(cfg_dir.rglob("*.yaml")):
+    for path in _composed_files(cfg_dir, overrides, stage):
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.match(line):
                 return f"in {path}:{lineno}"
     return "in the composed config"
+
+
+def _composed_files(cfg_dir: Path, overrides: list[str], stage: str | None) -> list[Path]:
+    """The YAML files a composition read, the later-merged (stronger) first: experiments, groups chosen on the command
+    line, the stage's file, config.yaml's default groups and config.yaml itself; without `stage`, every file."""
+    if stage is None:
+        return sorted(cfg_dir.rglob("*.yaml"))
+    chosen = dict(ov.lstrip("+").split("=", 1) for ov in overrides if "=" in ov and "." not in ov.split("=", 1)[0])
+    files = [cfg_dir / "experiment" / f"{chosen['experiment']}.yaml"] if "experiment" in chosen else []
+    files += [cfg_dir / group / f"{choice}.yaml" for group, choice in chosen.items() if group != "experiment"]
+    files.append(cfg_dir / "stage" / f"{stage}.yaml")
+    defaults = OmegaConf.to_container(OmegaConf.load(cfg_dir / "config.yaml")).get("defaults", [])
+    files += [cfg_dir / g / f"{c}.yaml" for d in defaults if isinstance(d, dict) for g, c in d.items() if g != "stage"]
+    return [f for f in files if f.is_file()] + [cfg_dir / "config.yaml"]
 
 
 def _schema_error(err: OmegaConfBaseException, schema: type, where: str) -> UserError:
@@ -158,7 +173,7 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"cannot compose the config: {text}") from None
     finally:
         GlobalHydra.instance().clear()
-    return validate(stage, raw, lambda key: locate_key(key, cfg_dir, overrides))
+    return validate(stage, raw, lambda key: locate_key(key, cfg_dir, overrides, stage))
 
 
 def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in the config") -> DictConfig:

@@ -121,6 +121,12 @@ def test_typo_in_yaml_file_is_caught(tmp_path, monkeypatch):
         compose("sft", [])
 
 
+def test_a_key_another_stage_takes_is_located_in_the_experiment_that_sets_it():
+    # max_steps is in several experiment files; the one named on the command line is where eval met it.
+    with pytest.raises(UserError, match=r"`stage.max_steps`.*experiment/ppo_detox.yaml:\d+"):
+        compose("eval", ["+experiment=ppo_detox"])
+
+
 def test_config_hash_ignores_logging_and_overwrite():
     base = config_hash(compose("sft", []))
     assert base == config_hash(compose("sft", ["logging.log_every=5", "run.overwrite=true"]))

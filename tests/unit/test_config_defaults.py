@@ -159,7 +159,9 @@ EXPERIMENTS = {
     ("dpo", "dpo_ultrafeedback"): (5e-07, "cosine", 0.1, 0.0, 10, 1.0, 4, 16, 500),
     ("ppo", "ppo_hh_rlhf"): (1e-06, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 25),
     ("ppo", "ppo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 10),
+    ("ppo", "ppo_detox"): (1.4e-05, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 10),
     ("rejection_sampling", "rs_parity"): (0.001, "constant", 0.0, 0.1, 10, 3.0, 8, 32, 50),
+    ("rejection_sampling", "rs_hh_rlhf"): (1e-05, "constant", 0.0, 0.1, 10, 1.0, 4, 32, 100),
     **{(verb, "grpo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10)
        for verb in ("grpo", "rloo", "reinforce_pp")},
 }

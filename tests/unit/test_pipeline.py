@@ -14,7 +14,7 @@ from rlhf_cli.errors import UserError
 @pytest.mark.parametrize("name", sorted(pipeline_files()))
 def test_every_shipped_pipeline_composes_and_validates(name, tmp_path):
     pipeline = load_pipeline(name)
-    steps = plan_steps(pipeline, [f"run.root={tmp_path}"], {s: [] for s in pipeline.stages})
+    steps = plan_steps(pipeline, [f"run.root={tmp_path}", "run.name=x"], {s: [] for s in pipeline.stages})
     assert [s.stage for s in steps] == pipeline.stages and all(s.action == "run" for s in steps)
     assert pipeline.stages[-1] == "eval"  # every pipeline ends with the evaluation
 
@@ -63,3 +63,9 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
     assert all(s.action == "run" and "run.overwrite=true" in s.args for s in steps)
     assert [s.why for s in steps[1:]] == ["an earlier stage ran again"] * 3
     assert all(s.action == "skip" for s in plan_steps(pipeline, common, no_extra))
+
+
+def test_a_pipeline_whose_experiments_name_different_runs_asks_for_run_name(tmp_path):
+    pipeline = load_pipeline("hh_rlhf")  # ppo_hh_rlhf's experiment file names its run hh-rlhf
+    with pytest.raises(UserError, match=r"would write to different runs .*give run.name=<name>"):
+        plan_steps(pipeline, [f"run.root={tmp_path}"], {s: [] for s in pipeline.stages})
