@@ -23,6 +23,8 @@ from rlhf_cli.run_dir import COMPLETE_MARKER, TIME_FORMAT
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
+STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red",
+                "unreadable": "red"}  # fmt: skip
 
 
 @dataclass
@@ -191,12 +193,15 @@ def plain_lines(rows: list[tuple[str, ...]], title: str) -> list[str]:
 
 def _print_table(console: Any, rows: list[tuple[str, ...]], title: str) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), header_style="bold")
+    table = Table(title=Text(title), title_justify="left", box=None, padding=(0, 1), header_style="bold")
     for name in COLUMNS:
         table.add_column(name, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        status = STATUS_STYLE.get(row[2].split(" ")[0], "")
+        # Text, not markup: an error message or a metric name may hold square brackets.
+        table.add_row(*(Text(cell, style=status if i == 2 else "") for i, cell in enumerate(row)))
     console.print(table)
 
 

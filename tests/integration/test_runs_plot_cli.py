@@ -4,14 +4,17 @@ hand-made run directories: interrupted, killed, running, failed, unreadable."""
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import FAST, manifest, rlhf
+from rich.console import Console
 
 from rlhf_cli.cli import main
+from rlhf_cli.commands import runs as runs_cmd
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -175,3 +178,15 @@ def test_runs_with_no_runs_says_so_in_one_line(tmp_path, capsys, make):
     why = "it is empty" if make else "it does not exist"
     assert code == 0 and not err and out == f"no runs under {root}/ ({why}); a stage run with run.name=<name> " \
         f"creates {root}/<name>/\n"  # fmt: skip
+
+
+def test_a_terminal_gets_a_rich_table_that_keeps_square_brackets(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    _hand_made(root)
+    _stage(root, "broken", "rm", {"status": "failed", "error": "expected [chosen, rejected]"}, [])
+    screen = io.StringIO()
+    monkeypatch.setattr("rich.console.Console", lambda **kw: Console(file=screen, force_terminal=True, width=200, **kw))
+    assert runs_cmd.main([f"root={root}"]) == 0
+    out = screen.getvalue()
+    assert "\x1b[" in out and "error: expected [chosen, rejected]" in out  # styled, and the error's text intact
+    assert "resume stopped/dpo at step 6: rlhf dpo run.name=stopped" in out
