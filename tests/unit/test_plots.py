@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,12 @@ def test_a_stage_without_curves_is_left_alone(tmp_path, capsys):
     complete_stage(run, keep_checkpoints=True)
     assert run.stage_record()["status"] == "completed" and not (run.stage_dir / "metrics.png").exists()
     assert capsys.readouterr().err == ""
+
+
+def test_the_cli_starts_without_matplotlib(tmp_path):
+    """`rlhf --help`, `rlhf runs` and a plot's --help never import it: only drawing does."""
+    probe = ("import sys; from rlhf_cli.cli import main; "
+             f"[main(a) for a in (['--help'], ['runs', 'root={tmp_path}'], ['plot', '--help'])]; "
+             "print('LOADED', 'matplotlib' in sys.modules)")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("LOADED False"), res.stderr
