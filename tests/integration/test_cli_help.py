@@ -57,7 +57,7 @@ def test_stage_help_shows_composed_defaults_comments_and_the_choices_that_fit(ca
     assert "optim.lr=2e-05" in out and "stage.kl_coef=0.05" in out  # configs/stage/ppo.yaml, not the schema's
     assert "KL to the reference, in the reward per token: k1 | k2 | k3" in out  # the comment above kl_estimator
     assert re.search(r"data +sample_prompts\*, parity, word_order\n", out)  # prompt data only
-    assert re.search(r"\+experiment +ppo_hh_rlhf, ppo_parity\n", out)
+    assert re.search(r"\+experiment +ppo_detox, ppo_hh_rlhf, ppo_parity\n", out)
     assert "stage.generation.{max_new_tokens, temperature, top_k, top_p}" in out
     rm = _cli(capsys, "rm", "--help")[1]
     assert re.search(r"data +sample_preferences\*, hh_rlhf, shp, ultrafeedback\n", rm)
