@@ -60,7 +60,7 @@ def test_stage_help_shows_composed_defaults_comments_and_the_choices_that_fit(ca
     assert re.search(r"\+experiment +ppo_detox, ppo_hh_rlhf, ppo_parity\n", out)
     assert "stage.generation.{max_new_tokens, temperature, top_k, top_p}" in out
     rm = _cli(capsys, "rm", "--help")[1]
-    assert re.search(r"data +sample_preferences\*, hh_rlhf, shp, ultrafeedback\n", rm)
+    assert re.search(r"data +sample_preferences\*, hh_rlhf, parity_pairs, shp, ultrafeedback\n", rm)
     assert re.search(r"\+experiment +hh_rlhf\n", rm) and "stage.min_eval_accuracy=null" in rm
     overridden = _cli(capsys, "sft", "optim.lr=0.5", "--help")[1]
     assert "with the overrides given" in overridden and "optim.lr=0.5" in overridden
