@@ -22,7 +22,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "sft": ("loss", "eval_loss", "eval_perplexity"),
     "rm": ("loss", "accuracy", "eval_accuracy", "eval_margin"),
     "dpo": ("loss", "reward_accuracy", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"),
-    "ppo": ("score_mean", "kl", "eval_score", "eval_response_length", "eval_eos_fraction"),
+    "ppo": ("score_mean", "kl", "eval_score", "eval_gold", "eval_response_length", "eval_eos_fraction"),
     # First -> last: round 1 -> the last round for the selection, the starting policy -> the last one for eval.
     "rejection_sampling": HEADLINE_RS,
     **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("score_mean", "zero_variance_groups", "kl", "eval_score",
@@ -33,7 +33,7 @@ NEXT: dict[str, str] = {
     "sft": "rlhf rm {run}   (or: rlhf dpo {run})",
     "rm": "rlhf ppo {run}",
     "dpo": 'rlhf generate {run} stage=dpo prompt="What is the capital of France?"',
-    "ppo": 'rlhf generate {run} stage=ppo prompt="What is the capital of France?"',
+    "ppo": 'rlhf generate {run} stage=ppo prompt="What is the capital of France?"   (or: rlhf eval {run})',
     "rejection_sampling": "rlhf ppo {run} model.name_or_path=stage:rejection_sampling   (Llama 2: PPO on top), or "
     'rlhf generate {run} stage=rejection_sampling prompt="Hi"',
     **{verb: f'rlhf generate {{run}} stage={verb} prompt="Is 7 even or odd?"' for verb in ("grpo", "rloo",
@@ -161,7 +161,10 @@ def print_summary(console: Any, run: Run, run_args: str, terminal: bool, wall_se
     """The summary of `run.stage` from the manifest: a rich table on a terminal, plain `label: text` lines otherwise."""
     record = run.stage_record()
     rows = summary_lines(record, run.stage, run_args, wall_seconds)
-    title = f"{run.stage} completed: {run.final_dir}"
+    outputs = record.get("outputs") or {}
+    # What the stage produced: final/ for a training stage, else its first output (eval: eval.json).
+    product = run.final_dir if "final" in outputs or not outputs else run.root / next(iter(outputs.values()))
+    title = f"{run.stage} completed: {product}"
     if not terminal:
         console.print(title, highlight=False, markup=False)
         for label, text in rows:

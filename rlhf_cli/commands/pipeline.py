@@ -30,7 +30,7 @@ DEFAULT = "default"
 # The summary table's metrics per stage (first -> last); a stage not listed shows every headline metric.
 KEY_METRICS = {
     "sft": ("eval_loss",), "rm": ("eval_accuracy",), "dpo": ("eval_reward_accuracy", "eval_loss"),
-    "ppo": ("eval_score", "kl"), "rejection_sampling": ("eval_score", "eval_gold"),
+    "ppo": ("eval_score", "eval_gold", "kl"), "rejection_sampling": ("eval_score", "eval_gold"),
     **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("eval_score", "eval_gold", "kl")),
 }  # fmt: skip
 

@@ -51,6 +51,7 @@ def test_eval_writes_every_field_and_the_reference_ties_with_itself(base, runs, 
     rec = manifest(runs / "ev")["stages"]["eval"]
     assert rec["status"] == "completed" and rec["metrics"]["sharp/kl"] == sharp["kl"]
     assert "win rate" in res.stderr and "sharp" in res.stderr
+    assert f"eval completed: {runs / 'ev' / 'eval' / 'eval.json'}" in res.stderr  # not a final/ it never writes
 
 
 def test_greedy_eval_with_a_gold_function_and_without_a_reward_model(base, runs, tmp_path):
