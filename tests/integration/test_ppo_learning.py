@@ -19,6 +19,7 @@ the greedy policy settled on one answer word within 15 iterations (0.49 from 15 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -96,3 +97,26 @@ def test_grpo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
     assert before["step"] == 0 and after["step"] == 10
     assert after["eval_gold"] >= before["eval_gold"] + 0.06, (before["eval_gold"], after["eval_gold"])
     assert after["eval_eos_fraction"] > 0.9
+
+
+def test_learned_reward_chain_rm_and_dpo_on_parity_pairs_beat_the_sft_policy(sft_run, tmp_path):
+    """The learning benchmark's short version (configs/pipeline/parity.yaml, `make bench-learning`): after the shared
+    sft, `rlhf pipeline` runs a reward model on the parity preference pairs (2 of its 4 epochs), DPO's RPO variant on
+    the same pairs (1 epoch), and `rlhf eval` with the gold metric on the held-out parity prompts. The reward model has
+    to learn parity from pairs it never saw the prompts of; the DPO policy's greedy answers must beat the SFT policy's
+    on the gold metric (measured: 0.72 against 0.54 at the full length on seed 1)."""
+    runs = _copy(sft_run, tmp_path)
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(
+        "stages: [rm, dpo, eval]\noverrides:\n  rm: [data=parity_pairs, stage.epochs=2, stage.save_every=0]\n"
+        "  dpo: [data=parity_pairs, stage.loss=rpo, optim.lr=1.0e-4, stage.epochs=1, stage.save_every=0]\n"
+        "  eval: [data=parity, stage.gold=rlhf_cli.tasks.parity:gold_reward, stage.kl_samples=0]\n"
+    )  # fmt: skip
+    res = rlhf("pipeline", f"pipeline={chain}", f"run.root={runs}", "logging.progress=false", cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
+    stages = manifest(runs / "demo")["stages"]
+    assert stages["rm"]["metrics"]["eval_accuracy"] >= 0.7, stages["rm"]["metrics"]
+    results = json.loads((runs / "demo" / "eval" / "eval.json").read_text())["results"]
+    sft, dpo = results["sft"]["gold_mean"], results["dpo"]["gold_mean"]
+    assert dpo >= sft + 0.05, (sft, dpo)
+    assert results["dpo"]["reward_mean"] > results["sft"]["reward_mean"]  # the learned reward agrees
