@@ -304,6 +304,10 @@ def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
         f"{st.micro_batch_size * st.gradient_accumulation_steps * world} sequences per optimizer step",
         f"  at most {st.micro_batch_size * max_tokens(cfg)} tokens per micro-batch ({max_tokens(cfg)} per sequence)",
     ]
+    if stage in ("sft", "rm", "dpo"):
+        from rlhf_cli.stages.plan import packing_summary
+
+        lines += packing_summary(cfg.data, st, cfg.model.attn_implementation, 1 if stage == "sft" else 2)
     more = _MORE_LINES.get(stage)
     return lines + more(cfg, policy) if more else lines
 

@@ -116,8 +116,9 @@ class PPOStageConfig(TrainStageConfig):
     offload_frozen: bool = False
     # Held-out prompts are answered greedily, or (eval_sampling) sampled like the rollouts, seeded by stage and seed.
     eval_sampling: bool = False
-    # module:function of a gold metric scored on the held-out answers next to the reward (`eval_gold` beside
-    # `eval_score`: reward over-optimisation shows as the proxy rising while the gold stalls or falls).
+    # A gold metric scored on the held-out answers next to the reward (`eval_gold` beside `eval_score`: reward
+    # over-optimisation shows as the proxy rising while the gold stalls or falls): module:function, or a second reward
+    # model (stage:<name>, a folder or a hub id) read like stage.reward.model.
     gold_reward: str | None = None
     # Every `sample_every` iterations, `sample_rows` prompt/response/score rows go to <stage>/samples.jsonl.
     sample_every: int = 10
@@ -149,8 +150,8 @@ class RejectionSamplingStageConfig(TrainStageConfig):
     prompts_per_round: int | None = None  # a seeded subset of the training prompts per round; None = all; >= 1
     generation_batch_size: int = 8  # prompts per generate call (x n_samples rows), >= 1
     save_candidates: bool = True  # write every candidate with its score (round-k/candidates.jsonl)
-    # module:function of a gold metric scored on the held-out answers next to the reward (e.g.
-    # rlhf_cli.tasks.parity:gold_reward).
+    # A gold metric scored on the held-out answers next to the reward: module:function (e.g.
+    # rlhf_cli.tasks.parity:gold_reward), or a second reward model (stage:<name>, a folder or a hub id).
     gold_reward: str | None = None
     # Held-out prompts are answered greedily, or (eval_sampling) sampled like the candidates (as PPO's).
     eval_sampling: bool = False
@@ -198,7 +199,7 @@ class CriticFreeStageConfig(TrainStageConfig):
     reference: str | None = None  # None = the policy's starting checkpoint (LoRA: adapters disabled)
     offload_frozen: bool = False
     eval_sampling: bool = False
-    # module:function of a gold metric scored on the held-out answers next to the reward.
+    # A gold metric scored on the held-out answers next to the reward: module:function, or a second reward model.
     gold_reward: str | None = None
     sample_every: int = 10
     sample_rows: int = 4

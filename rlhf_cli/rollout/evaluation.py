@@ -27,8 +27,8 @@ def evaluate_policy(model: Any, reward: Any, examples: list, tokenizer: Any, gen
                     allow_invalid: bool = False) -> dict[str, float]:  # fmt: skip
     """Mean reward score (`eval_score`, raw: no normalisation or missing-EOS rule), response length in tokens
     (`eval_response_length`) and fraction that ended with EOS (`eval_eos_fraction`) of `model`'s responses to the
-    held-out `examples` (PromptExamples); `eval_gold` too when `gold(prompts, responses) -> list[float]` is given
-    (e.g. `rollout.rewards.load_function(spec)`). {} without examples.
+    held-out `examples` (PromptExamples); `eval_gold` too when `gold` is given: a `gold(prompts, responses) ->
+    list[float]` function or a reward model (`rollout.rewards.build_gold`). {} without examples.
 
     `model`: a training engine, a frozen model (`engine.frozen`) or a plain module (see
     `engine.gathered_for_generation`; its mode is restored). `gen_cfg`: a stage's `generation` group; decoding is
@@ -58,7 +58,7 @@ def evaluate_policy(model: Any, reward: Any, examples: list, tokenizer: Any, gen
         per_prompt[LENGTH] = seq.response_mask.sum(-1).double().cpu()
         per_prompt[EOS] = seq.has_eos.double().cpu()
         if gold is not None:
-            per_prompt[GOLD] = torch.tensor(gold_scores(gold, prompts, texts), dtype=torch.float64)
+            per_prompt[GOLD] = gold_values(gold, prompts, seq, texts)
         sums += per_prompt[:, part.real].sum(dim=1)
     torch.set_rng_state(rng)
     n, score, scored, length, eos, gold_sum = eng.all_reduce_sum(sums).tolist()
@@ -69,6 +69,14 @@ def evaluate_policy(model: Any, reward: Any, examples: list, tokenizer: Any, gen
     if allow_invalid:
         out["eval_invalid_fraction"] = 1.0 - scored / n
     return out
+
+
+def gold_values(gold: Any, prompts: list, seq: Any, texts: list[str]) -> torch.Tensor:
+    """(B,) float64 on the CPU: the gold metric of each response, from a function (`gold_scores`) or a second reward
+    model (`rollout.rewards.build_gold`: its raw score)."""
+    if hasattr(gold, "score"):
+        return score_responses(gold, prompts, seq, texts, None).raw.double().cpu()
+    return torch.tensor(gold_scores(gold, prompts, texts), dtype=torch.float64)
 
 
 def gold_scores(gold: Callable[[list[str], list[str]], list[float]], prompts: list, texts: list[str]) -> list[float]:

@@ -151,3 +151,26 @@ def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any) -> Funct
 
     path, _ = resolve_source(run.resolve_source(r.model))
     return ModelReward(r, path, tokenizer, ds, st.eval_batch_size, dist, st.offload_frozen)
+
+
+def is_model_source(spec: str) -> bool:
+    """A reward *model* (`stage:<name>`, a folder, a hub id `org/name`) rather than a `module:function`."""
+    return spec.startswith("stage:") or "/" in spec or os.path.isdir(os.path.expanduser(spec))
+
+
+def build_gold(spec: str | None, st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any,
+               key: str = "stage.gold_reward") -> Callable | ModelReward | None:  # fmt: skip
+    """The gold metric `spec` names, judged on the held-out answers next to the reward: a `module:function(prompts,
+    responses) -> list[float]`, or a second reward model (`stage:<name>`, a folder or a hub id) read like
+    `stage.reward.model` (same label, reduce and text settings); None without one."""
+    if not spec:
+        return None
+    if not is_model_source(spec):
+        return load_function(spec, key=key)
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    gold_st = SimpleNamespace(reward=OmegaConf.merge(st.reward, {"model": spec, "function": None, "functions": []}),
+                              eval_batch_size=st.eval_batch_size, offload_frozen=st.offload_frozen)  # fmt: skip
+    return build_reward(gold_st, run, ds, tokenizer, dist)

@@ -34,7 +34,7 @@ from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.experience import Reference, collect
 from rlhf_cli.rollout.generation import sampling_config
 from rlhf_cli.rollout.online import build_reference, reward_stats, rollout_metrics, score_stats, timing, write_samples
-from rlhf_cli.rollout.rewards import build_reward, load_function
+from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import export_final, finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
@@ -65,12 +65,12 @@ def run(cfg: Any, run: Run) -> Path | None:
     tokenizer = load_tokenizer(model_cfg)
     data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
     plan = critic_free_plan(len(data.train), st, dist.world_size)
-    gold = load_function(st.gold_reward, key="stage.gold_reward") if st.gold_reward else None
 
     # 3. The policy in its engine; the reference only when a KL is used; the reward source.
     actor = policy_engine(cfg, model_cfg, tokenizer, critic_free_updates(plan, st, dist.world_size), dist.world_size)
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist) if st.kl_coef else (None, None)
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
+    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
     p = Parts(cfg, run, dist, tokenizer, data, plan, actor, ref, reward, gen_config, RunningMoments(), rm_stats)
 

@@ -29,10 +29,10 @@ from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
-from rlhf_cli.rollout.evaluation import gold_scores
+from rlhf_cli.rollout.evaluation import gold_values
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sample, sampling_config
-from rlhf_cli.rollout.rewards import build_reward, load_function
+from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run, atomic_write_text
 from rlhf_cli.stages.common import eval_batches
@@ -58,7 +58,7 @@ def run(cfg: Any, run: Run) -> Path:
 
     # 2. The judges: the reward (absent when the run has no reward model and none was named) and the gold metric.
     reward, notes = judge(cfg, run, tokenizer, dist)
-    gold = gold_judge(cfg, run, tokenizer, dist)
+    gold = build_gold(cfg.stage.gold, cfg.stage, run, cfg.deepspeed, tokenizer, dist, key="stage.gold")
     run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ref_path, **policies}, None)
     for line in notes:
         _say(dist, line)
@@ -125,21 +125,6 @@ def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, li
     return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
 
 
-def gold_judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> Any | None:
-    """`stage.gold`: a `module:function` (its scores per response), or a second reward model (stage:<name>, a folder
-    or a hub id) read like stage.reward.model; None without one."""
-    spec = cfg.stage.gold
-    if not spec:
-        return None
-    if not spec.startswith("stage:") and "/" not in spec and ":" in spec and not Path(spec).exists():
-        fn = load_function(spec, key="stage.gold")
-        return SimpleNamespace(score=lambda prompts, seq, texts: torch.tensor(gold_scores(fn, prompts, texts)))
-    gold_cfg = SimpleNamespace(reward=OmegaConf.merge(cfg.stage.reward, {"model": spec, "function": None,
-                               "functions": []}), eval_batch_size=cfg.stage.eval_batch_size,
-                               offload_frozen=cfg.stage.offload_frozen)  # fmt: skip
-    return build_reward(gold_cfg, run, cfg.deepspeed, tokenizer, dist)
-
-
 def frozen_policy(cfg: Any, model_cfg: Any, tokenizer: Any, dist: Any) -> Any:
     model = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
     disable_dropout(model)
@@ -188,7 +173,7 @@ def judged_values(policy: Any, examples: list, tokenizer: Any, reward: Any | Non
     if reward is not None:
         values["reward"] = score_responses(reward, rows, seq, texts, None, allow_invalid=True).raw.cpu()
     if gold is not None:
-        values["gold"] = gold.score(rows, seq, texts).double().cpu()
+        values["gold"] = gold_values(gold, rows, seq, texts)
     return values
 
 

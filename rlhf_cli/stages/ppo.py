@@ -34,7 +34,7 @@ from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.experience import Reference, advantages, collect
 from rlhf_cli.rollout.generation import sampling_config
 from rlhf_cli.rollout.online import build_reference, reward_stats, rollout_metrics, score_stats, timing, write_samples
-from rlhf_cli.rollout.rewards import build_reward, load_function, same_tokenizer
+from rlhf_cli.rollout.rewards import build_gold, build_reward, same_tokenizer
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.plan import StepPlan, describe_plan, iteration_plan, ppo_updates
@@ -46,13 +46,12 @@ SHOW = ("score_mean", "kl", "policy_loss", "value_loss", "lr", "tok/s", "eval_sc
 def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/ppo/final/` (and the critic in `<run>/ppo/critic/`)."""
     st = cfg.stage
-    # 1. Distributed group, seeds, the policy's starting checkpoint; reward statistics (rm_stats); the gold metric.
+    # 1. Distributed group, seeds, the policy's starting checkpoint; the recorded reward statistics (rm_stats).
     dist = eng.init_distributed()
     torch.manual_seed(cfg.seed)
     source = run.resolve_source(cfg.model.name_or_path)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
     rm_stats = reward_stats(st, run)
-    gold = load_function(st.gold_reward, key="stage.gold_reward") if st.gold_reward else None
 
     # 2. Tokenizer, prompts, the iteration plan, optional ptx data.
     tokenizer = load_tokenizer(model_cfg)
@@ -66,6 +65,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     critic, critic_source = build_critic(cfg, run, source, tokenizer, updates, dist)
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist)
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
+    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
     kl_ctl = kl_controller(st.kl_control, st.kl_coef, st.kl_target, st.kl_horizon)
     p = Parts(cfg, run, dist, tokenizer, data, plan, actor, critic, ref, reward, ptx, gen_config, kl_ctl,

@@ -37,7 +37,7 @@ from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf_cli.rollout import best_of_n as bon
 from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.online import reward_stats
-from rlhf_cli.rollout.rewards import build_reward, load_function
+from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.run_dir import Run, atomic_write_text, checkpoint_step, complete_checkpoints, now
 from rlhf_cli.stages.common import export_final, finish, policy_engine, step_plan, train_loop
 from rlhf_cli.stages.sft import micro_batches, train_step
@@ -56,11 +56,11 @@ def run(cfg: Any, run: Run) -> Path | None:
     source = run.resolve_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(OmegaConf.merge(cfg.model, {"name_or_path": source}))
     data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    gold = load_function(st.gold_reward, key="stage.gold_reward") if st.gold_reward else None
 
     # 2. The reward source (loaded once for every round) and the statistics it is normalised with.
     rm_stats = reward_stats(st, run)
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
+    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
 
     # 3. Where to start: the first round without round.json, at its newest fine-tuning checkpoint; record the stage.
     first, offset, history = finished_rounds(run.stage_dir, st.rounds)

@@ -45,7 +45,7 @@ def _iterations(run_dir):
 def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, "chain"), "stage.max_steps=3", "stage.eval_every=2",
                "stage.sample_every=1", "stage.sample_rows=2", "stage.reward.normalize=rm_stats", "stage.reward.clip=3",
-               cwd=tmp_path)  # fmt: skip
+               "stage.gold_reward=stage:rm", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "chain")["stages"]["ppo"]
     assert rec["status"] == "completed" and rec["outputs"] == {"final": "ppo/final", "critic": "ppo/critic"}
@@ -62,6 +62,9 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     assert log[0]["optimizer_steps"] == 4  # 2 epochs x 2 mini-batches
     evals = [r["step"] for r in metrics(runs / "chain", "ppo") if "eval_score" in r]
     assert evals == [0, 2, 3]
+    # A second reward model as the gold metric (here the same one: gold = the raw proxy score) at every evaluation.
+    assert all(r["eval_gold"] == pytest.approx(r["eval_score"]) for r in metrics(runs / "chain", "ppo")
+               if "eval_score" in r)  # fmt: skip
     samples = [json.loads(line) for line in (runs / "chain" / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {"prompt", "response", "score", "iteration"} <= set(samples[0])
     AutoModelForCausalLM.from_pretrained(runs / "chain" / "ppo" / "final")

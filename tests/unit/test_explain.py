@@ -168,3 +168,10 @@ def test_explain_eval_holds_frozen_models_only(capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith(("  reference ", "  policy ", "  reward "))]
     assert [r[0] for r in rows] == ["reference", "policy", "reward"]
     assert all(r[2] == r[3] == "0.000" for r in rows)  # no gradients, no optimizer states
+
+
+def test_explain_states_packing_for_the_offline_stages(capsys):
+    assert main(["explain", "dpo"]) == 0
+    assert "packing: on where supported" in capsys.readouterr().out
+    assert main(["explain", "sft", "data.packing=false"]) == 0
+    assert "packing: off (data.packing=false)" in capsys.readouterr().out
