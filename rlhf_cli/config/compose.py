@@ -193,6 +193,8 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
     check_choices(typed, stage)
     check_ranges(typed, stage)
     check_run_name(typed.run.name, "config key `run.name`")
+    if STAGES[stage].check is not None:  # rules across keys, before anything runs (a pipeline checks every stage)
+        STAGES[stage].check(typed)
     OmegaConf.set_readonly(typed, True)
     return typed
 

@@ -11,11 +11,13 @@ refused stage answer at once (tests/unit/test_startup.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.evaluate import EvalRoot
+from rlhf_cli.errors import UserError
 
 # A numeric range in the syntax of rlhf_cli/config/compose.py (`> 0`, `>= 1 or null`, `[0, 1)`, `finite`), or
 # (range, why) where the message should explain the rule. A choice: the allowed values, or (allowed values, why).
@@ -39,6 +41,9 @@ class StageSpec:
     required_when: Mapping[str, tuple[str, object]] = field(default_factory=dict)
     # Further data groups inside the stage (PPO-ptx's stage.ptx.data): the data.* choices and ranges apply to them too.
     nested_data: tuple[str, ...] = ()
+    # A rule across keys, called with the validated config (raises UserError): checked at composition, so a bad
+    # combination is refused before anything is loaded, and before a pipeline runs its first stage.
+    check: Callable[[Any], None] | None = None
     trained_model: str = "policy"  # `rlhf explain`: what the model the stage trains is called
     scalar_head: bool = False  # the trained model is a one-label sequence classifier (a reward model)
 
@@ -136,6 +141,13 @@ _CRITIC_FREE_CHOICES: dict[str, Choice] = {
 }
 
 
+def _eval_check(cfg: Any) -> None:
+    st = cfg.stage
+    if st.n_samples > 1 and st.generation.temperature == 0:
+        raise UserError(f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
+                        "one answer per prompt")  # fmt: skip
+
+
 def _critic_free(name: str, summary: str, example: str) -> StageSpec:
     return StageSpec(name, "rlhf_cli.stages.critic_free", s.CriticFreeRoot, summary=summary, example=example,
                      formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES)
@@ -204,6 +216,7 @@ STAGES: dict[str, StageSpec] = {
         ranges={**ONLINE_RANGES, "stage.n_samples": ">= 1", "stage.kl_samples": ">= 0",
                 "stage.max_prompts": ">= 1 or null", "stage.eval_batch_size": ">= 1",
                 "stage.generation.temperature": ">= 0"},
+        check=_eval_check,
         trained_model="reference policy (nothing is trained)",
     ),
 }  # fmt: skip

@@ -49,9 +49,6 @@ def run(cfg: Any, run: Run) -> Path:
     torch.manual_seed(cfg.seed)
     ref_path = run.resolve_source(cfg.model.name_or_path)
     policies = policy_paths(run, st.policies)
-    if st.n_samples > 1 and st.generation.temperature == 0:
-        raise UserError(f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
-                        "one answer per prompt")  # fmt: skip
     ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": ref_path, "lora": {"enabled": False}})
     tokenizer = load_tokenizer(ref_cfg)
     prompts = held_out_prompts(cfg, tokenizer)

@@ -15,7 +15,7 @@ from rlhf_cli.run_dir import complete_checkpoints
 
 SMALL_PPO = ["stage.rollout_batch_size=8", "stage.ppo_epochs=1", "stage.generation.max_new_tokens=8",
              "stage.eval_batch_size=8", "data.eval_fraction=0.04", "stage.max_steps=2"]  # fmt: skip
-EVAL = ["stage.max_prompts=8", "stage.n_samples=2", "stage.generation.max_new_tokens=8"]
+EVAL = ["stage.max_prompts=8", "stage.kl_samples=2", "stage.generation.max_new_tokens=8"]
 
 
 def _pipeline_file(tmp_path, stages: dict[str, list[str]]):

@@ -69,3 +69,9 @@ def test_a_pipeline_whose_experiments_name_different_runs_asks_for_run_name(tmp_
     pipeline = load_pipeline("hh_rlhf")  # ppo_hh_rlhf's experiment file names its run hh-rlhf
     with pytest.raises(UserError, match=r"would write to different runs .*give run.name=<name>"):
         plan_steps(pipeline, [f"run.root={tmp_path}"], {s: [] for s in pipeline.stages})
+
+
+def test_a_bad_combination_in_a_later_stage_is_refused_before_the_first_runs(tmp_path):
+    pipeline = load_pipeline("dpo")  # sft, dpo, eval
+    with pytest.raises(UserError, match="stage.n_samples=2 needs stage.generation.temperature > 0"):
+        plan_steps(pipeline, [f"run.root={tmp_path}"], {"sft": [], "dpo": [], "eval": ["stage.n_samples=2"]})
