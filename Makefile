@@ -29,7 +29,7 @@ bench: install
 	$(BIN)/python scripts/bench.py
 
 # The learning benchmark (the suite runs a short version): the whole chain on the parity task with a learned reward
-# model, judged by the gold metric (configs/pipeline/parity.yaml), one table; about 10 minutes on 2 CPU cores. It fails
+# model, judged by the gold metric (configs/pipeline/parity.yaml), one table; about 5 minutes on 2 idle CPU cores. It fails
 # when an aligned policy does not beat the SFT policy's gold accuracy by 0.1. The per-stage runs with the gold reward
 # as the reward, over seeds: bench-learning-stages (3 seeds, about 6 minutes each).
 bench-learning: install

@@ -6,7 +6,7 @@ Printed per seed: the reward model's held-out pair accuracy, and for the SFT pol
 accuracy of its greedy answers to the held-out parity prompts (the programmatic judge none of them trained on), the
 proxy reward (the reward model's mean score), the win rate against the SFT answers under it, the KL to the SFT policy
 (nats per response), and the stage's wall time; then the gold gain of each policy over the SFT policy across seeds.
-About 10-12 minutes per seed on 2 CPU cores.
+About 5 minutes per seed on 2 idle CPU cores.
 
 Usage: python scripts/bench_chain.py [--seeds 1] [--threads 2] [--out results.json] [--keep DIR] [--margin 0.1]
 """
