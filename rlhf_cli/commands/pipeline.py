@@ -47,6 +47,7 @@ class Pipeline:
 class Step:
     """What the pipeline does with one stage: run it (fresh or resuming), or skip it (completed, same config)."""
 
+    run_dir: Path
     stage: str
     args: list[str]
     action: str  # "run", "skip"
@@ -115,21 +116,22 @@ def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[
         raise UserError(f"the stages of pipeline {pipeline.name} would write to different runs ({listed}); give "
                         "run.name=<name> on the command line")  # fmt: skip
     first = next(iter(composed.values()))
-    manifest = _manifest(Path(first.run.root) / first.run.name)
+    run_dir = Path(first.run.root) / first.run.name
+    manifest = _manifest(run_dir)
     steps, rerun = [], False
     for stage, cfg in composed.items():
         args = [*pipeline.overrides.get(stage, []), *common, *per_stage[stage]]
         record = manifest.get(stage, {})
         if record.get("status") != "completed":
-            steps.append(Step(stage, args, "run", "resumes" if record else "new"))
+            steps.append(Step(run_dir, stage, args, "run", "resumes" if record else "new"))
             rerun = rerun or bool(record)
             continue
         if cfg.run.overwrite or rerun:
             why = "run.overwrite" if cfg.run.overwrite else "an earlier stage ran again"
-            steps.append(Step(stage, [*args, "run.overwrite=true"], "run", why))
+            steps.append(Step(run_dir, stage, [*args, "run.overwrite=true"], "run", why))
             rerun = True
         elif record.get("config_hash") == config_hash(cfg):
-            steps.append(Step(stage, args, "skip", "completed with this config"))
+            steps.append(Step(run_dir, stage, args, "skip", "completed with this config"))
         else:
             raise UserError(
                 f"stage `{stage}` of run `{first.run.name}` was completed with another config (hash "
@@ -139,13 +141,10 @@ def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("stages", {})
-    except ValueError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); restore it or use another run.name") from None
+    """The stage records of the run's manifest ({} for a new run); a damaged manifest is the Run's own UserError."""
+    from rlhf_cli.run_dir import Run
+
+    return Run(root=run_dir, stage="").read_manifest()["stages"]
 
 
 def main(args: list[str]) -> int:
@@ -173,10 +172,7 @@ def main(args: list[str]) -> int:
             console.print(f"pipeline {pipeline.name} stopped at {step.stage} (exit code {rc}); run the same command "
                           "again to continue from there", markup=False, highlight=False)  # fmt: skip
             return rc
-    from rlhf_cli.config.compose import compose
-
-    cfg = compose(steps[0].stage, steps[0].args)
-    console.print("\n".join(summary_table(Path(cfg.run.root) / cfg.run.name, [s.stage for s in steps])),
+    console.print("\n".join(summary_table(steps[0].run_dir, [s.stage for s in steps])),
                   markup=False, highlight=False)  # fmt: skip
     return 0
 

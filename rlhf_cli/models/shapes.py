@@ -10,6 +10,7 @@ that tests/unit/test_shapes.py compares these shapes with.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections import defaultdict
@@ -67,6 +68,7 @@ def tiny_llama_shapes(tiny: Any, vocab: int) -> Shapes:
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
 
 
+@functools.lru_cache
 def tiny_vocab_size() -> int:
     """len(tokenizer) of the shipped tiny tokenizer: its vocabulary and added tokens (the embedding rows)."""
     from importlib import resources
