@@ -78,7 +78,7 @@ def model_kind(name: str) -> tuple[str, str] | None:
     """("causal-lm" or "classifier", the architecture) of a checkpoint, read from its config.json (a LoRA adapter
     folder: the task type in adapter_config.json) before any weight is loaded; None when it cannot be told (the
     loader then reports whatever is wrong). A hub id is checked through its config alone."""
-    from rlhf_cli.models.load import resolve_source
+    from rlhf_cli.models.source import resolve_source
 
     source, local = resolve_source(name)
     info = _local_json(Path(source) / "config.json") if local else _hub_config(source)

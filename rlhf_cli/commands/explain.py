@@ -315,7 +315,7 @@ def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
 def ppo_plan_lines(cfg: Any, policy: Any) -> list[str]:
     """The iteration plan `rlhf ppo` prints, from its own functions and the prompts it would train on."""
     from rlhf_cli.data import build_prompt_datasets
-    from rlhf_cli.models.load import load_tokenizer
+    from rlhf_cli.models.tokenizer import load_tokenizer
     from rlhf_cli.stages.plan import describe_plan, iteration_plan, ppo_updates
 
     data = build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed)
@@ -328,7 +328,7 @@ def rejection_sampling_lines(cfg: Any, policy: Any) -> list[str]:
     """A round's generation (prompts x n_samples) and the most its fine-tuning can train on: every selected sample
     (how many there are, the selection decides once the candidates are scored)."""
     from rlhf_cli.data import build_prompt_datasets
-    from rlhf_cli.models.load import load_tokenizer
+    from rlhf_cli.models.tokenizer import load_tokenizer
 
     st, world = cfg.stage, world_size(cfg)
     n_train = len(build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed).train)
@@ -353,7 +353,7 @@ def rejection_sampling_lines(cfg: Any, policy: Any) -> list[str]:
 def critic_free_lines(cfg: Any, policy: Any) -> list[str]:
     """The iteration plan `rlhf grpo` / `rloo` / `reinforce_pp` prints, from its own functions."""
     from rlhf_cli.data import build_prompt_datasets
-    from rlhf_cli.models.load import load_tokenizer
+    from rlhf_cli.models.tokenizer import load_tokenizer
     from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates, describe_critic_free
 
     st, world = cfg.stage, world_size(cfg)

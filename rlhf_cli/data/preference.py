@@ -15,8 +15,7 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf_cli.config.schema import PreferenceDataConfig
 from rlhf_cli.data.adapters import Conversation
@@ -39,6 +38,9 @@ from rlhf_cli.data.sft import (
 )
 from rlhf_cli.data.sft import _check_config as check_sft_config
 from rlhf_cli.errors import DataError
+
+if TYPE_CHECKING:  # torch loads with the first batch, so `explain` and config checks stay light
+    import torch
 
 IDENTICAL_AFTER_TRUNCATION = "chosen and rejected identical after truncation"
 
@@ -211,6 +213,8 @@ def collate_preference(examples: list[PreferenceExample], pad_token_id: int) -> 
     included) with IGNORE_INDEX on prompt and pad (unshifted, for DPO), margin (B,) float32, prompt_lengths (2B,).
     The mask is built from lengths, never from `ids != pad`, since pad may equal EOS (ALGORITHMS.md §1).
     """
+    import torch
+
     if not examples:
         raise ValueError("collate_preference needs at least one pair")
     rows = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [(ex.prompt_ids, ex.rejected_ids) for ex in examples]

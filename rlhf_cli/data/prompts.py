@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from rlhf_cli.config.schema import DataConfig, PreferenceDataConfig, PromptDataConfig
 from rlhf_cli.data.adapters import Adapted, Conversation, _join, _rowwise, _text, check_messages, with_system_prompt
@@ -37,6 +36,9 @@ from rlhf_cli.data.sft import (
 )
 from rlhf_cli.data.sources import BadRow, Row
 from rlhf_cli.errors import DataError
+
+if TYPE_CHECKING:  # torch loads with the first batch, so `explain` and config checks stay light
+    import torch
 
 # Drop reasons (keys of DataReport.dropped / eval_dropped).
 PROMPT_TOO_LONG = "prompt longer than data.max_prompt_length"
@@ -225,6 +227,8 @@ def collate_prompts(examples: list[PromptExample], pad_token_id: int) -> dict[st
     in the same column for all rows. The mask (0 on pads) is built from lengths, never from `ids != pad`, since
     pad may equal EOS or another real token.
     """
+    import torch
+
     if not examples:
         raise ValueError("collate_prompts needs at least one prompt")
     width = max(len(ex.input_ids) for ex in examples)

@@ -14,15 +14,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-import torch
 
 from rlhf_cli.config.schema import DataConfig
 from rlhf_cli.data.adapters import Conversation, adapt_rows
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.errors import DataError
+
+if TYPE_CHECKING:  # torch loads with the first batch, so `explain` and config checks stay light
+    import torch
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("drop", "truncate_response", "truncate_prompt")
@@ -391,6 +393,8 @@ def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torc
     T is the longest example. Padding is placed by length, never found by comparing ids with pad_token_id,
     because pad may equal EOS, and EOS must keep its label (ALGORITHMS.md §1).
     """
+    import torch
+
     if not examples:
         raise ValueError("collate_sft needs at least one example")
     width = max(len(ex.input_ids) for ex in examples)

@@ -10,217 +10,39 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from rlhf_cli.config.schema import LoRAConfig, ModelConfig
 from rlhf_cli.errors import UserError
-from rlhf_cli.models.tiny import BUILTIN_TINY, build_tiny_llama, tiny_tokenizer
-from rlhf_cli.models.weights import check_weight_files, error_summary, is_unreadable_file_error
+from rlhf_cli.models.source import (  # noqa: F401 (re-exported: loaders import them from here)
+    BUILTIN_TINY,
+    MODEL_MARKER,
+    TOKENIZER_MARKERS,
+    _attn_error,
+    is_builtin,
+    load_pretrained,
+    resolve_source,
+)
+from rlhf_cli.models.tiny import build_tiny_llama
+from rlhf_cli.models.tokenizer import (  # noqa: F401 (re-exported)
+    NEW_PAD_TOKEN,
+    PAD_CANDIDATES,
+    ensure_distinct_pad,
+    load_tokenizer,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 log = logging.getLogger(__name__)
-
-NEW_PAD_TOKEN = "<|pad|>"
-# Tokens that exist in some vocabularies only to serve as padding (or are never produced by the chat format),
-# tried in order before adding a new token. Reusing one keeps the vocabulary, and so the embedding matrix, the
-# same size as the checkpoint's: no resize, and LoRA adapters stay loadable on the untouched base model.
-# Llama 3.1+: <|finetune_right_pad_id|>. Qwen2 chat: <|endoftext|> while eos is <|im_end|> (Qwen's own choice).
-# GPT-2 style vocabularies, where <|endoftext|> *is* the eos, never match because the eos is excluded.
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>", "<|endoftext|>")
-# A folder marker per kind of load, used to accept a run-dir stage folder (`runs/x/sft`) for its `final/`.
-MODEL_MARKER, TOKENIZER_MARKERS = ("config.json",), ("tokenizer_config.json", "tokenizer.json")
-
-
-
-def is_builtin(name: str | None) -> bool:
-    """True for `builtin:*` names; an unknown builtin is a UserError rather than a hub lookup."""
-    if name is None or not name.startswith("builtin:"):
-        return False
-    if name != BUILTIN_TINY:
-        raise UserError(
-            f"unknown built-in model '{name}' (model.name_or_path / model.tokenizer); the only one is '{BUILTIN_TINY}'"
-        )
-    return True
-
-
-def resolve_source(name: str, markers: tuple[str, ...] = MODEL_MARKER) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, is it a local folder).
-
-    An existing folder is used as is, or its `final/` when the folder is a run-dir stage output
-    (e.g. `runs/demo/sft`) that holds the model one level down. A name that cannot be a hub id (absolute or
-    relative path syntax, too many slashes, illegal characters) and does not exist is a "no such folder" error,
-    so a typo in a path never turns into a confusing hub lookup.
-    """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        final = path / "final"
-        if not any((path / m).exists() for m in markers) and any((final / m).exists() for m in markers):
-            return str(final), True
-        return str(path), True
-    if path.exists():
-        raise UserError(f"'{name}' is a file; expected a Hugging Face model folder or a hub id")
-    if _looks_like_path(name):
-        raise UserError(
-            f"'{name}': no such folder. Check model.name_or_path / model.tokenizer (relative paths start from "
-            f"the current directory: {Path.cwd()}), or give a hub id like 'org/model'."
-        )
-    return name, False
-
-
-def _looks_like_path(name: str) -> bool:
-    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1:
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
-
-
-def _load_failed(name: str, local: bool, revision: str | None, err: BaseException) -> UserError:
-    """The UserError for an OSError from from_pretrained: a broken local folder, or a hub id not fetchable."""
-    reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-    if local:
-        return UserError(f"'{name}' is not a loadable Hugging Face folder: {reason}")
-    offline = " (HF_HUB_OFFLINE is set)" if hf_constants.is_offline_mode() else ""
-    rev = f" at revision '{revision}'" if revision else ""
-    return UserError(
-        f"could not fetch '{name}'{rev} from the Hugging Face hub{offline}: {reason}. Check the id (and that "
-        f"you have access if it is gated); if you meant a local folder, it does not exist here. Without network "
-        f"or with HF_HUB_OFFLINE=1 the files must already be in the HF cache (`hf download {name}` on a machine "
-        f"with network), or point model.name_or_path to a local folder."
-    )
-
-
-def load_pretrained(
-    auto_cls: Any, name: str, model_cfg: ModelConfig, markers: tuple[str, ...] = MODEL_MARKER, **kwargs: Any
-) -> Any:
-    """`auto_cls.from_pretrained(name, revision, trust_remote_code, **kwargs)` with user-fixable failures turned
-    into UserError. Shared by every loader (tokenizer, causal LM, and sequence-classification heads)."""
-    source, local = resolve_source(name, markers)
-    if local and _reads_weights(auto_cls):
-        check_weight_files(Path(source))
-    try:
-        return auto_cls.from_pretrained(
-            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code, **kwargs
-        )
-    except OSError as e:  # includes huggingface_hub's HTTP, offline and not-found errors
-        if is_unreadable_file_error(e):
-            raise _corrupt_weights(name, source, local, e) from e
-        raise _load_failed(name, local, model_cfg.revision, e) from e
-    except (ImportError, ValueError) as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"'{name}' ships its own code; set model.trust_remote_code=true to run it") from e
-        about_attention = "attention" in str(e).lower() or "attn" in str(e).lower()
-        if "attn_implementation" in kwargs and (about_attention or isinstance(e, ImportError)):
-            raise _attn_error(model_cfg, e) from e
-        if isinstance(e, ImportError):
-            raise UserError(f"loading '{name}' needs a package that is not installed: {e}") from e
-        raise
-    except Exception as e:  # a weight file the header check could not judge (a hub download, an old .bin)
-        if not is_unreadable_file_error(e):
-            raise
-        raise _corrupt_weights(name, source, local, e) from e
-
-
-def _reads_weights(auto_cls: Any) -> bool:
-    """False for loaders that read only JSON (configs, tokenizers): the folder's weights are not theirs to judge."""
-    light = (AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase)
-    return not (isinstance(auto_cls, type) and issubclass(auto_cls, light))
-
-
-def _corrupt_weights(name: str, source: str, local: bool, err: BaseException) -> UserError:
-    """The UserError for a weight file the library could not read (the fallback of `check_weight_files`)."""
-    what = error_summary(err)
-    if local:
-        return UserError(f"the weights in {source} are incomplete or corrupt ({what}): re-export or re-download them")
-    return UserError(
-        f"the cached weights of '{name}' are incomplete or corrupt ({what}): remove them from the Hugging Face cache "
-        f"(`hf cache rm model/{name}`; the cache is {hf_constants.HF_HUB_CACHE}) and download them again"
-    )
-
-
-def _attn_error(model_cfg: ModelConfig, err: BaseException) -> UserError:
-    return UserError(
-        f"model.attn_implementation='{model_cfg.attn_implementation}' is not usable here: "
-        f"{str(err).strip().rstrip('.')}. 'sdpa' and 'eager' always work."
-    )
-
-
-def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer for `model_cfg`: right padding, a pad token distinct from EOS, and a chat template.
-
-    Embedding rows for a newly added pad token are created by `load_causal_lm` (it resizes whenever
-    len(tokenizer) exceeds the checkpoint's embedding rows), so load the tokenizer first and pass it in.
-    """
-    name = model_cfg.tokenizer or model_cfg.name_or_path
-    if is_builtin(name):
-        tok = tiny_tokenizer()
-    else:
-        tok = load_pretrained(AutoTokenizer, name, model_cfg, TOKENIZER_MARKERS)
-    if tok.eos_token_id is None:
-        raise UserError(
-            f"tokenizer '{name}' has no eos_token; every response must end with one. Use another "
-            f"tokenizer (model.tokenizer) or a checkpoint whose tokenizer_config.json sets eos_token"
-        )
-    ensure_distinct_pad(tok)
-    if model_cfg.chat_template:
-        tok.chat_template = model_cfg.chat_template
-    if not tok.chat_template:
-        raise UserError(
-            f"tokenizer '{name}' has no chat template; set model.chat_template to a Jinja template string "
-            f"(rlhf_cli/assets/tiny_tokenizer/tokenizer_config.json has a minimal one)"
-        )
-    _check_chat_template(tok, from_config=bool(model_cfg.chat_template))
-    tok.padding_side = "right"  # offline training batches; generation code switches to left for prompts
-    return tok
-
-
-def ensure_distinct_pad(tok: PreTrainedTokenizerBase) -> bool:
-    """Give `tok` a pad token different from its EOS. True when a new token was added (the vocabulary grew).
-
-    pad == eos is treated like no pad (GPT-2, base Qwen): collators that mask `ids == pad` would drop the EOS
-    label and reward models would read the score one token early (ALGORITHMS.md section 1).
-    """
-    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
-        return False
-    vocab = tok.get_vocab()
-    taken = {tok.eos_token_id, tok.bos_token_id, tok.unk_token_id}
-    for candidate in PAD_CANDIDATES:
-        if candidate in vocab and vocab[candidate] not in taken:
-            tok.pad_token = candidate
-            log.info("pad token: reusing %s (id %d)", candidate, vocab[candidate])
-            return False
-    tok.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
-    log.info("pad token: added %s (id %d); the model's embeddings will be resized", NEW_PAD_TOKEN, tok.pad_token_id)
-    return True
-
-
-def _check_chat_template(tok: PreTrainedTokenizerBase, from_config: bool) -> None:
-    """Render one exchange now, so a broken template fails at load time with the key to fix, not mid-run."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
-        tok.apply_chat_template(probe, tokenize=False)
-    except Exception as e:  # jinja2 syntax/undefined errors and templates' own raise_exception()
-        where = "model.chat_template" if from_config else "the tokenizer's chat template (set model.chat_template)"
-        raise UserError(f"{where} does not render a user/assistant exchange: {e}") from e
 
 
 def load_causal_lm(

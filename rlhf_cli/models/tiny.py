@@ -6,28 +6,16 @@ scripts/make_tiny_tokenizer.py from the shipped sample data (see rlhf_cli/assets
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 import torch
-from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from rlhf_cli.config.schema import TinyModelConfig
+from rlhf_cli.models.source import BUILTIN_TINY  # noqa: F401 (re-exported)
+from rlhf_cli.models.tokenizer import tiny_tokenizer, tiny_tokenizer_path  # noqa: F401 (re-exported)
 
-BUILTIN_TINY = "builtin:tiny-llama"
 # New tokens the tiny model may generate unless a caller asks for more: the sample responses are one or two
 # sentences (at most about 50 tokens), so this is generous without letting an untrained model ramble for long.
 TINY_MAX_NEW_TOKENS = 128
-
-
-def tiny_tokenizer_path() -> Path:
-    """The shipped tokenizer folder (a plain Hugging Face tokenizer folder inside the installed package)."""
-    return Path(str(resources.files("rlhf_cli.assets").joinpath("tiny_tokenizer")))
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """Load the shipped tokenizer: pad `<|pad|>` = 0, eos `<|end|>` = 1, no BOS, right padding, chat template."""
-    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_path()))
 
 
 def build_tiny_llama(tiny_cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:

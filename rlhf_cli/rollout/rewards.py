@@ -147,7 +147,7 @@ def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any) -> Funct
         return FunctionReward(r.function)
     if not r.model:
         raise UserError("no reward: set stage.reward.model (e.g. stage:rm) or stage.reward.function=module:function")
-    from rlhf_cli.models.load import resolve_source
+    from rlhf_cli.models.source import resolve_source
 
     path, _ = resolve_source(run.resolve_source(r.model))
     return ModelReward(r, path, tokenizer, ds, st.eval_batch_size, dist, st.offload_frozen)

@@ -84,3 +84,12 @@ def test_joining_the_process_group_prints_no_build_notice():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert "built successfully" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_explain_of_an_online_stage_counts_prompts_without_torch(stage, run_root):
+    # Counting the prompts the stage keeps needs the tokenizer; the built-in one loads without AutoTokenizer, whose
+    # config classes import torch (models/tokenizer.py).
+    code, loaded, err = run_cli(["explain", stage, f"run.root={run_root.parent}"], run_root)
+    assert code == 0, err
+    assert loaded == {"transformers"}
