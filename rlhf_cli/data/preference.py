@@ -52,6 +52,7 @@ class PreferenceExample:
     rejected_ids: list[int]  # (Lr,)
     margin: float = 0.0
     prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
+    response_truncated: bool = False  # a reply cut to the room left (data.truncation=truncate_response)
 
 
 @dataclass
@@ -81,11 +82,12 @@ def tokenize_pair(
         prompt_ids, *replies = _pair_ids(tokenizer, recent_turns(tokenizer, pair.prompt, longer, max_length), pair)
         if replies != [chosen_ids, rejected_ids]:
             raise DropExample(REPLY_CHANGED)  # a template that renders a reply after its history differently
+    cut = len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length
     chosen_ids, rejected_ids = _fit_pair(
         len(prompt_ids), chosen_ids, rejected_ids, max_length, truncation, min_response_tokens
     )
     margin = 0.0 if pair.margin is None else pair.margin
-    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, margin, truncated)
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, margin, truncated, response_truncated=cut)
 
 
 def _pair_ids(tokenizer, prompt: Conversation, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:

@@ -43,6 +43,7 @@ REPLY_CHANGED = "reply tokens change when the oldest turns are cut"
 
 # What was cut from kept examples, the key of DataReport.truncated.
 PROMPT_TRUNCATED = "prompt cut to its final turns"
+RESPONSE_TRUNCATED = "response cut at data.max_length"
 
 
 class DropExample(Exception):
@@ -58,6 +59,7 @@ class SFTExample:
     input_ids: list[int]  # (T,)
     labels: list[int]  # (T,), IGNORE_INDEX where no loss; unshifted
     prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
+    response_truncated: bool = False  # the reply cut at max_length, its EOS lost (data.truncation=truncate_response)
 
 
 @dataclass
@@ -120,10 +122,11 @@ def tokenize_conversation(
         ids, labels, prompt_len = _render_with_labels(tokenizer, [*kept, messages[-1]])
         if (ids[prompt_len:], labels[prompt_len:]) != reply:
             raise DropExample(REPLY_CHANGED)  # a template that renders the reply after its history differently
+    cut = len(ids) > max_length
     ids, labels = _fit(ids, labels, prompt_len, max_length, truncation, min_response_tokens)
     if all(label == IGNORE_INDEX for label in labels):
         raise DropExample(NO_TARGETS)  # an example without targets adds nothing but a 0/0 to the loss
-    return SFTExample(ids, labels, truncated)
+    return SFTExample(ids, labels, truncated, response_truncated=cut)
 
 
 def _render_with_labels(tokenizer, messages: Conversation) -> tuple[list[int], list[int], int]:
@@ -283,8 +286,8 @@ def build_splits(
     """The shape every data builder shares: `read(split, report, dropped)` the train split, then the eval split or a
     seeded held-out fraction (`split(items, fraction, seed)`), cap the training items at data.max_samples,
     `tokenize(items, dropped)` both; drops are counted per reason in the report, and so are the examples kept with
-    their prompt cut (`prompt_truncated`). DataError when no training example is left (`nothing_left` says what,
-    `check` which settings to look at)."""
+    their prompt or response cut (`prompt_truncated`, `response_truncated`). DataError when no training example is
+    left (`nothing_left` says what, `check` which settings to look at)."""
     report = DataReport()
     items = read(data_cfg.split, report, report.dropped)
     if data_cfg.eval_split:
@@ -296,8 +299,10 @@ def build_splits(
     train, evals = tokenize(train_items, report.dropped), tokenize(eval_items, report.eval_dropped)
     report.train_examples, report.eval_examples = len(train), len(evals)
     for examples, truncated in ((train, report.truncated), (evals, report.eval_truncated)):
-        if n_cut := sum(ex.prompt_truncated for ex in examples):
-            truncated[PROMPT_TRUNCATED] = n_cut
+        for what, n_cut in ((PROMPT_TRUNCATED, sum(ex.prompt_truncated for ex in examples)),
+                            (RESPONSE_TRUNCATED, sum(getattr(ex, "response_truncated", False) for ex in examples))):
+            if n_cut:
+                truncated[what] = n_cut
     if not train:
         raise DataError(
             f"{nothing_left} from data.source={data_cfg.source} (split {data_cfg.split}).\n{report.summary()}\n"

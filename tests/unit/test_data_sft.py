@@ -291,6 +291,7 @@ def test_drops_are_counted_per_reason(tok):
     data = build_sft_datasets(cfg(max_length=15, truncation="truncate_response"), tok, seed=0)
     assert data.report.dropped == {}
     assert [len(ex.input_ids) for ex in data.train] == [12, 15, 13]
+    assert data.report.truncated == {"response cut at data.max_length": 1}  # the 18-token row, kept with a cut
     data = build_sft_datasets(cfg(max_length=14, truncation="truncate_response"), tok, seed=0)
     assert data.report.dropped == {"prompt leaves no room for the response": 1}
 

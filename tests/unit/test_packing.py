@@ -315,3 +315,31 @@ def test_explain_summary_states_packing_without_torch():
     cfg = compose("sft", ["data.packing=false"])
     off = packing_summary(cfg.data, cfg.stage, "sdpa", 1)
     assert off == ["  packing: off (data.packing=false): padded micro-batches"]
+
+
+@pytest.mark.parametrize("truncation", ["drop", "truncate_response"])
+def test_examples_longer_than_the_budget_are_dropped_or_truncated_and_counted(tok, truncation):
+    # The smallest budget allowed is data.max_length: an example longer than it never reaches the packer.
+    # data.truncation drops it or cuts its response, the data report counts it, and the packed step over what is left
+    # equals unpacked.
+    from rlhf_cli.config.compose import compose
+    from rlhf_cli.data import build_sft_datasets
+
+    cfg = compose("sft", ["data.max_length=40", f"data.truncation={truncation}", "data.max_tokens_per_batch=40"])
+    data = build_sft_datasets(cfg.data, tok, seed=0)
+    counted = data.report.dropped if truncation == "drop" else data.report.truncated
+    reason = "too long" if truncation == "drop" else "response cut at data.max_length"
+    assert counted.get(reason, 0) > 0  # the built-in samples have longer examples: the case happened
+    assert max(len(ex.input_ids) for ex in data.train) <= 40
+    idx = list(range(12))
+    packing = Packing(True, capacity=40, budget=pk.check_budget(cfg.data.max_tokens_per_batch, 40, per_item=1))
+    forwards = sft.step_batches(data.train, idx, 4, tok.pad_token_id, packing)
+    assert all(b["input_ids"].numel() <= 40 for b in forwards)
+    assert sum(pk.real_tokens(b) for b in forwards) == sum(len(data.train[i].input_ids) for i in idx)
+    model = load_causal_lm(BUILTIN, tok, seed=0)
+    loss, n = sft.sft_loss(model, collate_sft([data.train[i] for i in idx], tok.pad_token_id))
+    parts = [sft.sft_loss(model, b) for b in forwards]
+    assert sum(k for _, k in parts) == n
+    torch.testing.assert_close(sum(p for p, _ in parts).detach(), loss.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="data.max_tokens_per_batch=39 cannot hold"):
+        pk.check_budget(39, 40, per_item=1)

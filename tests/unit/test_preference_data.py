@@ -232,6 +232,7 @@ def test_truncation_policies(tok):
     cut = tokenize_pair(tok, PAIR, max_length=p + c - 1, truncation="truncate_response")
     assert cut.prompt_ids == ex.prompt_ids
     assert cut.chosen_ids == ex.chosen_ids[:-1] and cut.rejected_ids == ex.rejected_ids[: c - 1]  # EOS lost
+    assert cut.response_truncated and not ex.response_truncated  # counted in the data report
     with pytest.raises(DropExample) as drop:
         tokenize_pair(tok, PAIR, max_length=p + 2, truncation="truncate_response", min_response_tokens=3)
     assert drop.value.reason == SHORT_AFTER_TRUNCATION
