@@ -155,6 +155,7 @@ class Metrics:
                  replay_from: int | None = None):  # fmt: skip
         self.enabled = enabled
         self.log_every = max(1, logging_cfg.log_every)
+        self.plots = getattr(logging_cfg, "plots", True)  # read by stages/common.finish
         self.total = total_steps
         self._clock = (time.monotonic(), start_step)  # for the ETA of plain lines
         self._file = self._tb = self._bar = self._wandb = None

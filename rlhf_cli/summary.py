@@ -73,10 +73,11 @@ def first_and_last(metrics_path: Path, keys: tuple[str, ...]) -> dict[str, list[
     return {key: out[key] for key in keys if key in out}  # in the order of `keys`
 
 
-def complete_stage(run: Run, keep_checkpoints: bool) -> None:
+def complete_stage(run: Run, keep_checkpoints: bool, plots: bool = True) -> None:
     """Mark the stage completed (rank 0) with its summary, after final/ is written: the resume checkpoints are removed
     unless `keep_checkpoints` (a completed stage is never resumed, and they are most of a run's disk: optimizer
-    states are 2-3x the model), then the headline history, speed and disk use go into the manifest."""
+    states are 2-3x the model), then the headline history, speed and disk use go into the manifest; `plots`
+    (logging.plots) draws the curves."""
     if not run.is_main:
         return
     checkpoint_bytes = folder_bytes(run.checkpoints_dir)
@@ -98,7 +99,7 @@ def complete_stage(run: Run, keep_checkpoints: bool) -> None:
         start = datetime.strptime(record["started_at"], TIME_FORMAT)
         summary["stage_seconds"] = (datetime.strptime(ended, TIME_FORMAT) - start).total_seconds()
     run.update_stage(status="completed", ended_at=ended, summary=summary)
-    plot = draw_curves(run)
+    plot = draw_curves(run) if plots else None
     if plot is not None:
         run.update_stage(summary={**summary, "plot": str(plot)})
 

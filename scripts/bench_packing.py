@@ -11,6 +11,8 @@ Reported: non-pad tokens/s (median over steps after warm-up), pad efficiency (no
 model), MFU = 6 x N x non-pad tokens/s / peak, with N the parameters of the matmuls (every 2-D weight except the
 input embedding) and the peak the flops/s of a 2048^3 fp32 matmul measured here, and peak RSS. Every configuration
 runs in its own process (`--worker`), so the peak RSS is its own. DPO's reference forward is work the 6N leaves out.
+FLOP bound: the bare loop's FLOPs per non-pad token over this mode's (`step_flops`, from the shapes fed), the speedup
+packing and target-only logits can give at equal FLOP/s; GFLOP/s: the FLOPs actually done per second.
 """
 
 from __future__ import annotations
@@ -123,6 +125,26 @@ def matmul_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embed)
 
 
+def step_flops(stage: str, batches: list, model, packed: bool) -> float:
+    """Matmul + attention FLOPs of one step's forwards and backwards (the DPO reference: its forward), from the
+    shapes actually fed: 6 x body parameters x every position fed (padding included), 6 x LM-head parameters x the
+    positions projected (padded: all; packed: the targets only), 12 x layers x hidden x W^2 per row for attention
+    (sdpa computes every masked position). The bare loop's FLOPs over the packed stage's bound the speedup packing
+    can give at equal FLOP/s."""
+    cfg = model.config
+    head = 0 if stage == "rm" else model.get_output_embeddings().weight.numel()
+    body = matmul_params(model) - head
+    total = 0.0
+    for b in batches:
+        rows, width = b["input_ids"].shape
+        fed = rows * width
+        projected = int((b["labels"][:, 1:] != -100).sum()) if packed and head else fed
+        attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * width**2 * rows
+        train = 6 * body * fed + 6 * head * projected + attention
+        total += train + (train / 3 if stage == "dpo" else 0)  # the reference: a forward only
+    return total
+
+
 def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool) -> tuple:
     """Per-step (seconds, non-pad tokens, all tokens) of the stage's own train_step; and N."""
     from rlhf_cli import engine as eng
@@ -152,7 +174,8 @@ def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, bui
             forwards = dpo.pair_forwards(examples, idx, st.micro_batch_size, pad, packing)
             t = _timed(lambda f=forwards: dpo.train_step(engine, ref, st, "train", f, device, packing.enabled))
             batches = [b for _, b in forwards]
-        out.append((t, sum(_real(b) for b in batches), sum(b["input_ids"].numel() for b in batches)))
+        real = sum(_real(b) for b in batches)
+        out.append((t, real, sum(b["input_ids"].numel() for b in batches), step_flops(stage, batches, model, True)))
     return out, n_params
 
 
@@ -198,7 +221,8 @@ def _bare_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, buil
         opt.step()
         opt.zero_grad(set_to_none=True)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
-        out.append((time.perf_counter() - t0, real, sum(b["input_ids"].numel() for b in batches)))
+        flops = step_flops(stage, batches, model, False)
+        out.append((time.perf_counter() - t0, real, sum(b["input_ids"].numel() for b in batches), flops))
     return out, matmul_params(model)
 
 
@@ -214,8 +238,10 @@ def worker(stage: str, workload: str, mode: str, steps: int, warmup: int) -> dic
         records, n_params = _stage_steps(stage, *setup, packed=mode == "packed")
     records = records[warmup:]
     return {
-        "tok_s": statistics.median(real / t for t, real, _ in records),
-        "pad_eff": sum(r for _, r, _ in records) / sum(a for _, _, a in records),
+        "tok_s": statistics.median(real / t for t, real, _, _ in records),
+        "pad_eff": sum(r for _, r, _, _ in records) / sum(a for _, _, a, _ in records),
+        "flops_per_token": sum(f for *_, f in records) / sum(r for _, r, _, _ in records),
+        "flop_s": statistics.median(f / t for t, _, _, f in records),
         "n_params": n_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -230,14 +256,16 @@ def packing_section(args, overrides: list[str]) -> None:
               "spread": "length spread 10-91 (5.3M Llama, 4,096 vocab, 32 sequences/step)"}  # fmt: skip
     for workload, title in titles.items():
         print(f"  {title}")
-        print(f"  {'stage':5} {'mode':7} {'tokens/s':>9} {'x bare':>7} {'pad eff':>8} {'MFU':>6} {'peak RSS MiB':>13}")
+        print(f"  {'stage':5} {'mode':7} {'tokens/s':>9} {'x bare':>7} {'FLOP bound':>10} {'pad eff':>8} {'MFU':>6} "
+              f"{'GFLOP/s':>8} {'peak RSS MiB':>13}")  # fmt: skip
         for stage in STAGES:
             results = {mode: _run_worker(stage, workload, mode, args) for mode in MODES}
             for mode, r in results.items():
                 mfu = 6 * r["n_params"] * r["tok_s"] / peak
                 ratio = r["tok_s"] / results["bare"]["tok_s"]
-                print(f"  {stage:5} {mode:7} {r['tok_s']:9.0f} {ratio:7.2f} {r['pad_eff']:8.2f} {mfu:6.3f} "
-                      f"{r['peak_rss_mib']:13.0f}")  # fmt: skip
+                bound = results["bare"]["flops_per_token"] / r["flops_per_token"]
+                print(f"  {stage:5} {mode:7} {r['tok_s']:9.0f} {ratio:7.2f} {bound:10.2f} {r['pad_eff']:8.2f} "
+                      f"{mfu:6.3f} {r['flop_s'] / 1e9:8.1f} {r['peak_rss_mib']:13.0f}")  # fmt: skip
 
 
 def _run_worker(stage: str, workload: str, mode: str, args) -> dict:

@@ -232,6 +232,8 @@ class LoggingConfig:
     wandb_mode: str = "online"  # online | offline (sync later with `wandb sync <stage>/wandb/offline-run-*`)
     # Rich progress bar; off automatically when stdout is not a terminal.
     progress: bool = True
+    # <stage>/metrics.png, the training curves, drawn when a stage completes (about 0.5 s); `rlhf plot` draws it later.
+    plots: bool = True
 
 
 @dataclass

@@ -192,7 +192,7 @@ def finish(run: Run, metrics: Metrics, last: dict[str, Any], final_eval: dict[st
               "metrics": {**headline, **final_eval, **(extra or {})}}  # fmt: skip
     run.update_stage(**record)
     if completed:
-        complete_stage(run, st.keep_checkpoints)
+        complete_stage(run, st.keep_checkpoints, plots=metrics.plots)
 
 
 def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int) -> Any:

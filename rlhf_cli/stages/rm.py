@@ -123,7 +123,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     finish(run, metrics, last, final_eval, SHOW, export_with_stats, st, completed=False,
            extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
-    complete_stage(run, st.keep_checkpoints)
+    complete_stage(run, st.keep_checkpoints, plots=metrics.plots)
     return run.final_dir
 
 

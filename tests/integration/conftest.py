@@ -21,6 +21,7 @@ FAST = [
     "stage.gradient_accumulation_steps=2",
     "stage.eval_every=0",
     "logging.progress=false",
+    "logging.plots=false",  # the PNG costs about 0.5 s a stage; test_runs_plot_cli checks it with plots on
     "optim.lr=3e-3",
 ]
 

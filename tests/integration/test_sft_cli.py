@@ -56,6 +56,7 @@ def test_sft_end_to_end(runs, tmp_path):
     assert summary["disk_bytes"]["checkpoints"] > 0 and summary["tokens_per_second"] > 0
     assert "target_tokens" in rec["metrics"] and rec["metrics"]["target_tokens"] > 0
     assert "sft completed:" in res.stderr and f"next: rlhf rm run.name=e2e run.root={runs}" in res.stderr
+    assert not (run_dir / "sft" / "metrics.png").exists() and "plot" not in summary  # logging.plots=false (FAST)
     # final/ reloads with plain transformers and generates with the chat template.
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
