@@ -162,6 +162,7 @@ class RejectionSamplingStageConfig(TrainStageConfig):
 
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUPED = ("grpo", "rloo", "reinforce_pp_baseline")  # the estimators that compare a prompt's samples
 REWARD_SCALINGS = ("group", "batch", "none")
 # How per-token losses become the step's loss (rlhf_cli/losses/critic_free.py AGGREGATIONS).
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli.config.online import GROUPED  # the estimators that compare a prompt's samples
 from rlhf_cli.losses.critic_free import (
     aggregation_weights,
     global_whiten,
@@ -30,8 +31,6 @@ from rlhf_cli.losses.critic_free import (
 )
 from rlhf_cli.losses.ppo import kl_penalty
 from rlhf_cli.rollout.experience import Advantages, Rollout
-
-GROUPED = ("grpo", "rloo", "reinforce_pp_baseline")  # the estimators that compare a prompt's samples
 
 
 @dataclass

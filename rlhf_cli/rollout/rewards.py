@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -28,22 +26,18 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.models.classifier import batch_tensors, classifier_scores, encode, label_index, load_classifier
 from rlhf_cli.models.load import disable_dropout
 from rlhf_cli.rollout.generation import Sequences
+from rlhf_cli.rollout.specs import cannot_import, importable_path, is_model_source, split_function
 
 
 def load_function(spec: str, key: str = "stage.reward.function") -> Callable[[list[str], list[str]], list[float]]:
     """Import `module:function` (stage.reward.function, or the setting `key` that names it in errors, e.g. a gold
     metric's)."""
-    module_name, _, name = spec.partition(":")
-    if not module_name or not name:
-        raise UserError(f"{key}=`{spec}`: expected `module:function`, e.g. "
-                        "rlhf_cli.tasks.word_order:gold_reward")  # fmt: skip
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # the `rlhf` console script does not put the current directory there
+    module_name, name = split_function(spec, key)
+    importable_path()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"{key}=`{spec}`: cannot import `{module_name}` ({err}); the module "
-                        "must be importable from the current directory or the Python path") from None  # fmt: skip
+        raise cannot_import(spec, key, module_name, err) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{key}=`{spec}`: `{module_name}` has no function `{name}`")
@@ -151,11 +145,6 @@ def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any) -> Funct
 
     path, _ = resolve_source(run.resolve_source(r.model))
     return ModelReward(r, path, tokenizer, ds, st.eval_batch_size, dist, st.offload_frozen)
-
-
-def is_model_source(spec: str) -> bool:
-    """A reward *model* (`stage:<name>`, a folder, a hub id `org/name`) rather than a `module:function`."""
-    return spec.startswith("stage:") or "/" in spec or os.path.isdir(os.path.expanduser(spec))
 
 
 def build_gold(spec: str | None, st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any,

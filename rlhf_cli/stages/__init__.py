@@ -11,6 +11,7 @@ refused stage answer at once (tests/unit/test_startup.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,16 +142,46 @@ _CRITIC_FREE_CHOICES: dict[str, Choice] = {
 }
 
 
+def _functions_check(cfg: Any) -> None:
+    """The reward and gold functions an online stage names: well formed and their modules found, before any model."""
+    from rlhf_cli.rollout.specs import check_function_spec, function_specs
+
+    for spec, key in function_specs(cfg.stage):
+        check_function_spec(spec, key)
+
+
+def _world_size(cfg: Any) -> int:
+    """Ranks the stage will run on: the outside launcher's WORLD_SIZE, else what `rlhf` would start itself."""
+    return int(os.environ.get("WORLD_SIZE") or cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
+
+
+def _ppo_check(cfg: Any) -> None:
+    from rlhf_cli.stages.plan import check_ppo_batches
+
+    check_ppo_batches(cfg.stage)
+    _functions_check(cfg)
+
+
+def _critic_free_check(cfg: Any) -> None:
+    from rlhf_cli.stages.plan import check_groups, critic_free_rows
+
+    check_groups(cfg.stage)
+    critic_free_rows(cfg.stage, _world_size(cfg))
+    _functions_check(cfg)
+
+
 def _eval_check(cfg: Any) -> None:
     st = cfg.stage
     if st.n_samples > 1 and st.generation.temperature == 0:
         raise UserError(f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
                         "one answer per prompt")  # fmt: skip
+    _functions_check(cfg)
 
 
 def _critic_free(name: str, summary: str, example: str) -> StageSpec:
     return StageSpec(name, "rlhf_cli.stages.critic_free", s.CriticFreeRoot, summary=summary, example=example,
-                     formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES)
+                     formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES,
+                     check=_critic_free_check)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -188,6 +219,7 @@ STAGES: dict[str, StageSpec] = {
         choices={"stage.kl_estimator": s.KL_ESTIMATORS, "stage.kl_control": s.KL_CONTROLS, **ONLINE_CHOICES,
                  "stage.critic.init": s.CRITIC_INITS, "stage.ptx.data.format": s.SFT_FORMATS},
         ranges=_PPO_RANGES,
+        check=_ppo_check,
         nested_data=("stage.ptx.data",),
         trained_model="actor",
     ),
@@ -200,6 +232,7 @@ STAGES: dict[str, StageSpec] = {
                  "stage.reward.normalize": _RS_NORMALIZE},
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},
+        check=_functions_check,
     ),
     "grpo": _critic_free("grpo", "GRPO (group-relative, no critic; Dr. GRPO / DAPO options), from sft",
                          "rlhf grpo +experiment=grpo_parity stage.n_samples=8"),

@@ -25,11 +25,10 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
-from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import load_tokenizer
 from rlhf_cli.rollout.controllers import RunningMoments
-from rlhf_cli.rollout.critic_free import GROUPED, Estimate, estimate
+from rlhf_cli.rollout.critic_free import Estimate, estimate
 from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.experience import Reference, collect
 from rlhf_cli.rollout.generation import sampling_config
@@ -40,6 +39,7 @@ from rlhf_cli.stages.common import export_final, finish, interrupted, policy_eng
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
 from rlhf_cli.stages.plan import (
     StepPlan,
+    check_groups,
     critic_free_plan,
     critic_free_rows,
     critic_free_updates,
@@ -104,10 +104,8 @@ def run(cfg: Any, run: Run) -> Path | None:
 
 
 def check_config(st: Any) -> None:
-    """What the schema's ranges cannot say alone, refused before any model is loaded."""
-    if st.advantage in GROUPED and st.n_samples < 2:
-        raise UserError(f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
-                        f">= 2 (got {st.n_samples}); with one sample every advantage is 0")  # fmt: skip
+    """What the schema's ranges cannot say alone (also refused when the config is composed, stages/__init__.py)."""
+    check_groups(st)
 
 
 @dataclass

@@ -86,13 +86,18 @@ def mini_batch(st: Any) -> int:
     return st.micro_batch_size * st.gradient_accumulation_steps
 
 
-def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
-    """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
+def check_ppo_batches(st: Any) -> None:
+    """PPO's rollout batch (per rank) splits into whole mini-batches (also checked when the config is composed)."""
     if st.rollout_batch_size % mini_batch(st):
         raise UserError(
             f"stage.rollout_batch_size={st.rollout_batch_size} is not a multiple of the mini-batch "
             f"stage.micro_batch_size x stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
         )
+
+
+def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
+    """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
+    check_ppo_batches(st)
     per_iteration = st.rollout_batch_size * world_size
     per_epoch = n_prompts // per_iteration
     if per_epoch == 0:
@@ -111,6 +116,15 @@ def describe_plan(plan: StepPlan, st: Any) -> str:
     return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
             f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
             f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
+
+
+def check_groups(st: Any) -> None:
+    """The group estimators need two samples of a prompt or more."""
+    from rlhf_cli.config.online import GROUPED
+
+    if st.advantage in GROUPED and st.n_samples < 2:
+        raise UserError(f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
+                        f">= 2 (got {st.n_samples}); with one sample every advantage is 0")  # fmt: skip
 
 
 def critic_free_rows(st: Any, world_size: int) -> int:

@@ -149,3 +149,36 @@ def test_rejection_sampling_cfg_job_and_help(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: rlhf {RS}") and "stage.n_samples=4" in out and "stage.selection=best" in out
     assert "rlhf rejection_sampling stage.n_samples=8 stage.rounds=2" in out
+
+
+@pytest.mark.parametrize(
+    "stage,overrides,message",
+    [
+        ("ppo", ["stage.reward.function=nosuchmodule:f"], "stage.reward.function=`nosuchmodule:f`: cannot import"),
+        ("ppo", ["stage.reward.function=rlhf_cli.tasks.parity"], "expected `module:function`"),
+        ("grpo", ["stage.gold_reward=no_such_pkg.metrics:gold"], "stage.gold_reward=`no_such_pkg.metrics:gold`"),
+        ("rejection_sampling", ["stage.reward.functions=[{fn: nosuchmodule:f, weight: 1.0}]"],
+         "stage.reward.functions=`nosuchmodule:f`"),
+        ("eval", ["stage.gold=nosuchmodule:f"], "stage.gold=`nosuchmodule:f`: cannot import `nosuchmodule`"),
+        ("ppo", ["stage.rollout_batch_size=6"], "stage.rollout_batch_size=6 is not a multiple of the mini-batch"),
+        ("grpo", ["stage.n_samples=1"], "stage.n_samples must be >= 2"),
+        ("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=3", "launcher.nproc_per_node=2"],
+         "9 rollout rows cannot be dealt evenly to 2 ranks"),
+    ],
+)  # fmt: skip
+def test_online_settings_that_would_fail_after_loading_are_refused_at_composition(stage, overrides, message):
+    # These used to end the stage only after torch, DeepSpeed and the models had loaded (5-6 s in).
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        compose(stage, overrides)
+
+
+def test_a_function_beside_the_command_and_model_sources_pass(tmp_path, monkeypatch):
+    (tmp_path / "my_reward.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    compose("ppo", ["stage.reward.function=my_reward:score", "stage.gold_reward=stage:rm"])
+    compose("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=4", "stage.micro_batch_size=6",
+                     "stage.gradient_accumulation_steps=1", "launcher.nproc_per_node=2"])  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the launcher's world size counts, not launcher.*
+    with pytest.raises(UserError, match="cannot be dealt evenly to 4 ranks"):
+        compose("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=2"])
