@@ -373,7 +373,9 @@ _MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_l
 
 
 def world_size(cfg: Any) -> int:
-    return cfg.launcher.nproc_per_node * cfg.launcher.nnodes
+    from rlhf_cli.stages.plan import planned_world_size  # the rule the stage's composition checks use
+
+    return planned_world_size(cfg)
 
 
 def max_tokens(cfg: Any) -> int:

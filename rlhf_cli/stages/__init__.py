@@ -11,7 +11,6 @@ refused stage answer at once (tests/unit/test_startup.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,11 +149,6 @@ def _functions_check(cfg: Any) -> None:
         check_function_spec(spec, key)
 
 
-def _world_size(cfg: Any) -> int:
-    """Ranks the stage will run on: the outside launcher's WORLD_SIZE, else what `rlhf` would start itself."""
-    return int(os.environ.get("WORLD_SIZE") or cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
-
-
 def _ppo_check(cfg: Any) -> None:
     from rlhf_cli.stages.plan import check_ppo_batches
 
@@ -163,10 +157,10 @@ def _ppo_check(cfg: Any) -> None:
 
 
 def _critic_free_check(cfg: Any) -> None:
-    from rlhf_cli.stages.plan import check_groups, critic_free_rows
+    from rlhf_cli.stages.plan import check_groups, critic_free_rows, planned_world_size
 
     check_groups(cfg.stage)
-    critic_free_rows(cfg.stage, _world_size(cfg))
+    critic_free_rows(cfg.stage, planned_world_size(cfg))
     _functions_check(cfg)
 
 

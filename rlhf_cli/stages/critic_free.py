@@ -39,7 +39,6 @@ from rlhf_cli.stages.common import export_final, finish, interrupted, policy_eng
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
 from rlhf_cli.stages.plan import (
     StepPlan,
-    check_groups,
     critic_free_plan,
     critic_free_rows,
     critic_free_updates,
@@ -53,10 +52,10 @@ SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "l
 def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/<stage>/final/`; None when stopped early to resume."""
     st = cfg.stage
-    # 1. Distributed group, seeds, what the config alone must satisfy, the policy's starting checkpoint.
+    # 1. Distributed group, seeds, the policy's starting checkpoint (the config's own rules: at composition,
+    #    stages/__init__.py).
     dist = eng.init_distributed()
     torch.manual_seed(cfg.seed)
-    check_config(st)
     source = run.resolve_source(cfg.model.name_or_path)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
     rm_stats = reward_stats(st, run)
@@ -101,11 +100,6 @@ def run(cfg: Any, run: Run) -> Path | None:
     finish(run, metrics, last, run_eval(), SHOW, export_final(actor, tokenizer, run, cfg.model.lora), st,
            extra={"iterations": plan.total_steps, "advantage": st.advantage, "data": data.report.to_dict()})
     return run.final_dir
-
-
-def check_config(st: Any) -> None:
-    """What the schema's ranges cannot say alone (also refused when the config is composed, stages/__init__.py)."""
-    check_groups(st)
 
 
 @dataclass

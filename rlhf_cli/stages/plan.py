@@ -7,6 +7,7 @@ same functions, the same messages) without importing the stage.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,11 @@ class StepPlan:
             f"accumulation {self.grad_accum} x {self.world_size} rank(s); {self.steps_per_epoch} steps/epoch, "
             f"{self.total_steps} steps"
         )
+
+
+def planned_world_size(cfg: Any) -> int:
+    """Ranks a stage runs on: an outside launcher's WORLD_SIZE, else what `rlhf` starts itself (launcher.*)."""
+    return int(os.environ.get("WORLD_SIZE") or cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
 
 
 def mini_batch(st: Any) -> int:

@@ -176,11 +176,12 @@ def test_plan_refusals_name_the_keys():
 
 
 def test_one_sample_per_prompt_is_refused_for_the_group_estimators():
-    from rlhf_cli.stages.critic_free import check_config, needs_old_logprobs
+    from rlhf_cli.stages.critic_free import needs_old_logprobs
+    from rlhf_cli.stages.plan import check_groups
 
     with pytest.raises(UserError, match="stage.n_samples must be >= 2"):
-        check_config(_st("grpo", n_samples=1))
-    check_config(_st("reinforce_pp", n_samples=1))
+        check_groups(_st("grpo", n_samples=1))
+    check_groups(_st("reinforce_pp", n_samples=1))
     # One pass in one mini-batch and no KL in the reward: no old-log-prob forward.
     assert not needs_old_logprobs(_st("grpo", micro_batch_size=12), 1)
     assert needs_old_logprobs(_st("grpo", micro_batch_size=6), 1)  # two mini-batches: the second is off-policy
