@@ -1,10 +1,15 @@
-"""Helpers for end-to-end runs of the `rlhf` CLI in a subprocess, on a smaller tiny model."""
+"""Helpers for end-to-end runs of the `rlhf` CLI in its own process, on a smaller tiny model."""
 
+import atexit
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,19 +46,67 @@ def copy_run(base: Path, runs: Path, name: str, stage: str) -> list[str]:
     return [f"run.root={runs}", f"run.name={name}"]
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def _cli_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
+    return env
+
+
+class _Zygote:
+    """tests/integration/zygote.py, started on the first CLI call: each call is a fork of a process that has already
+    imported torch, transformers and DeepSpeed, which takes about 5 s of the 5-15 s of every call here. Off with
+    RLHF_TEST_ZYGOTE=0; calls with another environment than the zygote's start a real interpreter."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.env: dict | None = None
+        self.log = Path(tempfile.mkdtemp(prefix="rlhf-zygote-"))
+
+    def start(self, env: dict) -> None:
+        self.env = env
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.log / "zygote.err").open("w"),
+            bufsize=0,  # unbuffered: a select on the pipe must not miss a line already read into a buffer
+        )  # fmt: skip
+        atexit.register(self.proc.kill)
+
+    def _line(self, deadline: float | None) -> str | None:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([self.proc.stdout], [], [], wait)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the zygote ended; its stderr: {(self.log / 'zygote.err').read_text()[-3000:]}")
+        return line.decode()
+
+    def run(self, args: tuple[str, ...], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start(env)
+        out, err = self.log / "out", self.log / "err"
+        request = {"argv": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        pid = int(self._line(None))
+        code = self._line(time.monotonic() + timeout)
+        if code is None:
+            os.kill(pid, signal.SIGKILL)
+            self._line(None)
+            raise subprocess.TimeoutExpired(["rlhf", *args], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["rlhf", *args], int(code), out.read_text(), err.read_text())
+
+
+_ZYGOTE = _Zygote()
+
+
+def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m rlhf_cli ARGS` in `cwd`: its exit code, stdout and stderr (a fork of the zygote, see above)."""
+    env = _cli_env()
+    if os.environ.get("RLHF_TEST_ZYGOTE", "1") != "0" and _ZYGOTE.env in (None, env):
+        return _ZYGOTE.run(args, cwd, env, timeout)
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
 
 
 def manifest(run_dir: Path) -> dict:
@@ -110,9 +163,7 @@ def launch_ranks(args: list[str], world_size: int, cwd: Path, port: int | None =
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2, extra: tuple[str, ...] = (), timeout: float = 300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = _cli_env()
     cmd = [
         sys.executable,
         "-m",

@@ -82,3 +82,21 @@ def test_run_name_outside_the_root_is_refused(runs, tmp_path):
     _one_clear_error(res, "`run.name` is '../../x', must be a single folder name")
     _one_clear_error(rlhf("generate", "run=../x", f"root={runs}", "prompt=hi", cwd=tmp_path), "argument `run.name`")
     assert not runs.exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_the_helper_runs_the_cli_as_a_fresh_interpreter_does(runs, tmp_path):
+    """`rlhf()` forks a zygote that has the libraries imported (conftest.py); what a command prints and returns must
+    not differ from `python -m rlhf_cli`: a command that succeeds with a reward function in the cwd, and a refusal."""
+    import subprocess
+    import sys
+
+    (tmp_path / "localreward.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    for function, code in (("localreward:score", 0), ("nothere:score", 2)):
+        args = ("explain", "grpo", f"stage.reward.function={function}", f"run.root={runs}")
+        forked = rlhf(*args, cwd=tmp_path)
+        fresh = subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+        assert forked.returncode == fresh.returncode == code, forked.stderr
+        assert (forked.stdout, forked.stderr) == (fresh.stdout, fresh.stderr)
+        assert "batch algebra" in forked.stdout if code == 0 else "cannot import `nothere`" in forked.stderr
+    assert not runs.exists()
