@@ -13,7 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+
+# The environment pytest started with, taken before this process imports torch. Libraries that the tests import here
+# add to os.environ (TORCHINDUCTOR_CACHE_DIR, for one), which a user's shell would not pass to `rlhf`.
+_START_ENV = dict(os.environ)
+
+from safetensors.torch import load_file  # noqa: E402
 
 # A 2-layer, 64-wide Llama: the same code path as the default, a few times faster.
 FAST = [
@@ -47,8 +52,8 @@ def copy_run(base: Path, runs: Path, name: str, stage: str) -> list[str]:
 
 
 def _cli_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    env = dict(_START_ENV, PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST"):
         env.pop(key, None)
     return env
 
@@ -56,15 +61,13 @@ def _cli_env() -> dict:
 class _Zygote:
     """tests/integration/zygote.py, started on the first CLI call: each call is a fork of a process that has already
     imported torch, transformers and DeepSpeed, which takes about 5 s of the 5-15 s of every call here. Off with
-    RLHF_TEST_ZYGOTE=0; calls with another environment than the zygote's start a real interpreter."""
+    RLHF_TEST_ZYGOTE=0."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        self.env: dict | None = None
         self.log = Path(tempfile.mkdtemp(prefix="rlhf-zygote-"))
 
     def start(self, env: dict) -> None:
-        self.env = env
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("zygote.py"))],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.log / "zygote.err").open("w"),
@@ -100,12 +103,13 @@ class _Zygote:
 _ZYGOTE = _Zygote()
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m rlhf_cli ARGS` in `cwd`: its exit code, stdout and stderr (a fork of the zygote, see above)."""
-    env = _cli_env()
-    if os.environ.get("RLHF_TEST_ZYGOTE", "1") != "0" and _ZYGOTE.env in (None, env):
-        return _ZYGOTE.run(args, cwd, env, timeout)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=env, capture_output=True,
+def rlhf(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlhf_cli ARGS` in `cwd`, with pytest's starting environment plus `env`: its exit code, stdout and
+    stderr. A fork of the zygote (above), or a new interpreter where `env` adds variables (import-time reads)."""
+    full = dict(_cli_env(), **(env or {}))
+    if os.environ.get("RLHF_TEST_ZYGOTE", "1") != "0" and not env:
+        return _ZYGOTE.run(args, cwd, full, timeout)
+    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
