@@ -66,6 +66,7 @@ class _Zygote:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.log = Path(tempfile.mkdtemp(prefix="rlhf-zygote-"))
+        atexit.register(shutil.rmtree, self.log, ignore_errors=True)
 
     def start(self, env: dict) -> None:
         self.proc = subprocess.Popen(
