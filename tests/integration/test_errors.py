@@ -100,3 +100,14 @@ def test_the_helper_runs_the_cli_as_a_fresh_interpreter_does(runs, tmp_path):
         assert (forked.stdout, forked.stderr) == (fresh.stdout, fresh.stderr)
         assert "batch algebra" in forked.stdout if code == 0 else "cannot import `nothere`" in forked.stderr
     assert not runs.exists()
+
+
+def test_the_helper_kills_a_call_past_its_timeout_and_serves_the_next(runs, tmp_path):
+    import subprocess
+
+    import pytest
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        rlhf("sft", *FAST, f"run.root={runs}", "stage.max_steps=500", cwd=tmp_path, timeout=1.0)
+    res = rlhf("sft", f"run.root={runs}", "optim.lrr=1", cwd=tmp_path)  # the zygote still answers
+    _one_clear_error(res, "`optim.lrr`")
