@@ -53,7 +53,7 @@ def copy_run(base: Path, runs: Path, name: str, stage: str) -> list[str]:
 
 def _cli_env() -> dict:
     env = dict(_START_ENV, PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
@@ -104,11 +104,14 @@ class _Zygote:
 _ZYGOTE = _Zygote()
 
 
-def rlhf(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def rlhf(
+    *args: str, cwd: Path, timeout: float = 300, env: dict | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli ARGS` in `cwd`, with pytest's starting environment plus `env`: its exit code, stdout and
-    stderr. A fork of the zygote (above), or a new interpreter where `env` adds variables (import-time reads)."""
+    stderr. A fork of the zygote (above); a new interpreter with `fresh`, or where `env` adds variables (some are read
+    at import)."""
     full = dict(_cli_env(), **(env or {}))
-    if os.environ.get("RLHF_TEST_ZYGOTE", "1") != "0" and not env:
+    if not (fresh or env or os.environ.get("RLHF_TEST_ZYGOTE") == "0"):
         return _ZYGOTE.run(args, cwd, full, timeout)
     return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
@@ -145,13 +148,12 @@ def launch_ranks(args: list[str], world_size: int, cwd: Path, port: int | None =
     procs = []
     for rank in range(world_size):
         env = dict(
-            os.environ,
+            _cli_env(),
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
-            PYTHONUNBUFFERED="1",
             OMP_NUM_THREADS="1",
         )
         procs.append(

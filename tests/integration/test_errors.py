@@ -1,8 +1,11 @@
 """User mistakes end in one clear message, exit code 2, no traceback, and nothing written is harmed."""
 
+import os
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from conftest import FAST, manifest, rlhf
 
 from rlhf_cli.run_dir import open_run
@@ -87,15 +90,11 @@ def test_run_name_outside_the_root_is_refused(runs, tmp_path):
 def test_the_helper_runs_the_cli_as_a_fresh_interpreter_does(runs, tmp_path):
     """`rlhf()` forks a zygote that has the libraries imported (conftest.py); what a command prints and returns must
     not differ from `python -m rlhf_cli`: a command that succeeds with a reward function in the cwd, and a refusal."""
-    import subprocess
-    import sys
-
     (tmp_path / "localreward.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
     for function, code in (("localreward:score", 0), ("nothere:score", 2)):
         args = ("explain", "grpo", f"stage.reward.function={function}", f"run.root={runs}")
         forked = rlhf(*args, cwd=tmp_path)
-        fresh = subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=tmp_path, capture_output=True,
-                               text=True, timeout=120)  # fmt: skip
+        fresh = rlhf(*args, cwd=tmp_path, fresh=True)
         assert forked.returncode == fresh.returncode == code, forked.stderr
         assert (forked.stdout, forked.stderr) == (fresh.stdout, fresh.stderr)
         assert "batch algebra" in forked.stdout if code == 0 else "cannot import `nothere`" in forked.stderr
@@ -103,11 +102,12 @@ def test_the_helper_runs_the_cli_as_a_fresh_interpreter_does(runs, tmp_path):
 
 
 def test_the_helper_kills_a_call_past_its_timeout_and_serves_the_next(runs, tmp_path):
-    import subprocess
-
-    import pytest
-
+    """A model folder whose config.json is a FIFO: `generate` blocks reading it. (Not a training run cut at a random
+    moment: a kill inside DeepSpeed's JIT build of its shm op leaves the build's lock file, and every later run on
+    the machine waits on it.)"""
+    (tmp_path / "model").mkdir()
+    os.mkfifo(tmp_path / "model" / "config.json")
     with pytest.raises(subprocess.TimeoutExpired):
-        rlhf("sft", *FAST, f"run.root={runs}", "stage.max_steps=500", cwd=tmp_path, timeout=1.0)
+        rlhf("generate", f"model={tmp_path / 'model'}", "prompt=hi", cwd=tmp_path, timeout=2.0)
     res = rlhf("sft", f"run.root={runs}", "optim.lrr=1", cwd=tmp_path)  # the zygote still answers
     _one_clear_error(res, "`optim.lrr`")
