@@ -1,10 +1,12 @@
 """`python scripts/bench.py --only packing`: SFT, RM and DPO steps, packed and padded, next to a bare padded loop.
 
-Two workloads, one process, fp32: the tiny default (3.7M-parameter Llama, the built-in samples, the stages' default
-batches) and a length-spread one (a 5.3M-parameter Llama with a 4,096-token vocabulary, random token ids, every
-sequence 10 to 91 tokens, 32 sequences per optimizer step: SFT 8 x 4 examples, RM / DPO 8 x 2 pairs). Per stage:
-- packed / padded: the stage's own step function (`train_step` of rlhf_cli/stages/<stage>.py with its DeepSpeed
-  engine, ZeRO-0, LM head on target positions only), data.packing on / off;
+Three workloads, one process, fp32: the tiny default (3.7M-parameter Llama, the built-in samples, the stages' default
+batches), a length-spread one (a 5.3M-parameter Llama with a 4,096-token vocabulary, random token ids, every
+sequence 10 to 91 tokens, 32 sequences per optimizer step: SFT 8 x 4 examples, RM / DPO 8 x 2 pairs) and, for RM and
+DPO where the shared data folder has it, real HH-RLHF pairs on the same model (`HH_PAIRS`). Per stage:
+- shared / packed / padded: the stage's own step function (`train_step` of rlhf_cli/stages/<stage>.py with its
+  DeepSpeed engine, ZeRO-0, LM head on target positions only): RM / DPO packed with each pair's prompt once
+  (data.share_prompt, the default), packed with the prompt in both sequences, or data.packing off;
 - bare: a plain PyTorch loop on the same padded micro-batches (full logits, the HF model's own pooling for RM, a
   frozen reference for DPO, torch AdamW), the baseline the issue measures against.
 Reported: non-pad tokens/s (median over steps after warm-up), pad efficiency (non-pad / all tokens fed to the
@@ -24,16 +26,21 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 STAGES = ("sft", "rm", "dpo")
-MODES = ("packed", "padded", "bare")
+MODES = ("shared", "packed", "padded", "bare")  # shared: pairs only
 SPREAD_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
                     bos_token_id=None, tie_word_embeddings=False)  # fmt: skip
 SPREAD_LENGTHS = (10, 91)
+# Real chat pairs (HH-RLHF harmless-base test, in the team's shared folder; the workload is skipped without it),
+# tokenized by the tiny tokenizer, pairs whose prompt + longer reply exceed 256 tokens dropped: prompts are about 58%
+# of a pair's unshared tokens, the case `data.share_prompt` is for.
+HH_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -95,17 +102,25 @@ def _setup(stage: str, workload: str, steps: int) -> tuple:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     micro, accum = (8, 4) if stage == "sft" else (8, 2)
-    cfg = compose(stage, [f"stage.micro_batch_size={micro}", f"stage.gradient_accumulation_steps={accum}",
-                          "data.max_length=128", "model.name_or_path=builtin:tiny-llama"])  # fmt: skip
+    data = ["data.max_length=128"]
+    if workload == "hh":
+        data = [f"data.source={HH_PAIRS}", "data.format=hh_rlhf", "data.max_length=256", "data.eval_fraction=0"]
+    cfg = compose(stage, [f"stage.micro_batch_size={micro}", f"stage.gradient_accumulation_steps={accum}", *data,
+                          "model.name_or_path=builtin:tiny-llama"])  # fmt: skip
     per_step = micro * accum
-    examples = _spread_data(stage, per_step * steps)
+    pad = 0
+    if workload == "hh":
+        tok = load_tokenizer(cfg.model)
+        examples, pad = build_preference_datasets(cfg.data, tok, seed=cfg.seed).train, tok.pad_token_id
+    else:
+        examples = _spread_data(stage, per_step * steps)
     steps_idx = [list(range(s * per_step, (s + 1) * per_step)) for s in range(steps)]
 
     def build_lm():
         torch.manual_seed(cfg.seed)
         return LlamaForCausalLM(LlamaConfig(**SPREAD_MODEL, attn_implementation="sdpa"))
 
-    return cfg, 0, examples, steps_idx, build_lm
+    return cfg, pad, examples, steps_idx, build_lm
 
 
 def _reward_from(causal):
@@ -145,7 +160,8 @@ def step_flops(stage: str, batches: list, model, packed: bool) -> float:
     return total
 
 
-def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool) -> tuple:
+def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool,
+                 shared: bool) -> tuple:  # fmt: skip
     """Per-step (seconds, non-pad tokens, all tokens) of the stage's own train_step; and N."""
     from rlhf_cli import engine as eng
     from rlhf_cli.stages import dpo, rm, sft
@@ -157,7 +173,8 @@ def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, bui
     reference = build_lm().eval().requires_grad_(False) if stage == "dpo" else None
     ds = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, 1)
     engine = eng.initialize(model, ds, cfg.optim, len(steps_idx))
-    data_cfg = SimpleNamespace(packing=packed, max_tokens_per_batch=None, max_length=cfg.data.max_length)
+    data_cfg = SimpleNamespace(packing=packed, max_tokens_per_batch=None, max_length=cfg.data.max_length,
+                               share_prompt=shared)  # fmt: skip
     packing = packing_for(data_cfg, st, engine, per_item=1 if stage == "sft" else 2)
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference
@@ -235,7 +252,7 @@ def worker(stage: str, workload: str, mode: str, steps: int, warmup: int) -> dic
     if mode == "bare":
         records, n_params = _bare_steps(stage, *setup)
     else:
-        records, n_params = _stage_steps(stage, *setup, packed=mode == "packed")
+        records, n_params = _stage_steps(stage, *setup, packed=mode != "padded", shared=mode == "shared")
     records = records[warmup:]
     return {
         "tok_s": statistics.median(real / t for t, real, _, _ in records),
@@ -253,13 +270,18 @@ def packing_section(args, overrides: list[str]) -> None:
     print(f"\nPacking: non-pad tokens/s, 1 process, {torch.get_num_threads()} threads, fp32; matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s (2048^3 fp32); median of {args.steps - args.warmup} steps")  # fmt: skip
     titles = {"tiny": "tiny default (3.7M Llama, built-in samples)",
-              "spread": "length spread 10-91 (5.3M Llama, 4,096 vocab, 32 sequences/step)"}  # fmt: skip
+              "spread": "length spread 10-91 (5.3M Llama, 4,096 vocab, 32 sequences/step)",
+              "hh": "HH-RLHF pairs up to 256 tokens, tiny tokenizer (5.3M Llama, 32 sequences/step)"}  # fmt: skip
     for workload, title in titles.items():
+        if workload == "hh" and not HH_PAIRS.exists():
+            print(f"  {title}: skipped, {HH_PAIRS} not found")
+            continue
         print(f"  {title}")
         print(f"  {'stage':5} {'mode':7} {'tokens/s':>9} {'x bare':>7} {'FLOP bound':>10} {'pad eff':>8} {'MFU':>6} "
               f"{'GFLOP/s':>8} {'peak RSS MiB':>13}")  # fmt: skip
-        for stage in STAGES:
-            results = {mode: _run_worker(stage, workload, mode, args) for mode in MODES}
+        for stage in STAGES if workload != "hh" else ("rm", "dpo"):
+            modes = [m for m in MODES if stage != "sft" or m != "shared"]
+            results = {mode: _run_worker(stage, workload, mode, args) for mode in modes}
             for mode, r in results.items():
                 mfu = 6 * r["n_params"] * r["tok_s"] / peak
                 ratio = r["tok_s"] / results["bare"]["tok_s"]

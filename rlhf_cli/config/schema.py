@@ -153,6 +153,11 @@ class PreferenceDataConfig:
 class PairDataConfig(PackingFields, PreferenceDataConfig):
     """The pairs of `rlhf rm` and `rlhf dpo`: PreferenceDataConfig and the packing keys."""
 
+    # Packed pairs: the prompt computed once for both replies (each reply sees it, never the other reply), the same
+    # loss and gradients with fewer tokens. None: on where packing is on and the attention takes an explicit mask
+    # (sdpa, eager; no sliding window shorter than data.max_length); true refuses where it cannot.
+    share_prompt: bool | None = None
+
 
 PROMPT_FORMATS = ("jsonl", "dolly", "alpaca", "dialogsum", "hh_rlhf", "shp", "ultrafeedback")
 

@@ -9,6 +9,14 @@ and eager, varlen kernels for flash attention) so a token attends only to its ow
 as unpacked. The model must be called with `use_cache=False`: with a cache object the library skips the detection and
 attention silently crosses examples (tests/unit/test_packing.py shows it).
 
+Shared prompt (`data.share_prompt`, preference pairs): a pair's prompt is computed once. The pair becomes three
+segments: the prompt but its last token, then [last prompt token, chosen...], then [last prompt token, rejected...]
+(the last prompt token is repeated so that each reply's first token is predicted, as usual, from the column before
+it). Position ids continue the prompt's in both branches, and an explicit 4-D mask lets each branch see the shared
+part and itself but never the other branch. Rotary or learned positions and causal attention then give every
+token exactly the hidden state it has in its own unshared sequence. A custom mask needs sdpa or eager attention
+and no sliding window shorter than a sequence (`share_prompt_unsupported`).
+
 Which examples a step sees is not changed here (the step plan is); only how one rank's examples of one optimizer step
 are laid out: first-fit decreasing into rows of `capacity` tokens, rows grouped into forwards of at most `budget`
 tokens counted with padding (R x W); stages/common.py `Packing` picks both. Deterministic: ties go by position.
@@ -22,9 +30,10 @@ import torch
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.logprobs import IGNORE_INDEX
-from rlhf_cli.stages.plan import FLAT_ATTENTION, PACKED_ATTENTION, PACKED_MODEL_TYPES
+from rlhf_cli.stages.plan import FLAT_ATTENTION, PACKED_ATTENTION, PACKED_MODEL_TYPES, SHARED_PROMPT_ATTENTION
 
-__all__ = ["FLAT_ATTENTION", "PACKED_ATTENTION", "PACKED_MODEL_TYPES"]  # also the packing layer's names
+# also the packing layer's names
+__all__ = ["FLAT_ATTENTION", "PACKED_ATTENTION", "PACKED_MODEL_TYPES", "SHARED_PROMPT_ATTENTION"]
 
 
 def packing_unsupported(config) -> str | None:
@@ -46,6 +55,31 @@ def resolve_packing(requested: bool | None, config) -> bool:
     reason = packing_unsupported(config)
     if reason and requested:
         raise UserError(f"data.packing=true: {reason}; set data.packing=false (or leave it unset: on where supported)")
+    return reason is None
+
+
+def share_prompt_unsupported(config, max_length: int) -> str | None:
+    """Why a model cannot take the shared-prompt layout (its explicit 4-D mask), or None when it can."""
+    reason = packing_unsupported(config)
+    if reason:
+        return reason
+    attn = config._attn_implementation
+    if attn not in SHARED_PROMPT_ATTENTION:
+        return f"model.attn_implementation `{attn}` does not take an explicit attention mask (use sdpa or eager)"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < max_length:
+        return f"the model's sliding window ({window}) is shorter than data.max_length ({max_length})"
+    return None
+
+
+def resolve_share_prompt(requested: bool | None, packed: bool, config, max_length: int) -> bool:
+    """`data.share_prompt`: None (auto) -> on where packing is on and the model takes the mask; true where it cannot
+    -> UserError; false -> off."""
+    if requested is False:
+        return False
+    reason = "it needs data.packing (off here)" if not packed else share_prompt_unsupported(config, max_length)
+    if reason and requested:
+        raise UserError(f"data.share_prompt=true: {reason}; set data.share_prompt=false (or leave it unset)")
     return reason is None
 
 
@@ -158,6 +192,80 @@ def collate_packed_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
     return out
 
 
+def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs laid out as `rows` of positions into `pairs`, each pair's prompt once (`data.share_prompt`; see
+    the module docstring). Sequences are numbered as in `collate_packed_pairs` (chosen 0..B-1, rejected B..2B-1).
+
+    -> input_ids, position_ids, labels, segment (R, W) as `collate_packed` (a shared prompt token belongs to the
+    chosen sequence; its label is ignored), last (S,), lengths (S,) the tokens of each unshared sequence (prompt +
+    reply), attention_mask (R, 1, W, W) bool (True: the query row may attend to the key column), margin (B,), pairs."""
+    order = [i for row in rows for i in row]
+    b = len(order)
+    width = max(sum(shared_pair_size(pairs[i]) for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    segment = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    group = torch.full(shape, -1, dtype=torch.long)  # the pair a token belongs to (padding: -1, one group)
+    branch = torch.zeros(shape, dtype=torch.long)  # 0 the shared prompt, 1 chosen, 2 rejected
+    last = torch.full((2 * b,), -1, dtype=torch.long)
+    k = 0
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            prompt = list(pairs[i].prompt_ids)
+            head, tail = prompt[:-1], prompt[-1:]  # tail: the prompt's last token, repeated in both branches
+            skip = 1  # a branch's first token is not a target: the repeated prompt token (or, with no prompt, the
+            # sequence's first token, which nothing predicts)
+            chosen, rejected = tail + list(pairs[i].chosen_ids), tail + list(pairs[i].rejected_ids)
+            parts = [(head, 0, k), (chosen, 1, k), (rejected, 2, k + b)]  # (ids, branch, sequence)
+            for ids, which, seq in parts:
+                n = len(ids)
+                span = slice(col, col + n)
+                input_ids[r, span] = torch.tensor(ids, dtype=torch.long)
+                first = len(head) if which else 0  # both branches continue the prompt's positions
+                position_ids[r, span] = torch.arange(first, first + n)
+                if which:
+                    labels[r, col + skip : col + n] = torch.tensor(ids[skip:], dtype=torch.long)
+                    last[seq] = r * width + col + n - 1
+                group[r, span], branch[r, span], segment[r, span] = k, which, seq
+                col += n
+            k += 1
+        position_ids[r, col:] = torch.arange(width - col)
+    if (last < 0).any():
+        raise ValueError("every pair must be placed in exactly one row")
+    same = (group[:, :, None] == group[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # key shared or same branch
+    pieces = [(len(pairs[i].prompt_ids) + len(getattr(pairs[i], reply))) for reply in ("chosen_ids", "rejected_ids")
+              for i in order]  # fmt: skip
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment": segment, "last": last,
+            "lengths": torch.tensor(pieces, dtype=torch.long), "attention_mask": (same & visible)[:, None],
+            "margin": torch.tensor([pairs[i].margin for i in order], dtype=torch.float32),
+            "pairs": torch.tensor(order, dtype=torch.long)}  # fmt: skip
+
+
+def model_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A packed batch's attention mask as the model's attention takes it: None (transformers builds the mask from the
+    position ids), or the shared-prompt layout's explicit (R, 1, W, W) bool mask, which sdpa takes as it is and eager
+    attention adds to its scores (so 0 / the dtype's minimum there)."""
+    from rlhf_cli.models.reward import unwrap
+
+    if mask is None or mask.dim() != 4:
+        return mask
+    inner = unwrap(model)
+    if inner.config._attn_implementation != "eager":
+        return mask
+    dtype = next(inner.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def shared_pair_size(pair) -> int:
+    """Tokens of a pair with its prompt once: the prompt, the chosen and the rejected reply, the last prompt token
+    again (the rejected branch's first position)."""
+    return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids) + (1 if pair.prompt_ids else 0)
+
+
 def pair_size(pair) -> int:
     """Tokens of a pair packed as two sequences: prompt + chosen, prompt + rejected."""
     return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
@@ -173,5 +281,8 @@ def segment_sums(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens of a batch, packed (segment >= 0) or padded (attention mask)."""
+    """Non-pad tokens of a batch's sequences, packed (segment >= 0) or padded (attention mask); with a shared prompt,
+    as if unshared (the prompt counted with each reply), so tokens/s compares across layouts."""
+    if "lengths" in batch:
+        return int(batch["lengths"].sum())
     return int((batch["segment"] >= 0).sum()) if "segment" in batch else int(batch["attention_mask"].sum())

@@ -275,7 +275,10 @@ def packed_sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
     """Scalar reward per sequence of a packed forward (`data.packing`, a decoder): input_ids, position_ids (R, W) and
     last (S,), the flat index of each sequence's last token -> (S,), the head's output there (its own EOS, whatever
     the pad id). No KV cache: with one, transformers would miss the packed sequences and attend across them."""
-    per_token = head_outputs(model, batch["input_ids"], None, position_ids=batch["position_ids"], use_cache=False)
+    from rlhf_cli.data.packing import model_mask
+
+    mask = model_mask(model, batch.get("attention_mask"))  # None, or the shared-prompt layout's explicit mask
+    per_token = head_outputs(model, batch["input_ids"], mask, position_ids=batch["position_ids"], use_cache=False)
     if per_token.shape[-1] != 1:
         raise ValueError(f"a reward model has one output, this one has {per_token.shape[-1]} (pick one label)")
     return per_token.reshape(-1)[batch["last"].to(per_token.device)]

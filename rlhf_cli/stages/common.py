@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Packing:
     budget: int | None = None
     flat: bool = False
     micro: int = 1
+    share_prompt: bool = False  # pairs: the prompt once for both replies (data.share_prompt)
 
     def layout(self, sizes: list[int]) -> list[list[list[int]]]:
         """Item positions as [forward][row][position], sizes (N,) tokens per item. Rows are as long as the step's
@@ -62,23 +63,32 @@ class Packing:
             return "packing: off (padded micro-batches)"
         budget = f"{self.budget} tokens" if self.budget else f"{self.micro} x the step's longest example"
         rows = "one row per forward" if self.flat else "rows as long as the step's longest example"
-        return f"packing: on, up to {budget} per forward (padding included), {rows}"
+        shared = "; each pair's prompt computed once" if self.share_prompt else ""
+        return f"packing: on, up to {budget} per forward (padding included), {rows}{shared}"
+
+    def joint(self, other: Packing) -> Packing:
+        """The layout that both this model and `other` (DPO's reference, which reads the same forwards) can take."""
+        enabled = self.enabled and other.enabled
+        return replace(self, enabled=enabled, flat=enabled and (self.flat or other.flat),
+                                   share_prompt=enabled and self.share_prompt and other.share_prompt)  # fmt: skip
 
 
 def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
     """The stage's `Packing` from `data.packing` / `data.max_tokens_per_batch` and the model (or engine) it trains:
     auto is on where its attention keeps packed sequences apart; forced on where it does not is a UserError.
     `per_item`: sequences per item (1 for SFT, 2 for a preference pair, whose two sequences share a forward)."""
-    from rlhf_cli.data.packing import FLAT_ATTENTION, check_budget, resolve_packing
+    from rlhf_cli.data.packing import FLAT_ATTENTION, check_budget, resolve_packing, resolve_share_prompt
     from rlhf_cli.models.reward import unwrap
 
     config = unwrap(model).config
     capacity = data_cfg.max_length * per_item
-    if not resolve_packing(data_cfg.packing, config):
+    packed = resolve_packing(data_cfg.packing, config)
+    share = per_item == 2 and resolve_share_prompt(data_cfg.share_prompt, packed, config, data_cfg.max_length)
+    if not packed:
         return Packing(False, capacity)
     budget = check_budget(data_cfg.max_tokens_per_batch, data_cfg.max_length, per_item)
     flat = config._attn_implementation in FLAT_ATTENTION
-    return Packing(True, capacity, budget, flat, st.micro_batch_size)
+    return Packing(True, capacity, budget, flat, st.micro_batch_size, share)
 
 
 def accumulate(engine: Any, forwards: list, one: Callable[[Any, bool], None], packed: bool) -> float | None:

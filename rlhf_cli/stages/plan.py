@@ -18,6 +18,8 @@ from rlhf_cli.errors import UserError
 # modeling_flash_attention_utils); flash attention detects packing only in a single row, so its forwards are flattened.
 PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 FLAT_ATTENTION = ("flash_attention_2", "flash_attention_3")
+# A pair's prompt computed once (`data.share_prompt`) needs an explicit 4-D mask, which only these take.
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
 # Decoder families whose transformers forward passes position_ids to the mask factory and the rotary embedding, with
 # nothing else depending on the row layout. tests/unit/test_packing.py checks every one (packed == separate logits),
 # so a transformers upgrade that breaks one fails there.
@@ -39,8 +41,22 @@ def packing_summary(data_cfg: Any, st: Any, attn_implementation: str, per_item: 
     budget = data_cfg.max_tokens_per_batch
     size = f"{budget} tokens" if budget else f"micro {st.micro_batch_size} x the step's longest {item}"
     when = "on (data.packing=true)" if data_cfg.packing else "on where supported (data.packing=null: tested decoders)"
-    return [f"  packing: {when}; same loss and gradients as padded",
-            f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one"]  # fmt: skip
+    lines = [f"  packing: {when}; same loss and gradients as padded",
+             f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one"]  # fmt: skip
+    if per_item == 2:
+        lines.append(f"    {shared_prompt_line(data_cfg.share_prompt, attn_implementation)}")
+    return lines
+
+
+def shared_prompt_line(requested: bool | None, attn_implementation: str) -> str:
+    """What `data.share_prompt` does for a packed pair stage with this attention implementation (`rlhf explain`)."""
+    if requested is False:
+        return "prompt: once per reply (data.share_prompt=false)"
+    if attn_implementation not in SHARED_PROMPT_ATTENTION:
+        state = "refused" if requested else "once per reply"
+        return f"prompt: {state} (data.share_prompt needs sdpa or eager attention for its explicit mask)"
+    when = "data.share_prompt=true" if requested else "data.share_prompt=null: where the model takes the mask"
+    return f"prompt: computed once for both replies ({when}; same loss and gradients)"
 
 
 @dataclass(frozen=True)

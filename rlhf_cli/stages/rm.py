@@ -22,7 +22,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
-from rlhf_cli.data.packing import collate_packed_pairs, pair_size, real_tokens
+from rlhf_cli.data.packing import collate_packed_pairs, collate_shared_pairs, pair_size, real_tokens, shared_pair_size
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import bradley_terry_loss, split_pairs
 from rlhf_cli.metrics import Metrics
@@ -148,8 +148,10 @@ def pair_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
     mine = [examples[i] for i in idx]
     if not packing.enabled:
         return [collate_preference(mine[j : j + micro], pad_id) for j in range(0, len(mine), micro)]
-    sizes = [pair_size(p) for p in mine]
-    layout = packing.layout(sizes)
+    if packing.share_prompt:  # each pair's prompt once, an explicit mask keeping the replies apart
+        layout = packing.layout([shared_pair_size(p) for p in mine])
+        return [collate_shared_pairs(mine, rows, pad_id) for rows in layout]
+    layout = packing.layout([pair_size(p) for p in mine])
     return [collate_packed_pairs(mine, rows, pad_id, packing.flat) for rows in layout]
 
 

@@ -84,12 +84,15 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
     assert ("none" in ref) == (loss in ("simpo", "orpo"))
 
 
-# Packed (the default). zero3: the reference is a partitioned inference engine, and forwards of at most 160 tokens
-# (pairs of 33 to 156) give the two ranks 3 and 4, then 3 and 2 forwards in the first steps: the weight-0 fillers run
-# the policy and the reference forward too.
+# Packed (the default). zero2: each reply with its own copy of the prompt. zero3: each pair's prompt once (an explicit
+# 4-D mask through the engines), the reference a partitioned inference engine, and forwards of at most 140 tokens
+# (pairs of 27 to 86 tokens with the prompt once) give the two ranks 2 and 3, 2 and 2, then 2 and 3 forwards: the
+# weight-0 fillers run the policy and the reference forward too.
 @pytest.mark.parametrize(
-    ("zero", "packing"), [("zero2", []), ("zero3", ["data.max_length=80", "data.max_tokens_per_batch=160"])]
-)
+    ("zero", "packing"),
+    [("zero2", ["data.share_prompt=false"]),
+     ("zero3", ["data.share_prompt=true", "data.max_length=70", "data.max_tokens_per_batch=140"])],
+)  # fmt: skip
 def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
     base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",
             "stage.gradient_accumulation_steps=1", "optim.lr=1e-3", *packing]  # fmt: skip

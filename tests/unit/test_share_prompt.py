@@ -1,0 +1,198 @@
+"""A pair's prompt computed once (`data.share_prompt`, rlhf_cli/data/packing.py `collate_shared_pairs`): the layout and
+its mask by hand, every listed family giving each reply the hidden states of its own unshared sequence (sdpa and
+eager), shared == unpacked log-probs, losses and gradients for DPO and the reward model (pad == EOS included), and
+when the layout is on, off or refused."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_lm_head import _grads
+from test_packing import BUILTIN, SMALL, _assert_same, _pairs, _tok_ids
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rlhf_cli.data import PreferenceExample, collate_preference
+from rlhf_cli.data import packing as pk
+from rlhf_cli.errors import UserError
+from rlhf_cli.losses import IGNORE_INDEX, bradley_terry_loss, split_pairs
+from rlhf_cli.models import load_causal_lm, tiny_tokenizer
+from rlhf_cli.models.reward import load_reward_model, sequence_scores
+from rlhf_cli.stages import dpo, rm
+from rlhf_cli.stages.common import Packing, packing_for
+from rlhf_cli.stages.plan import packing_summary
+
+SHARED = Packing(True, capacity=512, budget=150, share_prompt=True)
+X = IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_shared_layout_and_mask_by_hand():
+    """Pair 0: prompt [5, 6, 7], chosen [8, 9], rejected [10]; pair 1: prompt [11], chosen [12], rejected [13, 14]."""
+    pairs = [PreferenceExample([5, 6, 7], [8, 9], [10], margin=0.5), PreferenceExample([11], [12], [13, 14])]
+    assert [pk.shared_pair_size(p) for p in pairs] == [7, 5]
+    b = pk.collate_shared_pairs(pairs, [[0], [1]], pad_token_id=0)
+    # Row 0: [5 6] shared, [7 8 9] chosen branch, [7 10] rejected branch. Row 1: [11 12] | [11 13 14], no shared part.
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 10], [11, 12, 11, 13, 14, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 0, 1, 2, 0, 1]]
+    assert b["labels"].tolist() == [[X, X, X, 8, 9, X, 10], [X, 12, X, 13, 14, X, X]]
+    # Sequences: chosen 0, 1 then rejected 2, 3; the shared prompt counts as the chosen sequence's (its labels are X).
+    assert b["segment"].tolist() == [[0, 0, 0, 0, 0, 2, 2], [1, 1, 3, 3, 3, -1, -1]]
+    assert b["last"].tolist() == [4, 7 + 1, 6, 7 + 4]
+    assert b["lengths"].tolist() == [5, 2, 4, 3] and pk.real_tokens(b) == 14  # counted as if unshared
+    assert b["margin"].tolist() == [0.5, 0.0] and b["pairs"].tolist() == [0, 1]
+    row0 = [[1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 0, 1, 0],  # the rejected branch sees the shared prompt and itself, never the chosen branch
+            [1, 1, 0, 0, 0, 1, 1]]  # fmt: skip
+    row1 = [[1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0, 0],
+            [0, 0, 1, 1, 0, 0, 0],
+            [0, 0, 1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0, 1, 0],  # the padding tail: a causal group of its own
+            [0, 0, 0, 0, 0, 1, 1]]  # fmt: skip
+    assert b["attention_mask"].shape == (2, 1, 7, 7) and b["attention_mask"].dtype == torch.bool
+    assert b["attention_mask"][:, 0].int().tolist() == [row0, row1]
+
+
+@pytest.mark.parametrize("model_type", sorted(pk.PACKED_MODEL_TYPES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_every_listed_family_gives_each_reply_its_unshared_logits(model_type, attn):
+    """The explicit mask and continued positions are a claim about each family's forward in the installed transformers:
+    every branch token's logits equal those of prompt + reply run alone."""
+    config = AutoConfig.for_model(model_type, **SMALL)
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+    except ValueError as err:  # Gemma 2 has no sdpa path; transformers says so when asked
+        pytest.skip(str(err)[:80])
+    assert pk.share_prompt_unsupported(model.config, max_length=64) is None
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (6, 4, 9, 1, 3, 2)]
+    pairs = [PreferenceExample(ids[0], ids[1], ids[2]), PreferenceExample(ids[3], ids[4], ids[5])]
+    b = pk.collate_shared_pairs(pairs, [[0, 1]], pad_token_id=0)
+    with torch.no_grad():
+        mask = pk.model_mask(model, b["attention_mask"])
+        shared = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
+                       use_cache=False).logits[0]  # fmt: skip
+        for k, (pair, reply) in enumerate([(p, r) for r in ("chosen_ids", "rejected_ids") for p in pairs]):
+            seq = pair.prompt_ids + getattr(pair, reply)
+            alone = model(input_ids=torch.tensor([seq])).logits[0]
+            # The reply's tokens and the prompt token before them (which predicts the reply's first token).
+            cols = (b["segment"][0] == k) & (b["labels"][0] != X)
+            cols = cols | cols.roll(-1)
+            n = int(cols.sum())
+            torch.testing.assert_close(shared[cols], alone[-n:], rtol=1e-4, atol=1e-5)
+
+
+def _reference_and_step(tok, pad_is_eos):
+    eos, pad = _tok_ids(tok, pad_is_eos)
+    policy, reference = load_causal_lm(BUILTIN, tok, seed=0), load_causal_lm(BUILTIN, tok, seed=1)
+    ref = dpo.Reference.__new__(dpo.Reference)
+    ref.kind, ref.table, ref.model = "model", None, reference
+    st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
+                         orpo_lambda=0.1)  # fmt: skip
+    return policy, reference, ref, st, _pairs(eos), pad
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos, attn):
+    policy, reference, ref, st, pairs, pad = _reference_and_step(tok, pad_is_eos)
+    for model in (policy, reference):
+        model.config._attn_implementation = attn  # read by every attention layer at forward time
+    padded = collate_preference(pairs, pad)
+    out = dpo.pair_losses(policy, ref, st, padded, "train", [0, 1, 2])
+    out["loss"].sum().backward()
+    expected = _grads(policy)
+    logps, lengths = dpo.sequence_logps(policy, padded)
+    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, SHARED)
+    # Pairs of 52, 69 and 26 tokens with the prompt once (54, 108 and 37 unshared): rows of 69 hold one pair each,
+    # forwards of at most 150 tokens take two such rows, then one of 26.
+    assert [idx for idx, _ in forwards] == [[11, 10], [12]]
+    assert sum(b["input_ids"].numel() for _, b in forwards) == 2 * 69 + 26
+    assert sum(pk.real_tokens(b) for _, b in forwards) == int(padded["attention_mask"].sum())
+    for idx, b in forwards:
+        order = torch.tensor(idx) - 10
+        both = torch.cat([order, order + 3])
+        shared_logps, shared_lengths = dpo.sequence_logps(policy, b)
+        torch.testing.assert_close(shared_logps, logps[both].detach(), rtol=1e-5, atol=1e-4)
+        assert torch.equal(shared_lengths, lengths[both])
+        part = dpo.pair_losses(policy, ref, st, b, "train", idx)
+        torch.testing.assert_close(part["loss"], out["loss"][order].detach(), rtol=1e-5, atol=1e-6)
+        part["loss"].sum().backward()
+    _assert_same(_grads(policy), expected)
+    assert all(p.grad is None for p in reference.parameters())
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_shared_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos):
+    eos, pad = _tok_ids(tok, pad_is_eos)
+    model = load_reward_model(BUILTIN, BUILTIN.name_or_path, tok)
+    pairs = _pairs(eos)
+    padded = collate_preference(pairs, pad)
+    scores = sequence_scores(model, padded["input_ids"], padded["attention_mask"])
+    bradley_terry_loss(*split_pairs(scores), padded["margin"])[0].mul(3).backward()
+    expected = _grads(model)
+    forwards = rm.pair_batches(pairs, [0, 1, 2], 3, pad, SHARED)
+    for b in forwards:
+        chosen, rejected = split_pairs(rm.batch_scores(model, b))
+        order = b["pairs"]
+        torch.testing.assert_close(chosen, scores[order].detach(), rtol=1e-5, atol=1e-5)  # each reply's own EOS
+        torch.testing.assert_close(rejected, scores[order + 3].detach(), rtol=1e-5, atol=1e-5)
+        bradley_terry_loss(chosen, rejected, b["margin"])[0].mul(len(order)).backward()
+    _assert_same(_grads(model), expected)
+
+
+def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok):
+    st = SimpleNamespace(micro_batch_size=4)
+    data = SimpleNamespace(packing=None, max_tokens_per_batch=None, max_length=64, share_prompt=None)
+    model = load_causal_lm(BUILTIN, tok, seed=0)
+    assert packing_for(data, st, model, per_item=2) == Packing(True, 128, micro=4, share_prompt=True)
+    assert packing_for(data, st, model, per_item=1) == Packing(True, 64, micro=4)  # SFT has no pairs
+    data.share_prompt = False
+    assert not packing_for(data, st, model, per_item=2).share_prompt
+    data.share_prompt, data.packing = True, False
+    with pytest.raises(UserError, match=r"data.share_prompt=true: it needs data.packing \(off here\)"):
+        packing_for(data, st, model, per_item=2)
+    data.packing = None
+    model.config.sliding_window = 32  # a Mistral-style window shorter than a sequence: the full mask would be wrong
+    with pytest.raises(UserError, match=r"sliding window \(32\) is shorter than data.max_length \(64\)"):
+        packing_for(data, st, model, per_item=2)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"  # (only read here: nothing runs)
+    with pytest.raises(UserError, match="data.share_prompt=true: model.attn_implementation `flash_attention_2` does "
+                                        "not take an explicit attention mask"):  # fmt: skip
+        packing_for(data, st, model, per_item=2)
+    data.share_prompt = None
+    flash = packing_for(data, st, model, per_item=2)
+    assert flash.enabled and flash.flat and not flash.share_prompt  # auto: packed, the prompt once per reply
+    # DPO's reference reads the policy's forwards: the joint layout is what both can take.
+    sdpa = Packing(True, 128, micro=4, share_prompt=True)
+    assert sdpa.joint(flash) == Packing(True, 128, flat=True, micro=4, share_prompt=False)
+    assert not sdpa.joint(Packing(False, 128)).enabled
+    assert "each pair's prompt computed once" in sdpa.describe()
+
+
+def test_explain_states_the_shared_prompt():
+    from rlhf_cli.config.compose import compose
+
+    cfg = compose("dpo", [])
+    assert packing_summary(cfg.data, cfg.stage, "sdpa", 2)[-1] == (
+        "    prompt: computed once for both replies (data.share_prompt=null: where the model takes the mask; same loss "
+        "and gradients)"
+    )
+    assert packing_summary(cfg.data, cfg.stage, "flash_attention_2", 2)[-1] == (
+        "    prompt: once per reply (data.share_prompt needs sdpa or eager attention for its explicit mask)"
+    )
+    cfg = compose("rm", ["data.share_prompt=false"])
+    assert packing_summary(cfg.data, cfg.stage, "sdpa", 2)[-1] == "    prompt: once per reply (data.share_prompt=false)"
