@@ -9,10 +9,11 @@ DPO where the shared data folder has it, real HH-RLHF pairs on the same model (`
   (data.share_prompt, the default), packed with the prompt in both sequences, or data.packing off;
 - bare: a plain PyTorch loop on the same padded micro-batches (full logits, the HF model's own pooling for RM, a
   frozen reference for DPO, torch AdamW), the baseline the issue measures against.
-Reported: non-pad tokens/s (median over steps after warm-up), pad efficiency (non-pad / all tokens fed to the
-model), MFU = 6 x N x non-pad tokens/s / peak, with N the parameters of the matmuls (every 2-D weight except the
-input embedding) and the peak the flops/s of a 2048^3 fp32 matmul measured here, and peak RSS. Every configuration
-runs in its own process (`--worker`), so the peak RSS is its own. DPO's reference forward is work the 6N leaves out.
+Reported: non-pad tokens/s (median over steps after warm-up; a shared prompt counted with each reply, as the padded
+batches carry it), pad efficiency (non-pad / all positions fed to the model), MFU = 6 x N x non-pad tokens/s / peak,
+with N the parameters of the matmuls (every 2-D weight except the input embedding) and the peak the flops/s of a
+2048^3 fp32 matmul measured here, and peak RSS. Every configuration runs in its own process (`--worker`), so the peak
+RSS is its own. DPO's reference forward is work the 6N leaves out.
 FLOP bound: the bare loop's FLOPs per non-pad token over this mode's (`step_flops`, from the shapes fed), the speedup
 packing and target-only logits can give at equal FLOP/s; GFLOP/s: the FLOPs actually done per second.
 """
@@ -162,7 +163,8 @@ def step_flops(stage: str, batches: list, model, packed: bool) -> float:
 
 def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool,
                  shared: bool) -> tuple:  # fmt: skip
-    """Per-step (seconds, non-pad tokens, all tokens) of the stage's own train_step; and N."""
+    """Per-step (seconds, non-pad tokens, non-pad positions fed, all positions fed, FLOPs) of the stage's own
+    train_step; and N. Non-pad tokens count a shared prompt with each reply, as the padded batches hold it."""
     from rlhf_cli import engine as eng
     from rlhf_cli.stages import dpo, rm, sft
     from rlhf_cli.stages.common import packing_for
@@ -191,9 +193,15 @@ def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, bui
             forwards = dpo.pair_forwards(examples, idx, st.micro_batch_size, pad, packing)
             t = _timed(lambda f=forwards: dpo.train_step(engine, ref, st, "train", f, device, packing.enabled))
             batches = [b for _, b in forwards]
-        real = sum(_real(b) for b in batches)
-        out.append((t, real, sum(b["input_ids"].numel() for b in batches), step_flops(stage, batches, model, True)))
+        real, fed = sum(_real(b) for b in batches), sum(_fed(b) for b in batches)
+        fed_all = sum(b["input_ids"].numel() for b in batches)
+        out.append((t, real, fed, fed_all, step_flops(stage, batches, model, True)))
     return out, n_params
+
+
+def _fed(b: dict) -> int:
+    """Non-pad positions fed to the model: with a shared prompt, the prompt once (`_real` counts it per reply)."""
+    return int((b["segment"] >= 0).sum()) if "segment" in b else int(b["attention_mask"].sum())
 
 
 def _real(b: dict) -> int:
@@ -239,7 +247,7 @@ def _bare_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, buil
         opt.zero_grad(set_to_none=True)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         flops = step_flops(stage, batches, model, False)
-        out.append((time.perf_counter() - t0, real, sum(b["input_ids"].numel() for b in batches), flops))
+        out.append((time.perf_counter() - t0, real, real, sum(b["input_ids"].numel() for b in batches), flops))
     return out, matmul_params(model)
 
 
@@ -255,10 +263,10 @@ def worker(stage: str, workload: str, mode: str, steps: int, warmup: int) -> dic
         records, n_params = _stage_steps(stage, *setup, packed=mode != "padded", shared=mode == "shared")
     records = records[warmup:]
     return {
-        "tok_s": statistics.median(real / t for t, real, _, _ in records),
-        "pad_eff": sum(r for _, r, _, _ in records) / sum(a for _, _, a, _ in records),
-        "flops_per_token": sum(f for *_, f in records) / sum(r for _, r, _, _ in records),
-        "flop_s": statistics.median(f / t for t, _, _, f in records),
+        "tok_s": statistics.median(real / t for t, real, *_ in records),
+        "pad_eff": sum(fed for _, _, fed, _, _ in records) / sum(a for *_, a, _ in records),
+        "flops_per_token": sum(f for *_, f in records) / sum(real for _, real, *_ in records),
+        "flop_s": statistics.median(f / t for t, *_, f in records),
         "n_params": n_params,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
