@@ -62,6 +62,11 @@ def test_shared_layout_and_mask_by_hand():
             [0, 0, 0, 0, 0, 1, 1]]  # fmt: skip
     assert b["attention_mask"].shape == (2, 1, 7, 7) and b["attention_mask"].dtype == torch.bool
     assert b["attention_mask"][:, 0].int().tolist() == [row0, row1]
+    # No prompt at all: two separate sequences, each first token unpredicted, as unshared.
+    alone = pk.collate_shared_pairs([PreferenceExample([], [8, 9], [10])], [[0]], pad_token_id=0)
+    assert alone["input_ids"].tolist() == [[8, 9, 10]] and alone["position_ids"].tolist() == [[0, 1, 0]]
+    assert alone["labels"].tolist() == [[X, 9, X]] and alone["segment"].tolist() == [[0, 0, 1]]
+    assert alone["attention_mask"][0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
 @pytest.mark.parametrize("model_type", sorted(pk.PACKED_MODEL_TYPES))
