@@ -199,22 +199,27 @@ def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos
     assert torch.equal(packed_sequence_scores(model, b), packed.detach())
 
 
-@pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_packed_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos):
+def dpo_setup(tok, pad_is_eos):
+    """(policy, frozen reference model, dpo.Reference over it, stage config, the three pairs, pad id)."""
     eos, pad = _tok_ids(tok, pad_is_eos)
     policy, reference = load_causal_lm(BUILTIN, tok, seed=0), load_causal_lm(BUILTIN, tok, seed=1)
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference
     st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
                          orpo_lambda=0.1)  # fmt: skip
-    pairs = _pairs(eos)
+    return policy, reference, ref, st, _pairs(eos), pad
+
+
+def dpo_forwards_equal_unpacked(policy, reference, ref, st, pairs, pad, packing) -> list:
+    """The pairs' packed forwards (`packing`, pair indices offset by 10) give the padded batch's log-probs, lengths,
+    per-pair losses and summed gradients, and leave the reference without gradients. -> the forwards."""
     padded = collate_preference(pairs, pad)
     out = dpo.pair_losses(policy, ref, st, padded, "train", [0, 1, 2])
     out["loss"].sum().backward()
     expected = _grads(policy)
     logps, lengths = dpo.sequence_logps(policy, padded)
-    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, Packing(True, capacity=512, budget=150))
-    assert [idx for idx, _ in forwards] == [[11], [10, 12]]  # pair 1 (108 tokens) alone; pairs 0 and 2 (54 + 37)
+    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, packing)
+    assert sum(pk.real_tokens(b) for _, b in forwards) == int(padded["attention_mask"].sum())
     for idx, b in forwards:
         order = torch.tensor(idx) - 10
         both = torch.cat([order, order + 3])
@@ -226,6 +231,13 @@ def test_packed_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos):
         part["loss"].sum().backward()
     _assert_same(_grads(policy), expected)
     assert all(p.grad is None for p in reference.parameters())
+    return forwards
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_packed_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos):
+    forwards = dpo_forwards_equal_unpacked(*dpo_setup(tok, pad_is_eos), Packing(True, capacity=512, budget=150))
+    assert [idx for idx, _ in forwards] == [[11], [10, 12]]  # pair 1 (108 tokens) alone; pairs 0 and 2 (54 + 37)
 
 
 # ---------------------------------------------------------------- one optimizer step in DeepSpeed, fillers, config

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_lm_head import _grads
-from test_packing import BUILTIN, SMALL, _assert_same, _pairs, _tok_ids
+from test_packing import BUILTIN, SMALL, _assert_same, _pairs, _tok_ids, dpo_forwards_equal_unpacked, dpo_setup
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlhf_cli.data import PreferenceExample, collate_preference
@@ -19,7 +19,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.losses import IGNORE_INDEX, bradley_terry_loss, split_pairs
 from rlhf_cli.models import load_causal_lm, tiny_tokenizer
 from rlhf_cli.models.reward import load_reward_model, sequence_scores
-from rlhf_cli.stages import dpo, rm
+from rlhf_cli.stages import rm
 from rlhf_cli.stages.common import Packing, packing_for
 from rlhf_cli.stages.plan import packing_summary
 
@@ -99,44 +99,17 @@ def test_every_listed_family_gives_each_reply_its_unshared_logits(model_type, at
             torch.testing.assert_close(shared[cols], alone[-n:], rtol=1e-4, atol=1e-5)
 
 
-def _reference_and_step(tok, pad_is_eos):
-    eos, pad = _tok_ids(tok, pad_is_eos)
-    policy, reference = load_causal_lm(BUILTIN, tok, seed=0), load_causal_lm(BUILTIN, tok, seed=1)
-    ref = dpo.Reference.__new__(dpo.Reference)
-    ref.kind, ref.table, ref.model = "model", None, reference
-    st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
-                         orpo_lambda=0.1)  # fmt: skip
-    return policy, reference, ref, st, _pairs(eos), pad
-
-
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_dpo_logps_loss_and_gradients_equal_unpacked(tok, pad_is_eos, attn):
-    policy, reference, ref, st, pairs, pad = _reference_and_step(tok, pad_is_eos)
-    for model in (policy, reference):
+    setup = dpo_setup(tok, pad_is_eos)
+    for model in setup[:2]:
         model.config._attn_implementation = attn  # read by every attention layer at forward time
-    padded = collate_preference(pairs, pad)
-    out = dpo.pair_losses(policy, ref, st, padded, "train", [0, 1, 2])
-    out["loss"].sum().backward()
-    expected = _grads(policy)
-    logps, lengths = dpo.sequence_logps(policy, padded)
-    forwards = dpo.pair_forwards([None] * 10 + pairs, [10, 11, 12], 3, pad, SHARED)
+    forwards = dpo_forwards_equal_unpacked(*setup, SHARED)
     # Pairs of 52, 69 and 26 tokens with the prompt once (54, 108 and 37 unshared): rows of 69 hold one pair each,
     # forwards of at most 150 tokens take two such rows, then one of 26.
     assert [idx for idx, _ in forwards] == [[11, 10], [12]]
     assert sum(b["input_ids"].numel() for _, b in forwards) == 2 * 69 + 26
-    assert sum(pk.real_tokens(b) for _, b in forwards) == int(padded["attention_mask"].sum())
-    for idx, b in forwards:
-        order = torch.tensor(idx) - 10
-        both = torch.cat([order, order + 3])
-        shared_logps, shared_lengths = dpo.sequence_logps(policy, b)
-        torch.testing.assert_close(shared_logps, logps[both].detach(), rtol=1e-5, atol=1e-4)
-        assert torch.equal(shared_lengths, lengths[both])
-        part = dpo.pair_losses(policy, ref, st, b, "train", idx)
-        torch.testing.assert_close(part["loss"], out["loss"][order].detach(), rtol=1e-5, atol=1e-6)
-        part["loss"].sum().backward()
-    _assert_same(_grads(policy), expected)
-    assert all(p.grad is None for p in reference.parameters())
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
