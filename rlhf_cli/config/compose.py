@@ -241,6 +241,11 @@ def check_choices(cfg: DictConfig, stage: str | None = None) -> None:
             "model.lora.merge=true is not supported with deepspeed.zero_stage=3; use deepspeed=zero2 "
             "or model.lora.merge=false (final/ then holds the adapters only)"
         )
+    if OmegaConf.select(cfg, "data.share_prompt") is True and OmegaConf.select(cfg, "data.packing") is False:
+        raise UserError(
+            "config key `data.share_prompt` is true, which needs packed pairs, but `data.packing` is false: set "
+            "data.packing=true (or leave it unset) or data.share_prompt=false"
+        )
 
 
 # Numeric keys with a known range, key -> range: `> 0`, `>= 1`, `== 0`, `[0, 1)` (brackets include the end, parens

@@ -3,7 +3,7 @@
 A packed forward is a tensor of R rows of width W. Each row holds whole examples back to back (SFT: an example;
 preference pairs: the chosen and the rejected sequence of a pair, always in the same forward so that the pair's loss
 is computed in one graph), then right padding. The model is called with `attention_mask=None` and `position_ids`
-(0, 1, ..., L-1 for every sequence, also for the padding tail, which is a segment of its own); transformers reads the
+(0, 1, ..., L-1 for every sequence; 0 for each padding token, a one-token sequence of its own); transformers reads the
 restarts as sequence boundaries (`masking_utils.find_packed_sequence_indices`: a block-diagonal causal mask for sdpa
 and eager, varlen kernels for flash attention) so a token attends only to its own sequence, with the same positions
 as unpacked. The model must be called with `use_cache=False`: with a cache object the library skips the detection and
@@ -67,6 +67,11 @@ def share_prompt_unsupported(config, max_length: int) -> str | None:
     if attn not in SHARED_PROMPT_ATTENTION:
         return f"model.attn_implementation `{attn}` does not take an explicit attention mask (use sdpa or eager)"
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style switch: the window is not applied
+        window = None
+    layers = getattr(config, "layer_types", None)
+    if layers is not None and "sliding_attention" not in layers:
+        window = None
     if window is not None and window < max_length:
         return f"the model's sliding window ({window}) is shorter than data.max_length ({max_length})"
     return None
@@ -77,7 +82,9 @@ def resolve_share_prompt(requested: bool | None, packed: bool, config, max_lengt
     -> UserError; false -> off."""
     if requested is False:
         return False
-    reason = "it needs data.packing (off here)" if not packed else share_prompt_unsupported(config, max_length)
+    reason = share_prompt_unsupported(config, max_length)
+    if not packed and reason is None:
+        reason = "it needs data.packing (off here)"
     if reason and requested:
         raise UserError(f"data.share_prompt=true: {reason}; set data.share_prompt=false (or leave it unset)")
     return reason is None
@@ -142,6 +149,8 @@ def collate_packed(
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     segment = torch.full(shape, -1, dtype=torch.long)
+    # The padding tail (never read) keeps position 0, one-token sequences, so the largest position id is that of a real
+    # sequence, as unpacked: dynamic and long-context RoPE variants (Phi-3's longrope) scale by the largest.
     position_ids = torch.zeros(shape, dtype=torch.long)
     last = torch.full((len(sequences),), -1, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -155,7 +164,6 @@ def collate_packed(
             position_ids[r, col : col + n] = torch.arange(n)
             last[s] = r * width + col + n - 1
             col += n
-        position_ids[r, col:] = torch.arange(width - col)  # the padding tail: a segment of its own, never read
     if (last < 0).any() or len(lengths) != len(sequences):
         raise ValueError("every sequence must be placed in exactly one row")
     out = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment": segment, "last": last}
@@ -198,7 +206,8 @@ def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
 
     -> input_ids, position_ids, labels, segment (R, W) as `collate_packed` (a shared prompt token belongs to the
     chosen sequence; its label is ignored), last (S,), lengths (S,) the tokens of each unshared sequence (prompt +
-    reply), attention_mask (R, 1, W, W) bool (True: the query row may attend to the key column), margin (B,), pairs."""
+    reply), group (R, W) the pair of each token (-1 padding) and branch (R, W) 0 shared prompt / 1 chosen / 2 rejected,
+    from which `shared_mask` builds the attention mask, margin (B,), pairs."""
     order = [i for row in rows for i in row]
     b = len(order)
     width = max(sum(shared_pair_size(pairs[i]) for i in row) for row in rows)
@@ -232,27 +241,38 @@ def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
                 group[r, span], branch[r, span], segment[r, span] = k, which, seq
                 col += n
             k += 1
-        position_ids[r, col:] = torch.arange(width - col)
     if (last < 0).any():
         raise ValueError("every pair must be placed in exactly one row")
-    same = (group[:, :, None] == group[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
-    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # key shared or same branch
     pieces = [(len(pairs[i].prompt_ids) + len(getattr(pairs[i], reply))) for reply in ("chosen_ids", "rejected_ids")
               for i in order]  # fmt: skip
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment": segment, "last": last,
-            "lengths": torch.tensor(pieces, dtype=torch.long), "attention_mask": (same & visible)[:, None],
+            "lengths": torch.tensor(pieces, dtype=torch.long), "group": group, "branch": branch,
             "margin": torch.tensor([pairs[i].margin for i in order], dtype=torch.float32),
             "pairs": torch.tensor(order, dtype=torch.long)}  # fmt: skip
 
 
-def model_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A packed batch's attention mask as the model's attention takes it: None (transformers builds the mask from the
-    position ids), or the shared-prompt layout's explicit (R, 1, W, W) bool mask, which sdpa takes as it is and eager
-    attention adds to its scores (so 0 / the dtype's minimum there)."""
+def shared_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The shared-prompt layout's attention mask from its group and branch ids (R, W) -> (R, 1, W, W) bool, True where
+    the query (row) may attend to the key (column): the same pair (or the padding), causal, and the key in the shared
+    prompt or in the query's own branch. Built from the (R, W) ids where they are (the device), one forward at a time,
+    as transformers builds its own masks."""
+    group, branch = batch["group"], batch["branch"]
+    width = group.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=group.device).tril()
+    same = (group[:, :, None] == group[:, None, :]) & causal
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # key shared or same branch
+    return (same & visible)[:, None]
+
+
+def model_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The attention mask a batch is called with: a padded batch's (B, T) mask; None for packed rows (transformers
+    builds the mask from the position ids); for the shared-prompt layout the explicit (R, 1, W, W) mask, bool for sdpa,
+    for eager attention (which adds it to its scores) 0 / the dtype's minimum."""
     from rlhf_cli.models.reward import unwrap
 
-    if mask is None or mask.dim() != 4:
-        return mask
+    if "branch" not in batch:
+        return batch.get("attention_mask")
+    mask = shared_mask(batch)
     inner = unwrap(model)
     if inner.config._attn_implementation != "eager":
         return mask

@@ -277,7 +277,7 @@ def packed_sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
     the pad id). No KV cache: with one, transformers would miss the packed sequences and attend across them."""
     from rlhf_cli.data.packing import model_mask
 
-    mask = model_mask(model, batch.get("attention_mask"))  # None, or the shared-prompt layout's explicit mask
+    mask = model_mask(model, batch)  # None, or the shared-prompt layout's explicit mask
     per_token = head_outputs(model, batch["input_ids"], mask, position_ids=batch["position_ids"], use_cache=False)
     if per_token.shape[-1] != 1:
         raise ValueError(f"a reward model has one output, this one has {per_token.shape[-1]} (pick one label)")

@@ -19,6 +19,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.packing import model_mask, real_tokens, segment_sums
+from rlhf_cli.errors import UserError
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import (
@@ -68,7 +69,10 @@ def run(cfg: Any, run: Run) -> Path | None:
     engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
     packing = packing_for(cfg.data, st, engine, per_item=2)
     if packing.enabled and ref.model is not None:  # the reference reads the same forwards: a layout both can take
-        packing = packing.joint(packing_for(cfg.data, st, ref.model, per_item=2))
+        try:
+            packing = packing.joint(packing_for(cfg.data, st, ref.model, per_item=2))
+        except UserError as err:
+            raise UserError(f"the reference model ({ref_source}): {err}") from None
 
     # 4. Resume; record the stage as running.
     resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
@@ -117,7 +121,7 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     restart per sequence; the sums are taken per sequence), their shared prompt possibly once (`data.share_prompt`:
     an explicit (R, 1, W, W) mask); only their completion positions reach the LM head, in
     chunks (`models.lm_head`). Called under torch.no_grad for the reference, so no graph is built there."""
-    logps = target_logprobs(model, batch["input_ids"], model_mask(model, batch.get("attention_mask")), batch["labels"],
+    logps = target_logprobs(model, batch["input_ids"], model_mask(model, batch), batch["labels"],
                             position_ids=batch.get("position_ids"))  # fmt: skip
     targets = (batch["labels"][:, 1:] != -100).float()
     if "segment" in batch:

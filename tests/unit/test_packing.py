@@ -5,6 +5,7 @@ DeepSpeed's accumulation boundary with a packed step's varying number of forward
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -77,7 +78,8 @@ def test_collate_packed_restarts_positions_and_ignores_each_first_label():
     seqs = [([10, 11, 12], [-100, 11, 12]), ([20, 21], [-100, 21]), ([30, 31, 32, 33], [30, 31, 32, 33])]
     b = pk.collate_packed([[0, 2], [1]], seqs, pad_token_id=0)
     assert b["input_ids"].tolist() == [[10, 11, 12, 30, 31, 32, 33], [20, 21, 0, 0, 0, 0, 0]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4]]
+    # Padding keeps position 0: the largest position is a real one, as unpacked (dynamic / long-context RoPE read it).
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 0, 0, 0, 0]]
     # A sequence's first label would be predicted from the sequence before it: ignored, even when it is a target.
     assert b["labels"].tolist() == [[-100, 11, 12, -100, 31, 32, 33], [-100, 21] + [-100] * 5]
     assert b["segment"].tolist() == [[0, 0, 0, 2, 2, 2, 2], [1, 1, -1, -1, -1, -1, -1]]
@@ -173,20 +175,25 @@ def test_packed_sft_equals_unpacked(tok, variant):
     _assert_same(_grads(model), expected)
 
 
+# Pairs of 54, 108 and 37 tokens: rows [108] and [54, 37] in one forward (2 rows x 108 <= 300). With the prompt once
+# (data.share_prompt, tests/unit/test_share_prompt.py) 52, 69 and 26: three rows of 69 in one forward.
+@pytest.mark.parametrize(("share", "shape", "attn"), [(False, (2, 108), "sdpa"), (True, (3, 69), "sdpa"),
+                                                     (True, (3, 69), "eager")])  # fmt: skip
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos):
+def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos, share, shape, attn):
     from rlhf_cli.stages import rm
 
     eos, pad = _tok_ids(tok, pad_is_eos)
-    model = load_reward_model(BUILTIN, BUILTIN.name_or_path, tok)
+    model_cfg = replace(BUILTIN, attn_implementation=attn)
+    model = load_reward_model(model_cfg, model_cfg.name_or_path, tok)
+    assert model.config._attn_implementation == attn
     pairs = _pairs(eos)
     padded = collate_preference(pairs, pad)
     scores = sequence_scores(model, padded["input_ids"], padded["attention_mask"])
     bradley_terry_loss(*split_pairs(scores), padded["margin"])[0].mul(3).backward()
     expected = _grads(model)
-    forwards = rm.pair_batches(pairs, [0, 1, 2], 3, pad, Packing(True, capacity=512, budget=300))
-    # Pairs of 54, 108 and 37 tokens: rows [108] and [54, 37] in one forward (2 rows x 108 <= 300).
-    assert len(forwards) == 1 and forwards[0]["input_ids"].shape == (2, 108)
+    forwards = rm.pair_batches(pairs, [0, 1, 2], 3, pad, Packing(True, capacity=512, budget=300, share_prompt=share))
+    assert len(forwards) == 1 and forwards[0]["input_ids"].shape == shape
     for b in forwards:
         packed = rm.batch_scores(model, b)
         chosen, rejected = split_pairs(packed)
@@ -199,10 +206,10 @@ def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos
     assert torch.equal(packed_sequence_scores(model, b), packed.detach())
 
 
-def dpo_setup(tok, pad_is_eos):
+def dpo_setup(tok, pad_is_eos, model_cfg=BUILTIN):
     """(policy, frozen reference model, dpo.Reference over it, stage config, the three pairs, pad id)."""
     eos, pad = _tok_ids(tok, pad_is_eos)
-    policy, reference = load_causal_lm(BUILTIN, tok, seed=0), load_causal_lm(BUILTIN, tok, seed=1)
+    policy, reference = load_causal_lm(model_cfg, tok, seed=0), load_causal_lm(model_cfg, tok, seed=1)
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference
     st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
