@@ -118,16 +118,21 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
              head_dim=8, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 
+def small_family_model(model_type: str, attn: str):
+    """A 2-layer fp32 model of a listed family in eval mode; skips the test where transformers has no such kernel."""
+    config = AutoConfig.for_model(model_type, **SMALL)
+    torch.manual_seed(0)
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
+    except ValueError as err:  # Gemma 2 has no sdpa path; transformers says so when asked
+        pytest.skip(str(err)[:80])
+
+
 @pytest.mark.parametrize("model_type", sorted(pk.PACKED_MODEL_TYPES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_listed_family_keeps_packed_sequences_apart(model_type, attn):
     """The family table is a claim about the installed transformers: packed logits equal each sequence run alone."""
-    config = AutoConfig.for_model(model_type, **SMALL)
-    torch.manual_seed(0)
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
-    except ValueError as err:  # Gemma 2 has no sdpa path; transformers says so when asked
-        pytest.skip(str(err)[:80])
+    model = small_family_model(model_type, attn)
     assert pk.packing_unsupported(model.config) is None
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 97, (n,), generator=gen) for n in (5, 11, 3)]

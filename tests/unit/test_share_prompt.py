@@ -10,8 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_packing import BUILTIN, SMALL, dpo_forwards_equal_unpacked, dpo_setup
-from transformers import AutoConfig, AutoModelForCausalLM
+from test_packing import BUILTIN, dpo_forwards_equal_unpacked, dpo_setup, small_family_model
 
 from rlhf_cli.config.compose import compose
 from rlhf_cli.data import PreferenceExample
@@ -74,12 +73,7 @@ def test_shared_layout_and_mask_by_hand():
 def test_every_listed_family_gives_each_reply_its_unshared_logits(model_type, attn):
     """The explicit mask and continued positions are a claim about each family's forward in the installed transformers:
     every branch token's logits equal those of prompt + reply run alone."""
-    config = AutoConfig.for_model(model_type, **SMALL)
-    torch.manual_seed(0)
-    try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).float().eval()
-    except ValueError as err:  # Gemma 2 has no sdpa path; transformers says so when asked
-        pytest.skip(str(err)[:80])
+    model = small_family_model(model_type, attn)
     assert pk.share_prompt_unsupported(model.config, max_length=64) is None
     gen = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (6, 4, 9, 1, 3, 2)]
