@@ -93,3 +93,38 @@ def test_explain_of_an_online_stage_counts_prompts_without_torch(stage, run_root
     code, loaded, err = run_cli(["explain", stage, f"run.root={run_root.parent}"], run_root)
     assert code == 0, err
     assert loaded == {"transformers"}
+
+
+# `rlhf generate` / `rlhf score` as the program (sys.argv, main()): a module-level object's finaliser stands for the
+# interpreter's teardown, an exit handler for what must still run.
+EXIT_PROBE = """
+import atexit, sys
+from rlhf_cli.cli import main
+
+class Teardown:
+    def __del__(self):
+        print("TEARDOWN", file=sys.stderr, flush=True)
+
+witness = Teardown()
+atexit.register(lambda: print("HANDLER", file=sys.stderr, flush=True))
+sys.argv = ["rlhf", *sys.argv[1:]]
+sys.exit(main(None if sys.argv[1] != "in-process" else sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("args", "teardown"), [(["generate"], False), (["score"], False), (["explain", "sft"], True),
+                                                (["in-process", "generate"], True)])  # fmt: skip
+def test_read_only_tools_skip_the_interpreter_teardown_but_run_the_exit_handlers(tmp_path, args, teardown):
+    """generate / score end without the module teardown (about 0.8 s after importing torch and transformers); their exit
+    handlers and output still happen. Other commands, and main([...]) called by a program, end as usual."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tool = [f"root={tmp_path}", "run=missing", "prompt=hi", *(["response=hello"] if "score" in args else [])]
+    cli = [*args, *(tool if "explain" not in args else [f"run.root={tmp_path}"])]
+    res = subprocess.run([sys.executable, "-c", EXIT_PROBE, *cli], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)  # fmt: skip
+    if "explain" in args:
+        assert res.returncode == 0 and "sft" in res.stdout, res.stderr
+    else:  # refused before any model: the error line is flushed out before the process ends
+        assert res.returncode == 2 and "error:" in res.stderr and "missing" in res.stderr, res.stderr
+    assert "HANDLER" in res.stderr
+    assert ("TEARDOWN" in res.stderr) is teardown, res.stderr
