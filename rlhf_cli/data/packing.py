@@ -77,14 +77,12 @@ def share_prompt_unsupported(config, max_length: int) -> str | None:
     return None
 
 
-def resolve_share_prompt(requested: bool | None, packed: bool, config, max_length: int) -> bool:
-    """`data.share_prompt`: None (auto) -> on where packing is on and the model takes the mask; true where it cannot
-    -> UserError; false -> off."""
+def resolve_share_prompt(requested: bool | None, config, max_length: int) -> bool:
+    """`data.share_prompt`: None (auto) -> on where the model takes the mask; true where it cannot -> UserError; false
+    -> off. Only packed steps use it; true with data.packing=false is refused with the config (config/compose.py)."""
     if requested is False:
         return False
     reason = share_prompt_unsupported(config, max_length)
-    if not packed and reason is None:
-        reason = "it needs data.packing (off here)"
     if reason and requested:
         raise UserError(f"data.share_prompt=true: {reason}; set data.share_prompt=false (or leave it unset)")
     return reason is None
@@ -225,8 +223,6 @@ def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
         for i in row:
             prompt = list(pairs[i].prompt_ids)
             head, tail = prompt[:-1], prompt[-1:]  # tail: the prompt's last token, repeated in both branches
-            skip = 1  # a branch's first token is not a target: the repeated prompt token (or, with no prompt, the
-            # sequence's first token, which nothing predicts)
             chosen, rejected = tail + list(pairs[i].chosen_ids), tail + list(pairs[i].rejected_ids)
             parts = [(head, 0, k), (chosen, 1, k), (rejected, 2, k + b)]  # (ids, branch, sequence)
             for ids, which, seq in parts:
@@ -236,7 +232,9 @@ def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
                 first = len(head) if which else 0  # both branches continue the prompt's positions
                 position_ids[r, span] = torch.arange(first, first + n)
                 if which:
-                    labels[r, col + skip : col + n] = torch.tensor(ids[skip:], dtype=torch.long)
+                    # A branch's first token is no target: the repeated prompt token, or with no prompt the first
+                    # reply token, which nothing predicts (as `collate_packed` ignores each sequence's first label).
+                    labels[r, col + 1 : col + n] = torch.tensor(ids[1:], dtype=torch.long)
                     last[seq] = r * width + col + n - 1
                 group[r, span], branch[r, span], segment[r, span] = k, which, seq
                 col += n

@@ -69,8 +69,8 @@ class Packing:
     def joint(self, other: Packing) -> Packing:
         """The layout that both this model and `other` (DPO's reference, which reads the same forwards) can take."""
         enabled = self.enabled and other.enabled
-        return replace(self, enabled=enabled, flat=enabled and (self.flat or other.flat),
-                                   share_prompt=enabled and self.share_prompt and other.share_prompt)  # fmt: skip
+        flat, share = self.flat or other.flat, self.share_prompt and other.share_prompt
+        return replace(self, enabled=enabled, flat=enabled and flat, share_prompt=enabled and share)
 
 
 def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
@@ -83,7 +83,7 @@ def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
     config = unwrap(model).config
     capacity = data_cfg.max_length * per_item
     packed = resolve_packing(data_cfg.packing, config)
-    share = per_item == 2 and resolve_share_prompt(data_cfg.share_prompt, packed, config, data_cfg.max_length)
+    share = per_item == 2 and resolve_share_prompt(data_cfg.share_prompt, config, data_cfg.max_length)
     if not packed:
         return Packing(False, capacity)
     budget = check_budget(data_cfg.max_tokens_per_batch, data_cfg.max_length, per_item)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import FAST, manifest, metrics, rlhf, torchrun, weights
+from test_eval_sharding import PARTITION_ALL  # checked there to partition every parameter
 from transformers import AutoModelForCausalLM
 
 STEPS = ["stage.max_steps=3", "stage.save_every=0", "stage.eval_every=0"]
@@ -85,13 +86,14 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
 
 
 # Packed (the default). zero2: each reply with its own copy of the prompt. zero3: each pair's prompt once (an explicit
-# 4-D mask through the engines), the reference a partitioned inference engine, and forwards of at most 140 tokens
+# 4-D mask through the engines), every parameter partitioned (the FAST model's tensors are all below DeepSpeed's
+# default persistence threshold), the reference a partitioned inference engine, and forwards of at most 140 tokens
 # (pairs of 27 to 86 tokens with the prompt once) give the two ranks 2 and 3, 2 and 2, then 2 and 3 forwards: the
 # weight-0 fillers run the policy and the reference forward too.
 @pytest.mark.parametrize(
     ("zero", "packing"),
     [("zero2", ["data.share_prompt=false"]),
-     ("zero3", ["data.share_prompt=true", "data.max_length=70", "data.max_tokens_per_batch=140"])],
+     ("zero3", ["data.share_prompt=true", "data.max_length=70", "data.max_tokens_per_batch=140", PARTITION_ALL])],
 )  # fmt: skip
 def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
     base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",

@@ -113,13 +113,10 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
     assert packing_for(data, st, model, per_item=1) == Packing(True, 64, micro=4)  # SFT has no pairs
     data.share_prompt = False
     assert not packing_for(data, st, model, per_item=2).share_prompt
-    data.share_prompt, data.packing = True, False
-    with pytest.raises(UserError, match=r"data.share_prompt=true: it needs data.packing \(off here\)"):
-        packing_for(data, st, model, per_item=2)
+    data.share_prompt = True
     with pytest.raises(UserError, match=r"config key `data.share_prompt` is true, which needs packed pairs, but "
                                         r"`data.packing` is false"):  # fmt: skip
         compose("dpo", ["data.share_prompt=true", "data.packing=false"])  # refused with the config, before any model
-    data.packing = None
     model.config.sliding_window = 32  # a Mistral-style window shorter than a sequence: the full mask would be wrong
     with pytest.raises(UserError, match=r"sliding window \(32\) is shorter than data.max_length \(64\)"):
         packing_for(data, st, model, per_item=2)
