@@ -19,7 +19,8 @@ and no sliding window shorter than a sequence (`share_prompt_unsupported`).
 
 Which examples a step sees is not changed here (the step plan is); only how one rank's examples of one optimizer step
 are laid out: first-fit decreasing into rows of `capacity` tokens, rows grouped into forwards of at most `budget`
-tokens counted with padding (R x W); stages/common.py `Packing` picks both. Deterministic: ties go by position.
+tokens counted with padding (R x W); stages/common.py `Packing` picks both, under sdpa the cheapest of a few row
+widths (`plan_cheapest`). Deterministic: ties go by position.
 """
 
 from __future__ import annotations
@@ -129,6 +130,45 @@ def plan_forwards(sizes: Sequence[int], capacity: int, budget: int) -> list[list
             forwards.append([row])
             width = used
     return forwards
+
+
+# Row widths tried, x the step's longest item: wider rows fill better (two items of 0.7 x the longest share one) but
+# every token of a row attends over the whole row under sdpa (masked positions are computed too).
+ROW_WIDTHS = (1.0, 1.25, 1.5, 2.0)
+
+
+def attention_width(config) -> float:
+    """The row width W at which a token's attention over its row (4 x hidden x W FLOPs per layer, masked positions
+    included) costs as much as its matmuls (2 x a layer's weights, about 4 x hidden^2 + 3 x hidden x intermediate)."""
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    return 2.0 * hidden + 1.5 * intermediate
+
+
+def layout_cost(forwards: list[list[list[int]]], sizes: Sequence[int], width_scale: float) -> float:
+    """Body FLOPs of a layout up to a constant: each forward's R x W positions, each costing 1 + W / width_scale
+    (its matmuls, then its attention over the row; `attention_width`)."""
+    total = 0.0
+    for rows in forwards:
+        width = max(sum(sizes[i] for i in row) for row in rows)
+        total += len(rows) * width * (1.0 + width / width_scale)
+    return total
+
+
+def plan_cheapest(sizes: Sequence[int], budget: int, width_scale: float) -> list[list[list[int]]]:
+    """`plan_forwards` with rows of each of ROW_WIDTHS x the longest item (at most `budget`): the layout of least
+    `layout_cost`, the narrowest on a tie. A pure function of the sizes, as the step plan needs."""
+    longest = max(sizes)
+    best, best_cost = None, float("inf")
+    for scale in ROW_WIDTHS:
+        capacity = min(int(scale * longest), budget)
+        plan = plan_forwards(sizes, capacity, budget)
+        cost = layout_cost(plan, sizes, width_scale)
+        if cost < best_cost * (1 - 1e-9):
+            best, best_cost = plan, cost
+        if capacity == budget:
+            break
+    return best
 
 
 def collate_packed(

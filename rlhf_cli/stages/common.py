@@ -39,7 +39,8 @@ class Packing:
     """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the
     longest possible item (data.max_length, x 2 for a pair), the tokens per forward (padding included;
     data.max_tokens_per_batch, or None: per step, `micro` x the step's longest item, the size of the step's widest
-    padded micro-batch, so packing never holds more activations than padding), and whether forwards are flattened into
+    padded micro-batch, so packing never holds more activations than padding; sdpa's (R, 1, W, W) mask can be up
+    to twice a padded micro-batch's when rows are twice its width), and whether forwards are flattened into
     one row (flash attention detects packed sequences only there)."""
 
     enabled: bool
@@ -48,21 +49,31 @@ class Packing:
     flat: bool = False
     micro: int = 1
     share_prompt: bool = False  # pairs: the prompt once for both replies (data.share_prompt)
+    # sdpa: rows up to 2 x the longest item where that costs less (data/packing.py `attention_width`); 0: rows as long
+    # as the longest item (eager, whose (R, heads, W, W) attention weights would outgrow a padded micro-batch's)
+    width_scale: float = 0.0
 
     def layout(self, sizes: list[int]) -> list[list[list[int]]]:
         """Item positions as [forward][row][position], sizes (N,) tokens per item. Rows are as long as the step's
-        longest item: a row then costs the attention of one padded row (sdpa and eager attend over the whole row,
-        masked) while holding several short items. Flattened forwards (varlen flash attention): one row each."""
-        from rlhf_cli.data.packing import plan_forwards
+        longest item, or (sdpa) up to twice that where the row's attention costs less than the rows saved: sdpa and
+        eager attend over the whole row, masked, so a row costs the attention of one padded row of its width while
+        holding several short items. Flattened forwards (varlen flash attention): one row each."""
+        from rlhf_cli.data.packing import plan_cheapest, plan_forwards
 
         budget = self.budget or self.micro * max(sizes)
-        return plan_forwards(sizes, budget if self.flat else max(sizes), budget)
+        if self.flat:
+            return plan_forwards(sizes, budget, budget)
+        if self.width_scale:
+            return plan_cheapest(sizes, budget, self.width_scale)
+        return plan_forwards(sizes, max(sizes), budget)
 
     def describe(self) -> str:
         if not self.enabled:
             return "packing: off (padded micro-batches)"
         budget = f"{self.budget} tokens" if self.budget else f"{self.micro} x the step's longest example"
         rows = "one row per forward" if self.flat else "rows as long as the step's longest example"
+        if self.width_scale and not self.flat:
+            rows = "rows 1-2 x the step's longest example, the width that costs least"
         shared = "; each pair's prompt computed once" if self.share_prompt else ""
         return f"packing: on, up to {budget} per forward (padding included), {rows}{shared}"
 
@@ -70,14 +81,21 @@ class Packing:
         """The layout that both this model and `other` (DPO's reference, which reads the same forwards) can take."""
         enabled = self.enabled and other.enabled
         flat, share = self.flat or other.flat, self.share_prompt and other.share_prompt
-        return replace(self, enabled=enabled, flat=enabled and flat, share_prompt=enabled and share)
+        scale = self.width_scale if other.width_scale else 0.0  # an eager reference keeps rows at the longest item
+        return replace(self, enabled=enabled, flat=enabled and flat, share_prompt=enabled and share, width_scale=scale)
 
 
 def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
     """The stage's `Packing` from `data.packing` / `data.max_tokens_per_batch` and the model (or engine) it trains:
     auto is on where its attention keeps packed sequences apart; forced on where it does not is a UserError.
     `per_item`: sequences per item (1 for SFT, 2 for a preference pair, whose two sequences share a forward)."""
-    from rlhf_cli.data.packing import FLAT_ATTENTION, check_budget, resolve_packing, resolve_share_prompt
+    from rlhf_cli.data.packing import (
+        FLAT_ATTENTION,
+        attention_width,
+        check_budget,
+        resolve_packing,
+        resolve_share_prompt,
+    )
     from rlhf_cli.models.reward import unwrap
 
     config = unwrap(model).config
@@ -88,7 +106,8 @@ def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
         return Packing(False, capacity)
     budget = check_budget(data_cfg.max_tokens_per_batch, data_cfg.max_length, per_item)
     flat = config._attn_implementation in FLAT_ATTENTION
-    return Packing(True, capacity, budget, flat, st.micro_batch_size, share)
+    scale = attention_width(config) if config._attn_implementation == "sdpa" else 0.0
+    return Packing(True, capacity, budget, flat, st.micro_batch_size, share, scale)
 
 
 def accumulate(engine: Any, forwards: list, one: Callable[[Any, bool], None], packed: bool) -> float | None:

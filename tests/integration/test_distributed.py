@@ -33,14 +33,15 @@ def _uneven_steps(steps: int) -> int:
     rank then adds weight-0 fillers up to the other's count), computed with the stage's own layout functions."""
     from rlhf_cli.config.compose import compose
     from rlhf_cli.data import build_sft_datasets
-    from rlhf_cli.models import load_tokenizer
-    from rlhf_cli.stages.common import Packing, step_plan
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.stages.common import packing_for, step_plan
     from rlhf_cli.stages.sft import step_batches
 
     cfg = compose("sft", [*FAST, *TWO, *PACKED])
     tok = load_tokenizer(cfg.model)
     data = build_sft_datasets(cfg.data, tok, seed=cfg.seed)
-    plan, packing = step_plan(len(data.train), cfg.stage, 2), Packing(True, 160, 160)
+    packing = packing_for(cfg.data, cfg.stage, load_causal_lm(cfg.model, tok, seed=cfg.seed), per_item=1)
+    plan = step_plan(len(data.train), cfg.stage, 2)
     counts = [[len(step_batches(data.train, plan.rank_indices(s, r, cfg.seed), 4, tok.pad_token_id, packing))
                for r in (0, 1)] for s in range(steps)]  # fmt: skip
     return sum(a != b for a, b in counts)

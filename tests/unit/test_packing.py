@@ -74,6 +74,27 @@ def test_plan_is_first_fit_decreasing_then_rows_grouped_under_the_budget():
         pk.plan_forwards([11], capacity=10, budget=20)
 
 
+def test_rows_up_to_twice_the_longest_item_where_their_attention_costs_less():
+    # Budget 240 (4 x 60). Rows of 60: 60 | 50 + 7 | 40 + 5 | 30, one forward of 4 x 60 positions. Rows of 75:
+    # 60 + 7 + 5 | 50 | 40 + 30, 3 x 72. Rows of 90: 60 + 30 | 50 + 40 | 7 + 5, 2 x 90 then 1 x 12 (3 x 90 > 240).
+    # Rows of 120: 60 + 50 + 7 | 40 + 30 + 5, 2 x 117. A position costs 1 + W / scale: with attention free the rows
+    # of 90 feed fewest positions (192); at scale 20 (attention dear) the rows of 60 cost least (240 x 4 = 960
+    # against 216 x 4.6, 180 x 5.5 + 12 x 1.6 and 234 x 6.85).
+    sizes = [60, 5, 7, 30, 50, 40]
+    assert pk.plan_cheapest(sizes, 240, width_scale=1e9) == [[[0, 3], [4, 5]], [[2, 1]]]
+    assert pk.plan_cheapest(sizes, 240, width_scale=20) == [[[0], [4, 2], [5, 1], [3]]]
+    assert pk.plan_cheapest(sizes, 240, 20) == pk.plan_forwards(sizes, capacity=60, budget=240)
+    assert pk.layout_cost(pk.plan_cheapest(sizes, 240, 20), sizes, 20) == 240 * (1 + 60 / 20)
+    assert pk.layout_cost([[[0, 3], [4, 5]], [[2, 1]]], sizes, 1e9) == pytest.approx(192)
+    # Rows never exceed the budget: with a budget of 100 the widest try is 100, not 2 x 60.
+    plan = pk.plan_cheapest(sizes, 100, width_scale=1e9)
+    assert sorted(i for f in plan for row in f for i in row) == list(range(len(sizes)))
+    assert all(len(f) * max(sum(sizes[i] for i in row) for row in f) <= 100 for f in plan)
+    # The width at which attention costs what the matmuls do: 2 x hidden + 1.5 x intermediate (4 x hidden without).
+    assert pk.attention_width(SimpleNamespace(hidden_size=32, intermediate_size=64)) == 160
+    assert pk.attention_width(SimpleNamespace(hidden_size=32)) == 256
+
+
 def test_collate_packed_restarts_positions_and_ignores_each_first_label():
     seqs = [([10, 11, 12], [-100, 11, 12]), ([20, 21], [-100, 21]), ([30, 31, 32, 33], [30, 31, 32, 33])]
     b = pk.collate_packed([[0, 2], [1]], seqs, pad_token_id=0)
@@ -295,18 +316,22 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
     data = SimpleNamespace(packing=None, max_tokens_per_batch=None, max_length=64, share_prompt=False)
     model = load_causal_lm(BUILTIN, tok, seed=0)
     auto = packing_for(data, st, model, per_item=1)
-    assert auto == Packing(True, capacity=64, budget=None, micro=4)
-    # No budget set: micro x the step's longest item per forward (4 x 60), rows as long as that item: 60 | 50 + 7 |
-    # 40 + 5 | 30, four rows of width 60 in one forward.
-    assert auto.layout([60, 5, 7, 30, 50, 40]) == [[[0], [4, 2], [5, 1], [3]]]
-    assert auto.layout([60, 5]) == [[[0], [1]]]
-    assert packing_for(data, st, model, per_item=2) == Packing(True, capacity=128, micro=4)
+    assert auto == Packing(True, capacity=64, budget=None, micro=4, width_scale=2 * 32 + 1.5 * 64)  # sdpa
+    # No budget set: micro x the step's longest item per forward (4 x 60); rows of 90 (1.5 x 60) cost least for this
+    # model (test_rows_up_to_twice_the_longest_item_where_their_attention_costs_less): 60 + 30 | 50 + 40, then 7 + 5.
+    assert auto.layout([60, 5, 7, 30, 50, 40]) == [[[0, 3], [4, 5]], [[2, 1]]]
+    assert auto.layout([60, 5]) == [[[0, 1]]]  # one row of 65 (rows of 60: 2 x 60 positions)
+    assert "rows 1-2 x the step's longest example" in auto.describe()
+    assert replace(auto, width_scale=0).layout([60, 5]) == [[[0], [1]]]  # eager: rows as long as the longest item
+    assert packing_for(data, st, model, per_item=2) == Packing(True, capacity=128, micro=4, width_scale=160)
     data.max_tokens_per_batch = 100
     with pytest.raises(UserError, match=r"data.max_tokens_per_batch=100 cannot hold a pair's two sequences "
                                         r"\(2 x data.max_length = 128\)"):  # fmt: skip
         packing_for(data, st, model, per_item=2)
     assert packing_for(data, st, model, per_item=1).layout([60, 5, 7, 30]) == [[[0]], [[3, 2, 1]]]
-    model.config._attn_implementation = "flash_attention_2"  # (only read here: nothing runs)
+    model.config._attn_implementation = "eager"  # (only read here: nothing runs)
+    assert packing_for(data, st, model, per_item=1).width_scale == 0  # eager's (R, heads, W, W) weights grow with W
+    model.config._attn_implementation = "flash_attention_2"
     flat = packing_for(data, st, model, per_item=1)
     assert flat == Packing(True, 64, 100, flat=True, micro=4) and flat.layout([60, 5, 7, 30]) == [[[0, 3, 2]], [[1]]]
     model.config._attn_implementation = "flex_attention"

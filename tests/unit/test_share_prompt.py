@@ -109,8 +109,8 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
     st = SimpleNamespace(micro_batch_size=4)
     data = SimpleNamespace(packing=None, max_tokens_per_batch=None, max_length=64, share_prompt=None)
     model = load_causal_lm(BUILTIN, tok, seed=0)
-    assert packing_for(data, st, model, per_item=2) == Packing(True, 128, micro=4, share_prompt=True)
-    assert packing_for(data, st, model, per_item=1) == Packing(True, 64, micro=4)  # SFT has no pairs
+    assert packing_for(data, st, model, per_item=2) == Packing(True, 128, micro=4, share_prompt=True, width_scale=160)
+    assert packing_for(data, st, model, per_item=1) == Packing(True, 64, micro=4, width_scale=160)  # SFT: no pairs
     data.share_prompt = False
     assert not packing_for(data, st, model, per_item=2).share_prompt
     data.share_prompt = True
@@ -141,6 +141,8 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
     sdpa = Packing(True, 128, micro=4, share_prompt=True)
     assert sdpa.joint(flash) == Packing(True, 128, flat=True, micro=4, share_prompt=False)
     assert not sdpa.joint(Packing(False, 128)).enabled
+    wide = replace(sdpa, width_scale=160.0)  # an eager reference keeps rows at the longest pair (its memory)
+    assert wide.joint(sdpa).width_scale == 0 and wide.joint(wide).width_scale == 160
     assert "each pair's prompt computed once" in sdpa.describe()
 
 
