@@ -201,6 +201,29 @@ def test_packed_sft_equals_unpacked(tok, variant):
     _assert_same(_grads(model), expected)
 
 
+def test_sft_in_rows_wider_than_the_longest_example_equals_unpacked(tok):
+    """Rows up to 2 x the longest example (sdpa, `plan_cheapest`): examples of 60, 50, 40, 30, 7 and 5 tokens in rows
+    of 90 (60 + 30 | 50 + 40, then 7 + 5) give the padded loss and gradients."""
+    eos, pad = _tok_ids(tok, False)
+    model = load_causal_lm(BUILTIN, tok, seed=0)
+    exs = [SFTExample(_ids(n // 2, n) + _ids(n - n // 2 - 1, 9 * n) + [eos],
+                      [IGNORE_INDEX] * (n // 2) + _ids(n - n // 2 - 1, 9 * n) + [eos]) for n in (60, 5, 7, 30, 50, 40)]
+    loss, n = sft.sft_loss(model, collate_sft(exs, pad))
+    loss.backward()
+    expected = _grads(model)
+    packing = Packing(True, capacity=64, micro=4, width_scale=1e9)  # attention priced at nothing: widest useful rows
+    forwards = sft.step_batches(exs, list(range(len(exs))), 4, pad, packing)
+    assert [tuple(b["input_ids"].shape) for b in forwards] == [(2, 90), (1, 12)]  # rows wider than the longest (60)
+    total, count = 0.0, 0
+    for b in forwards:
+        part, k = sft.sft_loss(model, b)
+        part.backward()
+        total, count = total + part.detach(), count + k
+    assert count == n
+    torch.testing.assert_close(total, loss.detach(), rtol=1e-5, atol=1e-5)
+    _assert_same(_grads(model), expected)
+
+
 # Pairs of 54, 108 and 37 tokens: rows [108] and [54, 37] in one forward (2 rows x 108 <= 300). With the prompt once
 # (data.share_prompt, tests/unit/test_share_prompt.py) 52, 69 and 26: three rows of 69 in one forward.
 @pytest.mark.parametrize(("share", "shape", "attn"), [(False, (2, 108), "sdpa"), (True, (3, 69), "sdpa"),
