@@ -135,6 +135,9 @@ def plan_forwards(sizes: Sequence[int], capacity: int, budget: int) -> list[list
 # Row widths tried, x the step's longest item: wider rows fill better (two items of 0.7 x the longest share one) but
 # every token of a row attends over the whole row under sdpa (masked positions are computed too).
 ROW_WIDTHS = (1.0, 1.25, 1.5, 2.0)
+# A wider layout must cost this much less than the narrowest, and hold no more forwards: each forward has fixed costs
+# the FLOP count leaves out (ZeRO-3 gathers every parameter per forward, ZeRO-2 reduces gradients per backward).
+MIN_GAIN = 0.02
 
 
 def attention_width(config) -> float:
@@ -157,14 +160,16 @@ def layout_cost(forwards: list[list[list[int]]], sizes: Sequence[int], width_sca
 
 def plan_cheapest(sizes: Sequence[int], budget: int, width_scale: float) -> list[list[list[int]]]:
     """`plan_forwards` with rows of each of ROW_WIDTHS x the longest item (at most `budget`): the layout of least
-    `layout_cost`, the narrowest on a tie. A pure function of the sizes, as the step plan needs."""
+    `layout_cost` among those with no more forwards than rows of the longest item, a wider one only where it saves
+    MIN_GAIN of that cost (ties go to the narrower). A pure function of the sizes, as the step plan needs."""
     longest = max(sizes)
-    best, best_cost = None, float("inf")
-    for scale in ROW_WIDTHS:
+    best = narrow = plan_forwards(sizes, longest, budget)
+    best_cost = limit = layout_cost(narrow, sizes, width_scale) * (1 - MIN_GAIN)
+    for scale in ROW_WIDTHS[1:]:
         capacity = min(int(scale * longest), budget)
         plan = plan_forwards(sizes, capacity, budget)
         cost = layout_cost(plan, sizes, width_scale)
-        if cost < best_cost * (1 - 1e-9):
+        if len(plan) <= len(narrow) and cost < best_cost and cost <= limit:
             best, best_cost = plan, cost
         if capacity == budget:
             break

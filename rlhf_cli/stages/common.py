@@ -39,8 +39,9 @@ class Packing:
     """How one rank's examples of an optimizer step are laid out (rlhf_cli/data/packing.py): packed or not, the
     longest possible item (data.max_length, x 2 for a pair), the tokens per forward (padding included;
     data.max_tokens_per_batch, or None: per step, `micro` x the step's longest item, the size of the step's widest
-    padded micro-batch, so packing never holds more activations than padding; sdpa's (R, 1, W, W) mask can be up
-    to twice a padded micro-batch's when rows are twice its width), and whether forwards are flattened into
+    padded micro-batch, so the hidden states never outgrow padding's; sdpa's (R, 1, W, W) mask, which torch keeps
+    per layer in the activations' dtype, is R x W^2 <= 2 x micro x the longest^2, up to twice a padded
+    micro-batch's when rows are twice its width), and whether forwards are flattened into
     one row (flash attention detects packed sequences only there)."""
 
     enabled: bool

@@ -29,6 +29,16 @@ PACKED_MODEL_TYPES = frozenset(
 )  # fmt: skip
 
 
+# How wide a packed row is, per attention implementation (data/packing.py `plan_cheapest`).
+ROW_LINES = {
+    "sdpa": "rows: 1, 1.25, 1.5 or 2 x the step's longest {item}, the cheapest width (matmuls + masked attention) "
+    "that adds no forward",
+    "eager": "rows: as long as the step's longest {item} (eager's attention weights grow with the row)",
+    "flash_attention_2": "rows: one flattened row per forward (varlen kernels)",
+    "flash_attention_3": "rows: one flattened row per forward (varlen kernels)",
+}
+
+
 def packing_summary(data_cfg: Any, st: Any, attn_implementation: str, per_item: int) -> list[str]:
     """How SFT / RM / DPO lay out a step (`data.packing`, `data.max_tokens_per_batch`), for `rlhf explain`: lines.
     `per_item`: sequences per example (2 for a preference pair)."""
@@ -42,7 +52,8 @@ def packing_summary(data_cfg: Any, st: Any, attn_implementation: str, per_item: 
     size = f"{budget} tokens" if budget else f"micro {st.micro_batch_size} x the step's longest {item}"
     when = "on (data.packing=true)" if data_cfg.packing else "on where supported (data.packing=null: tested decoders)"
     lines = [f"  packing: {when}; same loss and gradients as padded",
-             f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one"]  # fmt: skip
+             f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one",
+             f"    {ROW_LINES.get(attn_implementation, ROW_LINES['eager']).format(item=item)}"]  # fmt: skip
     if per_item == 2:
         lines.append(f"    {shared_prompt_line(data_cfg.share_prompt, attn_implementation)}")
     return lines

@@ -88,8 +88,8 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
 # Packed (the default). zero2: each reply with its own copy of the prompt. zero3: each pair's prompt once (an explicit
 # 4-D mask through the engines), every parameter partitioned (the FAST model's tensors are all below DeepSpeed's
 # default persistence threshold), the reference a partitioned inference engine, and forwards of at most 140 tokens
-# (pairs of 27 to 86 tokens with the prompt once) give the two ranks 3 and 3, 2 and 3, then 3 and 3 forwards: the
-# weight-0 filler runs the policy and the reference forward too.
+# (pairs of 27 to 86 tokens with the prompt once) give the two ranks 2 and 3, 2 and 2, then 2 and 3 forwards: the
+# weight-0 fillers run the policy and the reference forward too.
 @pytest.mark.parametrize(
     ("zero", "packing"),
     [("zero2", ["data.share_prompt=false"]),

@@ -76,16 +76,21 @@ def test_plan_is_first_fit_decreasing_then_rows_grouped_under_the_budget():
 
 def test_rows_up_to_twice_the_longest_item_where_their_attention_costs_less():
     # Budget 240 (4 x 60). Rows of 60: 60 | 50 + 7 | 40 + 5 | 30, one forward of 4 x 60 positions. Rows of 75:
-    # 60 + 7 + 5 | 50 | 40 + 30, 3 x 72. Rows of 90: 60 + 30 | 50 + 40 | 7 + 5, 2 x 90 then 1 x 12 (3 x 90 > 240).
-    # Rows of 120: 60 + 50 + 7 | 40 + 30 + 5, 2 x 117. A position costs 1 + W / scale: with attention free the rows
-    # of 90 feed fewest positions (192); at scale 20 (attention dear) the rows of 60 cost least (240 x 4 = 960
-    # against 216 x 4.6, 180 x 5.5 + 12 x 1.6 and 234 x 6.85).
+    # 60 + 7 + 5 | 50 | 40 + 30, one of 3 x 72. Rows of 90: 60 + 30 | 50 + 40 | 7 + 5, 2 x 90 then 1 x 12 (3 x 90 >
+    # 240): two forwards. Rows of 120: 60 + 50 + 7 | 40 + 30 + 5, 2 x 117. A position costs 1 + W / scale.
     sizes = [60, 5, 7, 30, 50, 40]
-    assert pk.plan_cheapest(sizes, 240, width_scale=1e9) == [[[0, 3], [4, 5]], [[2, 1]]]
-    assert pk.plan_cheapest(sizes, 240, width_scale=20) == [[[0], [4, 2], [5, 1], [3]]]
-    assert pk.plan_cheapest(sizes, 240, 20) == pk.plan_forwards(sizes, capacity=60, budget=240)
-    assert pk.layout_cost(pk.plan_cheapest(sizes, 240, 20), sizes, 20) == 240 * (1 + 60 / 20)
-    assert pk.layout_cost([[[0, 3], [4, 5]], [[2, 1]]], sizes, 1e9) == pytest.approx(192)
+    narrow, r75, r90 = [[[0], [4, 2], [5, 1], [3]]], [[[0, 2, 1], [4], [5, 3]]], [[[0, 3], [4, 5]], [[2, 1]]]
+    assert pk.plan_forwards(sizes, 60, 240) == narrow and pk.plan_forwards(sizes, 90, 240) == r90
+    # Attention free: rows of 90 feed fewest positions (192) but take a second forward, which is refused; rows of 75
+    # (216) beat rows of 120 (234) and 60 (240).
+    assert pk.layout_cost(r90, sizes, 1e9) == pytest.approx(192)
+    assert pk.plan_cheapest(sizes, 240, width_scale=1e9) == r75
+    # Attention dear (scale 20): the rows of 60 cost least (240 x 4 = 960 against 216 x 4.6 and 234 x 6.85).
+    assert pk.plan_cheapest(sizes, 240, width_scale=20) == narrow
+    assert pk.layout_cost(narrow, sizes, 20) == 240 * (1 + 60 / 20)
+    # Scale 60: rows of 75 cost 1% less (216 x 2.2 against 240 x 2), under the 2% a wider layout must save.
+    assert pk.layout_cost(r75, sizes, 60) == pytest.approx(0.99 * pk.layout_cost(narrow, sizes, 60))
+    assert pk.plan_cheapest(sizes, 240, width_scale=60) == narrow
     # Rows never exceed the budget: with a budget of 100 the widest try is 100, not 2 x 60.
     plan = pk.plan_cheapest(sizes, 100, width_scale=1e9)
     assert sorted(i for f in plan for row in f for i in row) == list(range(len(sizes)))
@@ -203,7 +208,7 @@ def test_packed_sft_equals_unpacked(tok, variant):
 
 def test_sft_in_rows_wider_than_the_longest_example_equals_unpacked(tok):
     """Rows up to 2 x the longest example (sdpa, `plan_cheapest`): examples of 60, 50, 40, 30, 7 and 5 tokens in rows
-    of 90 (60 + 30 | 50 + 40, then 7 + 5) give the padded loss and gradients."""
+    of 75 (60 + 7 + 5 | 50 | 40 + 30) give the padded loss and gradients."""
     eos, pad = _tok_ids(tok, False)
     model = load_causal_lm(BUILTIN, tok, seed=0)
     exs = [SFTExample(_ids(n // 2, n) + _ids(n - n // 2 - 1, 9 * n) + [eos],
@@ -213,7 +218,7 @@ def test_sft_in_rows_wider_than_the_longest_example_equals_unpacked(tok):
     expected = _grads(model)
     packing = Packing(True, capacity=64, micro=4, width_scale=1e9)  # attention priced at nothing: widest useful rows
     forwards = sft.step_batches(exs, list(range(len(exs))), 4, pad, packing)
-    assert [tuple(b["input_ids"].shape) for b in forwards] == [(2, 90), (1, 12)]  # rows wider than the longest (60)
+    assert [tuple(b["input_ids"].shape) for b in forwards] == [(3, 72)]  # rows wider than the longest (60)
     total, count = 0.0, 0
     for b in forwards:
         part, k = sft.sft_loss(model, b)
@@ -340,9 +345,9 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
     model = load_causal_lm(BUILTIN, tok, seed=0)
     auto = packing_for(data, st, model, per_item=1)
     assert auto == Packing(True, capacity=64, budget=None, micro=4, width_scale=2 * 32 + 1.5 * 64)  # sdpa
-    # No budget set: micro x the step's longest item per forward (4 x 60); rows of 90 (1.5 x 60) cost least for this
-    # model (test_rows_up_to_twice_the_longest_item_where_their_attention_costs_less): 60 + 30 | 50 + 40, then 7 + 5.
-    assert auto.layout([60, 5, 7, 30, 50, 40]) == [[[0, 3], [4, 5]], [[2, 1]]]
+    # No budget set: micro x the step's longest item per forward (4 x 60); rows of 75 (1.25 x 60) cost least for this
+    # model, 216 x 1.45 against 240 x 1.375 (test_rows_up_to_twice_the_longest_item_where_their_attention_costs_less).
+    assert auto.layout([60, 5, 7, 30, 50, 40]) == [[[0, 2, 1], [4], [5, 3]]]
     assert auto.layout([60, 5]) == [[[0, 1]]]  # one row of 65 (rows of 60: 2 x 60 positions)
     assert "rows 1-2 x the step's longest example" in auto.describe()
     assert replace(auto, width_scale=0).layout([60, 5]) == [[[0], [1]]]  # eager: rows as long as the longest item
@@ -375,10 +380,14 @@ def test_explain_summary_states_packing_without_torch():
     from rlhf_cli.stages.plan import packing_summary
 
     cfg = compose("dpo", [])
-    assert packing_summary(cfg.data, cfg.stage, "sdpa", 2)[:2] == [
+    assert packing_summary(cfg.data, cfg.stage, "sdpa", 2)[:3] == [
         "  packing: on where supported (data.packing=null: tested decoders); same loss and gradients as padded",
         "    forwards of up to micro 8 x the step's longest pair (data.max_tokens_per_batch), each pair whole in one",
+        "    rows: 1, 1.25, 1.5 or 2 x the step's longest pair, the cheapest width (matmuls + masked attention) that "
+        "adds no forward",
     ]  # then the shared prompt's line (test_share_prompt.py)
+    assert packing_summary(cfg.data, cfg.stage, "eager", 2)[2] == (
+        "    rows: as long as the step's longest pair (eager's attention weights grow with the row)")
     cfg = compose("sft", ["data.max_tokens_per_batch=1024", "data.packing=true"])
     assert packing_summary(cfg.data, cfg.stage, "sdpa", 1)[1].startswith("    forwards of up to 1024 tokens")
     assert packing_summary(cfg.data, cfg.stage, "flex_attention", 1) == [

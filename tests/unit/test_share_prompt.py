@@ -138,11 +138,11 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
     flash = packing_for(data, st, model, per_item=2)
     assert flash.enabled and flash.flat and not flash.share_prompt  # auto: packed, the prompt once per reply
     # DPO's reference reads the policy's forwards: the joint layout is what both can take.
-    sdpa = Packing(True, 128, micro=4, share_prompt=True)
+    sdpa = Packing(True, 128, micro=4, share_prompt=True, width_scale=160.0)
     assert sdpa.joint(flash) == Packing(True, 128, flat=True, micro=4, share_prompt=False)
     assert not sdpa.joint(Packing(False, 128)).enabled
-    wide = replace(sdpa, width_scale=160.0)  # an eager reference keeps rows at the longest pair (its memory)
-    assert wide.joint(sdpa).width_scale == 0 and wide.joint(wide).width_scale == 160
+    eager = replace(sdpa, width_scale=0.0)  # an eager reference keeps rows at the longest pair (its memory)
+    assert sdpa.joint(eager).width_scale == 0 and sdpa.joint(sdpa).width_scale == 160
     assert "each pair's prompt computed once" in sdpa.describe()
 
 
