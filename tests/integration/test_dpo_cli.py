@@ -85,6 +85,24 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
     assert ("none" in ref) == (loss in ("simpo", "orpo"))
 
 
+def _forward_counts(overrides: list[str], steps: int) -> list[list[int]]:
+    """[step][rank] packed forwards of a 2-rank run, from the stage's own plan and layout."""
+    from rlhf_cli.config.compose import compose
+    from rlhf_cli.data import build_preference_datasets
+    from rlhf_cli.models import load_causal_lm, load_tokenizer
+    from rlhf_cli.stages.common import packing_for, step_plan
+    from rlhf_cli.stages.dpo import pair_forwards
+
+    cfg = compose("dpo", overrides)
+    tok = load_tokenizer(cfg.model)
+    data = build_preference_datasets(cfg.data, tok, seed=cfg.seed)
+    packing = packing_for(cfg.data, cfg.stage, load_causal_lm(cfg.model, tok, seed=cfg.seed), per_item=2)
+    assert packing.enabled and packing.share_prompt == (cfg.data.share_prompt is not False)
+    plan, micro = step_plan(len(data.train), cfg.stage, 2), cfg.stage.micro_batch_size
+    return [[len(pair_forwards(data.train, plan.rank_indices(s, r, cfg.seed), micro, tok.pad_token_id, packing))
+             for r in (0, 1)] for s in range(steps)]  # fmt: skip
+
+
 # Packed (the default). zero2: each reply with its own copy of the prompt. zero3: each pair's prompt once (an explicit
 # 4-D mask through the engines), every parameter partitioned (the FAST model's tensors are all below DeepSpeed's
 # default persistence threshold), the reference a partitioned inference engine, and forwards of at most 140 tokens
@@ -98,6 +116,8 @@ def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
 def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
     base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",
             "stage.gradient_accumulation_steps=1", "optim.lr=1e-3", *packing]  # fmt: skip
+    if zero == "zero3":  # the layout the comment above describes, so the fillers do run
+        assert _forward_counts([*base[1:], "stage.micro_batch_size=4"], 3) == [[2, 3], [2, 2], [2, 3]]
     one = rlhf(*base, "stage.micro_batch_size=8", "run.name=one", cwd=tmp_path)
     two = torchrun(["-m", "rlhf_cli", *base, "stage.micro_batch_size=4", "run.name=two"], cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
