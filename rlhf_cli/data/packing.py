@@ -161,15 +161,18 @@ def layout_cost(forwards: list[list[list[int]]], sizes: Sequence[int], width_sca
 def plan_cheapest(sizes: Sequence[int], budget: int, width_scale: float) -> list[list[list[int]]]:
     """`plan_forwards` with rows of each of ROW_WIDTHS x the longest item (at most `budget`): the layout of least
     `layout_cost` among those with no more forwards than rows of the longest item, a wider one only where it saves
-    MIN_GAIN of that cost (ties go to the narrower). A pure function of the sizes, as the step plan needs."""
+    MIN_GAIN of that cost (ties go to the narrower). A pure function of the sizes, as the step plan needs.
+    width_scale 0 (attention not priced: eager): rows of the longest item."""
     longest = max(sizes)
     best = narrow = plan_forwards(sizes, longest, budget)
-    best_cost = limit = layout_cost(narrow, sizes, width_scale) * (1 - MIN_GAIN)
+    if not width_scale:
+        return narrow
+    best_cost = layout_cost(narrow, sizes, width_scale) * (1 - MIN_GAIN)
     for scale in ROW_WIDTHS[1:]:
         capacity = min(int(scale * longest), budget)
         plan = plan_forwards(sizes, capacity, budget)
         cost = layout_cost(plan, sizes, width_scale)
-        if len(plan) <= len(narrow) and cost < best_cost and cost <= limit:
+        if len(plan) <= len(narrow) and cost < best_cost:
             best, best_cost = plan, cost
         if capacity == budget:
             break

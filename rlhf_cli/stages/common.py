@@ -64,9 +64,7 @@ class Packing:
         budget = self.budget or self.micro * max(sizes)
         if self.flat:
             return plan_forwards(sizes, budget, budget)
-        if self.width_scale:
-            return plan_cheapest(sizes, budget, self.width_scale)
-        return plan_forwards(sizes, max(sizes), budget)
+        return plan_cheapest(sizes, budget, self.width_scale)
 
     def describe(self) -> str:
         if not self.enabled:

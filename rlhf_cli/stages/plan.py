@@ -34,8 +34,7 @@ ROW_LINES = {
     "sdpa": "rows: 1, 1.25, 1.5 or 2 x the step's longest {item}, the cheapest width (matmuls + masked attention) "
     "that adds no forward",
     "eager": "rows: as long as the step's longest {item} (eager's attention weights grow with the row)",
-    "flash_attention_2": "rows: one flattened row per forward (varlen kernels)",
-    "flash_attention_3": "rows: one flattened row per forward (varlen kernels)",
+    **{attn: "rows: one flattened row per forward (varlen kernels)" for attn in FLAT_ATTENTION},
 }
 
 
