@@ -117,14 +117,14 @@ def run_stage(stage: str, args: list[str]) -> int:
     from rlhf_cli.run_dir import open_run
 
     if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
-        if not cfg.run.overwrite:  # a completed stage or a run in use is refused before torchrun starts any rank
-            open_run(cfg.run, stage).release()
+        # A completed stage, a stale input or a run in use is refused before torchrun starts any rank.
+        open_run(cfg.run, stage, cfg=cfg, check_only=True).release()
         return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
     # A single process locks and checks the run directory before DeepSpeed and the models are imported, so a refusal
     # is immediate. The ranks of a launched job open it together once they have joined the group (`train_stage`).
     # Signals are handled from here on: a Ctrl-C while DeepSpeed imports must not be lost (see preempt).
     preempt.install()
-    run = open_run(cfg.run, stage) if os.environ.get("WORLD_SIZE", "1") == "1" else None
+    run = open_run(cfg.run, stage, cfg=cfg) if os.environ.get("WORLD_SIZE", "1") == "1" else None
     try:
         return train_stage(stage, cfg, run)
     finally:
@@ -137,12 +137,13 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     from rlhf_cli import engine
     from rlhf_cli.config.compose import config_hash
     from rlhf_cli.run_dir import now, open_run
+    from rlhf_cli.stage_state import restore_overwritten
 
     dist = engine.init_distributed()
     if not engine.same_on_all_ranks(config_hash(cfg)):
         raise UserError("the ranks composed different configs; start every rank with the same command and configs/")
     if run is None:
-        run = open_run(cfg.run, stage, is_main=dist.is_main)
+        run = open_run(cfg.run, stage, is_main=dist.is_main, cfg=cfg)
         engine.barrier()  # every rank has checked the manifest before rank 0 may change it
     if not dist.is_main:
         launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
@@ -151,7 +152,11 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     except BaseException as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
-        run.update_stage(status=status, error=reason, ended_at=now())
+        if run.is_main and restore_overwritten(run):  # stopped before it began: the replaced output comes back
+            err_console.print(f"run.overwrite=true: {stage} stopped before it started; the previous {stage} is back "
+                              f"in {run.stage_dir}")  # fmt: skip
+        else:
+            run.update_stage(status=status, error=reason, ended_at=now())
         # Preempted: every rank got here at the same step, so they can leave together.
         engine.shutdown(together=isinstance(exc, preempt.Preempted))
         raise

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.jsonsafe import json_safe
+from rlhf_cli.provenance import damage, new_completion
 
 COMPLETE_MARKER = "COMPLETE"
 _PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "peft", "hydra-core", "omegaconf", "rlhf-cli")
@@ -98,6 +100,10 @@ class Run:
     stage: str
     is_main: bool = True
     _lock: Any = field(default=None, repr=False)
+    # What the stage is built from now ({config, inputs}, provenance.py), set by `open_run` and recorded by `begin`.
+    provenance: dict | None = None
+    overwrite_intent: str | None = None  # under run.overwrite: this command's intent (stage_state.overwrite_intent)
+    notes: list[str] = field(default_factory=list)  # lines for the stage's log, from `open_run`
 
     @property
     def stage_dir(self) -> Path:
@@ -133,13 +139,20 @@ class Run:
         return self.read_manifest()["stages"].get(stage or self.stage, {})
 
     def update_stage(self, **fields: Any) -> None:
-        """Merge `fields` into this stage's manifest record (rank 0 only; atomic)."""
+        """Merge `fields` into this stage's manifest record (rank 0 only; atomic). Marking the stage completed also
+        records its completion: a new id, which the stages built on it fingerprint, and a digest of its outputs."""
         if not self.is_main:
             return
         manifest = self.read_manifest()
         record = manifest["stages"].setdefault(self.stage, {})
         record.update(fields)
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if fields.get("status") == "completed":
+            record["completion"] = new_completion(self.root, record.get("outputs") or {})
+        self.write_manifest(manifest)
+
+    def write_manifest(self, manifest: dict) -> None:
+        text = json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False)
+        atomic_write_text(self.manifest_path, text + "\n")
 
     def begin(self, config_yaml: str, config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> str:
         """Record the stage as running: its resolved config.yaml and the manifest entry (rank 0).
@@ -147,10 +160,13 @@ class Run:
         previous = self.stage_record().get("config_hash")
         if self.is_main:
             atomic_write_text(self.stage_dir / "config.yaml", config_yaml)
-            self.update_stage(**_start_record(config_hash, inputs, resumed_from))
+            intent = {"overwrite_intent": self.overwrite_intent} if self.overwrite_intent else {}
+            self.update_stage(**_start_record(config_hash, inputs, resumed_from), provenance=self.provenance, **intent)
+            commit_overwrite(self)
+        notes = "".join(f"\n{line}" for line in self.notes)
         if resumed_from is None:
-            return f"starting {self.stage} in {self.stage_dir}"
-        line = f"resuming {self.stage} from {resumed_from}"
+            return f"starting {self.stage} in {self.stage_dir}{notes}"
+        line = f"resuming {self.stage} from {resumed_from}{notes}"
         skipped = incomplete_checkpoints(self.checkpoints_dir)
         if skipped:
             line += f" (skipping incomplete checkpoint(s): {', '.join(p.name for p in skipped)})"
@@ -163,9 +179,16 @@ class Run:
         return done[-1] if done else None
 
     def stage_output(self, stage: str, what: str = "final") -> Path:
-        """Path of a completed stage's output in this run, or a UserError saying which command makes it."""
+        """Path of a completed stage's output in this run, or a UserError saying which command makes it. A stage
+        recorded as completed whose outputs were deleted or changed on disk is not complete."""
         record = self.stage_record(stage)
         path = self.root / stage / what
+        broken = damage(self.root, record) if record.get("status") == "completed" else None
+        if broken:
+            raise UserError(
+                f"stage `{stage}` of run `{self.root.name}` is recorded as completed, but {broken}; train it again "
+                f"with `rlhf {stage} run.name={self.root.name}`"
+            )
         if record.get("status") != "completed" or not path.is_dir():
             state = record.get("status", "not run")
             raise UserError(
@@ -214,41 +237,44 @@ def check_run_name(name: str, what: str = "config key `run.name`") -> None:
         )
 
 
-def open_run(run_cfg: Any, stage: str, is_main: bool = True) -> Run:
-    """Open `<root>/<name>/` for `stage`: lock it (rank 0), refuse to redo a completed stage unless
-    `run.overwrite`, create the stage folder. Every rank calls it; ranks then meet at a barrier before
-    reading `latest_checkpoint()`, so they agree on where to resume."""
+def open_run(run_cfg: Any, stage: str, is_main: bool = True, cfg: Any = None, check_only: bool = False) -> Run:
+    """Open `<root>/<name>/` for `stage`: lock it (rank 0), check what the stage would read and what it would
+    resume or replace (`stage_state.decide`: with the composed `cfg`, provenance and staleness too), and under
+    `run.overwrite` move the old stage folder aside until the new run has started (`begin`). Every rank calls it;
+    ranks then meet at a barrier before reading `latest_checkpoint()`, so they agree on where to resume. Only rank 0
+    checks and writes. `check_only`: the checks alone, nothing moved (before torchrun starts the ranks)."""
+    from rlhf_cli.stage_state import decide, restore_overwritten, set_aside
+
     check_run_name(run_cfg.name)  # again here, before anything is created or deleted: callers may skip compose()
     root = Path(run_cfg.root) / run_cfg.name
     run = Run(root=root, stage=stage, is_main=is_main)
-    if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        run._lock = _take_lock(root)
-    if run.stage_record().get("status") == "completed":
-        if not run_cfg.overwrite:
-            run.release()
-            raise UserError(
-                f"stage `{stage}` of run `{root.name}` is already complete ({run.final_dir}); "
-                f"add run.overwrite=true to train it again (replacing it), or choose another run.name"
-            )
-        if is_main:
-            _remove_stage_dir(run)
-    if is_main:
-        run.stage_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main:
+        return run
+    root.mkdir(parents=True, exist_ok=True)
+    run._lock = _take_lock(root)
+    try:
+        restore_overwritten(run)  # a process that died before its overwrite began: the old output comes back
+        fresh = decide(run, run_cfg, cfg)
+        if fresh and not check_only:
+            set_aside(run)
+        if not check_only:
+            run.stage_dir.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        run.release()
+        raise
     return run
 
 
-def _remove_stage_dir(run: Run) -> None:
-    """`run.overwrite`: delete the stage folder, but only a real folder directly inside the run directory; a
-    symlinked stage folder (or a name that got past the checks) must never make the tool delete anything else."""
-    resolved = run.stage_dir.resolve()
-    if run.stage_dir.is_symlink() or resolved.parent != run.root.resolve():
-        run.release()
-        raise UserError(
-            f"refusing to delete {run.stage_dir} for run.overwrite=true: it resolves to {resolved}, outside the run "
-            f"directory {run.root}; remove it yourself or choose another run.name"
-        )
-    shutil.rmtree(run.stage_dir, ignore_errors=True)
+def commit_overwrite(run: Run) -> None:
+    """The new run of an overwritten stage has started: the old output set aside by `open_run` goes for good."""
+    from rlhf_cli.stage_state import aside_dir
+
+    record = run.stage_record()
+    if "replacing" in record:
+        manifest = run.read_manifest()
+        manifest["stages"][run.stage].pop("replacing", None)
+        run.write_manifest(manifest)
+    shutil.rmtree(aside_dir(run), ignore_errors=True)
 
 
 def _start_record(config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> dict[str, Any]:

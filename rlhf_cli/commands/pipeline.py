@@ -19,12 +19,14 @@ the pipeline exits 75 like the stage; re-running the same command continues wher
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.stage_state import INTENT_ENV
 
 DEFAULT = "default"
 # The summary table's metrics per stage (first -> last); a stage not listed shows every headline metric.
@@ -104,10 +106,12 @@ def split_args(args: list[str], pipeline_stages: list[str]) -> tuple[list[str], 
     return common, per_stage
 
 
-def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]]) -> list[Step]:
-    """Compose and validate every stage, then decide for each: skip (completed, same config hash), run (new,
-    interrupted, failed, overwritten, or after a stage that runs again), or refuse (completed, config changed)."""
-    from rlhf_cli.config.compose import compose, config_hash
+def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]],
+               attempt: str | None = None) -> list[Step]:  # fmt: skip
+    """Compose and validate every stage, check the chain (`check_chain`), then decide for each (`stage_action`):
+    skip, run (new, resume) or run from scratch (stale, overwritten, damaged), or refuse. `attempt`: this
+    command's overwrite intent (`attempt_id`), so an overwrite already applied by an earlier try is not repeated."""
+    from rlhf_cli.config.compose import compose
 
     composed = {s: compose(s, [*pipeline.overrides.get(s, []), *common, *per_stage[s]]) for s in pipeline.stages}
     runs = {s: str(Path(c.run.root) / c.run.name) for s, c in composed.items()}
@@ -117,27 +121,139 @@ def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[
                         "run.name=<name> on the command line")  # fmt: skip
     first = next(iter(composed.values()))
     run_dir = Path(first.run.root) / first.run.name
-    manifest = _manifest(run_dir)
-    steps, rerun = [], False
+    manifest = _full_manifest(run_dir)
+    deps = check_chain(pipeline.name, composed, manifest, run_dir)
+    steps: list[Step] = []
+    will_run: list[str] = []
     for stage, cfg in composed.items():
         args = [*pipeline.overrides.get(stage, []), *common, *per_stage[stage]]
-        record = manifest.get(stage, {})
-        if record.get("status") != "completed":
-            steps.append(Step(run_dir, stage, args, "run", "resumes" if record else "new"))
-            rerun = rerun or bool(record)
-            continue
-        if cfg.run.overwrite or rerun:
-            why = "run.overwrite" if cfg.run.overwrite else "an earlier stage ran again"
-            steps.append(Step(run_dir, stage, [*args, "run.overwrite=true"], "run", why))
-            rerun = True
-        elif record.get("config_hash") == config_hash(cfg):
-            steps.append(Step(run_dir, stage, args, "skip", "completed with this config"))
-        else:
+        action, why = stage_action(stage, cfg, manifest, run_dir, deps[stage], tuple(will_run), attempt)
+        if action == "fresh":
+            args = [*args, "run.overwrite=true"]
+        steps.append(Step(run_dir, stage, args, "skip" if action == "skip" else "run", why))
+        if action != "skip":
+            will_run.append(stage)
+    return steps
+
+
+def check_chain(name: str, composed: dict[str, Any], manifest: dict, run_dir: Path) -> dict[str, set[str]]:
+    """Every stage's inputs that are stages of the run (the registry's input keys) come from an earlier stage of the
+    pipeline or from a completed, intact, up-to-date stage of the run; refused otherwise, naming the stage, the input
+    and the fix, before the first stage trains. Returns stage -> the run stages it reads."""
+    from rlhf_cli.provenance import completion_id, input_specs, stale_reasons, upstream
+    from rlhf_cli.stages import STAGES
+
+    order = list(composed)
+    deps: dict[str, set[str]] = {}
+    for i, (stage, cfg) in enumerate(composed.items()):
+        spec = STAGES[stage]
+        specs = upstream(input_specs(cfg, spec.inputs, manifest))
+        if stage == "eval" and not cfg.stage.policies:  # every policy the run has by then, the earlier ones too
+            specs.update({f"stage.policies[{s}]": s for s in order[:i] if not STAGES[s].scalar_head})
+        deps[stage] = set()
+        for key, dep in specs.items():
+            optional = any(key == k or key.startswith(k + "[") for k in spec.optional_inputs)
+            if dep in order[:i]:
+                deps[stage].add(dep)
+            elif dep in order:
+                raise UserError(f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which the pipeline runs "
+                                f"after it; list {dep} before {stage}")  # fmt: skip
+            elif completion_id(manifest, dep, run_dir) is not None:
+                reasons = stale_reasons(manifest, dep, run_dir)
+                if reasons and not cfg.run.allow_stale_inputs:
+                    raise UserError(f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which is stale "
+                                    f"({'; '.join(reasons)}) and not in this pipeline; add {dep} to the pipeline's "
+                                    "stages, or add run.allow_stale_inputs=true")  # fmt: skip
+                deps[stage].add(dep)
+            elif not optional:
+                raise UserError(missing_input(name, stage, key, dep, order, run_dir))
+    return deps
+
+
+def missing_input(name: str, stage: str, key: str, dep: str, order: list[str], run_dir: Path) -> str:
+    fix = f"list {dep} before {stage} in the pipeline's stages, or run `rlhf {dep} run.name={run_dir.name}` first"
+    if key.startswith("stage.reward"):
+        fix += f", or give {stage}.stage.reward.function=module:function"
+    return (f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), and neither an earlier stage of the pipeline "
+            f"({', '.join(order)}) nor run `{run_dir.name}` provides it; {fix}")  # fmt: skip
+
+
+def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[str], will_run: tuple[str, ...],
+                 attempt: str | None) -> tuple[str, str]:  # fmt: skip
+    """(skip | run | fresh, why) for one stage, given the stages that run before it in this command (`will_run`):
+    a stage whose inputs changed since it completed (or since its checkpoints were written) runs from scratch."""
+    from rlhf_cli.config.compose import config_hash
+    from rlhf_cli.provenance import damage, stale_reasons
+    from rlhf_cli.stage_state import has_saved_work
+    from rlhf_cli.stages import STAGES
+
+    record = manifest.get("stages", {}).get(stage) or {}
+    overwrite = cfg.run.overwrite and (attempt is None or record.get("overwrite_intent") != attempt)
+    reasons = stale_reasons(manifest, stage, run_dir, frozenset(will_run)) if record else []
+    reasons += [f"{d} runs again" for d in will_run if d in deps and f"{d} runs again" not in reasons]
+    broken = damage(run_dir, record) if record.get("status") == "completed" else None
+    if record.get("status") == "completed" and not broken:
+        if overwrite:
+            return "fresh", "run.overwrite"
+        if reasons:
+            return "fresh", f"stale: {'; '.join(reasons)}"
+        if record.get("config_hash") != config_hash(cfg):
             raise UserError(
-                f"stage `{stage}` of run `{first.run.name}` was completed with another config (hash "
+                f"stage `{stage}` of run `{run_dir.name}` was completed with another config (hash "
                 f"{record.get('config_hash')}, now {config_hash(cfg)}); add `{stage}.run.overwrite=true` to run it "
                 f"again (the stages after it then run again too), or choose another run.name")  # fmt: skip
-    return steps
+        return "skip", "completed with this config"
+    if not record:
+        return "run", "new"
+    lead = f"its recorded output is damaged ({broken}); " if broken else ""
+    if overwrite:
+        return "fresh", lead + "run.overwrite"
+    saved = has_saved_work(run_dir / stage)
+    old_config = record.get("config_hash") not in (None, config_hash(cfg)) and STAGES[stage].resume_needs_same_config
+    if saved and (reasons or old_config):
+        why = "; ".join(reasons + (["the config changed"] if old_config else []))
+        return "fresh", f"{lead}its checkpoints are stale ({why}): starting again"
+    return "run", lead + ("resumes" if saved else "starts again")
+
+
+def _run_dir(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]]) -> Path:
+    """The run directory, from the first stage's config (plan_steps refuses stages that disagree)."""
+    from rlhf_cli.config.compose import compose
+
+    first = pipeline.stages[0]
+    cfg = compose(first, [*pipeline.overrides.get(first, []), *common, *per_stage[first]])
+    return Path(cfg.run.root) / cfg.run.name
+
+
+def _full_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's manifest ({"stages": {}} for a new run); a damaged manifest is the Run's own UserError."""
+    from rlhf_cli.run_dir import Run
+
+    manifest = Run(root=run_dir, stage="").read_manifest()
+    if not isinstance(manifest.get("stages"), dict):
+        raise UserError(f"{run_dir / 'manifest.json'} has no `stages` table; restore it or use another run.name")
+    return manifest
+
+
+def attempt_id(run_dir: Path, args: list[str]) -> str:
+    """This command's overwrite intent: the previous try's when the same pipeline command stopped before its end (a
+    kill, a preemption, a failed stage), so its overwrites are not applied twice; a new one otherwise."""
+    import uuid
+
+    previous = _full_manifest(run_dir).get("pipeline")
+    if isinstance(previous, dict) and previous.get("args") == args and not previous.get("finished"):
+        return str(previous.get("attempt"))
+    return uuid.uuid4().hex[:16]
+
+
+def record_attempt(run_dir: Path, args: list[str], attempt: str, finished: bool) -> None:
+    from rlhf_cli.run_dir import Run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(root=run_dir, stage="")
+    manifest = _full_manifest(run_dir)
+    manifest["pipeline"] = {"args": args, "attempt": attempt, "finished": finished}
+    run.write_manifest(manifest)
 
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
@@ -159,7 +275,11 @@ def main(args: list[str]) -> int:
     spec = next((a.split("=", 1)[1] for a in args if a.startswith("pipeline=")), DEFAULT)
     pipeline = load_pipeline(spec)
     common, per_stage = split_args([a for a in args if not a.startswith("pipeline=")], pipeline.stages)
-    steps = plan_steps(pipeline, common, per_stage)
+    run_dir = _run_dir(pipeline, common, per_stage)
+    attempt = attempt_id(run_dir, args)
+    steps = plan_steps(pipeline, common, per_stage, attempt)
+    record_attempt(run_dir, args, attempt, finished=False)
+    os.environ[INTENT_ENV] = attempt  # the stages it starts record it with an overwrite they apply
     console.print(f"pipeline {pipeline.name}: " + " -> ".join(
         f"{s.stage} ({s.why})" if s.action == "run" else f"{s.stage} (skipped: {s.why})" for s in steps),
         markup=False, highlight=False)  # fmt: skip
@@ -172,6 +292,7 @@ def main(args: list[str]) -> int:
             console.print(f"pipeline {pipeline.name} stopped at {step.stage} (exit code {rc}); run the same command "
                           "again to continue from there", markup=False, highlight=False)  # fmt: skip
             return rc
+    record_attempt(run_dir, args, attempt, finished=True)
     console.print("\n".join(summary_table(steps[0].run_dir, [s.stage for s in steps])),
                   markup=False, highlight=False)  # fmt: skip
     return 0

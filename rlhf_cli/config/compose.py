@@ -372,7 +372,7 @@ def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved config, less the keys that do not change what a stage computes."""
     data: Any = OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("logging", "launcher")}
-    data["run"] = {k: v for k, v in data["run"].items() if k != "overwrite"}
+    data["run"] = {k: v for k, v in data["run"].items() if k not in ("overwrite", "allow_stale_inputs")}
     data["stage"] = {k: v for k, v in data["stage"].items() if k != "stop_after_steps"}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -21,8 +21,11 @@ class RunConfig:
     name: str = "demo"
     # The folder that holds the runs.
     root: str = "runs"
-    # A completed stage is never overwritten unless this is true.
+    # Start the stage again from scratch: a completed stage is never replaced, nor a stopped one's resume checkpoints
+    # dropped, unless this is true. Applies once per command: run again after an interruption, it continues.
     overwrite: bool = False
+    # Use an input stage although its own inputs changed since it completed (refused otherwise).
+    allow_stale_inputs: bool = False
 
 
 @dataclass

@@ -67,9 +67,15 @@ def load_rows(source: str, split: str = "train", subset: str | None = None) -> l
     return _load_hub(source, split, subset)
 
 
+def builtin_file(name: str) -> Path | None:
+    """The packaged file of `builtin:<name>`, or None when there is none."""
+    path = ASSETS_DIR / f"{name}.jsonl"
+    return path if path.is_file() else None
+
+
 def _builtin_path(name: str) -> Path:
     path = ASSETS_DIR / f"{name}.jsonl"
-    if not path.is_file():
+    if builtin_file(name) is None:
         available = sorted(p.stem for p in ASSETS_DIR.glob("*.jsonl"))
         raise DataError(
             f"data.source: no built-in dataset 'builtin:{name}' (looked for {path}). "

@@ -44,9 +44,19 @@ class StageSpec:
     # A rule across keys, called with the validated config (raises UserError): checked at composition, so a bad
     # combination is refused before anything is loaded, and before a pipeline runs its first stage.
     check: Callable[[Any], None] | None = None
+    # The config keys that name what the stage reads (README "The run directory"): `stage:<name>` values are the
+    # stages it depends on (a pipeline must run them first), and each input is fingerprinted into its provenance.
+    inputs: tuple[str, ...] = ("model.name_or_path", "model.tokenizer", "data.source")
+    optional_inputs: tuple[str, ...] = ()  # keys whose `stage:<name>` may be absent (the stage then goes without)
+    # A resume under another config is refused, unless the stage checks what its saved work was made with itself
+    # (rejection sampling: each round's candidates and selection carry their own settings).
+    resume_needs_same_config: bool = True
     trained_model: str = "policy"  # `rlhf explain`: what the model the stage trains is called
     scalar_head: bool = False  # the trained model is a one-label sequence classifier (a reward model)
 
+
+_BASE_INPUTS = ("model.name_or_path", "model.tokenizer", "data.source")
+_ONLINE_INPUTS = (*_BASE_INPUTS, "stage.reference", "stage.reward", "stage.gold_reward")
 
 # Sampling and scoring of generated responses: the same keys, the same ranges in every online stage.
 ONLINE_RANGES: dict[str, Range] = {
@@ -175,7 +185,7 @@ def _eval_check(cfg: Any) -> None:
 def _critic_free(name: str, summary: str, example: str) -> StageSpec:
     return StageSpec(name, "rlhf_cli.stages.critic_free", s.CriticFreeRoot, summary=summary, example=example,
                      formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES,
-                     check=_critic_free_check)
+                     check=_critic_free_check, inputs=_ONLINE_INPUTS)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -202,6 +212,7 @@ STAGES: dict[str, StageSpec] = {
         example="rlhf dpo stage.loss=ipo stage.beta=0.5",
         formats=s.PREFERENCE_FORMATS,
         choices={"stage.loss": s.DPO_LOSSES},
+        inputs=(*_BASE_INPUTS, "stage.reference"),
         ranges={**_PACKING_RANGES, "stage.beta": "> 0", "stage.label_smoothing": "[0, 0.5)",
                 "stage.rpo_alpha": ">= 0", "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
     ),
@@ -215,6 +226,7 @@ STAGES: dict[str, StageSpec] = {
         ranges=_PPO_RANGES,
         check=_ppo_check,
         nested_data=("stage.ptx.data",),
+        inputs=(*_ONLINE_INPUTS, "stage.critic.source", "stage.ptx.data.source"),
         trained_model="actor",
     ),
     "rejection_sampling": StageSpec(
@@ -227,6 +239,8 @@ STAGES: dict[str, StageSpec] = {
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},
         check=_functions_check,
+        inputs=_ONLINE_INPUTS,
+        resume_needs_same_config=False,
     ),
     "grpo": _critic_free("grpo", "GRPO (group-relative, no critic; Dr. GRPO / DAPO options), from sft",
                          "rlhf grpo +experiment=grpo_parity stage.n_samples=8"),
@@ -244,6 +258,8 @@ STAGES: dict[str, StageSpec] = {
                 "stage.max_prompts": ">= 1 or null", "stage.eval_batch_size": ">= 1",
                 "stage.generation.temperature": ">= 0"},
         check=_eval_check,
+        inputs=(*_BASE_INPUTS, "stage.policies", "stage.reward", "stage.gold"),
+        optional_inputs=("stage.reward.model",),  # no reward model in the run: no reward and no win rate
         trained_model="reference policy (nothing is trained)",
     ),
 }  # fmt: skip

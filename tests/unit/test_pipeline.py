@@ -51,7 +51,10 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
                          "rm": {"status": "preempted", "config_hash": hashes["rm"]}})  # fmt: skip
     steps = plan_steps(pipeline, common, no_extra)
     assert [(s.stage, s.action, s.why) for s in steps[:3]] == [
-        ("sft", "skip", "completed with this config"), ("rm", "run", "resumes"), ("ppo", "run", "new")]  # fmt: skip
+        ("sft", "skip", "completed with this config"), ("rm", "run", "starts again"), ("ppo", "run", "new")]
+    (tmp_path / "x" / "rm" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "x" / "rm" / "checkpoints" / "step-2" / "COMPLETE").touch()
+    assert plan_steps(pipeline, common, no_extra)[1].why == "resumes"
     # A changed config of a completed stage: refused before anything runs, naming the way to re-run it.
     refused = r"`sft` of run `x` was completed with another config .*`sft.run.overwrite=true`"
     with pytest.raises(UserError, match=refused):
@@ -61,7 +64,8 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
         s: {"status": "completed", "config_hash": hashes[s]} for s in pipeline.stages}}))  # fmt: skip
     steps = plan_steps(pipeline, common, {**no_extra, "sft": ["run.overwrite=true"]})
     assert all(s.action == "run" and "run.overwrite=true" in s.args for s in steps)
-    assert [s.why for s in steps[1:]] == ["an earlier stage ran again"] * 3
+    assert [s.why for s in steps[1:]] == ["stale: sft runs again", "stale: sft runs again; rm runs again",
+                                          "stale: sft runs again; rm runs again; ppo runs again"]
     assert all(s.action == "skip" for s in plan_steps(pipeline, common, no_extra))
 
 
@@ -75,3 +79,64 @@ def test_a_bad_combination_in_a_later_stage_is_refused_before_the_first_runs(tmp
     pipeline = load_pipeline("dpo")  # sft, dpo, eval
     with pytest.raises(UserError, match="stage.n_samples=2 needs stage.generation.temperature > 0"):
         plan_steps(pipeline, [f"run.root={tmp_path}"], {"sft": [], "dpo": [], "eval": ["stage.n_samples=2"]})
+
+
+def _file(tmp_path, stages, overrides=None):
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"stages": stages, "overrides": overrides or {}}))
+    return load_pipeline(str(path))
+
+
+@pytest.mark.parametrize(("stages", "overrides", "refused"), [
+    # grpo's reward is this run's rm by default: no stage provides it, and no reward function is named.
+    (["sft", "grpo", "eval"], {}, r"grpo reads rm \(stage.reward.model=stage:rm\), and neither an earlier stage .*"
+                                  r"list rm before grpo.*or give grpo.stage.reward.function=module:function"),
+    (["sft", "rejection_sampling"], {}, r"rejection_sampling reads rm .*neither an earlier stage"),
+    (["sft", "dpo", "eval"], {"eval": ["stage.policies=[ppo]"]}, r"eval reads ppo \(stage.policies\[ppo\]=stage:ppo\)"),
+    (["sft", "ppo", "rm", "eval"], {}, r"ppo reads rm .*which the pipeline runs after it; list rm before ppo"),
+])  # fmt: skip
+def test_a_chain_whose_inputs_no_stage_provides_is_refused_at_composition(tmp_path, stages, overrides, refused):
+    pipeline = _file(tmp_path, stages, overrides)
+    with pytest.raises(UserError, match=refused):
+        plan_steps(pipeline, [f"run.root={tmp_path}", "run.name=x"], {s: [] for s in stages})
+
+
+def test_a_chain_may_read_a_completed_stage_of_the_run_or_go_without_an_optional_one(tmp_path):
+    common = [f"run.root={tmp_path}", "run.name=x"]
+    # eval's default reward (stage:rm) is optional: a DPO-only chain is evaluated without reward.
+    assert [s.stage for s in plan_steps(_file(tmp_path, ["sft", "dpo", "eval"]), common, {"sft": [], "dpo": [],
+                                                                                             "eval": []})] == [
+        "sft", "dpo", "eval"]  # fmt: skip
+    # grpo with a reward function needs no rm.
+    pipeline = _file(tmp_path, ["sft", "grpo"], {"grpo": ["+experiment=grpo_parity"]})
+    assert plan_steps(pipeline, common, {"sft": [], "grpo": []})[1].stage == "grpo"
+    # A completed rm of the run (outside the chain) is an input the chain may read.
+    _manifest(tmp_path, {"rm": {"status": "completed"}})
+    pipeline = _file(tmp_path, ["sft", "rejection_sampling"])
+    assert [s.action for s in plan_steps(pipeline, common, {"sft": [], "rejection_sampling": []})] == ["run", "run"]
+
+
+def test_a_stale_stage_outside_the_chain_is_refused_and_one_inside_reruns(tmp_path):
+    """rm recorded sft's completion `a`; sft has since completed again (`b`)."""
+    common = [f"run.root={tmp_path}", "run.name=x"]
+    hashes = {s: config_hash(compose(s, common)) for s in ("sft", "rm", "ppo")}
+    sft_input = {"model.name_or_path": {"spec": "stage:sft", "fp": "a"}}
+    _manifest(tmp_path, {"sft": {"status": "completed", "config_hash": hashes["sft"], "completion": {"id": "b"}},
+                         "rm": {"status": "completed", "config_hash": hashes["rm"], "completion": {"id": "c"},
+                                "provenance": {"config": hashes["rm"], "inputs": sft_input}}})  # fmt: skip
+    with pytest.raises(UserError, match=r"ppo reads rm .*which is stale \(sft re-ran after it\) and not in this pipe"):
+        plan_steps(_file(tmp_path, ["ppo"]), common, {"ppo": []})
+    steps = plan_steps(_file(tmp_path, ["sft", "rm", "ppo"]), common, {"sft": [], "rm": [], "ppo": []})
+    assert [(s.action, s.why) for s in steps] == [("skip", "completed with this config"),
+                                                  ("run", "stale: sft re-ran after it"), ("run", "new")]  # fmt: skip
+    assert "run.overwrite=true" in steps[1].args and "run.overwrite=true" not in steps[2].args
+
+
+def test_an_overwrite_applies_once_per_attempt(tmp_path):
+    """A completed stage that this attempt's overwrite already replaced is skipped when the command runs again."""
+    common = [f"run.root={tmp_path}", "run.name=x"]
+    h = config_hash(compose("sft", common))
+    _manifest(tmp_path, {"sft": {"status": "completed", "config_hash": h, "overwrite_intent": "A"}})
+    pipeline = _file(tmp_path, ["sft"])
+    assert plan_steps(pipeline, common, {"sft": ["run.overwrite=true"]}, attempt="A")[0].action == "skip"
+    assert plan_steps(pipeline, common, {"sft": ["run.overwrite=true"]}, attempt="B")[0].why == "run.overwrite"

@@ -98,7 +98,7 @@ def test_overwrite_never_deletes_outside_the_run_directory(tmp_path):
     (precious / "final" / "model.safetensors").write_text("weights")
     run.stage_dir.rmdir()
     run.stage_dir.symlink_to(precious, target_is_directory=True)
-    with pytest.raises(UserError, match="refusing to delete .*outside the run directory"):
+    with pytest.raises(UserError, match="refusing to replace .*outside the run directory"):
         open_run(_cfg(tmp_path, overwrite=True), "sft")
     assert (precious / "final" / "model.safetensors").read_text() == "weights"
     open_run(_cfg(tmp_path), "rm").release()  # the lock was released
