@@ -4,7 +4,8 @@ Drawn when a stage completes (summary.complete_stage) and again by `rlhf plot`. 
 PANELS: panels, each a title and the metrics.jsonl keys drawn on it. A key the run did not log is left out and a panel
 left with no key is not drawn, so a new stage needs only an entry here, and a run without evaluation (eval_every=0)
 still gets its training curves. Every series is drawn against its own steps: evaluations are logged on fewer steps
-than training metrics, often in rows of their own.
+than training metrics, often in rows of their own. A metrics.jsonl a crash or a hand edit damaged is drawn from the
+rows that are left: lines that are not rows are skipped and counted, a value that is not a finite number is a gap.
 
 matplotlib is imported here only, and only when a figure is drawn (its object API on the Agg canvas: no display, no
 pyplot state), so the CLI starts without it.
@@ -13,14 +14,14 @@ pyplot state), so the CLI starts without it.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.jsonsafe import json_lines
 
 PLOT_FILE = "metrics.png"
 MARKERS_UP_TO = 40  # a series with this many points or fewer is drawn with markers, so a single evaluation shows
@@ -80,17 +81,38 @@ PANELS: dict[str, tuple[Panel, ...]] = {
 }
 
 
+class Plotted(NamedTuple):
+    path: Path  # the PNG
+    titles: list[str]  # of the panels drawn
+    skipped: int  # lines of metrics.jsonl that are not rows
+    lines: int  # of metrics.jsonl, blank ones left out
+
+
+def load_rows(path: Path) -> tuple[list[dict], int]:
+    """(the rows of a metrics.jsonl, how many of its lines are not rows). A row is a JSON object with an integer
+    `step` (one a float holds exactly); anything else, a crash's torn last line above all, is skipped. OSError when
+    the file cannot be read (jsonsafe.read_regular)."""
+    values, bad = json_lines(path)
+    rows = [v for v in values if isinstance(v, dict) and _is_step(v.get("step"))]
+    return rows, bad + len(values) - len(rows)
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a line that does not parse (a crash's torn last line) is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    return load_rows(path)[0]
+
+
+def _is_step(step: Any) -> bool:
+    return type(step) is int and abs(step) < 2**53  # not a bool; a larger one would be drawn at a rounded x
+
+
+def _value(value: Any) -> float:
+    """A logged number as a float to draw; NaN (a gap in the line) for anything infinite or too large for a float,
+    which matplotlib cannot scale an axis to."""
+    try:
+        number = float(value)
+    except OverflowError:  # an int of hundreds of digits
+        return math.nan
+    return number if math.isfinite(number) else math.nan
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -100,7 +122,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     for row in rows:
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            by_step[row["step"]] = float(value)
+            by_step[row["step"]] = _value(value)
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
@@ -163,22 +185,44 @@ def draw(stage: str, rows: list[dict], title: str) -> Any:
     return fig
 
 
-def plot_stage(stage_dir: Path, stage: str | None = None) -> tuple[Path, list[str]]:
-    """Draw `<stage_dir>/metrics.png` from `<stage_dir>/metrics.jsonl` (the stage: the folder's name unless given);
-    (its path, the titles of the panels drawn). Written under a temporary name, then renamed: a reader never sees a
-    half-written PNG, and a failure leaves the previous one."""
+def plot_stage(stage_dir: Path, stage: str | None = None) -> Plotted:
+    """Draw `<stage_dir>/metrics.png` from `<stage_dir>/metrics.jsonl` (the stage: the folder's name unless given).
+    A metrics.jsonl that cannot be read, has no row to draw or a PNG that cannot be written is a UserError that
+    says which."""
     stage = stage or stage_dir.name
     if stage not in PANELS:
         raise UserError(f"no plot is defined for stage `{stage}` (plots exist for {', '.join(PANELS)})")
     metrics = stage_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    if not os.path.lexists(metrics):
         raise UserError(f"{stage} has no metrics to plot: {metrics} does not exist")
-    fig = draw(stage, read_rows(metrics), f"{stage_dir.parent.name} / {stage}")
-    out = stage_dir / PLOT_FILE
-    tmp = stage_dir / f".{PLOT_FILE}.tmp-{os.getpid()}"
     try:
-        fig.savefig(tmp, format="png", dpi=90)
+        rows, skipped = load_rows(metrics)
+    except OSError as err:
+        raise UserError(f"cannot read {metrics}: {err.strerror or err}") from None
+    lines = len(rows) + skipped
+    try:
+        fig = draw(stage, rows, f"{stage_dir.parent.name} / {stage}")
+    except UserError as err:
+        why = f" ({skipped} of its {lines} lines are not rows)" if skipped else ""
+        raise UserError(f"{err}{why}") from None
+    return Plotted(save_png(fig, stage_dir / PLOT_FILE), [ax.get_title() for ax in fig.axes], skipped, lines)
+
+
+def save_png(fig: Any, out: Path) -> Path:
+    """Write `fig` to `out` under a temporary name, then rename it: a reader never sees a half-written PNG, and a
+    failure leaves the previous one. The temporary file is created new (O_EXCL), so that nothing already there (a
+    link to some other file, say) is written through. A failure to write is a UserError."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides, as for any new file
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
+    try:
+        with open(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=90)
         os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     finally:
-        tmp.unlink(missing_ok=True)
-    return out, [ax.get_title() for ax in fig.axes]
+        tmp.unlink(missing_ok=True)  # ours: created above
+    return out

@@ -1,12 +1,14 @@
 """The end of a stage, for the person who ran it: what changed (headline metrics from their first to their last
 value), how long it took, how fast, how much disk it holds, and the next command. Recorded in the manifest when the
 stage completes (`complete_stage`) and printed from there (`print_summary`), so `rlhf runs` and a pipeline can reuse
-the same record.
+the same record. The readers take a record as a hand edit or a crash may have left it: a field of the wrong type is
+shown as it is or left out (`as_table`, `span`), never an exception.
 """
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import shutil
 import sys
 from datetime import datetime
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.jsonsafe import load_json
 from rlhf_cli.run_dir import TIME_FORMAT, Run, now
 
 HEADLINE_RS = ("candidate_score_mean", "selected_score_mean", "best_of_n_gain", "loss", "eval_score", "eval_gold")
@@ -57,18 +60,18 @@ def human_bytes(n: float) -> str:
 
 
 def first_and_last(metrics_path: Path, keys: tuple[str, ...]) -> dict[str, list[float]]:
-    """key -> [first, last] logged value in metrics.jsonl, for the keys that were logged."""
+    """key -> [first, last] logged value in metrics.jsonl, for the keys that were logged (a NaN as NaN: a loss that
+    diverged is what the headline must show). {} when there is no metrics.jsonl; OSError when there is one that
+    cannot be read; its lines that are not rows (plots.load_rows) are skipped."""
+    from rlhf_cli.plots import load_rows
+
+    if not os.path.lexists(metrics_path):
+        return {}
     out: dict[str, list[float]] = {}
-    if not metrics_path.is_file():
-        return out
-    for line in metrics_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
+    for row in load_rows(metrics_path)[0]:
         for key in keys:
-            value = row.get(key) if isinstance(row, dict) else None
-            if isinstance(value, (int, float)):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out.setdefault(key, [value, value])[1] = value
     return {key: out[key] for key in keys if key in out}  # in the order of `keys`
 
@@ -134,37 +137,66 @@ def drop_resume_checkpoints(ckpt_dir: Path) -> None:
 
 def summary_lines(record: dict, stage: str, run_args: str, wall_seconds: float | None = None) -> list[tuple[str, str]]:
     """(label, text) rows of a completed stage's manifest record: headline start -> end, time (`wall_seconds`: of the
-    whole command, loading included, when the caller knows it), speed, disk, next."""
-    summary = record.get("summary", {})
-    headline = summary.get("headline", {})
-    rows = [(key, f"{_num(a)} -> {_num(b)}" if a != b else _num(b)) for key, (a, b) in headline.items()]
+    whole command, loading included, when the caller knows it), speed, disk, next. A field of the wrong type is left
+    out, or shown as it is."""
+    record = as_table(record)
+    summary = as_table(record.get("summary"))
+    rows = [(str(key), span(values)) for key, values in as_table(summary.get("headline")).items()]
     wall = wall_seconds if wall_seconds is not None else summary.get("stage_seconds")
-    seconds = record.get("metrics", {}).get("train_seconds")
-    if wall is not None:
-        rows.append(("wall time", _duration(wall) + (f" (training steps {_duration(seconds)})" if seconds else "")))
-    if summary.get("tokens_per_second"):
+    seconds = as_table(record.get("metrics")).get("train_seconds")
+    if _real(wall):
+        train = f" (training steps {_duration(seconds)})" if _real(seconds) and seconds else ""
+        rows.append(("wall time", _duration(wall) + train))
+    if _real(summary.get("tokens_per_second")) and summary["tokens_per_second"]:
         rows.append(("tokens/s", f"{summary['tokens_per_second']:,.0f}"))
-    disk = summary.get("disk_bytes", {})
+    disk = as_table(summary.get("disk_bytes"))
     if disk:
-        ckpt = human_bytes(disk["checkpoints"])
-        kept = (f"{ckpt} kept" if summary.get("checkpoints_kept")
-                else f"{ckpt} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
-        rows.append(("disk", f"stage {human_bytes(disk['stage'])}, run {human_bytes(disk['run'])}; resume "
-                             f"checkpoints {kept}"))  # fmt: skip
+        size = {k: human_bytes(disk[k]) if _real(disk.get(k)) else "?" for k in ("stage", "run", "checkpoints")}
+        kept = (f"{size['checkpoints']} kept" if summary.get("checkpoints_kept")
+                else f"{size['checkpoints']} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
+        rows.append(("disk", f"stage {size['stage']}, run {size['run']}; resume checkpoints {kept}"))
     if summary.get("plot"):
-        rows.append(("curves", summary["plot"]))
+        rows.append(("curves", str(summary["plot"])))
     if stage in NEXT:
         rows.append(("next", NEXT[stage].format(run=run_args)))
     return rows
 
 
+def as_table(value: Any) -> dict:
+    """`value` when it is a dict (a JSON object), else {}: a manifest field of the wrong type reads as absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def span(values: Any) -> str:
+    """A headline entry [first, last] as `first -> last` (`last` alone when they are equal); anything else as it
+    is."""
+    if isinstance(values, (list, tuple)) and len(values) == 2:
+        first, last = values
+        return _num(last) if first == last else f"{_num(first)} -> {_num(last)}"
+    return _num(values)
+
+
+def manifest_record(run: Run) -> tuple[dict, str | None]:
+    """(the stage's manifest record, {} when it has none; why the manifest could not be read, or None), read as
+    `rlhf runs` reads it: damage is a reason, never an exception."""
+    try:
+        manifest = load_json(run.manifest_path)
+    except (OSError, ValueError) as err:
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return {}, f"{run.manifest_path}: {why}"
+    return as_table(as_table(as_table(manifest).get("stages")).get(run.stage)), None
+
+
 def print_summary(console: Any, run: Run, run_args: str, terminal: bool, wall_seconds: float | None = None) -> None:
     """The summary of `run.stage` from the manifest: a rich table on a terminal, plain `label: text` lines otherwise."""
-    record = run.stage_record()
+    record, unread = manifest_record(run)
     rows = summary_lines(record, run.stage, run_args, wall_seconds)
-    outputs = record.get("outputs") or {}
+    if unread:
+        rows.insert(0, ("summary", f"not readable ({unread})"))
+    outputs = as_table(record.get("outputs"))
+    first = next(iter(outputs.values()), None)
     # What the stage produced: final/ for a training stage, else its first output (eval: eval.json).
-    product = run.final_dir if "final" in outputs or not outputs else run.root / next(iter(outputs.values()))
+    product = run.root / first if "final" not in outputs and isinstance(first, str) else run.final_dir
     title = f"{run.stage} completed: {product}"
     if not terminal:
         console.print(title, highlight=False, markup=False)
@@ -179,8 +211,18 @@ def print_summary(console: Any, run: Run, run_args: str, terminal: bool, wall_se
     console.print(table)
 
 
-def _num(value: float) -> str:
+def _num(value: Any) -> str:
+    if value is None:  # a non-finite value, as json_safe records it
+        return "n/a"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _real(value: Any) -> bool:
+    """A finite number (not a bool): what arithmetic and formats of a manifest field may take."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _duration(seconds: float) -> str:

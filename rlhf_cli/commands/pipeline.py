@@ -187,11 +187,13 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
     from rlhf_cli.stage_state import has_saved_work
     from rlhf_cli.stages import STAGES
 
-    record = manifest.get("stages", {}).get(stage) or {}
+    now = manifest.get("stages", {}).get(stage) or {}
+    record = replaced_record(run_dir, stage, now)
     overwrite = cfg.run.overwrite and (attempt is None or record.get("overwrite_intent") != attempt)
     reasons = stale_reasons(manifest, stage, run_dir, frozenset(will_run)) if record else []
     reasons += [f"{d} runs again" for d in will_run if d in deps and f"{d} runs again" not in reasons]
-    broken = damage(run_dir, record) if record.get("status") == "completed" else None
+    # A record set aside with its folder (replaced_record) is checked on disk when it is back.
+    broken = damage(run_dir, record) if record.get("status") == "completed" and record is now else None
     if record.get("status") == "completed" and not broken:
         if overwrite:
             return "fresh", "run.overwrite"
@@ -214,6 +216,20 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
         why = "; ".join(reasons + (["the config changed"] if old_config else []))
         return "fresh", f"{lead}its checkpoints are stale ({why}): starting again"
     return "run", lead + ("resumes" if saved else "starts again")
+
+
+def replaced_record(run_dir: Path, stage: str, record: dict) -> dict:
+    """A stage whose overwrite was stopped before it began is put back when it is next opened (stage_state
+    `restore_overwritten`): plan with the record it will have then."""
+    from rlhf_cli.stage_state import RECORD_FILE
+
+    saved = run_dir / str(record.get("replacing", "")) / RECORD_FILE
+    if "replacing" in record and saved.is_file():
+        try:
+            return json.loads(saved.read_text())
+        except ValueError:
+            return {}
+    return record
 
 
 def _run_dir(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]]) -> Path:

@@ -4,14 +4,16 @@ metrics (first -> last), start and end times, and the command that resumes a sta
 Status: completed; running (a live process holds the run directory's lock); interrupted (Ctrl-C, a signal or
 preemption, or recorded as running by a process that is gone: a kill); failed (with its error). A stage that is not
 completed and holds a complete resume checkpoint is `resumable at step N`: running its command again continues it.
-A run whose manifest is missing or unreadable is listed as unreadable, with the reason; the others are listed all
-the same. Nothing is written.
+A run whose manifest is missing or unreadable is listed as unreadable, with the reason, and so is a stage whose
+record is not a table; the others are listed all the same. Whatever a hand edit or a crash left in a run directory
+(fields of the wrong type, bytes that are not text, folders where files belong) is shown as it is or named, never a
+traceback. Nothing is written.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 
 from rlhf_cli.commands.args import parse_key_values
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import COMPLETE_MARKER, TIME_FORMAT
+from rlhf_cli.jsonsafe import load_json
+from rlhf_cli.run_dir import COMPLETE_MARKER, TIME_FORMAT, check_run_name
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
@@ -39,7 +42,7 @@ ARGS = RunsArgs  # for `rlhf runs --help`
 @dataclass
 class StageRow:
     stage: str
-    status: str  # completed, running, interrupted, failed (or the manifest's word for anything else)
+    status: str  # completed, running, interrupted, failed, unreadable (or the manifest's word for anything else)
     metrics: str
     started: str
     ended: str
@@ -56,17 +59,21 @@ class RunRow:
 
 def in_use(run_dir: Path) -> bool:
     """Does a live process hold the run's lock (run_dir._take_lock)? Probed with a shared lock taken and given back at
-    once: a stage that starts in those microseconds is refused as `in use` and can simply be started again."""
+    once: a stage that starts in those microseconds is refused as `in use` and can simply be started again. Opened
+    without blocking: a FIFO in place of the lock file would hold a plain open for ever."""
     try:
-        fh = open(run_dir / ".lock")  # noqa: SIM115 - closed below, whatever the probe says
+        fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:  # not a file that takes a lock: nobody holds it
+        return False
+    finally:
+        os.close(fd)
     return False
 
 
@@ -75,51 +82,85 @@ def resume_step(stage_dir: Path) -> int | None:
     level down, in round-k/; its steps are numbered across rounds)."""
     ckpt = stage_dir / "checkpoints"
     found = [*ckpt.glob(f"step-*/{COMPLETE_MARKER}"), *ckpt.glob(f"*/step-*/{COMPLETE_MARKER}")]
-    steps = [int(p.parent.name[5:]) for p in found if p.parent.name[5:].isdigit()]
-    return max(steps) if steps else None
+    # A marker that is not a file does not count, as for the resume itself (run_dir.complete_checkpoints).
+    steps = [step for p in found if p.is_file() and (step := _step(p.parent.name)) is not None]
+    return max(steps, default=None)
+
+
+def _step(name: str) -> int | None:
+    """N of a `step-N` folder name; None for step-abc, step- and the like, and for digits int() takes but a resume
+    does not (`step-²`). A folder name is at most 255 bytes, so int() is never asked for thousands of digits."""
+    digits = name[5:]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def key_metrics(stage: str, record: dict, stage_dir: Path) -> str:
     """`key first -> last, ...`: the end-of-stage summary's headline (summary.py) for a completed stage, the same
     keys read from metrics.jsonl so far for one that is not; the pipeline summary's choice of keys."""
     from rlhf_cli.commands.pipeline import KEY_METRICS
-    from rlhf_cli.summary import HEADLINE, first_and_last
+    from rlhf_cli.summary import HEADLINE, as_table, first_and_last, span
 
-    headline = record.get("summary", {}).get("headline")
+    headline = as_table(record.get("summary")).get("headline")
     if not isinstance(headline, dict):
-        headline = first_and_last(stage_dir / "metrics.jsonl", HEADLINE.get(stage, ()))
+        try:
+            headline = first_and_last(stage_dir / "metrics.jsonl", HEADLINE.get(stage, ()))
+        except OSError as err:
+            return f"metrics.jsonl unreadable ({reason(err)})"
     keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
-    return ", ".join(_first_last(k, headline[k]) for k in keys)
+    return ", ".join(f"{k} {span(headline[k])}" for k in keys)
 
 
 def stage_row(run_dir: Path, stage: str, record: dict, locked: bool) -> StageRow:
-    status = record.get("status", "unknown")
+    problem = record_problem(stage, record)
+    if problem is not None:
+        return StageRow(stage, "unreadable", problem, "", "")
+    status = str(record.get("status") or "unknown")
     if status == "preempted" or (status == "running" and not locked):  # a kill leaves `running` and no lock holder
         status = "interrupted"
-    metrics = key_metrics(stage, record, run_dir / stage)
+    stage_dir = run_dir / stage
+    notes = [key_metrics(stage, record, stage_dir), "" if stage_dir.is_dir() else f"no folder {stage}/"]
     if status == "failed" and record.get("error"):
         error = " ".join(str(record["error"]).split())
-        error = error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."
-        metrics = f"{metrics}; error: {error}" if metrics else f"error: {error}"
-    step = resume_step(run_dir / stage) if status not in ("completed", "running") else None
-    return StageRow(stage, status, metrics, _time(record.get("started_at")), _time(record.get("ended_at")),
-                    step, str(record.get("command") or ""))  # fmt: skip
+        notes.append("error: " + (error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."))
+    step = resume_step(stage_dir) if status not in ("completed", "running") else None
+    return StageRow(stage, status, "; ".join(n for n in notes if n), _time(record.get("started_at")),
+                    _time(record.get("ended_at")), step, str(record.get("command") or ""))  # fmt: skip
+
+
+def record_problem(stage: str, record: Any) -> str | None:
+    """Why a stage's manifest record cannot be listed (None when it can): not a table, or a name that is not a
+    folder name, which must not be joined to a path (`../x`, a NUL)."""
+    if not isinstance(record, dict):
+        kind = {type(None): "null", str: "a string", list: "a list", bool: "true or false"}.get(type(record))
+        return f"its manifest record is {kind or 'a number'}, not a table"
+    try:
+        check_run_name(stage, "stage")
+        stage.encode("utf-8", "surrogateescape")  # a lone surrogate that stands for no byte of a file name
+    except (UserError, UnicodeEncodeError):
+        return "not a stage folder name"
+    return None
 
 
 def read_run(run_dir: Path) -> RunRow:
-    """One run's rows; a manifest that is missing, not JSON or not a manifest makes the run `unreadable`."""
+    """One run's rows; a manifest that is missing, unreadable, not JSON or not a manifest makes the run
+    `unreadable`, a stage record that is not a table that stage."""
     path = run_dir / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return RunRow(run_dir.name, unreadable="no manifest.json")
+    try:
+        manifest = load_json(path)
     except (OSError, ValueError) as err:
-        return RunRow(run_dir.name, unreadable=f"manifest.json: {err}")
+        return RunRow(run_dir.name, unreadable=f"manifest.json: {reason(err)}")
     stages = manifest.get("stages") if isinstance(manifest, dict) else None
-    if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
+    if not isinstance(stages, dict):
         return RunRow(run_dir.name, unreadable="manifest.json has no `stages` table of stage records")
     locked = in_use(run_dir)
     return RunRow(run_dir.name, [stage_row(run_dir, s, stages[s], locked) for s in ran_order(stages)])
+
+
+def reason(err: Exception) -> str:
+    """An error as the user reads it: an OSError's own words (`Permission denied`), without its errno and path."""
+    return err.strerror if isinstance(err, OSError) and err.strerror else str(err)
 
 
 def ran_order(stages: dict[str, Any]) -> list[str]:
@@ -127,21 +168,36 @@ def ran_order(stages: dict[str, Any]) -> list[str]:
     start time last, by name."""
 
     def started(name: str) -> tuple[int, datetime, str]:
-        record = stages[name] if isinstance(stages[name], dict) else {}
+        stamp = stages[name].get("started_at") if isinstance(stages[name], dict) else None
         try:
-            return 0, datetime.strptime(record.get("started_at") or "", TIME_FORMAT), name
-        except ValueError:
+            return 0, datetime.strptime(stamp, TIME_FORMAT), name
+        except (TypeError, ValueError):  # none, not a string, not a time
             return 1, datetime.min.replace(tzinfo=timezone.utc), name
 
     return sorted(stages, key=started)
 
 
 def list_runs(root: Path) -> list[RunRow]:
-    return [read_run(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    """The runs under `root`: its folders (not hidden ones), and its links that lead nowhere (a run folder moved
+    away, a link loop), which are named as unreadable; plain files are not runs."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as err:
+        raise UserError(f"cannot read run.root={root}: {reason(err)}") from None
+    runs = []
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            runs.append(read_run(path))
+        elif path.is_symlink() and not path.exists():
+            runs.append(RunRow(path.name, unreadable="a symbolic link to nothing (its target is gone, or a loop)"))
+    return runs
 
 
 def table_rows(runs: list[RunRow]) -> list[tuple[str, ...]]:
-    """One row per stage (the run named on its first), one for an unreadable run or one with no stage yet."""
+    """One row per stage (the run named on its first), one for an unreadable run or one with no stage yet; every
+    cell `printable`."""
     out = []
     for run in runs:
         if run.unreadable is not None:
@@ -151,13 +207,21 @@ def table_rows(runs: list[RunRow]) -> list[tuple[str, ...]]:
         for i, st in enumerate(run.stages):
             status = st.status if st.resume_step is None else f"{st.status} (resumable at step {st.resume_step})"
             out.append((run.name if i == 0 else "", st.stage, status, st.metrics, st.started, st.ended))
-    return out
+    return [tuple(printable(cell) for cell in row) for row in out]
 
 
 def resume_lines(runs: list[RunRow]) -> list[str]:
     """`resume <run>/<stage>: <its command>` for each resumable stage that no process is running."""
-    return [f"resume {run.name}/{st.stage} at step {st.resume_step}: {st.command or f'rlhf {st.stage} ...'}"
+    return [printable(f"resume {run.name}/{st.stage} at step {st.resume_step}: "
+                      f"{st.command or f'rlhf {st.stage} ...'}")
             for run in runs for st in run.stages if st.resume_step is not None and st.status != "running"]  # fmt: skip
+
+
+def printable(text: str) -> str:
+    """`text` on one line that any terminal or pipe takes: line breaks and tabs made spaces, other characters that are
+    not printable written as escapes (control characters; the lone surrogates by which Python holds a file name that
+    is not UTF-8, which a UTF-8 stdout refuses with an exception)."""
+    return "".join(c if c.isprintable() else " " if c.isspace() else ascii(c)[1:-1] for c in text)
 
 
 def main(args: list[str]) -> int:
@@ -170,15 +234,15 @@ def main(args: list[str]) -> int:
         raise UserError(f"run.root={a.root} is a file, not a folder of runs")
     runs = list_runs(root) if root.is_dir() else []
     if not runs:
-        why = "it does not exist" if not root.exists() else "it is empty"
-        console.print(f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates {root}/<name>/",
-                      markup=False)  # fmt: skip
+        why = "it is empty" if root.is_dir() else "a link to nothing" if root.is_symlink() else "it does not exist"
+        console.print(printable(f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates "
+                                f"{root}/<name>/"), markup=False)  # fmt: skip
         return 0
-    rows = table_rows(runs)
+    rows, title = table_rows(runs), printable(f"runs under {root}/")
     if console.is_terminal:
-        _print_table(console, rows, f"runs under {root}/")
+        _print_table(console, rows, title)
     else:
-        for line in plain_lines(rows, f"runs under {root}/"):
+        for line in plain_lines(rows, title):
             console.print(line, markup=False)
     for line in resume_lines(runs):
         console.print(line, markup=False)
@@ -211,15 +275,3 @@ def _time(stamp: Any) -> str:
         return datetime.strptime(stamp, TIME_FORMAT).strftime("%Y-%m-%d %H:%M")
     except (TypeError, ValueError):
         return "" if stamp is None else str(stamp)
-
-
-def _first_last(key: str, values: Any) -> str:
-    try:
-        first, last = values
-    except (TypeError, ValueError):
-        return f"{key} {values}"
-    return f"{key} {_num(first)}" if first == last else f"{key} {_num(first)} -> {_num(last)}"
-
-
-def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -27,6 +27,7 @@ from rlhf_cli.errors import UserError
 # stages share with this command.
 from rlhf_cli.models.classifier import REDUCTIONS, TEXTS, batch_tensors, classifier_scores, encode, label_index
 from rlhf_cli.models.classifier import load_classifier as load
+from rlhf_cli.models.kind import check_scorer
 
 EXAMPLE = 'prompt="Hi" response="Hello!"'
 
@@ -125,7 +126,7 @@ def score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[l
 def _score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[list[float], str]:
     import torch
 
-    tokenizer, model = load(path)
+    tokenizer, model = load(path, model_setting(a))
     index = label_index(model.config, a.label)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -141,9 +142,16 @@ def _score_rows(rows: list[tuple[str, dict]], path: str, a: ScoreArgs) -> tuple[
     return scores, reading(model.config, path, index, a.reduce)
 
 
+def model_setting(a: ScoreArgs) -> str:
+    """The arguments that name the model, for messages: `model=<path>` or `run.name=<run> stage=<stage>`."""
+    return f"model={a.model}" if a.model is not None else f"run.name={a.run} stage={a.stage}"
+
+
 def main(args: list[str]) -> int:
     a = parse_args(args)
     path = resolve_checkpoint(a.model, a.run, a.root, a.stage)
+    # Before reading the input or importing torch: a causal LM would score with a random head (made-up scores).
+    check_scorer(path, model_setting(a), f"; `rlhf generate {model_setting(a)}` answers with a causal LM")
     if a.input is None:
         (score,), what = score_rows([("command line", {"prompt": a.prompt, "response": a.response})], path, a)
         print(f"score: {score:.6g} ({what})")

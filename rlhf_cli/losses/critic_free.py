@@ -67,8 +67,11 @@ def group_stats(
 def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) -> (B // G,) bool: groups whose valid scores are all exactly equal (fewer than 2 valid counts too).
 
-    Their advantages are 0 under every estimator here, so they carry no gradient (DAPO drops them). Exact equality,
-    not a std threshold: 0.1 + 0.2 and 0.3 differ, and a mean of equal floats need not equal them to the last bit.
+    GRPO and RLOO (without KL) give them advantage 0 exactly, so they carry no gradient (DAPO drops them). Not so
+    REINFORCE++-baseline: its returns are 0 before the global whitening, which shifts every token of the batch by
+    -mean / std, theirs too (OpenRLHF `reinforce_baseline`; `global_whiten`); nor RLOO with kl_coef > 0, whose KL
+    enters the reward before the baseline. Exact equality, not a std threshold: 0.1 + 0.2 and 0.3 differ, and a mean
+    of equal floats need not equal them to the last bit.
     """
     g = _grouped(scores, group_size)
     valid = torch.isfinite(g)
@@ -194,8 +197,10 @@ def reinforce_pp_returns(
     score on the last valid token (`ppo.per_token_rewards`); G_t = sum_{t' >= t} gamma^(t' - t) r_t' right to left
     over the valid tokens (`ppo.gae` with V = 0 and lambda = 1 is exactly that recursion). With `group_size` this is
     REINFORCE++-baseline: the group mean of the valid scores is subtracted from each score first (OpenRLHF
-    `reinforce_baseline`). A row with an invalid score gets returns 0: drop it (`valid`) from the mask that whitening
-    and the loss see. Then `global_whiten` over every rank's valid tokens.
+    `reinforce_baseline`), so a group whose scores are all equal has returns 0 here (the KL penalty aside), and
+    `global_whiten` then gives its tokens (0 - mean) / std like any other token of the batch: not 0 unless they are
+    out of the whitening's mask. A row with an invalid score gets returns 0: drop it (`valid`) from the mask that
+    whitening and the loss see. Then `global_whiten` over every rank's valid tokens.
     """
     valid = torch.isfinite(scores.float())
     outcome = scores.float()

@@ -20,18 +20,27 @@ REDUCTIONS = ("logit", "prob")
 TEXTS = ("conversation", "response")
 
 
-def load_classifier(path: str) -> tuple[Any, Any]:
+def load_classifier(path: str, setting: str | None = None) -> tuple[Any, Any]:
     """(tokenizer, model in eval mode, fp32) from a folder or hub id, with clear errors (a missing folder, an
-    unfetchable hub id, truncated weights end in one message naming them)."""
+    unfetchable hub id, truncated weights end in one message naming them). A causal LM or a classifier without its
+    head's weights would score with a random head: refused, naming `setting` (e.g. `stage.reward.model=stage:sft`),
+    before loading for a local folder, from transformers' missing keys after loading for a hub id."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_cli.config.schema import ModelConfig
+    from rlhf_cli.models.kind import check_loaded_head, check_scorer
     from rlhf_cli.models.load import TOKENIZER_MARKERS, load_pretrained
+    from rlhf_cli.models.reward import quiet_load_report
 
+    check_scorer(path, setting)
     cfg = ModelConfig(name_or_path=path)
     tokenizer = load_pretrained(AutoTokenizer, path, cfg, TOKENIZER_MARKERS)
-    model = load_pretrained(AutoModelForSequenceClassification, path, cfg, dtype=torch.float32)
+    with quiet_load_report():  # transformers' table of new keys; check_loaded_head says what matters
+        model, info = load_pretrained(
+            AutoModelForSequenceClassification, path, cfg, dtype=torch.float32, output_loading_info=True
+        )
+    check_loaded_head(path, model, info, setting)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if model.config.pad_token_id is None:

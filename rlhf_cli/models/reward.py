@@ -134,7 +134,7 @@ def _pretrained_reward_model(model_cfg: ModelConfig, source: str, tokenizer: Any
         # sdpa is the schema default, and transformers' own default already picks it where the architecture has it
         # (and eager where not, e.g. DeBERTa); asking for it explicitly would fail on those architectures.
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    with _quiet_load_report():
+    with quiet_load_report():
         model, info = load_pretrained(
             AutoModelForSequenceClassification,
             source,
@@ -157,7 +157,7 @@ def _pretrained_reward_model(model_cfg: ModelConfig, source: str, tokenizer: Any
 
 
 @contextlib.contextmanager
-def _quiet_load_report() -> Iterator[None]:
+def quiet_load_report() -> Iterator[None]:
     """transformers logs a MISSING/UNEXPECTED table for every head swap (lm_head out, score in); we report the keys
     that matter ourselves. A filter, not a logger level: a raised level switches on transformers' TP-plan warnings."""
 

@@ -2,10 +2,15 @@
 chunk by chunk into files, and the round's selection read back from them (ALGORITHMS.md section 7).
 
 Files of round k, under `<stage>/round-k/`:
+- `drawn.json`: what the candidates are drawn with (policy, N, sampling, reward, prompts; saved_round.py), written
+  before the first chunk;
 - `chunks/chunk-NNNNN.jsonl`: the candidates of one chunk of `generation_batch_size` prompts, written at once
   (temporary name, then rename), so a killed run keeps every finished chunk and redoes only the missing ones;
-- `selected.jsonl` (what the round fine-tunes on), `candidates.jsonl` (every candidate with its score, when
-  `stage.save_candidates`) and `selection.json` (the round's statistics), written by rank 0 once every chunk exists.
+- `candidates.jsonl`: every candidate with its score and duplicate flag, merged by rank 0 from the chunks once every
+  chunk exists (the chunks then go); the selection reads it, so a selection made again draws nothing. Removed when
+  the round completes unless `stage.save_candidates`;
+- `selected.jsonl` (what the round fine-tunes on) and `selection.json` (the round's statistics and the rule that
+  selected: `rule`), written by rank 0 from candidates.jsonl.
 
 A chunk's draws are seeded by (seed, round, chunk), never by rank: a chunk samples the same candidates whichever rank
 draws it, so 2 ranks select exactly what 1 rank does, and a resumed round what an uninterrupted one would.
@@ -45,6 +50,10 @@ class RoundFiles:
     @classmethod
     def of(cls, stage_dir: Path, round_no: int) -> RoundFiles:
         return cls(stage_dir / f"round-{round_no}")
+
+    @property
+    def drawn(self) -> Path:
+        return self.dir / "drawn.json"
 
     @property
     def chunks(self) -> Path:
@@ -130,30 +139,51 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def select_round(files: RoundFiles, n_chunks: int, n_samples: int, st: Any) -> dict[str, float]:
-    """Rank 0, once every chunk exists: read the candidates, drop copies and unscorable ones, select per
-    `st.selection`, write selected.jsonl (+ candidates.jsonl) and selection.json, remove the chunk files.
-    Returns the round's selection statistics."""
+def prompt_groups(rows: list[dict], n_samples: int) -> list[list[dict]]:
+    """The candidate rows of each prompt, in the order the prompts were drawn: grouped by prompt index, never by
+    position, so one group holds one prompt's candidates. Each prompt must have `n_samples` of them (the draw record
+    that reconcile checks makes it so; a file that says otherwise is refused here rather than mis-selected)."""
+    groups: dict[int, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["prompt_index"], []).append(row)
+    for p, group in groups.items():
+        if len(group) != n_samples:
+            raise ValueError(f"prompt {p} has {len(group)} candidate(s), not stage.n_samples={n_samples}")
+    return list(groups.values())
+
+
+def merge_chunks(files: RoundFiles, n_chunks: int, n_samples: int) -> int:
+    """Rank 0, once every chunk exists: all candidates in candidates.jsonl, each flagged when it copies an earlier
+    candidate of its prompt, then the chunk files removed. Returns the number of candidates."""
     rows = [row for c in range(n_chunks) for row in read_rows(files.chunk(c))]
-    grid = [rows[j : j + n_samples] for j in range(0, len(rows), n_samples)]  # a prompt's candidates are consecutive
+    grid = prompt_groups(rows, n_samples)
+    dup = duplicates([[tuple(r["response_ids"]) for r in g] for g in grid])
+    for g, flags in zip(grid, dup.tolist(), strict=True):
+        for row, is_dup in zip(g, flags, strict=True):
+            row["duplicate"] = is_dup
+    _write_jsonl(files.candidates, [row for g in grid for row in g])  # before the chunks go: a kill loses nothing
+    for path in files.chunks.glob(CHUNK_GLOB):
+        path.unlink()
+    files.chunks.rmdir()
+    return len(rows)
+
+
+def select_round(files: RoundFiles, n_samples: int, st: Any, rule: dict[str, Any]) -> dict[str, float]:
+    """Rank 0: read candidates.jsonl, drop copies and unscorable candidates, select per `st.selection`, write
+    selected.jsonl and selection.json (the statistics and `rule`, what saved_round compares a later run's rule with).
+    Returns the round's selection statistics."""
+    grid = prompt_groups(read_rows(files.candidates), n_samples)
     scores = torch.tensor([[math.nan if r["score"] is None else r["score"] for r in g] for g in grid],
-                          dtype=torch.float64)  # fmt: skip
+                          dtype=torch.float64).reshape(len(grid), n_samples)  # fmt: skip
     dup = duplicates([[tuple(r["response_ids"]) for r in g] for g in grid])
     valid = valid_mask(scores, dup)
     chosen = select(scores, valid, st.selection, st.top_k, st.threshold)
     stats = selection_stats(scores, valid_mask(scores), chosen)
     stats["duplicate_fraction"] = float(dup.double().mean()) if dup.numel() else 0.0
-    picked = [row for g, mask in zip(grid, chosen.tolist(), strict=True) for row, keep in zip(g, mask, strict=True)
-              if keep]  # fmt: skip
+    picked = [{k: v for k, v in row.items() if k != "duplicate"} for g, mask in zip(grid, chosen.tolist(), strict=True)
+              for row, keep in zip(g, mask, strict=True) if keep]  # fmt: skip
     _write_jsonl(files.selected, picked)
-    if st.save_candidates:
-        for row, is_dup in zip(rows, dup.flatten().tolist(), strict=True):
-            row["duplicate"] = is_dup
-        _write_jsonl(files.candidates, rows)
-    atomic_write_text(files.selection, json.dumps(stats, indent=2) + "\n")  # last: the round's selection is done
-    for path in files.chunks.glob(CHUNK_GLOB):
-        path.unlink()
-    files.chunks.rmdir()
+    atomic_write_text(files.selection, json.dumps({**stats, "rule": rule}, indent=2) + "\n")  # last: selection done
     return stats
 
 

@@ -52,10 +52,12 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def estimate(ro: Rollout, st: Any, offset: int) -> Estimate:
+def estimate(ro: Rollout, st: Any, offset: int, filler: torch.Tensor | None = None) -> Estimate:
     """The advantages of `st.advantage` for this rank's rows (global rows [offset, offset + B)), with the loss
     weights of `st.loss_aggregation`. Needs the rollout's log-probs and reference log-probs when a KL enters the
-    reward (rloo / reinforce_pp with kl_coef > 0)."""
+    reward (rloo / reinforce_pp with kl_coef > 0). `filler` (B,) bool: the rows of groups that dynamic sampling only
+    added to fill the batch (`critic_free_update.dynamic_rollout`); under the group estimators they are out of the
+    loss and of every statistic, as if DAPO had dropped them."""
     mask, n = ro.mask, ro.mask.shape[0]
     mine = slice(offset, offset + n)
     scores = gather_rows(ro.scores.shaped)
@@ -64,6 +66,12 @@ def estimate(ro: Rollout, st: Any, offset: int) -> Estimate:
     loss_mask = mask * torch.isfinite(scores[mine]).to(mask)[:, None]
     if st.mask_truncated:
         loss_mask = mask_truncated(loss_mask, ro.seq.has_eos)
+    if filler is not None and st.advantage in GROUPED:
+        # A filler group's scores are all equal: no signal against its own group. Yet REINFORCE++-baseline's global
+        # whitening would give it -mean/std of the batch (OpenRLHF's rule, kept for real groups) and RLOO's KL a
+        # non-zero advantage, a gradient from a group DAPO drops. Plain REINFORCE++ compares with the batch, not
+        # the group: there an all-equal group has a signal and stays.
+        loss_mask = loss_mask * (~filler.to(mask.device)).to(mask)[:, None]
     stats: dict[str, float] = {}
     if st.advantage in GROUPED:
         stats["zero_variance_groups"] = zero_variance_fraction(scores, st.n_samples)

@@ -118,6 +118,17 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
     return out
 
 
+def check_scorable(invalid_fraction: float | None, reward: Any, where: str) -> None:
+    """Stop the stage when the reward scored none of a batch's replies (`invalid_fraction` 1: every one None / NaN /
+    inf): every advantage would be 0 and the stage would run to the end learning nothing. `where` completes "the
+    replies ...", e.g. "of iteration 3". Call it with a value that is the same on every rank (all-reduced)."""
+    if invalid_fraction is None or invalid_fraction < 1.0:
+        return
+    raise UserError(f"the reward {reward.describe()} scored none of the replies {where}: it returned None / NaN for "
+                    "every one, so there is nothing to learn from. Check that it understands the replies as the policy "
+                    "writes them (`rlhf generate` shows some) and the prompts of this data")  # fmt: skip
+
+
 def timing(ro: Rollout, train_seconds: float, out: dict) -> dict[str, float]:
     """Seconds in generation, scoring (old/ref log-probs, values, reward) and training, and their throughputs; `out`
     holds the iteration's "generated_tokens" (`rollout_metrics`) and trained "tokens"."""

@@ -22,9 +22,11 @@ from rlhf_cli.rollout.experience import Rollout, critic_values
 from rlhf_cli.rollout.generation import response_logits, response_logprobs
 
 # This rank's per-token sums of an actor step: losses and statistics, all forwarded tokens, valid response tokens,
-# |log ratio|, then the tokens clipped at 1 - eps_low and at 1 + eps_high, and the k3 KL to the reference.
+# |log ratio|, then the tokens clipped at 1 - eps_low and at 1 + eps_high, the k3 KL to the reference (the loss
+# term) and its k1 (log pi_theta - log pi_ref, detached: the critic-free stages' `kl` where the rollout has no
+# log-probs of its own).
 ACTOR_SUMS = ("policy_loss", "clipfrac_policy", "approx_kl", "entropy", "tokens", "valid", "abs_log_ratio",
-              "clipfrac_low", "clipfrac_high", "kl_loss")  # fmt: skip
+              "clipfrac_low", "clipfrac_high", "kl_loss", "ref_k1")  # fmt: skip
 CRITIC_SUMS = ("value_loss", "clipfrac_value")
 
 
@@ -65,7 +67,7 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
         if objective is None:
             old = ro.logprobs[chunk, :width]
             pg, clipped, approx_kl = policy_loss(logprobs, old, advantages[chunk, :width], st.clip_eps)
-            low = high = kl = torch.zeros_like(pg)
+            low = high = kl = k1 = torch.zeros_like(pg)
             loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
         else:
             old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
@@ -74,9 +76,10 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
             log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
             per_token = pg - st.entropy_coef * entropy
-            kl = torch.zeros_like(pg)
+            kl = k1 = torch.zeros_like(pg)
             if objective.kl_coef:
                 kl = k3_kl_loss(logprobs, ro.ref_logprobs[chunk, :width])
+                k1 = logprobs.detach() - ro.ref_logprobs[chunk, :width]
                 per_token = per_token + objective.kl_coef * kl
             loss = (per_token * objective.weights[chunk, :width]).sum()
         if extra_loss is not None:
@@ -88,7 +91,7 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
         sums[4] += float(sub.attention_mask.sum())
         sums[5] += float(mask.sum())
         sums[6] += float(masked_sum((logprobs.detach() - old).abs(), mask))
-        sums[7:] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (low, high, kl)])
+        sums[7:] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (low, high, kl, k1)])
     return sums, norm
 
 

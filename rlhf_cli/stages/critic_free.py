@@ -32,7 +32,15 @@ from rlhf_cli.rollout.critic_free import Estimate, estimate
 from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.experience import Reference, collect
 from rlhf_cli.rollout.generation import sampling_config
-from rlhf_cli.rollout.online import build_reference, reward_stats, rollout_metrics, score_stats, timing, write_samples
+from rlhf_cli.rollout.online import (
+    build_reference,
+    check_scorable,
+    reward_stats,
+    rollout_metrics,
+    score_stats,
+    timing,
+    write_samples,
+)
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import export_final, finish, interrupted, policy_engine, train_loop
@@ -68,8 +76,10 @@ def run(cfg: Any, run: Run) -> Path | None:
     # 3. The policy in its engine; the reference only when a KL is used; the reward source.
     actor = policy_engine(cfg, model_cfg, tokenizer, critic_free_updates(plan, st, dist.world_size), dist.world_size)
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist) if st.kl_coef else (None, None)
-    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
-    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
+    # Every rank scores at the same points (iterations, evaluation batches): a reward or gold function that raises on
+    # one rank stops them all with its message (rewards.raise_together).
+    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist, together=True)
+    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist, together=True)
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
     p = Parts(cfg, run, dist, tokenizer, data, plan, actor, ref, reward, gen_config, RunningMoments(), rm_stats)
 
@@ -90,7 +100,9 @@ def run(cfg: Any, run: Run) -> Path | None:
                                sampling=st.eval_sampling, gold=gold, allow_invalid=True)  # fmt: skip
 
     if start_step == 0 and data.eval:
-        metrics.log(0, run_eval(), SHOW)
+        first = run_eval()
+        check_scorable(first.get("eval_invalid_fraction"), reward, "of the first evaluation")
+        metrics.log(0, first, SHOW)
     last = train_loop(st, actor, plan, dist, run, metrics, start_step, lambda step: iteration(p, step), run_eval,
                       SHOW, save=lambda step: save_state(p, step))  # fmt: skip
     if interrupted(last, plan, metrics, run):
@@ -148,11 +160,13 @@ def iteration(p: Parts, step: int) -> dict[str, float]:
 
     prompt_idx = p.plan.rank_indices(step, 0, cfg.seed)
     if st.dynamic_sampling:
-        ro, sampling = dynamic_rollout(draw, prompt_idx, p.plan, step, cfg.seed, st, p.tokenizer.pad_token_id)
+        ro, sampling, filler = dynamic_rollout(draw, prompt_idx, p.plan, step, cfg.seed, st, p.tokenizer.pad_token_id)
     else:
-        ro, sampling = draw(prompt_idx, 0), {}
-    est: Estimate = estimate(ro, st, dist.rank * rows_per_rank)
-    out = {**rollout_metrics(ro), **est.stats, **sampling, **reward_terms(p.reward)}
+        ro, sampling, filler = draw(prompt_idx, 0), {}, None
+    out = {"invalid_fraction": 0.0, **rollout_metrics(ro)}  # all-reduced: every rank stops here together
+    check_scorable(out["invalid_fraction"], p.reward, f"of iteration {step + 1}")
+    est: Estimate = estimate(ro, st, dist.rank * rows_per_rank, filler)
+    out.update({**est.stats, **sampling, **reward_terms(p.reward)})
     t0 = time.perf_counter()
     out.update(update(p.actor, ro, est, st, step, cfg.seed))
     out.update(timing(ro, time.perf_counter() - t0, out))

@@ -28,7 +28,8 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     """`st.ppo_epochs` passes over this rank's rows in shuffled mini-batches of micro_batch_size x
     gradient_accumulation_steps rows, one optimizer step each. The ratio is against the rollout's log-probs, or
     (when the rollout has none: one pass in one mini-batch) the detached current ones. Returns token means over
-    all ranks of the losses and statistics, the optimizer steps and the last gradient norm."""
+    all ranks of the losses and statistics, the optimizer steps and the last gradient norm; and GRPO's `kl` to the
+    reference when the rollout has no log-probs to compute it from (see below)."""
     n = len(ro.prompts)
     mini = st.micro_batch_size * st.gradient_accumulation_steps
     n_mini = n // mini
@@ -52,17 +53,24 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     out["loss"] = out["policy_loss"] + kl_coef * out["kl_loss"]
     if not kl_coef:
         del out["kl_loss"]
+    elif ro.logprobs is None:
+        # One pass in one mini-batch: the rollout computed no log-probs, so `rollout_metrics` has no `kl`. The update
+        # visited every row once, before its only optimizer step (DeepSpeed applies it at the accumulation boundary),
+        # so its log-probs are the rollout policy's: the same k1 sum per response, mean over responses.
+        out["kl"] = float(sums[at["ref_k1"]]) / max(float(eng.all_reduce_sum(float(n))), 1.0)
     return {**out, "tokens": float(sums[at["tokens"]]), "optimizer_steps": st.ppo_epochs * n_mini, "grad_norm": norm}
 
 
 def dynamic_rollout(draw: Callable[[list[int], int], Rollout], prompt_idx: list[int], plan: StepPlan, step: int,
-                    seed: int, st: Any, pad_id: int) -> tuple[Rollout, dict[str, float]]:  # fmt: skip
+                    seed: int, st: Any, pad_id: int) -> tuple[Rollout, dict[str, float], torch.Tensor]:  # fmt: skip
     """DAPO's dynamic sampling: groups whose scores are all equal carry no signal and are dropped; more prompts are
     drawn (`draw(prompts, attempt)`, other seeded prompts each attempt) until every rank holds as many groups with
     signal as an iteration has, or `st.max_sampling_batches` generate rounds have run (all ranks run the same number:
-    they agree after each). Still short, the dropped groups fill the gap (advantage 0: no gradient). Groups are whole
-    on each rank (the plan checks it), so each rank keeps its own. Returns the rollout (this rank's rows, as many as
-    without dynamic sampling) and the number of rounds, the groups dropped and the fill, summed over ranks."""
+    they agree after each). Still short, dropped groups fill the gap, only to keep the batch's shape: the returned
+    `filler` (B,) bool marks their rows, which `rollout.critic_free.estimate` keeps out of the loss (no gradient).
+    Groups are whole on each rank (the plan checks it), so each rank keeps its own. Returns the rollout (this rank's
+    rows, as many as without dynamic sampling), the number of rounds, the groups dropped and the fill, summed over
+    ranks, and `filler`."""
     g = st.n_samples
     parts: list[tuple[Rollout, torch.Tensor]] = []
     want = None
@@ -78,12 +86,14 @@ def dynamic_rollout(draw: Callable[[list[int], int], Rollout], prompt_idx: list[
     chosen = [(i, grp) for i, (_, keep) in enumerate(parts) for grp in keep.nonzero().flatten().tolist()][:want]
     dropped = [(i, grp) for i, (_, keep) in enumerate(parts) for grp in (~keep).nonzero().flatten().tolist()]
     fill = want - len(chosen)
+    filled = set(dropped[:fill])
     chosen += dropped[:fill]
-    rows = [[] for _ in parts]
+    rows, filler = [[] for _ in parts], []
     for i, grp in sorted(chosen):
         rows[i].extend(range(grp * g, (grp + 1) * g))
+        filler += [(i, grp) in filled] * g
     ro = concat([take_rows(r, rows[i]) for i, (r, _) in enumerate(parts) if rows[i]], pad_id)
     counts = eng.all_reduce_sum(torch.tensor([len(dropped), max(fill, 0), want], dtype=torch.float64)).tolist()
     return ro, {"sampling_rounds": float(len(parts)), "groups_dropped": counts[0],
                 "groups_filled_without_signal": counts[1], "groups_dropped_fraction": counts[0] / max(
-                    counts[2] * len(parts), 1.0)}  # fmt: skip
+                    counts[2] * len(parts), 1.0)}, torch.tensor(filler, dtype=torch.bool)  # fmt: skip

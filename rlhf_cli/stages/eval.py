@@ -21,13 +21,13 @@ import torch
 from omegaconf import OmegaConf
 
 from rlhf_cli import engine as eng
-from rlhf_cli.commands.args import model_kind
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
+from rlhf_cli.models.kind import CAUSAL_LM, check_policy, check_reward_sources, inspect_checkpoint
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
 from rlhf_cli.rollout.evaluation import gold_values
 from rlhf_cli.rollout.experience import expand
@@ -49,6 +49,7 @@ def run(cfg: Any, run: Run) -> Path:
     torch.manual_seed(cfg.seed)
     ref_path = run.resolve_source(cfg.model.name_or_path)
     policies = policy_paths(run, st.policies)
+    check_models(cfg, run, ref_path)
     ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": ref_path, "lora": {"enabled": False}})
     tokenizer = load_tokenizer(ref_cfg)
     prompts = held_out_prompts(cfg, tokenizer)
@@ -88,13 +89,16 @@ def policy_paths(run: Run, names: list[str]) -> dict[str, str]:
     """stage name -> final/ of each policy to evaluate: `names`, or every completed stage of the run whose final/ is
     a causal LM, in the order the stages ran."""
     if names:
-        return {name: run.resolve_source(f"stage:{name}") for name in names}
+        paths = {name: run.resolve_source(f"stage:{name}") for name in names}
+        for name, path in paths.items():  # a reward model would load with a random LM head and babble
+            check_policy(path, f"stage.policies: stage `{name}`")
+        return paths
     stages = run.read_manifest()["stages"]  # sorted by name: order by the time each ended
     found = {}
     for name, record in sorted(stages.items(), key=lambda item: item[1].get("ended_at") or ""):
         final = run.root / name / "final"
-        kind = model_kind(str(final)) if final.is_dir() and record.get("status") == "completed" else None
-        if kind is not None and kind[0] == "causal-lm":
+        kind = inspect_checkpoint(str(final))[1] if final.is_dir() and record.get("status") == "completed" else None
+        if kind is not None and kind.kind == CAUSAL_LM:
             found[name] = str(final)
     if not found:
         raise UserError(f"run `{run.root.name}` has no completed policy stage to evaluate; run `rlhf sft "
@@ -111,14 +115,26 @@ def held_out_prompts(cfg: Any, tokenizer: Any) -> list:
     return prompts[: cfg.stage.max_prompts] if cfg.stage.max_prompts else prompts
 
 
+def check_models(cfg: Any, run: Run, ref_path: str) -> None:
+    """Before any model loads: the reference is a policy (a causal LM), the reward and gold models are classifiers
+    with a trained head (the policies are checked by `policy_paths`)."""
+    check_policy(ref_path, f"model.name_or_path={cfg.model.name_or_path}", "the reference policy")
+    check_reward_sources(cfg.stage, run, gold_key="stage.gold", reward=not no_reward_model(cfg, run))
+
+
+def no_reward_model(cfg: Any, run: Run) -> bool:
+    """True for the default reward `stage:rm` when the run has no completed reward model (a DPO-only run)."""
+    r = cfg.stage.reward
+    default = not (r.functions or r.function) and r.model == "stage:rm"
+    return default and run.stage_record("rm").get("status") != "completed"
+
+
 def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, list[str]]:
     """The reward source of `stage.reward`, or None (with a note) for the default `stage:rm` when the run has no
     completed reward model (a DPO-only run): then no reward and no win rate."""
-    r = cfg.stage.reward
-    if not (r.functions or r.function) and r.model == "stage:rm":
-        if run.stage_record("rm").get("status") != "completed":
-            return None, ["no reward model in this run (stage rm): reward and win rate are left out; name one with "
-                          "stage.reward.model=<folder> or stage.reward.function=module:function"]  # fmt: skip
+    if no_reward_model(cfg, run):
+        return None, ["no reward model in this run (stage rm): reward and win rate are left out; name one with "
+                      "stage.reward.model=<folder> or stage.reward.function=module:function"]  # fmt: skip
     return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
 
 

@@ -64,8 +64,10 @@ def run(cfg: Any, run: Run) -> Path | None:
     actor = policy_engine(cfg, model_cfg, tokenizer, updates, dist.world_size)
     critic, critic_source = build_critic(cfg, run, source, tokenizer, updates, dist)
     ref, ref_source = build_reference(cfg, run, source, tokenizer, dist)
-    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
-    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
+    # Every rank scores at the same points: a reward or gold function that fails on one rank stops them all with its
+    # message (rewards.raise_together).
+    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist, together=True)
+    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist, together=True)
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
     kl_ctl = kl_controller(st.kl_control, st.kl_coef, st.kl_target, st.kl_horizon)
     p = Parts(cfg, run, dist, tokenizer, data, plan, actor, critic, ref, reward, ptx, gen_config, kl_ctl,

@@ -9,9 +9,11 @@ RAFT and Llama 2's iterated models do, at the cost of one round's steps each) or
 (`init=sft`, as ReST-EM does against drift over many rounds); `keep_previous` adds the earlier rounds' selections to
 the training set (Llama 2's guard against regressions). Optimizer steps are numbered across rounds.
 
-Resumable by unit (see rollout/best_of_n.py): finished generation chunks, the round's selection, the fine-tuning's
-checkpoints (checkpoints/round-k/), the policy each finished round exports (checkpoints/round-k-policy/, the next
-round's sampler) and round-k/round.json, which marks a round complete.
+Resumable by unit (see rollout/best_of_n.py): finished generation chunks, the round's candidates and selection, the
+fine-tuning's checkpoints (checkpoints/round-k/), the policy each finished round exports (checkpoints/round-k-policy/,
+the next round's sampler) and round-k/round.json, which marks a round complete. The candidates and the selection of
+an unfinished round are reused only while they were made with what the config now says (rollout/saved_round.py):
+otherwise the round selects again from its saved candidates, or draws them again, and says so.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf_cli.rollout import best_of_n as bon
+from rlhf_cli.rollout import saved_round as saved
 from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.online import reward_stats
 from rlhf_cli.rollout.rewards import build_gold, build_reward
@@ -62,23 +65,29 @@ def run(cfg: Any, run: Run) -> Path | None:
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist)
     gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist)
 
-    # 3. Where to start: the first round without round.json, at its newest fine-tuning checkpoint; record the stage.
+    # 3. Where to start: the first round without round.json, with what it saved that still holds under this config
+    #    (a changed threshold selects again, a changed N draws again), at its newest fine-tuning checkpoint; record the
+    #    stage. `fresh`: nothing of round 1 is kept, so the starting policy is evaluated (again) and logged from step 0.
     first, offset, history = finished_rounds(run.stage_dir, st.rounds)
+    kept = prepare_round(cfg, run, first, data, rm_stats, dist) if first <= st.rounds else None
+    fresh = first == 1 and not (kept and kept.drawn)
     resume_step = newest_step(round_ckpt_dir(run, first)) or offset
     started = run.begin(to_yaml(cfg), config_hash(cfg), {"policy": source, "reward": reward.describe(),
                         "data": cfg.data.source}, resume_point(run, first))  # fmt: skip
-    fresh = first == 1 and not bon.RoundFiles.of(run.stage_dir, 1).dir.exists()
-    eng.barrier()  # every rank has looked at the round folders before rank 0 creates one
     estimate = offset + (st.rounds - first + 1) * steps_estimate(len(data.train), st, dist.world_size)
-    metrics = Metrics(run.metrics_path, estimate, cfg.logging, dist.is_main, resume_step, replay_from=resume_step + 1)
-    for line in (started, data.report.summary(), describe(st, len(data.train), first, history)):
-        metrics.message(line)
+    metrics = Metrics(run.metrics_path, estimate, cfg.logging, dist.is_main, resume_step,
+                      replay_from=0 if fresh else resume_step + 1)  # fmt: skip
+    for line in (started, data.report.summary(), describe(st, len(data.train), first, history), kept and kept.line):
+        if line:
+            metrics.message(line)
 
     # 4. The rounds: sample and select, fine-tune, evaluate, export.
     totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
     for r in range(first, st.rounds + 1):
         sampler = source if r == 1 else str(round_policy_dir(run, r - 1))
         files = bon.RoundFiles.of(run.stage_dir, r)
+        if r > first:  # nothing of this round is saved yet: this records what its candidates are drawn with
+            prepare_round(cfg, run, r, data, rm_stats, dist)
         if fresh and r == 1 and data.eval:  # the starting policy's held-out score: the 'before' of the headline
             metrics.log(0, {"round": 0, **evaluate_start(cfg, sampler, tokenizer, reward, data, gold, dist)}, SHOW)
         if not files.selection.is_file():
@@ -195,21 +204,86 @@ def evaluate_start(cfg: Any, source: str, tokenizer: Any, reward: Any, data: Any
 
 def sample_and_select(cfg: Any, run: Run, files: bon.RoundFiles, r: int, sampler: str, tokenizer: Any, data: Any,
                       reward: Any, rm_stats: Any, dist: Any, metrics: Metrics, offset: int) -> None:  # fmt: skip
-    """Round r's candidates (the chunks not yet on disk) from the policy `sampler`, then its selection (rank 0)."""
+    """Round r's candidates from the policy `sampler` unless they are merged already (the chunks not yet on disk,
+    then merged by rank 0), then its selection (rank 0), logged with the drawing's throughput."""
     st = cfg.stage
-    idx = bon.round_prompts(len(data.train), st.prompts_per_round, cfg.seed, r)
-    chunks = [idx[j : j + st.generation_batch_size] for j in range(0, len(idx), st.generation_batch_size)]
-    model = generation_model(cfg, sampler, tokenizer, dist)
-    with metrics.closed_on_error():
-        speed = bon.sample_chunks(model, chunks, files, r, data.train, tokenizer, reward, st, rm_stats, dist,
-                                  cfg.seed, metrics.message, collective=cfg.deepspeed.zero_stage == 3)  # fmt: skip
-    del model
-    free_memory()
-    eng.barrier()
+    speed: dict[str, float] = {}
+    if not files.candidates.is_file():
+        idx = bon.round_prompts(len(data.train), st.prompts_per_round, cfg.seed, r)
+        chunks = [idx[j : j + st.generation_batch_size] for j in range(0, len(idx), st.generation_batch_size)]
+        model = generation_model(cfg, sampler, tokenizer, dist)
+        with metrics.closed_on_error():
+            speed = bon.sample_chunks(model, chunks, files, r, data.train, tokenizer, reward, st, rm_stats, dist,
+                                      cfg.seed, metrics.message, collective=cfg.deepspeed.zero_stage == 3)  # fmt: skip
+        del model
+        free_memory()
+        eng.barrier()
+        if dist.is_main:
+            bon.merge_chunks(files, len(chunks), st.n_samples)
+            saved.record_throughput(files, speed)
     if dist.is_main:
-        stats = bon.select_round(files, len(chunks), st.n_samples, st)
-        metrics.log(offset, {"round": r, **stats, **speed}, SHOW)
+        stats = bon.select_round(files, st.n_samples, st, saved.selection_rule(st))
+        metrics.log(offset, {"round": r, **stats, **(speed or saved.saved_throughput(files))}, SHOW)
     eng.barrier()
+
+
+def prepare_round(cfg: Any, run: Run, r: int, data: Any, rm_stats: Any, dist: Any) -> saved.Outcome:
+    """Rank 0 checks round r's saved candidates and selection against this config (saved_round.reconcile). Without
+    a kept selection the round's fine-tuning checkpoints go (they trained on a selection that is gone), and a
+    selection made again drops its logged statistics. Every rank gets the outcome, after rank 0 changed the files."""
+    outcome = None
+    if dist.is_main:
+        st = cfg.stage
+        idx = bon.round_prompts(len(data.train), st.prompts_per_round, cfg.seed, r)
+        files = bon.RoundFiles.of(run.stage_dir, r)
+        outcome = saved.reconcile(files, r, drawn_record(cfg, run, r, idx, data.train, rm_stats),
+                                  saved.selection_rule(st), len(idx) * st.n_samples)  # fmt: skip
+        if not outcome.selected:
+            shutil.rmtree(round_ckpt_dir(run, r), ignore_errors=True)
+        if outcome.redone:
+            drop_selection_row(run.metrics_path, r)
+    return eng.from_main(outcome)
+
+
+def drawn_record(cfg: Any, run: Run, r: int, prompt_idx: list[int], prompts: list, rm_stats: Any) -> dict:
+    """What round r's candidates are drawn with: the policy (round 1: the stage's starting policy; later: the
+    previous round's, identified by when that round completed), N, the seed, the sampling and reward settings, the
+    reward model and its normalisation statistics, the prompts."""
+    st = cfg.stage
+    if r == 1:
+        policy = saved.source_identity(run, cfg.model.name_or_path)
+    else:
+        done = json.loads(bon.RoundFiles.of(run.stage_dir, r - 1).done.read_text())
+        policy = f"round {r - 1}'s policy (completed {done.get('ended_at')})"
+    uses_model = st.reward.model and not (st.reward.functions or st.reward.function)
+    generation = OmegaConf.to_container(st.generation, resolve=True)
+    reward = OmegaConf.to_container(st.reward, resolve=True)
+    return {"policy": policy, "seed": cfg.seed, "stage.n_samples": st.n_samples,
+            "stage.generation_batch_size": st.generation_batch_size,
+            **{f"stage.generation.{k}": v for k, v in generation.items()},
+            **{f"stage.reward.{k}": v for k, v in reward.items()},
+            "reward model": saved.source_identity(run, st.reward.model) if uses_model else None,
+            "rm_stats": list(rm_stats) if rm_stats else None,
+            "prompts": saved.prompts_digest(prompt_idx, prompts)}  # fmt: skip
+
+
+def drop_selection_row(path: Path, r: int) -> None:
+    """Round r's selection statistics out of metrics.jsonl, for a selection made (and logged) again; the round's
+    later rows are dropped as any replayed steps are (Metrics' replay_from)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not _selection_row(line, r)]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _selection_row(line: str, r: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and row.get("round") == r and "candidate_score_mean" in row
 
 
 def round_examples(stage_dir: Path, r: int, keep_previous: bool, prompts: list) -> list:
@@ -262,10 +336,26 @@ def round_plan(n_examples: int, st: Any, world_size: int, r: int) -> Any:
         return step_plan(n_examples, st, world_size)
     except UserError:
         global_batch = st.micro_batch_size * st.gradient_accumulation_steps * world_size
+        fixes = ", ".join(selection_fixes(st))
         raise UserError(f"round {r} selected {n_examples} sample(s), fewer than one global batch of {global_batch}; "
-                        "sample more prompts (stage.prompts_per_round, data.max_samples), keep more per prompt "
-                        "(stage.selection=top_k, a lower stage.threshold), or lower stage.micro_batch_size / "
-                        "stage.gradient_accumulation_steps") from None  # fmt: skip
+                        f"try {fixes} or a lower stage.micro_batch_size / stage.gradient_accumulation_steps: the same "
+                        "command with the change selects again from the round's saved candidates, or draws them "
+                        "again where the change needs it") from None  # fmt: skip
+
+
+def selection_fixes(st: Any) -> list[str]:
+    """The changes that select more samples under this selection (a higher N cannot add to best-of-N's one per
+    prompt); each takes effect on a re-run (saved_round)."""
+    fixes = ["stage.selection=top_k"]
+    if st.selection == "top_k":
+        fixes = [f"a higher stage.top_k (now {st.top_k})"]
+    elif st.selection == "threshold":
+        fixes = [f"a lower stage.threshold (now {st.threshold:g})"]
+    if st.selection != "best":
+        fixes.append(f"a higher stage.n_samples (now {st.n_samples})")
+    if st.prompts_per_round:
+        fixes.append(f"a higher stage.prompts_per_round (now {st.prompts_per_round})")
+    return fixes
 
 
 def end_round(cfg: Any, run: Run, files: bon.RoundFiles, r: int, steps: int, evals: dict, engine: Any,
@@ -276,8 +366,11 @@ def end_round(cfg: Any, run: Run, files: bon.RoundFiles, r: int, steps: int, eva
     if r < cfg.stage.rounds:
         eng.export_hf(engine, tokenizer, round_policy_dir(run, r), merge_lora=cfg.model.lora.enabled)
     if dist.is_main:
-        atomic_write_text(files.done, json.dumps({"round": r, "steps": steps, "eval": evals}, indent=2) + "\n")
+        record = {"round": r, "steps": steps, "eval": evals, "ended_at": now()}  # ended_at: round r+1's draw record
+        atomic_write_text(files.done, json.dumps(record, indent=2) + "\n")
         shutil.rmtree(round_ckpt_dir(run, r), ignore_errors=True)
+        if not cfg.stage.save_candidates:  # kept until now so that a selection made again could read them
+            files.candidates.unlink(missing_ok=True)
     eng.barrier()
 
 

@@ -121,3 +121,53 @@ def test_bad_settings_fail_clearly(base, runs, tmp_path, verb, extra, message):
                cwd=tmp_path)  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
+
+
+# A user's reward module in the working directory: `score` raises on some reply, `nothing` judges none.
+USER_REWARD = '''def check(reply):
+    return 1.0 / len(reply.split(" ")[99:])
+
+
+def score(prompts, responses):
+    return [check(r) for r in responses]
+
+
+def nothing(prompts, responses):
+    return [None] * len(responses)
+'''
+
+
+def test_a_reward_function_that_raises_ends_in_one_message_with_the_users_frames(base, runs, tmp_path):
+    (tmp_path / "my_reward.py").write_text(USER_REWARD)
+    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "raises", "grpo"), "stage.max_steps=1",
+               "stage.reward.function=my_reward:score", "data.eval_fraction=0", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: stage.reward.function=`my_reward:score` raised ZeroDivisionError: float "
+                                 "division by zero") and res.stderr.count("error: ") == 1  # fmt: skip
+    assert 'my_reward.py", line 5, in score' in res.stderr and 'my_reward.py", line 2, in check' in res.stderr
+    assert "return 1.0 / len(reply.split" in res.stderr
+    assert "Traceback" not in res.stderr and "rlhf_cli/" not in res.stderr
+    rec = manifest(runs / "raises")["stages"]["grpo"]
+    assert rec["status"] == "failed" and "ZeroDivisionError" in rec["error"]
+
+
+def test_a_reward_function_that_scores_nothing_stops_at_the_first_evaluation(base, runs, tmp_path):
+    (tmp_path / "my_reward.py").write_text(USER_REWARD)
+    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "none", "grpo"), "stage.max_steps=1",
+               "stage.reward.function=my_reward:nothing", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "function my_reward:nothing scored none of the replies of the first evaluation" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert manifest(runs / "none")["stages"]["grpo"]["status"] == "failed"
+
+
+def test_grpo_with_a_kl_on_the_one_pass_path_logs_the_kl(base, runs, tmp_path):
+    """One pass in one mini-batch (16 rows, 8 x 2): no old log-probs, yet the KL to the reference is logged, from the
+    log-probs of the update (those of the rollout policy: its weights change only at the step)."""
+    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "kl", "grpo"), "stage.max_steps=2",
+               "stage.micro_batch_size=8", "stage.kl_coef=0.04", cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    log = _iterations(runs / "kl", "grpo")
+    assert [r["step"] for r in log] == [1, 2] and all("kl" in r and "kl_loss" in r for r in log)
+    assert abs(log[0]["kl"]) < 1e-4  # the policy is still the reference at the first iteration
+    assert log[1]["kl"] != log[0]["kl"] and log[0]["invalid_fraction"] == 0.0

@@ -190,6 +190,56 @@ def test_sigusr1_while_sampling_keeps_the_chunks_then_resumes(base, runs, tmp_pa
     assert f"round 1: {kept} of 16 chunk(s) already drawn; drawing the other {16 - kept}" in again.stderr
 
 
+def test_a_failed_round_is_fixed_by_the_advised_lower_threshold(base, runs, tmp_path):
+    """stage.threshold above every score: the round fails after drawing and scoring, advising a lower threshold. The
+    same command with a lower threshold selects again from the saved candidates, draws none, and completes."""
+    args = ["rejection_sampling", *FAST, *RS, *_copy(base, runs, "advice"), "stage.max_steps=1",
+            "stage.selection=threshold"]  # fmt: skip
+    high = rlhf(*args, "stage.threshold=100.0", cwd=tmp_path)
+    assert high.returncode == 2, high.stderr
+    assert "round 1 selected 0 sample(s)" in high.stderr and "a lower stage.threshold (now 100)" in high.stderr
+    round1 = runs / "advice" / "rejection_sampling" / "round-1"
+    drawn = (round1 / "candidates.jsonl").read_bytes()
+    scores = sorted(r["score"] for r in _rows(round1 / "candidates.jsonl") if r["score"] is not None)
+    threshold = scores[len(scores) // 2]  # the median: about half the candidates pass
+
+    low = rlhf(*args, f"stage.threshold={threshold}", cwd=tmp_path)
+    assert low.returncode == 0, low.stderr
+    assert (f"round 1: stage.threshold changed (100.0 -> {threshold}): selecting again from the saved 64 candidates"
+            in low.stderr)  # fmt: skip
+    assert "sampled" not in low.stderr and (round1 / "candidates.jsonl").read_bytes() == drawn  # none drawn again
+    expected = [(r["prompt_index"], r["candidate"]) for r in _rows(round1 / "candidates.jsonl")
+                if r["score"] is not None and r["score"] >= threshold and not r["duplicate"]]  # fmt: skip
+    assert [(r["prompt_index"], r["candidate"]) for r in _rows(round1 / "selected.jsonl")] == expected
+    assert manifest(runs / "advice")["stages"]["rejection_sampling"]["status"] == "completed"
+    rounds = [r for r in metrics(runs / "advice", "rejection_sampling") if "selected_score_mean" in r]
+    assert len(rounds) == 1 and rounds[0]["selected"] == len(expected) and "responses/s" in rounds[0]
+
+
+def test_a_round_resumed_under_another_n_samples_is_drawn_again(base, runs, tmp_path):
+    """Preempted while drawing round 1 with N = 3, resumed with N = 2: the chunks drawn with 3 are discarded (a line
+    says so) and the round drawn again, so each prompt's group holds that prompt's 2 candidates and no other's."""
+    args = ["rejection_sampling", *FAST, *RS, *PARITY, *_copy(base, runs, "regroup"), "stage.prompts_per_round=32",
+            "stage.generation_batch_size=2", "stage.max_steps=2"]  # fmt: skip
+    round1 = runs / "regroup" / "rejection_sampling" / "round-1"
+    (proc,) = launch_ranks([*args, "stage.n_samples=3"], 1, tmp_path)
+    _wait(lambda: len(list((round1 / "chunks").glob("chunk-*.jsonl"))) >= 2, proc, "round 1's first chunks")
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    kept = len(list((round1 / "chunks").glob("chunk-*.jsonl")))
+    assert 2 <= kept < 16
+
+    again = rlhf(*args, "stage.n_samples=2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (f"round 1: stage.n_samples changed (3 -> 2): drawing the candidates again ({kept} drawn chunk(s) "
+            "discarded)") in again.stderr  # fmt: skip
+    assert "already drawn" not in again.stderr
+    cands, chosen = _check_best_of_n(round1, 2)  # every prompt's group: its own 2 candidates, the best selected
+    assert len(cands) == 64 and sorted({r["candidate"] for r in cands}) == [0, 1]
+    assert len({r["prompt_index"] for r in chosen}) == len(chosen)
+
+
 def test_too_few_selected_samples_for_a_batch_fail_clearly(base, runs, tmp_path):
     res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "bad"), "stage.max_steps=1",
                "stage.prompts_per_round=2", "stage.micro_batch_size=8", cwd=tmp_path)  # fmt: skip

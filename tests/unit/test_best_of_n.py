@@ -37,22 +37,35 @@ def _row(p, c, score, ids):
             "raw_score": score, "ended_with_eos": True, "response_ids": ids}  # fmt: skip
 
 
-def test_select_round_reads_the_chunks_and_writes_the_selection(tmp_path):
+def test_merge_and_select_read_the_chunks_and_write_the_selection(tmp_path):
     files = bon.RoundFiles.of(tmp_path, 1)
     # chunk 0: prompts 7 and 2; chunk 1: prompt 5 (two candidates per prompt)
     bon.write_chunk(files, 0, [_row(7, 0, 0.5, [1, 2]), _row(7, 1, 0.9, [3]), _row(2, 0, None, [4]),
                                _row(2, 1, None, [5])])  # fmt: skip
     bon.write_chunk(files, 1, [_row(5, 0, 0.2, [6]), _row(5, 1, 0.8, [6])])  # a copy: the second is not a new sample
     assert bon.finished_chunks(files) == {0, 1}
-    st = SimpleNamespace(selection="best", top_k=1, threshold=None, save_candidates=True)
-    stats = bon.select_round(files, 2, 2, st)
+    assert bon.merge_chunks(files, 2, 2) == 6
+    assert not files.chunks.exists()
+    assert [r["duplicate"] for r in bon.read_rows(files.candidates)] == [False, False, False, False, False, True]
+    st = SimpleNamespace(selection="best", top_k=1, threshold=None)
+    stats = bon.select_round(files, 2, st, {"stage.selection": "best"})
     chosen = bon.read_rows(files.selected)
     assert [(r["prompt_index"], r["candidate"]) for r in chosen] == [(7, 1), (5, 0)]
+    assert "duplicate" not in chosen[0]
     assert stats["valid_prompt_fraction"] == pytest.approx(2 / 3) and stats["selected"] == 2
     assert stats["duplicate_fraction"] == pytest.approx(1 / 6)
-    assert json.loads(files.selection.read_text()) == stats
-    assert [r["duplicate"] for r in bon.read_rows(files.candidates)] == [False, False, False, False, False, True]
-    assert not files.chunks.exists()
+    assert json.loads(files.selection.read_text()) == {**stats, "rule": {"stage.selection": "best"}}
+    again = bon.select_round(files, 2, SimpleNamespace(selection="threshold", top_k=1, threshold=0.1), {})
+    assert again["selected"] == 3  # the same candidates, selected by another rule: nothing is drawn
+
+
+def test_prompt_groups_follow_the_prompt_index_not_the_position():
+    rows = [_row(7, 0, 0.1, [1]), _row(7, 1, 0.2, [2]), _row(7, 2, 0.3, [3]), _row(2, 0, 0.4, [4]),
+            _row(2, 1, 0.5, [5]), _row(2, 2, 0.6, [6])]  # fmt: skip
+    groups = bon.prompt_groups(rows, 3)
+    assert [[r["prompt_index"] for r in g] for g in groups] == [[7, 7, 7], [2, 2, 2]]
+    with pytest.raises(ValueError, match="prompt 7 has 3 candidate"):  # grouped by 2, rows of N = 3 would mix prompts
+        bon.prompt_groups(rows, 2)
 
 
 def test_training_examples_are_the_prompt_ids_then_the_sampled_ids():

@@ -231,6 +231,25 @@ def test_reinforce_pp_baseline_subtracts_group_mean_of_scores():
     close(returns, [[-0.8, -0.75, -0.65, 0.0], [0.05, 0.25, 0.0, 0.0]])
 
 
+def test_reinforce_pp_baseline_gives_an_all_equal_group_the_whitening_shift_unless_it_is_out_of_the_mask():
+    # G = 2, no KL: group (1, 0) and the all-equal group (2, 2); response lengths 2, 1, 1, 1.
+    # Before whitening each token carries its score minus the group mean: row 0 [0.5, 0.5], row 1 [-0.5], rows 2-3
+    # [0]: the all-equal group's returns are 0.
+    # Global whitening over all 5 tokens (OpenRLHF reinforce_baseline): mean 0.1, biased variance
+    # (2 x 0.4^2 + 0.6^2 + 2 x 0.1^2) / 5 = 0.14, so the all-equal group gets (0 - 0.1) / sqrt(0.14) = -0.26726 on
+    # each token, not 0 (the shift is the batch's token-weighted baseline, the same for every row).
+    # With its rows out of the mask (what the stage does with dynamic sampling's filler groups): over the 3 tokens
+    # left, mean 1/6 and variance 2/9: row 0 (0.5 - 1/6) / sqrt(2/9) = 0.70711, row 1 -1.41421, the filler 0.
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 0]], dtype=torch.bool)
+    returns, _ = reinforce_pp_returns(torch.zeros(4, 2), t([1.0, 0.0, 2.0, 2.0]), mask, kl_coef=0.0, group_size=2)
+    close(returns, [[0.5, 0.5], [-0.5, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    shift = -0.1 / math.sqrt(0.14)
+    close(global_whiten(returns, mask), [[0.4 / math.sqrt(0.14)] * 2, [-0.6 / math.sqrt(0.14), 0.0], [shift, 0.0],
+                                         [shift, 0.0]])  # fmt: skip
+    kept = mask & torch.tensor([True, True, False, False])[:, None]
+    close(global_whiten(returns, kept), [[1 / math.sqrt(2)] * 2, [-math.sqrt(2), 0.0], [0.0, 0.0], [0.0, 0.0]])
+
+
 def test_reinforce_pp_nan_score_row_is_zero_and_invalid():
     returns, valid = reinforce_pp_returns(KL, t([NAN, 2.0]), MASK, kl_coef=0.5, gamma=0.9)
     close(returns, [[0.0] * 4, [1.375, 1.75, 0.0, 0.0]])

@@ -156,13 +156,51 @@ def test_dynamic_sampling_replaces_groups_without_signal_then_fills():
 
     plan = critic_free_plan(20, _st(rollout_batch_size=2), 1)
     st = _st(rollout_batch_size=2, dynamic_sampling=True)
-    ro, stats = cfu.dynamic_rollout(draw, [0, 1], plan, 0, 3, st, pad_id=0)
+    ro, stats, filler = cfu.dynamic_rollout(draw, [0, 1], plan, 0, 3, st, pad_id=0)
     assert len(draws) == 2 and draws[1][0] != [0, 1]
-    assert ro.responses == [f"r{i}" for i in [0, 1, 2, 3, 8, 9, 10, 11]]
+    assert ro.responses == [f"r{i}" for i in [0, 1, 2, 3, 8, 9, 10, 11]] and not filler.any()
     assert stats["groups_dropped"] == 1 and stats["groups_filled_without_signal"] == 0
-    ro, stats = cfu.dynamic_rollout(lambda idx, a: _rollout(range(4, 8)), [0], plan, 0, 3,
-                                    _st(rollout_batch_size=1, dynamic_sampling=True), pad_id=0)  # fmt: skip
+    ro, stats, filler = cfu.dynamic_rollout(lambda idx, a: _rollout(range(4, 8)), [0], plan, 0, 3,
+                                            _st(rollout_batch_size=1, dynamic_sampling=True), pad_id=0)  # fmt: skip
     assert stats["sampling_rounds"] == 3 and stats["groups_filled_without_signal"] == 1 and len(ro.prompts) == 4
+    assert filler.tolist() == [True] * 4  # the stage keeps these rows out of the loss
+
+
+# Group 0 has a signal (mean 0.25), group 1's scores are all equal; response lengths 3, 1, 4, 2 | 4, 4, 1, 2.
+EQUAL = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_an_all_equal_group_under_reinforce_pp_baseline_gets_the_whitening_shift_but_filler_gets_nothing():
+    """The README's rule: a real all-equal group keeps OpenRLHF's advantage (the batch whitening's shift), a group
+    that dynamic sampling only adds to fill the batch is out of the loss, of the weights and of the whitening."""
+    st = _st("reinforce_pp_baseline", kl_coef=0.0)
+    # Group 0's tokens carry 0.75 (x3), -0.25 (x1, x4, x2): sum 0.5, squares 2.125 over 10 tokens; group 1's 11
+    # tokens carry 0. Over all 21: mean 0.5 / 21, variance 2.125 / 21 - (0.5 / 21)^2.
+    real = rcf.estimate(_rollout(range(8), all_scores=EQUAL), st, offset=0).advantages.advantages
+    mean, std = 0.5 / 21, math.sqrt(2.125 / 21 - (0.5 / 21) ** 2)
+    assert real[4:, 0].tolist() == pytest.approx([-mean / std] * 4, abs=1e-5)  # not 0: -0.0751
+    assert float(real[0, 0]) == pytest.approx((0.75 - mean) / std, abs=1e-5)
+    # The same group as filler: group 0's 10 tokens alone: mean 0.05, variance 2.1 / 10 = 0.21.
+    filler = torch.tensor([False] * 4 + [True] * 4)
+    est = rcf.estimate(_rollout(range(8), all_scores=EQUAL), st, offset=0, filler=filler)
+    adv = est.advantages.advantages
+    assert adv[0, :3].tolist() == pytest.approx([0.7 / math.sqrt(0.21)] * 3, abs=1e-5)
+    assert adv[1, 0] == pytest.approx(-0.3 / math.sqrt(0.21), abs=1e-5)
+    assert (adv[4:] == 0).all() and (est.weights[4:] == 0).all() and (est.loss_mask[4:] == 0).all()
+    # RLOO's sequence KL would move an all-equal group; as filler it has no gradient either.
+    rloo = rcf.estimate(_rollout(range(8), all_scores=EQUAL), _st("rloo"), offset=0, filler=filler)
+    assert (rloo.advantages.advantages[4:] == 0).all() and (rloo.weights[4:] == 0).all()
+
+
+def test_no_scorable_reply_stops_the_stage_with_a_clear_message():
+    from rlhf_cli.rollout.online import check_scorable
+
+    reward = FunctionReward(f"{__name__}:exact")
+    check_scorable(0.75, reward, "of iteration 3")
+    with pytest.raises(UserError, match=rf"function {__name__}:exact scored none of the replies of iteration 3"):
+        check_scorable(1.0, reward, "of iteration 3")
+    with pytest.raises(UserError, match="scored none of the replies of the first evaluation"):
+        check_scorable(1.0, reward, "of the first evaluation")
 
 
 def test_plan_refusals_name_the_keys():

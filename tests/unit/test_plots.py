@@ -99,8 +99,9 @@ def test_every_stage_with_curves_has_a_case_here():
 def test_each_stage_kind_gets_a_png_with_its_panels(tmp_path, stage):
     rows, titles = CASES[stage]
     folder = _write(tmp_path / "demo" / stage, rows, tail='{"step": 9, "lo')  # a crash's torn last line
-    path, drawn = plot_stage(folder)
+    path, drawn, skipped, lines = plot_stage(folder)
     assert path == folder / "metrics.png" and drawn == titles
+    assert (skipped, lines) == (1, len(rows) + 1)  # the torn line, counted
     _assert_png(path)
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "metrics.png"]  # no temporary file left
 
@@ -140,7 +141,7 @@ def test_a_resumed_log_plots_one_point_per_step(tmp_path):
     folder = _write(tmp_path / "demo" / "sft", older)
     rows = read_rows(folder / "metrics.jsonl")
     assert series(rows, "loss") == ([1, 2, 3, 4, 5, 6, 7, 8], [1.0, 0.5, 1 / 3, 0.25, 9.0, 9.0, 9.0, 9.0])
-    path, titles = plot_stage(folder)
+    path, titles = plot_stage(folder)[:2]
     _assert_png(path)
     assert titles == ["loss"]
 

@@ -162,3 +162,16 @@ def test_nan_never_reaches_the_manifest(tmp_path):
     run.release()
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["sft"]["metrics"] == {
         "loss": None, "kl": None, "ok": 1.5}  # fmt: skip
+
+
+def test_the_pipeline_plans_a_stage_killed_inside_its_overwrite_as_it_will_be_put_back(tmp_path, monkeypatch):
+    from rlhf_cli.commands.pipeline import load_pipeline, plan_steps
+
+    common = [f"run.root={tmp_path}", "run.name=r"]
+    _completed_sft(tmp_path)
+    monkeypatch.setenv(INTENT_ENV, "A")
+    open_run(_run_cfg(tmp_path, overwrite=True), "sft").release()  # set aside, then killed before `begin`
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"stages": ["sft"]}))
+    step = plan_steps(load_pipeline(str(path)), common, {"sft": ["run.overwrite=true"]}, attempt="A")[0]
+    assert step.why == "run.overwrite" and "run.overwrite=true" in step.args
