@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from rlhf_cli import launch, preempt
 from rlhf_cli.errors import UserError
@@ -233,7 +234,8 @@ def _main(argv: list[str] | None) -> int:
         err_console.print(f"[yellow]preempted[/]: {exc} (exit code {exc.exit_code})")
         return exc.exit_code
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        # The message as written: a path, a key such as stage.policies[ppo] or a user's source line is not markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return exc.exit_code
     except KeyboardInterrupt as exc:  # a Ctrl-C that stopped at once (inside the training loop the first one saves)
         err_console.print(f"[yellow]interrupted[/]: {preempt.after_ctrl_c(exc)}")

@@ -89,7 +89,7 @@ def current_provenance(run: Any, manifest: dict, cfg: Any, spec: Any, allow_stal
             raise UserError(stale_input(run, key, name, reasons))
         if reasons:
             run.notes.append(f"using {name} although it is stale ({'; '.join(reasons)}): run.allow_stale_inputs=true")
-    return {"config": config_hash(cfg), "inputs": record_inputs(specs, manifest, run.root)}
+    return {"config": config_hash(cfg, location=False), "inputs": record_inputs(specs, manifest, run.root)}
 
 
 def stale_input(run: Any, key: str, name: str, reasons: list[str]) -> str:

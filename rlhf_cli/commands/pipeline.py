@@ -199,7 +199,7 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
             return "fresh", "run.overwrite"
         if reasons:
             return "fresh", f"stale: {'; '.join(reasons)}"
-        if record.get("config_hash") != config_hash(cfg):
+        if not same_config(record, cfg):
             raise UserError(
                 f"stage `{stage}` of run `{run_dir.name}` was completed with another config (hash "
                 f"{record.get('config_hash')}, now {config_hash(cfg)}); add `{stage}.run.overwrite=true` to run it "
@@ -211,11 +211,22 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
     if overwrite:
         return "fresh", lead + "run.overwrite"
     saved = has_saved_work(run_dir / stage)
-    old_config = record.get("config_hash") not in (None, config_hash(cfg)) and STAGES[stage].resume_needs_same_config
+    old_config = "config_hash" in record and not same_config(record, cfg) and STAGES[stage].resume_needs_same_config
     if saved and (reasons or old_config):
         why = "; ".join(reasons + (["the config changed"] if old_config else []))
         return "fresh", f"{lead}its checkpoints are stale ({why}): starting again"
     return "run", lead + ("resumes" if saved else "starts again")
+
+
+def same_config(record: dict, cfg: Any) -> bool:
+    """The stage's recorded config is `cfg`'s: by the provenance's hash (where the run directory is left out), or
+    for a record written before provenance existed, by the hash it kept."""
+    from rlhf_cli.config.compose import config_hash
+
+    prov = record.get("provenance")
+    if isinstance(prov, dict) and prov.get("config"):
+        return prov["config"] == config_hash(cfg, location=False)
+    return record.get("config_hash") == config_hash(cfg)
 
 
 def replaced_record(run_dir: Path, stage: str, record: dict) -> dict:

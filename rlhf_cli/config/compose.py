@@ -368,11 +368,13 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config, less the keys that do not change what a stage computes."""
+def config_hash(cfg: DictConfig, location: bool = True) -> str:
+    """Hash of the resolved config, less the keys that do not change what a stage computes. `location=False` leaves
+    out where the run directory is (run.root, run.name) too: a provenance survives a run directory moved or copied."""
     data: Any = OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("logging", "launcher")}
-    data["run"] = {k: v for k, v in data["run"].items() if k not in ("overwrite", "allow_stale_inputs")}
+    skip = ("overwrite", "allow_stale_inputs") if location else ("overwrite", "allow_stale_inputs", "root", "name")
+    data["run"] = {k: v for k, v in data["run"].items() if k not in skip}
     data["stage"] = {k: v for k, v in data["stage"].items() if k != "stop_after_steps"}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

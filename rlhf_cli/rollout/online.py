@@ -16,6 +16,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.ppo import masked_sum
 from rlhf_cli.models import disable_dropout, load_causal_lm
+from rlhf_cli.models.kind import check_reward_sources
 from rlhf_cli.models.reward import REWARD_STATS_FILE
 from rlhf_cli.rollout.controllers import RunningMoments
 from rlhf_cli.rollout.experience import Advantages, Reference, Rollout
@@ -42,6 +43,7 @@ def reward_stats(st: Any, run: Any) -> tuple[float, float] | None:
     that `rlhf rm` writes next to its weights (for this run's `stage:rm`, also its manifest record, as older runs
     have no file). Refused, before any model is loaded, where no statistics describe the scores that get normalised:
     a reward function, `reduce=prob`, another label, or a model without the file. None for other normalisations."""
+    check_reward_sources(st, run)  # a causal LM as reward / gold model: refused before any model loads
     r = st.reward
     if r.normalize != "rm_stats":
         return None

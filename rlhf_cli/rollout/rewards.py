@@ -98,7 +98,7 @@ def describe_failure(err: Exception, fn: Callable, spec: str, key: str) -> str:
         lines += [entry.rstrip() for entry in traceback.format_list(part)]
     name = spec.partition(":")[2]
     lines.append(f"{name} is called as {name}(prompts, responses) with two lists of str and must return one number "
-                 "per response; fix it, or call it on a few replies by hand to see why it fails")
+                 "per response; fix it, or call it on a few replies by hand to see why it fails")  # fmt: skip
     return "\n".join(lines)
 
 

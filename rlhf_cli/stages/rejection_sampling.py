@@ -73,7 +73,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     fresh = first == 1 and not (kept and kept.drawn)
     resume_step = newest_step(round_ckpt_dir(run, first)) or offset
     started = run.begin(to_yaml(cfg), config_hash(cfg), {"policy": source, "reward": reward.describe(),
-                        "data": cfg.data.source}, resume_point(run, first))  # fmt: skip
+                        "data": cfg.data.source}, resume_point(run, first, bool(kept and kept.drawn)))  # fmt: skip
     estimate = offset + (st.rounds - first + 1) * steps_estimate(len(data.train), st, dist.world_size)
     metrics = Metrics(run.metrics_path, estimate, cfg.logging, dist.is_main, resume_step,
                       replay_from=0 if fresh else resume_step + 1)  # fmt: skip
@@ -155,13 +155,14 @@ def newest_step(ckpt_dir: Path) -> int | None:
     return checkpoint_step(found[-1]) if found else None
 
 
-def resume_point(run: Run, r: int) -> Path | None:
-    """What this invocation continues from, for the log: a fine-tuning checkpoint, or the round's folder."""
+def resume_point(run: Run, r: int, kept: bool) -> Path | None:
+    """What this invocation continues from, for the log: a fine-tuning checkpoint, the round's folder when it `kept`
+    saved candidates, or the previous round's."""
     found = complete_checkpoints(round_ckpt_dir(run, r))
     if found:
         return found[-1]
     here = bon.RoundFiles.of(run.stage_dir, r).dir
-    return here if here.exists() else (bon.RoundFiles.of(run.stage_dir, r - 1).dir if r > 1 else None)
+    return here if kept else (bon.RoundFiles.of(run.stage_dir, r - 1).dir if r > 1 else None)
 
 
 def steps_estimate(n_train: int, st: Any, world_size: int) -> int:
@@ -178,7 +179,7 @@ def describe(st: Any, n_train: int, first: int, history: list[dict]) -> str:
     line = (f"{st.rounds} round(s) of {prompts} prompts x {st.n_samples} samples, selection {st.selection}, "
             f"fine-tuning from the {'starting' if st.init == 'sft' else 'previous round'} policy")  # fmt: skip
     if history:
-        line += f"; rounds 1-{first - 1} already done"
+        line += f"; round{'s 1-' if first > 2 else ' '}{first - 1} already done"
     return line
 
 

@@ -124,7 +124,7 @@ def test_bad_settings_fail_clearly(base, runs, tmp_path, verb, extra, message):
 
 
 # A user's reward module in the working directory: `score` raises on some reply, `nothing` judges none.
-USER_REWARD = '''def check(reply):
+USER_REWARD = """def check(reply):
     return 1.0 / len(reply.split(" ")[99:])
 
 
@@ -134,7 +134,7 @@ def score(prompts, responses):
 
 def nothing(prompts, responses):
     return [None] * len(responses)
-'''
+"""
 
 
 def test_a_reward_function_that_raises_ends_in_one_message_with_the_users_frames(base, runs, tmp_path):
@@ -142,23 +142,26 @@ def test_a_reward_function_that_raises_ends_in_one_message_with_the_users_frames
     res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "raises", "grpo"), "stage.max_steps=1",
                "stage.reward.function=my_reward:score", "data.eval_fraction=0", cwd=tmp_path)  # fmt: skip
     assert res.returncode == 2, res.stderr
-    assert res.stderr.startswith("error: stage.reward.function=`my_reward:score` raised ZeroDivisionError: float "
-                                 "division by zero") and res.stderr.count("error: ") == 1  # fmt: skip
-    assert 'my_reward.py", line 5, in score' in res.stderr and 'my_reward.py", line 2, in check' in res.stderr
-    assert "return 1.0 / len(reply.split" in res.stderr
-    assert "Traceback" not in res.stderr and "rlhf_cli/" not in res.stderr
+    error = res.stderr[res.stderr.index("error: ") :]  # after the stage's own log lines
+    assert error.startswith("error: stage.reward.function=`my_reward:score` raised ZeroDivisionError: float division "
+                            "by zero\n") and res.stderr.count("error: ") == 1  # fmt: skip
+    assert 'my_reward.py", line 6, in score' in error and 'my_reward.py", line 2, in check' in error
+    assert "return 1.0 / len(reply.split" in error
+    assert "Traceback" not in res.stderr and "rlhf_cli/" not in error
     rec = manifest(runs / "raises")["stages"]["grpo"]
     assert rec["status"] == "failed" and "ZeroDivisionError" in rec["error"]
 
 
-def test_a_reward_function_that_scores_nothing_stops_at_the_first_evaluation(base, runs, tmp_path):
+def test_a_reward_function_that_scores_nothing_stops_at_the_first_evaluation_or_iteration(base, runs, tmp_path):
     (tmp_path / "my_reward.py").write_text(USER_REWARD)
-    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "none", "grpo"), "stage.max_steps=1",
-               "stage.reward.function=my_reward:nothing", cwd=tmp_path)  # fmt: skip
-    assert res.returncode == 2, res.stderr
-    assert "function my_reward:nothing scored none of the replies of the first evaluation" in res.stderr
-    assert "Traceback" not in res.stderr
-    assert manifest(runs / "none")["stages"]["grpo"]["status"] == "failed"
+    for name, where, extra in (("eval", "of the first evaluation", []),
+                               ("noeval", "of iteration 1", ["data.eval_fraction=0"])):  # fmt: skip
+        res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, name, "grpo"), "stage.max_steps=1",
+                   "stage.reward.function=my_reward:nothing", *extra, cwd=tmp_path)  # fmt: skip
+        assert res.returncode == 2, res.stderr
+        assert f"error: the reward function my_reward:nothing scored none of the replies {where}" in res.stderr
+        assert "Traceback" not in res.stderr
+        assert manifest(runs / name)["stages"]["grpo"]["status"] == "failed"
 
 
 def test_grpo_with_a_kl_on_the_one_pass_path_logs_the_kl(base, runs, tmp_path):

@@ -140,3 +140,15 @@ def test_an_overwrite_applies_once_per_attempt(tmp_path):
     pipeline = _file(tmp_path, ["sft"])
     assert plan_steps(pipeline, common, {"sft": ["run.overwrite=true"]}, attempt="A")[0].action == "skip"
     assert plan_steps(pipeline, common, {"sft": ["run.overwrite=true"]}, attempt="B")[0].why == "run.overwrite"
+
+
+def test_checkpoints_of_a_stage_whose_input_runs_again_in_this_pipeline_are_not_resumed(tmp_path):
+    common = [f"run.root={tmp_path}", "run.name=x"]
+    hashes = {s: config_hash(compose(s, common)) for s in ("sft", "rm")}
+    _manifest(tmp_path, {"sft": {"status": "failed", "config_hash": hashes["sft"]},
+                         "rm": {"status": "preempted", "config_hash": hashes["rm"]}})  # fmt: skip
+    (tmp_path / "x" / "rm" / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "x" / "rm" / "checkpoints" / "step-2" / "COMPLETE").touch()
+    steps = plan_steps(_file(tmp_path, ["sft", "rm"]), common, {"sft": [], "rm": []})
+    assert [(s.why, "run.overwrite=true" in s.args) for s in steps] == [
+        ("starts again", False), ("its checkpoints are stale (sft runs again): starting again", True)]
