@@ -156,8 +156,8 @@ class Run:
 
     def begin(self, config_yaml: str, config_hash: str, inputs: dict[str, str], resumed_from: Path | None) -> str:
         """Record the stage as running: its resolved config.yaml and the manifest entry (rank 0).
-        Returns a line for the log: where it starts, and a warning when a resume runs under a changed config."""
-        previous = self.stage_record().get("config_hash")
+        Returns a line for the log: where it starts, with the notes of `open_run`. (A resume under another config is
+        refused when the run is opened, stage_state.check_resume; rejection sampling checks its rounds itself.)"""
         if self.is_main:
             atomic_write_text(self.stage_dir / "config.yaml", config_yaml)
             intent = {"overwrite_intent": self.overwrite_intent} if self.overwrite_intent else {}
@@ -170,8 +170,6 @@ class Run:
         skipped = incomplete_checkpoints(self.checkpoints_dir)
         if skipped:
             line += f" (skipping incomplete checkpoint(s): {', '.join(p.name for p in skipped)})"
-        if previous and previous != config_hash:
-            line += f" [yellow](warning: the config changed since that checkpoint: hash {previous} -> {config_hash})[/]"
         return line
 
     def latest_checkpoint(self) -> Path | None:
