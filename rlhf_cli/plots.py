@@ -105,14 +105,17 @@ def _is_step(step: Any) -> bool:
     return type(step) is int and abs(step) < 2**53  # not a bool; a larger one would be drawn at a rounded x
 
 
+DRAWABLE = 1e300  # a larger magnitude is a gap: matplotlib's axis range (max - min, plus margins) would overflow
+
+
 def _value(value: Any) -> float:
-    """A logged number as a float to draw; NaN (a gap in the line) for anything infinite or too large for a float,
-    which matplotlib cannot scale an axis to."""
+    """A logged number as a float to draw; NaN (a gap in the line) for one no axis can be scaled to: infinite, too
+    large for a float, or near the float limit."""
     try:
         number = float(value)
     except OverflowError:  # an int of hundreds of digits
         return math.nan
-    return number if math.isfinite(number) else math.nan
+    return number if abs(number) <= DRAWABLE else math.nan  # NaN stays NaN: the comparison is false
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -201,11 +204,17 @@ def plot_stage(stage_dir: Path, stage: str | None = None) -> Plotted:
         raise UserError(f"cannot read {metrics}: {err.strerror or err}") from None
     lines = len(rows) + skipped
     try:
-        fig = draw(stage, rows, f"{stage_dir.parent.name} / {stage}")
+        fig = draw(stage, rows, _drawable(f"{stage_dir.parent.name} / {stage}"))
     except UserError as err:
         why = f" ({skipped} of its {lines} lines are not rows)" if skipped else ""
         raise UserError(f"{err}{why}") from None
     return Plotted(save_png(fig, stage_dir / PLOT_FILE), [ax.get_title() for ax in fig.axes], skipped, lines)
+
+
+def _drawable(text: str) -> str:
+    """`text` with each lone surrogate (how Python holds the bytes of a file name that is not UTF-8) made U+FFFD,
+    the replacement character: matplotlib's font code refuses the surrogates."""
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def save_png(fig: Any, out: Path) -> Path:

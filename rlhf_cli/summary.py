@@ -144,14 +144,14 @@ def summary_lines(record: dict, stage: str, run_args: str, wall_seconds: float |
     rows = [(str(key), span(values)) for key, values in as_table(summary.get("headline")).items()]
     wall = wall_seconds if wall_seconds is not None else summary.get("stage_seconds")
     seconds = as_table(record.get("metrics")).get("train_seconds")
-    if _real(wall):
-        train = f" (training steps {_duration(seconds)})" if _real(seconds) and seconds else ""
+    if finite(wall):
+        train = f" (training steps {_duration(seconds)})" if finite(seconds) and seconds else ""
         rows.append(("wall time", _duration(wall) + train))
-    if _real(summary.get("tokens_per_second")) and summary["tokens_per_second"]:
+    if finite(summary.get("tokens_per_second")) and summary["tokens_per_second"]:
         rows.append(("tokens/s", f"{summary['tokens_per_second']:,.0f}"))
     disk = as_table(summary.get("disk_bytes"))
     if disk:
-        size = {k: human_bytes(disk[k]) if _real(disk.get(k)) else "?" for k in ("stage", "run", "checkpoints")}
+        size = {k: human_bytes(disk[k]) if finite(disk.get(k)) else "?" for k in ("stage", "run", "checkpoints")}
         kept = (f"{size['checkpoints']} kept" if summary.get("checkpoints_kept")
                 else f"{size['checkpoints']} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
         rows.append(("disk", f"stage {size['stage']}, run {size['run']}; resume checkpoints {kept}"))
@@ -217,7 +217,7 @@ def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _real(value: Any) -> bool:
+def finite(value: Any) -> bool:
     """A finite number (not a bool): what arithmetic and formats of a manifest field may take."""
     try:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

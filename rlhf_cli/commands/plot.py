@@ -20,10 +20,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_cli.commands.args import parse_key_values
 from rlhf_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from rlhf_cli.plots import Plotted
 
 
 @dataclass
@@ -114,7 +117,7 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def _draw(folder: Path) -> Any:
+def _draw(folder: Path) -> Plotted | str:
     """plot_stage's result, or why the stage could not be drawn. Any exception is a reason: one stage's damaged
     metrics (or a matplotlib error on values it cannot scale) must not hide the others."""
     from rlhf_cli.plots import plot_stage

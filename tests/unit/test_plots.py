@@ -4,6 +4,7 @@ end-of-stage hook (summary.complete_stage). No training."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from rlhf_cli import plots
 from rlhf_cli.errors import UserError
-from rlhf_cli.plots import PANELS, against, draw, plot_stage, read_rows, series
+from rlhf_cli.plots import PANELS, against, draw, load_rows, plot_stage, read_rows, series
 from rlhf_cli.run_dir import Run
 from rlhf_cli.summary import complete_stage, summary_lines
 
@@ -153,6 +154,38 @@ def test_bad_input_is_one_clear_message(tmp_path):
         plot_stage(tmp_path / "demo" / "rm")
     with pytest.raises(UserError, match="nothing to plot for dpo: its metrics.jsonl has none of"):
         plot_stage(_write(tmp_path / "demo" / "dpo", [{"step": 1, "time": 1.0}]))
+
+
+def test_values_no_axis_can_scale_to_are_gaps(tmp_path):
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": float("inf")}, {"step": 3, "loss": 10**400},
+            {"step": 4, "loss": float("nan")}, {"step": 5, "loss": 1.7e308}, {"step": 6, "loss": -1.7e308},
+            {"step": 7, "loss": 0.5}, {"step": 8, "loss": True}]  # fmt: skip
+    steps, values = series(rows, "loss")
+    assert steps == [1, 2, 3, 4, 5, 6, 7] and values[0] == 1.0 and values[6] == 0.5
+    assert all(math.isnan(v) for v in values[1:6])
+    folder = _write(tmp_path / "demo" / "sft", rows)
+    assert plot_stage(folder).titles == ["loss"]
+    with pytest.raises(UserError, match=r"nothing to plot for sft: .* \(1 of its 2 lines are not rows\)"):
+        plot_stage(_write(folder, [{"step": 1, "loss": float("nan")}], tail="[1]\n"))
+
+
+def test_only_objects_with_an_integer_step_are_rows(tmp_path):
+    folder = _write(tmp_path / "demo" / "sft", [{"step": 1, "loss": 1.0}, {"step": "2"}, {"step": 2.0}, {"step": True},
+                                                {"step": 2**60}, {"loss": 1.0}, [1]], tail="\n\n\xff\n")  # fmt: skip
+    rows, skipped = load_rows(folder / "metrics.jsonl")
+    assert rows == [{"step": 1, "loss": 1.0}] and skipped == 7  # blank lines are not counted
+
+
+def test_a_stage_that_cannot_be_read_or_written_is_one_clear_message(tmp_path):
+    folder = _write(tmp_path / "demo" / "sft", CASES["sft"][0])
+    (folder / "metrics.png").mkdir()
+    with pytest.raises(UserError, match="cannot write .*/demo/sft/metrics.png: Is a directory"):
+        plot_stage(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.jsonl", "metrics.png"]  # no temporary file left
+    (folder / "metrics.jsonl").unlink()
+    (folder / "metrics.jsonl").symlink_to("metrics.jsonl")
+    with pytest.raises(UserError, match="cannot read .*/metrics.jsonl: Too many levels of symbolic links"):
+        plot_stage(folder)
 
 
 # ---------------------------------------------------------------- the end-of-stage hook

@@ -1,6 +1,7 @@
 """The end-of-stage summary: recorded in the manifest when a stage completes, resume checkpoints dropped."""
 
 import json
+import math
 
 import pytest
 
@@ -72,3 +73,31 @@ def test_human_bytes(n, text):
 
 def test_first_and_last_ignores_missing_files(tmp_path):
     assert first_and_last(tmp_path / "none.jsonl", ("loss",)) == {}
+
+
+def test_first_and_last_reads_a_damaged_log(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe not text\n{"step": 2, "loss": NaN, "kl": true}\n[1]\n'
+                     b'{"step": 3, "kl": 0.5, "loss": "low"}\n{"step": 4, "lo')  # fmt: skip
+    out = first_and_last(path, ("loss", "kl"))
+    assert out["loss"][0] == 2.0 and math.isnan(out["loss"][1])  # a diverged loss shows as NaN
+    assert out["kl"] == [0.5, 0.5]  # true is not a number
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(IsADirectoryError):  # there, but not readable: the caller names it
+        first_and_last(path, ("loss",))
+
+
+def test_summary_lines_of_a_hand_edited_record():
+    record = {"summary": {"headline": {"loss": [1.0, 0.5], "kl": 3, "acc": [None, 0.9]}, "stage_seconds": "soon",
+                          "tokens_per_second": float("nan"), "disk_bytes": {"stage": 2000, "run": "?"},
+                          "plot": ["x"]},
+              "metrics": [1]}  # fmt: skip
+    assert summary_lines(record, "sft", "run.name=demo")[:-1] == [
+        ("loss", "1 -> 0.5"), ("kl", "3"), ("acc", "n/a -> 0.9"),
+        ("disk", "stage 2.0 KB, run ?; resume checkpoints ? removed (stage.keep_checkpoints=true keeps them)"),
+        ("curves", "['x']"),
+    ]  # fmt: skip
+    for record in (None, [], {"summary": "done", "metrics": None}, {"summary": {"headline": [1, 2], "disk_bytes": 5}}):
+        assert summary_lines(record, "sft", "run.name=demo") == [("next", "rlhf rm run.name=demo   (or: rlhf dpo "
+                                                                           "run.name=demo)")]  # fmt: skip
