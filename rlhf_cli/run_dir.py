@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.jsonsafe import json_safe
+from rlhf_cli.jsonsafe import json_safe, load_json
 from rlhf_cli.provenance import damage, new_completion
 
 COMPLETE_MARKER = "COMPLETE"
@@ -80,7 +80,8 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Committed checkpoints `step-N/` (with the COMPLETE marker), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step-*") if p.name[5:].isdigit() and (p / COMPLETE_MARKER).is_file()]
+    found = [p for p in ckpt_dir.glob("step-*")
+             if p.name[5:].isascii() and p.name[5:].isdigit() and (p / COMPLETE_MARKER).is_file()]  # fmt: skip
     return sorted(found, key=checkpoint_step)
 
 
@@ -126,14 +127,19 @@ class Run:
         return self.root / "manifest.json"
 
     def read_manifest(self) -> dict:
-        if not self.manifest_path.is_file():
+        if not os.path.lexists(self.manifest_path):
             return {"run": self.root.name, "stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as err:
+            manifest = load_json(self.manifest_path)
+        except (OSError, ValueError) as err:
             raise UserError(
                 f"{self.manifest_path} is not valid JSON ({err}); restore it or use another run.name"
             ) from None
+        stages = manifest.get("stages") if isinstance(manifest, dict) else None
+        if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
+            raise UserError(f"{self.manifest_path} has no `stages` table of stage records (was it edited?); restore "
+                            "it or use another run.name")  # fmt: skip
+        return manifest
 
     def stage_record(self, stage: str | None = None) -> dict:
         return self.read_manifest()["stages"].get(stage or self.stage, {})

@@ -283,13 +283,6 @@ def record_attempt(run_dir: Path, args: list[str], attempt: str, finished: bool)
     run.write_manifest(manifest)
 
 
-def _manifest(run_dir: Path) -> dict[str, Any]:
-    """The stage records of the run's manifest ({} for a new run); a damaged manifest is the Run's own UserError."""
-    from rlhf_cli.run_dir import Run
-
-    return Run(root=run_dir, stage="").read_manifest()["stages"]
-
-
 def main(args: list[str]) -> int:
     from rlhf_cli import launch
     from rlhf_cli.metrics import console
@@ -326,29 +319,42 @@ def main(args: list[str]) -> int:
 
 
 def summary_table(run_dir: Path, stages: list[str]) -> list[str]:
-    """Plain lines: per stage its status, wall time and headline metrics (first -> last), then the eval table."""
-    records = _manifest(run_dir)
+    """Plain lines: per stage its status, wall time and headline metrics (first -> last), then the eval table. Read as
+    `rlhf runs` reads a run: a field of the wrong type is shown as it is or as `-`, a file that cannot be read is
+    named; never a traceback once every stage has run."""
+    from rlhf_cli.jsonsafe import load_json
+    from rlhf_cli.summary import as_table, finite, span
+
     lines = [f"\npipeline summary: {run_dir}", f"  {'stage':<20} {'status':<10} {'time':>8}  headline"]
+    try:
+        records = as_table(as_table(load_json(run_dir / "manifest.json")).get("stages"))
+    except (OSError, ValueError) as err:
+        return [*lines, f"  manifest.json is not readable ({err})"]
     for stage in stages:
-        rec = records.get(stage, {})
-        summary = rec.get("summary", {})
+        rec = as_table(records.get(stage))
+        summary = as_table(rec.get("summary"))
         seconds = summary.get("stage_seconds")
-        wall = "-" if seconds is None else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-        headline = summary.get("headline", {})
+        wall = "-" if not finite(seconds) else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+        headline = as_table(summary.get("headline"))
         keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
-        heads = ", ".join(f"{k} {_num(headline[k][0])} -> {_num(headline[k][1])}" for k in keys)
-        lines.append(f"  {stage:<20} {rec.get('status', 'not run'):<10} {wall:>8}  {heads}")
+        heads = ", ".join(f"{k} {span(headline[k])}" for k in keys)
+        lines.append(f"  {stage:<20} {str(rec.get('status') or 'not run'):<10} {wall:>8}  {heads}")
     report = run_dir / "eval" / "eval.json"
     if "eval" in stages and report.is_file():
-        from rlhf_cli.rollout.comparison import table
-
-        ev = json.loads(report.read_text())
-        how = "greedy" if not ev["temperature"] else f"{ev['n_samples']} samples at temperature {ev['temperature']:g}"
-        lines += ["", f"held-out evaluation: {ev['prompts']} prompts, answers {how}, KL from {ev['kl_samples']} "
-                  f"samples per prompt; reference {ev['reference']}; mean +- standard error",
-                  *table(ev["results"])]  # fmt: skip
+        lines += ["", *eval_lines(report)]
     return lines
 
 
-def _num(value: float) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def eval_lines(report: Path) -> list[str]:
+    """The held-out evaluation's header line and table from eval.json; one line that names the damage instead when
+    it cannot be read or is not the eval stage's report."""
+    from rlhf_cli.jsonsafe import load_json
+    from rlhf_cli.rollout.comparison import table
+
+    try:
+        ev = load_json(report)
+        how = "greedy" if not ev["temperature"] else f"{ev['n_samples']} samples at temperature {ev['temperature']:g}"
+        return [f"held-out evaluation: {ev['prompts']} prompts, answers {how}, KL from {ev['kl_samples']} samples "
+                f"per prompt; reference {ev['reference']}; mean +- standard error", *table(ev["results"])]
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as err:  # a field missing or of another type
+        return [f"held-out evaluation: {report} is not readable ({type(err).__name__}: {err})"]

@@ -26,7 +26,7 @@ from rlhf_cli.run_dir import COMPLETE_MARKER, TIME_FORMAT, check_run_name
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
-STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red",
+STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "incomplete": "red",
                 "unreadable": "red"}  # fmt: skip
 
 
@@ -110,13 +110,15 @@ def key_metrics(stage: str, record: dict, stage_dir: Path) -> str:
     return ", ".join(f"{k} {span(headline[k])}" for k in keys)
 
 
-def stage_row(run_dir: Path, stage: str, record: dict, locked: bool) -> StageRow:
+def stage_row(run_dir: Path, stage: str, record: dict, locked: bool, manifest: dict | None = None) -> StageRow:
     problem = record_problem(stage, record)
     if problem is not None:
         return StageRow(stage, "unreadable", problem, "", "")
     status = str(record.get("status") or "unknown")
     if status == "preempted" or (status == "running" and not locked):  # a kill leaves `running` and no lock holder
         status = "interrupted"
+    if status == "completed" and manifest is not None:
+        status = completed_status(run_dir, stage, record, manifest)
     stage_dir = run_dir / stage
     notes = [key_metrics(stage, record, stage_dir), "" if stage_dir.is_dir() else f"no folder {stage}/"]
     if status == "failed" and record.get("error"):
@@ -125,6 +127,21 @@ def stage_row(run_dir: Path, stage: str, record: dict, locked: bool) -> StageRow
     step = resume_step(stage_dir) if status not in ("completed", "running") else None
     return StageRow(stage, status, "; ".join(n for n in notes if n), _time(record.get("started_at")),
                     _time(record.get("ended_at")), step, str(record.get("command") or ""))  # fmt: skip
+
+
+def completed_status(run_dir: Path, stage: str, record: dict, manifest: dict) -> str:
+    """`completed`, `completed (stale: sft re-ran after it)`, or `incomplete (<what is missing>)` when the outputs it
+    recorded are gone or changed on disk (provenance.py). A record too damaged to judge stays `completed`."""
+    from rlhf_cli.provenance import damage, stale_reasons
+
+    try:
+        broken = damage(run_dir, record)
+        reasons = [] if broken else stale_reasons(manifest, stage, run_dir)
+    except (OSError, ValueError, TypeError, AttributeError):  # hand-edited provenance fields: listed as recorded
+        return "completed"
+    if broken:
+        return f"incomplete ({broken})"
+    return f"completed (stale: {'; '.join(reasons)})" if reasons else "completed"
 
 
 def record_problem(stage: str, record: Any) -> str | None:
@@ -155,7 +172,7 @@ def read_run(run_dir: Path) -> RunRow:
     if not isinstance(stages, dict):
         return RunRow(run_dir.name, unreadable="manifest.json has no `stages` table of stage records")
     locked = in_use(run_dir)
-    return RunRow(run_dir.name, [stage_row(run_dir, s, stages[s], locked) for s in ran_order(stages)])
+    return RunRow(run_dir.name, [stage_row(run_dir, s, stages[s], locked, manifest) for s in ran_order(stages)])
 
 
 def reason(err: Exception) -> str:
@@ -263,7 +280,7 @@ def _print_table(console: Any, rows: list[tuple[str, ...]], title: str) -> None:
     for name in COLUMNS:
         table.add_column(name, overflow="fold")
     for row in rows:
-        status = STATUS_STYLE.get(row[2].split(" ")[0], "")
+        status = "yellow" if "(stale:" in row[2] else STATUS_STYLE.get(row[2].split(" ")[0], "")
         # Text, not markup: an error message or a metric name may hold square brackets.
         table.add_row(*(Text(cell, style=status if i == 2 else "") for i, cell in enumerate(row)))
     console.print(table)

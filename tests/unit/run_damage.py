@@ -54,6 +54,8 @@ def healthy_run(root: Path, name: str = "demo") -> Path:
     for step in (2, 4):
         (run / "ppo" / "checkpoints" / f"step-{step}").mkdir(parents=True)
     (run / "ppo" / "checkpoints" / "step-2" / "COMPLETE").write_text("")
+    (run / "sft" / "final").mkdir()
+    (run / "sft" / "final" / "model.safetensors").write_bytes(b"weights")
     (run / "eval").mkdir()
     (run / "eval" / "eval.json").write_text(json.dumps(EVAL_JSON, indent=2) + "\n")
     stages = {
@@ -347,7 +349,7 @@ DAMAGE: dict[str, Damage] = {
     ),
     "stage folder a dangling link": Damage(
         replace("sft", "dangling"),
-        "sft completed eval_loss 3.1 -> 2.7; no folder sft/ 2026-11-30 10:00",
+        "sft/final is missing) eval_loss 3.1 -> 2.7; no folder sft/ 2026-11-30 10:00",  # incomplete (<run>/...
         "ppo: runs/demo/ppo/metrics.png",
     ),
     "checkpoints odd names": Damage(
@@ -368,7 +370,9 @@ DAMAGE: dict[str, Damage] = {
         "ppo: not drawn: cannot write runs/demo/ppo/metrics.png: Is a directory",
     ),
     "eval.json damaged": Damage(_write("eval/eval.json", GARBAGE), "eval completed 2026-11-30 10:20"),
-    "eval folder missing": Damage(replace("eval", "none"), "eval completed no folder eval/ 2026-11-30 10:20"),
+    "eval folder missing": Damage(
+        replace("eval", "none"), "eval/eval.json is missing) no folder eval/ 2026-11-30 10:20"
+    ),
 }
 
 

@@ -175,3 +175,18 @@ def test_the_pipeline_plans_a_stage_killed_inside_its_overwrite_as_it_will_be_pu
     path.write_text(json.dumps({"stages": ["sft"]}))
     step = plan_steps(load_pipeline(str(path)), common, {"sft": ["run.overwrite=true"]}, attempt="A")[0]
     assert step.why == "run.overwrite" and "run.overwrite=true" in step.args
+
+
+def test_rlhf_runs_shows_stale_and_incomplete_stages(tmp_path):
+    from rlhf_cli.commands.runs import read_run
+
+    sft = _completed_sft(tmp_path)
+    stale = {"model.name_or_path": {"spec": "stage:sft", "fp": "an older completion"}}
+    run = open_run(_run_cfg(tmp_path), "rm")
+    run.update_stage(status="completed", provenance={"inputs": stale})
+    run.release()
+    rows = {r.stage: r.status for r in read_run(tmp_path / "r").stages}
+    assert rows == {"sft": "completed", "rm": "completed (stale: sft re-ran after it)"}
+    (sft.final_dir / "model.safetensors").unlink()
+    rows = {r.stage: r.status for r in read_run(tmp_path / "r").stages}
+    assert rows["sft"].startswith("incomplete (the files of") and rows["rm"] == "completed (stale: sft is not complete)"

@@ -71,12 +71,25 @@ def test_corrupt_manifest_is_a_user_error(tmp_path):
         open_run(_cfg(tmp_path), "sft")
 
 
-def test_resume_under_changed_config_warns(tmp_path):
-    run = open_run(_cfg(tmp_path), "sft")
+def test_resume_under_changed_config_is_refused_with_the_way_out(tmp_path):
+    from rlhf_cli.config.compose import compose
+
+    def cfg(*extra):
+        return compose("sft", [f"run.root={tmp_path}", "run.name=r1", *extra])
+
+    first = cfg()
+    run = open_run(first.run, "sft", cfg=first)
     run.begin("", "abc", {}, None)
-    assert "warning" not in run.begin("", "abc", {}, tmp_path / "step-2")
-    assert "hash abc -> def" in run.begin("", "def", {}, tmp_path / "step-2")
+    (run.checkpoints_dir / "step-2").mkdir(parents=True)
+    (run.checkpoints_dir / "step-2" / COMPLETE_MARKER).touch()
+    run.update_stage(status="interrupted")
     run.release()
+    open_run(first.run, "sft", cfg=first).release()  # the same config resumes
+    changed = cfg("stage.max_steps=7")
+    with pytest.raises(UserError, match=r"were written from other inputs: the config changed .*run.overwrite=true"):
+        open_run(changed.run, "sft", cfg=changed)
+    stopped = cfg("stage.stop_after_steps=1")  # not part of what a stage computes
+    open_run(stopped.run, "sft", cfg=stopped).release()
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../outside", "a/b", "a\\b"])
