@@ -33,10 +33,10 @@ def test_a_causal_lm_as_reward_or_gold_model_of_an_online_stage_is_refused(base,
     args = copy_run(base, runs, "rs", "rejection_sampling")
     sft = runs / "rs" / "sft" / "final"
     res = rlhf("rejection_sampling", *FAST, *RS, *args, "stage.reward.model=stage:sft", cwd=tmp_path)
-    _one_clear_error(res, f"{sft} {CAUSAL}", "rlhf rm")
+    _one_clear_error(res, f"stage.reward.model=stage:sft ({sft}) {CAUSAL}", "rlhf rm")
     _not_started(runs / "rs", "rejection_sampling")
     res = rlhf("rejection_sampling", *FAST, *RS, *args, "stage.gold_reward=stage:sft", cwd=tmp_path)
-    _one_clear_error(res, f"{sft} {CAUSAL}")
+    _one_clear_error(res, f"stage.gold_reward=stage:sft ({sft}) {CAUSAL}")
     _not_started(runs / "rs", "rejection_sampling")
 
 
