@@ -44,38 +44,32 @@ def test_an_upstream_rerun_makes_downstream_work_stale(runs, tmp_path):
     run_dir = runs / "p"
     base = [*FAST, f"run.root={runs}", "run.name=p"]
     _ok(rlhf("sft", *base, *SFT, cwd=tmp_path))
-    # rm stops after 2 of its 4 steps, with checkpoints trained from this sft.
-    _ok(rlhf("rm", *base, *RM, "stage.stop_after_steps=2", cwd=tmp_path))
+    _ok(rlhf("rm", *base, *RM, cwd=tmp_path))
+    # dpo stops after 2 of its 4 steps, with checkpoints trained from this sft.
+    _ok(rlhf("dpo", *base, *RM, "stage.stop_after_steps=2", cwd=tmp_path))
     _ok(rlhf("sft", *base, *SFT, "run.overwrite=true", cwd=tmp_path))
-    # 1. The same rm command would resume from checkpoints of the old sft: refused, with the way out.
-    _refused(rlhf("rm", *base, *RM, cwd=tmp_path), "resume checkpoints of `rm`", "sft re-ran after it",
-             "run.overwrite=true")  # fmt: skip
-    _refused(rlhf("ppo", *base, cwd=tmp_path), "stage `rm` of run `p` is interrupted")
-    assert not (run_dir / "ppo").exists()  # refused before the stage folder was made
-    # 2. The pipeline retrains rm from scratch, saying why.
-    chain = _chain(tmp_path, {"sft": SFT, "rm": RM})
-    out = _ok(rlhf("pipeline", chain, *base, cwd=tmp_path))
-    assert "rm (its checkpoints are stale (sft re-ran after it): starting again)" in out
-    assert "starting rm in" in out and "resuming rm" not in out
-    # 3. sft again: the completed rm is stale; `rlhf rm` and a stage reading rm refuse; the pipeline retrains it.
-    _ok(rlhf("sft", *base, *SFT, "run.overwrite=true", cwd=tmp_path))
+    # 1. Single-stage commands refuse stale work, each with the way out.
     _refused(rlhf("rm", *base, *RM, cwd=tmp_path), "already complete", "it is stale: sft re-ran after it")
+    _refused(rlhf("dpo", *base, *RM, cwd=tmp_path), "resume checkpoints of `dpo`", "sft re-ran after it",
+             "run.overwrite=true")  # fmt: skip
     _refused(rlhf("ppo", *base, cwd=tmp_path), "input `rm` of ppo (stage.reward.model=stage:rm) is stale",
              "run.allow_stale_inputs=true")  # fmt: skip
-    out = _ok(rlhf("pipeline", chain, *base, cwd=tmp_path))
-    assert "sft (skipped: completed with this config) -> rm (stale: sft re-ran after it)" in out
+    assert not (run_dir / "ppo").exists()  # refused before the stage folder was made
+    # 2. The pipeline retrains the stale rm and starts dpo again from scratch, saying why.
+    out = _ok(rlhf("pipeline", _chain(tmp_path, {"sft": SFT, "rm": RM, "dpo": RM}), *base, cwd=tmp_path))
+    assert "sft (skipped: completed with this config) -> rm (stale: sft re-ran after it) -> dpo (its checkpoints " \
+           "are stale (sft re-ran after it): starting again)" in out
+    assert "starting dpo in" in out and "resuming dpo" not in out
     stages = manifest(run_dir)["stages"]
     assert stages["rm"]["provenance"]["inputs"]["model.name_or_path"]["fp"] == stages["sft"]["completion"]["id"]
-    # 4. An overwrite refused by a typo (a data file that does not exist) leaves the completed rm as it was.
+    # 3. An overwrite refused by a typo (a data file that does not exist) leaves the completed rm as it was.
     before, record = _tree(run_dir / "rm"), stages["rm"]
     _refused(rlhf("rm", *base, *RM, "run.overwrite=true", "data.source=missing.jsonl", cwd=tmp_path), "missing.jsonl")
     assert _tree(run_dir / "rm") == before and manifest(run_dir)["stages"]["rm"] == record
     assert not (run_dir / ".rm.replaced").exists()
-    # 5. A deleted weight file: rm is no longer complete; what reads it is refused, and `rlhf rm` trains it again.
+    # 4. A deleted weight file: rm is no longer complete, and what reads it is refused.
     (run_dir / "rm" / "final" / "model.safetensors").unlink()
     _refused(rlhf("ppo", *base, cwd=tmp_path), "recorded as completed, but", "changed after it completed")
-    out = _ok(rlhf("rm", *base, *RM, cwd=tmp_path))
-    assert "it is not complete, training again" in out and (run_dir / "rm" / "final" / "model.safetensors").is_file()
 
 
 def _start(args, cwd, log):
@@ -93,8 +87,7 @@ def test_a_requeued_pipeline_with_an_overwrite_trains_every_stage_once(runs, tmp
     is trained once, resumed where it stopped, never started again by the overwrite."""
     run_dir = runs / "q"
     chain = _chain(tmp_path, {"sft": ["stage.max_steps=40", "stage.save_every=0"],
-                              "rm": ["stage.max_steps=30", "stage.save_every=0"],
-                              "dpo": ["stage.max_steps=3"]})  # fmt: skip
+                              "rm": ["stage.max_steps=30", "stage.save_every=0"]})  # fmt: skip
     args = ["pipeline", chain, *FAST, f"run.root={runs}", "run.name=q", "run.overwrite=true"]
     logs = []
     for stage in ("sft", "rm"):  # SIGTERM once the stage has logged two steps, then the same command again
@@ -109,7 +102,7 @@ def test_a_requeued_pipeline_with_an_overwrite_trains_every_stage_once(runs, tmp
         assert proc.wait(120) == PREEMPTED_EXIT_CODE, log.read_text()[-3000:]
         assert manifest(run_dir)["stages"][stage]["status"] == "preempted"
     out = "".join(log.read_text() for log in logs) + _ok(rlhf(*args, cwd=tmp_path, timeout=600))
-    for stage in ("sft", "rm", "dpo"):
+    for stage in ("sft", "rm"):
         assert out.count(f"starting {stage} in") == 1, out[-4000:]
         assert manifest(run_dir)["stages"][stage]["status"] == "completed"
     assert out.count("resuming sft from") == 1 and out.count("resuming rm from") == 1
