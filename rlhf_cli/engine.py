@@ -11,10 +11,8 @@ d(sum of all losses / normaliser) whatever the micro-batch split or the number o
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -34,13 +32,12 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 
+from rlhf_cli.errors import UserError
 from rlhf_cli.models import merged_for_export
 
 ds_logger.setLevel(logging.WARNING)
 # ZeRO calls torch's older collective names, which warn on every step.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-# Printed by DeepSpeed every time it JIT-loads an op it has already built (see `_without_build_notice`).
-BUILD_NOTICE = re.compile(r"DeepSpeed deepspeed\.ops\.[\w.]+ built successfully")
 
 
 @dataclass(frozen=True)
@@ -73,26 +70,42 @@ def init_distributed() -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        with _without_build_notice():
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        if device.type == "cpu":
+            skip_shm_op()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-@contextlib.contextmanager
-def _without_build_notice() -> Iterator[None]:
-    """Drop DeepSpeed's `DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully` line.
+SHM_OP = "deepspeed_shm_comm"
 
-    On the CPU accelerator DeepSpeed's communication backend loads its shared-memory all-reduce op whenever the
-    process group starts (its kernel serves only the inference all-reduce of tensor parallelism, AutoTP, not ZeRO)
-    and prints that line unconditionally, also when the op comes from the build cache; DeepSpeed (0.19) has no setting
-    for it. Python's stdout is held back meanwhile and everything else is passed on; a failed build raises as before."""
-    held = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(held):
-            yield
-    finally:
-        lines = held.getvalue().splitlines(keepends=True)
-        sys.stdout.write("".join(line for line in lines if not BUILD_NOTICE.fullmatch(line.strip())))
+
+def skip_shm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when the CPU process group starts.
+
+    On the CPU accelerator DeepSpeed's communication backend JIT-compiles `deepspeed_shm_comm` (C++20, OpenMP; 25-39 s
+    per build, rebuilt whenever its cache key changes, and a multi-screen ninja traceback where no compiler is
+    installed) before it joins the group: `deepspeed/comm/torch.py` `build_shm_op` builds it when DeepSpeed's table of
+    compatible ops says it can. Its kernel serves only the inference all-reduce of tensor parallelism (AutoTP), never
+    ZeRO, which goes through torch.distributed. So the op is marked not compatible in that table (DeepSpeed's own
+    switch: `deepspeed.ops.__compatible_ops__`, which it otherwise fills on first use by probing every op with the
+    compiler), and the backend runs without it, as it does where the op cannot be built."""
+    import deepspeed.ops as ds_ops
+
+    table = vars(ds_ops).get("__compatible_ops__")
+    if table is None:  # not probed yet: no probe is needed for the one op the backend asks about
+        ds_ops.__compatible_ops__ = {SHM_OP: False}
+    else:
+        table[SHM_OP] = False
+
+
+def needs_compiler(what: str) -> None:
+    """A DeepSpeed op that must be compiled on first use (`what` names the setting): one clear message where no C++
+    compiler is installed, instead of ninja's traceback from deep inside the build."""
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        raise UserError(
+            f"{what} uses a DeepSpeed op compiled on first use, and no C++ compiler was found (c++, g++ or $CXX): "
+            "install one (Debian / Ubuntu: apt-get install g++), or turn that setting off"
+        )
 
 
 def shutdown(together: bool = True) -> None:
@@ -233,6 +246,8 @@ def lr_schedule(optim: Any, total_steps: int):
 
 def initialize(model: torch.nn.Module, config: dict, optim: Any, total_steps: int):
     """Wrap `model` in a DeepSpeed engine with AdamW and the schedule; returns the engine."""
+    if config["zero_optimization"].get("offload_optimizer"):  # DeepSpeed's CPU Adam is compiled on first use
+        needs_compiler("deepspeed.offload_optimizer=true (DeepSpeed's CPU Adam)")
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, optim.weight_decay),
