@@ -4,7 +4,6 @@ the same clear errors as the stage configs, and the checkpoint named by `model=`
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -78,24 +77,17 @@ def model_kind(name: str) -> tuple[str, str] | None:
     """("causal-lm" or "classifier", the architecture) of a checkpoint, read from its config.json (a LoRA adapter
     folder: the task type in adapter_config.json) before any weight is loaded; None when it cannot be told (the
     loader then reports whatever is wrong). A hub id is checked through its config alone."""
+    from rlhf_cli.models.kind import read_json_table
     from rlhf_cli.models.source import resolve_source
 
     source, local = resolve_source(name)
-    info = _local_json(Path(source) / "config.json") if local else _hub_config(source)
+    info = read_json_table(Path(source) / "config.json") if local else _hub_config(source)
     for arch in info.get("architectures") or []:
         for suffix, kind in _KINDS:
             if arch.endswith(suffix):
                 return kind, arch
-    task = _local_json(Path(source) / "adapter_config.json").get("task_type") if local else None
+    task = read_json_table(Path(source) / "adapter_config.json").get("task_type") if local else None
     return (_PEFT_KINDS[task], f"a {task} LoRA adapter") if task in _PEFT_KINDS else None
-
-
-def _local_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _hub_config(name: str) -> dict:

@@ -68,10 +68,10 @@ def inspect_checkpoint(name: str, check_files: bool = False) -> tuple[str, Check
 
 
 def inspect_folder(folder: Path) -> Checkpoint:
-    adapter = _read_json(folder / "adapter_config.json")
+    adapter = read_json_table(folder / "adapter_config.json")
     if adapter and not (folder / "config.json").is_file():
         return _inspect_adapter(folder, adapter)
-    archs = _read_json(folder / "config.json").get("architectures") or []
+    archs = read_json_table(folder / "config.json").get("architectures") or []
     for arch in archs:
         for suffix, kind in _ARCH_KINDS:
             if arch.endswith(suffix):
@@ -133,7 +133,8 @@ def _safetensors_header(path: Path) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def _read_json(path: Path) -> dict:
+def read_json_table(path: Path) -> dict:
+    """A JSON object file as a dict; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

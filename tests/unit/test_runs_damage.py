@@ -142,12 +142,18 @@ def test_files_without_read_permission_are_named(tmp_path, capsys, monkeypatch):
     root = tmp_path / "runs"
     (healthy_run(root) / "ppo" / "metrics.jsonl").chmod(0)
     (healthy_run(root, "locked") / "manifest.json").chmod(0)
+    _unreadable_named(root, tmp_path, capsys, monkeypatch)
+
+
+def _unreadable_named(root, tmp_path, capsys, monkeypatch):
+    """`rlhf runs` names run `locked`'s manifest and demo's ppo metrics as unreadable; `rlhf plot` draws the rest."""
     code, out, _ = _cli(capsys, "runs", f"run.root={root}")
     assert code == 0 and "locked unreadable manifest.json: Permission denied" in _flat(out)
     assert "ppo interrupted (resumable at step 2) metrics.jsonl unreadable (Permission denied)" in _flat(out)
     monkeypatch.chdir(tmp_path)
     code, out, err = _cli(capsys, "plot", "run.name=demo")
     assert code == 0 and "ppo: not drawn: cannot read runs/demo/ppo/metrics.jsonl: Permission denied" in err
+    assert out.startswith("sft: runs/demo/sft/metrics.png")
 
 
 def test_read_errors_are_named_even_for_root(tmp_path, capsys, monkeypatch):
@@ -163,13 +169,7 @@ def test_read_errors_are_named_even_for_root(tmp_path, capsys, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refuse)
-    code, out, _ = _cli(capsys, "runs", f"run.root={root}")
-    assert code == 0 and "locked unreadable manifest.json: Permission denied" in _flat(out)
-    assert "ppo interrupted (resumable at step 2) metrics.jsonl unreadable (Permission denied)" in _flat(out)
-    monkeypatch.chdir(tmp_path)
-    code, out, err = _cli(capsys, "plot", "run.name=demo")
-    assert code == 0 and "ppo: not drawn: cannot read runs/demo/ppo/metrics.jsonl: Permission denied" in err
-    assert out.startswith("sft: runs/demo/sft/metrics.png")
+    _unreadable_named(root, tmp_path, capsys, monkeypatch)
 
 
 def test_the_program_itself_never_shows_a_traceback(tmp_path):
