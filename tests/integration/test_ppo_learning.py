@@ -25,6 +25,8 @@ import shutil
 import pytest
 from conftest import manifest, metrics, rlhf
 
+from rlhf_cli.commands.pipeline import load_pipeline
+
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
@@ -100,24 +102,31 @@ def test_grpo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
     assert after["eval_eos_fraction"] > 0.9
 
 
-def test_learned_reward_chain_rm_and_dpo_on_parity_pairs_beat_the_sft_policy(sft_run, tmp_path):
+def test_learned_reward_chain_rm_dpo_and_ppo_on_parity_pairs_beat_the_sft_policy(sft_run, tmp_path):
     """The learning benchmark's short version (configs/pipeline/parity.yaml, `make bench-learning`): after the shared
     sft, `rlhf pipeline` runs a reward model on the parity preference pairs (2 of its 4 epochs), DPO's RPO variant on
-    the same pairs (1 epoch), and `rlhf eval` with the gold metric on the held-out parity prompts. The reward model has
-    to learn parity from pairs it never saw the prompts of; the DPO policy's greedy answers must beat the SFT policy's
-    on the gold metric (measured: 0.72 against 0.54 at the full length on seed 1)."""
+    the same pairs (1 epoch), PPO against the learned reward model with the benchmark's own settings (30 of its 60
+    iterations), and `rlhf eval` with the gold metric on the held-out parity prompts. The reward model has to learn
+    parity from pairs it never saw the prompts of; the DPO and PPO policies' greedy answers must beat the SFT policy's
+    on the gold metric, PPO within its KL budget. PPO with the fixed kl_coef 0.01 it had before (no budget) learned
+    the reward model's blind spot instead: gold +0.000 at 31 nats on seed 1 of the benchmark."""
     runs = _copy(sft_run, tmp_path)
+    ppo = [*load_pipeline("parity").overrides["ppo"], "stage.max_steps=30", "stage.eval_every=30"]
     chain = tmp_path / "chain.yaml"
-    chain.write_text(
-        "stages: [rm, dpo, eval]\noverrides:\n  rm: [data=parity_pairs, stage.epochs=2, stage.save_every=0]\n"
-        "  dpo: [data=parity_pairs, stage.loss=rpo, optim.lr=1.0e-4, stage.epochs=1, stage.save_every=0]\n"
-        "  eval: [data=parity, stage.gold=rlhf_cli.tasks.parity:gold_reward, stage.kl_samples=0]\n"
-    )  # fmt: skip
+    chain.write_text(json.dumps({"stages": ["rm", "dpo", "ppo", "eval"], "overrides": {
+        "rm": ["data=parity_pairs", "stage.epochs=2", "stage.save_every=0"],
+        "dpo": ["data=parity_pairs", "stage.loss=rpo", "optim.lr=1.0e-4", "stage.epochs=1", "stage.save_every=0"],
+        "ppo": ppo, "eval": ["data=parity", "stage.gold=rlhf_cli.tasks.parity:gold_reward", "stage.kl_samples=2"]}}))
     res = rlhf("pipeline", f"pipeline={chain}", f"run.root={runs}", "logging.progress=false", cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
     stages = manifest(runs / "demo")["stages"]
     assert stages["rm"]["metrics"]["eval_accuracy"] >= 0.7, stages["rm"]["metrics"]
     results = json.loads((runs / "demo" / "eval" / "eval.json").read_text())["results"]
-    sft, dpo = results["sft"]["gold_mean"], results["dpo"]["gold_mean"]
+    sft, dpo, ppo_row = results["sft"]["gold_mean"], results["dpo"]["gold_mean"], results["ppo"]
     assert dpo >= sft + 0.05, (sft, dpo)
     assert results["dpo"]["reward_mean"] > results["sft"]["reward_mean"]  # the learned reward agrees
+    # Measured at 30 iterations (seed 42): gold 0.572 -> 0.606, win rate 0.92 under the reward model; the full run of
+    # the benchmark reaches +0.02 to +0.13 (3 seeds). The collapse this guards against holds gold still while the KL
+    # runs past 20 nats, so the KL is the sharper check here.
+    assert ppo_row["gold_mean"] >= sft + 0.02, (sft, ppo_row)
+    assert ppo_row["kl"] < 12.0, ppo_row  # the budget (kl_target 8 nats) held
