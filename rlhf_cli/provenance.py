@@ -5,9 +5,9 @@ for each input its config names (the registry's `inputs` keys: the starting mode
 reward and gold sources...), the input's spec and a fingerprint that changes when the input changes:
 
     stage:<name>          that stage's completion id, a new random id each time the stage completes
-    builtin:<name>        the packaged file's size + mtime (the tiny model: the name, its shape is in the config)
+    builtin:<name>        the packaged file's bytes (the tiny model: the name, its shape is in the config)
     a local file / folder the size + modification time of every file under it
-    module:function       the size + modification time of the module's source file
+    module:function       the bytes of the module's source file
     anything else         the text itself (a hub id: its revision, when pinned, is part of the config)
 
 A completed stage also records a digest of its outputs' file names and sizes, so a `final/` that was deleted or
@@ -52,6 +52,15 @@ def path_fingerprint(path: Path) -> str:
             continue
         rows.append((str(f.relative_to(path)) if f != path else f.name, st.st_size, st.st_mtime_ns))
     return "files:" + digest(rows)
+
+
+def content_fingerprint(path: Path) -> str:
+    """A small file by its bytes (a packaged data file, a reward function's module): a reinstall or a fresh clone,
+    which give every file a new time, leaves it unchanged."""
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return path_fingerprint(path)
 
 
 def output_digest(root: Path, outputs: dict[str, str]) -> str:
@@ -146,7 +155,7 @@ def fingerprint(spec: str, manifest: dict, root: Path) -> str:
         from rlhf_cli.data.sources import builtin_file
 
         found = builtin_file(spec[len("builtin:") :])
-        return path_fingerprint(found) if found else spec
+        return content_fingerprint(found) if found else spec
     path = Path(spec).expanduser()
     if path.exists():
         return path_fingerprint(path)
@@ -157,7 +166,7 @@ def fingerprint(spec: str, manifest: dict, root: Path) -> str:
         except (ImportError, ValueError):
             found = None
         if found is not None and found.origin and os.path.isfile(found.origin):
-            return path_fingerprint(Path(found.origin))
+            return content_fingerprint(Path(found.origin))
     return "id:" + spec
 
 

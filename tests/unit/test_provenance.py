@@ -24,7 +24,7 @@ from rlhf_cli.stage_state import INTENT_ENV, aside_dir, restore_overwritten
 from rlhf_cli.stages import STAGES
 
 
-def test_a_file_fingerprint_changes_with_its_size_or_time_and_a_stage_with_its_completion(tmp_path):
+def test_a_file_fingerprint_changes_with_its_size_or_time_and_a_stage_with_its_completion(tmp_path, monkeypatch):
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
     first = fingerprint(str(data), {}, tmp_path)
@@ -39,7 +39,16 @@ def test_a_file_fingerprint_changes_with_its_size_or_time_and_a_stage_with_its_c
     assert fingerprint("stage:sft", manifest, tmp_path) == "abc"
     assert fingerprint("stage:rm", manifest, tmp_path) == "missing"
     assert fingerprint("org/model", {}, tmp_path) == "id:org/model"  # a hub id: the id itself
-    assert fingerprint("rlhf_cli.tasks.parity:gold_reward", {}, tmp_path).startswith("files:")  # its module file
+    assert fingerprint("rlhf_cli.tasks.parity:gold_reward", {}, tmp_path).startswith("sha256:")  # its module's bytes
+    module = tmp_path / "my_reward_mod.py"
+    module.write_text("def f(p, r):\n    return [1.0] * len(r)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = fingerprint("my_reward_mod:f", {}, tmp_path)
+    os.utime(module, ns=(9, 9))  # a fresh clone or a reinstall: new times, same code
+    assert fingerprint("my_reward_mod:f", {}, tmp_path) == before
+    module.write_text("def f(p, r):\n    return [0.0] * len(r)\n")
+    assert fingerprint("my_reward_mod:f", {}, tmp_path) != before
+    assert fingerprint("builtin:parity", {}, tmp_path).startswith("sha256:")
 
 
 def test_the_outputs_digest_sees_a_missing_or_truncated_file_but_not_a_copy(tmp_path):
