@@ -80,9 +80,25 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Committed checkpoints `step-N/` (with the COMPLETE marker), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step-*")
-             if p.name[5:].isascii() and p.name[5:].isdigit() and (p / COMPLETE_MARKER).is_file()]  # fmt: skip
+    found = [p for p in ckpt_dir.glob("step-*") if _step(p.name) is not None and (p / COMPLETE_MARKER).is_file()]
     return sorted(found, key=checkpoint_step)
+
+
+def resume_step(stage_dir: Path) -> int | None:
+    """The step of the newest complete checkpoint under <stage>/checkpoints/ (rejection sampling keeps them one
+    level down, in round-k/; its steps are numbered across rounds); None when there is none."""
+    ckpt = stage_dir / "checkpoints"
+    found = [*ckpt.glob(f"step-*/{COMPLETE_MARKER}"), *ckpt.glob(f"*/step-*/{COMPLETE_MARKER}")]
+    # A marker that is not a file does not count, as for the resume itself (`complete_checkpoints`).
+    steps = [step for p in found if p.is_file() and (step := _step(p.parent.name)) is not None]
+    return max(steps, default=None)
+
+
+def _step(name: str) -> int | None:
+    """N of a `step-N` folder name; None for step-abc, step- and the like, and for digits int() takes but a resume
+    does not (`step-²`). A folder name is at most 255 bytes, so int() is never asked for thousands of digits."""
+    digits = name[5:]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:

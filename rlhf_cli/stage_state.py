@@ -24,6 +24,7 @@ from typing import Any
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.provenance import changes, completion_id, damage, input_specs, record_inputs, stale_reasons, upstream
+from rlhf_cli.run_dir import resume_step
 
 INTENT_ENV = "RLHF_OVERWRITE_INTENT"
 RECORD_FILE = ".manifest-record.json"  # the replaced stage's manifest record, inside the folder set aside
@@ -40,8 +41,7 @@ def aside_dir(run: Any) -> Path:
 
 def has_saved_work(stage_dir: Path) -> bool:
     """Complete resume checkpoints under <stage>/checkpoints/ (one level down for rejection sampling's rounds)."""
-    ckpt = stage_dir / "checkpoints"
-    return any(ckpt.glob("step-*/COMPLETE")) or any(ckpt.glob("*/step-*/COMPLETE"))
+    return resume_step(stage_dir) is not None
 
 
 def decide(run: Any, run_cfg: Any, cfg: Any) -> bool:
@@ -68,7 +68,7 @@ def decide(run: Any, run_cfg: Any, cfg: Any) -> bool:
         run.notes.append(f"run.overwrite=true was applied when this command first ran ({record.get('started_at')}); "
                          "continuing that run")  # fmt: skip
     if run.provenance is not None and has_saved_work(run.stage_dir):
-        check_resume(run, record, spec.resume_needs_same_config)
+        check_resume(run, manifest, record, spec.resume_needs_same_config)
     return False
 
 
@@ -109,7 +109,7 @@ def already_complete(run: Any, manifest: dict, record: dict) -> str:
             "run.overwrite=true to train it again (replacing it), or choose another run.name")  # fmt: skip
 
 
-def check_resume(run: Any, record: dict, same_config: bool) -> None:
+def check_resume(run: Any, manifest: dict, record: dict, same_config: bool) -> None:
     """Saved resume checkpoints are used only when they were written from the same inputs (and config)."""
     recorded = record.get("provenance")
     if not isinstance(recorded, dict):  # written before provenance was recorded: nothing to compare
@@ -121,7 +121,7 @@ def check_resume(run: Any, record: dict, same_config: bool) -> None:
         if key not in now["inputs"]:
             reasons.append(f"{key} is no longer set")
         elif now["inputs"][key].get("fp") != entry.get("fp"):
-            reasons += changes({key: entry}, run.read_manifest(), run.root) or [f"{key} changed"]
+            reasons += changes({key: entry}, manifest, run.root) or [f"{key} changed"]
     if same_config and recorded.get("config") != now["config"]:
         reasons.append(f"the config changed (hash {recorded.get('config')} -> {now['config']}); run the command that "
                        "wrote them to resume")  # fmt: skip

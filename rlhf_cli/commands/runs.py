@@ -22,7 +22,7 @@ from typing import Any
 from rlhf_cli.commands.args import parse_key_values
 from rlhf_cli.errors import UserError
 from rlhf_cli.jsonsafe import load_json
-from rlhf_cli.run_dir import COMPLETE_MARKER, TIME_FORMAT, check_run_name
+from rlhf_cli.run_dir import TIME_FORMAT, check_run_name, resume_step
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
@@ -75,23 +75,6 @@ def in_use(run_dir: Path) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def resume_step(stage_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint under <stage>/checkpoints/ (rejection sampling keeps them one
-    level down, in round-k/; its steps are numbered across rounds)."""
-    ckpt = stage_dir / "checkpoints"
-    found = [*ckpt.glob(f"step-*/{COMPLETE_MARKER}"), *ckpt.glob(f"*/step-*/{COMPLETE_MARKER}")]
-    # A marker that is not a file does not count, as for the resume itself (run_dir.complete_checkpoints).
-    steps = [step for p in found if p.is_file() and (step := _step(p.parent.name)) is not None]
-    return max(steps, default=None)
-
-
-def _step(name: str) -> int | None:
-    """N of a `step-N` folder name; None for step-abc, step- and the like, and for digits int() takes but a resume
-    does not (`step-²`). A folder name is at most 255 bytes, so int() is never asked for thousands of digits."""
-    digits = name[5:]
-    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def key_metrics(stage: str, record: dict, stage_dir: Path) -> str:

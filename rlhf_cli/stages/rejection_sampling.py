@@ -68,18 +68,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     # 3. Where to start: the first round without round.json, with what it saved that still holds under this config
     #    (a changed threshold selects again, a changed N draws again), at its newest fine-tuning checkpoint; record the
     #    stage. `fresh`: nothing of round 1 is kept, so the starting policy is evaluated (again) and logged from step 0.
-    first, offset, history = finished_rounds(run.stage_dir, st.rounds)
-    kept = prepare_round(cfg, run, first, data, rm_stats, dist) if first <= st.rounds else None
-    fresh = first == 1 and not (kept and kept.drawn)
-    resume_step = newest_step(round_ckpt_dir(run, first)) or offset
-    started = run.begin(to_yaml(cfg), config_hash(cfg), {"policy": source, "reward": reward.describe(),
-                        "data": cfg.data.source}, resume_point(run, first, bool(kept and kept.drawn)))  # fmt: skip
-    estimate = offset + (st.rounds - first + 1) * steps_estimate(len(data.train), st, dist.world_size)
-    metrics = Metrics(run.metrics_path, estimate, cfg.logging, dist.is_main, resume_step,
-                      replay_from=0 if fresh else resume_step + 1)  # fmt: skip
-    for line in (started, data.report.summary(), describe(st, len(data.train), first, history), kept and kept.line):
-        if line:
-            metrics.message(line)
+    first, offset, fresh, metrics = start(cfg, run, source, data, reward, rm_stats, dist)
 
     # 4. The rounds: sample and select, fine-tune, evaluate, export.
     totals = {"tokens": 0.0, "target_tokens": 0.0, "train_seconds": 0.0}
@@ -114,6 +103,25 @@ def run(cfg: Any, run: Run) -> Path | None:
                       "data": data.report.to_dict()})  # fmt: skip
         end_round(cfg, run, files, r, steps, evals, engine, tokenizer, dist)
     return run.final_dir
+
+
+def start(cfg: Any, run: Run, source: str, data: Any, reward: Any, rm_stats: Any, dist: Any) -> tuple:
+    """(the first round to run, the steps before it, `fresh`, the stage's Metrics): what the unfinished round saved
+    is checked against this config (`prepare_round`), the stage recorded as running, the log opened."""
+    st = cfg.stage
+    first, offset, history = finished_rounds(run.stage_dir, st.rounds)
+    kept = prepare_round(cfg, run, first, data, rm_stats, dist) if first <= st.rounds else None
+    fresh = first == 1 and not (kept and kept.drawn)
+    resume_step = newest_step(round_ckpt_dir(run, first)) or offset
+    started = run.begin(to_yaml(cfg), config_hash(cfg), {"policy": source, "reward": reward.describe(),
+                        "data": cfg.data.source}, resume_point(run, first, bool(kept and kept.drawn)))  # fmt: skip
+    estimate = offset + (st.rounds - first + 1) * steps_estimate(len(data.train), st, dist.world_size)
+    metrics = Metrics(run.metrics_path, estimate, cfg.logging, dist.is_main, resume_step,
+                      replay_from=0 if fresh else resume_step + 1)  # fmt: skip
+    for line in (started, data.report.summary(), describe(st, len(data.train), first, history), kept and kept.line):
+        if line:
+            metrics.message(line)
+    return first, offset, fresh, metrics
 
 
 HEADLINE_SELECTION = ("candidate_score_mean", "selected_score_mean", "best_of_n_gain", "valid_prompt_fraction")
