@@ -118,51 +118,48 @@ def run_stage(stage: str, args: list[str]) -> int:
     from rlhf_cli.run_dir import open_run
 
     if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
-        # A completed stage, a stale input or a run in use is refused before torchrun starts any rank.
-        open_run(cfg.run, stage, cfg=cfg, check_only=True).release()
+        # A completed stage, a stale or missing input or a run in use is refused before torchrun starts any rank.
+        open_run(cfg.run, stage, cfg=cfg, check_only=True)
         return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
+    single = os.environ.get("WORLD_SIZE", "1") == "1"
+    if not single and os.environ.get("RANK") == "0":
+        # Under a launcher the ranks open the run directory once they have joined the group, after torch and
+        # DeepSpeed load (`train_stage`): rank 0 checks first, so a refusal comes at once there too.
+        open_run(cfg.run, stage, cfg=cfg, check_only=True)
     # A single process locks and checks the run directory before DeepSpeed and the models are imported, so a refusal
-    # is immediate. The ranks of a launched job open it together once they have joined the group (`train_stage`).
-    # Signals are handled from here on: a Ctrl-C while DeepSpeed imports must not be lost (see preempt).
+    # is immediate. Signals are handled from here on: a Ctrl-C while DeepSpeed imports must not be lost (see preempt).
     preempt.install()
-    run = open_run(cfg.run, stage, cfg=cfg) if os.environ.get("WORLD_SIZE", "1") == "1" else None
-    try:
-        return train_stage(stage, cfg, run)
-    finally:
-        if run is not None:
-            run.release()
+    return train_stage(stage, cfg, open_run(cfg.run, stage, cfg=cfg) if single else None)
 
 
 def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     """Join the process group, open the run directory (unless this single process has: `run`), run the stage."""
-    from rlhf_cli import engine
     from rlhf_cli.config.compose import config_hash
-    from rlhf_cli.run_dir import now, open_run
-    from rlhf_cli.stage_state import restore_overwritten
+    from rlhf_cli.run_dir import open_run
 
-    dist = engine.init_distributed()
-    if not engine.same_on_all_ranks(config_hash(cfg)):
-        raise UserError("the ranks composed different configs; start every rank with the same command and configs/")
-    if run is None:
-        run = open_run(cfg.run, stage, is_main=dist.is_main, cfg=cfg)
-        engine.barrier()  # every rank has checked the manifest before rank 0 may change it
-    if not dist.is_main:
-        launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
     try:
+        from rlhf_cli import engine  # torch and DeepSpeed; in here, so a stop while they load goes to record_stop
+
+        dist = engine.init_distributed()
+        if not engine.same_on_all_ranks(config_hash(cfg)):
+            raise UserError("the ranks composed different configs; start every rank with the same command and "
+                            "configs/")  # fmt: skip
+        if run is None:
+            run = open_run(cfg.run, stage, is_main=dist.is_main, cfg=cfg)
+            engine.barrier()  # every rank has checked the manifest before rank 0 may change it
+        if not dist.is_main:
+            launch.redirect_rank_output(run.stage_dir / "logs", dist.rank)
         out = importlib.import_module(STAGES[stage].module).run(cfg, run)
     except BaseException as exc:
-        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
-        if run.is_main and restore_overwritten(run):  # stopped before it began: the replaced output comes back
-            err_console.print(f"run.overwrite=true: {stage} stopped before it started; the previous {stage} is back "
-                              f"in {run.stage_dir}")  # fmt: skip
-        else:
-            run.update_stage(status=status, error=reason, ended_at=now())
-        # Preempted: every rank got here at the same step, so they can leave together.
-        engine.shutdown(together=isinstance(exc, preempt.Preempted))
+        if run is not None:
+            record_stop(run, stage, exc)
+        loaded = sys.modules.get("rlhf_cli.engine")  # None when importing it failed
+        if loaded is not None:  # Preempted: every rank got here at the same step, so they can leave together
+            loaded.shutdown(together=isinstance(exc, preempt.Preempted))
         raise
     finally:
-        run.release()
+        if run is not None:
+            run.release()
     engine.shutdown()
     if dist.is_main:
         if out is None:
@@ -174,6 +171,25 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
             wall = time.monotonic() - STARTED
             print_summary(err_console, run, run_args, terminal=err_console.is_terminal, wall_seconds=wall)
     return 0
+
+
+def record_stop(run: Run, stage: str, exc: BaseException) -> None:
+    """What a stage that stopped on `exc` leaves in its run directory (rank 0 writes). Refused before it began (a
+    UserError before `Run.begin`): nothing, the run directory stays as it was found (a run directory made for it
+    goes again, and `rlhf runs` does not list it). Otherwise its record says how it ended, unless it replaced an
+    output under run.overwrite and stopped before it began: the replaced output comes back."""
+    from rlhf_cli.run_dir import now
+    from rlhf_cli.stage_state import restore_overwritten
+
+    if run.is_main and restore_overwritten(run):
+        err_console.print(f"run.overwrite=true: {stage} stopped before it started; the previous {stage} is back in "
+                          f"{run.stage_dir}")  # fmt: skip
+    elif isinstance(exc, UserError) and not run.began:
+        run.discard()
+    else:
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        status = {KeyboardInterrupt: "interrupted", preempt.Preempted: "preempted"}.get(type(exc), "failed")
+        run.update_stage(status=status, error=reason, ended_at=now())
 
 
 def dispatch(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,14 +35,23 @@ class Panel:
     # The x axis: "step", or a metric (see `against`): the evaluation rewards against the rollouts' KL to the
     # reference, the reward over-optimisation curve of Gao et al. 2022.
     x: str = "step"
+    # Keys drawn against a y axis of their own on the right: a gold accuracy (0-1) next to a reward model's score
+    # (0-10) on one axis looks flat, and so does the gap between them that over-optimisation opens.
+    right: tuple[str, ...] = ()
+    ylabels: tuple[str, str] = ("", "")  # of the left and the right axis
+
+    @property
+    def all_keys(self) -> tuple[str, ...]:
+        return self.keys + self.right
 
 
 _LOSS = Panel("loss", ("loss", "eval_loss"))
 _LR = Panel("learning rate", ("lr",))
+_GOLD, _GOLD_LABELS = ("eval_gold",), ("reward score", "gold")
 # The online stages: the proxy reward (reward model or function) next to the gold metric when the task has one.
-_REWARD = Panel("reward (score) and gold", ("score_mean", "eval_score", "eval_gold"))
+_REWARD = Panel("reward (score) and gold", ("score_mean", "eval_score"), right=_GOLD, ylabels=_GOLD_LABELS)
 _KL = Panel("KL to the reference", ("kl",))
-_GOLD_VS_KL = Panel("proxy and gold reward vs KL", ("eval_score", "eval_gold"), x="kl")
+_GOLD_VS_KL = Panel("proxy and gold reward vs KL", ("eval_score",), x="kl", right=_GOLD, ylabels=_GOLD_LABELS)
 _LENGTH = Panel("response length", ("response_length", "eval_response_length"))
 _CRITIC_FREE = (_REWARD, _KL, _GOLD_VS_KL, Panel("groups with zero reward variance", ("zero_variance_groups",)),
                 Panel("policy loss", ("policy_loss",)), Panel("entropy", ("entropy",)), _LENGTH)  # fmt: skip
@@ -73,7 +83,7 @@ PANELS: dict[str, tuple[Panel, ...]] = {
     # Selection rows sit at the step where their round's fine-tuning starts, evaluations where it ends.
     "rejection_sampling": (
         Panel("best-of-N selection", ("candidate_score_mean", "selected_score_mean")),
-        Panel("held-out score and gold", ("eval_score", "eval_gold")),
+        Panel("held-out score and gold", ("eval_score",), right=_GOLD, ylabels=_GOLD_LABELS),
         Panel("fine-tuning loss", ("loss",)),
         Panel("held-out response length", ("eval_response_length",)),
     ),
@@ -145,47 +155,93 @@ def against(rows: list[dict], key: str, x: str) -> tuple[list[float], list[float
     return xs, ys
 
 
-def _lines(panel: Panel, rows: list[dict]) -> list[tuple[str, list[float], list[float]]]:
-    """(label, x, y) of each key of `panel` that has points in `rows`."""
+Line = tuple[str, list[float], list[float]]  # (label, x, y)
+
+
+def _lines(panel: Panel, rows: list[dict], keys: tuple[str, ...] | None = None) -> list[Line]:
+    """(label, x, y) of each key of `panel` (or of `keys`) that has points in `rows`."""
     out = []
-    for key in panel.keys:
+    for key in panel.keys if keys is None else keys:
         xs, ys = series(rows, key) if panel.x == "step" else against(rows, key, panel.x)
         if any(math.isfinite(y) for y in ys):
             out.append((key, xs, ys))
     return out
 
 
+def _varies(line: Line) -> bool:
+    return len({y for y in line[2] if math.isfinite(y)}) > 1
+
+
+def panels_to_draw(stage: str, rows: list[dict]) -> tuple[list[tuple[Panel, list[Line], list[Line]]], list[str]]:
+    """([(panel, its left-axis lines, its right-axis lines)], `key value` of each line left out). A panel none of whose
+    lines changes (a fixed KL coefficient, the one round of a one-round rejection sampling) shows nothing a number
+    would not: it is left out and its value goes under the figure's title. When no panel changes (a one-step run),
+    every panel with data is drawn."""
+    found = []
+    for p in PANELS[stage]:
+        left, right = _lines(p, rows), _lines(p, rows, p.right)
+        if left or right:
+            found.append((p, left, right) if left else (p, right, []))  # gold alone: on the first axis
+    drawn = [f for f in found if any(_varies(line) for line in f[1] + f[2])] or found
+    left_out = [f"{label} {_last(ys):.4g}" for f in found if f not in drawn for label, _, ys in f[1] + f[2]]
+    return drawn, left_out
+
+
+def _last(ys: list[float]) -> float:
+    return [y for y in ys if math.isfinite(y)][-1]
+
+
 def draw(stage: str, rows: list[dict], title: str) -> Any:
-    """A matplotlib Figure with one axes per panel of `stage` that has data (the axes' titles are the panels')."""
+    """A matplotlib Figure with one axes per panel of `stage` that has data and changes (`panels_to_draw`; the axes'
+    titles are the panels'), and a second y axis on the right of a panel for the keys it puts there."""
     from matplotlib.figure import Figure
 
-    panels = [(p, lines) for p in PANELS[stage] if (lines := _lines(p, rows))]
+    panels, left_out = panels_to_draw(stage, rows)
     if not panels:
-        keys = sorted({k for p in PANELS[stage] for k in p.keys})
+        keys = sorted({k for p in PANELS[stage] for k in p.all_keys})
         raise UserError(f"nothing to plot for {stage}: its metrics.jsonl has none of {', '.join(keys)}")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    width, height = 4.6 * cols, 3.3 * nrows + 0.4
+    note = textwrap.wrap("one value throughout, not drawn: " + ", ".join(left_out), 70 * cols) if left_out else []
+    top = 0.65 + 0.16 * len(note)  # inches above the first row: the title, then the note's lines
+    width, height = 4.6 * cols, 3.3 * nrows + top - 0.25
     fig = Figure(figsize=(width, height))
     # Fixed margins in inches rather than a layout engine: constrained or tight layout measures every label in an
-    # extra drawing pass, which doubles the time of the save, paid by every completed stage.
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.65 / height,
-                        wspace=0.32, hspace=0.42)  # fmt: skip
-    fig.suptitle(title)
+    # extra drawing pass, which doubles the time of the save, paid by every completed stage. The right margin holds
+    # a second y axis's numbers.
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.6 / width, bottom=0.5 / height, top=1 - top / height,
+                        wspace=0.42, hspace=0.42)  # fmt: skip
+    fig.suptitle(title, y=1 - 0.1 / height, va="top")
+    if note:
+        fig.text(0.5, 1 - 0.4 / height, "\n".join(note), ha="center", va="top", fontsize=8, color="0.35")
     axes = list(fig.subplots(nrows, cols, squeeze=False).flat)
-    for ax, (panel, lines) in zip(axes, panels, strict=False):
-        for label, xs, ys in lines:
-            few = len(xs) <= MARKERS_UP_TO
-            # Against a metric the points are a path in step order that may turn back: markers on a thin line.
-            style = {"linewidth": 1.2} if panel.x == "step" else {"linewidth": 0.6, "linestyle": ":"}
-            ax.plot(xs, ys, label=label, marker="o" if few or panel.x != "step" else None, markersize=3, **style)
-        ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel(panel.x if panel.x == "step" else f"{panel.x} of the rollout after each evaluation")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for ax, (panel, left, right) in zip(axes, panels, strict=False):
+        _draw_panel(ax, panel, left, right)
     for ax in axes[len(panels) :]:  # the empty cells of the last row
         fig.delaxes(ax)
     return fig
+
+
+def _draw_panel(ax: Any, panel: Panel, left: list[Line], right: list[Line]) -> None:
+    """The lines of one panel; `right` on a twin y axis. Colours run on over both axes (a twin axis would start its
+    own cycle and draw the gold in the score's colour), and one legend names the lines of both."""
+    twin = ax.twinx() if right else None
+    handles = []
+    for i, (label, xs, ys) in enumerate(left + right):
+        target = ax if i < len(left) else twin
+        few = len(xs) <= MARKERS_UP_TO
+        # Against a metric the points are a path in step order that may turn back: markers on a thin line.
+        style = {"linewidth": 1.2} if panel.x == "step" else {"linewidth": 0.6, "linestyle": ":"}
+        label = label if target is ax else f"{label} (right axis)"
+        handles += target.plot(xs, ys, label=label, color=f"C{i}", marker="o" if few or panel.x != "step" else None,
+                               markersize=3, **style)  # fmt: skip
+    if twin is not None:
+        ax.set_ylabel(panel.ylabels[0], fontsize=9)
+        twin.set_ylabel(panel.ylabels[1], fontsize=9, color=f"C{len(left)}")
+    ax.set_title(panel.title, fontsize=10)
+    ax.set_xlabel(panel.x if panel.x == "step" else f"{panel.x} of the rollout after each evaluation")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8)
 
 
 def plot_stage(stage_dir: Path, stage: str | None = None) -> Plotted:
@@ -208,7 +264,8 @@ def plot_stage(stage_dir: Path, stage: str | None = None) -> Plotted:
     except UserError as err:
         why = f" ({skipped} of its {lines} lines are not rows)" if skipped else ""
         raise UserError(f"{err}{why}") from None
-    return Plotted(save_png(fig, stage_dir / PLOT_FILE), [ax.get_title() for ax in fig.axes], skipped, lines)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]  # a panel's twin y axis has none
+    return Plotted(save_png(fig, stage_dir / PLOT_FILE), titles, skipped, lines)
 
 
 def _drawable(text: str) -> str:

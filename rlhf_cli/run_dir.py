@@ -121,6 +121,11 @@ class Run:
     provenance: dict | None = None
     overwrite_intent: str | None = None  # under run.overwrite: this command's intent (stage_state.overwrite_intent)
     notes: list[str] = field(default_factory=list)  # lines for the stage's log, from `open_run`
+    began: bool = False  # `begin` has recorded the stage as running: from then on a stop is recorded, not undone
+    # What this command made, so a refusal can leave the run directory as it found it (`discard`): the run directory
+    # and the folders above it that `open_run` created (innermost first), and whether the stage folder was there.
+    made: list[Path] = field(default_factory=list)
+    stage_was_there: bool = True
 
     @property
     def stage_dir(self) -> Path:
@@ -180,6 +185,7 @@ class Run:
         """Record the stage as running: its resolved config.yaml and the manifest entry (rank 0).
         Returns a line for the log: where it starts, with the notes of `open_run`. (A resume under another config is
         refused when the run is opened, stage_state.check_resume; rejection sampling checks its rounds itself.)"""
+        self.began = True
         if self.is_main:
             atomic_write_text(self.stage_dir / "config.yaml", config_yaml)
             intent = {"overwrite_intent": self.overwrite_intent} if self.overwrite_intent else {}
@@ -228,10 +234,59 @@ class Run:
             self._lock.close()
             self._lock = None
 
+    def discard(self) -> None:
+        """Leave the run directory as this command found it, then release it: the stage was refused before it began
+        (rank 0). What this command made goes (the run directory and the folders above it when it made them, else
+        the stage folder when it was not there: rank logs, a round's files); nothing that was there before."""
+        if self.is_main and not self.began:
+            made = list(self.made)
+            if made[:1] == [self.root]:  # all in it is this command's (it held the lock since it made it)
+                # Its lock file goes while still held: a process that opened it sees it gone (`_take_lock`).
+                shutil.rmtree(made.pop(0), ignore_errors=True)
+            elif not self.stage_was_there:
+                shutil.rmtree(self.stage_dir, ignore_errors=True)
+            for folder in made:  # the folders made above it, innermost first; one that another run uses stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        self.release()
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Make `path` and the missing folders above it; the ones this call made, innermost first ([]: it was there)."""
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by another command: not ours to remove
+            continue
+        made.append(folder)
+    return made[::-1]
+
+
+def _lock_run_dir(root: Path) -> tuple[list[Path], Any]:
+    """Make the run directory where needed and lock it: (the folders made, innermost first; the lock)."""
+    for _ in range(10):
+        made = _make_dirs(root)
+        lock = _take_lock(root)
+        if lock is not None:
+            return made, lock
+    raise UserError(f"run directory {root} keeps being removed while this command opens it; try again")
+
 
 def _take_lock(root: Path) -> Any:
-    """An exclusive advisory lock held for the life of the process, so two runs never share a folder."""
-    fh = open(root / ".lock", "a+")
+    """An exclusive advisory lock held for the life of the process, so two runs never share a folder. None when the
+    lock file was removed or replaced meanwhile (a refused command removing the run directory it had made): the
+    caller makes the folder again and retries, so two commands never hold locks on different files."""
+    try:
+        fh = open(root / ".lock", "a+")
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -241,11 +296,21 @@ def _take_lock(root: Path) -> Any:
         raise UserError(
             f"run directory {root} is in use by {holder}; wait for it to finish or pick another run.name"
         ) from None
+    if not _same_file(fh, root / ".lock"):
+        fh.close()
+        return None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {os.uname().nodename}")
     fh.flush()
     return fh
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def check_run_name(name: str, what: str = "config key `run.name`") -> None:
@@ -259,10 +324,12 @@ def check_run_name(name: str, what: str = "config key `run.name`") -> None:
 
 def open_run(run_cfg: Any, stage: str, is_main: bool = True, cfg: Any = None, check_only: bool = False) -> Run:
     """Open `<root>/<name>/` for `stage`: lock it (rank 0), check what the stage would read and what it would
-    resume or replace (`stage_state.decide`: with the composed `cfg`, provenance and staleness too), and under
-    `run.overwrite` move the old stage folder aside until the new run has started (`begin`). Every rank calls it;
-    ranks then meet at a barrier before reading `latest_checkpoint()`, so they agree on where to resume. Only rank 0
-    checks and writes. `check_only`: the checks alone, nothing moved (before torchrun starts the ranks)."""
+    resume or replace (`stage_state.decide`: with the composed `cfg`, provenance, staleness and the data files and
+    model folders it names too), and under `run.overwrite` move the old stage folder aside until the new run has
+    started (`begin`). Every rank calls it; ranks then meet at a barrier before reading `latest_checkpoint()`, so
+    they agree on where to resume. Only rank 0 checks and writes. A refusal leaves the run directory as it was (a
+    run directory made for it is removed again). `check_only`: the checks alone, nothing moved and nothing left
+    behind (before torchrun starts the ranks)."""
     from rlhf_cli.stage_state import decide, restore_overwritten, set_aside
 
     check_run_name(run_cfg.name)  # again here, before anything is created or deleted: callers may skip compose()
@@ -270,18 +337,20 @@ def open_run(run_cfg: Any, stage: str, is_main: bool = True, cfg: Any = None, ch
     run = Run(root=root, stage=stage, is_main=is_main)
     if not is_main:
         return run
-    root.mkdir(parents=True, exist_ok=True)
-    run._lock = _take_lock(root)
+    run.made, run._lock = _lock_run_dir(root)
     try:
         restore_overwritten(run)  # a process that died before its overwrite began: the old output comes back
+        run.stage_was_there = os.path.lexists(run.stage_dir)
         fresh = decide(run, run_cfg, cfg)
         if fresh and not check_only:
             set_aside(run)
         if not check_only:
             run.stage_dir.mkdir(parents=True, exist_ok=True)
     except BaseException:
-        run.release()
+        run.discard()
         raise
+    if check_only:
+        run.discard()
     return run
 
 

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.provenance import changes, completion_id, damage, input_specs, record_inputs, stale_reasons, upstream
+from rlhf_cli.provenance import (
+    STAGE_PREFIX,
+    changes,
+    completion_id,
+    damage,
+    input_specs,
+    record_inputs,
+    stale_reasons,
+    upstream,
+)
 from rlhf_cli.run_dir import resume_step
 
 INTENT_ENV = "RLHF_OVERWRITE_INTENT"
@@ -78,6 +87,7 @@ def current_provenance(run: Any, manifest: dict, cfg: Any, spec: Any, allow_stal
     from rlhf_cli.config.compose import config_hash
 
     specs = input_specs(cfg, spec.inputs, manifest)
+    check_sources(specs)
     for key, name in upstream(specs).items():
         if completion_id(manifest, name, run.root) is None:
             if any(key == k or key.startswith(k + "[") for k in spec.optional_inputs):
@@ -90,6 +100,32 @@ def current_provenance(run: Any, manifest: dict, cfg: Any, spec: Any, allow_stal
         if reasons:
             run.notes.append(f"using {name} although it is stale ({'; '.join(reasons)}): run.allow_stale_inputs=true")
     return {"config": config_hash(cfg, location=False), "inputs": record_inputs(specs, manifest, run.root)}
+
+
+def check_sources(specs: dict[str, str]) -> None:
+    """A data file or model folder the stage names that is not there is refused now, before any library loads and
+    before anything is written, with the loader's own message (data/sources.py `load_rows`, models/source.py
+    `resolve_source`, which raise it at once for such a name). Hub ids are left to the loaders."""
+    from rlhf_cli.data.sources import load_rows
+    from rlhf_cli.models.source import MODEL_MARKER, TOKENIZER_MARKERS, is_builtin, resolve_source
+
+    for key, value in specs.items():
+        if key == "data.source" and _missing_data(value):
+            load_rows(value)  # raises the DataError that names the file and what to do
+        elif key in ("model.name_or_path", "model.tokenizer") and not value.startswith(STAGE_PREFIX):
+            if not is_builtin(value):  # an unknown builtin raises its UserError
+                resolve_source(value, TOKENIZER_MARKERS if key == "model.tokenizer" else MODEL_MARKER)
+
+
+def _missing_data(source: str) -> bool:
+    """`load_rows` refuses it before reading anything: an unknown builtin, or a local path (by its suffix or its
+    start, as the loader tells one from a hub id) with nothing there."""
+    from rlhf_cli.data.sources import LOCAL_SUFFIXES, builtin_file
+
+    if source.startswith("builtin:"):
+        return builtin_file(source[len("builtin:") :]) is None
+    local = source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~"))
+    return local and not Path(source).expanduser().exists()
 
 
 def stale_input(run: Any, key: str, name: str, reasons: list[str]) -> str:
@@ -105,8 +141,9 @@ def already_complete(run: Any, manifest: dict, record: dict) -> str:
     if run.provenance and prov.get("config") and prov["config"] != run.provenance["config"]:
         reasons.append(f"the config changed (hash {prov['config']} -> {run.provenance['config']})")
     stale = f"; it is stale: {'; '.join(reasons)}" if reasons else ""
-    return (f"stage `{run.stage}` of run `{run.root.name}` is already complete ({run.final_dir}){stale}; add "
-            "run.overwrite=true to train it again (replacing it), or choose another run.name")  # fmt: skip
+    from rlhf_cli.stages import completed_refusal
+
+    return completed_refusal(run.stage, run.root, stale)
 
 
 def check_resume(run: Any, manifest: dict, record: dict, same_config: bool) -> None:

@@ -9,9 +9,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from rlhf_cli.config.schema import RunConfig
 from rlhf_cli.errors import UserError
 
 T = TypeVar("T")
+# The run a tool reads when none is named: the stages' own default (`rlhf sft` writes runs/demo/), so that
+# `rlhf sft` then `rlhf generate prompt=...` meet in one run.
+DEFAULT_RUN = RunConfig.name
 
 
 def parse_key_values(args: list[str], schema: type[T], example: str) -> T:
@@ -20,6 +24,8 @@ def parse_key_values(args: list[str], schema: type[T], example: str) -> T:
     A value's type is that of the field's default (int or float, else str; a None default means str).
     Unknown keys get the closest known one; `example` (e.g. `prompt="Hello"`) shows the expected form.
     The fields `run` and `root` are spelled `run.name` and `run.root` as in the stages; both spellings work.
+    A tool that reads a run or a `model=` (both fields) reads `model=` alone when it is given: the run's default
+    (DEFAULT_RUN) then does not apply, and naming both is an error.
     """
     from rlhf_cli.config.compose import RUN_ALIASES
 
@@ -35,6 +41,10 @@ def parse_key_values(args: list[str], schema: type[T], example: str) -> T:
             hint = f"; did you mean `{close[0]}`?" if close else ""
             raise UserError(f"unknown argument `{key}`{hint} (arguments: {', '.join(spelled)})")
         values[known[key].name] = _convert(key, value, known[key].default)
+    if "model" in values and "run" in {f.name for f in fields(schema)}:
+        if "run" in values:
+            raise UserError("give one of run.name=<name> or model=<path or hub id>, not both")
+        values["run"] = None
     return schema(**values)
 
 

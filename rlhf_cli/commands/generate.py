@@ -1,10 +1,10 @@
-"""`rlhf generate prompt="..." [run.name=<run> [stage=<stage>] | model=<folder or hub id>] [key=value ...]`: chat
+"""`rlhf generate prompt="..." [run.name=demo [stage=<stage>] | model=<folder or hub id>] [key=value ...]`: chat
 with a policy of a run, or with any causal language model.
 
-With run.name= the policy is the newest completed policy stage of the run (sft, dpo, ppo, or any other stage whose
-final/ is a causal language model, as the architectures in its config.json say), and a line on stderr names it;
-stage= picks another. model= takes a Hugging Face folder or hub id instead. A reward model (a sequence classifier)
-is refused before any weight is loaded: `rlhf score` scores text with it.
+The run is run.name= (default `demo`, as in the stages); its policy is the newest completed policy stage of the run
+(sft, dpo, ppo, or any other stage whose final/ is a causal language model, as the architectures in its config.json
+say), and a line on stderr names it; stage= picks another. model= takes a Hugging Face folder or hub id instead. A
+reward model (a sequence classifier) is refused before any weight is loaded: `rlhf score` scores text with it.
 
 The prompt goes through the tokenizer's chat template as one user turn; decoding is greedy unless temperature > 0.
 """
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.commands.args import model_kind, parse_key_values, resolve_checkpoint
+from rlhf_cli.commands.args import DEFAULT_RUN, model_kind, parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
 
 
@@ -25,8 +25,8 @@ from rlhf_cli.errors import UserError
 class GenerateArgs:
     # The user message.
     prompt: str = ""
-    # The run whose policy answers: the folder <run.root>/<run.name>/.
-    run: str | None = None
+    # The run whose policy answers: the folder <run.root>/<run.name>/ (the stages' default run unless model= is given).
+    run: str | None = DEFAULT_RUN
     # The folder that holds the runs.
     root: str = "runs"
     # The stage whose final/ answers; unset: the run's newest completed policy stage.
@@ -48,7 +48,8 @@ ARGS = GenerateArgs  # for `rlhf generate --help`
 def parse_args(args: list[str]) -> GenerateArgs:
     out = parse_key_values(args, GenerateArgs, 'prompt="Hello"')
     if not out.prompt:
-        raise UserError('give a prompt: rlhf generate run.name=<name> prompt="..."')
+        raise UserError('give a prompt: rlhf generate prompt="..." (run.name=demo unless run.name= or model= names '
+                        "another)")
     return out
 
 

@@ -208,13 +208,16 @@ def _wrap_choices(group: str, choices: list[str]) -> list[str]:
 
 def group_choices(stage: str, cfg_dir: Path) -> dict[str, list[str]]:
     """Config group -> its files under configs/ that validate for `stage` (the default marked with *), in the order
-    of config.yaml's defaults list; `+experiment` last. The stage group itself is the verb, so it is left out."""
+    of config.yaml's defaults list; `+experiment` last. The stage group itself is the verb, so it is left out, and so
+    are the folders that are no group of a stage (pipeline/: `rlhf pipeline`'s stage lists)."""
+    from rlhf_cli.config.compose import NOT_GROUPS
+
     defaults = default_choices(cfg_dir, stage)
     # A file that another stage picks by default holds that stage's rows (sample_preferences validates for sft as
     # jsonl, but its rows are pairs): it is that stage's, not this one's.
     others = [default_choices(cfg_dir, p.stem) for p in (cfg_dir / "stage").glob("*.yaml") if p.stem != stage]
     groups = [g for g in defaults if g != "stage"]
-    groups += sorted(p.name for p in cfg_dir.iterdir() if p.is_dir() and p.name not in defaults)
+    groups += sorted(p.name for p in cfg_dir.iterdir() if p.is_dir() and p.name not in (*defaults, *NOT_GROUPS))
     out = {}
     for group in groups:
         default = defaults.get(group)

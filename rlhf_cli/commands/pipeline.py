@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,23 @@ def record_attempt(run_dir: Path, args: list[str], attempt: str, finished: bool)
     run.write_manifest(manifest)
 
 
+def forget_if_nothing_ran(run_dir: Path, created: Path | None) -> None:
+    """A pipeline whose first stage was refused before it began leaves no run behind (as a refused stage does): when
+    this command made the run directory (`created`: the outermost folder it made, run.root included) and no stage
+    recorded anything in it, that folder goes."""
+    from rlhf_cli.jsonsafe import load_json
+
+    if not created:
+        return
+    try:
+        manifest = load_json(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        return
+    stages = manifest.get("stages") if isinstance(manifest, dict) else True
+    if not stages and not [p for p in run_dir.iterdir() if p.name not in ("manifest.json", ".lock")]:
+        shutil.rmtree(created, ignore_errors=True)
+
+
 def main(args: list[str]) -> int:
     from rlhf_cli import launch
     from rlhf_cli.metrics import console
@@ -298,6 +316,7 @@ def main(args: list[str]) -> int:
     run_dir = _run_dir(pipeline, common, per_stage)
     attempt = attempt_id(run_dir, args)
     steps = plan_steps(pipeline, common, per_stage, attempt)
+    created = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
     record_attempt(run_dir, args, attempt, finished=False)
     os.environ[INTENT_ENV] = attempt  # the stages it starts record it with an overwrite they apply
     console.print(f"pipeline {pipeline.name}: " + " -> ".join(
@@ -309,6 +328,7 @@ def main(args: list[str]) -> int:
         console.print(f"\n== rlhf {step.stage} ({step.why})", markup=False, highlight=False)
         rc = launch.wait_forwarding([sys.executable, "-m", "rlhf_cli", step.stage, *step.args])
         if rc != 0:
+            forget_if_nothing_ran(run_dir, created)
             console.print(f"pipeline {pipeline.name} stopped at {step.stage} (exit code {rc}); run the same command "
                           "again to continue from there", markup=False, highlight=False)  # fmt: skip
             return rc

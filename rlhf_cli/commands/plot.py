@@ -1,4 +1,4 @@
-"""`rlhf plot run.name=<run> [stage=<stage>] [run.root=runs]`: draw the training curves of a run's stages again, each
+"""`rlhf plot [run.name=demo] [stage=<stage>] [run.root=runs]`: draw the training curves of a run's stages again, each
 as <run>/<stage>/metrics.png, from its metrics.jsonl.
 
 Every stage folder of the run that has metrics is drawn (a running or interrupted stage too: its curves so far), or
@@ -6,7 +6,9 @@ the one that stage= names. A stage writes the same PNG when it completes; this r
 (sft); loss, accuracy, margin, rewards (rm); loss, margin, accuracy, implicit rewards, chosen / rejected log-probs
 (dpo); score and gold, KL, KL coefficient, proxy and gold reward against KL, losses (ppo; grpo, rloo and
 reinforce_pp without a critic); best-of-N selection, held-out score, fine-tuning loss (rejection_sampling). A metric
-the run did not log is left out.
+the run did not log is left out; the gold metric has a y axis of its own, next to the reward's; a panel whose every
+line holds one value (a fixed KL coefficient, one rejection-sampling round) is left out and the value named under the
+title.
 
 A damaged run is drawn as far as it can be: a stage that cannot be drawn (its metrics.jsonl unreadable or without a
 row, its PNG not writable) is named on stderr with the reason and the others are drawn, and so are the lines of a
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_cli.commands.args import parse_key_values
+from rlhf_cli.commands.args import DEFAULT_RUN, parse_key_values
 from rlhf_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,8 +33,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PlotArgs:
-    # The run whose stages are drawn: the folder <run.root>/<run.name>/.
-    run: str | None = None
+    # The run whose stages are drawn: the folder <run.root>/<run.name>/ (the stages' default run).
+    run: str = DEFAULT_RUN
     # The folder that holds the runs.
     root: str = "runs"
     # One stage of the run; unset: every stage that has metrics.
@@ -81,8 +83,6 @@ def main(args: list[str]) -> int:
     from rlhf_cli.run_dir import check_run_name
 
     a = parse_key_values(args, PlotArgs, "run.name=demo")
-    if a.run is None:
-        raise UserError("give the run: rlhf plot run.name=<name>, stage=<stage> for one stage (`rlhf runs` lists them)")
     check_run_name(a.run, "argument `run.name`")
     run_dir = Path(a.root) / a.run
     if not run_dir.is_dir():

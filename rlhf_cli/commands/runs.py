@@ -1,5 +1,7 @@
-"""`rlhf runs [run.root=runs]`: the runs under the runs root, one table: each run's stages with their status, key
-metrics (first -> last), start and end times, and the command that resumes a stage that stopped.
+"""`rlhf runs [run.name=<run>] [run.root=runs]`: the runs under the runs root, one table: each run's stages with their
+status, key metrics (first -> last; an evaluation's: each policy's gold, else win rate, else reward), start and end
+times, and the command that resumes a stage that stopped. With run.name= that run alone, then its held-out evaluation
+table again (eval/eval.json, as `rlhf eval` printed it; nothing is computed).
 
 Status: completed; running (a live process holds the run directory's lock); interrupted (Ctrl-C, a signal or
 preemption, or recorded as running by a process that is gone: a kill); failed (with its error). A stage that is not
@@ -26,12 +28,18 @@ from rlhf_cli.run_dir import TIME_FORMAT, check_run_name, resume_step
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
+EVAL = "eval"  # the stage whose result is a table of numbers per policy (stages/eval.py)
+# The evaluation's number `rlhf runs` shows per policy: the first it measured of the gold metric (the judge no stage
+# optimised against), the win rate against the reference, the reward.
+EVAL_HEADLINE = (("gold_mean", "gold"), ("win_rate", "win rate"), ("reward_mean", "reward"))
 STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "incomplete": "red",
                 "unreadable": "red"}  # fmt: skip
 
 
 @dataclass
 class RunsArgs:
+    # One run: its stages, then its held-out evaluation table again (eval/eval.json); unset: every run.
+    run: str | None = None
     # The folder that holds the runs.
     root: str = "runs"
 
@@ -77,12 +85,15 @@ def in_use(run_dir: Path) -> bool:
     return False
 
 
-def key_metrics(stage: str, record: dict, stage_dir: Path) -> str:
+def key_metrics(stage: str, record: dict, stage_dir: Path, order: list[str] | None = None) -> str:
     """`key first -> last, ...`: the end-of-stage summary's headline (summary.py) for a completed stage, the same
-    keys read from metrics.jsonl so far for one that is not; the pipeline summary's choice of keys."""
+    keys read from metrics.jsonl so far for one that is not; the pipeline summary's choice of keys. The evaluation's
+    numbers per policy (`eval_headline`), its policies in `order` (the stages in the order they ran)."""
     from rlhf_cli.commands.pipeline import KEY_METRICS
     from rlhf_cli.summary import HEADLINE, as_table, first_and_last, span
 
+    if stage == EVAL:  # one number per policy, not a curve: its summary has no headline
+        return eval_headline(record, order or [])
     headline = as_table(record.get("summary")).get("headline")
     if not isinstance(headline, dict):
         try:
@@ -91,6 +102,21 @@ def key_metrics(stage: str, record: dict, stage_dir: Path) -> str:
             return f"metrics.jsonl unreadable ({reason(err)})"
     keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
     return ", ".join(f"{k} {span(headline[k])}" for k in keys)
+
+
+def eval_headline(record: dict, order: list[str]) -> str:
+    """`gold sft 0.533, ppo 0.667, ...`: one `EVAL_HEADLINE` number per evaluated policy, from the manifest's
+    `<policy>/<quantity>` metrics, the policies in `order` (the reference left out: sft's row says the same)."""
+    from rlhf_cli.summary import as_table, finite
+
+    metrics = as_table(record.get("metrics"))
+    for key, title in EVAL_HEADLINE:
+        values = {name.rpartition("/")[0]: v for name, v in metrics.items() if name.endswith("/" + key) and finite(v)}
+        values = {name: v for name, v in values.items() if name != "reference"} or values
+        if values:
+            names = sorted(values, key=lambda n: (order.index(n) if n in order else len(order), n))
+            return f"{title} " + ", ".join(f"{name} {values[name]:.3g}" for name in names)
+    return ""
 
 
 def stage_row(run_dir: Path, stage: str, record: dict, locked: bool, manifest: dict | None = None) -> StageRow:
@@ -103,7 +129,8 @@ def stage_row(run_dir: Path, stage: str, record: dict, locked: bool, manifest: d
     if status == "completed" and manifest is not None:
         status = completed_status(run_dir, stage, record, manifest)
     stage_dir = run_dir / stage
-    notes = [key_metrics(stage, record, stage_dir), "" if stage_dir.is_dir() else f"no folder {stage}/"]
+    order = ran_order(manifest["stages"]) if manifest is not None else []
+    notes = [key_metrics(stage, record, stage_dir, order), "" if stage_dir.is_dir() else f"no folder {stage}/"]
     if status == "failed" and record.get("error"):
         error = " ".join(str(record["error"]).split())
         notes.append("error: " + (error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."))
@@ -232,21 +259,49 @@ def main(args: list[str]) -> int:
     console = Console(highlight=False, soft_wrap=True)
     if root.exists() and not root.is_dir():
         raise UserError(f"run.root={a.root} is a file, not a folder of runs")
-    runs = list_runs(root) if root.is_dir() else []
+    runs = selected_runs(root, a.run)
     if not runs:
         why = "it is empty" if root.is_dir() else "a link to nothing" if root.is_symlink() else "it does not exist"
         console.print(printable(f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates "
                                 f"{root}/<name>/"), markup=False)  # fmt: skip
         return 0
-    rows, title = table_rows(runs), printable(f"runs under {root}/")
+    rows, title = table_rows(runs), printable(f"runs under {root}/" if a.run is None else f"run {root / a.run}")
     if console.is_terminal:
         _print_table(console, rows, title)
     else:
         for line in plain_lines(rows, title):
             console.print(line, markup=False)
-    for line in resume_lines(runs):
+    for line in [*resume_lines(runs), *evaluation_lines(runs, root, one=a.run is not None)]:
         console.print(line, markup=False)
     return 0
+
+
+def selected_runs(root: Path, name: str | None) -> list[RunRow]:
+    """Every run under `root` (none when it is not a folder), or the run `name` alone."""
+    if name is None:
+        return list_runs(root) if root.is_dir() else []
+    check_run_name(name, "argument `run.name`")
+    if not (root / name).is_dir():
+        raise UserError(f"no run directory {root / name}; check run.name= and run.root= (`rlhf runs run.root={root}` "
+                        "lists the runs)")  # fmt: skip
+    return [read_run(root / name)]
+
+
+def evaluation_lines(runs: list[RunRow], root: Path, one: bool) -> list[str]:
+    """One run: its held-out evaluation table, read again from eval/eval.json (nothing is computed). Every run: the
+    command that prints the table of the runs that have one (the key metrics column holds one number per policy)."""
+    done = [r.name for r in runs if any(st.stage == EVAL and st.status.startswith("completed") for st in r.stages)]
+    if not done:
+        return []
+    if one:
+        from rlhf_cli.commands.pipeline import eval_lines
+        from rlhf_cli.stages import STAGES
+
+        return ["", *(printable(line) for line in eval_lines(root / done[0] / EVAL / STAGES[EVAL].output))]
+    where = f" run.root={root}" if root != Path("runs") else ""
+    if len(done) == 1:
+        return [printable(f"evaluation table of {done[0]}: rlhf runs run.name={done[0]}{where}")]
+    return [printable(f"evaluation tables of {', '.join(done)}: rlhf runs run.name=<run>{where}")]
 
 
 def plain_lines(rows: list[tuple[str, ...]], title: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""`rlhf score (run.name=<run> | model=<path>) (prompt=... response=... | input=... output=...)`:
-score prompt/response pairs with a reward model or any sequence classifier.
+"""`rlhf score [run.name=demo | model=<path>] (prompt=... response=... | input=... output=...)`:
+score prompt/response pairs with a reward model or any sequence classifier: the run's rm/final (run.name= defaults to
+`demo`, as in the stages), or model=.
 
 One pair on the command line, `prompt=... response=...`, prints a labelled line: `score: <value> (<model>, <what the
 value is>)`. A file, `input=<file.jsonl>` with rows {"prompt": str or message list, "response": str}, is written to
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.commands.args import parse_key_values, resolve_checkpoint
+from rlhf_cli.commands.args import DEFAULT_RUN, parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
 
 # Light at import (torch and transformers load inside them): the loading, label and encoding helpers the online
@@ -36,8 +37,9 @@ EXAMPLE = 'prompt="Hi" response="Hello!"'
 class ScoreArgs:
     # A reward model or classifier: a Hugging Face folder or hub id.
     model: str | None = None
-    # Instead of model=: the run whose reward model scores, the folder <run.root>/<run.name>/.
-    run: str | None = None
+    # Instead of model=: the run whose reward model scores, the folder <run.root>/<run.name>/ (the stages' default run
+    # unless model= is given).
+    run: str | None = DEFAULT_RUN
     # The folder that holds the runs.
     root: str = "runs"
     # The stage of the run whose final/ scores.

@@ -52,6 +52,24 @@ def _groups(cfg_dir: Path) -> set[str]:
 RUN_ALIASES = {"run": "run.name", "root": "run.root"}
 
 
+def check_group_choices(overrides: list[str], cfg_dir: Path) -> None:
+    """A group choice (`model=x`, `+experiment=x`) that names no file under configs/<group>/ is refused with the
+    closest one, as a key typo is: Hydra's own message lists the files but suggests none. `null` is refused too (Hydra
+    raises a bare ValueError on it). A value that is not a plain name (a list, a nested path) is left to Hydra."""
+    groups = _groups(cfg_dir)
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        group = key.lstrip("+")
+        if not sep or group not in groups or not re.fullmatch(r"[\w.-]+", value):
+            continue
+        choices = sorted(p.stem for p in (cfg_dir / group).glob("*.yaml"))
+        if value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean `{key}={close[0]}`?" if close else ""
+            raise UserError(f"unknown choice `{value}` for config group `{group}`{hint} (choices under "
+                            f"{cfg_dir / group}/: {', '.join(choices)})")  # fmt: skip
+
+
 def _as_forced(overrides: list[str], groups: set[str]) -> list[str]:
     """Turn plain `a.b=v` overrides into `++a.b=v` so a key that the schema has but the chosen YAML
     leaves out (say `model.lora.r` with a hub model file) can still be set; the schema check that
@@ -164,6 +182,7 @@ def compose(stage: str, overrides: list[str]) -> DictConfig:
         raise UserError(f"unknown stage `{stage}`; stages: {', '.join(STAGES)}")
     cfg_dir = config_dir()
     check_override_syntax(overrides)
+    check_group_choices(overrides, cfg_dir)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(cfg_dir), version_base=None):

@@ -170,7 +170,7 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_no
 
 @dataclass
 class CriticFreeStageConfig(TrainStageConfig):
-    """`rlhf grpo` / `rlhf rloo` / `rlhf reinforce_pp` (ALGORITHMS.md section 8): one step = one iteration:
+    """`rlhf grpo` / `rlhf rloo` / `rlhf reinforce_pp` (docs/algorithms.md section 8): one step = one iteration:
     `rollout_batch_size` prompts (all ranks together) x `n_samples` responses, the rows dealt evenly over the ranks
     (a prompt's group may straddle two ranks: group statistics are taken over the whole batch); advantages from the
     scores by `advantage`; then `ppo_epochs` passes over the rows in mini-batches of micro_batch_size x

@@ -3,7 +3,7 @@
 The prompt is rendered once with the chat template (generation prompt included); each reply is the tokens that
 follow it in the rendering of prompt + reply, found with SFT's prefix-difference method (`tokenize_conversation`),
 so chosen and rejected carry byte-identical prompt ids, end with the trained EOS, and match what SFT trains
-(ALGORITHMS.md §3 "shared prompt tokenization", §9 items 5 and 11).
+(docs/algorithms.md section 3.3, section 9 items 5 and 11).
 
 `PREFERENCE_FORMATS` maps `data.format` to a row adapter `(row, location, data_cfg) -> (prompt, chosen, rejected)`;
 `adapt_preference_rows` adds what every format shares: margins, the system prompt and the checks on the result.
@@ -213,7 +213,7 @@ def collate_preference(examples: list[PreferenceExample], pad_token_id: int) -> 
 
     input_ids (2B, T) padded with pad_token_id, attention_mask (2B, T), labels (2B, T) = the reply ids (EOS
     included) with IGNORE_INDEX on prompt and pad (unshifted, for DPO), margin (B,) float32, prompt_lengths (2B,).
-    The mask is built from lengths, never from `ids != pad`, since pad may equal EOS (ALGORITHMS.md §1).
+    The mask is built from lengths, never from `ids != pad`, since pad may equal EOS (docs/algorithms.md section 1.5).
     """
     import torch
 

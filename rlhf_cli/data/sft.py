@@ -1,7 +1,7 @@
 """SFT data: conversations -> token ids with assistant-only labels -> right-padded batches.
 
 Labels are *not* shifted here: `labels[t]` is the target for position t, the same length as `input_ids`, and
-the loss shifts logits/labels (ALGORITHMS.md §1). -100 marks tokens without loss: system/user turns, the
+the loss shifts logits/labels (docs/algorithms.md section 1.2). -100 marks tokens without loss: system/user turns, the
 template's role headers, separators after an end-of-turn token, and padding.
 
 Examples longer than `data.max_length` are dropped (`drop`), have their last response cut (`truncate_response`),
@@ -152,7 +152,7 @@ def _render_with_labels(tokenizer, messages: Conversation) -> tuple[list[int], l
         ids, prompt_len, previous = full, len(prefix), (messages[: i + 1], False)
     if tokenizer.eos_token_id not in ids[prompt_len:]:
         # The template ends the turn with something other than EOS (or nothing): the model must still learn
-        # to stop, so EOS is appended and trained (ALGORITHMS.md §1 "EOS must be trained").
+        # to stop, so EOS is appended and trained (docs/algorithms.md section 1.5, "EOS is trained").
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos_token, and the chat template does not end turns with one.")
         ids = ids + [tokenizer.eos_token_id]
@@ -396,7 +396,7 @@ def collate_sft(examples: list[SFTExample], pad_token_id: int) -> dict[str, torc
     """Right-pad a batch: input_ids (B, T) with pad_token_id, attention_mask (B, T), labels (B, T) with -100.
 
     T is the longest example. Padding is placed by length, never found by comparing ids with pad_token_id,
-    because pad may equal EOS, and EOS must keep its label (ALGORITHMS.md §1).
+    because pad may equal EOS, and EOS must keep its label (docs/algorithms.md section 1.5).
     """
     import torch
 

@@ -27,7 +27,7 @@ __all__ = [
     "token_logprobs",
 ]
 
-from rlhf_cli.losses.critic_free import (  # noqa: E402  (critic-free online RL, ALGORITHMS.md section 8)
+from rlhf_cli.losses.critic_free import (  # noqa: E402  (critic-free online RL, docs/algorithms.md section 8)
     aggregate,
     clipped_surrogate,
     dynamic_sampling_mask,

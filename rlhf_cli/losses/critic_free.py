@@ -1,4 +1,5 @@
-"""Critic-free online RL (ALGORITHMS.md sections 5 and 8): GRPO with its Dr. GRPO and DAPO options, RLOO, REINFORCE++.
+"""Critic-free online RL (docs/algorithms.md sections 5 and 8): GRPO with its Dr. GRPO and DAPO options, RLOO,
+REINFORCE++.
 
 Conventions of `losses.ppo`: response tensors are (B, T) over the response tokens with a (B, T) mask (bool or 0/1)
 that is 1 up to and including the first EOS; junk at invalid positions never leaks (`torch.where`, not `* 0`); fp32.

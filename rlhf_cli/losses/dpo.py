@@ -1,4 +1,4 @@
-"""The DPO family over per-sequence log-probabilities (ALGORITHMS.md section 6).
+"""The DPO family over per-sequence log-probabilities (docs/algorithms.md section 6).
 
 Inputs are per pair, shape (B,): summed completion log-probs of the policy (`pc`, `pr` for chosen and
 rejected) and of the frozen reference (`rc`, `rr`), and completion lengths in tokens (`lc`, `lr`; the EOS

@@ -1,4 +1,4 @@
-"""Next-token log-probabilities, shared by every stage (ALGORITHMS.md section 1)."""
+"""Next-token log-probabilities, shared by every stage (docs/algorithms.md section 1.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PPO for RLHF (ALGORITHMS.md sections 4, 5 and 9): tensors in, tensors out.
+"""PPO for RLHF (docs/algorithms.md sections 4, 5 and 9): tensors in, tensors out.
 
 Response tensors are (B, T) over the response tokens only (position t = t-th generated token) and `mask` (B, T),
 bool or 0/1 float, is 1 on the valid tokens (up to and including the first EOS). Every function reads validity from

@@ -1,4 +1,4 @@
-"""Reward-model losses and statistics (ALGORITHMS.md section 3): tensors in, tensors out.
+"""Reward-model losses and statistics (docs/algorithms.md section 3): tensors in, tensors out.
 
 Batches follow `collate_preference`: 2B right-padded rows, chosen first. The score of a sequence is the value at
 its last real token (the EOS), located through the attention mask rather than by searching for pad ids, because
@@ -87,8 +87,8 @@ def reward_stats(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, 
 def reward_moments(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and population std (biased, as OAI whitening) of rewards (N,) -> two detached scalars.
 
-    Used on eval rewards (chosen and rejected together) to report their scale, and to set the head's bias and
-    gain so rewards have mean 0 and std 1 (ALGORITHMS.md §3 "head init / normalisation").
+    For eval rewards (chosen and rejected together): their scale, which online stages can divide out with
+    stage.reward.normalize=rm_stats (docs/algorithms.md section 3.4). The head itself is not rescaled.
     """
     rewards = rewards.detach().float().reshape(-1)
     if rewards.numel() == 0:

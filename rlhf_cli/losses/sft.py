@@ -1,4 +1,4 @@
-"""SFT token loss (ALGORITHMS.md section 2)."""
+"""SFT token loss (docs/algorithms.md section 2.3)."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ class FP32OutputHead(nn.Linear):
     """An LM head that computes its logits in fp32 whatever the dtype of its weights and inputs: (..., d) -> (..., V)
     fp32. Under bf16 a bf16 head rounds every logit before the log-softmax (about 1e-2 nats per token, 0.5 nats
     summed over a 255-token reply: the size of a DPO margin), and upcasting the rounded logits does not undo it
-    (ALGORITHMS.md section 1). Only the positions that reach the head pay for it (`logits_to_keep`)."""
+    (docs/algorithms.md section 1.2). Only the positions that reach the head pay for it (`logits_to_keep`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
@@ -137,7 +137,7 @@ def sync_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off, for preference and RL training (ALGORITHMS.md section 9): else pi/pi_ref != 1 at step 0.
+    """Dropout off, for preference and RL training (docs/algorithms.md section 1.6): else pi/pi_ref != 1 at step 0.
 
     Sets p = 0 in every nn.Dropout, and zeroes the float `*dropout*` attributes that attention modules
     copy from the config at build time (Llama/Qwen attention dropout is functional, not an nn.Dropout)

@@ -1,5 +1,5 @@
 """Reward models: a scalar head on a decoder or encoder backbone, loaded as `AutoModelForSequenceClassification`,
-and the score of each sequence read where ALGORITHMS.md section 3 says (the last real token for decoders).
+and the score of each sequence read where docs/algorithms.md section 3.2 says (the last real token for decoders).
 
 Two pooling conventions exist in transformers, and the code keys on the head's name:
 - decoders (Llama, Qwen2, Mistral, GPT-2...) call their head `score`, run it on every token and pool the rightmost
@@ -83,8 +83,8 @@ def load_reward_model(model_cfg: ModelConfig, source: str, tokenizer: Any, seed:
     decoder or encoder, or `builtin:tiny-llama`), in fp32, matching `tokenizer`, with dropout off.
 
     A head that the checkpoint does not hold (or holds with another number of labels) is new: its weight is drawn
-    from N(0, 1/sqrt(d_model + 1)) with `seed` and its bias is zero (ALGORITHMS.md section 3); a trained one-label
-    head (a reward model) is kept as it is.
+    from N(0, 1/sqrt(d_model + 1)) with `seed` and its bias is zero (docs/algorithms.md section 3.4); a trained
+    one-label head (a reward model) is kept as it is.
     """
     if is_builtin(source):
         model, new_keys = _tiny_reward_model(model_cfg, tokenizer, seed), {"score.weight"}

@@ -108,7 +108,7 @@ def ensure_distinct_pad(tok: PreTrainedTokenizerBase) -> bool:
     """Give `tok` a pad token different from its EOS. True when a new token was added (the vocabulary grew).
 
     pad == eos is treated like no pad (GPT-2, base Qwen): collators that mask `ids == pad` would drop the EOS
-    label and reward models would read the score one token early (ALGORITHMS.md section 1).
+    label and reward models would read the score one token early (docs/algorithms.md section 1.5).
     """
     if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
         return False

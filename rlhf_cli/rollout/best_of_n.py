@@ -1,5 +1,5 @@
 """Rejection sampling's data, round by round: which prompts a round samples, N candidates per prompt drawn and scored
-chunk by chunk into files, and the round's selection read back from them (ALGORITHMS.md section 7).
+chunk by chunk into files, and the round's selection read back from them (docs/algorithms.md section 7).
 
 Files of round k, under `<stage>/round-k/`:
 - `drawn.json`: what the candidates are drawn with (policy, N, sampling, reward, prompts; saved_round.py), written

@@ -1,11 +1,16 @@
 """Pure statistics of `rlhf eval` (stages/eval.py): win values against a reference, and means with their standard
-errors from sums that every rank adds up (so the result of several ranks equals one process's)."""
+errors from sums that every rank adds up (so the result of several ranks equals one process's).
+
+torch is imported inside the functions that compute: `table` prints a finished evaluation again (`rlhf runs`, the
+pipeline's summary) in a process that needs no torch."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The per-response quantities `rlhf eval` averages, in the order of the rows of a `Sums` tensor.
 QUANTITIES = ("reward", "win", "kl", "gold", "length", "eos")
@@ -17,6 +22,8 @@ COLUMNS = (("reward_mean", "reward"), ("win_rate", "win rate"), ("kl", "KL"), ("
 def win_values(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """1 where the policy's response scored higher than the reference's response to the same prompt (and sample
     index), 0 where lower, 0.5 for a tie; NaN where either has no score. (B,), (B,) -> (B,) float64."""
+    import torch
+
     s, r = scores.double(), reference.double()
     win = torch.where(s > r, 1.0, torch.where(s < r, 0.0, 0.5)).double()
     return torch.where(torch.isfinite(s) & torch.isfinite(r), win, torch.nan)
@@ -25,6 +32,8 @@ def win_values(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def moment_sums(values: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
     """(len(QUANTITIES), 3) float64 of (count, sum, sum of squares) per quantity over the rows with `weight` 1 and a
     finite value (weight 0: a filler row that only keeps the ranks' forwards in step). values: name -> (B,)."""
+    import torch
+
     out = torch.zeros(len(QUANTITIES), 3, dtype=torch.float64)
     for i, name in enumerate(QUANTITIES):
         if name not in values:

@@ -1,5 +1,5 @@
 """The online stages' stateful controllers, checkpointed with the stage (state_dict / load_state_dict): the KL
-coefficient (fixed, or Ziegler's adaptive controller; ALGORITHMS.md section 4) and the running moments that
+coefficient (fixed, or Ziegler's adaptive controller; docs/algorithms.md section 4.10) and the running moments that
 normalise scores. Kept out of losses/, which holds pure functions."""
 
 from __future__ import annotations

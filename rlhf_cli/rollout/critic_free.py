@@ -1,4 +1,4 @@
-"""The advantages of the critic-free methods for one rollout batch (ALGORITHMS.md section 8), on top of the pure
+"""The advantages of the critic-free methods for one rollout batch (docs/algorithms.md section 8), on top of the pure
 functions in losses/critic_free.py: GRPO (group-normalised), RLOO (leave-one-out, sequence KL in the reward),
 REINFORCE++ (per-token KL in the reward, discounted returns, whitened over all ranks) and its group-baseline variant.
 

@@ -1,4 +1,4 @@
-"""One rollout batch of an online stage (ALGORITHMS.md sections 4 and 8): sample N responses per prompt, read back
+"""One rollout batch of an online stage (docs/algorithms.md sections 4 and 8): sample N responses per prompt, read back
 the rollout policy's log-probs at the sampling temperature and, where the stage has them, the reference's log-probs
 and the critic's values (all in eval mode, without gradients), and score the responses (rollout/scoring.py).
 
@@ -145,10 +145,10 @@ def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, 
 
 @torch.no_grad()
 def advantages(ro: Rollout, st: Any, kl_coef: float) -> Advantages:
-    """PPO's estimator (ALGORITHMS.md section 4): the KL to the reference (`st.kl_estimator`, from the rollout
-    policy's log-probs) in the per-token reward with the shaped score on the last token, optional reward whitening,
-    GAE over response tokens (`st.gamma`, `st.lam`), returns before whitening, whitened advantages. Needs the
-    reference's log-probs and the critic's values."""
+    """PPO's estimator (docs/algorithms.md sections 4.3-4.5): the KL to the reference (`st.kl_estimator`, from the
+    rollout policy's log-probs) in the per-token reward with the shaped score on the last token, optional reward
+    whitening, GAE over response tokens (`st.gamma`, `st.lam`), returns before whitening, whitened advantages. Needs
+    the reference's log-probs and the critic's values."""
     if ro.ref_logprobs is None or ro.values is None:
         raise ValueError("PPO's advantages need a rollout with reference log-probs and critic values")
     mask = ro.mask

@@ -1,4 +1,4 @@
-"""Sampling responses and reading log-probs back (ALGORITHMS.md section 1).
+"""Sampling responses and reading log-probs back (docs/algorithms.md section 1).
 
 Layout of a rollout batch: each row is `[left-padded prompt | response right-padded after its first EOS]`, so every
 prompt ends at column P and response token t sits at column P + t. Position ids count real tokens only

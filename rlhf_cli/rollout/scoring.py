@@ -1,4 +1,4 @@
-"""The score of sampled responses, as every online stage uses it (ALGORITHMS.md sections 4, 7 and 8): the reward
+"""The score of sampled responses, as every online stage uses it (docs/algorithms.md section 4.2): the reward
 source's raw score (a reward model, a classifier, or a Python function; rollout/rewards.py), then the shaping that
 puts it into the reward: optional normalisation with (mean, std), optional clipping, and the missing-EOS rule.
 

@@ -1,5 +1,5 @@
-"""Which candidates rejection sampling trains on (ALGORITHMS.md section 7): pure functions on a (P, N) grid of scores,
-one row per prompt, one column per candidate.
+"""Which candidates rejection sampling trains on (docs/algorithms.md section 7): pure functions on a (P, N) grid of
+scores, one row per prompt, one column per candidate.
 
 A candidate is *valid* when its score is finite (a reward function may answer None / NaN for what it cannot judge) and
 it is not a copy of an earlier candidate of the same prompt: identical responses are one sample, so a prompt whose N

@@ -1,5 +1,5 @@
-"""Optimizer steps on rollout rows (ALGORITHMS.md section 4): the actor's clipped-surrogate step and the critic's
-clipped-value step, separate so that critic-free methods (GRPO, RLOO, REINFORCE++) use the actor step alone.
+"""Optimizer steps on rollout rows (docs/algorithms.md sections 4.6-4.7): the actor's clipped-surrogate step and the
+critic's clipped-value step, separate so that critic-free methods (GRPO, RLOO, REINFORCE++) use the actor step alone.
 
 Loss normalisation: a step's loss is a token mean over its rows' valid response tokens on all ranks: each
 micro-batch's summed loss goes to `engine.backward` with `n_tokens`, the step's global count of valid tokens, so the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rlhf_cli.config import schema as s
@@ -53,6 +54,12 @@ class StageSpec:
     resume_needs_same_config: bool = True
     trained_model: str = "policy"  # `rlhf explain`: what the model the stage trains is called
     scalar_head: bool = False  # the trained model is a one-label sequence classifier (a reward model)
+    # What a completed stage leaves in its folder: the refusal to run it again names it, so it must exist (eval
+    # writes eval.json and no final/).
+    output: str = "final"
+    # How to see a completed stage's result again without computing it (`{run}`: the run's arguments), said in that
+    # refusal; "" for none.
+    shown_by: str = ""
 
 
 _BASE_INPUTS = ("model.name_or_path", "model.tokenizer", "data.source")
@@ -261,5 +268,19 @@ STAGES: dict[str, StageSpec] = {
         inputs=(*_BASE_INPUTS, "stage.policies", "stage.reward", "stage.gold"),
         optional_inputs=("stage.reward.model",),  # no reward model in the run: no reward and no win rate
         trained_model="reference policy (nothing is trained)",
+        output="eval.json",
+        shown_by="`rlhf runs {run}` prints its table again",
     ),
 }  # fmt: skip
+
+
+def completed_refusal(stage: str, run_root: Path, stale: str = "") -> str:
+    """Why `stage` does not run again in the run `run_root`: it is complete. Names its output (which exists), the
+    command that shows its result again when there is one, and how to replace it. `stale`: `; it is stale: ...`."""
+    spec = STAGES.get(stage)
+    output, shown_by = (spec.output, spec.shown_by) if spec else ("final", "")
+    run = f"run.name={run_root.name}" + (f" run.root={run_root.parent}" if run_root.parent != Path("runs") else "")
+    again = f"; {shown_by.format(run=run)}" if shown_by else ""
+    redo = "train it again" if output == "final" else "run it again"
+    return (f"stage `{stage}` of run `{run_root.name}` is already complete ({run_root / stage / output}){stale}"
+            f"{again}; add run.overwrite=true to {redo} (replacing it), or choose another run.name")

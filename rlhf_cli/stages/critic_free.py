@@ -1,6 +1,7 @@
-"""`rlhf grpo`, `rlhf rloo`, `rlhf reinforce_pp`: critic-free online RL on plain DeepSpeed (ALGORITHMS.md sections 5
-and 8). One module, three registry entries: the verbs differ only in their defaults (configs/stage/<verb>.yaml) and
-`stage.advantage` picks the estimator (grpo | rloo | reinforce_pp | reinforce_pp_baseline).
+"""`rlhf grpo`, `rlhf rloo`, `rlhf reinforce_pp`: critic-free online RL on plain DeepSpeed
+(docs/algorithms.md sections 5 and 8). One module, three registry entries: the verbs differ only in their defaults
+(configs/stage/<verb>.yaml) and `stage.advantage` picks the estimator (grpo | rloo | reinforce_pp |
+reinforce_pp_baseline).
 
 One step of the stage is one iteration: `rollout_batch_size` prompts x `n_samples` responses, the rows dealt evenly
 over the ranks (rlhf_cli/rollout/critic_free.py); scored by the stage's reward source (model, classifier, or

@@ -1,4 +1,4 @@
-"""`rlhf dpo`: the DPO family on preference pairs (ALGORITHMS.md section 6), from this run's SFT model.
+"""`rlhf dpo`: the DPO family on preference pairs (docs/algorithms.md section 6), from this run's SFT model.
 
 The reference is a frozen copy of the starting checkpoint, or (LoRA) the same model with its adapters
 disabled, or (`stage.precompute_ref`) log-probs computed in one pass before training so no reference

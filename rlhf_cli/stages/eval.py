@@ -35,6 +35,7 @@ from rlhf_cli.rollout.generation import decode_responses, response_logits, respo
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run, atomic_write_text
+from rlhf_cli.stages import STAGES
 from rlhf_cli.stages.common import eval_batches
 from rlhf_cli.summary import complete_stage
 
@@ -76,7 +77,7 @@ def run(cfg: Any, run: Run) -> Path:
     out = {"reference": ref_path, "policies": {**policies}, "prompts": len(prompts), "n_samples": st.n_samples,
            "temperature": st.generation.temperature, "kl_samples": st.kl_samples,
            "reward": reward.describe() if reward else None, "gold": st.gold, "results": rows}  # fmt: skip
-    path = run.stage_dir / "eval.json"
+    path = run.stage_dir / STAGES["eval"].output  # eval.json: the registry's name, which a refusal of a rerun names
     if dist.is_main:
         atomic_write_text(path, json.dumps(out, indent=2) + "\n")
         run.update_stage(outputs={"eval": str(path.relative_to(run.root))}, metrics=headline(rows))

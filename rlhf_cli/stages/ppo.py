@@ -1,4 +1,4 @@
-"""`rlhf ppo`: PPO with a critic on plain DeepSpeed (ALGORITHMS.md sections 4 and 5).
+"""`rlhf ppo`: PPO with a critic on plain DeepSpeed (docs/algorithms.md sections 4 and 5).
 
 One step of the stage is one iteration: sample a response per prompt (left-padded prompts, stop at EOS), read back
 the rollout policy's and the reference's log-probs at the sampling temperature, the critic's values and the scores;

@@ -1,4 +1,4 @@
-"""`rlhf rejection_sampling`: best-of-N rejection sampling in rounds (Llama 2; ALGORITHMS.md section 7).
+"""`rlhf rejection_sampling`: best-of-N rejection sampling in rounds (Llama 2; docs/algorithms.md section 7).
 
 Round k: draw `n_samples` responses per prompt from the policy of round k-1 (round 1: the stage's starting policy,
 this run's sft/final), score them with the reward source (reward model, classifier or function; PPO's normalisation

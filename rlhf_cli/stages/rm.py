@@ -1,4 +1,4 @@
-"""`rlhf rm`: a reward model trained on preference pairs with the Bradley-Terry loss (ALGORITHMS.md section 3).
+"""`rlhf rm`: a reward model trained on preference pairs with the Bradley-Terry loss (docs/algorithms.md section 3).
 
 Each micro-batch is one forward over the stacked [chosen; rejected] rows; the score is read at the last real token
 (`sequence_scores`). The loss is a mean over pairs: the summed per-pair loss of a micro-batch goes to `backward`

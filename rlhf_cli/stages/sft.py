@@ -1,4 +1,4 @@
-"""`rlhf sft`: supervised fine-tuning on instruction / chat data (ALGORITHMS.md section 2).
+"""`rlhf sft`: supervised fine-tuning on instruction / chat data (docs/algorithms.md section 2).
 
 Loss on assistant tokens only (EOS included), normalised by the target tokens of the whole optimizer
 step over all micro-batches and ranks, so batch 8 x accumulation 1 equals batch 2 x accumulation 4.

@@ -73,15 +73,26 @@ def build_rows(n: int = DEFAULT_N, seed: int = DEFAULT_SEED, sft_sample: Path = 
 
 def build_pairs(seed: int = DEFAULT_SEED, sft_sample: Path = SFT_SAMPLE) -> list[dict[str, str]]:
     """Preference pairs for the numbers neither the SFT sample nor the prompts (`build_rows`) ask about, in a seeded
-    order: chosen "N is even." / "N is odd." (right), rejected the other (wrong). A reward model trained on them has
-    to learn parity from the pairs, and the online stages' prompts and held-out numbers stay unseen by it: the learned,
-    imperfect reward of `configs/pipeline/parity.yaml`, judged by `gold_reward`."""
+    order: chosen the right answer word ("... is odd." for an odd N), rejected the wrong one. A reward model trained on
+    them has to learn parity from the pairs, and the online stages' prompts and held-out numbers stay unseen by it:
+    the learned, imperfect reward of `configs/pipeline/parity.yaml`, judged by `gold_reward`.
+
+    Each reply names the prompt's number N or, as often, another number M (any parity), as a labeller would see
+    among the SFT policy's samples (at temperature 1 about 99% of them name another number): "M is odd." is right for
+    an odd N whatever M is, since `gold_reward` judges the answer word alone. With every reply restating N, the
+    reward model could learn "the reply agrees with itself" instead of reading the prompt, and PPO found "42 is
+    even." for every N (reward-model score 7-8, gold 0.50 on one seed)."""
     taken = sft_sample_prompts(sft_sample) | {row["prompt"] for row in build_rows(DEFAULT_N, DEFAULT_SEED, sft_sample)}
     numbers = [k for k in range(1, 1000) if make_prompt(k) not in taken]
-    random.Random(seed).shuffle(numbers)
-    answer = {True: "even", False: "odd"}
-    return [{"prompt": make_prompt(k), "chosen": f"{k} is {answer[k % 2 == 0]}.",
-             "rejected": f"{k} is {answer[k % 2 != 0]}."} for k in numbers]  # fmt: skip
+    rng = random.Random(seed)
+    rng.shuffle(numbers)
+    rows = []
+    for k in numbers:
+        right, wrong = ("even", "odd") if k % 2 == 0 else ("odd", "even")
+        named = [k if rng.random() < 0.5 else rng.randrange(1, 1000) for _ in range(2)]
+        rows.append({"prompt": make_prompt(k), "chosen": f"{named[0]} is {right}.",
+                     "rejected": f"{named[1]} is {wrong}."})  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> Path:

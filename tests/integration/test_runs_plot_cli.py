@@ -116,7 +116,7 @@ def test_plot_redraws_every_stage_of_a_run(sft_run, tmp_path, capsys):
     (["run=nope"], "error: no run directory {root}/nope; check run.name="),
     (["run=stopped", "stage=ppo"], "error: run `stopped` has no stage `ppo` (its stages: sft, dpo)"),
     (["run=bare"], "error: run `bare` has no stage with metrics to plot"),
-    ([], "error: give the run: rlhf plot run.name=<name>"),
+    ([], "error: no run directory {root}/demo; check run.name="),  # the stages' default run
     (["run=stopped", "stages=dpo"], "error: unknown argument `stages`; did you mean `stage`?"),
 ])  # fmt: skip
 def test_plot_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):

@@ -30,13 +30,13 @@ def _summary(headline: dict[str, list[float]], plot: str | None) -> dict[str, An
     return {**out, "plot": plot} if plot else out
 
 
-SFT_ROWS = [{"step": s, "time": 1796622495.0 + s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 5)] + [
+SFT_ROWS = [{"step": s, "time": 1796622495.0 + s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * s} for s in range(1, 5)] + [
     {"step": 2, "eval_loss": 3.1, "eval_perplexity": 22.2},
     {"step": 4, "eval_loss": 2.7, "eval_perplexity": 14.9},
 ]
 PPO_ROWS = [{"step": 0, "eval_score": 0.2}] + [
-    {"step": s, "score_mean": 0.1 * s, "kl": 0.5 * (s - 1), "kl_coef": 0.05, "policy_loss": -0.01, "value_loss": 0.2}
-    for s in range(1, 5)] + [{"step": 2, "eval_score": 0.3}]  # fmt: skip
+    {"step": s, "score_mean": 0.1 * s, "kl": 0.5 * (s - 1), "kl_coef": 0.05 * s, "policy_loss": -0.01 * s,
+     "value_loss": 0.2} for s in range(1, 5)] + [{"step": 2, "eval_score": 0.3}]  # every panel changes: all drawn
 EVAL_JSON = {"reference": "builtin:tiny-llama", "policies": {"sft": "runs/demo/sft/final"}, "prompts": 8,
              "n_samples": 1, "temperature": 0.0, "kl_samples": 2, "reward": None, "gold": "length",
              "results": {"reference": {"reward_mean": 0.1, "reward_mean_se": 0.01}}}  # fmt: skip
@@ -197,7 +197,7 @@ DAMAGE: dict[str, Damage] = {
     # json.dumps writes NaN and Infinity tokens, which json.loads reads back.
     "headline NaN tokens": Damage(_headline({"eval_loss": [float("nan"), float("inf")]}), "eval_loss nan -> inf"),
     "metrics a list": Damage(_set("sft", "metrics", [1, 2]), "demo sft completed eval_loss 3.1 -> 2.7"),
-    "outputs a list": Damage(_set("eval", "outputs", ["eval.json"]), "eval completed 2026-11-30 10:20"),
+    "outputs a list": Damage(_set("eval", "outputs", ["eval.json"]), "eval completed reward sft 0.2 2026-11-30 10:20"),
     "error an object": Damage(_fail({"why": "oom"}), f"ppo failed (resumable at step 2) {PPO[:-17]}; error: {{'why"),
     "error many lines": Damage(_fail("line one\nline two\n\tthree"), "1.5; error: line one line two three 2026"),
     "command a list": Damage(_set("ppo", "command", ["rlhf", "ppo"]), "resume demo/ppo at step 2: ['rlhf', 'ppo']"),
@@ -369,10 +369,12 @@ DAMAGE: dict[str, Damage] = {
         f"(resumable at step 2) {PPO}",
         "ppo: not drawn: cannot write runs/demo/ppo/metrics.png: Is a directory",
     ),
-    "eval.json damaged": Damage(_write("eval/eval.json", GARBAGE), "eval completed 2026-11-30 10:20"),
+    "eval.json damaged": Damage(_write("eval/eval.json", GARBAGE), "eval completed reward sft 0.2 2026-11-30 10:20"),
     "eval folder missing": Damage(
-        replace("eval", "none"), "eval/eval.json is missing) no folder eval/ 2026-11-30 10:20"
+        replace("eval", "none"), "eval/eval.json is missing) reward sft 0.2; no folder eval/ 2026-11-30 10:20"
     ),
+    "eval metrics damaged": Damage(_set("eval", "metrics", {"sft/reward_mean": "high", "x": None}),
+                                   "eval completed 2026-11-30 10:20"),
 }
 
 

@@ -98,7 +98,10 @@ def test_config_is_read_only():
         ("optim.lr=fast", "bad value for config key `optim.lr` (set on the command line)"),
         ("data.format=dolyy", "did you mean `dolly`?"),
         ("deepspeed.zero_stage=5", "`deepspeed.zero_stage`"),
-        ("model=qwen3", "Could not find 'model/qwen3'"),
+        ("model=qwen3", "unknown choice `qwen3` for config group `model` (choices under "),
+        ("model=qwen2_5", "did you mean `model=qwen2_5_0_5b`?"),
+        ("+experiment=dolyy", "did you mean `+experiment=dolly`?"),
+        ("model=null", "unknown choice `null` for config group `model`"),
         ("stage.micro_batch_size=0", "must be >= 1"),
     ],
 )

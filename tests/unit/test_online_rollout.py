@@ -132,7 +132,7 @@ def test_ppo_advantages_come_back_in_their_own_result(tok):
     adv = advantages(ro, st, kl_coef=0.05)
     assert isinstance(adv, Advantages)
     # k1 = [0.1, -0.2, 0]: r = -0.05 k1 + the shaped score on the last token = [-0.005, 0.01, 0.985], the worked
-    # example of ALGORITHMS.md section 4: returns [0.9419625, 0.97575, 0.985], advantages whitened.
+    # example of docs/algorithms.md section 4.4: returns [0.9419625, 0.97575, 0.985], advantages whitened.
     assert adv.rewards[0].tolist() == pytest.approx([-0.005, 0.01, 0.985])
     assert adv.non_score[0].tolist() == pytest.approx([-0.005, 0.01, 0.0])
     assert adv.kl[0].tolist() == pytest.approx([0.1, -0.2, 0.0])

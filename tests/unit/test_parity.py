@@ -62,3 +62,16 @@ def test_shipped_pairs_regenerate_and_share_no_number_with_the_prompts_or_the_sf
     prompts = [p["prompt"] for p in pairs]
     assert gold_reward(prompts, [p["chosen"] for p in pairs]) == [1.0] * len(pairs)
     assert gold_reward(prompts, [p["rejected"] for p in pairs]) == [0.0] * len(pairs)
+
+
+def test_the_number_a_reply_names_says_nothing_about_which_reply_is_right():
+    """Replies name the prompt's number or another one, of either parity, in chosen and rejected alike: a reward model
+    that checked the reply against itself ("42 is even." agrees with itself) or looked for the prompt's number would
+    be right by chance only; it has to read the prompt's parity."""
+    pairs = build_pairs()
+    for side in ("chosen", "rejected"):
+        named = [(number_of(p["prompt"]), int(p[side].split()[0]), p[side].split()[-1].rstrip(".")) for p in pairs]
+        assert 0.4 < sum(n == m for n, m, _ in named) / len(named) < 0.6
+        others = [(m, word) for n, m, word in named if n != m]
+        agrees = sum(word == ("even" if m % 2 == 0 else "odd") for m, word in others) / len(others)
+        assert 0.4 < agrees < 0.6, (side, agrees)

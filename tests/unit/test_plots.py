@@ -21,40 +21,44 @@ from rlhf_cli.summary import complete_stage, summary_lines
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _online(n: int = 6, gold: bool = True, critic: bool = True, kl: bool = True) -> list[dict]:
-    """An online stage's log: the starting evaluation at step 0, iterations 1..n, evaluations at 3 and n."""
+def _online(n: int = 6, gold: bool = True, critic: bool = True, kl: bool = True, kl_coef: float | None = None
+            ) -> list[dict]:  # fmt: skip
+    """An online stage's log: the starting evaluation at step 0, iterations 1..n, evaluations at 3 and n. Every
+    metric changes (a panel of one value is left out), the KL coefficient too unless `kl_coef` fixes it."""
     rows = []
     for step in range(1, n + 1):
-        row = {"step": step, "score_mean": 0.1 * step, "response_length": 7.0, "policy_loss": -0.01, "entropy": 0.6}
+        row = {"step": step, "score_mean": 0.1 * step, "response_length": 7.0 + step % 2, "policy_loss": -0.01 * step,
+               "entropy": 0.6 - 0.01 * step}  # fmt: skip
         row.update({"kl": 0.5 * (step - 1)} if kl else {})
-        row.update({"kl_coef": 0.05, "value_loss": 0.2, "explained_variance": 0.1} if critic else {})
-        row.update({} if critic else {"zero_variance_groups": 0.25})
+        row.update({"kl_coef": kl_coef or 0.05 + 0.01 * step, "value_loss": 0.2 / step,
+                    "explained_variance": 0.1 * step} if critic else {})  # fmt: skip
+        row.update({} if critic else {"zero_variance_groups": 0.25 / step})
         rows.append(row)
     for step in (0, 3, n):
-        rows.append({"step": step, "eval_score": 0.2 * step, "eval_response_length": 6.0,
+        rows.append({"step": step, "eval_score": 0.2 * step, "eval_response_length": 6.0 + step,
                      **({"eval_gold": 0.5 + 0.01 * step} if gold else {})})  # fmt: skip
     return sorted(rows, key=lambda r: r["step"])
 
 
 # Stage -> (its rows, the panels it must get). Evaluations sit on fewer steps than training rows, in rows of their own.
 CASES = {
-    "sft": ([{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 7)]
+    "sft": ([{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * s} for s in range(1, 7)]
             + [{"step": 3, "eval_loss": 2.9, "eval_perplexity": 18.2}, {"step": 6, "eval_loss": 2.7,
                                                                         "eval_perplexity": 14.9}],
             ["loss", "eval perplexity", "learning rate"]),
-    "rm": ([{"step": s, "loss": 0.7 - 0.05 * s, "accuracy": 0.5 + 0.05 * s, "margin": 0.1 * s, "reward_chosen": 0.2,
+    "rm": ([{"step": s, "loss": 0.7 - 0.05 * s, "accuracy": 0.5 + 0.05 * s, "margin": 0.1 * s, "reward_chosen": 0.2 * s,
              "reward_rejected": 0.1} for s in range(1, 5)]
            + [{"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "eval_margin": 0.3, "reward_mean": 0.1}],
            ["loss", "accuracy", "margin", "rewards"]),
-    "dpo": ([{"step": s, "loss": 0.69 - 0.02 * s, "reward_margin": 0.1 * s, "reward_accuracy": 0.6,
-              "reward_chosen": 0.1, "reward_rejected": -0.1, "logps_chosen": -80.0, "logps_rejected": -90.0 - s}
+    "dpo": ([{"step": s, "loss": 0.69 - 0.02 * s, "reward_margin": 0.1 * s, "reward_accuracy": 0.5 + 0.1 * s,
+              "reward_chosen": 0.1 * s, "reward_rejected": -0.1, "logps_chosen": -80.0, "logps_rejected": -90.0 - s}
              for s in range(1, 5)]
             + [{"step": 4, "eval_loss": 0.65, "eval_reward_margin": 0.2, "eval_reward_accuracy": 0.62,
                 "eval_logps_chosen": -81.0, "eval_logps_rejected": -95.0}],
             ["loss", "reward margin", "reward accuracy", "implicit rewards", "log-probs"]),
     "ppo": (_online(), ["reward (score) and gold", "KL to the reference", "KL coefficient",
                         "proxy and gold reward vs KL", "losses", "explained variance", "response length"]),
-    "rejection_sampling": ([{"step": 0, "round": 0, "eval_score": 0.5, "eval_gold": 0.5},
+    "rejection_sampling": ([{"step": 0, "round": 0, "eval_score": 0.5, "eval_gold": 0.5, "eval_response_length": 7.0},
                             {"step": 0, "round": 1, "candidate_score_mean": 0.4, "selected_score_mean": 0.8}]
                            + [{"step": s, "round": 1, "loss": 1.0 / s} for s in range(1, 6)]
                            + [{"step": 5, "round": 1, "eval_score": 0.6, "eval_gold": 0.6, "eval_response_length": 6.0},
@@ -89,7 +93,8 @@ def _assert_png(path: Path) -> tuple[int, int]:
 
 
 def _labels(fig) -> dict[str, list[str]]:
-    return {ax.get_title(): ax.get_legend_handles_labels()[1] for ax in fig.axes}
+    """Panel title -> the labels in its legend (which names the lines of a twin y axis too)."""
+    return {ax.get_title(): [t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_title()}
 
 
 def test_every_stage_with_curves_has_a_case_here():
@@ -108,7 +113,7 @@ def test_each_stage_kind_gets_a_png_with_its_panels(tmp_path, stage):
 
 
 def test_a_missing_eval_key_leaves_its_line_and_panel_out(tmp_path):
-    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 5)]  # stage.eval_every=0: no eval rows
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * s} for s in range(1, 5)]  # eval_every=0: no eval rows
     fig = draw("sft", rows, "demo / sft")
     assert _labels(fig) == {"loss": ["loss"], "learning rate": ["lr"]}
     fig = draw("sft", CASES["sft"][0], "demo / sft")
@@ -116,6 +121,49 @@ def test_a_missing_eval_key_leaves_its_line_and_panel_out(tmp_path):
     ppo = draw("ppo", _online(gold=False), "demo / ppo")  # no gold metric: the proxy reward alone
     assert _labels(ppo)["reward (score) and gold"] == ["score_mean", "eval_score"]
     assert _labels(ppo)["proxy and gold reward vs KL"] == ["eval_score"]
+
+
+def _panel_axes(fig, title: str):
+    """(the panel's axes, its twin y axis or None): a twin has no title and shares the panel's x axis."""
+    (ax,) = [a for a in fig.axes if a.get_title() == title]
+    twins = [a for a in fig.axes if a is not ax and not a.get_title() and a.get_shared_x_axes().joined(a, ax)]
+    return ax, (twins[0] if twins else None)
+
+
+@pytest.mark.parametrize(("stage", "title"), [("ppo", "reward (score) and gold"),
+                                              ("ppo", "proxy and gold reward vs KL"),
+                                              ("rejection_sampling", "held-out score and gold")])  # fmt: skip
+def test_the_gold_metric_has_a_y_axis_of_its_own(stage, title):
+    """A gold accuracy (0-1) next to a reward model's score (0-10): on one axis the gold line looks flat."""
+    rows = CASES[stage][0] if stage != "ppo" else [{**r, **({"eval_score": 8.0 * r["step"]} if "eval_score" in r
+                                                            else {})} for r in _online()]  # fmt: skip
+    fig = draw(stage, rows, f"demo / {stage}")
+    ax, twin = _panel_axes(fig, title)
+    assert twin is not None and [line.get_label() for line in twin.get_lines()] == ["eval_gold (right axis)"]
+    assert "eval_gold" not in [line.get_label() for line in ax.get_lines()]
+    assert "eval_gold (right axis)" in _labels(fig)[title]  # one legend names the lines of both axes
+    assert twin.get_ylabel() == "gold" and ax.get_ylabel() == "reward score"
+    gold = [r["eval_gold"] for r in rows if "eval_gold" in r]
+    assert twin.get_ylim()[1] - twin.get_ylim()[0] < 2 * (max(gold) - min(gold))  # scaled to the gold's own range
+    colours = [line.get_color() for line in ax.get_lines() + twin.get_lines()]
+    assert len(set(colours)) == len(colours)  # the twin does not restart the colour cycle
+    no_gold = draw(stage, [{k: v for k, v in r.items() if k != "eval_gold"} for r in rows], "demo")
+    assert _panel_axes(no_gold, title)[1] is None  # nothing on the right: no second axis
+
+
+def test_a_panel_of_one_value_is_left_out_and_its_value_named():
+    """A fixed KL coefficient is a flat line, one rejection-sampling round one point per series: no panel, the value
+    under the title instead."""
+    fig = draw("ppo", _online(kl_coef=0.05), "demo / ppo")
+    assert "KL coefficient" not in _labels(fig) and "KL to the reference" in _labels(fig)
+    assert any("kl_coef 0.05" in text.get_text() for text in fig.texts)
+    one_round = [r for r in CASES["rejection_sampling"][0] if r.get("round") != 2]
+    fig = draw("rejection_sampling", one_round, "demo / rejection_sampling")
+    assert list(_labels(fig)) == ["held-out score and gold", "fine-tuning loss", "held-out response length"]
+    assert any("candidate_score_mean 0.4, selected_score_mean 0.8" in text.get_text() for text in fig.texts)
+    assert not any("one value" in text.get_text() for text in draw("ppo", _online(), "demo").texts)
+    # When nothing changes (a run of one step) the panels are drawn all the same: a picture, not an error.
+    assert list(_labels(draw("sft", [{"step": 1, "loss": 2.0, "lr": 1e-3}], "demo"))) == ["loss", "learning rate"]
 
 
 def test_each_series_is_drawn_against_its_own_steps():

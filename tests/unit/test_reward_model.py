@@ -93,7 +93,8 @@ def test_decoder_scores_at_eos_when_pad_equals_eos(tok, decoder):
     finally:
         decoder.config.pad_token_id = original
     torch.testing.assert_close(scores, torch.tensor(at_eos), rtol=1e-5, atol=1e-5)
-    # The pitfall this guards against (ALGORITHMS.md section 1): HF pools the last id != pad, one token early.
+    # The pitfall this guards against (docs/algorithms.md sections 1.5 and 3.2): HF pools the last id != pad, one token
+    # early.
     torch.testing.assert_close(hf, torch.tensor(before_eos), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(hf, scores)
 

@@ -21,7 +21,7 @@ from rlhf_cli.summary import print_summary
 HEALTHY = {
     "sft": "demo sft completed eval_loss 3.1 -> 2.7 2026-11-30 10:00 2026-11-30 11:00",
     "ppo": "ppo interrupted (resumable at step 2) eval_score 0.2 -> 0.3, kl 0 -> 1.5 2026-11-30 10:10 2026-11-30 11:10",
-    "eval": "eval completed 2026-11-30 10:20 2026-11-30 11:20",
+    "eval": "eval completed reward sft 0.2 2026-11-30 10:20 2026-11-30 11:20",
 }
 
 
@@ -49,7 +49,8 @@ def test_the_healthy_run_is_listed_and_drawn(tmp_path, capsys, monkeypatch):
     healthy_run(root)
     code, out, err = _cli(capsys, "runs", f"run.root={root}")
     assert code == 0 and not err
-    assert _flat(out).splitlines()[2:] == [*HEALTHY.values(), "resume demo/ppo at step 2: rlhf ppo run.name=demo"]
+    assert _flat(out).splitlines()[2:] == [*HEALTHY.values(), "resume demo/ppo at step 2: rlhf ppo run.name=demo",
+                                           f"evaluation table of demo: rlhf runs run.name=demo run.root={root}"]
     monkeypatch.chdir(tmp_path)
     code, out, err = _cli(capsys, "plot", "run.name=demo")
     assert code == 0 and not err
@@ -194,7 +195,8 @@ def test_the_program_itself_never_shows_a_traceback(tmp_path):
 
     res = rlhf("runs")
     assert res.returncode == 0 and res.stderr == "", res.stderr
-    listed = {line.split()[0] for line in res.stdout.splitlines()[2:] if line and not line.startswith((" ", "resume"))}
+    notes = (" ", "resume", "evaluation")  # a stage's row, the lines under the table
+    listed = {line.split()[0] for line in res.stdout.splitlines()[2:] if line and not line.startswith(notes)}
     assert listed == {f"d{i:02d}" for i in range(len(DAMAGE))} | {"caf\\udce9", "multi"}
     res = rlhf("plot", "run.name=multi")
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

@@ -1,0 +1,77 @@
+"""The README's measured numbers come from scripts: the learning benchmark's verdict and table (scripts/bench_chain.py)
+and the demo's table, examples and time (scripts/demo_numbers.py) go between markers the README must keep."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load("bench_chain")
+demo = load("demo_numbers")
+
+
+def run(seed: int, sft: float, gains: dict[str, float]) -> dict:
+    results = {"sft": {"gold_mean": sft, "kl": 0.0, "reward_mean": 1.0}}
+    results.update({p: {"gold_mean": sft + g, "kl": 5.0, "reward_mean": 2.0} for p, g in gains.items()})
+    curves = {s: [{"step": 0, "proxy": 1.0, "gold": sft}, {"step": 10, "proxy": 3.0, "gold": sft + 0.1}]
+              for s in bench.ONLINE}  # fmt: skip
+    return {"seed": seed, "threads": 2, "seconds": 60.0, "curves": curves, "rm_eval_accuracy": 0.9, "results": results,
+            "rm_on_prompts": {"accuracy": 0.9, "accuracy_other": 0.8}}  # fmt: skip
+
+
+def test_a_stage_fails_on_a_low_mean_or_on_any_seed_below_zero():
+    runs = [run(1, 0.5, dict.fromkeys(bench.POLICIES, 0.2)), run(2, 0.6, dict.fromkeys(bench.POLICIES, 0.2))]
+    runs[1]["results"]["ppo"]["gold_mean"] = 0.6 - 0.01  # mean +0.095 and one seed below zero
+    runs[0]["results"]["grpo"]["gold_mean"] = 0.5 + 0.05  # mean +0.125, no seed below zero
+    runs[1]["results"]["rloo"]["gold_mean"] = 0.6 - 0.05  # mean +0.075: above zero on seed 1, under the bar
+    runs[0]["results"]["rloo"]["gold_mean"] = 0.5 + 0.2
+    rows = {r["policy"]: r for r in bench.summary(runs, margin=0.1)}
+    assert rows["dpo"]["ok"] and rows["grpo"]["ok"]
+    assert not rows["ppo"]["ok"] and rows["ppo"]["min"] == pytest.approx(-0.01)
+    assert not rows["rloo"]["ok"] and rows["rloo"]["mean"] == pytest.approx(0.075)
+    assert rows["dpo"]["std"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_learning_table_is_stamped_and_replaces_only_what_is_between_its_markers(tmp_path):
+    runs = [run(1, 0.5, dict.fromkeys(bench.POLICIES, 0.2))]
+    table = bench.markdown(bench.summary(runs, 0.1), runs, 0.1)
+    assert re.search(r"Measured \d{4}-\d\d-\d\d at commit \w+", table) and "| ppo | +0.200 +- 0.000 |" in table
+    assert "- ppo: 0: 1.00 / 0.500, 10: 3.00 / 0.600" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.BEGIN}\nold table\n{bench.END}\nafter\n")
+    bench.update_readme(readme, table)
+    assert readme.read_text() == f"before\n{bench.BEGIN}\n{table}{bench.END}\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        bench.update_readme(readme, table)
+
+
+def test_demo_parts_go_between_their_markers_and_the_minutes_inline(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("takes <!-- demo:minutes:begin -->9<!-- demo:minutes:end --> min\n"
+                      "<!-- demo:table:begin -->\nold\n<!-- demo:table:end -->\nrest\n")  # fmt: skip
+    demo.update(readme, {"minutes": "6", "table": "```\nnew\n```\n"})
+    want = "<!-- demo:table:begin -->\n```\nnew\n```\n<!-- demo:table:end -->\nrest\n"
+    assert readme.read_text() == "takes <!-- demo:minutes:begin -->6<!-- demo:minutes:end --> min\n" + want
+    with pytest.raises(SystemExit, match="demo:score:begin"):
+        demo.update(readme, {"score": "x\n"})
+
+
+def test_the_readme_keeps_every_marker_the_scripts_write_between():
+    text = (ROOT / "README.md").read_text()
+    for part in ("table", "score", "generate", "minutes"):
+        assert text.count(f"<!-- demo:{part}:begin -->") == 1 == text.count(f"<!-- demo:{part}:end -->"), part
+    assert text.count(bench.BEGIN) == 1 == text.count(bench.END)
