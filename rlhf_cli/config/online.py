@@ -5,6 +5,7 @@ here); the same rules hold: every field has its only default here, the tuples li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf_cli.config.schema import DataConfig, PromptDataConfig, RootConfig, TrainStageConfig
 
@@ -163,6 +164,16 @@ class RejectionSamplingStageConfig(TrainStageConfig):
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 GROUPED = ("grpo", "rloo", "reinforce_pp_baseline")  # the estimators that compare a prompt's samples
+# Where each estimator puts the KL to the reference (docs/algorithms.md section 8): "loss", a k3 term of the policy
+# loss (GRPO); "reward", k1 subtracted from the reward before the advantages (RLOO: the sequence's sum; REINFORCE++:
+# per token). The one place that says it; the update and the rollout's need for old log-probs read it from here.
+KL_PLACEMENT = {"grpo": "loss", "rloo": "reward", "reinforce_pp": "reward", "reinforce_pp_baseline": "reward"}
+
+
+def kl_in_loss(st: Any) -> bool:
+    """True when `st.advantage` puts its KL to the reference in the loss (GRPO), not in the reward."""
+    return KL_PLACEMENT[st.advantage] == "loss"
+
 REWARD_SCALINGS = ("group", "batch", "none")
 # How per-token losses become the step's loss (rlhf_cli/losses/critic_free.py AGGREGATIONS).
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
+from rlhf_cli.config.online import kl_in_loss
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import load_tokenizer
@@ -137,7 +138,7 @@ def needs_old_logprobs(st: Any, world_size: int) -> bool:
     """The rollout policy's log-probs are needed for a ratio after the first optimizer step (several epochs or
     mini-batches) and for a KL in the reward (rloo, reinforce_pp); else the ratio is 1 by construction."""
     several = st.ppo_epochs > 1 or critic_free_rows(st, world_size) > mini_batch(st)
-    return several or (st.advantage != "grpo" and st.kl_coef > 0)
+    return several or (not kl_in_loss(st) and st.kl_coef > 0)
 
 
 def iteration(p: Parts, step: int) -> dict[str, float]:

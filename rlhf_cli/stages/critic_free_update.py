@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli.config.online import kl_in_loss
 from rlhf_cli.losses.critic_free import aggregation_count, dynamic_sampling_mask
 from rlhf_cli.rollout.critic_free import Estimate
 from rlhf_cli.rollout.experience import Rollout, concat, take_rows
@@ -33,7 +34,7 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     n = len(ro.prompts)
     mini = st.micro_batch_size * st.gradient_accumulation_steps
     n_mini = n // mini
-    kl_coef = st.kl_coef if st.advantage == "grpo" else 0.0  # the others have their KL in the reward
+    kl_coef = st.kl_coef if kl_in_loss(st) else 0.0  # the others have their KL in the reward
     objective = Objective(st.clip_eps_low, st.clip_eps_high, est.weights, kl_coef, ro.logprobs is not None)
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)  # same shuffles after a resume
     sums = torch.zeros(len(ACTOR_SUMS), dtype=torch.float64)

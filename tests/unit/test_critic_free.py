@@ -393,3 +393,12 @@ def test_aggregation_weights_split_over_micro_batches_equal_aggregate(mode):
     # by hand: tokens 21/6; per-sequence means (2 + 4 + 5.5)/3; Dr. GRPO sums / 4: (6 + 4 + 11)/4/3
     expected = {"token_mean": 21 / 6, "seq_mean_token_mean": 11.5 / 3, "seq_mean_token_sum_norm": 21 / 12}
     assert float(whole) == pytest.approx(expected[mode])
+
+
+def test_every_estimator_says_where_its_kl_goes_and_only_grpo_puts_it_in_the_loss():
+    from types import SimpleNamespace
+
+    from rlhf_cli.config.online import ADVANTAGES, KL_PLACEMENT, kl_in_loss
+
+    assert set(KL_PLACEMENT) == set(ADVANTAGES)
+    assert [a for a in ADVANTAGES if kl_in_loss(SimpleNamespace(advantage=a))] == ["grpo"]
