@@ -1,6 +1,7 @@
 """Typed schemas of the online stages (ppo, rejection_sampling, and the critic-free grpo / rloo / reinforce_pp):
-sampling, the reward source, and each stage's keys. Part of rlhf_cli/config/schema.py (which re-exports every name
-here); the same rules hold: every field has its only default here, the tuples list a field's allowed values."""
+sampling, the reward source, and each stage's keys. Builds on rlhf_cli/config/schema.py, which does not import it
+(the stage registry reads both); the same rules hold: every field has its only default here, the tuples list a
+field's allowed values."""
 
 from __future__ import annotations
 

@@ -346,7 +346,3 @@ class DPORoot(RootConfig):
     data: PairDataConfig = field(default_factory=PairDataConfig)
     stage: DPOStageConfig = field(default_factory=DPOStageConfig)
 
-
-# The online stages (ppo, rejection_sampling, grpo / rloo / reinforce_pp) live in config/online.py, imported last
-# (it builds on the classes above) and re-exported so every schema is reachable as `schema.<Name>`.
-from rlhf_cli.config.online import *  # noqa: E402, F403

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 
 import torch
 
+from rlhf_cli.data.attention import FLAT_ATTENTION, PACKED_ATTENTION, PACKED_MODEL_TYPES, SHARED_PROMPT_ATTENTION
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.logprobs import IGNORE_INDEX
-from rlhf_cli.stages.plan import FLAT_ATTENTION, PACKED_ATTENTION, PACKED_MODEL_TYPES, SHARED_PROMPT_ATTENTION
 
 # also the packing layer's names
 __all__ = ["FLAT_ATTENTION", "PACKED_ATTENTION", "PACKED_MODEL_TYPES", "SHARED_PROMPT_ATTENTION"]
@@ -314,7 +314,7 @@ def model_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The attention mask a batch is called with: a padded batch's (B, T) mask; None for packed rows (transformers
     builds the mask from the position ids); for the shared-prompt layout the explicit (R, 1, W, W) mask, bool for sdpa,
     for eager attention (which adds it to its scores) 0 / the dtype's minimum."""
-    from rlhf_cli.models.reward import unwrap
+    from rlhf_cli.models.load import unwrap
 
     if "branch" not in batch:
         return batch.get("attention_mask")

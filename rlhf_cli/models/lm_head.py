@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rlhf_cli.losses.logprobs import IGNORE_INDEX, chunked_target_logprobs, token_logprobs
-from rlhf_cli.models.reward import unwrap
+from rlhf_cli.models.load import unwrap
 
 # fp32 logits per chunk (2^26 = 256 MiB): positions per chunk = CHUNK_ELEMENTS // vocab (443 for Qwen2.5's 151,936,
 # every position at once for the tiny model's 1,538). A module constant rather than a config key: it changes memory,

@@ -225,3 +225,12 @@ def is_peft_model(model: Any) -> bool:
     """isinstance(model, PeftModel) without importing peft: a PeftModel only exists once something imported peft."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a DeepSpeed engine (`.module`) and/or a PeftModel."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model

@@ -35,10 +35,10 @@ from rlhf_cli.models.load import (
     disable_dropout,
     ensure_distinct_pad,
     is_builtin,
-    is_peft_model,
     load_pretrained,
     load_tokenizer,
     resize_for_tokenizer,
+    unwrap,
 )
 from rlhf_cli.models.tiny import build_tiny_llama
 
@@ -181,15 +181,6 @@ def check_max_length(model: nn.Module, max_length: int) -> None:
             f"data.max_length={max_length} is longer than the {limit} positions of this encoder; "
             f"set data.max_length={limit} or less"
         )
-
-
-def unwrap(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside a DeepSpeed engine (`.module`) and/or a PeftModel."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    if is_peft_model(model):
-        model = model.get_base_model()
-    return model
 
 
 def pools_last_token(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_cli.config.schema import SELECTIONS
+from rlhf_cli.config.online import SELECTIONS
 
 
 def duplicates(responses: list[list[tuple[int, ...]]]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.config import online as o
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.evaluate import EvalRoot
 from rlhf_cli.errors import UserError
@@ -75,9 +76,9 @@ ONLINE_RANGES: dict[str, Range] = {
     "stage.reward.clip": "> 0 or null",
 }
 ONLINE_CHOICES: dict[str, Choice] = {
-    "stage.reward.reduce": s.REWARD_REDUCES,
-    "stage.reward.text": s.REWARD_TEXTS,
-    "stage.reward.normalize": s.REWARD_NORMALIZATIONS,
+    "stage.reward.reduce": o.REWARD_REDUCES,
+    "stage.reward.text": o.REWARD_TEXTS,
+    "stage.reward.normalize": o.REWARD_NORMALIZATIONS,
 }
 
 # Packed training (SFT, RM, DPO): a forward must hold the longest example (for pairs the stage also checks 2x).
@@ -130,7 +131,7 @@ _RS_RANGES: dict[str, Range] = {
 # Selection compares scores of candidates drawn in different generate calls (and with stage.threshold): a running
 # mean / std moves between those calls, so the same answer would score differently.
 _RS_NORMALIZE = (
-    tuple(n for n in s.REWARD_NORMALIZATIONS if n != "running"),
+    tuple(n for n in o.REWARD_NORMALIZATIONS if n != "running"),
     "a running normalisation moves between the generate calls of a round, so the candidates it selects from (and "
     "stage.threshold) would be scored on different scales; use rm_stats (the reward model's recorded mean / std) "
     "or none",
@@ -151,9 +152,9 @@ _CRITIC_FREE_RANGES: dict[str, Range] = {
     **_ON_POLICY_SAMPLING,
 }
 _CRITIC_FREE_CHOICES: dict[str, Choice] = {
-    "stage.advantage": s.ADVANTAGES,
-    "stage.scale_rewards": s.REWARD_SCALINGS,
-    "stage.loss_aggregation": s.LOSS_AGGREGATIONS,
+    "stage.advantage": o.ADVANTAGES,
+    "stage.scale_rewards": o.REWARD_SCALINGS,
+    "stage.loss_aggregation": o.LOSS_AGGREGATIONS,
     **ONLINE_CHOICES,
 }
 
@@ -190,7 +191,7 @@ def _eval_check(cfg: Any) -> None:
 
 
 def _critic_free(name: str, summary: str, example: str) -> StageSpec:
-    return StageSpec(name, "rlhf_cli.stages.critic_free", s.CriticFreeRoot, summary=summary, example=example,
+    return StageSpec(name, "rlhf_cli.stages.critic_free", o.CriticFreeRoot, summary=summary, example=example,
                      formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES,
                      check=_critic_free_check, inputs=_ONLINE_INPUTS)
 
@@ -224,12 +225,12 @@ STAGES: dict[str, StageSpec] = {
                 "stage.rpo_alpha": ">= 0", "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
     ),
     "ppo": StageSpec(
-        "ppo", "rlhf_cli.stages.ppo", s.PPORoot,
+        "ppo", "rlhf_cli.stages.ppo", o.PPORoot,
         summary="PPO with a critic: policy from sft, reward + critic from rm",
         example="rlhf ppo stage.kl_coef=0.1",
         formats=s.PROMPT_FORMATS,
-        choices={"stage.kl_estimator": s.KL_ESTIMATORS, "stage.kl_control": s.KL_CONTROLS, **ONLINE_CHOICES,
-                 "stage.critic.init": s.CRITIC_INITS, "stage.ptx.data.format": s.SFT_FORMATS},
+        choices={"stage.kl_estimator": o.KL_ESTIMATORS, "stage.kl_control": o.KL_CONTROLS, **ONLINE_CHOICES,
+                 "stage.critic.init": o.CRITIC_INITS, "stage.ptx.data.format": s.SFT_FORMATS},
         ranges=_PPO_RANGES,
         check=_ppo_check,
         nested_data=("stage.ptx.data",),
@@ -237,11 +238,11 @@ STAGES: dict[str, StageSpec] = {
         trained_model="actor",
     ),
     "rejection_sampling": StageSpec(
-        "rejection_sampling", "rlhf_cli.stages.rejection_sampling", s.RejectionSamplingRoot,
+        "rejection_sampling", "rlhf_cli.stages.rejection_sampling", o.RejectionSamplingRoot,
         summary="best-of-N rejection sampling in rounds, from sft; reward from rm",
         example="rlhf rejection_sampling stage.n_samples=8 stage.rounds=2",
         formats=s.PROMPT_FORMATS,
-        choices={"stage.selection": s.SELECTIONS, "stage.init": s.ROUND_INITS, **ONLINE_CHOICES,
+        choices={"stage.selection": o.SELECTIONS, "stage.init": o.ROUND_INITS, **ONLINE_CHOICES,
                  "stage.reward.normalize": _RS_NORMALIZE},
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},

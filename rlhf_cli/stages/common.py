@@ -95,7 +95,7 @@ def packing_for(data_cfg: Any, st: Any, model: Any, per_item: int) -> Packing:
         resolve_packing,
         resolve_share_prompt,
     )
-    from rlhf_cli.models.reward import unwrap
+    from rlhf_cli.models.load import unwrap
 
     config = unwrap(model).config
     capacity = data_cfg.max_length * per_item

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf_cli.cli import COMMANDS, STAGES, main
 from rlhf_cli.commands import generate as generate_cmd
 from rlhf_cli.commands.help import field_comments
-from rlhf_cli.config.schema import PPOStageConfig
+from rlhf_cli.config.online import PPOStageConfig
 from rlhf_cli.models import tiny_tokenizer
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)

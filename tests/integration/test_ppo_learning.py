@@ -120,32 +120,34 @@ def test_grpo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
 
 
 def chain(sft_run, tmp_path, seed: list[str]) -> dict:
-    """The benchmark's chain after a copy of `sft_run`: rm, dpo (1 epoch), ppo (30 of 60 iterations), eval; returns
-    the eval results and the reward model's record."""
+    """The benchmark's chain after a copy of `sft_run`, stage by stage with the pipeline file's settings: rm, dpo (1
+    epoch), ppo (30 of 60 iterations), eval; returns the eval results and the reward model's record. (Each stage
+    through the test helper, which forks a process with the libraries loaded; `rlhf pipeline` starts a new
+    interpreter per stage, about 5 s each, and has its own tests.)"""
     runs = _copy(sft_run, tmp_path)
     parity = load_pipeline("parity").overrides
-    ppo = [*parity["ppo"], "stage.max_steps=30", "stage.eval_every=30"]
-    file = tmp_path / "chain.yaml"
-    file.write_text(json.dumps({"stages": ["rm", "dpo", "ppo", "eval"], "overrides": {
-        "rm": [*parity["rm"], "stage.save_every=0"], "dpo": [*parity["dpo"], "stage.epochs=1", "stage.save_every=0"],
-        "ppo": ppo, "eval": ["data=parity", "stage.gold=rlhf_cli.tasks.parity:gold_reward", "stage.kl_samples=2"]}}))
-    res = rlhf("pipeline", f"pipeline={file}", f"run.root={runs}", *seed, "logging.progress=false", cwd=tmp_path,
-               timeout=900)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
+    stages = {"rm": [*parity["rm"], "stage.save_every=0"],
+              "dpo": [*parity["dpo"], "stage.epochs=1", "stage.save_every=0"],
+              "ppo": [*parity["ppo"], "stage.max_steps=30", "stage.eval_every=30"],
+              "eval": ["data=parity", "stage.gold=rlhf_cli.tasks.parity:gold_reward",
+                       "stage.kl_samples=2"]}  # fmt: skip
+    for stage, args in stages.items():
+        res = rlhf(stage, *args, f"run.root={runs}", *seed, "logging.progress=false", cwd=tmp_path, timeout=900)
+        assert res.returncode == 0, (stage, res.stderr[-3000:])
     results = json.loads((runs / "demo" / "eval" / "eval.json").read_text())["results"]
     return {"results": results, "rm": manifest(runs / "demo")["stages"]["rm"]["metrics"]}
 
 
 def test_learned_reward_chain_rm_dpo_and_ppo_on_parity_pairs_beat_the_sft_policy(sft_run, sft_run_seed_2, tmp_path):
-    """The learning benchmark's short version (configs/pipeline/parity.yaml, `make bench-learning`), from two sft
-    starts (seed 42, and the benchmark's seed 2 with the whole chain at seed 2): `rlhf pipeline` runs the pipeline
-    file's reward model on the parity preference pairs, DPO's RPO variant on the same pairs (1 epoch), PPO against
-    the learned reward model with the benchmark's KL budget (30 of its 60 iterations), and `rlhf eval` with the gold
-    metric on the held-out parity prompts. The reward model has to learn parity from pairs it never saw the prompts
-    of, in replies that often name another number; the DPO and PPO policies' greedy answers must beat the SFT
-    policy's on the gold metric, PPO within its KL budget, by the benchmark's rule: a mean gain over the starts and
-    no start below zero. Two starts, so that one start's draw can neither hide a collapse nor fail alone (the
-    benchmark's PPO went from +0.117 to +0.000 on a rounding-level change of its sft start).
+    """The learning benchmark's short version (configs/pipeline/parity.yaml, `make bench-learning`), from two sft starts
+    (seed 42, and the benchmark's seed 2 with the whole chain at seed 2): the pipeline file's reward model on the
+    parity preference pairs, DPO's RPO variant on the same pairs (1 epoch), PPO against the learned reward model
+    with the benchmark's KL budget (30 of its 60 iterations), and `rlhf eval` with the gold metric on the held-out
+    parity prompts. The reward model has to learn parity from pairs it never saw the prompts of, in replies that
+    often name another number; the DPO and PPO policies' greedy answers must beat the SFT policy's on the gold
+    metric, PPO within its KL budget, by the benchmark's rule: a mean gain over the starts and no start below zero.
+    Two starts, so that one start's draw can neither hide a collapse nor fail alone (the benchmark's PPO went from
+    +0.117 to +0.000 on a rounding-level change of its sft start).
 
     Measured (gold of the sft policy -> after): seed 42 DPO 0.572 -> 0.694, PPO -> 0.600 at 5.2 nats (its KL peaked
     at 14 nats at iteration 15 and the adaptive coefficient brought it back); seed 2 PPO 0.561 -> 0.694 at 30

@@ -13,7 +13,7 @@ import torch
 
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import compose
-from rlhf_cli.config.schema import GenerationConfig
+from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.models import load_causal_lm, load_tokenizer
 from rlhf_cli.rollout.generation import sample, sampling_config

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from rlhf_cli.config import online as o
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.compose import compose, config_dir
 from rlhf_cli.stages import STAGES
@@ -197,8 +198,8 @@ def test_allowed_values_are_what_the_dispatching_code_accepts():
     from rlhf_cli.losses import dpo, ppo
 
     assert set(s.DPO_LOSSES) == set(dpo.LOSSES)
-    assert set(s.KL_ESTIMATORS) == set(ppo.KL_ESTIMATORS)
-    assert set(s.KL_CONTROLS) == set(_kl_controllers())
+    assert set(o.KL_ESTIMATORS) == set(ppo.KL_ESTIMATORS)
+    assert set(o.KL_CONTROLS) == set(_kl_controllers())
     assert set(s.SFT_FORMATS) == set(data.FORMATS)
     assert set(s.PREFERENCE_FORMATS) == set(data.PREFERENCE_FORMATS)
     assert set(s.PROMPT_FORMATS) == set(data.PROMPT_FORMATS)
@@ -208,7 +209,7 @@ def test_allowed_values_are_what_the_dispatching_code_accepts():
 
 def test_selections_are_what_the_selection_code_accepts():
     selection = pytest.importorskip("rlhf_cli.rollout.selection")
-    assert set(s.SELECTIONS) == set(selection.SELECTIONS)
+    assert set(o.SELECTIONS) == set(selection.SELECTIONS)
 
 
 def test_every_dpo_loss_and_kl_estimator_dispatches():
@@ -220,7 +221,7 @@ def test_every_dpo_loss_and_kl_estimator_dispatches():
     x = torch.tensor([-1.0, -2.0])
     for kind in s.DPO_LOSSES:
         assert torch.isfinite(dpo.preference_loss(kind, x, x - 1, x, x - 0.5, x.abs(), x.abs(), 0.1, 0.1)).all()
-    for estimator in s.KL_ESTIMATORS:
+    for estimator in o.KL_ESTIMATORS:
         assert torch.isfinite(ppo.kl_penalty(x, x - 0.1, estimator)).all()
     with pytest.raises(ValueError):
         dpo.preference_loss("dpo", x, x, x, x, x, x, 0.1)

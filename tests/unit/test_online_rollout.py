@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from rlhf_cli.config.schema import GenerationConfig
+from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer
 from rlhf_cli.rollout.experience import Advantages, advantages, collect, expand

@@ -14,7 +14,7 @@ from helpers import TINY
 
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import compose
-from rlhf_cli.config.schema import GenerationConfig
+from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from rlhf_cli.config.schema import GenerationConfig
+from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data import PreferencePair, tokenize_pair
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.errors import UserError
