@@ -108,7 +108,7 @@ STAGE_VALUES = {
             "optim.warmup_ratio": 0.0, "data.max_prompt_length": 192, "stage.max_steps": 30,
             "stage.micro_batch_size": 8, "stage.gradient_accumulation_steps": 2, "stage.eval_every": 10,
             "stage.eval_batch_size": 32, "stage.save_every": 10, "stage.rollout_batch_size": 32,
-            "stage.kl_control": "adaptive", "stage.kl_horizon": 64, "stage.reward.normalize": "running"},
+            "stage.kl_control": "adaptive", "stage.kl_horizon": 64},
     "rejection_sampling": {"model.name_or_path": "stage:sft", "optim.lr": 1e-4, "optim.schedule": "constant",
                            "optim.warmup_ratio": 0.0, "data.max_prompt_length": 192, "stage.micro_batch_size": 8,
                            "stage.eval_batch_size": 32, "stage.generation.temperature": 1.0},

@@ -4,6 +4,7 @@ and the demo's table, examples and time (scripts/demo_numbers.py) go between mar
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -75,3 +76,11 @@ def test_the_readme_keeps_every_marker_the_scripts_write_between():
     for part in ("table", "score", "generate", "minutes"):
         assert text.count(f"<!-- demo:{part}:begin -->") == 1 == text.count(f"<!-- demo:{part}:end -->"), part
     assert text.count(bench.BEGIN) == 1 == text.count(bench.END)
+
+
+def test_the_demo_time_is_the_chain_wall_time_the_manifest_recorded(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"stages": {
+        "sft": {"started_at": "2026-12-07T11:02:57+0000", "ended_at": "2026-12-07T11:03:44+0000"},
+        "eval": {"started_at": "2026-12-07T11:07:36+0000", "ended_at": "2026-12-07T11:07:57+0000"}}}))  # fmt: skip
+    assert demo.chain_minutes(manifest) == pytest.approx(5.0)
