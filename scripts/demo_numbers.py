@@ -29,7 +29,7 @@ def rlhf(args: list[str], root: Path, threads: int) -> str:
     """What `rlhf <args> run.root=<root>` printed: its stdout, or its stderr when the command prints its report there
     (the pipeline's summary) (quotes in `args` are for the README and stripped here)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    argv = [a.replace('"', "") for a in args] + [f"run.root={root}", "logging.progress=false"]
+    argv = [a.replace('"', "") for a in args] + [f"run.root={root}"]
     res = subprocess.run([sys.executable, "-m", "rlhf_cli", *argv], cwd=root, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"rlhf {' '.join(argv)} failed:\n{res.stderr[-3000:]}")
@@ -47,7 +47,7 @@ def chain_minutes(manifest: Path) -> float:
 
 def measure(root: Path, threads: int) -> dict[str, str]:
     """Run the demo chain under `root` and the two examples; the README parts they give."""
-    out = rlhf(["pipeline", "run.name=demo"], root, threads)
+    out = rlhf(["pipeline", "run.name=demo", "logging.progress=false"], root, threads)
     minutes = chain_minutes(root / "demo" / "manifest.json")
     table = out[out.index("pipeline summary:"):].strip().replace(str(root) + "/", "runs/")  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
