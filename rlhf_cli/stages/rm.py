@@ -73,17 +73,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     plan = step_plan(len(data.train), st, dist.world_size)
 
     # 3. Reward model (+ gradient checkpointing, LoRA) inside the DeepSpeed engine.
-    model = load_reward_model(model_cfg, source, tokenizer, seed=cfg.seed)
-    check_max_length(model, cfg.data.max_length)
-    if model_cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if model_cfg.lora.enabled:
-        model = apply_reward_lora(model, model_cfg.lora)
-    ds_cfg = eng.ds_config(
-        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
-    )
-    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
-    packing = packing_for(cfg.data, st, engine, per_item=2)
+    model, engine, packing = build_engine(cfg, model_cfg, tokenizer, plan, dist)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
     resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
@@ -125,6 +115,22 @@ def run(cfg: Any, run: Run) -> Path | None:
     check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
     complete_stage(run, st.keep_checkpoints, plots=metrics.plots)
     return run.final_dir
+
+
+def build_engine(cfg: Any, model_cfg: Any, tokenizer: Any, plan: Any, dist: Any) -> tuple[Any, Any, Any]:
+    """(the reward model, its DeepSpeed engine, the step's packing): loaded from `model_cfg.name_or_path` (resolved),
+    with gradient checkpointing and LoRA as configured."""
+    st = cfg.stage
+    model = load_reward_model(model_cfg, model_cfg.name_or_path, tokenizer, seed=cfg.seed)
+    check_max_length(model, cfg.data.max_length)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if model_cfg.lora.enabled:
+        model = apply_reward_lora(model, model_cfg.lora)
+    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
+                           dist.world_size)  # fmt: skip
+    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+    return model, engine, packing_for(cfg.data, st, engine, per_item=2)
 
 
 def resolved_model_config(model_cfg: Any, run: Run) -> Any:
