@@ -201,8 +201,10 @@ def ds_config(ds: Any, optim: Any, micro_batch: int, grad_accum: int, world_size
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                # torch's AdamW on CPU; DeepSpeed's fused/CPU-Adam kernels when a GPU or offload asks for them.
-                "torch_adam": not torch.cuda.is_available() and not ds.offload_optimizer,
+                # torch's AdamW on a CPU-only host, offload included (the states are in CPU memory already, and
+                # DeepSpeed's CPU Adam, the same AdamW in C++, would be compiled on first use); with a GPU, DeepSpeed's
+                # fused Adam, or its CPU Adam for offloaded states.
+                "torch_adam": not torch.cuda.is_available(),
             },
         },
         "steps_per_print": 10**9,
@@ -246,7 +248,8 @@ def lr_schedule(optim: Any, total_steps: int):
 
 def initialize(model: torch.nn.Module, config: dict, optim: Any, total_steps: int):
     """Wrap `model` in a DeepSpeed engine with AdamW and the schedule; returns the engine."""
-    if config["zero_optimization"].get("offload_optimizer"):  # DeepSpeed's CPU Adam is compiled on first use
+    adam = config["optimizer"]["params"]
+    if config["zero_optimization"].get("offload_optimizer") and not adam.get("torch_adam"):  # CPU Adam is compiled
         needs_compiler("deepspeed.offload_optimizer=true (DeepSpeed's CPU Adam)")
     engine, _, _, _ = deepspeed.initialize(
         model=model,

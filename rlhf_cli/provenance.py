@@ -1,4 +1,4 @@
-"""What each stage was built from, and whether that still holds (README: "The run directory").
+"""What each stage was built from, and whether that still holds (docs/run-directory.md, "Provenance").
 
 Every stage records in its manifest record a `provenance`: the fingerprint of its own config (`config_hash`) and,
 for each input its config names (the registry's `inputs` keys: the starting model, the data, the reference, the

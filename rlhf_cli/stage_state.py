@@ -1,4 +1,4 @@
-"""What a stage command does with what is already in its run directory (README "The run directory"): refuse a
+"""What a stage command does with what is already in its run directory (docs/run-directory.md): refuse a
 completed stage or a stale input, resume, or start again from scratch (`run.overwrite`), decided by rank 0 when the
 run is opened, before any model loads.
 

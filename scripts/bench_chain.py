@@ -10,12 +10,14 @@ over SFT (mean, spread, worst seed) and its mean KL, and for the online stages t
 held-out evaluations during training (over-optimisation shows as the proxy climbing while the gold stalls).
 
 Exit status 1 when a policy's mean gain is under the bar (--margin) or any seed's gain is under zero.
-`--markdown FILE` writes the summary as a markdown table stamped with the date and commit, and `--readme README.md`
-puts that table between the README's `<!-- bench-learning:begin -->` / `<!-- bench-learning:end -->` markers.
+`--markdown FILE` writes the summary as a markdown table stamped with the date and commit, and `--doc` puts that
+table between the `<!-- bench-learning:begin -->` / `<!-- bench-learning:end -->` markers of docs/benchmarks.md
+(section "Does each stage help? The learning benchmark"; `--doc FILE` for another page with the markers, checked before
+anything runs). `--readme FILE` is the option's former name (the table moved from the README to docs/benchmarks.md).
 About 7 minutes per seed on 2 idle CPU cores.
 
 Usage: python scripts/bench_chain.py [--seeds 1 2 3] [--threads 2] [--margin 0.1] [--out results.json]
-[--keep DIR] [--markdown FILE] [--readme README.md]
+[--keep DIR] [--markdown FILE] [--doc [FILE]]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ POLICIES = ("ppo", "dpo", "rejection_sampling", "grpo", "rloo")
 ONLINE = ("ppo", "rejection_sampling", "grpo", "rloo")
 PARITY = Path(__file__).resolve().parent.parent / "rlhf_cli" / "assets" / "parity.jsonl"
 BEGIN, END = "<!-- bench-learning:begin -->", "<!-- bench-learning:end -->"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"  # the page whose markers hold the table
 
 
 def run_chain(seed: int, threads: int, root: Path) -> dict:
@@ -172,12 +175,18 @@ def markdown(rows: list[dict], runs: list[dict], margin: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
+def check_markers(doc: Path) -> str:
+    """The page's text; an error naming the page when it lacks the markers (before a run of many minutes)."""
+    text = doc.read_text() if doc.is_file() else ""
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: no {BEGIN} ... {END} markers to put the table between")
-    head, rest = text.split(BEGIN, 1)
-    readme.write_text(head + BEGIN + "\n" + table + END + rest.split(END, 1)[1])
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to put the table between (they are in {DOC})")
+    return text
+
+
+def update_doc(doc: Path, table: str) -> None:
+    """Put `table` between the page's markers, leaving the rest of the page as it is."""
+    head, rest = check_markers(doc).split(BEGIN, 1)
+    doc.write_text(head + BEGIN + "\n" + table + END + rest.split(END, 1)[1])
 
 
 def main() -> None:
@@ -188,8 +197,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="every seed's results as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="run under this (new) folder and keep the runs")
     parser.add_argument("--markdown", type=Path, default=None, help="write the summary table here")
-    parser.add_argument("--readme", type=Path, default=None, help="put the summary table between this file's markers")
+    parser.add_argument("--doc", "--readme", type=Path, nargs="?", const=DOC, default=None, metavar="FILE",
+                        help="put the table between this page's markers (default docs/benchmarks.md)")  # fmt: skip
     args = parser.parse_args()
+    if args.doc:
+        check_markers(args.doc)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -207,8 +219,8 @@ def main() -> None:
     table = markdown(rows, runs, args.margin)
     if args.markdown:
         args.markdown.write_text(table)
-    if args.readme:
-        update_readme(args.readme, table)
+    if args.doc:
+        update_doc(args.doc, table)
     sys.exit(0 if all(row["ok"] for row in rows) else 1)
 
 

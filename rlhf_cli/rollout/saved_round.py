@@ -1,5 +1,5 @@
-"""Whether a rejection-sampling round's saved work still holds for the config it is resumed under (README "Rejection
-sampling", Outputs and resume).
+"""Whether a rejection-sampling round's saved work still holds for the config it is resumed under (docs/stages.md
+"Rejection sampling", Outputs and resume).
 
 A round saves its candidates (chunk files while it draws them, then candidates.jsonl) with `drawn.json`, the record
 of what they were drawn with: the policy that drew them, N, the sampling settings, the reward, the prompts and the

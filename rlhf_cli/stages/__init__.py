@@ -46,7 +46,7 @@ class StageSpec:
     # A rule across keys, called with the validated config (raises UserError): checked at composition, so a bad
     # combination is refused before anything is loaded, and before a pipeline runs its first stage.
     check: Callable[[Any], None] | None = None
-    # The config keys that name what the stage reads (README "The run directory"): `stage:<name>` values are the
+    # The config keys that name what the stage reads (docs/run-directory.md "Provenance"): `stage:<name>` values are the
     # stages it depends on (a pipeline must run them first), and each input is fingerprinted into its provenance.
     inputs: tuple[str, ...] = ("model.name_or_path", "model.tokenizer", "data.source")
     optional_inputs: tuple[str, ...] = ()  # keys whose `stage:<name>` may be absent (the stage then goes without)

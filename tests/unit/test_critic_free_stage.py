@@ -171,7 +171,7 @@ EQUAL = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_an_all_equal_group_under_reinforce_pp_baseline_gets_the_whitening_shift_but_filler_gets_nothing():
-    """The README's rule: a real all-equal group keeps OpenRLHF's advantage (the batch whitening's shift), a group
+    """docs/stages.md's rule: a real all-equal group keeps OpenRLHF's advantage (the batch whitening's shift), a group
     that dynamic sampling only adds to fill the batch is out of the loss, of the weights and of the whitening."""
     st = _st("reinforce_pp_baseline", kl_coef=0.0)
     # Group 0's tokens carry 0.75 (x3), -0.25 (x1, x4, x2): sum 0.5, squares 2.125 over 10 tokens; group 1's 11

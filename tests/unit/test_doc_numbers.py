@@ -1,5 +1,6 @@
-"""The README's measured numbers come from scripts: the learning benchmark's verdict and table (scripts/bench_chain.py)
-and the demo's table, examples and time (scripts/demo_numbers.py) go between markers the README must keep."""
+"""The docs' measured numbers come from scripts: the learning benchmark's verdict and table (scripts/bench_chain.py)
+go between markers docs/benchmarks.md must keep, the demo's table, examples and time (scripts/demo_numbers.py) between
+markers the README must keep."""
 
 from __future__ import annotations
 
@@ -51,13 +52,34 @@ def test_the_learning_table_is_stamped_and_replaces_only_what_is_between_its_mar
     table = bench.markdown(bench.summary(runs, 0.1), runs, 0.1)
     assert re.search(r"Measured \d{4}-\d\d-\d\d at commit \w+", table) and "| ppo | +0.200 +- 0.000 |" in table
     assert "- ppo: 0: 1.00 / 0.500, 10: 3.00 / 0.600" in table
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{bench.BEGIN}\nold table\n{bench.END}\nafter\n")
-    bench.update_readme(readme, table)
-    assert readme.read_text() == f"before\n{bench.BEGIN}\n{table}{bench.END}\nafter\n"
-    readme.write_text("no markers\n")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"before\n{bench.BEGIN}\nold table\n{bench.END}\nafter\n")
+    bench.update_doc(page, table)
+    assert page.read_text() == f"before\n{bench.BEGIN}\n{table}{bench.END}\nafter\n"
+    page.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
-        bench.update_readme(readme, table)
+        bench.update_doc(page, table)
+    with pytest.raises(SystemExit, match="markers"):
+        bench.check_markers(tmp_path / "missing.md")
+
+
+def test_the_learning_table_goes_to_docs_benchmarks_and_a_page_without_markers_is_refused_first(monkeypatch):
+    """`--doc` alone names docs/benchmarks.md; a page without the markers (the README, named through `--readme`, the
+    option's former name) is refused before the benchmark runs its many minutes."""
+    assert bench.DOC == ROOT / "docs" / "benchmarks.md"
+    ran, wrote = [], []
+    monkeypatch.setattr(bench, "run_chain", lambda seed, threads, root: ran.append(seed) or run(seed, 0.5, {}))
+    monkeypatch.setattr(bench, "summary", lambda runs, margin: [])
+    monkeypatch.setattr(bench, "update_doc", lambda doc, table: wrote.append(doc))
+    monkeypatch.setattr("sys.argv", ["bench_chain.py", "--seeds", "1", "--readme", str(ROOT / "README.md")])
+    with pytest.raises(SystemExit, match="no <!-- bench-learning:begin -->"):
+        bench.main()
+    assert ran == [] and wrote == []
+    monkeypatch.setattr(bench, "print_seed", lambda r: None)
+    monkeypatch.setattr("sys.argv", ["bench_chain.py", "--seeds", "1", "--doc"])
+    with pytest.raises(SystemExit) as done:
+        bench.main()
+    assert done.value.code == 0 and ran == [1] and wrote == [bench.DOC]
 
 
 def test_demo_parts_go_between_their_markers_and_the_minutes_inline(tmp_path):
@@ -71,11 +93,17 @@ def test_demo_parts_go_between_their_markers_and_the_minutes_inline(tmp_path):
         demo.update(readme, {"score": "x\n"})
 
 
-def test_the_readme_keeps_every_marker_the_scripts_write_between():
+def test_the_pages_keep_every_marker_the_scripts_write_between():
     text = (ROOT / "README.md").read_text()
     for part in ("table", "score", "generate", "minutes"):
         assert text.count(f"<!-- demo:{part}:begin -->") == 1 == text.count(f"<!-- demo:{part}:end -->"), part
-    assert text.count(bench.BEGIN) == 1 == text.count(bench.END)
+    assert bench.BEGIN not in text and bench.END not in text  # the learning table lives in docs/benchmarks.md
+    for page in sorted((ROOT / "docs").glob("*.md")):  # a copy of a demo part on a page would go stale
+        assert not re.search(r"<!-- demo:(table|score|generate|minutes):", page.read_text()), page.name
+    page = bench.DOC.read_text()
+    assert page.count(bench.BEGIN) == 1 == page.count(bench.END)
+    stamp = re.search(re.escape(bench.BEGIN) + r"\nMeasured \d{4}-\d\d-\d\d at commit \w+", page)
+    assert stamp, "the learning table keeps its stamp right after the begin marker"
 
 
 def test_the_demo_time_is_the_chain_wall_time_the_manifest_recorded(tmp_path):

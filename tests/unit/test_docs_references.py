@@ -1,5 +1,6 @@
 """Every reference to the algorithms manual (`docs/algorithms.md section N.M`, `sections A and B`, `sections A-B`,
-`docs/algorithms.md#anchor`) in the code, configs, scripts and README points to a section or anchor that exists."""
+`docs/algorithms.md#anchor`) in the code, configs, scripts, README and the other docs pages points to a section or
+anchor that exists."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ CITE = re.compile(r"docs/algorithms\.md(?:\s+sections?\s+" + NUMS + r"|#(?P<anch
 
 def sources() -> list[Path]:
     found = [ROOT / "README.md", ROOT / "Makefile"]
+    found += [p for p in sorted((ROOT / "docs").glob("*.md")) if p != MANUAL]  # the pages the README links to
     for folder, pattern in (("rlhf_cli", "*.py"), ("configs", "*.yaml"), ("tests", "*.py"), ("scripts", "*.py")):
         found += sorted((ROOT / folder).rglob(pattern))
     return [p for p in found if p != Path(__file__).resolve()]  # this file names the patterns it looks for

@@ -1,5 +1,6 @@
-"""Metrics: the progress bar at 80 columns keeps step/total and the ETA, plain log lines carry the ETA and what the
-README promises for every stage (loss, lr, tokens/s), and a resumed run drops the rows of the steps it replays."""
+"""Metrics: the progress bar at 80 columns keeps step/total and the ETA, plain log lines carry the ETA and what
+docs/stages.md promises for every stage (loss, lr, tokens/s), and a resumed run drops the rows of the steps it
+replays."""
 
 import io
 import json

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rlhf_cli.errors import UserError
 
@@ -88,8 +89,24 @@ def test_offload_without_a_compiler_is_one_clear_message(monkeypatch):
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}, "optimizer": {"params": {}}}
     with pytest.raises(UserError, match=r"deepspeed.offload_optimizer=true .*no C\+\+ compiler was found"):
-        engine.initialize(None, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, None, 1)
+        engine.initialize(None, config, None, 1)  # with a GPU: DeepSpeed's CPU Adam, compiled on first use
+
+
+def test_offload_on_a_cpu_only_host_steps_with_torch_adamw_and_needs_no_compiler(monkeypatch):
+    from rlhf_cli import engine
+    from rlhf_cli.config.compose import compose
+
+    cfg = compose("sft", ["deepspeed=zero3_offload"])
+    config = engine.ds_config(cfg.deepspeed, cfg.optim, 1, 1, 1)
+    assert config["zero_optimization"]["offload_optimizer"] and config["optimizer"]["params"]["torch_adam"] is True
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    calls = []
+    monkeypatch.setattr(engine.deepspeed, "initialize", lambda **kw: calls.append(kw) or (None, None, None, None))
+    engine.initialize(torch.nn.Linear(2, 2), config, cfg.optim, 1)  # no compiler asked for
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
