@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-numbers test bench bench-learning bench-learning-stages lint clean
+.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint clean
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -26,8 +26,17 @@ demo: install
 demo-numbers: install
 	$(BIN)/python scripts/demo_numbers.py
 
+# The suite (what CI runs): everything but the learning tests on TEST_WORKERS pytest-xdist workers, one torch thread
+# each; then the learning tests alone on two threads, the setting their numbers were measured with (tests/conftest.py).
+# Exit code 5 is pytest's "nothing selected", for a PYTEST_ARGS that picks tests of one phase only.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not learning" $(PYTEST_ARGS) || test $$? -eq 5
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m learning $(PYTEST_ARGS) || test $$? -eq 5
+
+# The edit-test loop: the unit tests and a few end-to-end smoke tests (tests/conftest.py SMOKE), about 2 minutes.
+test-fast: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not learning" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -29,6 +29,8 @@ from conftest import manifest, metrics, rlhf
 
 from rlhf_cli.commands.pipeline import load_pipeline
 
+pytestmark = pytest.mark.learning  # run alone on two threads by `make test` (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):

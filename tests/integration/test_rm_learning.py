@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import FAST, manifest, metrics, rlhf
 
 from rlhf_cli.data.sources import ASSETS_DIR
+
+pytestmark = pytest.mark.learning  # run alone on two threads by `make test` (tests/conftest.py)
 
 LEARNABLE = ("rude", "truncated", "repetition")
 
