@@ -31,12 +31,12 @@ demo-numbers: install
 # Exit code 5 is pytest's "nothing selected", for a PYTEST_ARGS that picks tests of one phase only.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not learning" $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not learning and not slurm" $(PYTEST_ARGS) || test $$? -eq 5
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m learning $(PYTEST_ARGS) || test $$? -eq 5
 
 # The edit-test loop: the unit tests and a few end-to-end smoke tests (tests/conftest.py SMOKE), about 2 minutes.
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not learning" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not learning and not slurm" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from rlhf_cli.engine import barrier
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 from rlhf_cli.models.weights import error_summary, is_unreadable_file_error, torch_file_problem
-from rlhf_cli.run_dir import COMPLETE_MARKER, checkpoint_step, complete_checkpoints
 
 
 def rng_state() -> dict:

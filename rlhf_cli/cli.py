@@ -1,6 +1,6 @@
 """`rlhf <stage> [overrides]`: compose -> validate -> run directory -> the stage's `run(cfg, run)`.
 
-The stages, their summaries and examples come from the registry (rlhf_cli/stages/__init__.py).
+The stages, their summaries and examples come from the registry (rlhf_cli/registry.py).
 
 No training logic here. Every `UserError` ends as one red line on stderr and exit code 2, no traceback.
 """
@@ -13,17 +13,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from rlhf_cli import launch, preempt
 from rlhf_cli.errors import UserError
-from rlhf_cli.stages import STAGES
-
-if TYPE_CHECKING:
-    from rlhf_cli.run_dir import Run
+from rlhf_cli.files import checkpoint_step
+from rlhf_cli.registry import STAGES
+from rlhf_cli.run_dir import Run
 
 STARTED = time.monotonic()  # for the wall time of the command in the end-of-stage summary
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -115,7 +115,7 @@ def run_stage(stage: str, args: list[str]) -> int:
         out_console.print(to_yaml(cfg), end="", markup=False)
         return 0
 
-    from rlhf_cli.run_dir import open_run
+    from rlhf_cli.stage_state import open_run
 
     if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
         # A completed stage, a stale or missing input or a run in use is refused before torchrun starts any rank.
@@ -135,7 +135,7 @@ def run_stage(stage: str, args: list[str]) -> int:
 def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
     """Join the process group, open the run directory (unless this single process has: `run`), run the stage."""
     from rlhf_cli.config.compose import config_hash
-    from rlhf_cli.run_dir import open_run
+    from rlhf_cli.stage_state import open_run
 
     try:
         from rlhf_cli import engine  # torch and DeepSpeed; in here, so a stop while they load goes to record_stop
@@ -241,6 +241,28 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
+def after_ctrl_c(exc: KeyboardInterrupt) -> str:
+    """Where the same command starts again after a Ctrl-C that stopped at once: the newest complete checkpoint of the
+    stage, or step 0. The stage's run is taken from the traceback: the interrupt crossed the frame that opened it
+    (`run_stage`) unless it came before, when nothing of the run is known yet."""
+    run = _run_in(exc.__traceback__)
+    if run is None:
+        return "the same command resumes from the newest checkpoint of the stage, if there is one"
+    newest = run.latest_checkpoint()
+    if newest is None:
+        return "no checkpoint yet: the next run starts at step 0"
+    return f"the next run resumes from step {checkpoint_step(newest)} ({newest})"
+
+
+def _run_in(tb: TracebackType | None) -> Run | None:
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, Run):
+                return value
+        tb = tb.tb_next
+    return None
+
+
 def _main(argv: list[str] | None) -> int:
     # Our own progress bar and log lines say what happens; the libraries' per-file bars only add noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -254,7 +276,7 @@ def _main(argv: list[str] | None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         return exc.exit_code
     except KeyboardInterrupt as exc:  # a Ctrl-C that stopped at once (inside the training loop the first one saves)
-        err_console.print(f"[yellow]interrupted[/]: {preempt.after_ctrl_c(exc)}")
+        err_console.print(f"[yellow]interrupted[/]: {after_ctrl_c(exc)}")
         return 130
 
 

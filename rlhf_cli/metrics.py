@@ -18,7 +18,7 @@ from rich.table import Column
 from rich.text import Text
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import atomic_write_text
+from rlhf_cli.files import atomic_write_text
 
 console = Console(stderr=True, soft_wrap=True)
 UNKNOWN_ETA = "-:--:--"  # what rich's TimeRemainingColumn shows before it can estimate

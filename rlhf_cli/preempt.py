@@ -4,7 +4,8 @@ job. The handler only sets a flag; the training loop asks all ranks at the next 
 Re-running the same command (or the requeued job) resumes from that checkpoint.
 
 Ctrl-C (SIGINT) during the training loop is the same request (`ctrl_c_saves`); a second Ctrl-C stops at once. Outside
-the loop (loading, final evaluation, export) Ctrl-C stops at once, and `after_ctrl_c` says where the next run starts."""
+the loop (loading, final evaluation, export) Ctrl-C stops at once, and cli.py `after_ctrl_c` says where the next run
+starts."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import FrameType, TracebackType
+from types import FrameType
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import Run, checkpoint_step
 
 # EX_TEMPFAIL from sysexits.h: "try again later". Batch scripts requeue on it (scripts/slurm_multinode.sbatch).
 PREEMPTED_EXIT_CODE = 75
@@ -79,28 +79,6 @@ def signal_name() -> str:
     if not _received:
         return ""
     return "Ctrl-C (SIGINT)" if _received[0] == signal.SIGINT else signal.Signals(_received[0]).name
-
-
-def after_ctrl_c(exc: KeyboardInterrupt) -> str:
-    """Where the same command starts again after a Ctrl-C that stopped at once: the newest complete checkpoint of the
-    stage, or step 0. The stage's run is taken from the traceback: the interrupt crossed the frame that opened it
-    (cli.run_stage) unless it came before, when nothing of the run is known yet."""
-    run = _run_in(exc.__traceback__)
-    if run is None:
-        return "the same command resumes from the newest checkpoint of the stage, if there is one"
-    newest = run.latest_checkpoint()
-    if newest is None:
-        return "no checkpoint yet: the next run starts at step 0"
-    return f"the next run resumes from step {checkpoint_step(newest)} ({newest})"
-
-
-def _run_in(tb: TracebackType | None) -> Run | None:
-    while tb is not None:
-        for value in tb.tb_frame.f_locals.values():
-            if isinstance(value, Run):
-                return value
-        tb = tb.tb_next
-    return None
 
 
 class Preempted(UserError):

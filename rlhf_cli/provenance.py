@@ -135,7 +135,7 @@ def input_specs(cfg: Any, keys: tuple[str, ...], manifest: dict | None = None) -
 
 def default_policies(manifest: dict) -> list[str]:
     """`rlhf eval` with no stage.policies: every completed stage of the run that trains a policy."""
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     stages = manifest.get("stages", {})
     return [s for s, rec in stages.items() if isinstance(rec, dict) and rec.get("status") == "completed"

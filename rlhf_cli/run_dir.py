@@ -7,7 +7,8 @@
     runs/<name>/<stage>/final/            Hugging Face folder handed to the next stage
 
 Rank 0 alone writes; every write of the manifest goes to a temporary file that is then renamed, so a
-crash never leaves a half-written manifest.
+crash never leaves a half-written manifest. The file helpers lower modules share (atomic writes, the checkpoint
+folders, the run-name rule) are in files.py; a stage opens its run with stage_state.py `open_run`.
 """
 
 from __future__ import annotations
@@ -25,20 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import atomic_write_text, complete_checkpoints, incomplete_checkpoints
 from rlhf_cli.jsonsafe import json_safe, load_json
 from rlhf_cli.provenance import damage, new_completion
 
-COMPLETE_MARKER = "COMPLETE"
 _PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "peft", "hydra-core", "omegaconf", "rlhf-cli")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -72,46 +64,9 @@ def now() -> str:
     return time.strftime(TIME_FORMAT)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Committed checkpoints `step-N/` (with the COMPLETE marker), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.glob("step-*") if _step(p.name) is not None and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=checkpoint_step)
-
-
-def resume_step(stage_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint under <stage>/checkpoints/ (rejection sampling keeps them one
-    level down, in round-k/; its steps are numbered across rounds); None when there is none."""
-    ckpt = stage_dir / "checkpoints"
-    found = [*ckpt.glob(f"step-*/{COMPLETE_MARKER}"), *ckpt.glob(f"*/step-*/{COMPLETE_MARKER}")]
-    # A marker that is not a file does not count, as for the resume itself (`complete_checkpoints`).
-    steps = [step for p in found if p.is_file() and (step := _step(p.parent.name)) is not None]
-    return max(steps, default=None)
-
-
-def _step(name: str) -> int | None:
-    """N of a `step-N` folder name; None for step-abc, step- and the like, and for digits int() takes but a resume
-    does not (`step-²`). A folder name is at most 255 bytes, so int() is never asked for thousands of digits."""
-    digits = name[5:]
-    return int(digits) if digits.isascii() and digits.isdigit() else None
-
-
-def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoint folders a crash left behind: temporary ones and renamed ones without the marker."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.name.startswith(("step-", ".tmp-step-"))]
-    return sorted(p for p in found if not (p / COMPLETE_MARKER).is_file())
-
-
 @dataclass
 class Run:
-    """One stage's view of a run directory. Build it with `open_run`."""
+    """One stage's view of a run directory. Build it with `open_run` (stage_state.py)."""
 
     root: Path
     stage: str
@@ -269,7 +224,7 @@ def _make_dirs(path: Path) -> list[Path]:
     return made[::-1]
 
 
-def _lock_run_dir(root: Path) -> tuple[list[Path], Any]:
+def lock_run_dir(root: Path) -> tuple[list[Path], Any]:
     """Make the run directory where needed and lock it: (the folders made, innermost first; the lock)."""
     for _ in range(10):
         made = _make_dirs(root)
@@ -313,51 +268,14 @@ def _same_file(fh: Any, path: Path) -> bool:
         return False
 
 
-def check_run_name(name: str, what: str = "config key `run.name`") -> None:
-    """A run name is one folder name, so `<root>/<name>` is a folder inside the root: an empty name would make the
-    root itself the run directory, `..` or a separator would write (and, with run.overwrite, delete) outside it."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise UserError(
-            f"{what} is {name!r}, must be a single folder name (not empty, not `.` or `..`, no `/`, `\\` or NUL)"
-        )
-
-
-def open_run(run_cfg: Any, stage: str, is_main: bool = True, cfg: Any = None, check_only: bool = False) -> Run:
-    """Open `<root>/<name>/` for `stage`: lock it (rank 0), check what the stage would read and what it would
-    resume or replace (`stage_state.decide`: with the composed `cfg`, provenance, staleness and the data files and
-    model folders it names too), and under `run.overwrite` move the old stage folder aside until the new run has
-    started (`begin`). Every rank calls it; ranks then meet at a barrier before reading `latest_checkpoint()`, so
-    they agree on where to resume. Only rank 0 checks and writes. A refusal leaves the run directory as it was (a
-    run directory made for it is removed again). `check_only`: the checks alone, nothing moved and nothing left
-    behind (before torchrun starts the ranks)."""
-    from rlhf_cli.stage_state import decide, restore_overwritten, set_aside
-
-    check_run_name(run_cfg.name)  # again here, before anything is created or deleted: callers may skip compose()
-    root = Path(run_cfg.root) / run_cfg.name
-    run = Run(root=root, stage=stage, is_main=is_main)
-    if not is_main:
-        return run
-    run.made, run._lock = _lock_run_dir(root)
-    try:
-        restore_overwritten(run)  # a process that died before its overwrite began: the old output comes back
-        run.stage_was_there = os.path.lexists(run.stage_dir)
-        fresh = decide(run, run_cfg, cfg)
-        if fresh and not check_only:
-            set_aside(run)
-        if not check_only:
-            run.stage_dir.mkdir(parents=True, exist_ok=True)
-    except BaseException:
-        run.discard()
-        raise
-    if check_only:
-        run.discard()
-    return run
+def aside_dir(run: Run) -> Path:
+    """Where `run.overwrite` keeps the old stage folder until the new run has started (stage_state.set_aside)."""
+    return run.root / f".{run.stage}.replaced"
 
 
 def commit_overwrite(run: Run) -> None:
-    """The new run of an overwritten stage has started: the old output set aside by `open_run` goes for good."""
-    from rlhf_cli.stage_state import aside_dir
-
+    """The new run of an overwritten stage has started: the old output set aside by `open_run` (stage_state.py) goes
+    for good."""
     record = run.stage_record()
     if "replacing" in record:
         manifest = run.read_manifest()

@@ -1,6 +1,6 @@
 """What a stage command does with what is already in its run directory (docs/run-directory.md): refuse a
 completed stage or a stale input, resume, or start again from scratch (`run.overwrite`), decided by rank 0 when the
-run is opened, before any model loads.
+run is opened (`open_run`), before any model loads.
 
 - An input that is a stage of the run must be completed and intact on disk, and not stale itself (its own inputs
   unchanged since it completed), unless `run.allow_stale_inputs`.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import check_run_name, resume_step
 from rlhf_cli.provenance import (
     STAGE_PREFIX,
     changes,
@@ -33,7 +34,7 @@ from rlhf_cli.provenance import (
     stale_reasons,
     upstream,
 )
-from rlhf_cli.run_dir import resume_step
+from rlhf_cli.run_dir import Run, aside_dir, lock_run_dir
 
 INTENT_ENV = "RLHF_OVERWRITE_INTENT"
 RECORD_FILE = ".manifest-record.json"  # the replaced stage's manifest record, inside the folder set aside
@@ -44,19 +45,45 @@ def overwrite_intent() -> str:
     return os.environ.get(INTENT_ENV) or hashlib.sha256(" ".join(sys.argv[1:]).encode()).hexdigest()[:16]
 
 
-def aside_dir(run: Any) -> Path:
-    return run.root / f".{run.stage}.replaced"
-
-
 def has_saved_work(stage_dir: Path) -> bool:
     """Complete resume checkpoints under <stage>/checkpoints/ (one level down for rejection sampling's rounds)."""
     return resume_step(stage_dir) is not None
 
 
+def open_run(run_cfg: Any, stage: str, is_main: bool = True, cfg: Any = None, check_only: bool = False) -> Run:
+    """Open `<root>/<name>/` for `stage`: lock it (rank 0), check what the stage would read and what it would
+    resume or replace (`decide`: with the composed `cfg`, provenance, staleness and the data files and
+    model folders it names too), and under `run.overwrite` move the old stage folder aside until the new run has
+    started (`Run.begin`). Every rank calls it; ranks then meet at a barrier before reading `latest_checkpoint()`, so
+    they agree on where to resume. Only rank 0 checks and writes. A refusal leaves the run directory as it was (a
+    run directory made for it is removed again). `check_only`: the checks alone, nothing moved and nothing left
+    behind (before torchrun starts the ranks)."""
+    check_run_name(run_cfg.name)  # again here, before anything is created or deleted: callers may skip compose()
+    root = Path(run_cfg.root) / run_cfg.name
+    run = Run(root=root, stage=stage, is_main=is_main)
+    if not is_main:
+        return run
+    run.made, run._lock = lock_run_dir(root)
+    try:
+        restore_overwritten(run)  # a process that died before its overwrite began: the old output comes back
+        run.stage_was_there = os.path.lexists(run.stage_dir)
+        fresh = decide(run, run_cfg, cfg)
+        if fresh and not check_only:
+            set_aside(run)
+        if not check_only:
+            run.stage_dir.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        run.discard()
+        raise
+    if check_only:
+        run.discard()
+    return run
+
+
 def decide(run: Any, run_cfg: Any, cfg: Any) -> bool:
     """Check the stage against its run directory (rank 0); True when it starts again from scratch (an overwrite).
     Without the composed `cfg` (tests of the lock alone) only the completed / overwrite rule is checked."""
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     manifest = run.read_manifest()
     record = manifest["stages"].get(run.stage) or {}
@@ -141,7 +168,7 @@ def already_complete(run: Any, manifest: dict, record: dict) -> str:
     if run.provenance and prov.get("config") and prov["config"] != run.provenance["config"]:
         reasons.append(f"the config changed (hash {prov['config']} -> {run.provenance['config']})")
     stale = f"; it is stale: {'; '.join(reasons)}" if reasons else ""
-    from rlhf_cli.stages import completed_refusal
+    from rlhf_cli.registry import completed_refusal
 
     return completed_refusal(run.stage, run.root, stale)
 

@@ -3,8 +3,8 @@ inside functions included, checked against the layer order below; prints the imp
 point up a layer, and exits 1 when there is any.
 
 A module may import from its own layer or the ones listed before it, never from a later one:
-errors, jsonsafe, tasks -> config, data, losses, models, metrics, preempt, checkpoints, engine -> run_dir,
-provenance, stage_state, summary, plots, registry -> rollout -> stages -> commands, launch, cli.
+errors, jsonsafe, files, tasks -> config, registry, data, losses, models, metrics, preempt, checkpoints, engine ->
+run_dir, provenance, stage_state, summary, plots -> rollout -> stages -> commands, launch, cli.
 
 Usage: python scripts/check_layers.py [--package rlhf_cli]
 """
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 LAYERS = [
-    ["errors", "jsonsafe", "tasks", "assets", "__init__"],
-    ["config", "data", "losses", "models", "metrics", "preempt", "checkpoints", "engine"],
-    ["run_dir", "provenance", "stage_state", "summary", "plots", "registry"],
+    ["errors", "jsonsafe", "files", "tasks", "assets", "__init__"],
+    ["config", "registry", "data", "losses", "models", "metrics", "preempt", "checkpoints", "engine"],
+    ["run_dir", "provenance", "stage_state", "summary", "plots"],
     ["rollout"],
     ["stages"],
     ["commands", "launch", "cli", "__main__"],

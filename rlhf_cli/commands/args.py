@@ -65,7 +65,8 @@ def resolve_checkpoint(model: str | None, run: str | None, root: str, stage: str
         raise UserError("give exactly one of run.name=<name> (with stage=<stage>) or model=<path or hub id>")
     if model is not None:
         return model
-    from rlhf_cli.run_dir import Run, check_run_name
+    from rlhf_cli.files import check_run_name
+    from rlhf_cli.run_dir import Run
 
     check_run_name(run, "argument `run.name`")
     if not callable(stage):

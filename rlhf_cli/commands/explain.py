@@ -214,7 +214,7 @@ def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -
 
 def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list[Row]:
     """The models a stage holds on every GPU: the trained one (for ppo the actor, then critic, reference, reward)."""
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     spec = STAGES[stage]
     if stage == "eval":  # nothing trained: the reference, one policy at a time (same architecture), the judge
@@ -373,7 +373,7 @@ _MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_l
 
 
 def world_size(cfg: Any) -> int:
-    from rlhf_cli.stages.plan import planned_world_size  # the rule the stage's composition checks use
+    from rlhf_cli.config.batches import planned_world_size  # the rule the stage's composition checks use
 
     return planned_world_size(cfg)
 
@@ -402,7 +402,7 @@ def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
 def main(args: list[str]) -> int:
     from rlhf_cli.cli import out_console
     from rlhf_cli.config.compose import compose
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     if not args or args[0] not in STAGES:
         raise UserError(f"usage: rlhf explain <stage> [key=value ...]; stages: {', '.join(STAGES)}")

@@ -146,7 +146,7 @@ def stage_help(stage: str, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from rlhf_cli.config.compose import compose, config_dir
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     cfg_dir = config_dir()
     cfg = compose(stage, overrides)

@@ -68,7 +68,7 @@ def load_pipeline(spec: str) -> Pipeline:
     {stage: [key=value, ...]}}; every listed stage must exist and overrides may only name listed stages."""
     from omegaconf import OmegaConf
 
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     files = pipeline_files()
     path = files.get(spec) or Path(spec).expanduser()
@@ -89,7 +89,7 @@ def load_pipeline(spec: str) -> Pipeline:
 
 def split_args(args: list[str], pipeline_stages: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """(overrides for every stage, overrides per stage) from the command line (`pipeline=` already taken out)."""
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     common: list[str] = []
     per_stage: dict[str, list[str]] = {s: [] for s in pipeline_stages}
@@ -142,7 +142,7 @@ def check_chain(name: str, composed: dict[str, Any], manifest: dict, run_dir: Pa
     pipeline or from a completed, intact, up-to-date stage of the run; refused otherwise, naming the stage, the input
     and the fix, before the first stage trains. Returns stage -> the run stages it reads."""
     from rlhf_cli.provenance import completion_id, input_specs, stale_reasons, upstream
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     order = list(composed)
     deps: dict[str, set[str]] = {}
@@ -185,8 +185,8 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
     a stage whose inputs changed since it completed (or since its checkpoints were written) runs from scratch."""
     from rlhf_cli.config.compose import config_hash
     from rlhf_cli.provenance import damage, stale_reasons
+    from rlhf_cli.registry import STAGES
     from rlhf_cli.stage_state import has_saved_work
-    from rlhf_cli.stages import STAGES
 
     now = manifest.get("stages", {}).get(stage) or {}
     record = replaced_record(run_dir, stage, now)

@@ -80,7 +80,7 @@ def stage_folders(run_dir: Path, order: list[str] | None = None) -> list[Path]:
 
 def main(args: list[str]) -> int:
     from rlhf_cli.commands.runs import printable
-    from rlhf_cli.run_dir import check_run_name
+    from rlhf_cli.files import check_run_name
 
     a = parse_key_values(args, PlotArgs, "run.name=demo")
     check_run_name(a.run, "argument `run.name`")

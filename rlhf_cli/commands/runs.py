@@ -23,8 +23,9 @@ from typing import Any
 
 from rlhf_cli.commands.args import parse_key_values
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import check_run_name, resume_step
 from rlhf_cli.jsonsafe import load_json
-from rlhf_cli.run_dir import TIME_FORMAT, check_run_name, resume_step
+from rlhf_cli.run_dir import TIME_FORMAT
 
 COLUMNS = ("run", "stage", "status", "key metrics", "started", "ended")
 ERROR_CHARS = 80  # of a failed stage's error in the table; the manifest keeps all of it
@@ -295,7 +296,7 @@ def evaluation_lines(runs: list[RunRow], root: Path, one: bool) -> list[str]:
         return []
     if one:
         from rlhf_cli.commands.pipeline import eval_lines
-        from rlhf_cli.stages import STAGES
+        from rlhf_cli.registry import STAGES
 
         return ["", *(printable(line) for line in eval_lines(root / done[0] / EVAL / STAGES[EVAL].output))]
     where = f" run.root={root}" if root != Path("runs") else ""

@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rlhf_cli.config import schema as s
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import check_run_name
-from rlhf_cli.stages import STAGES
+from rlhf_cli.files import check_run_name
+from rlhf_cli.registry import STAGES
 
 
 def config_dir() -> Path:
@@ -219,7 +219,7 @@ def validate(stage: str, raw: DictConfig | dict, where: Any = lambda key: "in th
 
 
 # Keys whose value must be one of a few words: checked here so a typo fails before any model is built. The stage's own
-# keys and its data formats come from its registry entry (rlhf_cli/stages/__init__.py); the lists from the schema.
+# keys and its data formats come from its registry entry (rlhf_cli/registry.py); the lists from the schema.
 _CHOICES: dict[str, tuple] = {
     "optim.schedule": s.SCHEDULES,
     "deepspeed.precision": s.PRECISIONS,

@@ -4,7 +4,7 @@ Hydra composes plain YAML; `rlhf_cli.config.compose.validate` then checks the re
 dataclasses, so a mistyped key or a wrong type fails before any model is built. Every field has a
 default, and these defaults are the only ones: a YAML file under configs/ names only what it changes
 (tests/unit/test_config_defaults.py checks it). The tuples next to a field list its allowed values, once:
-validation and the stage registry (rlhf_cli/stages/__init__.py) read them, and unit tests compare them with the
+validation and the stage registry (rlhf_cli/registry.py) read them, and unit tests compare them with the
 code that dispatches on the value.
 """
 

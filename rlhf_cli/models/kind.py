@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.config.functions import is_model_source
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.source import is_builtin, resolve_source
 from rlhf_cli.models.weights import check_weight_files, weight_files
@@ -191,8 +192,6 @@ def check_reward_sources(st: Any, run: Any, gold_key: str = "stage.gold_reward",
     """The reward model (`stage.reward.model`, unless `reward` is false or a reward function is named, which wins)
     and the gold model (`gold_key`, when it names a model) of stage config `st`, checked with `check_scorer` before
     any model loads. `run.resolve_source` turns `stage:<name>` into that stage's final/."""
-    from rlhf_cli.rollout.specs import is_model_source
-
     r = st.reward
     if reward and r.model and not (r.function or getattr(r, "functions", None)):
         check_scorer(run.resolve_source(r.model), f"stage.reward.model={r.model}")

@@ -32,11 +32,11 @@ from rlhf_cli import engine as eng
 from rlhf_cli import preempt
 from rlhf_cli.data import IGNORE_INDEX, collate_prompts
 from rlhf_cli.data.sft import SFTExample
+from rlhf_cli.files import atomic_write_text
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.rollout.selection import duplicates, select, selection_stats, valid_mask
-from rlhf_cli.run_dir import atomic_write_text
 
 CHUNK_GLOB = "chunk-*.jsonl"
 

@@ -10,10 +10,10 @@ import torch
 
 from rlhf_cli import engine as eng
 from rlhf_cli.data import collate_prompts
+from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import check_scores
 from rlhf_cli.rollout.scoring import score_responses
-from rlhf_cli.stages.common import eval_batches
 
 # Rows of the sums vector (one column per prompt before summing): prompts, score (valid ones), scored prompts,
 # response tokens, responses that ended with EOS, gold metric.
@@ -36,7 +36,7 @@ def evaluate_policy(model: Any, reward: Any, examples: list, tokenizer: Any, gen
     the global RNG state restored afterwards. `allow_invalid`: a reward function's None / NaN is left out of the
     score mean (`eval_invalid_fraction` says how many) instead of an error.
 
-    Sharded by `stages.common.eval_batches` (forwards of at most `batch_size` prompts): every rank generates and
+    Sharded by `data.sharding.eval_batches` (forwards of at most `batch_size` prompts): every rank generates and
     scores the same number of batches (ZeRO-3 collectives in the gathering and the reward model's forwards line up);
     filler prompts are left out of the sums, so the result equals one process's. Collective."""
     if not examples:

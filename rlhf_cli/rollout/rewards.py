@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli.config.functions import cannot_import, importable_path, is_model_source, split_function
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.classifier import batch_tensors, classifier_scores, encode, label_index, load_classifier
 from rlhf_cli.models.load import disable_dropout
 from rlhf_cli.rollout.generation import Sequences
-from rlhf_cli.rollout.specs import cannot_import, importable_path, is_model_source, split_function
 
 
 def load_function(spec: str, key: str = "stage.reward.function") -> Callable[[list[str], list[str]], list[float]]:

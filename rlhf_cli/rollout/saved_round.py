@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.files import atomic_write_text
 from rlhf_cli.rollout.best_of_n import CHUNK_GLOB, RoundFiles, finished_chunks
-from rlhf_cli.run_dir import atomic_write_text
 
 # Keys of the draw record that matter only while the round's chunks are unmerged (they say which prompts a chunk
 # file holds); merged candidates are grouped by prompt, so a round may finish them under another value.

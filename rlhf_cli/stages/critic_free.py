@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
+from rlhf_cli.config.batches import critic_free_rows, mini_batch
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.config.online import kl_in_loss
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
@@ -47,14 +48,7 @@ from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import export_final, finish, interrupted, policy_engine, train_loop
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
-from rlhf_cli.stages.plan import (
-    StepPlan,
-    critic_free_plan,
-    critic_free_rows,
-    critic_free_updates,
-    describe_critic_free,
-    mini_batch,
-)
+from rlhf_cli.stages.plan import StepPlan, critic_free_plan, critic_free_updates, describe_critic_free
 
 SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "lr", "tok/s", "eval_score", "eval_gold")
 
@@ -63,7 +57,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/<stage>/final/`; None when stopped early to resume."""
     st = cfg.stage
     # 1. Distributed group, seeds, the policy's starting checkpoint (the config's own rules: at composition,
-    #    stages/__init__.py).
+    #    rlhf_cli/registry.py).
     dist = eng.init_distributed()
     torch.manual_seed(cfg.seed)
     source = run.resolve_source(cfg.model.name_or_path)

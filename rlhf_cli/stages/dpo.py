@@ -19,6 +19,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.packing import model_mask, real_tokens, segment_sums
+from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
 from rlhf_cli.metrics import Metrics
@@ -31,7 +32,6 @@ from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
     accumulate,
-    eval_batches,
     export_final,
     finish,
     interrupted,

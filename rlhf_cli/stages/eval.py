@@ -23,20 +23,21 @@ from omegaconf import OmegaConf
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_prompt_datasets, collate_prompts
+from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import atomic_write_text
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf_cli.models.kind import CAUSAL_LM, check_policy, check_reward_sources, inspect_checkpoint
+from rlhf_cli.registry import STAGES
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
 from rlhf_cli.rollout.evaluation import gold_values
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sample, sampling_config
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
-from rlhf_cli.run_dir import Run, atomic_write_text
-from rlhf_cli.stages import STAGES
-from rlhf_cli.stages.common import eval_batches
+from rlhf_cli.run_dir import Run
 from rlhf_cli.summary import complete_stage
 
 REFERENCE = "reference"

@@ -1,16 +1,17 @@
 """Batch algebra without torch, DeepSpeed or a model: the step plan of every stage and PPO's iteration plan.
 
 Pure functions of the config and the number of examples, so `rlhf explain` prints exactly what a stage will do (the
-same functions, the same messages) without importing the stage.
+same functions, the same messages) without importing the stage. The batch rules they apply, which composition checks
+too, are in config/batches.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_cli.config.batches import check_ppo_batches, critic_free_rows, mini_batch
 from rlhf_cli.data.attention import FLAT_ATTENTION, PACKED_ATTENTION, SHARED_PROMPT_ATTENTION
 from rlhf_cli.errors import UserError
 
@@ -93,25 +94,6 @@ class StepPlan:
         )
 
 
-def planned_world_size(cfg: Any) -> int:
-    """Ranks a stage runs on: an outside launcher's WORLD_SIZE, else what `rlhf` starts itself (launcher.*)."""
-    return int(os.environ.get("WORLD_SIZE") or cfg.launcher.nproc_per_node * cfg.launcher.nnodes)
-
-
-def mini_batch(st: Any) -> int:
-    """PPO's mini-batch per rank: one actor and one critic optimizer step each."""
-    return st.micro_batch_size * st.gradient_accumulation_steps
-
-
-def check_ppo_batches(st: Any) -> None:
-    """PPO's rollout batch (per rank) splits into whole mini-batches (also checked when the config is composed)."""
-    if st.rollout_batch_size % mini_batch(st):
-        raise UserError(
-            f"stage.rollout_batch_size={st.rollout_batch_size} is not a multiple of the mini-batch "
-            f"stage.micro_batch_size x stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
-        )
-
-
 def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
     """Prompts per iteration = rollout_batch_size per rank; the data position is a pure function of the iteration."""
     check_ppo_batches(st)
@@ -133,33 +115,6 @@ def describe_plan(plan: StepPlan, st: Any) -> str:
     return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
             f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
             f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
-
-
-def check_groups(st: Any) -> None:
-    """The group estimators need two samples of a prompt or more."""
-    from rlhf_cli.config.online import GROUPED
-
-    if st.advantage in GROUPED and st.n_samples < 2:
-        raise UserError(f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
-                        f">= 2 (got {st.n_samples}); with one sample every advantage is 0")  # fmt: skip
-
-
-def critic_free_rows(st: Any, world_size: int) -> int:
-    """Rollout rows per rank of a critic-free iteration: rollout_batch_size prompts x n_samples responses, dealt
-    evenly over the ranks, a whole number of mini-batches each (a prompt's group may straddle two ranks)."""
-    rows = st.rollout_batch_size * st.n_samples
-    if rows % world_size:
-        raise UserError(f"stage.rollout_batch_size x stage.n_samples = {rows} rollout rows cannot be dealt evenly to "
-                        f"{world_size} ranks; make it a multiple of the number of processes")  # fmt: skip
-    per_rank = rows // world_size
-    if per_rank % mini_batch(st):
-        raise UserError(f"{per_rank} rollout rows per rank (stage.rollout_batch_size x stage.n_samples / {world_size} "
-                        f"rank(s)) is not a multiple of the mini-batch stage.micro_batch_size x "
-                        f"stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them")  # fmt: skip
-    if st.dynamic_sampling and st.rollout_batch_size % world_size:
-        raise UserError(f"stage.dynamic_sampling replaces whole groups on each rank: stage.rollout_batch_size="
-                        f"{st.rollout_batch_size} must be a multiple of the {world_size} ranks")  # fmt: skip
-    return per_rank
 
 
 def critic_free_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:

@@ -34,6 +34,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_prompt_datasets
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import atomic_write_text, checkpoint_step, complete_checkpoints
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf_cli.rollout import best_of_n as bon
@@ -41,7 +42,7 @@ from rlhf_cli.rollout import saved_round as saved
 from rlhf_cli.rollout.evaluation import evaluate_policy
 from rlhf_cli.rollout.online import reward_stats
 from rlhf_cli.rollout.rewards import build_gold, build_reward
-from rlhf_cli.run_dir import Run, atomic_write_text, checkpoint_step, complete_checkpoints, now
+from rlhf_cli.run_dir import Run, now
 from rlhf_cli.stages.common import export_final, finish, policy_engine, step_plan, train_loop
 from rlhf_cli.stages.sft import micro_batches, train_step
 

@@ -23,6 +23,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.packing import collate_packed_pairs, collate_shared_pairs, pair_size, real_tokens, shared_pair_size
+from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import bradley_terry_loss, split_pairs
 from rlhf_cli.metrics import Metrics
@@ -40,7 +41,6 @@ from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
     Packing,
     accumulate,
-    eval_batches,
     export_final,
     finish,
     interrupted,

@@ -17,6 +17,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
 from rlhf_cli.data.packing import collate_packed_sft, real_tokens
+from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.losses import count_targets
 from rlhf_cli.losses.sft import sft_loss_from_logprobs
 from rlhf_cli.metrics import Metrics
@@ -26,7 +27,6 @@ from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
     Packing,
     accumulate,
-    eval_batches,
     export_final,
     finish,
     interrupted,

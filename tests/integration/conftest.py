@@ -85,20 +85,30 @@ class _Zygote:
             raise RuntimeError(f"the zygote ended; its stderr: {(self.log / 'zygote.err').read_text()[-3000:]}")
         return line.decode()
 
-    def run(self, args: tuple[str, ...], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, args: tuple[str, ...], cwd: Path, env: dict, timeout: float,
+            ranks: list[dict] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+        """`rlhf ARGS` in a forked child; with `ranks` (per rank: its extra environment), one child per rank, whose
+        outputs come back rank after rank and whose exit code is the first non-zero one."""
         if self.proc is None or self.proc.poll() is not None:
             self.start(env)
-        out, err = self.log / "out", self.log / "err"
-        request = {"argv": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+        files = [(self.log / f"out{i}", self.log / f"err{i}") for i in range(len(ranks or [None]))]
+        request = {"argv": list(args), "cwd": str(cwd), "env": env, "out": str(files[0][0]), "err": str(files[0][1])}
+        if ranks:
+            pairs = zip(ranks, files, strict=True)
+            request["ranks"] = [{"env": extra, "out": str(o), "err": str(e)} for extra, (o, e) in pairs]
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
-        pid = int(self._line(None))
-        code = self._line(time.monotonic() + timeout)
-        if code is None:
-            os.kill(pid, signal.SIGKILL)
+        pids = [int(p) for p in self._line(None).split()]
+        codes = self._line(time.monotonic() + timeout)
+        out = "".join(o.read_text() for o, _ in files)
+        err = "".join(e.read_text() for _, e in files)
+        if codes is None:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
             self._line(None)
-            raise subprocess.TimeoutExpired(["rlhf", *args], timeout, out.read_text(), err.read_text())
-        return subprocess.CompletedProcess(["rlhf", *args], int(code), out.read_text(), err.read_text())
+            raise subprocess.TimeoutExpired(["rlhf", *args], timeout, out, err)
+        code = next((int(c) for c in codes.split() if int(c) != 0), 0)
+        return subprocess.CompletedProcess(["rlhf", *args], code, out, err)
 
 
 _ZYGOTE = _Zygote()
@@ -167,6 +177,20 @@ def launch_ranks(args: list[str], world_size: int, cwd: Path, port: int | None =
             )
         )
     return procs
+
+
+def ranks(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=NPROC -m rlhf_cli ARGS` as the ranks see it (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR / MASTER_PORT, one thread each), forked from the zygote: NPROC processes joining one gloo
+    group, without NPROC interpreter start-ups (about 5 s each). For tests of what several ranks compute; the
+    launchers themselves (torchrun, `launcher.nproc_per_node`, the deepspeed launcher, signals through them) are tested
+    with the real ones. stdout / stderr: the ranks', rank 0's first (ranks > 0 also write their run's rank-N.log)."""
+    if os.environ.get("RLHF_TEST_ZYGOTE") == "0":
+        return torchrun(["-m", "rlhf_cli", *args], cwd, nproc, timeout=timeout)
+    shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = [{**shared, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]
+    return _ZYGOTE.run(tuple(args), cwd, _cli_env(), timeout, ranks=env)
 
 
 def torchrun(args: list[str], cwd: Path, nproc: int = 2, extra: tuple[str, ...] = (), timeout: float = 300):

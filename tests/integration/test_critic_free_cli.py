@@ -4,7 +4,7 @@ RLOO and REINFORCE++-baseline on 2 ranks whose groups straddle the ranks, under 
 parameter partitioned; kl_coef=0 loads no reference model; clear refusals."""
 
 import pytest
-from conftest import FAST, copy_run, manifest, metrics, rlhf, sft_rm_base, torchrun, weights
+from conftest import FAST, copy_run, manifest, metrics, ranks, rlhf, sft_rm_base, weights
 
 # 4 prompts x 4 samples per iteration, 8-token answers, mini-batches of 8 rows (2 per iteration per rank).
 CF = ["stage.rollout_batch_size=4", "stage.n_samples=4", "stage.generation.max_new_tokens=8",
@@ -74,9 +74,9 @@ def test_two_ranks_with_groups_straddling_the_ranks(base, runs, tmp_path, verb, 
         shape = ["stage.rollout_batch_size=2", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2"]
     else:
         shape = ["stage.rollout_batch_size=3", "stage.micro_batch_size=3", "stage.gradient_accumulation_steps=2"]
-    args = ["-m", "rlhf_cli", verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "ddp", verb), *zero, *shape, *extra,
+    args = [verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "ddp", verb), *zero, *shape, *extra,
             "stage.max_steps=2", "stage.eval_every=1"]  # fmt: skip
-    res = torchrun(args, cwd=tmp_path)
+    res = ranks(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = manifest(runs / "ddp")["stages"][verb]
     advantage = "reinforce_pp_baseline" if verb == "reinforce_pp" else verb

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, manifest, metrics, rlhf, torchrun, weights
+from conftest import FAST, manifest, metrics, ranks, rlhf, weights
 from test_eval_sharding import PARTITION_ALL  # checked there to partition every parameter
 from transformers import AutoModelForCausalLM
 
@@ -119,7 +119,7 @@ def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
     if zero == "zero3":  # the layout the comment above describes, so the fillers do run
         assert _forward_counts([*base[1:], "stage.micro_batch_size=4"], 3) == [[2, 3], [2, 2], [2, 3]]
     one = rlhf(*base, "stage.micro_batch_size=8", "run.name=one", cwd=tmp_path)
-    two = torchrun(["-m", "rlhf_cli", *base, "stage.micro_batch_size=4", "run.name=two"], cwd=tmp_path)
+    two = ranks([*base, "stage.micro_batch_size=4", "run.name=two"], cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
     la, lb = _step_metrics(runs / "one"), _step_metrics(runs / "two")
     for key in ("loss", "grad_norm", "reward_margin"):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import FAST, rlhf
 
-from rlhf_cli.run_dir import open_run
+from rlhf_cli.stage_state import open_run
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
 

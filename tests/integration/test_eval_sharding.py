@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import FAST, free_port, manifest, metrics, rlhf, torchrun
+from conftest import FAST, free_port, manifest, metrics, ranks, rlhf
 
 # ZeRO-3 keeps a small model whole (parameters under the persistence threshold; after training, parameters the
 # traced step or the prefetcher will reuse), and then an eval forward is no collective and unequal forwards pass
@@ -38,7 +38,7 @@ def _one_and_two_ranks(stage: str, data: list[str], keys: tuple[str, ...], runs:
     base = [stage, *FAST, f"run.root={runs}", "deepspeed=zero3", PARTITION_ALL, *EVAL, *data]
     one = rlhf(*base, *ONE, "run.name=one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(["-m", "rlhf_cli", *base, *TWO, "run.name=two"], cwd=tmp_path, timeout=180)  # a hang fails
+    two = ranks([*base, *TWO, "run.name=two"], cwd=tmp_path, timeout=180)  # a hang fails
     assert two.returncode == 0, two.stderr[-3000:]
     out = []
     for name in ("one", "two"):

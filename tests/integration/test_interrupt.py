@@ -11,8 +11,8 @@ from pathlib import Path
 
 from conftest import FAST, free_port, manifest, metrics, rlhf
 
+from rlhf_cli.files import checkpoint_step, complete_checkpoints
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
-from rlhf_cli.run_dir import checkpoint_step, complete_checkpoints
 
 
 def _start(args: list[str], cwd: Path, log: Path, own_group: bool = False) -> subprocess.Popen:

@@ -10,8 +10,8 @@ import time
 
 from conftest import FAST, manifest, rlhf
 
+from rlhf_cli.files import complete_checkpoints
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
-from rlhf_cli.run_dir import complete_checkpoints
 
 SMALL_PPO = ["stage.rollout_batch_size=8", "stage.ppo_epochs=1", "stage.generation.max_new_tokens=8",
              "stage.eval_batch_size=8", "data.eval_fraction=0.04", "stage.max_steps=2"]  # fmt: skip

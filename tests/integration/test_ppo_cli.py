@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, copy_run, launch_ranks, manifest, metrics, rlhf, sft_rm_base, torchrun, weights
+from conftest import FAST, copy_run, launch_ranks, manifest, metrics, ranks, rlhf, sft_rm_base, weights
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
@@ -158,9 +158,9 @@ def test_ppo_preempted_then_resumed_equals_uninterrupted(base, runs, tmp_path):
 def test_ppo_two_ranks(base, runs, tmp_path, zero):
     # ZeRO-3: generation runs with gathered parameters, so ranks whose responses end at different lengths never
     # wait on each other's all-gathers; the evaluation gives every rank the same number of prompts.
-    args = ["-m", "rlhf_cli", "ppo", *FAST, *PPO, *_copy(base, runs, "ddp"), f"deepspeed={zero}", "stage.max_steps=2",
+    args = ["ppo", *FAST, *PPO, *_copy(base, runs, "ddp"), f"deepspeed={zero}", "stage.max_steps=2",
             "stage.eval_every=1"]  # fmt: skip
-    res = torchrun(args, cwd=tmp_path)
+    res = ranks(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     rec = manifest(runs / "ddp")["stages"]["ppo"]
     assert rec["status"] == "completed"

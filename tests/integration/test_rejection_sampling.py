@@ -8,10 +8,10 @@ import signal
 import time
 
 import pytest
-from conftest import FAST, copy_run, launch_ranks, manifest, metrics, rlhf, sft_rm_base, torchrun, weights
+from conftest import FAST, copy_run, launch_ranks, manifest, metrics, ranks, rlhf, sft_rm_base, weights
 
+from rlhf_cli.files import complete_checkpoints
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
-from rlhf_cli.run_dir import complete_checkpoints
 
 # Small rounds: 16 prompts x 4 samples in chunks of 4 prompts, 8-token answers, fine-tuned in batches of 8.
 RS = ["stage.n_samples=4", "stage.prompts_per_round=16", "stage.generation_batch_size=4",
@@ -151,9 +151,9 @@ def test_killed_in_round_2_sampling_and_fine_tuning_resumes_to_the_same_weights(
 def test_two_ranks_zero2_select_and_train_as_one_rank(base, uninterrupted, runs, tmp_path):
     """Chunks are seeded by (seed, round, chunk), not by rank: 2 ranks draw, select and (with the same global
     batch) train exactly what 1 rank does, in both rounds (round 2 samples from the policy the ranks trained)."""
-    args = ["-m", "rlhf_cli", "rejection_sampling", *SHARED, *_copy(base, runs, "two"), "deepspeed=zero2",
+    args = ["rejection_sampling", *SHARED, *_copy(base, runs, "two"), "deepspeed=zero2",
             "stage.gradient_accumulation_steps=1"]  # fmt: skip
-    two = torchrun(args, cwd=tmp_path)
+    two = ranks(args, cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = uninterrupted / "rejection_sampling", runs / "two" / "rejection_sampling"
     drop = ("duplicate",)

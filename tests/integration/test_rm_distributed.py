@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST, manifest, metrics, rlhf, torchrun, weights
+from conftest import FAST, manifest, metrics, ranks, rlhf, weights
 
 # Global batch 8 pairs: one rank x micro 8, or two ranks x micro 2 x accumulation 2.
 ONE = ["stage.micro_batch_size=8", "stage.gradient_accumulation_steps=1"]
@@ -33,7 +33,7 @@ def test_two_ranks_match_one(runs, tmp_path, zero, packing):
     ]
     one = rlhf(*base, *ONE, "run.name=one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    two = torchrun(["-m", "rlhf_cli", *base, *TWO, "run.name=two"], cwd=tmp_path)
+    two = ranks([*base, *TWO, "run.name=two"], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     log_a = [r for r in metrics(runs / "one", "rm") if "loss" in r]
     log_b = [r for r in metrics(runs / "two", "rm") if "loss" in r]

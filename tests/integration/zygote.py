@@ -7,7 +7,10 @@ of start-up itself (which modules a command imports, how long it takes) do not c
 interpreter (tests/unit/test_startup.py), as do the tests that signal a running process.
 
 Protocol, one JSON line per request on stdin: {"argv", "cwd", "env", "out", "err"}; the answer on stdout is the
-child's pid, then its exit status as subprocess reports it (negative: killed by that signal).
+child's pid, then its exit status as subprocess reports it (negative: killed by that signal). A request with "ranks"
+(a list of {"env", "out", "err"}, one per rank) forks one child per rank at once, each with the request's environment
+plus its own (RANK, ...) and its own output files: the ranks of one distributed run, as a launcher starts them; the
+answers are then the pids on one line, then the exit statuses on the next.
 """
 
 import json
@@ -41,13 +44,15 @@ def _serve(answers) -> dict:
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            answers.close()
-            return request
-        print(pid, file=answers, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), file=answers, flush=True)
+        pids = []
+        for rank in request.pop("ranks", None) or [{}]:
+            pid = os.fork()
+            if pid == 0:
+                answers.close()
+                return {**request, **rank, "env": {**request["env"], **rank.get("env", {})}}
+            pids.append(pid)
+        print(*pids, file=answers, flush=True)
+        print(*(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids), file=answers, flush=True)
     sys.exit(0)
 
 

@@ -34,3 +34,10 @@ def test_an_upward_import_inside_a_function_and_a_circle_are_found(tmp_path):
     assert graph["rlhf_cli.cli"] == {"rlhf_cli.run_dir", "rlhf_cli.metrics"}
     assert layers.upward(graph) == [("rlhf_cli.metrics", "rlhf_cli.cli")]
     assert layers.circles(graph) == [["rlhf_cli.cli", "rlhf_cli.metrics"], ["rlhf_cli.config.a", "rlhf_cli.config.b"]]
+
+
+def test_the_package_has_no_circle_and_no_upward_import():
+    graph = layers.imports(SCRIPT.parents[1] / "rlhf_cli")
+    assert "rlhf_cli.registry" in graph and graph["rlhf_cli.cli"]  # the real package, lazy imports included
+    assert layers.circles(graph) == []
+    assert layers.upward(graph) == []

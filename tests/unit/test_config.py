@@ -270,7 +270,7 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
     import dataclasses
 
     from rlhf_cli.config import compose as compose_mod
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.registry import STAGES
 
     def field_types(schema, prefix=""):
         out = {}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rlhf_cli.config import online as o
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.compose import compose, config_dir
-from rlhf_cli.stages import STAGES
+from rlhf_cli.registry import STAGES
 
 CONFIGS = config_dir()
 # Keys that name what a group file is: stated even when they equal the schema default.

@@ -1,6 +1,6 @@
 """The critic-free stages' rollout-level parts (rlhf_cli/rollout/critic_free.py, stages/critic_free_update.py,
-stages/critic_free.py, stages/plan.py): advantages over a batch whose groups straddle ranks, the loss weights,
-dynamic sampling, joining rollouts, weighted reward functions, the config refusals."""
+stages/critic_free.py, stages/plan.py, config/batches.py): advantages over a batch whose groups straddle ranks, the
+loss weights, dynamic sampling, joining rollouts, weighted reward functions, the config refusals."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_cli.config.batches import critic_free_rows
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import critic_free as cf
 from rlhf_cli.losses.ppo import kl_penalty
@@ -21,7 +22,7 @@ from rlhf_cli.rollout.generation import Sequences
 from rlhf_cli.rollout.rewards import FunctionReward
 from rlhf_cli.rollout.scoring import Scores
 from rlhf_cli.stages import critic_free_update as cfu
-from rlhf_cli.stages.plan import critic_free_plan, critic_free_rows
+from rlhf_cli.stages.plan import critic_free_plan
 
 G = 4
 SCORES = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, math.nan, 0.0, 2.0]  # 3 groups: mixed, all equal, one NaN
@@ -214,8 +215,8 @@ def test_plan_refusals_name_the_keys():
 
 
 def test_one_sample_per_prompt_is_refused_for_the_group_estimators():
+    from rlhf_cli.config.batches import check_groups
     from rlhf_cli.stages.critic_free import needs_old_logprobs
-    from rlhf_cli.stages.plan import check_groups
 
     with pytest.raises(UserError, match="stage.n_samples must be >= 2"):
         check_groups(_st("grpo", n_samples=1))

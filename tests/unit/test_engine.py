@@ -92,7 +92,7 @@ def test_checkpoint_refused_when_the_disk_is_too_full(tmp_path, monkeypatch):
 
 def test_expected_checkpoint_size_uses_the_last_one(tmp_path):
     from rlhf_cli.checkpoints import expected_checkpoint_bytes
-    from rlhf_cli.run_dir import COMPLETE_MARKER
+    from rlhf_cli.files import COMPLETE_MARKER
 
     step = tmp_path / "step-4"
     (step / "state").mkdir(parents=True)
@@ -173,7 +173,7 @@ def _state_file(step_dir):
 
 
 def test_resume_skips_a_damaged_checkpoint_and_sets_it_aside(trained):
-    from rlhf_cli.run_dir import complete_checkpoints
+    from rlhf_cli.files import complete_checkpoints
 
     engine, ckpt, saved = trained
     state_file = _state_file(ckpt / "step-3")

@@ -4,7 +4,7 @@ inside each one), every example counts exactly once over the ranks, and filler r
 import pytest
 import torch
 
-from rlhf_cli.stages.common import eval_batches
+from rlhf_cli.data.sharding import eval_batches
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 9, 16])

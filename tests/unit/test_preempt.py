@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from rlhf_cli import preempt
+from rlhf_cli import cli, preempt
 from rlhf_cli.run_dir import Run
 
 
@@ -38,7 +38,7 @@ def _interrupted_in(run):
     try:
         stage(None, run)
     except KeyboardInterrupt as exc:
-        return preempt.after_ctrl_c(exc)
+        return cli.after_ctrl_c(exc)
 
 
 def test_after_ctrl_c_says_where_the_next_run_starts(tmp_path):

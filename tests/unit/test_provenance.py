@@ -19,9 +19,9 @@ from rlhf_cli.provenance import (
     stale_reasons,
     upstream,
 )
-from rlhf_cli.run_dir import open_run
-from rlhf_cli.stage_state import INTENT_ENV, aside_dir, restore_overwritten
-from rlhf_cli.stages import STAGES
+from rlhf_cli.registry import STAGES
+from rlhf_cli.run_dir import aside_dir
+from rlhf_cli.stage_state import INTENT_ENV, open_run, restore_overwritten
 
 
 def test_a_file_fingerprint_changes_with_its_size_or_time_and_a_stage_with_its_completion(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """A refused stage leaves nothing behind: no run directory for a new run name (nor the folders made above it), and in an
 existing run no manifest entry, no stage folder, nothing changed; a refusal that needs no model comes before torch
-loads (rlhf_cli/run_dir.py `open_run` / `Run.discard`, stage_state.py `check_sources`, cli.py `record_stop`).
+loads (rlhf_cli/stage_state.py `open_run` and `check_sources`, run_dir.py `Run.discard`, cli.py `record_stop`).
 Each CLI case is one fresh interpreter that stops before torch (about 0.5 s)."""
 
 import fcntl
@@ -15,8 +15,10 @@ import pytest
 
 from rlhf_cli.cli import record_stop
 from rlhf_cli.errors import DataError, UserError
+from rlhf_cli.files import COMPLETE_MARKER
 from rlhf_cli.provenance import new_completion
-from rlhf_cli.run_dir import COMPLETE_MARKER, _take_lock, open_run
+from rlhf_cli.run_dir import _take_lock
+from rlhf_cli.stage_state import open_run
 
 HEAVY = ("torch", "transformers", "deepspeed", "peft")
 # The CLI in a fresh interpreter, then the heavy libraries it imported.

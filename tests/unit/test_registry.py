@@ -1,4 +1,4 @@
-"""The stage registry (rlhf_cli/stages/__init__.py): one entry per stage that the CLI, composition, validation, the
+"""The stage registry (rlhf_cli/registry.py): one entry per stage that the CLI, composition, validation, the
 help and `rlhf explain` read; an entry without optional tables still works; rejection_sampling's keys are checked
 before anything is built."""
 
@@ -16,7 +16,7 @@ from rlhf_cli.cli import main, usage
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.compose import compose, config_dir, stage_ranges, validate
 from rlhf_cli.errors import UserError
-from rlhf_cli.stages import ONLINE_RANGES, STAGES, StageSpec
+from rlhf_cli.registry import ONLINE_RANGES, STAGES, StageSpec
 
 RS = "rejection_sampling"
 
@@ -51,7 +51,7 @@ def test_an_entry_names_one_stage_everywhere(name):
 
 def test_importing_the_registry_stays_light():
     code = (
-        "import sys, rlhf_cli.stages; print(*[m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules])"
+        "import sys, rlhf_cli.registry; print(*[m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules])"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == ""

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.run_dir import COMPLETE_MARKER, complete_checkpoints, open_run
+from rlhf_cli.files import COMPLETE_MARKER, complete_checkpoints
+from rlhf_cli.stage_state import open_run
 
 
 def _cfg(tmp_path, overwrite=False):

@@ -16,7 +16,7 @@ from rlhf_cli.commands.help import group_choices, tool_help
 from rlhf_cli.config.compose import config_dir
 from rlhf_cli.config.schema import RunConfig
 from rlhf_cli.errors import UserError
-from rlhf_cli.stages import completed_refusal
+from rlhf_cli.registry import completed_refusal
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -1,6 +1,7 @@
-"""Reward and gold-metric names, read without importing torch: a `module:function` or a model source. Checked when
-the config is composed (stages/__init__.py), so a misspelt module is refused before any model loads; the function
-itself is imported by the stage (rollout/rewards.py `load_function`)."""
+"""Reward and gold-metric names, read without importing torch or the hub client: a `module:function` or a model
+source. Checked when the config is composed (the registry's cross-key checks, rlhf_cli/registry.py), so a misspelt
+module is refused before any model loads; the function itself is imported by the stage (rollout/rewards.py
+`load_function`), a model source is checked by models/kind.py `check_reward_sources`."""
 
 from __future__ import annotations
 
