@@ -26,13 +26,10 @@ demo: install
 demo-numbers: install
 	$(BIN)/python scripts/demo_numbers.py
 
-# The suite (what CI runs): everything but the learning tests on TEST_WORKERS pytest-xdist workers, one torch thread
-# each; then the learning tests alone on two threads, the setting their numbers were measured with (tests/conftest.py).
-# Exit code 5 is pytest's "nothing selected", for a PYTEST_ARGS that picks tests of one phase only.
+# The suite (what CI runs) on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not learning and not slurm" $(PYTEST_ARGS) || test $$? -eq 5
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m learning $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slurm" $(PYTEST_ARGS)
 
 # The edit-test loop: the unit tests and a few end-to-end smoke tests (tests/conftest.py SMOKE), about 2 minutes.
 test-fast: install

@@ -1,9 +1,10 @@
-"""Settings for the whole suite: how `make test` and `make test-fast` divide it (see the Makefile).
+"""Settings for the whole suite (`make test`: two pytest-xdist workers; `make test-fast`; see the Makefile).
 
-- `learning`: the learning tests (tests/integration/test_ppo_learning.py, test_rm_learning.py). Their measured
-  numbers and bars were taken with torch on two threads, and a learning outcome moves with rounding: on one thread the
-  seed-42 chain's PPO gained -0.078 instead of +0.028, GRPO +0.050 instead of +0.12. `make test` runs them after the
-  rest, alone, with OMP_NUM_THREADS=2.
+- Every torch process of the suite uses one thread (OMP_NUM_THREADS=1 in each worker, inherited by the `rlhf` runs it
+  starts): two workers then keep two cores busy without OpenMP's spinning threads fighting, and the learning tests'
+  numbers do not depend on the machine's core count (a learning path moves with rounding, which moves with threads).
+- `learning`: the learning tests (tests/integration/test_learning_*.py, test_rm_learning.py), the longest files of
+  the suite: collected first, so that the workers start on them and finish together.
 - `slow`: every end-to-end test but the smoke tests in SMOKE; `make test-fast` leaves them out.
 """
 
@@ -12,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist (`make test` runs two workers) each worker's torch uses one thread: two workers with torch's
-# default of one thread per core would put four busy threads on two cores, and OpenMP's spinning threads then slow
-# each other several times over. Set before any test module imports torch; the `rlhf` processes the tests start
-# inherit it.
-if "PYTEST_XDIST_WORKER" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Before any test module imports torch: torch reads it when it starts its thread pool. Two workers with torch's default
+# of one thread per core would put four busy threads on two cores.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 INTEGRATION = Path(__file__).parent / "integration"
 
@@ -52,6 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             matched.add(smoke)
         else:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("learning") is None)  # stable: the learning files first
     # A renamed smoke test would otherwise drop out of the fast loop unnoticed.
     lost = [s for s in SMOKE if s.split("::")[0] in files and s not in matched and not narrowed(config)]
     if lost:

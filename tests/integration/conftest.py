@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 # The environment pytest started with, taken before this process imports torch. Libraries that the tests import here
 # add to os.environ (TORCHINDUCTOR_CACHE_DIR, for one), which a user's shell would not pass to `rlhf`.
@@ -208,3 +209,41 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2, extra: tuple[str, ...] 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Path:
+    """The run directory of `rlhf ARGS` (run.name=demo under a root of its own), made once per test session even under
+    pytest-xdist: the workers share the session's base folder, and a lock there makes the first that asks build it
+    while the others wait. Tests copy it before they train on it."""
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the folder above the workers' own
+    root = base / f"shared-{name}"
+    with FileLock(f"{root}.lock"):
+        if not (root / "MADE").is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            res = rlhf(*args, f"run.root={root}", "logging.progress=false", cwd=root, timeout=900)
+            assert res.returncode == 0, res.stderr[-3000:]
+            (root / "MADE").write_text("")
+    return root / "demo"
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory) -> Path:
+    """The default `rlhf sft` (the tiny model on the built-in sample: `make demo`'s first stage), for the learning
+    tests."""
+    return shared_run(tmp_path_factory, "sft", ["sft"])
+
+
+@pytest.fixture(scope="session")
+def sft_run_seed_2(tmp_path_factory) -> Path:
+    """A second start for the learning tests: `rlhf sft seed=2`, the learning benchmark's seed-2 sft policy."""
+    return shared_run(tmp_path_factory, "sft-seed-2", ["sft", "seed=2"])
+
+
+def copy_start(sft_run: Path, tmp_path: Path) -> Path:
+    """A copy of a shared sft run as `tmp_path/runs/demo`; returns the runs root."""
+    runs = tmp_path / "runs"
+    shutil.copytree(sft_run, runs / "demo", ignore=shutil.ignore_patterns(".lock"))
+    return runs

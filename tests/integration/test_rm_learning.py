@@ -17,7 +17,7 @@ from conftest import FAST, manifest, metrics, rlhf
 
 from rlhf_cli.data.sources import ASSETS_DIR
 
-pytestmark = pytest.mark.learning  # run alone on two threads by `make test` (tests/conftest.py)
+pytestmark = pytest.mark.learning
 
 LEARNABLE = ("rude", "truncated", "repetition")
 
