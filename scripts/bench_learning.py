@@ -8,9 +8,10 @@ the greedy policy at every evaluation (the first = the SFT policy):
 - grpo, rloo, reinforce_pp (only when asked for): `+experiment=grpo_parity` (40 iterations, `eval_gold` every 10;
   rloo at kl_coef 0.01), the final KL and the time.
 
-tests/integration/test_ppo_learning.py runs a short version of ppo and rejection sampling (30 PPO iterations, one
-round) for the default seed; this is the full-length check that shows the spread (`make bench-learning`: about 6
-minutes per seed on 2 CPU cores: sft about 2, ppo 2-2.5, rejection sampling 1-1.5; each critic-free stage 4-5 more).
+tests/integration/test_learning_stages.py runs a short version of ppo, rejection sampling and grpo (30 PPO
+iterations, one round, 20 GRPO iterations) for seed 42 (and seed 2); this is the full-length check that shows the
+spread (about 6 minutes per seed on 2 CPU cores: sft about 2, ppo 2-2.5, rejection sampling 1-1.5; each critic-free
+stage 4-5 more).
 
 Usage: python scripts/bench_learning.py [--seeds 1 2 3] [--threads 2] [--stages ppo rejection_sampling]
 [--out results.json] [--keep DIR]
