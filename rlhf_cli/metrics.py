@@ -234,3 +234,39 @@ class Metrics:
         if self._file is not None:
             self._file.close()
         self._file = self._tb = self._bar = self._wandb = None
+
+
+class Sums:
+    """Named float64 sums of one step or evaluation (torchtune's PPOStats is the idea): each micro-batch or eval batch
+    `add`s its sums by name, in float64 and in the order they come, then `all_reduced()` sums every name over the
+    ranks in one collective. Sums, not means, so micro-batches and ranks add up exactly; divide afterwards."""
+
+    def __init__(self, *names: str):
+        import torch  # here: `rlhf --help` imports this module without torch
+
+        self.names = names
+        self.vector = torch.zeros(len(names), dtype=torch.float64)
+
+    def add(self, **values: Any) -> None:
+        """Add a value (a number or a one-element tensor) to each name; every name must be given."""
+        import torch
+
+        self.vector += torch.tensor([float(values[name]) for name in self.names], dtype=torch.float64)
+
+    def add_columns(self, columns: dict[str, Any], keep: Any = None) -> None:
+        """Add the sum of each name's column ((B,) tensors, rows of a batch), over the rows `keep` (a (B,) mask) or
+        all of them."""
+        import torch
+
+        rows = torch.stack([columns[name].double().cpu() for name in self.names])
+        self.vector += (rows if keep is None else rows[:, keep]).sum(dim=1)
+
+    def local(self) -> dict[str, float]:
+        """Every name's sum on this rank."""
+        return dict(zip(self.names, self.vector.tolist(), strict=True))
+
+    def all_reduced(self) -> dict[str, float]:
+        """Every name's sum over all ranks (collective)."""
+        from rlhf_cli import engine as eng
+
+        return dict(zip(self.names, eng.all_reduce_sum(self.vector).tolist(), strict=True))

@@ -3,8 +3,9 @@ and validation (root schema, data formats, allowed choices, numeric ranges), by 
 (stage_state.py, provenance.py) and by `rlhf explain`.
 
 Adding a stage: its root schema in config/schema.py, configs/stage/<name>.yaml (only what differs from the schema's
-defaults), an entry here, and the module `rlhf_cli.stages.<name>` with `run(cfg, run)`. Every table of an entry has a
-default, so a stage without choices or ranges of its own leaves them out.
+defaults), an entry here, and the module `rlhf_cli.stages.<name>` with `run(cfg, run)` (its set-up, the shared loop
+and the end of the stage: rlhf_cli/stages/context.py). Every table of an entry has a default, so a stage without
+choices or ranges of its own leaves them out.
 
 Kept light: only the schema dataclasses are imported here (no torch, transformers or DeepSpeed), so `rlhf --help` and a
 refused stage answer at once (tests/unit/test_startup.py). It sits in the config layer (scripts/check_layers.py): the
@@ -184,6 +185,17 @@ def _critic_free_check(cfg: Any) -> None:
     _functions_check(cfg)
 
 
+def _rejection_sampling_check(cfg: Any) -> None:
+    """Each round after the first samples from the previous round's exported policy, which must be a whole model."""
+    lora = cfg.model.lora
+    if lora.enabled and not lora.merge and cfg.stage.rounds > 1:
+        raise UserError(
+            "model.lora.merge=false with stage.rounds > 1: each round samples from the previous round's exported "
+            "policy, which must be a whole model; set model.lora.merge=true or stage.rounds=1"
+        )
+    _functions_check(cfg)
+
+
 def _eval_check(cfg: Any) -> None:
     st = cfg.stage
     if st.n_samples > 1 and st.generation.temperature == 0:
@@ -248,7 +260,7 @@ STAGES: dict[str, StageSpec] = {
                  "stage.reward.normalize": _RS_NORMALIZE},
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},
-        check=_functions_check,
+        check=_rejection_sampling_check,
         inputs=_ONLINE_INPUTS,
         resume_needs_same_config=False,
     ),

@@ -31,9 +31,9 @@ def check_ppo_batches(st: Any) -> None:
 
 def check_groups(st: Any) -> None:
     """The group estimators need two samples of a prompt or more."""
-    from rlhf_cli.config.online import GROUPED
+    from rlhf_cli.config.online import compares_group
 
-    if st.advantage in GROUPED and st.n_samples < 2:
+    if compares_group(st) and st.n_samples < 2:
         raise UserError(f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
                         f">= 2 (got {st.n_samples}); with one sample every advantage is 0")  # fmt: skip
 

@@ -164,16 +164,33 @@ class RejectionSamplingStageConfig(TrainStageConfig):
 
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-GROUPED = ("grpo", "rloo", "reinforce_pp_baseline")  # the estimators that compare a prompt's samples
-# Where each estimator puts the KL to the reference (docs/algorithms.md section 8): "loss", a k3 term of the policy
-# loss (GRPO); "reward", k1 subtracted from the reward before the advantages (RLOO: the sequence's sum; REINFORCE++:
-# per token). The one place that says it; the update and the rollout's need for old log-probs read it from here.
+# The critic-free estimators (docs/algorithms.md section 8), the one place that says, for each, where the KL to the
+# reference goes and which baseline its score is compared with; the update, the rollout's need for old log-probs,
+# the estimator and the batch checks read them from here.
+# KL: "loss", a k3 term of the policy loss (GRPO); "reward", k1 subtracted from the reward before the advantages
+# (RLOO: the sequence's sum; REINFORCE++: per token).
 KL_PLACEMENT = {"grpo": "loss", "rloo": "reward", "reinforce_pp": "reward", "reinforce_pp_baseline": "reward"}
+# Baseline: "group", the mean of the prompt's samples (GRPO, divided by the std of stage.scale_rewards);
+# "leave_one_out", the mean of the prompt's other samples (RLOO); "group_mean", the group's mean, then whitened over
+# the batch (REINFORCE++-baseline); "batch", none of its own: whitened over the batch (plain REINFORCE++).
+BASELINE = {"grpo": "group", "rloo": "leave_one_out", "reinforce_pp": "batch", "reinforce_pp_baseline": "group_mean"}
+GROUPED = tuple(a for a in ADVANTAGES if BASELINE[a] != "batch")  # the estimators that compare a prompt's samples
 
 
 def kl_in_loss(st: Any) -> bool:
     """True when `st.advantage` puts its KL to the reference in the loss (GRPO), not in the reward."""
     return KL_PLACEMENT[st.advantage] == "loss"
+
+
+def baseline(st: Any) -> str:
+    """The baseline of `st.advantage` (BASELINE)."""
+    return BASELINE[st.advantage]
+
+
+def compares_group(st: Any) -> bool:
+    """True when `st.advantage` compares a response with the other samples of its prompt (it needs n_samples >= 2,
+    and a group of equal scores carries no signal)."""
+    return st.advantage in GROUPED
 
 REWARD_SCALINGS = ("group", "batch", "none")
 # How per-token losses become the step's loss (rlhf_cli/losses/critic_free.py AGGREGATIONS).

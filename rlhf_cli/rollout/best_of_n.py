@@ -33,6 +33,7 @@ from rlhf_cli import preempt
 from rlhf_cli.data import IGNORE_INDEX, collate_prompts
 from rlhf_cli.data.sft import SFTExample
 from rlhf_cli.files import atomic_write_text
+from rlhf_cli.metrics import Sums
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.scoring import score_responses
@@ -208,35 +209,51 @@ def training_examples(rows: list[dict], prompts: list[Any]) -> list[SFTExample]:
     return out
 
 
-def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_no: int, prompts: list[Any],
-                  tokenizer: Any, reward: Any, st: Any, rm_stats: Any, dist: Any, seed: int, say: Any,
-                  collective: bool) -> dict[str, float]:  # fmt: skip
+@dataclass(frozen=True)
+class Drawing:
+    """What the candidates of a round are drawn and scored with: the training prompts, the tokenizer, the reward
+    source, the stage's config (`st`: n_samples, generation, reward), the reward statistics, the distributed group,
+    the seed; `collective`: every generation and reward forward is a collective (ZeRO-3)."""
+
+    prompts: list[Any]
+    tokenizer: Any
+    reward: Any
+    st: Any
+    rm_stats: Any
+    dist: Any
+    seed: int
+    collective: bool = False
+
+
+def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_no: int, how: Drawing,
+                  say: Any) -> dict[str, float]:  # fmt: skip
     """Draw and score the chunks of round `round_no` that are not on disk yet (`chunks[c]`: prompt indices), this
-    rank's share of them, each written as soon as it is scored. `collective` (ZeRO-3: every generation and reward
+    rank's share of them, each written as soon as it is scored. `how.collective` (ZeRO-3: every generation and reward
     forward is a collective): a rank without a chunk for a slot draws a filler and discards it. After every slot the
     ranks ask each other about SIGTERM / SIGUSR1 / Ctrl-C and stop together (Preempted) with the finished chunks kept.
     Returns the throughput of this call: responses/s, gen_tok/s, generation and scoring seconds (rank 0's)."""
+    st, tokenizer, dist = how.st, how.tokenizer, how.dist
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
     # Rank 0's listing, not each rank's own: a rank that looked after another had written a chunk would deal the
     # chunks differently and one chunk would be drawn by no rank.
     done = eng.from_main(finished_chunks(files) if dist.is_main else None)
     slots = chunk_slots(len(chunks), done, dist.rank, dist.world_size)
-    counts = torch.zeros(2, dtype=torch.float64)  # candidates, new tokens written by this rank
-    seconds = torch.zeros(2, dtype=torch.float64)  # generation, scoring
+    counts = Sums("candidates", "tokens")  # new candidates and their tokens written by this rank
+    seconds = Sums("generation", "scoring")  # this rank's
     started, reported = time.perf_counter(), 0
     if done and dist.is_main:
         say(f"round {round_no}: {len(done)} of {len(chunks)} chunk(s) already drawn; drawing the other "
             f"{len(chunks) - len(done)}")  # fmt: skip
     with preempt.ctrl_c_saves():
         for k, c in enumerate(slots):
-            if c is not None or collective:
+            if c is not None or how.collective:
                 key = c if c is not None else 0  # a filler redraws chunk 0 and throws it away
-                rows, took = draw_chunk(model, chunks[key], prompts, tokenizer, reward, st, rm_stats, gen_config,
-                                        seed * 1_000_003 + round_no * 100_003 + key, round_no, dist.device)  # fmt: skip
-                seconds += torch.tensor(took, dtype=torch.float64)
+                rows, took = draw_chunk(model, chunks[key], how, gen_config,
+                                        how.seed * 1_000_003 + round_no * 100_003 + key, round_no)  # fmt: skip
+                seconds.add(generation=took[0], scoring=took[1])
                 if c is not None:
                     write_chunk(files, c, rows)
-                    counts += torch.tensor([len(rows), sum(len(r["response_ids"]) for r in rows)], dtype=torch.float64)
+                    counts.add(candidates=len(rows), tokens=sum(len(r["response_ids"]) for r in rows))
             if eng.any_rank(preempt.requested()):
                 raise preempt.Preempted(
                     f"stopped by {preempt.signal_name() or 'a signal on another rank'} while sampling round "
@@ -247,28 +264,28 @@ def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_
                 reported = (k + 1) * 10 // len(slots)
                 say(f"round {round_no}: sampled {len(done) + (k + 1) * dist.world_size}/{len(chunks)} chunk(s)")
     wall = time.perf_counter() - started
-    n, tokens = eng.all_reduce_sum(counts).tolist()
-    return {"responses/s": n / max(wall, 1e-9), "gen_tok/s": tokens / max(wall, 1e-9),
-            "generation_seconds": float(seconds[0]), "scoring_seconds": float(seconds[1]),
-            "new_tokens": tokens}  # fmt: skip
+    total, took = counts.all_reduced(), seconds.local()
+    return {"responses/s": total["candidates"] / max(wall, 1e-9), "gen_tok/s": total["tokens"] / max(wall, 1e-9),
+            "generation_seconds": took["generation"], "scoring_seconds": took["scoring"],
+            "new_tokens": total["tokens"]}  # fmt: skip
 
 
 @torch.no_grad()
-def draw_chunk(model: Any, prompt_idx: list[int], prompts: list[Any], tokenizer: Any, reward: Any, st: Any,
-               rm_stats: Any, gen_config: Any, seed: int, round_no: int,
-               device: torch.device) -> tuple[list[dict], tuple[float, float]]:  # fmt: skip
+def draw_chunk(model: Any, prompt_idx: list[int], how: Drawing, gen_config: Any, seed: int,
+               round_no: int) -> tuple[list[dict], tuple[float, float]]:  # fmt: skip
     """`st.n_samples` candidates for each prompt of one chunk, in one generate call (each prompt repeated, its copies
     consecutive), seeded by `seed`; scored, reward-shaped (missing-EOS rule), as candidate rows. Returns the rows
     and (generation seconds, scoring seconds)."""
-    chosen = [prompts[i] for i in prompt_idx]
+    st, tokenizer = how.st, how.tokenizer
+    chosen = [how.prompts[i] for i in prompt_idx]
     expanded, _ = expand(chosen, st.n_samples)
-    batch = {k: v.to(device) for k, v in collate_prompts(expanded, tokenizer.pad_token_id).items()}
+    batch = {k: v.to(how.dist.device) for k, v in collate_prompts(expanded, tokenizer.pad_token_id).items()}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with eng.gathered_for_generation(model) as module:
         seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
     t1 = time.perf_counter()
     texts = decode_responses(tokenizer, seq)
-    scores = score_responses(reward, expanded, seq, texts, st.reward, rm_stats, allow_invalid=True)
+    scores = score_responses(how.reward, expanded, seq, texts, st.reward, how.rm_stats, allow_invalid=True)
     rows = candidate_rows(round_no, prompt_idx, chosen, st.n_samples, seq, texts, scores.raw, scores.shaped)
     return rows, (t1 - t0, time.perf_counter() - t1)

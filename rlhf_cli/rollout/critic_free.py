@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
-from rlhf_cli.config.online import GROUPED  # the estimators that compare a prompt's samples
+from rlhf_cli.config.online import baseline, compares_group
 from rlhf_cli.losses.critic_free import (
     aggregation_weights,
     global_whiten,
@@ -66,18 +66,18 @@ def estimate(ro: Rollout, st: Any, offset: int, filler: torch.Tensor | None = No
     loss_mask = mask * torch.isfinite(scores[mine]).to(mask)[:, None]
     if st.mask_truncated:
         loss_mask = mask_truncated(loss_mask, ro.seq.has_eos)
-    if filler is not None and st.advantage in GROUPED:
+    if filler is not None and compares_group(st):
         # A filler group's scores are all equal: no signal against its own group. Yet REINFORCE++-baseline's global
         # whitening would give it -mean/std of the batch (OpenRLHF's rule, kept for real groups) and RLOO's KL a
         # non-zero advantage, a gradient from a group DAPO drops. Plain REINFORCE++ compares with the batch, not
         # the group: there an all-equal group has a signal and stays.
         loss_mask = loss_mask * (~filler.to(mask.device)).to(mask)[:, None]
     stats: dict[str, float] = {}
-    if st.advantage in GROUPED:
+    if compares_group(st):
         stats["zero_variance_groups"] = zero_variance_fraction(scores, st.n_samples)
-    if st.advantage == "grpo":
+    if baseline(st) == "group":
         per_token = group_advantages(scores, st.n_samples, st.scale_rewards)[0][mine].to(mask)[:, None] * mask
-    elif st.advantage == "rloo":
+    elif baseline(st) == "leave_one_out":
         seq_kl = sequence_k1(ro.logprobs, ro.ref_logprobs, mask) if st.kl_coef else torch.zeros(n)
         adv = rloo_advantages(scores, st.n_samples, gather_rows(seq_kl), st.kl_coef)[0]
         per_token = adv[mine].to(mask)[:, None] * mask
@@ -96,7 +96,7 @@ def reinforce_pp(ro: Rollout, st: Any, scores: torch.Tensor, mine: slice, loss_m
     mask = ro.mask
     kl = kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask if st.kl_coef else torch.zeros_like(mask)
     outcome = scores
-    if st.advantage == "reinforce_pp_baseline":
+    if baseline(st) == "group_mean":
         outcome = scores - group_stats(scores.float(), st.n_samples)[0].double().repeat_interleave(st.n_samples)
     local = outcome[mine].to(device=mask.device, dtype=torch.float32)
     returns, _ = reinforce_pp_returns(kl, local, mask, st.kl_coef, st.gamma)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,62 +12,83 @@ import torch
 from rlhf_cli import engine as eng
 from rlhf_cli.data import collate_prompts
 from rlhf_cli.data.sharding import eval_batches
+from rlhf_cli.metrics import Sums
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import check_scores
 from rlhf_cli.rollout.scoring import score_responses
 
-# Rows of the sums vector (one column per prompt before summing): prompts, score (valid ones), scored prompts,
-# response tokens, responses that ended with EOS, gold metric.
-PROMPTS, SCORE, SCORED, LENGTH, EOS, GOLD = range(6)
+# The sums over the held-out prompts: prompts, score (valid ones), scored prompts, response tokens, responses that
+# ended with EOS, gold metric.
+SUMS = ("prompts", "score", "scored", "length", "eos", "gold")
+
+
+@dataclass(frozen=True)
+class PolicyEval:
+    """How `evaluate_policy` answers and scores: the tokenizer, the generation settings (a stage's `generation`
+    group), the distributed group, the seed, prompts per forward; decoding greedy unless `sampling`; the gold metric
+    (`gold(prompts, responses) -> list[float]` or a reward model, `rollout.rewards.build_gold`) when given;
+    `allow_invalid`: a reward function's None / NaN is left out of the score mean (`eval_invalid_fraction` says how
+    many) instead of an error."""
+
+    tokenizer: Any
+    gen_cfg: Any
+    dist: Any
+    seed: int
+    batch_size: int
+    sampling: bool = False
+    gold: Callable[[list[str], list[str]], list[float]] | Any | None = None
+    allow_invalid: bool = False
+
+    @classmethod
+    def of_stage(cls, ctx: Any, gold: Any = None, allow_invalid: bool = False) -> PolicyEval:
+        """An online stage's settings from its context (stages/context.py): `stage.generation`,
+        `stage.eval_batch_size`, `stage.eval_sampling`."""
+        st = ctx.cfg.stage
+        return cls(ctx.tokenizer, st.generation, ctx.dist, ctx.cfg.seed, st.eval_batch_size, st.eval_sampling, gold,
+                   allow_invalid)  # fmt: skip
 
 
 @torch.no_grad()
-def evaluate_policy(model: Any, reward: Any, examples: list, tokenizer: Any, gen_cfg: Any, dist: Any, seed: int,
-                    batch_size: int, sampling: bool = False,
-                    gold: Callable[[list[str], list[str]], list[float]] | None = None,
-                    allow_invalid: bool = False) -> dict[str, float]:  # fmt: skip
+def evaluate_policy(model: Any, reward: Any, examples: list, how: PolicyEval) -> dict[str, float]:
     """Mean reward score (`eval_score`, raw: no normalisation or missing-EOS rule), response length in tokens
     (`eval_response_length`) and fraction that ended with EOS (`eval_eos_fraction`) of `model`'s responses to the
-    held-out `examples` (PromptExamples); `eval_gold` too when `gold` is given: a `gold(prompts, responses) ->
-    list[float]` function or a reward model (`rollout.rewards.build_gold`). {} without examples.
+    held-out `examples` (PromptExamples); `eval_gold` too when `how.gold` is given. {} without examples.
 
     `model`: a training engine, a frozen model (`engine.frozen`) or a plain module (see
-    `engine.gathered_for_generation`; its mode is restored). `gen_cfg`: a stage's `generation` group; decoding is
-    greedy unless `sampling`, which draws with `seed + rank` at every evaluation (scores differ only by the policy),
-    the global RNG state restored afterwards. `allow_invalid`: a reward function's None / NaN is left out of the
-    score mean (`eval_invalid_fraction` says how many) instead of an error.
+    `engine.gathered_for_generation`; its mode is restored). Sampling (`how.sampling`) draws with `seed + rank` at
+    every evaluation (scores differ only by the policy), the global RNG state restored afterwards.
 
     Sharded by `data.sharding.eval_batches` (forwards of at most `batch_size` prompts): every rank generates and
     scores the same number of batches (ZeRO-3 collectives in the gathering and the reward model's forwards line up);
     filler prompts are left out of the sums, so the result equals one process's. Collective."""
+    tokenizer, dist, gold = how.tokenizer, how.dist, how.gold
     if not examples:
         return {}
-    config = sampling_config(gen_cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=not sampling)
+    config = sampling_config(how.gen_cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=not how.sampling)
     rng = torch.get_rng_state()
-    torch.manual_seed(seed + dist.rank)  # the same draws at every evaluation: scores differ only by the policy
-    sums = torch.zeros(6, dtype=torch.float64)
-    for part in eval_batches(len(examples), batch_size, dist.rank, dist.world_size):
+    torch.manual_seed(how.seed + dist.rank)  # the same draws at every evaluation: scores differ only by the policy
+    sums = Sums(*SUMS)
+    for part in eval_batches(len(examples), how.batch_size, dist.rank, dist.world_size):
         prompts = [examples[i] for i in part.idx]
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
         with eng.gathered_for_generation(model) as module:
             seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, seq)
-        scores = score_responses(reward, prompts, seq, texts, None, allow_invalid=allow_invalid).raw.double().cpu()
+        scores = score_responses(reward, prompts, seq, texts, None, allow_invalid=how.allow_invalid).raw.double().cpu()
         scored = torch.isfinite(scores)
-        per_prompt = torch.zeros(6, len(prompts), dtype=torch.float64)  # rows as in `sums`
-        per_prompt[PROMPTS], per_prompt[SCORE], per_prompt[SCORED] = part.weight, scores.where(scored, 0.0), scored
-        per_prompt[LENGTH] = seq.response_mask.sum(-1).double().cpu()
-        per_prompt[EOS] = seq.has_eos.double().cpu()
-        if gold is not None:
-            per_prompt[GOLD] = gold_values(gold, prompts, seq, texts)
-        sums += per_prompt[:, part.real].sum(dim=1)
+        per_prompt = {"prompts": part.weight, "score": scores.where(scored, 0.0), "scored": scored,
+                      "length": seq.response_mask.sum(-1), "eos": seq.has_eos,
+                      "gold": torch.zeros(len(prompts), dtype=torch.float64) if gold is None
+                      else gold_values(gold, prompts, seq, texts)}  # fmt: skip
+        sums.add_columns(per_prompt, keep=part.real)
     torch.set_rng_state(rng)
-    n, score, scored, length, eos, gold_sum = eng.all_reduce_sum(sums).tolist()
-    out = {"eval_score": score / scored if scored else float("nan"), "eval_response_length": length / n,
-           "eval_eos_fraction": eos / n}  # fmt: skip
+    total = sums.all_reduced()
+    n, scored = total["prompts"], total["scored"]
+    out = {"eval_score": total["score"] / scored if scored else float("nan"),
+           "eval_response_length": total["length"] / n, "eval_eos_fraction": total["eos"] / n}  # fmt: skip
     if gold is not None:
-        out["eval_gold"] = gold_sum / n
-    if allow_invalid:
+        out["eval_gold"] = total["gold"] / n
+    if how.allow_invalid:
         out["eval_invalid_fraction"] = 1.0 - scored / n
     return out
 

@@ -100,18 +100,44 @@ def expand(prompts: list[Any], n: int) -> tuple[list[Any], torch.Tensor]:
     return [p for p in prompts for _ in range(n)], torch.arange(len(prompts)).repeat_interleave(n)
 
 
+@dataclass(frozen=True)
+class RolloutModels:
+    """The models a rollout reads: the policy (`actor`, a training engine or a plain module), the reward source, and
+    where the stage has them the critic and the frozen reference."""
+
+    actor: Any
+    reward: Any
+    critic: Any | None = None
+    ref: Reference | None = None
+
+
+@dataclass(frozen=True)
+class Collecting:
+    """How `collect` samples and scores: the tokenizer, the stage's config (`st`: micro_batch_size,
+    generation.temperature, reward), the sampling config, `n_samples` per prompt, the score normalisation `stats`,
+    `allow_invalid` (a reward function's None / NaN kept as invalid), `old_logprobs` (see `collect`)."""
+
+    tokenizer: Any
+    st: Any
+    gen_config: Any
+    n_samples: int = 1
+    stats: Stats = None
+    allow_invalid: bool = False
+    old_logprobs: bool = True
+
+
 @torch.no_grad()
-def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, prompts: list[Any], batch: dict,
-            tokenizer: Any, st: Any, gen_config: Any, n_samples: int = 1, stats: Stats = None,
-            allow_invalid: bool = False, old_logprobs: bool = True) -> Rollout:  # fmt: skip
-    """Sample `n_samples` responses per prompt from `actor` (a training engine or a plain module) and read back, in
-    micro-batches of `st.micro_batch_size`, the old log-probs at `st.generation.temperature`, the reference's
-    log-probs (`ref`, or None) and the values (`critic`, or None); then score them (`score_responses` with
-    `st.reward`, `stats` and `allow_invalid`). `prompts` (B,) are the PromptExamples of the left-padded `batch`
+def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collecting) -> Rollout:
+    """Sample `how.n_samples` responses per prompt from `models.actor` and read back, in micro-batches of
+    `st.micro_batch_size`, the old log-probs at `st.generation.temperature`, the reference's log-probs (`models.ref`,
+    or None) and the values (`models.critic`, or None); then score them (`score_responses` with `st.reward`,
+    `how.stats` and `how.allow_invalid`). `prompts` (B,) are the PromptExamples of the left-padded `batch`
     {"input_ids", "attention_mask"} (B, P); the rollout has B * n_samples rows, a prompt's samples consecutive.
     The models' train / eval modes are restored afterwards. `old_logprobs=False` skips the rollout policy's
     log-probs (`logprobs` is then None): a method that updates once per rollout takes its ratio from the detached
     current log-probs and needs no KL in the reward."""
+    actor, critic, ref, reward = models.actor, models.critic, models.ref, models.reward
+    tokenizer, st, gen_config, n_samples = how.tokenizer, how.st, how.gen_config, how.n_samples
     t0 = time.perf_counter()
     prompts, group = expand(prompts, n_samples)
     if n_samples > 1:
@@ -128,13 +154,13 @@ def collect(actor: Any, critic: Any | None, ref: Reference | None, reward: Any, 
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
     for start in range(0, len(prompts), st.micro_batch_size):
         sub = seq.rows(slice(start, start + st.micro_batch_size), trim=False)
-        if old_logprobs:
+        if how.old_logprobs:
             parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
         if ref is not None:
             parts["ref"].append(ref.logprobs(actor, sub, tau))
         if critic is not None:
             parts["values"].append(critic_values(critic, sub))
-    scores = score_responses(reward, prompts, seq, responses, st.reward, stats, allow_invalid)
+    scores = score_responses(reward, prompts, seq, responses, st.reward, how.stats, how.allow_invalid)
     for m, mode in zip(models, modes, strict=True):
         m.train(mode)
     old, ref_lp, values = (torch.cat(parts[k]) if parts[k] else None for k in ("old", "ref", "values"))

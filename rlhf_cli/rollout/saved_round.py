@@ -10,7 +10,7 @@ selection is made again from the saved candidates (cheap: no model), or the cand
 says which and why. Without this, a failed round's advice ("a lower stage.threshold") could never take effect, and a
 round resumed under another N would read chunks drawn with the old N in groups of the new one.
 
-Rank 0 reconciles; the other ranks act on the files it leaves (rejection_sampling.prepare_round).
+Rank 0 reconciles; the other ranks act on the files it leaves (stages/rounds.py `prepare_round`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 from rlhf_cli import engine as eng
 from rlhf_cli.losses.critic_free import clipped_surrogate, k3_kl_loss
 from rlhf_cli.losses.ppo import LOG_RATIO_CLAMP, entropy_from_logits, masked_sum, policy_loss, value_loss
+from rlhf_cli.metrics import Sums
 from rlhf_cli.rollout.experience import Rollout, critic_values
 from rlhf_cli.rollout.generation import response_logits, response_logprobs
 
@@ -54,9 +55,9 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
     `objective` replaces it with a critic-free method's (see `Objective`). The step's loss is that sum over all
     micro-batches and ranks divided by `n_tokens` (the step's global normaliser: valid tokens, or sequences).
     `extra_loss(c)`, when given, adds a term to micro-batch c's summed loss (in units of the normaliser, e.g.
-    PPO-ptx). Returns (this rank's sums (len(ACTOR_SUMS),) float64, the gradient norm of the step)."""
+    PPO-ptx). Returns (this rank's sums, named ACTOR_SUMS, the gradient norm of the step)."""
     tau = st.generation.temperature if st.generation.temperature > 0 else 1.0
-    sums = torch.zeros(len(ACTOR_SUMS), dtype=torch.float64)
+    sums = Sums(*ACTOR_SUMS)
     norm = None
     for c, chunk in enumerate(idx.split(st.micro_batch_size)):
         sub = ro.seq.rows(chunk)
@@ -86,21 +87,19 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
             loss = loss + extra_loss(c)
         eng.backward(actor, loss, n_tokens)
         norm = eng.step(actor)  # DeepSpeed applies it at the last micro-batch (the accumulation boundary)
-        stats = (pg, clipped, approx_kl, entropy)
-        sums[:4] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in stats])
-        sums[4] += float(sub.attention_mask.sum())
-        sums[5] += float(mask.sum())
-        sums[6] += float(masked_sum((logprobs.detach() - old).abs(), mask))
-        sums[7:] += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (low, high, kl, k1)])
+        per_token = {"policy_loss": pg, "clipfrac_policy": clipped, "approx_kl": approx_kl, "entropy": entropy,
+                     "clipfrac_low": low, "clipfrac_high": high, "kl_loss": kl, "ref_k1": k1}  # fmt: skip
+        sums.add(**{k: masked_sum(v.detach(), mask) for k, v in per_token.items()}, tokens=sub.attention_mask.sum(),
+                 valid=mask.sum(), abs_log_ratio=masked_sum((logprobs.detach() - old).abs(), mask))  # fmt: skip
     return sums, norm
 
 
 def critic_step(critic: Any, ro: Rollout, returns: torch.Tensor, idx: torch.Tensor, st: Any,
-                n_tokens: float) -> torch.Tensor:  # fmt: skip
+                n_tokens: float) -> Sums:  # fmt: skip
     """One optimizer step of `critic` (a DeepSpeed engine) on the rollout rows `idx` (M,): `st.vf_coef` x the
     clipped value loss (`st.value_clip_eps`, around the rollout's values) against `returns` (B, R).
-    Returns this rank's sums (len(CRITIC_SUMS),) float64."""
-    sums = torch.zeros(len(CRITIC_SUMS), dtype=torch.float64)
+    Returns this rank's sums, named CRITIC_SUMS."""
+    sums = Sums(*CRITIC_SUMS)
     for chunk in idx.split(st.micro_batch_size):
         sub = ro.seq.rows(chunk)
         mask, width = sub.response_mask, sub.response_mask.shape[1]
@@ -108,5 +107,5 @@ def critic_step(critic: Any, ro: Rollout, returns: torch.Tensor, idx: torch.Tens
         vf, clipped = value_loss(values, ro.values[chunk, :width], returns[chunk, :width], st.value_clip_eps)
         eng.backward(critic, st.vf_coef * masked_sum(vf, mask), n_tokens)
         eng.step(critic)
-        sums += torch.stack([masked_sum(p.detach(), mask).double().cpu() for p in (vf, clipped)])
+        sums.add(value_loss=masked_sum(vf.detach(), mask), clipfrac_value=masked_sum(clipped.detach(), mask))
     return sums

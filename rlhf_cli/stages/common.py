@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli import preempt
 from rlhf_cli.errors import UserError
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.run_dir import Run, now
+from rlhf_cli.run_dir import now
 from rlhf_cli.stages.plan import StepPlan
 from rlhf_cli.summary import complete_stage
 
@@ -133,21 +133,30 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def train_loop(
-    st: Any, engine: Any, plan: StepPlan, dist: Any, run: Run, metrics: Metrics, start_step: int,
-    step_fn: Callable[[int], dict[str, Any]], eval_fn: Callable[[], dict[str, float]], show: tuple[str, ...],
-    save: Callable[[int], Any] | None = None, step_offset: int = 0, ckpt_dir: Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Optimizer steps from `start_step` to the end of the plan, or to `st.stop_after_steps`.
+@dataclass(frozen=True)
+class Loop:
+    """What the shared loop calls: `step(step)` runs one optimizer step (0-based) and returns its metrics ("loss",
+    "grad_norm" and, for tokens/s, "tokens" / "target_tokens"); `evaluate()` the held-out metrics; `show` the keys of
+    the console line; `save(step)` writes a checkpoint (None: the engine's state into `ckpt_dir`, default the run's
+    checkpoints/). A stage that trains in several phases (rejection sampling's rounds) numbers its steps across them:
+    `step_offset` is added to the step in metrics, checkpoint names and `stage.stop_after_steps`."""
 
-    `step_fn(step)` runs one optimizer step (0-based) and returns its metrics: "loss", "grad_norm" and,
-    for tokens/s, "tokens" / "target_tokens". Every `st.eval_every` steps `eval_fn()` adds eval metrics.
-    Checkpoints every `st.save_every` steps; on SIGTERM / SIGUSR1 / Ctrl-C (any rank) all ranks save at the same
-    step and raise Preempted; `save(step)` writes the checkpoint (default: the engine's state). A stage that trains in
-    several phases (rejection sampling's rounds) numbers its steps across them: `step_offset` is added to the step in
-    metrics, checkpoint names and `st.stop_after_steps`, and its checkpoints go to `ckpt_dir`. Returns the last step's
+    step: Callable[[int], dict[str, Any]]
+    evaluate: Callable[[], dict[str, float]]
+    show: tuple[str, ...]
+    save: Callable[[int], Any] | None = None
+    step_offset: int = 0
+    ckpt_dir: Path | None = None
+
+
+def train_loop(ctx: Any, engine: Any, plan: StepPlan, metrics: Metrics, start_step: int, loop: Loop) -> dict[str, Any]:
+    """Optimizer steps from `start_step` to the end of the plan, or to `stage.stop_after_steps` (`ctx`: the stage's
+    StageContext, stages/context.py).
+
+    Every `stage.eval_every` steps `loop.evaluate()` adds eval metrics. Checkpoints every `stage.save_every` steps; on
+    SIGTERM / SIGUSR1 / Ctrl-C (any rank) all ranks save at the same step and raise Preempted. Returns the last step's
     record (its "step" counted within this loop) with running totals."""
-    ckpt_dir = ckpt_dir or run.checkpoints_dir
+    st, dist = ctx.cfg.stage, ctx.dist
     engine.train()
     totals = {"tokens": 0.0, "target_tokens": 0.0, "pairs": 0.0, "train_seconds": 0.0}
     last: dict[str, Any] = {"step": start_step}
@@ -155,7 +164,7 @@ def train_loop(
     with preempt.ctrl_c_saves(), metrics.closed_on_error():
         for step in range(start_step, plan.total_steps):
             t0 = time.perf_counter()
-            out = step_fn(step)
+            out = loop.step(step)
             dt = time.perf_counter() - t0
             done = step + 1
             totals["train_seconds"] += dt
@@ -166,61 +175,87 @@ def train_loop(
                     totals[key] += out[key]
                     values[rate] = out[key] / dt
             if st.eval_every and done % st.eval_every == 0 and done < plan.total_steps:
-                values.update(eval_fn())
+                values.update(loop.evaluate())
                 engine.train()
-            metrics.log(step_offset + done, values, show)
+            metrics.log(loop.step_offset + done, values, loop.show)
             last = {"step": done, "loss": out["loss"], "peak_mem_mib": values["peak_mem_mib"], **totals}
-            stopping = st.stop_after_steps is not None and plan.total_steps > done
-            stopping = stopping and step_offset + done >= st.stop_after_steps
-            preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
-            at = step_offset + done
-            if (st.save_every and done % st.save_every == 0) or stopping or preempted:
-                if save is None:
-                    ckpt.save_checkpoint(engine, ckpt_dir, at, {"step": at}, st.keep_last)
-                else:
-                    save(done)
-            if preempted:
-                raise preempt.Preempted(
-                    f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {at}; checkpoint "
-                    f"saved at step {at} ({ckpt_dir / f'step-{at}'}), run the same command again to resume from it"
-                )
-            if stopping:
-                metrics.message(f"stopped after step {at} (stage.stop_after_steps); run the same command to resume")
+            if _step_boundary(ctx, engine, plan, metrics, loop, done):
                 break
     return last
 
 
-def interrupted(last: dict[str, Any], plan: StepPlan, metrics: Metrics, run: Run) -> bool:
-    """True, with the stage recorded as interrupted, when the loop stopped before the end of the plan."""
+def _step_boundary(ctx: Any, engine: Any, plan: StepPlan, metrics: Metrics, loop: Loop, done: int) -> bool:
+    """After step `done`: a checkpoint when due (every `save_every`, or stopping, or preempted on any rank); raises
+    Preempted after saving when preempted; True when `stage.stop_after_steps` stops the loop here."""
+    st = ctx.cfg.stage
+    at = loop.step_offset + done
+    stopping = st.stop_after_steps is not None and plan.total_steps > done and at >= st.stop_after_steps
+    preempted = eng.any_rank(preempt.requested())  # every rank stops at the same step boundary
+    ckpt_dir = loop.ckpt_dir or ctx.run.checkpoints_dir
+    if (st.save_every and done % st.save_every == 0) or stopping or preempted:
+        if loop.save is None:
+            ckpt.save_checkpoint(engine, ckpt_dir, at, {"step": at}, st.keep_last)
+        else:
+            loop.save(done)
+    if preempted:
+        raise preempt.Preempted(
+            f"stopped by {preempt.signal_name() or 'a signal on another rank'} after step {at}; checkpoint "
+            f"saved at step {at} ({ckpt_dir / f'step-{at}'}), run the same command again to resume from it"
+        )
+    if stopping:
+        metrics.message(f"stopped after step {at} (stage.stop_after_steps); run the same command to resume")
+    return stopping
+
+
+def interrupted(ctx: Any, last: dict[str, Any], plan: StepPlan, metrics: Metrics, step_offset: int = 0) -> bool:
+    """True, with the stage recorded as interrupted (at `step_offset` + the loop's last step), when the loop stopped
+    before the end of the plan."""
     if last["step"] >= plan.total_steps:
         return False
     metrics.close()
-    run.update_stage(status="interrupted", ended_at=now(), last_step=last["step"])
+    ctx.run.update_stage(status="interrupted", ended_at=now(), last_step=step_offset + last["step"])
     return True
 
 
-def export_final(engine: Any, tokenizer: Any, run: Run, lora_cfg: Any) -> Callable[[], None]:
-    """The usual `finish` export: the trained model into final/, LoRA adapters merged when lora.merge is set."""
-    return lambda: eng.export_hf(engine, tokenizer, run.final_dir, merge_lora=lora_cfg.enabled and lora_cfg.merge)
+@dataclass(frozen=True)
+class Finale:
+    """How a stage ends (`finish`): `export(final_eval)` writes its outputs (final/ and what else it keeps); `extra`
+    (or what `extra()` returns then, for values the training changes) adds to the headline metrics, `outputs` to
+    final/ in the manifest; `gate(final_eval)`, after the record and before the stage counts as completed, may refuse
+    it (RM's accuracy gate)."""
+
+    export: Callable[[dict[str, float]], Any]
+    extra: dict[str, Any] | Callable[[], dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    gate: Callable[[dict[str, float]], None] | None = None
 
 
-def finish(run: Run, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
-           export: Callable[[], Any], st: Any, outputs: dict[str, str] | None = None,
-           extra: dict[str, Any] | None = None, completed: bool = True) -> None:  # fmt: skip
-    """The end of a stage: log the final evaluation, close the metrics, `export()` the checkpoints, then record
-    the outputs (final/ and `outputs`) and the headline metrics in the manifest, and (`completed`) the status with
-    the stage's summary (its resume checkpoints dropped unless `st.keep_checkpoints`)."""
+def export_final(ctx: Any, engine: Any) -> Callable[[dict[str, float]], None]:
+    """The usual export: the trained model into final/, LoRA adapters merged when model.lora.merge is set."""
+    lora = ctx.model_cfg.lora
+    return lambda final_eval: eng.export_hf(engine, ctx.tokenizer, ctx.run.final_dir,
+                                            merge_lora=lora.enabled and lora.merge)  # fmt: skip
+
+
+def finish(ctx: Any, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
+           finale: Finale) -> None:  # fmt: skip
+    """The end of a stage: log the final evaluation, close the metrics, export, then record the outputs (final/ and
+    `finale.outputs`) and the headline metrics in the manifest, `finale.gate`, and the status with the stage's summary
+    (its resume checkpoints dropped unless `stage.keep_checkpoints`)."""
+    run = ctx.run
     metrics.log(last["step"], final_eval, show)
     metrics.close()
-    export()
+    finale.export(final_eval)
+    extra = finale.extra() if callable(finale.extra) else finale.extra
     # Token totals only where the stage counts them (RM / DPO / PPO have no target tokens: no recorded zero).
     headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib")
                 if k in last and (last[k] or k not in ("tokens", "target_tokens"))}  # fmt: skip
-    record = {"outputs": {"final": str(run.final_dir.relative_to(run.root)), **(outputs or {})},
-              "metrics": {**headline, **final_eval, **(extra or {})}}  # fmt: skip
+    record = {"outputs": {"final": str(run.final_dir.relative_to(run.root)), **finale.outputs},
+              "metrics": {**headline, **final_eval, **extra}}  # fmt: skip
     run.update_stage(**record)
-    if completed:
-        complete_stage(run, st.keep_checkpoints, plots=metrics.plots)
+    if finale.gate is not None:
+        finale.gate(final_eval)
+    complete_stage(run, ctx.cfg.stage.keep_checkpoints, plots=metrics.plots)
 
 
 def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int) -> Any:

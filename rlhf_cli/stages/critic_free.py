@@ -15,40 +15,25 @@ log-probs. The shared online parts (sampling, scoring, the actor step, evaluatio
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.batches import critic_free_rows, mini_batch
-from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.config.online import kl_in_loss
-from rlhf_cli.data import build_prompt_datasets, collate_prompts
-from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import load_tokenizer
-from rlhf_cli.rollout.controllers import RunningMoments
+from rlhf_cli.data import collate_prompts
 from rlhf_cli.rollout.critic_free import Estimate, estimate
-from rlhf_cli.rollout.evaluation import evaluate_policy
-from rlhf_cli.rollout.experience import Reference, collect
-from rlhf_cli.rollout.generation import sampling_config
-from rlhf_cli.rollout.online import (
-    build_reference,
-    check_scorable,
-    reward_stats,
-    rollout_metrics,
-    score_stats,
-    timing,
-    write_samples,
-)
-from rlhf_cli.rollout.rewards import build_gold, build_reward
+from rlhf_cli.rollout.experience import Collecting, RolloutModels, collect
+from rlhf_cli.rollout.online import check_scorable, rollout_metrics, score_stats, timing, write_samples
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import export_final, finish, interrupted, policy_engine, train_loop
+from rlhf_cli.stages.common import Finale, Loop, export_final
+from rlhf_cli.stages.context import StageContext, begin, source_lines, stage_context, train_then_finish
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
-from rlhf_cli.stages.plan import StepPlan, critic_free_plan, critic_free_updates, describe_critic_free
+from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts
+from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates, describe_critic_free
 
 SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "lr", "tok/s", "eval_score", "eval_gold")
 
@@ -56,76 +41,36 @@ SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "l
 def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/<stage>/final/`; None when stopped early to resume."""
     st = cfg.stage
-    # 1. Distributed group, seeds, the policy's starting checkpoint (the config's own rules: at composition,
-    #    rlhf_cli/registry.py).
-    dist = eng.init_distributed()
-    torch.manual_seed(cfg.seed)
-    source = run.resolve_source(cfg.model.name_or_path)
-    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
-    rm_stats = reward_stats(st, run)
+    # 1. Distributed group, seed, the policy's starting checkpoint and its tokenizer (the config's own rules: at
+    #    composition, rlhf_cli/registry.py).
+    ctx = stage_context(cfg, run)
+    world = ctx.dist.world_size
 
-    # 2. Tokenizer, prompts, the iteration plan, the gold metric.
-    tokenizer = load_tokenizer(model_cfg)
-    data = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    plan = critic_free_plan(len(data.train), st, dist.world_size)
+    # 2. Prompts, the iteration plan, the policy in its engine; the reference only when a KL is used; the reward and
+    #    gold sources (stages/online.py).
+    o = online_parts(ctx, lambda n: critic_free_plan(n, st, world), lambda plan: critic_free_updates(plan, st, world),
+                     reference=bool(st.kl_coef))  # fmt: skip
 
-    # 3. The policy in its engine; the reference only when a KL is used; the reward source.
-    actor = policy_engine(cfg, model_cfg, tokenizer, critic_free_updates(plan, st, dist.world_size), dist.world_size)
-    ref, ref_source = build_reference(cfg, run, source, tokenizer, dist) if st.kl_coef else (None, None)
-    # Every rank scores at the same points (iterations, evaluation batches): a reward or gold function that raises on
-    # one rank stops them all with its message (rewards.raise_together).
-    reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist, together=True)
-    gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist, together=True)
-    gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    p = Parts(cfg, run, dist, tokenizer, data, plan, actor, ref, reward, gen_config, RunningMoments(), rm_stats)
+    # 3. Resume (policy, optimizer, scheduler, running moments); record the stage.
+    inputs = o.inputs(ctx)
+    begun = begin(ctx, o.actor, o.plan.total_steps, inputs,
+                  (o.data.report.summary(), describe_critic_free(o.plan, st, world), *source_lines(inputs)),
+                  restore=lambda client: load_state(o, client))  # fmt: skip
 
-    # 4. Resume (policy, optimizer, scheduler, running moments); record the stage.
-    resume, client, notes = ckpt.resume_latest(actor, run.checkpoints_dir)
-    start_step = load_state(p, client)
-    inputs = {"policy": source, "reference": ref.describe(ref_source) if ref else "none (stage.kl_coef=0)",
-              "reward": reward.describe(), "data": cfg.data.source}  # fmt: skip
-    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
-    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    sources = (f"{k}: {v}" for k, v in inputs.items())
-    for line in (started, *notes, data.report.summary(), describe_critic_free(plan, st, dist.world_size), *sources):
-        metrics.message(line)
-
-    # 5. Train: an evaluation of the starting policy, then the iterations.
+    # 4. Train: an evaluation of the starting policy, then the iterations (rollout, estimator, update).
     def run_eval() -> dict[str, float]:
-        return evaluate_policy(actor, reward, data.eval, tokenizer, st.generation, dist, cfg.seed, st.eval_batch_size,
-                               sampling=st.eval_sampling, gold=gold, allow_invalid=True)  # fmt: skip
+        return o.evaluate(ctx, allow_invalid=True)
 
-    if start_step == 0 and data.eval:
-        first = run_eval()
-        check_scorable(first.get("eval_invalid_fraction"), reward, "of the first evaluation")
-        metrics.log(0, first, SHOW)
-    last = train_loop(st, actor, plan, dist, run, metrics, start_step, lambda step: iteration(p, step), run_eval,
-                      SHOW, save=lambda step: save_state(p, step))  # fmt: skip
-    if interrupted(last, plan, metrics, run):
-        return None
+    def check(first: dict[str, float]) -> None:
+        check_scorable(first.get("eval_invalid_fraction"), o.reward, "of the first evaluation")
 
-    # 6. Final evaluation, export of the policy (final/), headline metrics.
-    finish(run, metrics, last, run_eval(), SHOW, export_final(actor, tokenizer, run, cfg.model.lora), st,
-           extra={"iterations": plan.total_steps, "advantage": st.advantage, "data": data.report.to_dict()})
-    return run.final_dir
+    log_first_evaluation(begun, run_eval, SHOW, check)
+    loop = Loop(lambda step: iteration(ctx, o, step), run_eval, SHOW, save=lambda step: save_state(ctx, o, step))
 
-
-@dataclass
-class Parts:
-    """What an iteration reads and updates (the running moments are checkpointed with the engine)."""
-
-    cfg: Any
-    run: Run
-    dist: Any
-    tokenizer: Any
-    data: Any
-    plan: StepPlan
-    actor: Any
-    ref: Reference | None
-    reward: Any
-    gen_config: Any
-    moments: RunningMoments
-    rm_stats: tuple[float, float] | None
+    # 5. Final evaluation, export of the policy (final/), headline metrics.
+    extra = {"iterations": o.plan.total_steps, "advantage": st.advantage, "data": o.data.report.to_dict()}
+    finale = Finale(export_final(ctx, o.actor), extra=extra)
+    return train_then_finish(ctx, o.actor, o.plan, begun, loop, finale)
 
 
 def needs_old_logprobs(st: Any, world_size: int) -> bool:
@@ -135,10 +80,10 @@ def needs_old_logprobs(st: Any, world_size: int) -> bool:
     return several or (not kl_in_loss(st) and st.kl_coef > 0)
 
 
-def iteration(p: Parts, step: int) -> dict[str, float]:
+def iteration(ctx: StageContext, p: OnlineParts, step: int) -> dict[str, float]:
     """One iteration (0-based `step`): this rank's rows of the iteration's prompts x n_samples, scored; the
     estimator's advantages over the whole batch; the update; every `sample_every`, sample rows."""
-    cfg, st, dist = p.cfg, p.cfg.stage, p.dist
+    cfg, st, dist = ctx.cfg, ctx.cfg.stage, ctx.dist
     rows_per_rank = critic_free_rows(st, dist.world_size)
     old = needs_old_logprobs(st, dist.world_size)
 
@@ -147,16 +92,16 @@ def iteration(p: Parts, step: int) -> dict[str, float]:
         rows = [i for i in prompt_idx for _ in range(st.n_samples)]
         mine = rows[dist.rank * (len(rows) // dist.world_size) :][: len(rows) // dist.world_size]
         prompts = [p.data.train[i] for i in mine]
-        batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, p.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, ctx.tokenizer.pad_token_id).items()}
         # Seeded by (seed, iteration, attempt, rank): a resumed run draws what an uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + attempt * 101 + dist.rank)
-        return collect(p.actor, None, p.ref, p.reward, prompts, batch, p.tokenizer, st, p.gen_config,
-                       stats=lambda raw: score_stats(st, raw, p.moments, p.rm_stats), allow_invalid=True,
-                       old_logprobs=old)  # fmt: skip
+        how = Collecting(ctx.tokenizer, st, p.gen_config, stats=lambda raw: score_stats(st, raw, p.moments, p.rm_stats),
+                         allow_invalid=True, old_logprobs=old)  # fmt: skip
+        return collect(RolloutModels(p.actor, p.reward, ref=p.ref), prompts, batch, how)
 
     prompt_idx = p.plan.rank_indices(step, 0, cfg.seed)
     if st.dynamic_sampling:
-        ro, sampling, filler = dynamic_rollout(draw, prompt_idx, p.plan, step, cfg.seed, st, p.tokenizer.pad_token_id)
+        ro, sampling, filler = dynamic_rollout(draw, prompt_idx, p.plan, step, cfg.seed, st, ctx.tokenizer.pad_token_id)
     else:
         ro, sampling, filler = draw(prompt_idx, 0), {}, None
     out = {"invalid_fraction": 0.0, **rollout_metrics(ro)}  # all-reduced: every rank stops here together
@@ -167,7 +112,7 @@ def iteration(p: Parts, step: int) -> dict[str, float]:
     out.update(update(p.actor, ro, est, st, step, cfg.seed))
     out.update(timing(ro, time.perf_counter() - t0, out))
     if st.sample_every and (step + 1) % st.sample_every == 0 and dist.is_main:
-        write_samples(p.run.stage_dir / "samples.jsonl", step + 1, ro, st.sample_rows)
+        write_samples(ctx.run.stage_dir / "samples.jsonl", step + 1, ro, st.sample_rows)
     return out
 
 
@@ -182,13 +127,13 @@ def reward_terms(reward: Any) -> dict[str, float]:
                                                                                     strict=True)}  # fmt: skip
 
 
-def save_state(p: Parts, step: int) -> None:
+def save_state(ctx: StageContext, p: OnlineParts, step: int) -> None:
     """Checkpoint the policy engine with the running moments (collective)."""
     client = {"step": step, "running_moments": p.moments.state_dict()}
-    ckpt.save_checkpoint(p.actor, p.run.checkpoints_dir, step, client, p.cfg.stage.keep_last)
+    ckpt.save_checkpoint(p.actor, ctx.run.checkpoints_dir, step, client, ctx.st.keep_last)
 
 
-def load_state(p: Parts, client: dict | None) -> int:
+def load_state(p: OnlineParts, client: dict | None) -> int:
     if not client:
         return 0
     if "running_moments" in client:

@@ -37,7 +37,7 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     kl_coef = st.kl_coef if kl_in_loss(st) else 0.0  # the others have their KL in the reward
     objective = Objective(st.clip_eps_low, st.clip_eps_high, est.weights, kl_coef, ro.logprobs is not None)
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)  # same shuffles after a resume
-    sums = torch.zeros(len(ACTOR_SUMS), dtype=torch.float64)
+    sums = dict.fromkeys(ACTOR_SUMS, 0.0)  # over the update's optimizer steps and all ranks
     norm = None
     for step in range(st.ppo_epochs * n_mini):
         m = step % n_mini
@@ -47,10 +47,10 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
         normaliser = float(eng.all_reduce_sum(aggregation_count(est.loss_mask[idx], st.loss_aggregation)))
         local, norm = actor_step(actor, ro, est.advantages.advantages, idx, st, max(normaliser, 1.0),
                                  objective=objective)  # fmt: skip
-        sums += eng.all_reduce_sum(local)
-    at = {k: i for i, k in enumerate(ACTOR_SUMS)}
-    valid = max(float(sums[at["valid"]]), 1.0)
-    out = {k: float(sums[at[k]]) / valid for k in MEANS}
+        for key, value in local.all_reduced().items():
+            sums[key] += value
+    valid = max(sums["valid"], 1.0)
+    out = {k: sums[k] / valid for k in MEANS}
     out["loss"] = out["policy_loss"] + kl_coef * out["kl_loss"]
     if not kl_coef:
         del out["kl_loss"]
@@ -58,8 +58,8 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
         # One pass in one mini-batch: the rollout computed no log-probs, so `rollout_metrics` has no `kl`. The update
         # visited every row once, before its only optimizer step (DeepSpeed applies it at the accumulation boundary),
         # so its log-probs are the rollout policy's: the same k1 sum per response, mean over responses.
-        out["kl"] = float(sums[at["ref_k1"]]) / max(float(eng.all_reduce_sum(float(n))), 1.0)
-    return {**out, "tokens": float(sums[at["tokens"]]), "optimizer_steps": st.ppo_epochs * n_mini, "grad_norm": norm}
+        out["kl"] = sums["ref_k1"] / max(float(eng.all_reduce_sum(float(n))), 1.0)
+    return {**out, "tokens": sums["tokens"], "optimizer_steps": st.ppo_epochs * n_mini, "grad_norm": norm}
 
 
 def dynamic_rollout(draw: Callable[[list[int], int], Rollout], prompt_idx: list[int], plan: StepPlan, step: int,

@@ -14,32 +14,27 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
-from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.packing import model_mask, real_tokens, segment_sums
 from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses.dpo import REFERENCE_FREE, implicit_rewards, preference_loss
-from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import (
-    disable_dropout,
-    load_causal_lm,
-    load_tokenizer,
-)
+from rlhf_cli.metrics import Sums
+from rlhf_cli.models import disable_dropout, load_causal_lm
 from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import (
+    Finale,
+    Loop,
+    Packing,
     accumulate,
     export_final,
-    finish,
-    interrupted,
     packing_for,
     policy_engine,
     step_plan,
-    train_loop,
 )
+from rlhf_cli.stages.context import begin, stage_context, train_then_finish
 from rlhf_cli.stages.rm import pair_batches
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "lr", "tok/s", "eval_reward_accuracy")
@@ -50,42 +45,28 @@ PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "rewar
 def run(cfg: Any, run: Run) -> Path | None:
     """Train the policy and export `<run>/dpo/final/`. Returns it, or None when stopped early to resume."""
     st = cfg.stage
-    # 1. Distributed group, seeds, and where the policy and the reference start.
-    dist = eng.init_distributed()
-    torch.manual_seed(cfg.seed)
-    source = run.resolve_source(cfg.model.name_or_path)
-    ref_source = run.resolve_source(st.reference) if st.reference else source
-    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source})
+    # 1. Distributed group, seed, where the policy starts, its tokenizer (stages/context.py).
+    ctx = stage_context(cfg, run)
+    ref_source = run.resolve_source(st.reference) if st.reference else ctx.source
 
-    # 2. Tokenizer and preference pairs (chosen and rejected share the prompt's token ids).
-    tokenizer = load_tokenizer(model_cfg)
-    data = build_preference_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    plan = step_plan(len(data.train), st, dist.world_size)
+    # 2. Preference pairs (chosen and rejected share the prompt's token ids) and the step plan.
+    data = build_preference_datasets(cfg.data, ctx.tokenizer, seed=cfg.seed)
+    plan = step_plan(len(data.train), st, ctx.dist.world_size)
 
     # 3. Reference log-probs (precomputed), or the reference model; then the policy in the engine.
-    ref = Reference(st, cfg, ref_source, tokenizer, dist)
+    ref = Reference(st, cfg, ref_source, ctx.tokenizer, ctx.dist)
     if st.precompute_ref and st.loss not in REFERENCE_FREE:
-        ref.precompute({"train": data.train, "eval": data.eval}, tokenizer.pad_token_id)
-    engine = policy_engine(cfg, model_cfg, tokenizer, plan.total_steps, dist.world_size)
-    packing = packing_for(cfg.data, st, engine, per_item=2)
-    if packing.enabled and ref.model is not None:  # the reference reads the same forwards: a layout both can take
-        try:
-            packing = packing.joint(packing_for(cfg.data, st, ref.model, per_item=2))
-        except UserError as err:
-            raise UserError(f"the reference model ({ref_source}): {err}") from None
+        ref.precompute({"train": data.train, "eval": data.eval}, ctx.tokenizer.pad_token_id)
+    engine = policy_engine(cfg, ctx.model_cfg, ctx.tokenizer, plan.total_steps, ctx.dist.world_size)
+    packing = joint_packing(cfg, engine, ref, ref_source)
 
     # 4. Resume; record the stage as running.
-    resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
-    start_step = client["step"] if client else 0
-    inputs = {"policy": source, "reference": ref.describe(), "data": cfg.data.source}
-    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
-    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    for line in (started, *notes, data.report.summary(), plan.describe(), f"reference: {ref.describe()}",
-                 packing.describe()):  # fmt: skip
-        metrics.message(line)
+    inputs = {"policy": ctx.source, "reference": ref.describe(), "data": cfg.data.source}
+    lines = (data.report.summary(), plan.describe(), f"reference: {ref.describe()}", packing.describe())
+    begun = begin(ctx, engine, plan.total_steps, inputs, lines)
 
     # 5. Train: the step's pairs from the plan (a pure function of the step), packed or in micro-batches.
-    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+    pad_id, micro, dist = ctx.tokenizer.pad_token_id, st.micro_batch_size, ctx.dist
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
@@ -95,14 +76,20 @@ def run(cfg: Any, run: Run) -> Path | None:
     def run_eval() -> dict[str, float]:
         return evaluate(engine, ref, st, data.eval, pad_id, dist)
 
-    last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if interrupted(last, plan, metrics, run):
-        return None
-
     # 6. Final evaluation, export of the policy, headline metrics into the manifest.
-    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora), st,
-           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
-    return run.final_dir
+    finale = Finale(export_final(ctx, engine), extra={"steps": plan.total_steps, "data": data.report.to_dict()})
+    return train_then_finish(ctx, engine, plan, begun, Loop(one_step, run_eval, SHOW), finale)
+
+
+def joint_packing(cfg: Any, engine: Any, ref: Reference, ref_source: str) -> Packing:
+    """The policy's packing, narrowed to a layout the reference model can read too (it reads the same forwards)."""
+    packing = packing_for(cfg.data, cfg.stage, engine, per_item=2)
+    if packing.enabled and ref.model is not None:
+        try:
+            packing = packing.joint(packing_for(cfg.data, cfg.stage, ref.model, per_item=2))
+        except UserError as err:
+            raise UserError(f"the reference model ({ref_source}): {err}") from None
+    return packing
 
 
 def pair_forwards(examples: list, idx: list[int], micro: int, pad_id: int, packing: Any) -> list[tuple[list, dict]]:
@@ -199,7 +186,7 @@ def train_step(engine, ref, st, split, forwards, device, packed: bool = False) -
     """One optimizer step over this rank's forwards, (pair indices, batch) each: the per-pair losses summed, divided
     by the pairs of the step on all ranks."""
     n_global = float(eng.all_reduce_sum(sum(len(idx) for idx, _ in forwards)))
-    sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64)  # PAIR_KEYS, then the tokens
+    sums = Sums(*PAIR_KEYS, "tokens")
 
     def one(forward: tuple[list, dict], real: bool) -> None:
         idx, batch = forward
@@ -207,13 +194,12 @@ def train_step(engine, ref, st, split, forwards, device, packed: bool = False) -
         out = pair_losses(engine, ref, st, batch, split, idx)
         eng.backward(engine, out["loss"].sum() * (1.0 if real else 0.0), n_global)  # a filler adds nothing
         if real:
-            per_pair = [float(out[key].detach().sum()) for key in PAIR_KEYS]
-            sums.add_(torch.tensor([*per_pair, real_tokens(batch)], dtype=torch.float64))
+            sums.add(**{key: out[key].detach().sum() for key in PAIR_KEYS}, tokens=real_tokens(batch))
 
     norm = accumulate(engine, forwards, one, packed)
-    *totals, tokens = eng.all_reduce_sum(sums).tolist()
-    means = {k: v / n_global for k, v in zip(PAIR_KEYS, totals, strict=True)}
-    return {**means, "tokens": tokens, "pairs": n_global, "grad_norm": norm}
+    total = sums.all_reduced()
+    return {**{k: total[k] / n_global for k in PAIR_KEYS}, "tokens": total["tokens"], "pairs": n_global,
+            "grad_norm": norm}  # fmt: skip
 
 
 @torch.no_grad()
@@ -223,12 +209,11 @@ def evaluate(engine: Any, ref: Reference, st: Any, examples: list, pad_id: int, 
     if not examples:
         return {}
     engine.eval()
-    sums = torch.zeros(len(PAIR_KEYS) + 1, dtype=torch.float64)  # PAIR_KEYS, then the pairs
+    sums = Sums(*PAIR_KEYS, "pairs")
     for part in eval_batches(len(examples), st.eval_batch_size, dist.rank, dist.world_size):
         pairs = [examples[i] for i in part.idx]
         batch = {k: v.to(dist.device) for k, v in collate_preference(pairs, pad_id).items()}
         out = pair_losses(engine, ref, st, batch, "eval", part.idx)
-        per_pair = torch.stack([out[key].detach().double().cpu() for key in PAIR_KEYS] + [part.weight])  # (K+1, B)
-        sums += per_pair[:, part.real].sum(dim=1)
-    *totals, n = eng.all_reduce_sum(sums).tolist()
-    return {f"eval_{k}": v / n for k, v in zip(PAIR_KEYS, totals, strict=True)}
+        sums.add_columns({**{key: out[key].detach() for key in PAIR_KEYS}, "pairs": part.weight}, keep=part.real)
+    total = sums.all_reduced()
+    return {f"eval_{k}": total[k] / total["pairs"] for k in PAIR_KEYS}

@@ -13,6 +13,7 @@ numbers into the manifest.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +29,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.files import atomic_write_text
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
-from rlhf_cli.models import disable_dropout, load_causal_lm, load_tokenizer
+from rlhf_cli.models import disable_dropout, load_causal_lm
 from rlhf_cli.models.kind import CAUSAL_LM, check_policy, check_reward_sources, inspect_checkpoint
 from rlhf_cli.registry import STAGES
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
@@ -38,6 +39,7 @@ from rlhf_cli.rollout.generation import decode_responses, response_logits, respo
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.context import StageContext, stage_context
 from rlhf_cli.summary import complete_stage
 
 REFERENCE = "reference"
@@ -46,40 +48,60 @@ REFERENCE = "reference"
 def run(cfg: Any, run: Run) -> Path:
     """Evaluate the policies and write `<run>/eval/eval.json`; returns its path."""
     st = cfg.stage
-    # 1. Distributed group, the reference and its tokenizer, the held-out prompts.
-    dist = eng.init_distributed()
-    torch.manual_seed(cfg.seed)
-    ref_path = run.resolve_source(cfg.model.name_or_path)
+    # 1. Distributed group, seed, the reference (checked before anything loads) and its tokenizer, the policies, the
+    #    held-out prompts.
+    ctx = stage_context(cfg, run, model_config=reference_config, check=lambda ref: check_models(cfg, run, ref))
     policies = policy_paths(run, st.policies)
-    check_models(cfg, run, ref_path)
-    ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": ref_path, "lora": {"enabled": False}})
-    tokenizer = load_tokenizer(ref_cfg)
-    prompts = held_out_prompts(cfg, tokenizer)
+    prompts = held_out_prompts(cfg, ctx.tokenizer)
 
     # 2. The judges: the reward (absent when the run has no reward model and none was named) and the gold metric.
-    reward, notes = judge(cfg, run, tokenizer, dist)
-    gold = build_gold(cfg.stage.gold, cfg.stage, run, cfg.deepspeed, tokenizer, dist, key="stage.gold")
-    run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ref_path, **policies}, None)
+    reward, notes = judge(cfg, run, ctx.tokenizer, ctx.dist)
+    gold = build_gold(st.gold, st, run, cfg.deepspeed, ctx.tokenizer, ctx.dist, key="stage.gold")
+    judging = Judging(ctx, prompts, reward, gold)
+    run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ctx.source, **policies}, None)
     for line in notes:
-        _say(dist, line)
+        _say(ctx.dist, line)
 
     # 3. The reference: its own samples and scores, which every policy's responses are compared with.
-    reference = frozen_policy(cfg, ref_cfg, tokenizer, dist)
-    ref_scores, ref_row = evaluate(reference, reference, prompts, tokenizer, reward, gold, st, dist, None, draw=0)
+    reference = frozen_policy(ctx, ctx.model_cfg)
+    ref_scores, ref_row = evaluate(reference, reference, judging, None, draw=0)
     rows = {REFERENCE: ref_row}
 
     # 4. Each policy: its samples, their reward, win against the reference's, KL to the reference, gold.
     for k, (name, path) in enumerate(policies.items(), start=1):
-        policy = frozen_policy(cfg, OmegaConf.merge(ref_cfg, {"name_or_path": path}), tokenizer, dist)
-        rows[name] = evaluate(policy, reference, prompts, tokenizer, reward, gold, st, dist, ref_scores, draw=k)[1]
+        policy = frozen_policy(ctx, OmegaConf.merge(ctx.model_cfg, {"name_or_path": path}))
+        rows[name] = evaluate(policy, reference, judging, ref_scores, draw=k)[1]
         del policy
 
     # 5. eval.json, the headline numbers in the manifest, the table.
-    out = {"reference": ref_path, "policies": {**policies}, "prompts": len(prompts), "n_samples": st.n_samples,
+    return write_results(judging, policies, rows)
+
+
+@dataclass(frozen=True)
+class Judging:
+    """What every evaluated policy is judged with: the stage's context, the held-out prompts, the reward (None: no
+    reward and no win rate) and the gold metric (None: none)."""
+
+    ctx: StageContext
+    prompts: list
+    reward: Any | None
+    gold: Any | None
+
+
+def reference_config(cfg: Any, run: Run) -> Any:
+    """cfg.model reading from the reference (model.name_or_path, resolved), without LoRA: every model here is whole."""
+    return OmegaConf.merge(cfg.model, {"name_or_path": run.resolve_source(cfg.model.name_or_path),
+                                       "lora": {"enabled": False}})  # fmt: skip
+
+
+def write_results(j: Judging, policies: dict[str, str], rows: dict[str, dict[str, float]]) -> Path:
+    """eval.json (rank 0), the headline numbers in the manifest, the table on the console; the stage completed."""
+    run, st = j.ctx.run, j.ctx.st
+    out = {"reference": j.ctx.source, "policies": {**policies}, "prompts": len(j.prompts), "n_samples": st.n_samples,
            "temperature": st.generation.temperature, "kl_samples": st.kl_samples,
-           "reward": reward.describe() if reward else None, "gold": st.gold, "results": rows}  # fmt: skip
+           "reward": j.reward.describe() if j.reward else None, "gold": st.gold, "results": rows}  # fmt: skip
     path = run.stage_dir / STAGES["eval"].output  # eval.json: the registry's name, which a refusal of a rerun names
-    if dist.is_main:
+    if j.ctx.dist.is_main:
         atomic_write_text(path, json.dumps(out, indent=2) + "\n")
         run.update_stage(outputs={"eval": str(path.relative_to(run.root))}, metrics=headline(rows))
         console.print("\n".join(table(rows)), markup=False, highlight=False)
@@ -140,25 +162,26 @@ def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, li
     return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
 
 
-def frozen_policy(cfg: Any, model_cfg: Any, tokenizer: Any, dist: Any) -> Any:
-    model = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
+def frozen_policy(ctx: StageContext, model_cfg: Any) -> Any:
+    cfg = ctx.cfg
+    model = load_causal_lm(model_cfg, ctx.tokenizer, seed=cfg.seed)
     disable_dropout(model)
-    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, dist.device)
+    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, ctx.dist.device)
 
 
 @torch.no_grad()
-def evaluate(policy: Any, reference: Any, prompts: list, tokenizer: Any, reward: Any | None, gold: Any | None,
-             st: Any, dist: Any, ref_scores: torch.Tensor | None,
+def evaluate(policy: Any, reference: Any, j: Judging, ref_scores: torch.Tensor | None,
              draw: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """(this rank's reward scores of the judged responses (rows of its batches in order), the summary over all ranks)
     of `policy`. `draw` seeds the sampling (the reference's own draws are 0: a policy that is the reference samples
     afresh). `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
+    st, dist, prompts = j.ctx.st, j.ctx.dist, j.prompts
     sums, scores, done = torch.zeros(6, 3, dtype=torch.float64), [], 0
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         torch.manual_seed(1_000_003 * draw + dist.rank)
         for part in eval_batches(len(prompts), st.eval_batch_size, dist.rank, dist.world_size):
             examples = [prompts[i] for i in part.idx]
-            values = judged_values(policy, examples, tokenizer, reward, gold, st, dist)
+            values = judged_values(policy, examples, j)
             if ref_scores is not None and "reward" in values:  # the reference's answers to the same rows
                 values["win"] = win_values(values["reward"], ref_scores[done : done + len(values["reward"])])
             if "reward" in values:
@@ -166,7 +189,7 @@ def evaluate(policy: Any, reference: Any, prompts: list, tokenizer: Any, reward:
             done += len(values["length"])
             sums += moment_sums(values, part.weight.repeat_interleave(st.n_samples))
             if st.kl_samples:
-                kl = {"kl": sampled_kl(policy, reference, examples, tokenizer, st, dist)}
+                kl = {"kl": sampled_kl(policy, reference, examples, j.ctx)}
                 sums += moment_sums(kl, part.weight.repeat_interleave(st.kl_samples))
     return (torch.cat(scores) if scores else torch.zeros(0)), summarise(eng.all_reduce_sum(sums))
 
@@ -177,9 +200,9 @@ def _generate(model: Any, rows: list, config: Any, tokenizer: Any, dist: Any) ->
         return sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
-def judged_values(policy: Any, examples: list, tokenizer: Any, reward: Any | None, gold: Any | None, st: Any,
-                  dist: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Tensor]:
     """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one)."""
+    tokenizer, reward, gold, st, dist = j.ctx.tokenizer, j.reward, j.gold, j.ctx.st, j.ctx.dist
     rows, _ = expand(examples, st.n_samples)
     seq = _generate(policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id),
                     tokenizer, dist)  # fmt: skip
@@ -192,9 +215,10 @@ def judged_values(policy: Any, examples: list, tokenizer: Any, reward: Any | Non
     return values
 
 
-def sampled_kl(policy: Any, reference: Any, examples: list, tokenizer: Any, st: Any, dist: Any) -> torch.Tensor:
+def sampled_kl(policy: Any, reference: Any, examples: list, ctx: StageContext) -> torch.Tensor:
     """log pi(y|x) - log pi_ref(y|x) of `st.kl_samples` samples y ~ pi(.|x) per prompt at temperature 1, without
     top-k / top-p (so y comes from the policy itself): (B * kl_samples,); its mean estimates KL(pi || pi_ref)."""
+    tokenizer, st, dist = ctx.tokenizer, ctx.st, ctx.dist
     plain = SimpleNamespace(max_new_tokens=st.generation.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     rows, _ = expand(examples, st.kl_samples)
     seq = _generate(policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer,

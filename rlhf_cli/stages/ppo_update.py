@@ -16,18 +16,17 @@ from rlhf_cli import engine as eng
 from rlhf_cli.data import build_sft_datasets, collate_sft
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import count_targets, sft_loss_sum
+from rlhf_cli.metrics import Sums
 from rlhf_cli.rollout.experience import Advantages, Rollout
-from rlhf_cli.rollout.update import ACTOR_SUMS, CRITIC_SUMS, actor_step, critic_step
+from rlhf_cli.rollout.update import actor_step, critic_step
 from rlhf_cli.stages.common import StepPlan, model_inputs
 
 # Per-token sums accumulated over the update (then divided by the token count).
 UPDATE_KEYS = ("policy_loss", "value_loss", "clipfrac_policy", "clipfrac_value", "approx_kl", "entropy")
-# Further slots of the sums vector: all tokens forwarded, valid response tokens, sum of |log ratio|, ptx NLL sum and
-# ptx target tokens.
-TOKENS, VALID, ABS_LOG_RATIO, PTX_SUM, PTX_TOKENS = range(len(UPDATE_KEYS), len(UPDATE_KEYS) + 5)
-N_SUMS = len(UPDATE_KEYS) + 5
-# Where each sum of the actor and critic steps goes in the vector.
-SLOT = {**{k: i for i, k in enumerate(UPDATE_KEYS)}, "tokens": TOKENS, "valid": VALID, "abs_log_ratio": ABS_LOG_RATIO}
+# All the sums of a mini-batch: UPDATE_KEYS, all tokens forwarded, valid response tokens, sum of |log ratio|, ptx NLL
+# sum and ptx target tokens. The actor and critic steps' sums with these names go in (the clip-higher and KL-loss
+# sums are the critic-free methods').
+PPO_SUMS = (*UPDATE_KEYS, "tokens", "valid", "abs_log_ratio", "ptx_sum", "ptx_tokens")
 
 
 class PtxData:
@@ -60,7 +59,7 @@ def ppo_update(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, i
     mini = st.micro_batch_size * st.gradient_accumulation_steps
     n_mini = n // mini
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)  # same shuffles after a resume
-    sums = torch.zeros(N_SUMS, dtype=torch.float64)
+    sums = dict.fromkeys(PPO_SUMS, 0.0)  # over the update's mini-batches and all ranks
     first: dict[str, float] = {}
     steps, norm = 0, None
     # One flat loop over (epoch, mini-batch), so an early stop leaves it with a single break; the update index
@@ -71,41 +70,41 @@ def ppo_update(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, i
             perm = torch.randperm(n, generator=gen)  # a new shuffle every PPO epoch
         ptx_batches = ptx.micro_batches(iteration * st.ppo_epochs * n_mini + update, ro.mask.device) if ptx else None
         mb, norm = minibatch_step(actor, critic, ro, adv, st, perm[m * mini : (m + 1) * mini], ptx_batches)
-        sums += mb
+        for key, value in mb.items():
+            sums[key] += value
         steps += 1
-        approx_kl = float(mb[UPDATE_KEYS.index("approx_kl")] / mb[VALID])
+        approx_kl = mb["approx_kl"] / mb["valid"]
         if not first:  # before any optimizer step: the ratio must be 1 and the approximate KL 0
-            first = {"log_ratio_first": float(mb[ABS_LOG_RATIO] / mb[VALID]), "approx_kl_first": approx_kl}
+            first = {"log_ratio_first": mb["abs_log_ratio"] / mb["valid"], "approx_kl_first": approx_kl}
         if st.target_kl is not None and approx_kl > st.target_kl:
             break
-    out = {k: float(sums[i] / sums[VALID]) for i, k in enumerate(UPDATE_KEYS)}
+    out = {k: sums[k] / sums["valid"] for k in UPDATE_KEYS}
     out["loss"] = out["policy_loss"] + st.vf_coef * out["value_loss"]
     if ptx:
-        out["ptx_loss"] = float(sums[PTX_SUM] / sums[PTX_TOKENS].clamp(min=1))
-    return {**out, **first, "tokens": float(sums[TOKENS]), "optimizer_steps": steps, "grad_norm": norm,
+        out["ptx_loss"] = sums["ptx_sum"] / max(sums["ptx_tokens"], 1.0)
+    return {**out, **first, "tokens": sums["tokens"], "optimizer_steps": steps, "grad_norm": norm,
             "early_stopped": float(steps < st.ppo_epochs * n_mini)}  # fmt: skip
 
 
 def minibatch_step(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, idx: torch.Tensor,
-                   ptx_batches: list | None) -> tuple[torch.Tensor, float | None]:  # fmt: skip
-    """One actor and one critic optimizer step on the rollout rows `idx`. Returns the global sums
-    (N_SUMS,) and the actor's gradient norm."""
+                   ptx_batches: list | None) -> tuple[dict[str, float], float | None]:  # fmt: skip
+    """One actor and one critic optimizer step on the rollout rows `idx`. Returns the sums over all ranks (named
+    PPO_SUMS) and the actor's gradient norm."""
     n_tokens = float(eng.all_reduce_sum(ro.mask[idx].sum()))
     local_ptx = sum(count_targets(b["labels"]) for b in ptx_batches) if ptx_batches else 0
     ptx_tokens = float(eng.all_reduce_sum(local_ptx))
-    local = torch.zeros(N_SUMS, dtype=torch.float64)
-    local[PTX_TOKENS] = local_ptx
+    ptx_nll = Sums("ptx_sum")  # this rank's
 
     def ptx_loss(c: int) -> torch.Tensor:
         """coef x (mean NLL over the step's ptx tokens), expressed in units of the PPO normaliser."""
         b = ptx_batches[c]
-        ptx_sum, _ = sft_loss_sum(actor(**model_inputs(b)).logits, b["labels"])
-        local[PTX_SUM] += float(ptx_sum.detach())
-        return st.ptx.coef * ptx_sum * (n_tokens / max(ptx_tokens, 1.0))
+        nll, _ = sft_loss_sum(actor(**model_inputs(b)).logits, b["labels"])
+        ptx_nll.add(ptx_sum=nll.detach())
+        return st.ptx.coef * nll * (n_tokens / max(ptx_tokens, 1.0))
 
     actor_sums, norm = actor_step(actor, ro, adv.advantages, idx, st, n_tokens, ptx_loss if ptx_batches else None)
     critic_sums = critic_step(critic, ro, adv.returns, idx, st, n_tokens)
-    for key, value in (*zip(ACTOR_SUMS, actor_sums, strict=True), *zip(CRITIC_SUMS, critic_sums, strict=True)):
-        if key in SLOT:  # the clip-higher and KL-loss sums are the critic-free methods'
-            local[SLOT[key]] += value
-    return eng.all_reduce_sum(local), norm
+    mine = {**actor_sums.local(), **critic_sums.local(), **ptx_nll.local(), "ptx_tokens": local_ptx}
+    local = Sums(*PPO_SUMS)
+    local.add(**{key: mine[key] for key in PPO_SUMS})
+    return local.all_reduced(), norm

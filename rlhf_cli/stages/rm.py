@@ -12,21 +12,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
-from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import build_preference_datasets, collate_preference
 from rlhf_cli.data.packing import collate_packed_pairs, collate_shared_pairs, pair_size, real_tokens, shared_pair_size
 from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.errors import UserError
 from rlhf_cli.losses import bradley_terry_loss, split_pairs
-from rlhf_cli.metrics import Metrics
+from rlhf_cli.metrics import Sums
 from rlhf_cli.models import enable_gradient_checkpointing
 from rlhf_cli.models.reward import (
     REWARD_STATS_FILE,
@@ -38,17 +37,8 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import (
-    Packing,
-    accumulate,
-    export_final,
-    finish,
-    interrupted,
-    packing_for,
-    step_plan,
-    train_loop,
-)
-from rlhf_cli.summary import complete_stage
+from rlhf_cli.stages.common import Finale, Loop, Packing, accumulate, export_final, packing_for, step_plan
+from rlhf_cli.stages.context import StageContext, begin, stage_context, train_then_finish
 
 SHOW = ("loss", "accuracy", "lr", "tok/s", "pairs/s", "eval_accuracy")
 
@@ -56,37 +46,31 @@ SHOW = ("loss", "accuracy", "lr", "tok/s", "pairs/s", "eval_accuracy")
 def run(cfg: Any, run: Run) -> Path | None:
     """Train, checkpoint and export `<run>/rm/final/`. Returns it, or None when stopped early to resume."""
     st = cfg.stage
-    # 1. Distributed group and seeds; the starting model (`stage:sft` -> this run's sft/final, or a clear error).
-    dist = eng.init_distributed()
-    torch.manual_seed(cfg.seed)
-    model_cfg = resolved_model_config(cfg.model, run)
-    source = model_cfg.name_or_path
+    # 1. Distributed group, seed; the starting model (`stage:sft` -> this run's sft/final, or a clear error) and the
+    #    tokenizer from it.
+    ctx = stage_context(cfg, run, model_config=resolved_model_config, tokenizer=load_reward_tokenizer)
 
-    # 2. Tokenizer (from the source) and preference data (tokenized once, in memory).
-    tokenizer = load_reward_tokenizer(model_cfg)
-    data = build_preference_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    # 2. Preference data (tokenized once, in memory) and the step plan.
+    data = build_preference_datasets(cfg.data, ctx.tokenizer, seed=cfg.seed)
     if st.min_eval_accuracy is not None and not data.eval:  # fail now, not after training
         raise UserError(
             "stage.min_eval_accuracy needs held-out pairs, and there are none: set data.eval_fraction > 0 or "
             "data.eval_split, or unset stage.min_eval_accuracy"
         )
-    plan = step_plan(len(data.train), st, dist.world_size)
+    plan = step_plan(len(data.train), st, ctx.dist.world_size)
 
     # 3. Reward model (+ gradient checkpointing, LoRA) inside the DeepSpeed engine.
-    model, engine, packing = build_engine(cfg, model_cfg, tokenizer, plan, dist)
+    model, engine, packing = build_engine(cfg, ctx.model_cfg, ctx.tokenizer, plan, ctx.dist)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
-    resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
-    start_step = client["step"] if client else 0
-    inputs = {"model": run_relative(source, run), "model_name_or_path": cfg.model.name_or_path, "data": cfg.data.source}
-    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
-    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    model_line = f"model: {source} ({type(model).__name__})"
-    for line in (started, *notes, model_line, data.report.summary(), plan.describe(), packing.describe()):
-        metrics.message(line)
+    inputs = {"model": run_relative(ctx.source, run), "model_name_or_path": cfg.model.name_or_path,
+              "data": cfg.data.source}  # fmt: skip
+    model_line = f"model: {ctx.source} ({type(model).__name__})"
+    lines = (model_line, data.report.summary(), plan.describe(), packing.describe())
+    begun = begin(ctx, engine, plan.total_steps, inputs, lines)
 
     # 5. Train: the step's pairs from the plan (a pure function of the step), packed or in micro-batches.
-    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+    pad_id, micro, dist = ctx.tokenizer.pad_token_id, st.micro_batch_size, ctx.dist
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
@@ -96,25 +80,24 @@ def run(cfg: Any, run: Run) -> Path | None:
     def run_eval() -> dict[str, float]:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
 
-    last = train_loop(st, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if interrupted(last, plan, metrics, run):
-        return None
+    # 6. Final evaluation, export of final/ with the reward statistics, headline metrics, then the accuracy gate.
+    finale = Finale(export_with_stats(ctx, engine), extra={"steps": plan.total_steps, "data": data.report.to_dict()},
+                    gate=lambda final_eval: check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir))
+    return train_then_finish(ctx, engine, plan, begun, Loop(one_step, run_eval, SHOW), finale)
 
-    # 6. Final evaluation, export of final/, headline metrics into the manifest, then the accuracy gate.
-    final_eval = run_eval()
-    export = export_final(engine, tokenizer, run, model_cfg.lora)
 
-    def export_with_stats() -> None:
-        export()
-        if dist.is_main and "reward_mean" in final_eval:
+def export_with_stats(ctx: StageContext, engine: Any) -> Callable[[dict[str, float]], None]:
+    """final/, and next to its weights the final evaluation's reward mean / std (reward_stats.json), which a later
+    stage normalises scores with (stage.reward.normalize=rm_stats)."""
+    export = export_final(ctx, engine)
+
+    def write(final_eval: dict[str, float]) -> None:
+        export(final_eval)
+        if ctx.dist.is_main and "reward_mean" in final_eval:
             stats = {k: final_eval[k] for k in ("reward_mean", "reward_std", "eval_pairs")}
-            (run.final_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            (ctx.run.final_dir / REWARD_STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
 
-    finish(run, metrics, last, final_eval, SHOW, export_with_stats, st, completed=False,
-           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
-    check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir)
-    complete_stage(run, st.keep_checkpoints, plots=metrics.plots)
-    return run.final_dir
+    return write
 
 
 def build_engine(cfg: Any, model_cfg: Any, tokenizer: Any, plan: Any, dist: Any) -> tuple[Any, Any, Any]:
@@ -133,9 +116,9 @@ def build_engine(cfg: Any, model_cfg: Any, tokenizer: Any, plan: Any, dist: Any)
     return model, engine, packing_for(cfg.data, st, engine, per_item=2)
 
 
-def resolved_model_config(model_cfg: Any, run: Run) -> Any:
+def resolved_model_config(cfg: Any, run: Run) -> Any:
     """The `model` group as a plain dataclass with `stage:<name>` sources replaced by that stage's final/."""
-    plain = OmegaConf.to_object(model_cfg)
+    plain = OmegaConf.to_object(cfg.model)
     tokenizer = run.resolve_source(plain.tokenizer) if plain.tokenizer else None
     return dataclasses.replace(plain, name_or_path=run.resolve_source(plain.name_or_path), tokenizer=tokenizer)
 
@@ -173,7 +156,7 @@ def train_step(engine: Any, batches: list[dict], device: torch.device, center_co
 
     Normaliser: pairs of the whole step over all ranks, so the gradient is that of the mean over those pairs."""
     n_pairs = float(eng.all_reduce_sum(sum(len(b["margin"]) for b in batches)))
-    sums = torch.zeros(6, dtype=torch.float64)  # loss, correct, margin, chosen, rejected, tokens
+    sums = Sums("loss", "correct", "margin", "chosen", "rejected", "tokens")
 
     def one(b: dict[str, torch.Tensor], real: bool) -> None:
         b = {k: v.to(device) for k, v in b.items()}
@@ -182,21 +165,21 @@ def train_step(engine: Any, batches: list[dict], device: torch.device, center_co
         n = len(r_chosen)
         eng.backward(engine, loss * (n if real else 0.0), n_pairs)  # summed per-pair loss; a filler adds nothing
         if real:
-            loss_sum, tokens = loss.detach().double().cpu() * n, torch.tensor([float(real_tokens(b))]).double()
-            sums.add_(torch.cat([loss_sum.view(1), pair_sums(r_chosen, r_rejected)[:4], tokens]))
+            pairs = pair_sums(r_chosen, r_rejected)
+            sums.add(loss=loss.detach().double().cpu() * n, correct=pairs["correct"], margin=pairs["margin"],
+                     chosen=pairs["chosen"], rejected=pairs["rejected"], tokens=real_tokens(b))  # fmt: skip
 
     norm = accumulate(engine, batches, one, packed)
-    total = eng.all_reduce_sum(sums)
-    loss, accuracy, margin, chosen, rejected = (total[:5] / n_pairs).tolist()
+    total = sums.all_reduced()
     return {
-        "loss": loss,
-        "accuracy": accuracy,
-        "margin": margin,
-        "reward_chosen": chosen,
-        "reward_rejected": rejected,
+        "loss": total["loss"] / n_pairs,
+        "accuracy": total["correct"] / n_pairs,
+        "margin": total["margin"] / n_pairs,
+        "reward_chosen": total["chosen"] / n_pairs,
+        "reward_rejected": total["rejected"] / n_pairs,
         "grad_norm": norm,
         "pairs": n_pairs,
-        "tokens": float(total[5]),
+        "tokens": total["tokens"],
     }
 
 
@@ -207,7 +190,7 @@ def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: in
     if not examples:
         return {}
     engine.eval()
-    sums = torch.zeros(6, dtype=torch.float64)  # pairs, correct, margin, loss, reward, reward^2
+    sums = Sums("pairs", "correct", "margin", "loss", "reward", "reward_sq")
     for part in eval_batches(len(examples), batch_size, dist.rank, dist.world_size):
         b = {k: v.to(dist.device) for k, v in collate_preference([examples[i] for i in part.idx], pad_id).items()}
         scores = sequence_scores(engine, b["input_ids"], b["attention_mask"]).double()
@@ -216,28 +199,30 @@ def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: in
             continue  # fillers only: nothing to add (and the BT mean over no pair is NaN)
         r_chosen, r_rejected = (r[real] for r in split_pairs(scores))
         loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"][real])
-        correct, margin, chosen, rejected, squares = pair_sums(r_chosen, r_rejected)
-        n = torch.tensor(float(len(r_chosen)), dtype=torch.float64)
-        sums += torch.stack([n, correct, margin, loss.double().cpu() * n, chosen + rejected, squares])
-    pairs, correct, margin, loss, reward, reward_sq = eng.all_reduce_sum(sums).tolist()
-    mean = reward / (2 * pairs)
+        s = pair_sums(r_chosen, r_rejected)
+        n = len(r_chosen)
+        sums.add(pairs=n, correct=s["correct"], margin=s["margin"], loss=loss.double().cpu() * n,
+                 reward=s["chosen"] + s["rejected"], reward_sq=s["squares"])  # fmt: skip
+    total = sums.all_reduced()
+    pairs = total["pairs"]
+    mean = total["reward"] / (2 * pairs)
     return {
-        "eval_accuracy": correct / pairs,
-        "eval_margin": margin / pairs,
-        "eval_loss": loss / pairs,
+        "eval_accuracy": total["correct"] / pairs,
+        "eval_margin": total["margin"] / pairs,
+        "eval_loss": total["loss"] / pairs,
         "reward_mean": mean,
-        "reward_std": math.sqrt(max(reward_sq / (2 * pairs) - mean**2, 0.0)),
+        "reward_std": math.sqrt(max(total["reward_sq"] / (2 * pairs) - mean**2, 0.0)),
         "eval_pairs": pairs,
     }
 
 
-def pair_sums(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Sums over B pairs of rewards (B,) each -> (5,) float64: correct pairs (r_c > r_r), margins, chosen, rejected,
-    and the squares of all 2B rewards (for the std). Sums, not means, so ranks and micro-batches add up exactly."""
+def pair_sums(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over B pairs of rewards (B,) each, float64: correct pairs (r_c > r_r), margins, chosen, rejected, and
+    the squares of all 2B rewards (for the std). Sums, not means, so ranks and micro-batches add up exactly."""
     r_chosen, r_rejected = r_chosen.detach().double().cpu(), r_rejected.detach().double().cpu()
-    squares = (r_chosen**2).sum() + (r_rejected**2).sum()
-    correct = (r_chosen > r_rejected).sum().double()
-    return torch.stack([correct, (r_chosen - r_rejected).sum(), r_chosen.sum(), r_rejected.sum(), squares])
+    return {"correct": (r_chosen > r_rejected).sum().double(), "margin": (r_chosen - r_rejected).sum(),
+            "chosen": r_chosen.sum(), "rejected": r_rejected.sum(),
+            "squares": (r_chosen**2).sum() + (r_rejected**2).sum()}  # fmt: skip
 
 
 def check_accuracy_gate(final_eval: dict[str, float], threshold: float | None, final_dir: Path) -> None:

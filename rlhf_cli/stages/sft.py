@@ -12,28 +12,18 @@ from typing import Any
 
 import torch
 
-from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
-from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.data import IGNORE_INDEX, build_sft_datasets, collate_sft
 from rlhf_cli.data.packing import collate_packed_sft, real_tokens
 from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.losses import count_targets
 from rlhf_cli.losses.sft import sft_loss_from_logprobs
-from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer
+from rlhf_cli.metrics import Sums
+from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm
 from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import (
-    Packing,
-    accumulate,
-    export_final,
-    finish,
-    interrupted,
-    packing_for,
-    step_plan,
-    train_loop,
-)
+from rlhf_cli.stages.common import Finale, Loop, Packing, accumulate, export_final, packing_for, step_plan
+from rlhf_cli.stages.context import StageContext, begin, stage_context, train_then_finish
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -41,41 +31,23 @@ SHOW = ("loss", "lr", "tok/s", "eval_loss")
 def run(cfg: Any, run: Run) -> Path | None:
     """Train, checkpoint and export `<run>/sft/final/`. Returns it, or None when stopped early to resume."""
     st = cfg.stage
-    # 1. Distributed group and seeds: every rank builds the same model and the same data order.
-    dist = eng.init_distributed()
-    torch.manual_seed(cfg.seed)
+    # 1. Distributed group, seed, the model's source and its tokenizer (stages/context.py).
+    ctx = stage_context(cfg, run)
 
-    # 2. Tokenizer and data (tokenized once, in memory).
-    tokenizer = load_tokenizer(cfg.model)
-    data = build_sft_datasets(cfg.data, tokenizer, seed=cfg.seed)
-    plan = step_plan(len(data.train), st, dist.world_size)
+    # 2. Data (tokenized once, in memory) and the step plan.
+    data = build_sft_datasets(cfg.data, ctx.tokenizer, seed=cfg.seed)
+    plan = step_plan(len(data.train), st, ctx.dist.world_size)
 
     # 3. Model (+ LoRA, gradient checkpointing) inside the DeepSpeed engine.
-    model = load_causal_lm(cfg.model, tokenizer, seed=cfg.seed)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model.lora)
-    ds_cfg = eng.ds_config(
-        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, dist.world_size
-    )
-    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+    engine = build_engine(ctx, plan)
     packing = packing_for(cfg.data, st, engine, per_item=1)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
-    resume, client, notes = ckpt.resume_latest(engine, run.checkpoints_dir)  # a damaged checkpoint: the one before
-    start_step = client["step"] if client else 0
     inputs = {"model": cfg.model.name_or_path, "data": cfg.data.source}
-    started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
-    metrics = Metrics(run.metrics_path, plan.total_steps, cfg.logging, dist.is_main, start_step)
-    for line in (started, *notes):
-        metrics.message(line)
-    metrics.message(data.report.summary())
-    metrics.message(plan.describe())
-    metrics.message(packing.describe())
+    begun = begin(ctx, engine, plan.total_steps, inputs, (data.report.summary(), plan.describe(), packing.describe()))
 
     # 5. Train: the step's examples from the plan (a pure function of the step), packed or in micro-batches.
-    pad_id, micro = tokenizer.pad_token_id, st.micro_batch_size
+    pad_id, micro, dist = ctx.tokenizer.pad_token_id, st.micro_batch_size, ctx.dist
 
     def one_step(step: int) -> dict[str, float]:
         idx = plan.rank_indices(step, dist.rank, cfg.seed)
@@ -84,14 +56,23 @@ def run(cfg: Any, run: Run) -> Path | None:
     def run_eval() -> dict[str, float]:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
 
-    last = train_loop(cfg.stage, engine, plan, dist, run, metrics, start_step, one_step, run_eval, SHOW)
-    if interrupted(last, plan, metrics, run):
-        return None
-
     # 6. Final evaluation, export of final/, headline metrics into the manifest.
-    finish(run, metrics, last, run_eval(), SHOW, export_final(engine, tokenizer, run, cfg.model.lora), st,
-           extra={"steps": plan.total_steps, "data": data.report.to_dict()})  # fmt: skip
-    return run.final_dir
+    finale = Finale(export_final(ctx, engine), extra={"steps": plan.total_steps, "data": data.report.to_dict()})
+    return train_then_finish(ctx, engine, plan, begun, Loop(one_step, run_eval, SHOW), finale)
+
+
+def build_engine(ctx: StageContext, plan: Any) -> Any:
+    """The model (+ gradient checkpointing, LoRA) in its DeepSpeed engine with AdamW over the plan's steps."""
+    cfg, st = ctx.cfg, ctx.cfg.stage
+    model = load_causal_lm(cfg.model, ctx.tokenizer, seed=cfg.seed)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora)
+    ds_cfg = eng.ds_config(
+        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, ctx.dist.world_size
+    )
+    return eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
 
 
 def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -111,21 +92,21 @@ def step_batches(examples: list, idx: list[int], micro: int, pad_id: int, packin
 def train_step(engine: Any, batches: list[dict[str, torch.Tensor]], device: torch.device, packed: bool = False) -> dict:
     """One optimizer step over this rank's forwards (packed or padded); the loss is normalised over all ranks."""
     n_global = float(eng.all_reduce_sum(sum(count_targets(b["labels"]) for b in batches)))
-    sums = torch.zeros(2, dtype=torch.float64)  # loss, tokens
+    sums = Sums("loss", "tokens")
 
     def one(b: dict[str, torch.Tensor], real: bool) -> None:
         b = {k: v.to(device) for k, v in b.items()}
         loss_sum, _ = sft_loss(engine, b)
         eng.backward(engine, loss_sum if real else loss_sum * 0.0, n_global)  # a filler forward adds nothing
         if real:
-            sums.add_(torch.tensor([float(loss_sum.detach()), real_tokens(b)], dtype=torch.float64))
+            sums.add(loss=loss_sum.detach(), tokens=real_tokens(b))
 
     norm = accumulate(engine, batches, one, packed)
-    total, tokens = eng.all_reduce_sum(sums).tolist()
+    total = sums.all_reduced()
     return {
-        "loss": total / n_global,
+        "loss": total["loss"] / n_global,
         "target_tokens": n_global,
-        "tokens": tokens,
+        "tokens": total["tokens"],
         "grad_norm": norm,
     }
 

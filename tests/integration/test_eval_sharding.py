@@ -124,7 +124,7 @@ def _ppo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     from rlhf_cli.config.compose import compose
     from rlhf_cli.data import build_prompt_datasets
     from rlhf_cli.models import disable_dropout, load_causal_lm
-    from rlhf_cli.stages import ppo
+    from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
 
     cfg = compose("ppo", [*TINY, "model.name_or_path=builtin:tiny-llama", "stage.eval_batch_size=4",
                           "stage.generation.max_new_tokens=8"])  # fmt: skip
@@ -136,7 +136,9 @@ def _ppo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     out = {}
     for n in SIZES:
         reward.rows.clear()
-        out[n] = ppo.evaluate(actor, reward, examples[:n], tok, cfg.stage, dist, cfg.seed), list(reward.rows)
+        ctx = SimpleNamespace(cfg=cfg, tokenizer=tok, dist=dist)
+        how = PolicyEval.of_stage(ctx)
+        out[n] = evaluate_policy(actor, reward, examples[:n], how), list(reward.rows)
     return out
 
 

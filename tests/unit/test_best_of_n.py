@@ -114,8 +114,9 @@ def _late_rank_zero(rank: int, port: int, root: str, out: str) -> None:
         time.sleep(1.0)
     dist = eng.Dist(rank, 2, rank, torch.device("cpu"))
     files = bon.RoundFiles(Path(root))
-    bon.sample_chunks(None, [[c] for c in range(6)], files, 1, [], SimpleNamespace(eos_token_id=0, pad_token_id=0),
-                      None, SimpleNamespace(generation=None), None, dist, 0, print, collective=False)  # fmt: skip
+    how = bon.Drawing([], SimpleNamespace(eos_token_id=0, pad_token_id=0), None, SimpleNamespace(generation=None), None,
+                      dist, 0, collective=False)  # fmt: skip
+    bon.sample_chunks(None, [[c] for c in range(6)], files, 1, how, print)
     Path(out, f"rank{rank}.json").write_text(json.dumps(drawn))
     tdist.destroy_process_group()
 

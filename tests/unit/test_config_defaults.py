@@ -220,11 +220,12 @@ def test_every_dpo_loss_and_kl_estimator_dispatches():
 
     x = torch.tensor([-1.0, -2.0])
     for kind in s.DPO_LOSSES:
-        assert torch.isfinite(dpo.preference_loss(kind, x, x - 1, x, x - 0.5, x.abs(), x.abs(), 0.1, 0.1)).all()
+        loss = dpo.preference_loss(kind, x, x - 1, x, x - 0.5, x.abs(), x.abs(), beta=0.1, label_smoothing=0.1)
+        assert torch.isfinite(loss).all()
     for estimator in o.KL_ESTIMATORS:
         assert torch.isfinite(ppo.kl_penalty(x, x - 0.1, estimator)).all()
     with pytest.raises(ValueError):
-        dpo.preference_loss("dpo", x, x, x, x, x, x, 0.1)
+        dpo.preference_loss("dpo", x, x, x, x, x, x, beta=0.1)
 
 
 def test_every_schedule_has_its_own_curve():

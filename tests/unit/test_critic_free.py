@@ -402,3 +402,16 @@ def test_every_estimator_says_where_its_kl_goes_and_only_grpo_puts_it_in_the_los
 
     assert set(KL_PLACEMENT) == set(ADVANTAGES)
     assert [a for a in ADVANTAGES if kl_in_loss(SimpleNamespace(advantage=a))] == ["grpo"]
+
+
+def test_every_estimator_names_its_baseline_and_the_grouped_ones_follow_from_it():
+    from types import SimpleNamespace
+
+    from rlhf_cli.config.online import ADVANTAGES, BASELINE, GROUPED, baseline, compares_group
+
+    assert set(BASELINE) == set(ADVANTAGES)
+    assert GROUPED == ("grpo", "rloo", "reinforce_pp_baseline")  # plain REINFORCE++ compares with the batch only
+    st = {a: SimpleNamespace(advantage=a) for a in ADVANTAGES}
+    assert [a for a in ADVANTAGES if compares_group(st[a])] == list(GROUPED)
+    assert {a: baseline(st[a]) for a in ADVANTAGES} == {"grpo": "group", "rloo": "leave_one_out",
+                                                        "reinforce_pp": "batch", "reinforce_pp_baseline": "group_mean"}

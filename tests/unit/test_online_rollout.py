@@ -12,7 +12,7 @@ from helpers import TINY
 from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer
-from rlhf_cli.rollout.experience import Advantages, advantages, collect, expand
+from rlhf_cli.rollout.experience import Advantages, Collecting, RolloutModels, advantages, collect, expand
 from rlhf_cli.rollout.generation import response_logits, response_logprobs, sampling_config
 from rlhf_cli.rollout.rewards import FunctionReward
 
@@ -72,8 +72,8 @@ def test_n_samples_per_prompt_keep_prompt_and_group_aligned():
     batch = collate_prompts(prompts, PAD)
     tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, batch_decode=lambda ids, **kw: [str(r) for r in ids])
     n = 3
-    ro = collect(Echo(), None, None, FunctionReward("test_online_rollout:length_reward"), prompts, batch, tok, _st(),
-                 GenerationConfig(max_new_tokens=3), n_samples=n)  # fmt: skip
+    models = RolloutModels(Echo(), FunctionReward("test_online_rollout:length_reward"))
+    ro = collect(models, prompts, batch, Collecting(tok, _st(), GenerationConfig(max_new_tokens=3), n_samples=n))
     assert len(ro.prompts) == ro.seq.input_ids.shape[0] == 9
     assert ro.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for i in range(9):
@@ -97,8 +97,8 @@ def test_critic_free_rollout_of_a_tiny_model(tok):
     st = _st(micro=4)
     config = sampling_config(st.generation, tok.eos_token_id, tok.pad_token_id)
     torch.manual_seed(0)
-    ro = collect(model, None, None, FunctionReward("test_online_rollout:length_reward"), prompts, batch, tok, st,
-                 config, n_samples=2)  # fmt: skip
+    models = RolloutModels(model, FunctionReward("test_online_rollout:length_reward"))
+    ro = collect(models, prompts, batch, Collecting(tok, st, config, n_samples=2))
     assert model.training
     assert ro.group.tolist() == [0, 0, 1, 1, 2, 2] and ro.values is None and ro.ref_logprobs is None
     assert ro.scores.raw.tolist() == [float(len(r)) for r in ro.responses]

@@ -18,7 +18,7 @@ from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.errors import UserError
 from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer
-from rlhf_cli.rollout.evaluation import evaluate_policy
+from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
 from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
 from rlhf_cli.rollout.rewards import FunctionReward, load_function
 from rlhf_cli.tasks.parity import gold_reward, make_prompt
@@ -70,7 +70,7 @@ def maybe_reward(prompts, responses):
 
 def _evaluate(policy, examples, tok, **kwargs):
     reward = FunctionReward("test_policy_eval:length_reward")
-    return evaluate_policy(policy, reward, examples, tok, GEN, ONE_RANK, seed=7, batch_size=2, **kwargs)
+    return evaluate_policy(policy, reward, examples, PolicyEval(tok, GEN, ONE_RANK, seed=7, batch_size=2, **kwargs))
 
 
 def test_greedy_evaluation_by_hand_with_the_gold_metric(model, examples, tok):
@@ -107,8 +107,9 @@ def test_sampled_evaluation_draws_the_same_at_every_call_and_leaves_rng_and_mode
 def test_unscorable_responses_are_left_out_only_when_allowed(model, examples, tok):
     reward = FunctionReward("test_policy_eval:maybe_reward")
     with pytest.raises(UserError, match="stage.reward.function test_policy_eval:maybe_reward must return"):
-        evaluate_policy(model, reward, examples, tok, GEN, ONE_RANK, seed=7, batch_size=2)
-    out = evaluate_policy(model, reward, examples, tok, GEN, ONE_RANK, seed=7, batch_size=2, allow_invalid=True)
+        evaluate_policy(model, reward, examples, PolicyEval(tok, GEN, ONE_RANK, seed=7, batch_size=2))
+    how = PolicyEval(tok, GEN, ONE_RANK, seed=7, batch_size=2, allow_invalid=True)
+    out = evaluate_policy(model, reward, examples, how)
     assert out["eval_score"] == 1.0 and out["eval_invalid_fraction"] == pytest.approx(1 / 5)
 
 

@@ -182,3 +182,19 @@ def test_a_function_beside_the_command_and_model_sources_pass(tmp_path, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the launcher's world size counts, not launcher.*
     with pytest.raises(UserError, match="cannot be dealt evenly to 4 ranks"):
         compose("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=2"])
+
+
+def test_rejection_sampling_refuses_unmerged_lora_rounds_at_composition(tmp_path):
+    # The previous round's exported policy is the next round's sampler: an adapter alone cannot be one. Refused by the
+    # registry entry's `check` when the config is composed, before a run directory, torch or a model.
+    lora = ["model.lora.enabled=true", "model.lora.merge=false"]
+    with pytest.raises(UserError, match="model.lora.merge=false with stage.rounds > 1"):
+        compose(RS, [*lora, "stage.rounds=2"])
+    compose(RS, [*lora, "stage.rounds=1"])  # one round exports only final/: an adapter is fine there
+    compose(RS, ["model.lora.enabled=true", "model.lora.merge=true", "stage.rounds=2"])
+    code = ("import sys; from rlhf_cli.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, *[m for m in ('torch', 'deepspeed') if m in sys.modules])")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code, RS, *lora, "stage.rounds=2", f"run.root={tmp_path}"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.stdout.strip() == "2", res.stdout + res.stderr
+    assert "model.lora.merge=false with stage.rounds > 1" in res.stderr and not any(tmp_path.iterdir())

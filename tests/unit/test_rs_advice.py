@@ -14,6 +14,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.rollout import best_of_n as bon
 from rlhf_cli.rollout import saved_round as saved
 from rlhf_cli.stages import rejection_sampling as rs
+from rlhf_cli.stages import rounds
 
 PROMPTS = [SimpleNamespace(input_ids=[i, i + 1]) for i in range(6)]
 RUN_RECORDS = {"sft": {"ended_at": "2026-01-01T00:00:00+0000"}}
@@ -29,7 +30,7 @@ def _round(cfg, stage_dir):
     st = cfg.stage
     idx = bon.round_prompts(len(PROMPTS), st.prompts_per_round, cfg.seed, 1)
     files = bon.RoundFiles.of(stage_dir, 1)
-    saved.reconcile(files, 1, rs.drawn_record(cfg, run, 1, idx, PROMPTS, None), saved.selection_rule(st), 0)
+    saved.reconcile(files, 1, rounds.drawn_record(cfg, run, 1, idx, PROMPTS, None), saved.selection_rule(st), 0)
     rows = [{"prompt_index": p, "candidate": c, "score": 0.0, "response_ids": [c]} for p in idx
             for c in range(st.n_samples)]  # fmt: skip
     files.candidates.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -62,8 +63,9 @@ def test_every_advised_fix_selects_or_draws_again(tmp_path, selection):
         shutil.copytree(files.dir.parent, stage_dir)
         run, st = _run(stage_dir), again.stage
         idx = bon.round_prompts(len(PROMPTS), st.prompts_per_round, again.seed, 1)
-        out = saved.reconcile(bon.RoundFiles.of(stage_dir, 1), 1, rs.drawn_record(again, run, 1, idx, PROMPTS, None),
-                              saved.selection_rule(st), len(idx) * st.n_samples)  # fmt: skip
+        record = rounds.drawn_record(again, run, 1, idx, PROMPTS, None)
+        fixed = bon.RoundFiles.of(stage_dir, 1)
+        out = saved.reconcile(fixed, 1, record, saved.selection_rule(st), len(idx) * st.n_samples)
         assert out.redone and not out.selected, (fix, out)
         assert out.line and ("selecting again" in out.line or "drawing the candidates again" in out.line)
 
@@ -73,6 +75,6 @@ def test_the_same_command_reuses_the_round(tmp_path):
                                          "stage.prompts_per_round=3"])  # fmt: skip
     files, run = _round(cfg, tmp_path)
     idx = bon.round_prompts(len(PROMPTS), 3, cfg.seed, 1)
-    out = saved.reconcile(files, 1, rs.drawn_record(cfg, run, 1, idx, PROMPTS, None),
+    out = saved.reconcile(files, 1, rounds.drawn_record(cfg, run, 1, idx, PROMPTS, None),
                           saved.selection_rule(cfg.stage), 6)  # fmt: skip
     assert out.selected and not out.redone

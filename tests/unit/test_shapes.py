@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf_cli.commands.explain import count_model, meta_counts
+from rlhf_cli.commands.model_states import count_model, meta_counts
 from rlhf_cli.config.compose import compose
 from rlhf_cli.models.shapes import fast_shapes
 

@@ -79,9 +79,10 @@ def loop(monkeypatch, tmp_path):
             state["done"] = step + 1
             return {"loss": float(step), "tokens": 10.0}
 
-        last = common.train_loop(st, engine, p, SimpleNamespace(device="cpu"), run, metrics, start, step_fn,
-                                 lambda: evals.append(state["done"]) or {"eval_loss": 1.0}, ("loss",),
-                                 save=saves.append, step_offset=offset)  # fmt: skip
+        ctx = SimpleNamespace(cfg=SimpleNamespace(stage=st), dist=SimpleNamespace(device="cpu"), run=run)
+        loop = common.Loop(step_fn, lambda: evals.append(state["done"]) or {"eval_loss": 1.0}, ("loss",),
+                           save=saves.append, step_offset=offset)  # fmt: skip
+        last = common.train_loop(ctx, engine, p, metrics, start, loop)
         return last, saves, evals, metrics
 
     return go, state
