@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint clean
+.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint clean test-slurm
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -55,3 +55,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The SLURM tests (tests/slurm; `make test` leaves them out): sbatch jobs on scripts/slurm_cluster.sh's single-host cluster.
+test-slurm: install
+	$(BIN)/python -m pytest -q tests/slurm

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli import slurm
 from rlhf_cli.errors import UserError
 from rlhf_cli.files import atomic_write_text, complete_checkpoints, incomplete_checkpoints
 from rlhf_cli.jsonsafe import json_safe, load_json
@@ -144,7 +145,12 @@ class Run:
         if self.is_main:
             atomic_write_text(self.stage_dir / "config.yaml", config_yaml)
             intent = {"overwrite_intent": self.overwrite_intent} if self.overwrite_intent else {}
-            self.update_stage(**_start_record(config_hash, inputs, resumed_from), provenance=self.provenance, **intent)
+            before = self.stage_record()
+            job = slurm.stage_fields(before.get("slurm"))  # the SLURM job and its requeues, if any
+            start = _start_record(config_hash, inputs, resumed_from)
+            if "error" in before:  # a preempted or failed try's message does not outlive the try that resumes it
+                start["error"] = None
+            self.update_stage(**start, provenance=self.provenance, **intent, **job)
             commit_overwrite(self)
         notes = "".join(f"\n{line}" for line in self.notes)
         if resumed_from is None:

@@ -3,8 +3,8 @@ inside functions included, checked against the layer order below; prints the imp
 point up a layer, and exits 1 when there is any.
 
 A module may import from its own layer or the ones listed before it, never from a later one:
-errors, jsonsafe, files, tasks -> config, registry, data, losses, models, metrics, preempt, checkpoints, engine ->
-run_dir, provenance, stage_state, summary, plots -> rollout -> stages -> commands, launch, cli.
+errors, jsonsafe, files, tasks -> config, registry, data, losses, models, metrics, preempt, slurm, checkpoints,
+engine -> run_dir, provenance, stage_state, summary, plots -> rollout -> stages -> commands, launch, cli.
 
 Usage: python scripts/check_layers.py [--package rlhf_cli]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 LAYERS = [
     ["errors", "jsonsafe", "files", "tasks", "assets", "__init__"],
-    ["config", "registry", "data", "losses", "models", "metrics", "preempt", "checkpoints", "engine"],
+    ["config", "registry", "data", "losses", "models", "metrics", "preempt", "slurm", "checkpoints", "engine"],
     ["run_dir", "provenance", "stage_state", "summary", "plots"],
     ["rollout"],
     ["stages"],

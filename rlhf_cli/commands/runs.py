@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli import slurm
 from rlhf_cli.commands.args import parse_key_values
 from rlhf_cli.errors import UserError
 from rlhf_cli.files import check_run_name, resume_step
@@ -131,7 +132,8 @@ def stage_row(run_dir: Path, stage: str, record: dict, locked: bool, manifest: d
         status = completed_status(run_dir, stage, record, manifest)
     stage_dir = run_dir / stage
     order = ran_order(manifest["stages"]) if manifest is not None else []
-    notes = [key_metrics(stage, record, stage_dir, order), "" if stage_dir.is_dir() else f"no folder {stage}/"]
+    notes = [key_metrics(stage, record, stage_dir, order), "" if stage_dir.is_dir() else f"no folder {stage}/",
+             slurm.describe(record.get("slurm"))]
     if status == "failed" and record.get("error"):
         error = " ".join(str(record["error"]).split())
         notes.append("error: " + (error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."))
