@@ -26,14 +26,15 @@ demo: install
 demo-numbers: install
 	$(BIN)/python scripts/demo_numbers.py
 
-# The suite (what CI runs) on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py).
+# The suite (what CI runs) on TEST_WORKERS pytest-xdist workers, one torch thread each (tests/conftest.py), files
+# dealt in collection order (the learning files first: xdist would otherwise start with the files of most tests).
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slurm" $(PYTEST_ARGS)
 
 # The edit-test loop: the unit tests and a few end-to-end smoke tests (tests/conftest.py SMOKE), about 2 minutes.
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not learning and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not learning and not slurm" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python scripts/bench.py
