@@ -120,6 +120,10 @@ def run_stage(stage: str, args: list[str]) -> int:
     if cfg.launcher.nproc_per_node > 1 and not launch.under_launcher():
         # A completed stage, a stale or missing input or a run in use is refused before torchrun starts any rank.
         open_run(cfg.run, stage, cfg=cfg, check_only=True)
+        if preempt.requested():  # signalled before any rank started: nothing to save, nothing lost
+            err_console.print(f"[yellow]preempted[/]: stopped by {preempt.signal_name()} before the ranks started; "
+                              "run the same command again", highlight=False)  # fmt: skip
+            return preempt.PREEMPTED_EXIT_CODE
         return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
     single = os.environ.get("WORLD_SIZE", "1") == "1"
     if not single and os.environ.get("RANK") == "0":
@@ -200,6 +204,8 @@ def dispatch(argv: list[str]) -> int:
         out_console.print(usage(), markup=False)
         return 0 if argv else 2
     verb, args = argv[0], argv[1:]
+    if verb not in STAGES and verb != "pipeline" or "--help" in args or "-h" in args:
+        preempt.release_early()  # trains nothing: TERM and USR1 act by default (see preempt.record_early)
     if verb in {**STAGES, **COMMANDS} and ("--help" in args or "-h" in args):
         out_console.print(command_help(verb, args), markup=False)
         return 0

@@ -9,6 +9,7 @@ starts."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -48,6 +49,32 @@ def _ctrl_c_loading(signum: int, frame: FrameType | None) -> None:
     before its first step instead of training on as if nothing had been pressed."""
     _stopped_while_loading.append(signum)
     raise KeyboardInterrupt
+
+
+_early: list[bool] = []
+
+
+def record_early() -> None:
+    """The first thing `python -m rlhf_cli` does: TERM and USR1 are only recorded from then on. A scheduler may signal a
+    stage before it has composed its config and opened its run (`install`), or `rlhf pipeline` before it starts the
+    next stage: the stage then stops with a checkpoint at its first step boundary, the pipeline before that stage,
+    both with PREEMPTED_EXIT_CODE, instead of dying of the default action (and not being requeued). Commands that
+    train nothing take the default actions back with `release_early`."""
+    _early.append(True)
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def release_early() -> None:
+    """TERM and USR1 act by default again (a command that trains nothing), and one recorded since `record_early`
+    acts now. Nothing where `record_early` was not called (a caller's own `cli.main([...])`)."""
+    if not _early:
+        return
+    _early.clear()
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    for signum in _received[:1]:
+        os.kill(os.getpid(), signum)
 
 
 def install() -> None:

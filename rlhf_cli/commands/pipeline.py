@@ -302,7 +302,7 @@ def forget_if_nothing_ran(run_dir: Path, created: Path | None) -> None:
 
 
 def main(args: list[str]) -> int:
-    from rlhf_cli import launch
+    from rlhf_cli import launch, preempt
     from rlhf_cli.metrics import console
 
     if launch.under_launcher():
@@ -325,6 +325,12 @@ def main(args: list[str]) -> int:
     for step in steps:
         if step.action == "skip":
             continue
+        if preempt.requested():  # signalled between stages (preempt.record_early): stop before starting this one
+            forget_if_nothing_ran(run_dir, created)
+            console.print(f"pipeline {pipeline.name} stopped by {preempt.signal_name()} before {step.stage} (exit code "
+                          f"{preempt.PREEMPTED_EXIT_CODE}); run the same command again to continue from there",
+                          markup=False, highlight=False)  # fmt: skip
+            return preempt.PREEMPTED_EXIT_CODE
         console.print(f"\n== rlhf {step.stage} ({step.why})", markup=False, highlight=False)
         rc = launch.wait_forwarding([sys.executable, "-m", "rlhf_cli", step.stage, *step.args])
         if rc != 0:
