@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rlhf_cli.errors import UserError
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # of the manifest's started_at / ended_at
 COMPLETE_MARKER = "COMPLETE"
 
 

@@ -30,6 +30,10 @@ Range = str | tuple[str, str]
 Choice = tuple | tuple[tuple, str]
 
 
+# What every stage reads: the model, its tokenizer and the data (each a source a pipeline may have to run first).
+_BASE_INPUTS = ("model.name_or_path", "model.tokenizer", "data.source")
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage: one name everywhere (CLI verb, configs/stage/<name>.yaml, module, run-dir folder)."""
@@ -51,7 +55,7 @@ class StageSpec:
     check: Callable[[Any], None] | None = None
     # The config keys that name what the stage reads (docs/run-directory.md "Provenance"): `stage:<name>` values are the
     # stages it depends on (a pipeline must run them first), and each input is fingerprinted into its provenance.
-    inputs: tuple[str, ...] = ("model.name_or_path", "model.tokenizer", "data.source")
+    inputs: tuple[str, ...] = _BASE_INPUTS
     optional_inputs: tuple[str, ...] = ()  # keys whose `stage:<name>` may be absent (the stage then goes without)
     # A resume under another config is refused, unless the stage checks what its saved work was made with itself
     # (rejection sampling: each round's candidates and selection carry their own settings).
@@ -66,7 +70,6 @@ class StageSpec:
     shown_by: str = ""
 
 
-_BASE_INPUTS = ("model.name_or_path", "model.tokenizer", "data.source")
 _ONLINE_INPUTS = (*_BASE_INPUTS, "stage.reference", "stage.reward", "stage.gold_reward")
 
 # Sampling and scoring of generated responses: the same keys, the same ranges in every online stage.

@@ -27,7 +27,7 @@ from typing import Any
 
 from rlhf_cli import slurm
 from rlhf_cli.errors import UserError
-from rlhf_cli.files import atomic_write_text, complete_checkpoints, incomplete_checkpoints
+from rlhf_cli.files import TIME_FORMAT, atomic_write_text, complete_checkpoints, incomplete_checkpoints
 from rlhf_cli.jsonsafe import json_safe, load_json
 from rlhf_cli.provenance import damage, new_completion
 
@@ -58,7 +58,6 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # of the manifest's started_at / ended_at
 
 
 def now() -> str:

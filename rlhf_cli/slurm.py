@@ -22,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-PREEMPTED_EXIT_CODE = 75  # preempt.PREEMPTED_EXIT_CODE, without importing the stage machinery
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # run_dir.TIME_FORMAT, of the manifest's ended_at (run_dir may import this module)
+from rlhf_cli.files import TIME_FORMAT
+from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
 
 def job(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from rlhf_cli.commands.args import DEFAULT_RUN, model_kind, parse_key_values, resolve_checkpoint
 from rlhf_cli.errors import UserError
+from rlhf_cli.files import TIME_FORMAT
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _is_causal_lm(final: Path) -> bool:
 
 def _ended(record: dict) -> datetime:
     try:
-        return datetime.strptime(record.get("ended_at") or "", "%Y-%m-%dT%H:%M:%S%z")
+        return datetime.strptime(record.get("ended_at") or "", TIME_FORMAT)
     except ValueError:  # no end time recorded: older than any stage that has one
         return datetime.min.replace(tzinfo=timezone.utc)
 

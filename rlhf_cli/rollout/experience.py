@@ -146,9 +146,9 @@ def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collect
         seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
     t1 = time.perf_counter()
     responses = decode_responses(tokenizer, seq)
-    models = [m for m in (actor, critic) if m is not None]
-    modes = [m.training for m in models]
-    for m in models:
+    trained = [m for m in (actor, critic) if m is not None]
+    modes = [m.training for m in trained]
+    for m in trained:
         m.eval()
     tau = st.generation.temperature
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
@@ -161,7 +161,7 @@ def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collect
         if critic is not None:
             parts["values"].append(critic_values(critic, sub))
     scores = score_responses(reward, prompts, seq, responses, st.reward, how.stats, how.allow_invalid)
-    for m, mode in zip(models, modes, strict=True):
+    for m, mode in zip(trained, modes, strict=True):
         m.train(mode)
     old, ref_lp, values = (torch.cat(parts[k]) if parts[k] else None for k in ("old", "ref", "values"))
     out = Rollout(seq, prompts, responses, group.to(seq.input_ids.device), old, ref_lp, values, scores)

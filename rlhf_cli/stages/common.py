@@ -258,12 +258,34 @@ def finish(ctx: Any, metrics: Metrics, last: dict[str, Any], final_eval: dict[st
     complete_stage(run, ctx.cfg.stage.keep_checkpoints, plots=metrics.plots)
 
 
-def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int) -> Any:
-    """The policy of a preference or RL stage (dropout off, optional gradient checkpointing and LoRA) in its
-    DeepSpeed engine with AdamW and the schedule over `total_steps` optimizer steps."""
+def in_engine(cfg: Any, model: Any, total_steps: int, world_size: int, optim: Any = None) -> Any:
+    """`model` in its DeepSpeed engine at the stage's micro-batch and accumulation, with AdamW (`optim`, default the
+    config's `optim` group) and its schedule over `total_steps` optimizer steps."""
+    optim = cfg.optim if optim is None else optim
+    st = cfg.stage
+    ds_cfg = eng.ds_config(cfg.deepspeed, optim, st.micro_batch_size, st.gradient_accumulation_steps, world_size)
+    return eng.initialize(model, ds_cfg, optim, total_steps)
+
+
+def frozen_policy(ctx: Any, model_cfg: Any) -> Any:
+    """The causal LM `model_cfg` names, frozen for generation and scoring: eval mode, no dropout, no gradients,
+    ZeRO-3-partitioned under deepspeed.zero_stage=3 like the models it shares the accelerator with (forwards of
+    stage.eval_batch_size rows)."""
+    from rlhf_cli.models import disable_dropout, load_causal_lm
+
+    cfg = ctx.cfg
+    model = load_causal_lm(model_cfg, ctx.tokenizer, seed=cfg.seed)
+    disable_dropout(model)
+    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, ctx.dist.device)
+
+
+def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int,
+                  dropout_off: bool = True) -> Any:  # fmt: skip
+    """The policy (optional gradient checkpointing and LoRA; dropout off for the preference and RL stages) in its
+    DeepSpeed engine with AdamW and the schedule over `total_steps` optimizer steps. SFT keeps the model's dropout
+    (`dropout_off=False`): its loss compares the policy with nothing."""
     from rlhf_cli.models import apply_lora, disable_dropout, enable_gradient_checkpointing, load_causal_lm
 
-    st = cfg.stage
     policy = load_causal_lm(model_cfg, tokenizer, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
@@ -271,6 +293,6 @@ def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, wo
         policy = apply_lora(policy, cfg.model.lora)
     # After LoRA, whose adapters bring their own dropout (model.lora.dropout): with any dropout on, the train-mode
     # forward differs from the eval-mode rollout / reference one, so pi / pi_old (PPO) and pi / pi_ref (DPO) != 1.
-    disable_dropout(policy)
-    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, world_size)
-    return eng.initialize(policy, ds_cfg, cfg.optim, total_steps)
+    if dropout_off:
+        disable_dropout(policy)
+    return in_engine(cfg, policy, total_steps, world_size)

@@ -21,6 +21,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.metrics import Metrics
 from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.common import finish, interrupted, train_loop
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,12 @@ class StageContext:
 
 
 def merged_model_config(cfg: Any, run: Run) -> Any:
-    """cfg.model reading from its resolved source (`stage:<name>` -> that stage's final/)."""
-    return OmegaConf.merge(cfg.model, {"name_or_path": run.resolve_source(cfg.model.name_or_path)})
+    """cfg.model reading from its resolved sources (`stage:<name>` -> that stage's final/): the model and, where set,
+    the tokenizer."""
+    resolved = {"name_or_path": run.resolve_source(cfg.model.name_or_path)}
+    if cfg.model.tokenizer:
+        resolved["tokenizer"] = run.resolve_source(cfg.model.tokenizer)
+    return OmegaConf.merge(cfg.model, resolved)
 
 
 def default_tokenizer(model_cfg: Any) -> Any:
@@ -109,7 +114,6 @@ def train_then_finish(ctx: StageContext, engine: Any, plan: Any, begun: Begun, l
     """The shared loop from `begun.start_step` (stages/common.train_loop), then, when it ran to the end of the plan,
     the final evaluation and `finish` (`finale`: a common.Finale); the stage's final/ folder, or None when it stopped
     early (recorded as interrupted; the same command resumes)."""
-    from rlhf_cli.stages.common import finish, interrupted, train_loop
 
     last = train_loop(ctx, engine, plan, begun.metrics, begun.start_step, loop)
     if interrupted(ctx, last, plan, begun.metrics, loop.step_offset):

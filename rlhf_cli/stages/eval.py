@@ -29,7 +29,6 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.files import atomic_write_text
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
-from rlhf_cli.models import disable_dropout, load_causal_lm
 from rlhf_cli.models.kind import CAUSAL_LM, check_policy, check_reward_sources, inspect_checkpoint
 from rlhf_cli.registry import STAGES
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
@@ -39,6 +38,7 @@ from rlhf_cli.rollout.generation import decode_responses, response_logits, respo
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run
+from rlhf_cli.stages.common import frozen_policy
 from rlhf_cli.stages.context import StageContext, stage_context
 from rlhf_cli.summary import complete_stage
 
@@ -160,13 +160,6 @@ def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, li
         return None, ["no reward model in this run (stage rm): reward and win rate are left out; name one with "
                       "stage.reward.model=<folder> or stage.reward.function=module:function"]  # fmt: skip
     return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
-
-
-def frozen_policy(ctx: StageContext, model_cfg: Any) -> Any:
-    cfg = ctx.cfg
-    model = load_causal_lm(model_cfg, ctx.tokenizer, seed=cfg.seed)
-    disable_dropout(model)
-    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, ctx.dist.device)
 
 
 @torch.no_grad()

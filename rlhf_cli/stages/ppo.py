@@ -32,7 +32,7 @@ from rlhf_cli.rollout.experience import Collecting, RolloutModels, advantages, c
 from rlhf_cli.rollout.online import rollout_metrics, score_stats, timing, write_samples
 from rlhf_cli.rollout.rewards import same_tokenizer
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import Finale, Loop, export_final
+from rlhf_cli.stages.common import Finale, Loop, export_final, in_engine
 from rlhf_cli.stages.context import StageContext, begin, source_lines, stage_context, train_then_finish
 from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts
 from rlhf_cli.stages.plan import describe_plan, iteration_plan, ppo_updates
@@ -140,10 +140,7 @@ def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates
                         "cannot be one. Set stage.critic.init=policy or stage.critic.source")  # fmt: skip
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(critic)
-    optim = OmegaConf.merge(cfg.optim, {"lr": st.critic.lr})
-    ds_cfg = eng.ds_config(cfg.deepspeed, optim, st.micro_batch_size, st.gradient_accumulation_steps,
-                           dist.world_size)  # fmt: skip
-    return eng.initialize(critic, ds_cfg, optim, updates), source
+    return in_engine(cfg, critic, updates, dist.world_size, OmegaConf.merge(cfg.optim, {"lr": st.critic.lr})), source
 
 
 def check_critic_tokenizer(critic_cfg: Any, tokenizer: Any) -> None:

@@ -37,14 +37,23 @@ from rlhf_cli.data import build_prompt_datasets
 from rlhf_cli.errors import UserError
 from rlhf_cli.files import atomic_write_text
 from rlhf_cli.metrics import Metrics
-from rlhf_cli.models import disable_dropout, load_causal_lm
 from rlhf_cli.rollout import best_of_n as bon
 from rlhf_cli.rollout import saved_round as saved
 from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
 from rlhf_cli.rollout.online import reward_stats
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.run_dir import Run, now
-from rlhf_cli.stages.common import Finale, Loop, export_final, finish, interrupted, policy_engine, step_plan, train_loop
+from rlhf_cli.stages.common import (
+    Finale,
+    Loop,
+    export_final,
+    finish,
+    frozen_policy,
+    interrupted,
+    policy_engine,
+    step_plan,
+    train_loop,
+)
 from rlhf_cli.stages.context import StageContext, stage_context
 from rlhf_cli.stages.rounds import (
     finished_rounds,
@@ -193,13 +202,8 @@ def describe(st: Any, n_train: int, first: int, history: list[dict]) -> str:
 
 
 def generation_model(ctx: StageContext, source: str) -> Any:
-    """The policy `source` (an HF folder) frozen for sampling: eval mode, no gradients, ZeRO-3-partitioned under
-    deepspeed.zero_stage=3 like the models it shares the accelerator with."""
-    cfg = ctx.cfg
-    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": source, "lora": {"enabled": False}})
-    model = load_causal_lm(model_cfg, ctx.tokenizer, seed=cfg.seed)
-    disable_dropout(model)
-    return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, ctx.dist.device)
+    """The policy `source` (an HF folder, a whole model) frozen for sampling."""
+    return frozen_policy(ctx, OmegaConf.merge(ctx.cfg.model, {"name_or_path": source, "lora": {"enabled": False}}))
 
 
 def evaluate_start(rs: Rounds, source: str) -> dict:
@@ -266,11 +270,8 @@ def fine_tune(rs: Rounds, r: int, init: str, examples: list, offset: int) -> Rou
     def run_eval() -> dict[str, float]:
         return evaluate_policy(engine, rs.reward, rs.data.eval, PolicyEval.of_stage(ctx, rs.gold, allow_invalid=True))
 
-    def save(done: int) -> None:
-        ckpt.save_checkpoint(engine, ckpt_dir, offset + done, {"step": offset + done}, st.keep_last)
-
     start_step, t0 = client["step"] - offset if client else 0, time.perf_counter()
-    loop = Loop(one_step, run_eval, SHOW, save=save, step_offset=offset, ckpt_dir=ckpt_dir)
+    loop = Loop(one_step, run_eval, SHOW, step_offset=offset, ckpt_dir=ckpt_dir)  # checkpoints step-<offset + done>
     last = train_loop(ctx, engine, plan, metrics, start_step, loop)
     if interrupted(ctx, last, plan, metrics, offset):
         return None

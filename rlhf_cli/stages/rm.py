@@ -9,7 +9,6 @@ manifest keeps for reward normalisation downstream (PPO). `stage.min_eval_accura
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -37,8 +36,17 @@ from rlhf_cli.models.reward import (
     sequence_scores,
 )
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import Finale, Loop, Packing, accumulate, export_final, packing_for, step_plan
-from rlhf_cli.stages.context import StageContext, begin, stage_context, train_then_finish
+from rlhf_cli.stages.common import (
+    Finale,
+    Loop,
+    Packing,
+    accumulate,
+    export_final,
+    in_engine,
+    packing_for,
+    step_plan,
+)
+from rlhf_cli.stages.context import StageContext, begin, merged_model_config, stage_context, train_then_finish
 
 SHOW = ("loss", "accuracy", "lr", "tok/s", "pairs/s", "eval_accuracy")
 
@@ -110,17 +118,13 @@ def build_engine(cfg: Any, model_cfg: Any, tokenizer: Any, plan: Any, dist: Any)
         enable_gradient_checkpointing(model)
     if model_cfg.lora.enabled:
         model = apply_reward_lora(model, model_cfg.lora)
-    ds_cfg = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps,
-                           dist.world_size)  # fmt: skip
-    engine = eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
+    engine = in_engine(cfg, model, plan.total_steps, dist.world_size)
     return model, engine, packing_for(cfg.data, st, engine, per_item=2)
 
 
 def resolved_model_config(cfg: Any, run: Run) -> Any:
     """The `model` group as a plain dataclass with `stage:<name>` sources replaced by that stage's final/."""
-    plain = OmegaConf.to_object(cfg.model)
-    tokenizer = run.resolve_source(plain.tokenizer) if plain.tokenizer else None
-    return dataclasses.replace(plain, name_or_path=run.resolve_source(plain.name_or_path), tokenizer=tokenizer)
+    return OmegaConf.to_object(merged_model_config(cfg, run))
 
 
 def run_relative(path: str, run: Run) -> str:

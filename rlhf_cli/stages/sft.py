@@ -19,11 +19,19 @@ from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.losses import count_targets
 from rlhf_cli.losses.sft import sft_loss_from_logprobs
 from rlhf_cli.metrics import Sums
-from rlhf_cli.models import apply_lora, enable_gradient_checkpointing, load_causal_lm
 from rlhf_cli.models.lm_head import target_logprobs
 from rlhf_cli.run_dir import Run
-from rlhf_cli.stages.common import Finale, Loop, Packing, accumulate, export_final, packing_for, step_plan
-from rlhf_cli.stages.context import StageContext, begin, stage_context, train_then_finish
+from rlhf_cli.stages.common import (
+    Finale,
+    Loop,
+    Packing,
+    accumulate,
+    export_final,
+    packing_for,
+    policy_engine,
+    step_plan,
+)
+from rlhf_cli.stages.context import begin, stage_context, train_then_finish
 
 SHOW = ("loss", "lr", "tok/s", "eval_loss")
 
@@ -39,7 +47,7 @@ def run(cfg: Any, run: Run) -> Path | None:
     plan = step_plan(len(data.train), st, ctx.dist.world_size)
 
     # 3. Model (+ LoRA, gradient checkpointing) inside the DeepSpeed engine.
-    engine = build_engine(ctx, plan)
+    engine = policy_engine(cfg, cfg.model, ctx.tokenizer, plan.total_steps, ctx.dist.world_size, dropout_off=False)
     packing = packing_for(cfg.data, st, engine, per_item=1)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
@@ -59,20 +67,6 @@ def run(cfg: Any, run: Run) -> Path | None:
     # 6. Final evaluation, export of final/, headline metrics into the manifest.
     finale = Finale(export_final(ctx, engine), extra={"steps": plan.total_steps, "data": data.report.to_dict()})
     return train_then_finish(ctx, engine, plan, begun, Loop(one_step, run_eval, SHOW), finale)
-
-
-def build_engine(ctx: StageContext, plan: Any) -> Any:
-    """The model (+ gradient checkpointing, LoRA) in its DeepSpeed engine with AdamW over the plan's steps."""
-    cfg, st = ctx.cfg, ctx.cfg.stage
-    model = load_causal_lm(cfg.model, ctx.tokenizer, seed=cfg.seed)
-    if cfg.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model.lora)
-    ds_cfg = eng.ds_config(
-        cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, ctx.dist.world_size
-    )
-    return eng.initialize(model, ds_cfg, cfg.optim, plan.total_steps)
 
 
 def micro_batches(examples: list, idx: list[int], micro: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

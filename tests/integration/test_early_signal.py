@@ -8,15 +8,21 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from conftest import FAST, _cli_env, manifest
 
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
+MODULE = [sys.executable, "-m", "rlhf_cli"]
+SCRIPT = [str(Path(sys.executable).with_name("rlhf"))]  # the console script (pyproject's [project.scripts])
 
-def start_and_signal(args: list[str], cwd, after: float = 0.3) -> subprocess.CompletedProcess:
-    """`python -m rlhf_cli ARGS`, sent SIGUSR1 `after` seconds in: while the CLI still imports and composes."""
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=_cli_env(),
+
+def start_and_signal(args: list[str], cwd, after: float = 0.3, command=MODULE) -> subprocess.CompletedProcess:
+    """`python -m rlhf_cli ARGS` (or `rlhf ARGS`), sent SIGUSR1 `after` seconds in: while the CLI still imports and
+    composes."""
+    proc = subprocess.Popen([*command, *args], cwd=cwd, env=_cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(after)
     proc.send_signal(signal.SIGUSR1)
@@ -34,9 +40,10 @@ def test_a_stage_signalled_while_it_starts_saves_at_its_first_step_and_exits_75(
     assert [p.name for p in (runs / "early" / "sft" / "checkpoints").iterdir()] == ["step-1"]
 
 
-def test_a_pipeline_signalled_before_a_stage_does_not_start_it(tmp_path):
+@pytest.mark.parametrize("command", [MODULE, SCRIPT], ids=["python -m rlhf_cli", "rlhf"])
+def test_a_pipeline_signalled_before_a_stage_does_not_start_it(tmp_path, command):
     runs = tmp_path / "runs"
-    res = start_and_signal(["pipeline", f"run.root={runs}", "run.name=early"], tmp_path)
+    res = start_and_signal(["pipeline", f"run.root={runs}", "run.name=early"], tmp_path, command=command)
     assert res.returncode == PREEMPTED_EXIT_CODE, res.stdout[-3000:] + res.stderr[-3000:]
     assert "stopped by SIGUSR1 before sft" in res.stdout + res.stderr
     assert not (runs / "early" / "sft").exists()

@@ -71,7 +71,6 @@ def test_outcome_is_75_only_for_a_preemption_recorded_during_the_step(tmp_path):
     assert slurm.outcome(1, "sft", overrides, since=now + 5) == 1
     assert slurm.outcome(1, "rm", overrides, since=now - 5) == 1  # another stage
     assert slurm.outcome(2, "sft", ["not-an-override"], since=now - 5) == 2  # a config that does not compose
-    assert slurm.TIME_FORMAT == TIME_FORMAT
 
 
 def test_outcome_of_a_failed_stage_and_of_a_run_that_does_not_exist(tmp_path):
