@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint clean test-slurm
+.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint format clean test-slurm
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -51,8 +51,14 @@ bench-learning: install
 bench-learning-stages: install
 	$(BIN)/python scripts/bench_learning.py --seeds 1 2 3 --stages ppo rejection_sampling
 
+# The linter and the formatter's check (ruff format: applied to the whole tree; `# fmt: skip` only where a table's
+# alignment carries meaning). `make format` applies it.
 lint: install
 	$(BIN)/ruff check rlhf_cli tests scripts
+	$(BIN)/ruff format --check rlhf_cli tests scripts
+
+format: install
+	$(BIN)/ruff format rlhf_cli tests scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -31,32 +31,56 @@ out_console = Console(highlight=False, soft_wrap=True)
 
 # Tool -> (module with `main(args)`, what it does, examples: the first one is also in `rlhf --help`).
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "generate": ("rlhf_cli.commands.generate", "chat with the newest policy of a run, or any causal LM", (
-        'rlhf generate run.name=demo prompt="What is the capital of France?"',
-        'rlhf generate run.name=demo stage=sft prompt="Hi" temperature=0.7 top_p=0.9',
-        'rlhf generate model=path/to/hf/folder prompt="Hi"',
-    )),
-    "explain": ("rlhf_cli.commands.explain", "batch algebra and GPU memory of a stage, without training", (
-        "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8",
-        "rlhf explain ppo deepspeed=zero3 launcher.nproc_per_node=4",
-    )),
-    "score": ("rlhf_cli.commands.score", "score prompt/response pairs with a reward model or classifier", (
-        'rlhf score run.name=demo prompt="What is 2 + 2?" response="2 + 2 = 4."',
-        "rlhf score model=path/to/rm input=pairs.jsonl output=scored.jsonl",
-    )),
-    "pipeline": ("rlhf_cli.commands.pipeline", "the stages of a pipeline config in one run, then eval", (
-        "rlhf pipeline pipeline=instructgpt run.name=chain ppo.stage.kl_coef=0.1",
-        "rlhf pipeline pipeline=dpo run.name=d launcher.nproc_per_node=2",
-    )),
-    "runs": ("rlhf_cli.commands.runs", "the runs: stages, status, key metrics, times, what resumes", (
-        "rlhf runs",
-        "rlhf runs run.root=/scratch/runs",
-    )),
-    "plot": ("rlhf_cli.commands.plot", "draw a run's training curves again (<stage>/metrics.png)", (
-        "rlhf plot run.name=demo",
-        "rlhf plot run.name=demo stage=ppo run.root=/scratch/runs",
-    )),
-}  # fmt: skip
+    "generate": (
+        "rlhf_cli.commands.generate",
+        "chat with the newest policy of a run, or any causal LM",
+        (
+            'rlhf generate run.name=demo prompt="What is the capital of France?"',
+            'rlhf generate run.name=demo stage=sft prompt="Hi" temperature=0.7 top_p=0.9',
+            'rlhf generate model=path/to/hf/folder prompt="Hi"',
+        ),
+    ),
+    "explain": (
+        "rlhf_cli.commands.explain",
+        "batch algebra and GPU memory of a stage, without training",
+        (
+            "rlhf explain sft deepspeed=zero3 launcher.nproc_per_node=8",
+            "rlhf explain ppo deepspeed=zero3 launcher.nproc_per_node=4",
+        ),
+    ),
+    "score": (
+        "rlhf_cli.commands.score",
+        "score prompt/response pairs with a reward model or classifier",
+        (
+            'rlhf score run.name=demo prompt="What is 2 + 2?" response="2 + 2 = 4."',
+            "rlhf score model=path/to/rm input=pairs.jsonl output=scored.jsonl",
+        ),
+    ),
+    "pipeline": (
+        "rlhf_cli.commands.pipeline",
+        "the stages of a pipeline config in one run, then eval",
+        (
+            "rlhf pipeline pipeline=instructgpt run.name=chain ppo.stage.kl_coef=0.1",
+            "rlhf pipeline pipeline=dpo run.name=d launcher.nproc_per_node=2",
+        ),
+    ),
+    "runs": (
+        "rlhf_cli.commands.runs",
+        "the runs: stages, status, key metrics, times, what resumes",
+        (
+            "rlhf runs",
+            "rlhf runs run.root=/scratch/runs",
+        ),
+    ),
+    "plot": (
+        "rlhf_cli.commands.plot",
+        "draw a run's training curves again (<stage>/metrics.png)",
+        (
+            "rlhf plot run.name=demo",
+            "rlhf plot run.name=demo stage=ppo run.root=/scratch/runs",
+        ),
+    ),
+}
 
 USAGE = """usage: rlhf <command> [key=value ...] [--cfg job] [--help]
 
@@ -121,8 +145,11 @@ def run_stage(stage: str, args: list[str]) -> int:
         # A completed stage, a stale or missing input or a run in use is refused before torchrun starts any rank.
         open_run(cfg.run, stage, cfg=cfg, check_only=True)
         if preempt.requested():  # signalled before any rank started: nothing to save, nothing lost
-            err_console.print(f"[yellow]preempted[/]: stopped by {preempt.signal_name()} before the ranks started; "
-                              "run the same command again", highlight=False)  # fmt: skip
+            err_console.print(
+                f"[yellow]preempted[/]: stopped by {preempt.signal_name()} before the ranks started; "
+                "run the same command again",
+                highlight=False,
+            )
             return preempt.PREEMPTED_EXIT_CODE
         return launch.self_launch(cfg.launcher, stage, args, Path(cfg.run.root) / cfg.run.name / "manifest.json")
     single = os.environ.get("WORLD_SIZE", "1") == "1"
@@ -146,8 +173,7 @@ def train_stage(stage: str, cfg: Any, run: Run | None) -> int:
 
         dist = engine.init_distributed()
         if not engine.same_on_all_ranks(config_hash(cfg)):
-            raise UserError("the ranks composed different configs; start every rank with the same command and "
-                            "configs/")  # fmt: skip
+            raise UserError("the ranks composed different configs; start every rank with the same command and configs/")
         if run is None:
             run = open_run(cfg.run, stage, is_main=dist.is_main, cfg=cfg)
             engine.barrier()  # every rank has checked the manifest before rank 0 may change it
@@ -186,8 +212,9 @@ def record_stop(run: Run, stage: str, exc: BaseException) -> None:
     from rlhf_cli.stage_state import restore_overwritten
 
     if run.is_main and restore_overwritten(run):
-        err_console.print(f"run.overwrite=true: {stage} stopped before it started; the previous {stage} is back in "
-                          f"{run.stage_dir}")  # fmt: skip
+        err_console.print(
+            f"run.overwrite=true: {stage} stopped before it started; the previous {stage} is back in {run.stage_dir}"
+        )
     elif isinstance(exc, UserError) and not run.began:
         run.discard()
     else:

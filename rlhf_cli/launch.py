@@ -42,14 +42,26 @@ def torchrun_command(launcher: Any, stage: str, args: list[str]) -> list[str]:
     if launcher.nnodes == 1:
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={launcher.nnodes}", f"--node_rank={launcher.node_rank}",
-                 f"--master_addr={launcher.master_addr}", f"--master_port={launcher.master_port}"]  # fmt: skip
+        where = [
+            f"--nnodes={launcher.nnodes}",
+            f"--node_rank={launcher.node_rank}",
+            f"--master_addr={launcher.master_addr}",
+            f"--master_port={launcher.master_port}",
+        ]
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launcher.nproc_per_node}", *where,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={launcher.nproc_per_node}",
+        *where,
         # Forward USR1 too (SLURM's usual warning signal) and give the ranks time to save a checkpoint.
-        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown_timeout=600",
-        "-m", "rlhf_cli", stage, *args,
-    ]  # fmt: skip
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "--shutdown_timeout=600",
+        "-m",
+        "rlhf_cli",
+        stage,
+        *args,
+    ]
 
 
 # What the parent passes on to torchrun, which passes them on to the ranks (torchrun_command's --signals_to_handle).

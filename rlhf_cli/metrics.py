@@ -140,9 +140,17 @@ def _wandb(stage_dir: Path, logging_cfg: Any) -> Any:
     id_file.write_text(run_id + "\n")
     config_file = stage_dir / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    return wandb.init(project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity,
-                      name=f"{stage_dir.parent.name}/{stage_dir.name}", id=run_id, resume="allow", dir=str(folder),
-                      mode=logging_cfg.wandb_mode, config=config, reinit="finish_previous")  # fmt: skip
+    return wandb.init(
+        project=logging_cfg.wandb_project,
+        entity=logging_cfg.wandb_entity,
+        name=f"{stage_dir.parent.name}/{stage_dir.name}",
+        id=run_id,
+        resume="allow",
+        dir=str(folder),
+        mode=logging_cfg.wandb_mode,
+        config=config,
+        reinit="finish_previous",
+    )
 
 
 class Metrics:
@@ -151,8 +159,15 @@ class Metrics:
     Without a terminal (CI, SLURM logs) the bar is replaced by one plain line every `log_every` steps. A run that
     starts at a checkpoint's step first drops the rows of the steps it replays, so every step has one row."""
 
-    def __init__(self, path: Path, total_steps: int, logging_cfg: Any, enabled: bool, start_step: int = 0,
-                 replay_from: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        total_steps: int,
+        logging_cfg: Any,
+        enabled: bool,
+        start_step: int = 0,
+        replay_from: int | None = None,
+    ):
         self.enabled = enabled
         self.log_every = max(1, logging_cfg.log_every)
         self.plots = getattr(logging_cfg, "plots", True)  # read by stages/common.finish

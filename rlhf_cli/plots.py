@@ -53,8 +53,15 @@ _REWARD = Panel("reward (score) and gold", ("score_mean", "eval_score"), right=_
 _KL = Panel("KL to the reference", ("kl",))
 _GOLD_VS_KL = Panel("proxy and gold reward vs KL", ("eval_score",), x="kl", right=_GOLD, ylabels=_GOLD_LABELS)
 _LENGTH = Panel("response length", ("response_length", "eval_response_length"))
-_CRITIC_FREE = (_REWARD, _KL, _GOLD_VS_KL, Panel("groups with zero reward variance", ("zero_variance_groups",)),
-                Panel("policy loss", ("policy_loss",)), Panel("entropy", ("entropy",)), _LENGTH)  # fmt: skip
+_CRITIC_FREE = (
+    _REWARD,
+    _KL,
+    _GOLD_VS_KL,
+    Panel("groups with zero reward variance", ("zero_variance_groups",)),
+    Panel("policy loss", ("policy_loss",)),
+    Panel("entropy", ("entropy",)),
+    _LENGTH,
+)
 
 PANELS: dict[str, tuple[Panel, ...]] = {
     "sft": (_LOSS, Panel("eval perplexity", ("eval_perplexity",)), _LR),
@@ -209,8 +216,9 @@ def draw(stage: str, rows: list[dict], title: str) -> Any:
     # Fixed margins in inches rather than a layout engine: constrained or tight layout measures every label in an
     # extra drawing pass, which doubles the time of the save, paid by every completed stage. The right margin holds
     # a second y axis's numbers.
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.6 / width, bottom=0.5 / height, top=1 - top / height,
-                        wspace=0.42, hspace=0.42)  # fmt: skip
+    fig.subplots_adjust(
+        left=0.75 / width, right=1 - 0.6 / width, bottom=0.5 / height, top=1 - top / height, wspace=0.42, hspace=0.42
+    )
     fig.suptitle(title, y=1 - 0.1 / height, va="top")
     if note:
         fig.text(0.5, 1 - 0.4 / height, "\n".join(note), ha="center", va="top", fontsize=8, color="0.35")
@@ -233,8 +241,9 @@ def _draw_panel(ax: Any, panel: Panel, left: list[Line], right: list[Line]) -> N
         # Against a metric the points are a path in step order that may turn back: markers on a thin line.
         style = {"linewidth": 1.2} if panel.x == "step" else {"linewidth": 0.6, "linestyle": ":"}
         label = label if target is ax else f"{label} (right axis)"
-        handles += target.plot(xs, ys, label=label, color=f"C{i}", marker="o" if few or panel.x != "step" else None,
-                               markersize=3, **style)  # fmt: skip
+        handles += target.plot(
+            xs, ys, label=label, color=f"C{i}", marker="o" if few or panel.x != "step" else None, markersize=3, **style
+        )
     if twin is not None:
         ax.set_ylabel(panel.ylabels[0], fontsize=9)
         twin.set_ylabel(panel.ylabels[1], fontsize=9, color=f"C{len(left)}")

@@ -34,8 +34,11 @@ def _ctrl_c(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # the second Ctrl-C: stop now, as users expect, without a new checkpoint
     _received.append(signum)
     try:
-        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
+            file=sys.stderr,
+            flush=True,
+        )
     except RuntimeError:  # the signal came in the middle of a write to stderr; the notice is only a courtesy
         pass
 

@@ -138,8 +138,15 @@ def default_policies(manifest: dict) -> list[str]:
     from rlhf_cli.registry import STAGES
 
     stages = manifest.get("stages", {})
-    return [s for s, rec in stages.items() if isinstance(rec, dict) and rec.get("status") == "completed"
-            and s in STAGES and not STAGES[s].scalar_head and s != "eval"]  # fmt: skip
+    return [
+        s
+        for s, rec in stages.items()
+        if isinstance(rec, dict)
+        and rec.get("status") == "completed"
+        and s in STAGES
+        and not STAGES[s].scalar_head
+        and s != "eval"
+    ]
 
 
 def upstream(specs: dict[str, str]) -> dict[str, str]:

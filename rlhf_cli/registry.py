@@ -202,52 +202,81 @@ def _rejection_sampling_check(cfg: Any) -> None:
 def _eval_check(cfg: Any) -> None:
     st = cfg.stage
     if st.n_samples > 1 and st.generation.temperature == 0:
-        raise UserError(f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
-                        "one answer per prompt")  # fmt: skip
+        raise UserError(
+            f"stage.n_samples={st.n_samples} needs stage.generation.temperature > 0: greedy decoding gives "
+            "one answer per prompt"
+        )
     _functions_check(cfg)
 
 
 def _critic_free(name: str, summary: str, example: str) -> StageSpec:
-    return StageSpec(name, "rlhf_cli.stages.critic_free", o.CriticFreeRoot, summary=summary, example=example,
-                     formats=s.PROMPT_FORMATS, choices=_CRITIC_FREE_CHOICES, ranges=_CRITIC_FREE_RANGES,
-                     check=_critic_free_check, inputs=_ONLINE_INPUTS)
+    return StageSpec(
+        name,
+        "rlhf_cli.stages.critic_free",
+        o.CriticFreeRoot,
+        summary=summary,
+        example=example,
+        formats=s.PROMPT_FORMATS,
+        choices=_CRITIC_FREE_CHOICES,
+        ranges=_CRITIC_FREE_RANGES,
+        check=_critic_free_check,
+        inputs=_ONLINE_INPUTS,
+    )
 
 
 STAGES: dict[str, StageSpec] = {
     "sft": StageSpec(
-        "sft", "rlhf_cli.stages.sft", s.SFTRoot,
+        "sft",
+        "rlhf_cli.stages.sft",
+        s.SFTRoot,
         summary="supervised fine-tuning (default: tiny built-in demo)",
         example="rlhf sft +experiment=dolly optim.lr=2e-5",
         formats=s.SFT_FORMATS,
         ranges=_PACKING_RANGES,
     ),
     "rm": StageSpec(
-        "rm", "rlhf_cli.stages.rm", s.RMRoot,
+        "rm",
+        "rlhf_cli.stages.rm",
+        s.RMRoot,
         summary="reward model on preference pairs, from this run's sft",
         example="rlhf rm +experiment=hh_rlhf",
         formats=s.PREFERENCE_FORMATS,
-        ranges={**_PACKING_RANGES, "stage.center_coef": ">= 0 or null",
-                "stage.min_eval_accuracy": "[0, 1] or null"},
+        ranges={**_PACKING_RANGES, "stage.center_coef": ">= 0 or null", "stage.min_eval_accuracy": "[0, 1] or null"},
         trained_model="reward model",
         scalar_head=True,
     ),
     "dpo": StageSpec(
-        "dpo", "rlhf_cli.stages.dpo", s.DPORoot,
+        "dpo",
+        "rlhf_cli.stages.dpo",
+        s.DPORoot,
         summary="DPO family on preference pairs, from this run's sft",
         example="rlhf dpo stage.loss=ipo stage.beta=0.5",
         formats=s.PREFERENCE_FORMATS,
         choices={"stage.loss": s.DPO_LOSSES},
         inputs=(*_BASE_INPUTS, "stage.reference"),
-        ranges={**_PACKING_RANGES, "stage.beta": "> 0", "stage.label_smoothing": "[0, 0.5)",
-                "stage.rpo_alpha": ">= 0", "stage.simpo_gamma": ">= 0", "stage.orpo_lambda": ">= 0"},
+        ranges={
+            **_PACKING_RANGES,
+            "stage.beta": "> 0",
+            "stage.label_smoothing": "[0, 0.5)",
+            "stage.rpo_alpha": ">= 0",
+            "stage.simpo_gamma": ">= 0",
+            "stage.orpo_lambda": ">= 0",
+        },
     ),
     "ppo": StageSpec(
-        "ppo", "rlhf_cli.stages.ppo", o.PPORoot,
+        "ppo",
+        "rlhf_cli.stages.ppo",
+        o.PPORoot,
         summary="PPO with a critic: policy from sft, reward + critic from rm",
         example="rlhf ppo stage.kl_coef=0.1",
         formats=s.PROMPT_FORMATS,
-        choices={"stage.kl_estimator": o.KL_ESTIMATORS, "stage.kl_control": o.KL_CONTROLS, **ONLINE_CHOICES,
-                 "stage.critic.init": o.CRITIC_INITS, "stage.ptx.data.format": s.SFT_FORMATS},
+        choices={
+            "stage.kl_estimator": o.KL_ESTIMATORS,
+            "stage.kl_control": o.KL_CONTROLS,
+            **ONLINE_CHOICES,
+            "stage.critic.init": o.CRITIC_INITS,
+            "stage.ptx.data.format": s.SFT_FORMATS,
+        },
         ranges=_PPO_RANGES,
         check=_ppo_check,
         nested_data=("stage.ptx.data",),
@@ -255,33 +284,55 @@ STAGES: dict[str, StageSpec] = {
         trained_model="actor",
     ),
     "rejection_sampling": StageSpec(
-        "rejection_sampling", "rlhf_cli.stages.rejection_sampling", o.RejectionSamplingRoot,
+        "rejection_sampling",
+        "rlhf_cli.stages.rejection_sampling",
+        o.RejectionSamplingRoot,
         summary="best-of-N rejection sampling in rounds, from sft; reward from rm",
         example="rlhf rejection_sampling stage.n_samples=8 stage.rounds=2",
         formats=s.PROMPT_FORMATS,
-        choices={"stage.selection": o.SELECTIONS, "stage.init": o.ROUND_INITS, **ONLINE_CHOICES,
-                 "stage.reward.normalize": _RS_NORMALIZE},
+        choices={
+            "stage.selection": o.SELECTIONS,
+            "stage.init": o.ROUND_INITS,
+            **ONLINE_CHOICES,
+            "stage.reward.normalize": _RS_NORMALIZE,
+        },
         ranges=_RS_RANGES,
         required_when={"stage.threshold": ("stage.selection", "threshold")},
         check=_rejection_sampling_check,
         inputs=_ONLINE_INPUTS,
         resume_needs_same_config=False,
     ),
-    "grpo": _critic_free("grpo", "GRPO (group-relative, no critic; Dr. GRPO / DAPO options), from sft",
-                         "rlhf grpo +experiment=grpo_parity stage.n_samples=8"),
-    "rloo": _critic_free("rloo", "RLOO (leave-one-out baseline, no critic), from sft",
-                         "rlhf rloo +experiment=grpo_parity stage.advantage=rloo"),
-    "reinforce_pp": _critic_free("reinforce_pp", "REINFORCE++ (global whitening, no critic), from sft",
-                                 "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline"),
+    "grpo": _critic_free(
+        "grpo",
+        "GRPO (group-relative, no critic; Dr. GRPO / DAPO options), from sft",
+        "rlhf grpo +experiment=grpo_parity stage.n_samples=8",
+    ),
+    "rloo": _critic_free(
+        "rloo",
+        "RLOO (leave-one-out baseline, no critic), from sft",
+        "rlhf rloo +experiment=grpo_parity stage.advantage=rloo",
+    ),
+    "reinforce_pp": _critic_free(
+        "reinforce_pp",
+        "REINFORCE++ (global whitening, no critic), from sft",
+        "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline",
+    ),
     "eval": StageSpec(
-        "eval", "rlhf_cli.stages.eval", EvalRoot,
+        "eval",
+        "rlhf_cli.stages.eval",
+        EvalRoot,
         summary="held-out comparison of the run's policies with sft: reward, win rate, KL, gold",
         example="rlhf eval stage.policies=[sft,ppo,dpo] stage.n_samples=4",
         formats=s.PROMPT_FORMATS,
         choices=ONLINE_CHOICES,
-        ranges={**ONLINE_RANGES, "stage.n_samples": ">= 1", "stage.kl_samples": ">= 0",
-                "stage.max_prompts": ">= 1 or null", "stage.eval_batch_size": ">= 1",
-                "stage.generation.temperature": ">= 0"},
+        ranges={
+            **ONLINE_RANGES,
+            "stage.n_samples": ">= 1",
+            "stage.kl_samples": ">= 0",
+            "stage.max_prompts": ">= 1 or null",
+            "stage.eval_batch_size": ">= 1",
+            "stage.generation.temperature": ">= 0",
+        },
         check=_eval_check,
         inputs=(*_BASE_INPUTS, "stage.policies", "stage.reward", "stage.gold"),
         optional_inputs=("stage.reward.model",),  # no reward model in the run: no reward and no win rate
@@ -289,7 +340,7 @@ STAGES: dict[str, StageSpec] = {
         output="eval.json",
         shown_by="`rlhf runs {run}` prints its table again",
     ),
-}  # fmt: skip
+}
 
 
 def completed_refusal(stage: str, run_root: Path, stale: str = "") -> str:
@@ -300,5 +351,7 @@ def completed_refusal(stage: str, run_root: Path, stale: str = "") -> str:
     run = f"run.name={run_root.name}" + (f" run.root={run_root.parent}" if run_root.parent != Path("runs") else "")
     again = f"; {shown_by.format(run=run)}" if shown_by else ""
     redo = "train it again" if output == "final" else "run it again"
-    return (f"stage `{stage}` of run `{run_root.name}` is already complete ({run_root / stage / output}){stale}"
-            f"{again}; add run.overwrite=true to {redo} (replacing it), or choose another run.name")
+    return (
+        f"stage `{stage}` of run `{run_root.name}` is already complete ({run_root / stage / output}){stale}"
+        f"{again}; add run.overwrite=true to {redo} (replacing it), or choose another run.name"
+    )

@@ -58,8 +58,6 @@ def git_commit() -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
-
-
 def now() -> str:
     return time.strftime(TIME_FORMAT)
 
@@ -113,8 +111,10 @@ class Run:
             ) from None
         stages = manifest.get("stages") if isinstance(manifest, dict) else None
         if not isinstance(stages, dict) or not all(isinstance(r, dict) for r in stages.values()):
-            raise UserError(f"{self.manifest_path} has no `stages` table of stage records (was it edited?); restore "
-                            "it or use another run.name")  # fmt: skip
+            raise UserError(
+                f"{self.manifest_path} has no `stages` table of stage records (was it edited?); restore "
+                "it or use another run.name"
+            )
         return manifest
 
     def stage_record(self, stage: str | None = None) -> dict:

@@ -35,8 +35,10 @@ def job(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     if not job_id:
         return None
     array, task = env.get("SLURM_ARRAY_JOB_ID", "").strip(), env.get("SLURM_ARRAY_TASK_ID", "").strip()
-    out: dict[str, Any] = {"job_id": f"{array}_{task}" if array and task else job_id,
-                           "restarts": _count(env.get("SLURM_RESTART_COUNT"))}  # fmt: skip
+    out: dict[str, Any] = {
+        "job_id": f"{array}_{task}" if array and task else job_id,
+        "restarts": _count(env.get("SLURM_RESTART_COUNT")),
+    }
     for key, var in (("nodes", "SLURM_JOB_NODELIST"), ("partition", "SLURM_JOB_PARTITION"), ("name", "SLURM_JOB_NAME")):
         if env.get(var, "").strip():
             out[key] = env[var].strip()

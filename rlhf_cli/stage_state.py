@@ -101,8 +101,10 @@ def decide(run: Any, run_cfg: Any, cfg: Any) -> bool:
     if run_cfg.overwrite and record:
         if record.get("overwrite_intent") != overwrite_intent():
             return True
-        run.notes.append(f"run.overwrite=true was applied when this command first ran ({record.get('started_at')}); "
-                         "continuing that run")  # fmt: skip
+        run.notes.append(
+            f"run.overwrite=true was applied when this command first ran ({record.get('started_at')}); "
+            "continuing that run"
+        )
     if run.provenance is not None and has_saved_work(run.stage_dir):
         check_resume(run, manifest, record, spec.resume_needs_same_config)
     return False
@@ -157,9 +159,11 @@ def _missing_data(source: str) -> bool:
 
 def stale_input(run: Any, key: str, name: str, reasons: list[str]) -> str:
     args = f"run.name={run.root.name}" + (f" run.root={run.root.parent}" if run.root.parent != Path("runs") else "")
-    return (f"input `{name}` of {run.stage} ({key}=stage:{name}) is stale: {'; '.join(reasons)}; train it again with "
-            f"`rlhf {name} {args} run.overwrite=true` (or run the pipeline), or add run.allow_stale_inputs=true to use "
-            "it as it is")  # fmt: skip
+    return (
+        f"input `{name}` of {run.stage} ({key}=stage:{name}) is stale: {'; '.join(reasons)}; train it again with "
+        f"`rlhf {name} {args} run.overwrite=true` (or run the pipeline), or add run.allow_stale_inputs=true to use "
+        "it as it is"
+    )
 
 
 def already_complete(run: Any, manifest: dict, record: dict) -> str:
@@ -179,20 +183,27 @@ def check_resume(run: Any, manifest: dict, record: dict, same_config: bool) -> N
     if not isinstance(recorded, dict):  # written before provenance was recorded: nothing to compare
         return
     now = run.provenance
-    reasons = [f"{key} is now {entry['spec']}" for key, entry in now["inputs"].items()
-               if key not in (recorded.get("inputs") or {})]  # fmt: skip
+    reasons = [
+        f"{key} is now {entry['spec']}"
+        for key, entry in now["inputs"].items()
+        if key not in (recorded.get("inputs") or {})
+    ]
     for key, entry in (recorded.get("inputs") or {}).items():
         if key not in now["inputs"]:
             reasons.append(f"{key} is no longer set")
         elif now["inputs"][key].get("fp") != entry.get("fp"):
             reasons += changes({key: entry}, manifest, run.root) or [f"{key} changed"]
     if same_config and recorded.get("config") != now["config"]:
-        reasons.append(f"the config changed (hash {recorded.get('config')} -> {now['config']}); run the command that "
-                       "wrote them to resume")  # fmt: skip
+        reasons.append(
+            f"the config changed (hash {recorded.get('config')} -> {now['config']}); run the command that "
+            "wrote them to resume"
+        )
     if reasons:
-        raise UserError(f"the resume checkpoints of `{run.stage}` in {run.checkpoints_dir} were written from other "
-                        f"inputs: {'; '.join(reasons)}; add run.overwrite=true to start {run.stage} again from "
-                        "scratch")  # fmt: skip
+        raise UserError(
+            f"the resume checkpoints of `{run.stage}` in {run.checkpoints_dir} were written from other "
+            f"inputs: {'; '.join(reasons)}; add run.overwrite=true to start {run.stage} again from "
+            "scratch"
+        )
 
 
 def set_aside(run: Any) -> None:
@@ -211,11 +222,15 @@ def set_aside(run: Any) -> None:
         aside.mkdir()
     (aside / RECORD_FILE).write_text(json.dumps(record))
     manifest = run.read_manifest()
-    manifest["stages"][run.stage] = {"status": "running", "overwrite_intent": overwrite_intent(),
-                                     "replacing": aside.name}  # fmt: skip
+    manifest["stages"][run.stage] = {
+        "status": "running",
+        "overwrite_intent": overwrite_intent(),
+        "replacing": aside.name,
+    }
     run.write_manifest(manifest)
-    run.notes.append(f"run.overwrite=true: the previous {run.stage} (kept in {aside} until this run had started) "
-                     "is removed")  # fmt: skip
+    run.notes.append(
+        f"run.overwrite=true: the previous {run.stage} (kept in {aside} until this run had started) is removed"
+    )
 
 
 def restore_overwritten(run: Any) -> bool:

@@ -28,8 +28,10 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "ppo": ("score_mean", "kl", "eval_score", "eval_gold", "eval_response_length", "eval_eos_fraction"),
     # First -> last: round 1 -> the last round for the selection, the starting policy -> the last one for eval.
     "rejection_sampling": HEADLINE_RS,
-    **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("score_mean", "zero_variance_groups", "kl", "eval_score",
-                                                         "eval_gold", "eval_response_length")),  # fmt: skip
+    **dict.fromkeys(
+        ("grpo", "rloo", "reinforce_pp"),
+        ("score_mean", "zero_variance_groups", "kl", "eval_score", "eval_gold", "eval_response_length"),
+    ),
 }
 # Stage -> what usually comes next in the chain ({run}: the run-name arguments).
 NEXT: dict[str, str] = {
@@ -39,8 +41,10 @@ NEXT: dict[str, str] = {
     "ppo": 'rlhf generate {run} stage=ppo prompt="What is the capital of France?"   (or: rlhf eval {run})',
     "rejection_sampling": "rlhf ppo {run} model.name_or_path=stage:rejection_sampling   (Llama 2: PPO on top), or "
     'rlhf generate {run} stage=rejection_sampling prompt="Hi"',
-    **{verb: f'rlhf generate {{run}} stage={verb} prompt="Is 7 even or odd?"' for verb in ("grpo", "rloo",
-                                                                                          "reinforce_pp")},
+    **{
+        verb: f'rlhf generate {{run}} stage={verb} prompt="Is 7 even or odd?"'
+        for verb in ("grpo", "rloo", "reinforce_pp")
+    },
 }
 
 
@@ -118,8 +122,11 @@ def draw_curves(run: Run) -> Path | None:
         return plots.plot_stage(run.stage_dir, run.stage)[0]
     except Exception as exc:  # noqa: BLE001 - any failure of the plot is reported, none fails the stage
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        print(f"warning: no plot of the {run.stage} curves ({reason}); `rlhf plot run.name={run.root.name} "
-              f"run.root={run.root.parent} stage={run.stage}` draws it again", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: no plot of the {run.stage} curves ({reason}); `rlhf plot run.name={run.root.name} "
+            f"run.root={run.root.parent} stage={run.stage}` draws it again",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -152,8 +159,11 @@ def summary_lines(record: dict, stage: str, run_args: str, wall_seconds: float |
     disk = as_table(summary.get("disk_bytes"))
     if disk:
         size = {k: human_bytes(disk[k]) if finite(disk.get(k)) else "?" for k in ("stage", "run", "checkpoints")}
-        kept = (f"{size['checkpoints']} kept" if summary.get("checkpoints_kept")
-                else f"{size['checkpoints']} removed (stage.keep_checkpoints=true keeps them)")  # fmt: skip
+        kept = (
+            f"{size['checkpoints']} kept"
+            if summary.get("checkpoints_kept")
+            else f"{size['checkpoints']} removed (stage.keep_checkpoints=true keeps them)"
+        )
         rows.append(("disk", f"stage {size['stage']}, run {size['run']}; resume checkpoints {kept}"))
     if summary.get("plot"):
         rows.append(("curves", str(summary["plot"])))

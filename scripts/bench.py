@@ -44,12 +44,25 @@ import torch
 def run_stage(steps: int, overrides: list[str], nproc: int = 1, stage: str = "sft") -> list[dict]:
     """Run `rlhf <stage>` for `steps` steps in a fresh run directory; the per-step metrics records."""
     with tempfile.TemporaryDirectory() as root:
-        args = [f"run.root={root}", "run.name=bench", f"stage.max_steps={steps}", "stage.save_every=0",
-                "stage.eval_every=0", "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
+        args = [
+            f"run.root={root}",
+            "run.name=bench",
+            f"stage.max_steps={steps}",
+            "stage.save_every=0",
+            "stage.eval_every=0",
+            "logging.progress=false",
+            "logging.log_every=1000000",
+            *overrides,
+        ]
         launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc > 1 else []
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        res = subprocess.run([sys.executable, *launch, "-m", "rlhf_cli", stage, *args], env=env,
-                             capture_output=True, text=True, check=False)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, *launch, "-m", "rlhf_cli", stage, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if res.returncode != 0:
             sys.exit(f"bench run failed ({nproc} process(es), {overrides}):\n{res.stderr[-3000:]}")
         lines = (Path(root) / "bench" / stage / "metrics.jsonl").read_text().splitlines()
@@ -76,8 +89,10 @@ def bare_loop(steps: int, overrides: list[str]) -> tuple[list[float], list[int],
     times, toks, targets = [], [], []
     for step in range(steps):
         idx = plan.rank_indices(step, 0, cfg.seed)
-        batches = [collate_sft([data.train[i] for i in idx[j : j + micro]], tok.pad_token_id)
-                   for j in range(0, len(idx), micro)]  # fmt: skip
+        batches = [
+            collate_sft([data.train[i] for i in idx[j : j + micro]], tok.pad_token_id)
+            for j in range(0, len(idx), micro)
+        ]
         t0 = time.perf_counter()
         n = sum(count_targets(b["labels"]) for b in batches)
         for b in batches:
@@ -139,22 +154,40 @@ def preference_stages(args: argparse.Namespace, overrides: list[str]) -> None:
 # PPO and GRPO at the same batch: 32 sampled rows per iteration (PPO: 32 prompts x 1; GRPO: 8 prompts x 4), one
 # process, the tiny default, up to 32 new tokens. PPO: 4 epochs x 2 mini-batches (its defaults), actor and critic;
 # GRPO: one pass in one mini-batch of 32 rows (no old-log-prob forward, no critic, no reference: kl_coef 0).
-ONLINE = {"ppo": [], "grpo": ["stage.rollout_batch_size=8", "stage.n_samples=4", "stage.micro_batch_size=8",
-                              "stage.gradient_accumulation_steps=4"]}  # fmt: skip
+ONLINE = {
+    "ppo": [],
+    "grpo": [
+        "stage.rollout_batch_size=8",
+        "stage.n_samples=4",
+        "stage.micro_batch_size=8",
+        "stage.gradient_accumulation_steps=4",
+    ],
+}
 
 
 def online_stages(args: argparse.Namespace, overrides: list[str]) -> None:
     """PPO and GRPO on the tiny default after short sft and rm stages in the same run: samples/s, rollout generation
     tokens/s, training tokens/s, the share of each iteration's wall time in generation / scoring / update, peak RSS."""
     with tempfile.TemporaryDirectory() as root:
-        common = [f"run.root={root}", "run.name=bench", "stage.save_every=0", "stage.eval_every=0",
-                  "logging.progress=false", "logging.log_every=1000000", *overrides]  # fmt: skip
+        common = [
+            f"run.root={root}",
+            "run.name=bench",
+            "stage.save_every=0",
+            "stage.eval_every=0",
+            "logging.progress=false",
+            "logging.log_every=1000000",
+            *overrides,
+        ]
         for stage, steps in (("sft", 40), ("rm", 20)):
             _stage_or_exit([stage, *common, f"stage.max_steps={steps}"])
-        print(f"\nOnline RL, tiny default, 32 sampled rows per iteration, up to 32 new tokens, 1 process; median of "
-              f"{args.steps - args.warmup} iterations after {args.warmup}")  # fmt: skip
-        print(f"  {'stage':<5} {'samples/s':>9} {'s/iter':>6} {'gen tok/s':>9} {'train tok/s':>11} {'generation':>10} "
-              f"{'scoring':>7} {'update':>6} {'peak MiB':>8}")  # fmt: skip
+        print(
+            f"\nOnline RL, tiny default, 32 sampled rows per iteration, up to 32 new tokens, 1 process; median of "
+            f"{args.steps - args.warmup} iterations after {args.warmup}"
+        )
+        print(
+            f"  {'stage':<5} {'samples/s':>9} {'s/iter':>6} {'gen tok/s':>9} {'train tok/s':>11} {'generation':>10} "
+            f"{'scoring':>7} {'update':>6} {'peak MiB':>8}"
+        )
         for stage, extra in ONLINE.items():
             _stage_or_exit([stage, *common, *extra, f"stage.max_steps={args.steps}"])
             lines = (Path(root) / "bench" / stage / "metrics.jsonl").read_text().splitlines()
@@ -163,10 +196,12 @@ def online_stages(args: argparse.Namespace, overrides: list[str]) -> None:
             def med(key: str, recs: list = recs) -> float:
                 return statistics.median(r[key] for r in recs)
 
-            print(f"  {stage:<5} {med('rollout_sequences') / med('step_seconds'):9.1f} {med('step_seconds'):6.2f} "
-                  f"{med('gen_tok/s'):9.0f} {med('train_tok/s'):11.0f} {med('generation_share'):10.2f} "
-                  f"{med('scoring_share'):7.2f} {med('update_share'):6.2f} "
-                  f"{max(r['peak_mem_mib'] for r in recs):8.0f}")  # fmt: skip
+            print(
+                f"  {stage:<5} {med('rollout_sequences') / med('step_seconds'):9.1f} {med('step_seconds'):6.2f} "
+                f"{med('gen_tok/s'):9.0f} {med('train_tok/s'):11.0f} {med('generation_share'):10.2f} "
+                f"{med('scoring_share'):7.2f} {med('update_share'):6.2f} "
+                f"{max(r['peak_mem_mib'] for r in recs):8.0f}"
+            )
         print("  (shares of the iteration's wall time; scoring = old / reference log-probs, values, reward)")
 
 
@@ -176,21 +211,27 @@ def rejection_sampling_stage(args: argparse.Namespace, overrides: list[str]) -> 
     with tempfile.TemporaryDirectory() as root:
         common = [f"run.root={root}", "logging.progress=false", "logging.log_every=1000000", *overrides]
         print("\nRejection sampling, tiny default, 1 round over the built-in prompts, 1 process")
-        print(f"  {'N':>2} {'responses/s':>11} {'new tok/s':>9} {'generation s':>12} {'scoring s':>9} "
-              f"{'fine-tune s':>11} {'gain':>6}")  # fmt: skip
+        print(
+            f"  {'N':>2} {'responses/s':>11} {'new tok/s':>9} {'generation s':>12} {'scoring s':>9} "
+            f"{'fine-tune s':>11} {'gain':>6}"
+        )
         for stage, steps in (("sft", 40), ("rm", 20)):
             _stage_or_exit([stage, *common, "run.name=bench", "stage.save_every=0", f"stage.max_steps={steps}"])
         for n in (4, 8):
             name = f"rs{n}"
             shutil.copytree(Path(root) / "bench", Path(root) / name, ignore=shutil.ignore_patterns(".lock"))
             _stage_or_exit(["rejection_sampling", *common, f"run.name={name}", f"stage.n_samples={n}"])
-            rows = [json.loads(line) for line in (Path(root) / name / "rejection_sampling" / "metrics.jsonl")
-                    .read_text().splitlines()]  # fmt: skip
+            rows = [
+                json.loads(line)
+                for line in (Path(root) / name / "rejection_sampling" / "metrics.jsonl").read_text().splitlines()
+            ]
             sel = next(r for r in rows if "responses/s" in r)
             tune = next(r for r in reversed(rows) if "finetune_seconds" in r)
-            print(f"  {n:>2} {sel['responses/s']:11.1f} {sel['gen_tok/s']:9.0f} "
-                  f"{sel['generation_seconds']:12.1f} {sel['scoring_seconds']:9.1f} "
-                  f"{tune['finetune_seconds']:11.1f} {sel['best_of_n_gain']:6.3f}")  # fmt: skip
+            print(
+                f"  {n:>2} {sel['responses/s']:11.1f} {sel['gen_tok/s']:9.0f} "
+                f"{sel['generation_seconds']:12.1f} {sel['scoring_seconds']:9.1f} "
+                f"{tune['finetune_seconds']:11.1f} {sel['best_of_n_gain']:6.3f}"
+            )
 
 
 def _stage_or_exit(args: list[str]) -> None:
@@ -226,8 +267,12 @@ def startup(repeats: int = 3) -> None:
     transformers."""
     with tempfile.TemporaryDirectory() as root:
         run = [f"run.root={root}", "run.name=bench"]
-        outs = [rlhf([stage, *run, "stage.max_steps=2", "stage.save_every=0", "stage.eval_every=0",
-                      "logging.progress=false"])[1] for stage in ("sft", "rm")]  # a tiny run to refuse, use, score with
+        outs = [
+            rlhf(
+                [stage, *run, "stage.max_steps=2", "stage.save_every=0", "stage.eval_every=0", "logging.progress=false"]
+            )[1]
+            for stage in ("sft", "rm")
+        ]  # a tiny run to refuse, use, score with
         notice = "printed" if any("built successfully" in out for out in outs) else "not printed"
         tool = ["run=bench", f"root={root}"]
         cases = [
@@ -256,8 +301,14 @@ def packing(args: argparse.Namespace, overrides: list[str]) -> None:
     packing_section(args, overrides)
 
 
-SECTIONS = {"single": single_process, "preference": preference_stages, "online": online_stages,
-            "rejection_sampling": rejection_sampling_stage, "scaling": scaling, "packing": packing}  # fmt: skip
+SECTIONS = {
+    "single": single_process,
+    "preference": preference_stages,
+    "online": online_stages,
+    "rejection_sampling": rejection_sampling_stage,
+    "scaling": scaling,
+    "packing": packing,
+}
 
 
 def main() -> None:

@@ -45,8 +45,14 @@ def run_chain(seed: int, threads: int, root: Path) -> dict:
     online stages' held-out evaluations during training ({stage: [{step, proxy, gold}]})."""
     name = f"parity-s{seed}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    args = ["pipeline", "pipeline=parity", f"run.root={root}", f"run.name={name}", f"seed={seed}",
-            "logging.progress=false"]  # fmt: skip
+    args = [
+        "pipeline",
+        "pipeline=parity",
+        f"run.root={root}",
+        f"run.name={name}",
+        f"seed={seed}",
+        "logging.progress=false",
+    ]
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=root, env=env, capture_output=True, text=True)
     if res.returncode != 0:
@@ -54,11 +60,16 @@ def run_chain(seed: int, threads: int, root: Path) -> dict:
     run_dir = root / name
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     results = json.loads((run_dir / "eval" / "eval.json").read_text())["results"]
-    return {"seed": seed, "threads": threads, "seconds": time.perf_counter() - t0,
-            "rm_eval_accuracy": stages["rm"]["metrics"].get("eval_accuracy"), "results": results,
-            "stage_seconds": {s: r.get("summary", {}).get("stage_seconds") for s, r in stages.items()},
-            "curves": {s: curve(run_dir / s / "metrics.jsonl") for s in ONLINE},
-            "rm_on_prompts": rm_on_prompts(run_dir / "rm" / "final", root, env)}  # fmt: skip
+    return {
+        "seed": seed,
+        "threads": threads,
+        "seconds": time.perf_counter() - t0,
+        "rm_eval_accuracy": stages["rm"]["metrics"].get("eval_accuracy"),
+        "results": results,
+        "stage_seconds": {s: r.get("summary", {}).get("stage_seconds") for s, r in stages.items()},
+        "curves": {s: curve(run_dir / s / "metrics.jsonl") for s in ONLINE},
+        "rm_on_prompts": rm_on_prompts(run_dir / "rm" / "final", root, env),
+    }
 
 
 def curve(metrics: Path) -> list[dict]:
@@ -84,8 +95,10 @@ def rm_on_prompts(model: Path, root: Path, env: dict) -> dict:
         raise SystemExit(f"rlhf {' '.join(args)} failed:\n{res.stderr[-3000:]}")
     scores = [json.loads(line)["score"] for line in (root / "rm_probe_scored.jsonl").read_text().splitlines()]
     right_above = [scores[i] > scores[i + 1] for i in range(0, len(scores), 2)]  # (n, 42, 17) per prompt
-    return {"accuracy": statistics.fmean(right_above[0::3]),
-            "accuracy_other": statistics.fmean(right_above[1::3] + right_above[2::3])}  # fmt: skip
+    return {
+        "accuracy": statistics.fmean(right_above[0::3]),
+        "accuracy_other": statistics.fmean(right_above[1::3] + right_above[2::3]),
+    }
 
 
 def gains(runs: list[dict], name: str) -> list[float]:
@@ -97,17 +110,23 @@ def _cell(row: dict, key: str) -> str:
 
 
 def print_seed(r: dict) -> None:
-    print(f"\nseed {r['seed']}, {r['threads']} thread(s), {r['seconds'] / 60:.1f} min; reward model held-out pair "
-          f"accuracy {r['rm_eval_accuracy']:.3f}; on the 600 parity prompts it prefers the right answer word "
-          f"{r['rm_on_prompts']['accuracy']:.3f} of the time in replies restating the prompt's number, "
-          f"{r['rm_on_prompts']['accuracy_other']:.3f} in replies naming another")  # fmt: skip
-    print(f"  {'policy':<19}{'gold accuracy':>17}{'proxy reward':>17}{'win vs sft':>17}{'KL to sft':>17}"
-          f"{'stage time':>12}")  # fmt: skip
+    print(
+        f"\nseed {r['seed']}, {r['threads']} thread(s), {r['seconds'] / 60:.1f} min; reward model held-out pair "
+        f"accuracy {r['rm_eval_accuracy']:.3f}; on the 600 parity prompts it prefers the right answer word "
+        f"{r['rm_on_prompts']['accuracy']:.3f} of the time in replies restating the prompt's number, "
+        f"{r['rm_on_prompts']['accuracy_other']:.3f} in replies naming another"
+    )
+    print(
+        f"  {'policy':<19}{'gold accuracy':>17}{'proxy reward':>17}{'win vs sft':>17}{'KL to sft':>17}"
+        f"{'stage time':>12}"
+    )
     for name in ("sft", *POLICIES):
         row, seconds = r["results"][name], r["stage_seconds"].get(name)
         time_cell = f"{seconds / 60:.1f} min" if seconds else "-"
-        print(f"  {name:<19}{_cell(row, 'gold_mean'):>17}{_cell(row, 'reward_mean'):>17}"
-              f"{_cell(row, 'win_rate'):>17}{_cell(row, 'kl'):>17}{time_cell:>12}")  # fmt: skip
+        print(
+            f"  {name:<19}{_cell(row, 'gold_mean'):>17}{_cell(row, 'reward_mean'):>17}"
+            f"{_cell(row, 'win_rate'):>17}{_cell(row, 'kl'):>17}{time_cell:>12}"
+        )
 
 
 def summary(runs: list[dict], margin: float) -> list[dict]:
@@ -116,15 +135,23 @@ def summary(runs: list[dict], margin: float) -> list[dict]:
     for name in POLICIES:
         g = gains(runs, name)
         spread = statistics.stdev(g) if len(g) > 1 else 0.0
-        out.append({"policy": name, "gains": g, "mean": statistics.fmean(g), "std": spread, "min": min(g),
-                    "kl": statistics.fmean(r["results"][name]["kl"] for r in runs),
-                    "proxy": statistics.fmean(r["results"][name]["reward_mean"] for r in runs),
-                    "ok": statistics.fmean(g) >= margin and min(g) >= 0.0})  # fmt: skip
+        out.append(
+            {
+                "policy": name,
+                "gains": g,
+                "mean": statistics.fmean(g),
+                "std": spread,
+                "min": min(g),
+                "kl": statistics.fmean(r["results"][name]["kl"] for r in runs),
+                "proxy": statistics.fmean(r["results"][name]["reward_mean"] for r in runs),
+                "ok": statistics.fmean(g) >= margin and min(g) >= 0.0,
+            }
+        )
     return out
 
 
 def curve_cells(runs: list[dict], stage: str) -> list[str]:
-    """"step: proxy / gold" at each held-out evaluation of `stage`, averaged over the seeds."""
+    """ "step: proxy / gold" at each held-out evaluation of `stage`, averaged over the seeds."""
     cells = []
     for step in sorted({p["step"] for r in runs for p in r["curves"][stage]}):
         points = [p for r in runs for p in r["curves"][stage] if p["step"] == step]
@@ -145,32 +172,48 @@ def print_summary(rows: list[dict], runs: list[dict], margin: float) -> None:
     for row in rows:
         per_seed = ", ".join(f"{g:+.3f}" for g in row["gains"])
         verdict = "ok" if row["ok"] else "FAIL"
-        print(f"  {row['policy']:<19} mean {row['mean']:+.3f} +- {row['std']:.3f} (min {row['min']:+.3f}; "
-              f"{per_seed})  KL {row['kl']:.1f}  proxy {row['proxy']:.2f}  {verdict}")  # fmt: skip
+        print(
+            f"  {row['policy']:<19} mean {row['mean']:+.3f} +- {row['std']:.3f} (min {row['min']:+.3f}; "
+            f"{per_seed})  KL {row['kl']:.1f}  proxy {row['proxy']:.2f}  {verdict}"
+        )
 
 
 def markdown(rows: list[dict], runs: list[dict], margin: float) -> str:
     """The summary as a markdown table with the date, the commit and the seeds it came from."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"  # fmt: skip
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or "unknown"
+    )
     minutes = sum(r["seconds"] for r in runs) / 60
     sft = statistics.fmean(r["results"]["sft"]["gold_mean"] for r in runs)
     rm = statistics.fmean(r["rm_eval_accuracy"] for r in runs)
     probe = {k: statistics.fmean(r["rm_on_prompts"][k] for r in runs) for k in ("accuracy", "accuracy_other")}
-    lines = [f"Measured {datetime.date.today().isoformat()} at commit {commit} (`scripts/bench_chain.py --seeds "
-             f"{' '.join(str(r['seed']) for r in runs)}`, {runs[0]['threads']} threads, {minutes:.1f} min); sft gold "
-             f"accuracy {sft:.3f}; the reward model: held-out pair accuracy {rm:.3f}, right answer word preferred "
-             f"on the parity prompts {probe['accuracy']:.3f} (replies restating N), {probe['accuracy_other']:.3f} "
-             f"(replies naming another number) (means over seeds).", "",
-             "| policy | gold gain over sft, mean +- std | per seed | worst seed | KL to sft (nats) | proxy reward | "
-             f"bar +{margin:.2f} |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} at commit {commit} (`scripts/bench_chain.py --seeds "
+        f"{' '.join(str(r['seed']) for r in runs)}`, {runs[0]['threads']} threads, {minutes:.1f} min); sft gold "
+        f"accuracy {sft:.3f}; the reward model: held-out pair accuracy {rm:.3f}, right answer word preferred "
+        f"on the parity prompts {probe['accuracy']:.3f} (replies restating N), {probe['accuracy_other']:.3f} "
+        f"(replies naming another number) (means over seeds).",
+        "",
+        "| policy | gold gain over sft, mean +- std | per seed | worst seed | KL to sft (nats) | proxy reward | "
+        f"bar +{margin:.2f} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         per_seed = " / ".join(f"{g:+.3f}" for g in row["gains"])
-        lines.append(f"| {row['policy']} | {row['mean']:+.3f} +- {row['std']:.3f} | {per_seed} | {row['min']:+.3f} | "
-                     f"{row['kl']:.1f} | {row['proxy']:.2f} | {'ok' if row['ok'] else 'FAIL'} |")  # fmt: skip
-    lines += ["", "Proxy (reward-model score) / gold accuracy at each held-out evaluation during training (step: proxy "
-              "/ gold, mean over seeds; rejection sampling's steps are its fine-tuning steps, one evaluation per "
-              "round):", ""]  # fmt: skip
+        lines.append(
+            f"| {row['policy']} | {row['mean']:+.3f} +- {row['std']:.3f} | {per_seed} | {row['min']:+.3f} | "
+            f"{row['kl']:.1f} | {row['proxy']:.2f} | {'ok' if row['ok'] else 'FAIL'} |"
+        )
+    lines += [
+        "",
+        "Proxy (reward-model score) / gold accuracy at each held-out evaluation during training (step: proxy "
+        "/ gold, mean over seeds; rejection sampling's steps are its fine-tuning steps, one evaluation per "
+        "round):",
+        "",
+    ]
     lines += [f"- {stage}: " + ", ".join(curve_cells(runs, stage)) for stage in ONLINE]
     return "\n".join(lines) + "\n"
 
@@ -197,8 +240,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="every seed's results as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="run under this (new) folder and keep the runs")
     parser.add_argument("--markdown", type=Path, default=None, help="write the summary table here")
-    parser.add_argument("--doc", "--readme", type=Path, nargs="?", const=DOC, default=None, metavar="FILE",
-                        help="put the table between this page's markers (default docs/benchmarks.md)")  # fmt: skip
+    parser.add_argument(
+        "--doc",
+        "--readme",
+        type=Path,
+        nargs="?",
+        const=DOC,
+        default=None,
+        metavar="FILE",
+        help="put the table between this page's markers (default docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     if args.doc:
         check_markers(args.doc)

@@ -59,8 +59,11 @@ def iteration_result(log: list[dict], key: str) -> dict:
     KL (nan when the stage logs none)."""
     evals = [r for r in log if key in r]
     kl = [r["kl"] for r in log if "kl" in r]
-    return {"accuracy": {r["step"]: r[key] for r in evals}, "eos": evals[-1]["eval_eos_fraction"],
-            "final_kl": kl[-1] if kl else float("nan")}  # fmt: skip
+    return {
+        "accuracy": {r["step"]: r[key] for r in evals},
+        "eos": evals[-1]["eval_eos_fraction"],
+        "final_kl": kl[-1] if kl else float("nan"),
+    }
 
 
 def rs_result(log: list[dict]) -> dict:
@@ -68,9 +71,12 @@ def rs_result(log: list[dict]) -> dict:
     mean score of all candidates and of the selected ones."""
     evals = [r for r in log if "eval_gold" in r]  # before round 1, then after each round (the last without "round")
     picks = [r for r in log if "selected_score_mean" in r]
-    return {"accuracy": dict(enumerate(r["eval_gold"] for r in evals)), "eos": evals[-1]["eval_eos_fraction"],
-            "candidate_score_mean": {r["round"]: r["candidate_score_mean"] for r in picks},
-            "selected_score_mean": {r["round"]: r["selected_score_mean"] for r in picks}}  # fmt: skip
+    return {
+        "accuracy": dict(enumerate(r["eval_gold"] for r in evals)),
+        "eos": evals[-1]["eval_eos_fraction"],
+        "candidate_score_mean": {r["round"]: r["candidate_score_mean"] for r in picks},
+        "selected_score_mean": {r["round"]: r["selected_score_mean"] for r in picks},
+    }
 
 
 RESULTS = {
@@ -117,10 +123,15 @@ def report(results: list[dict], stage: str) -> None:
         if not tag:
             extra = f"  {s['final_kl']:8.2f}"
         else:
-            extra = "".join(f"  {s['candidate_score_mean'].get(p, float('nan')):7.3f}  "
-                            f"{s['selected_score_mean'].get(p, float('nan')):6.3f}" for p in rounds)  # fmt: skip
-        print(f"{r['seed']:4d} {r['threads']:6d} {accs}  {s['eos']:.2f}{extra}  {r['sft_seconds']:5.0f}  "
-              f"{s['seconds']:7.0f}")  # fmt: skip
+            extra = "".join(
+                f"  {s['candidate_score_mean'].get(p, float('nan')):7.3f}  "
+                f"{s['selected_score_mean'].get(p, float('nan')):6.3f}"
+                for p in rounds
+            )
+        print(
+            f"{r['seed']:4d} {r['threads']:6d} {accs}  {s['eos']:.2f}{extra}  {r['sft_seconds']:5.0f}  "
+            f"{s['seconds']:7.0f}"
+        )
     start = [r[stage]["accuracy"][points[0]] for r in done]
     lines = [spread("start (the SFT policy): accuracy", start)]
     for p in points[1:]:

@@ -34,9 +34,19 @@ import torch
 
 STAGES = ("sft", "rm", "dpo")
 MODES = ("shared", "packed", "padded", "bare")  # shared: pairs only
-SPREAD_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=4, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
-                    bos_token_id=None, tie_word_embeddings=False)  # fmt: skip
+SPREAD_MODEL = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=None,
+    tie_word_embeddings=False,
+)
 SPREAD_LENGTHS = (10, 91)
 # Real chat pairs (HH-RLHF harmless-base test, in the team's shared folder; the workload is skipped without it),
 # tokenized by the tiny tokenizer, pairs whose prompt + longer reply exceed 256 tokens dropped: prompts are about 58%
@@ -106,8 +116,15 @@ def _setup(stage: str, workload: str, steps: int) -> tuple:
     data = ["data.max_length=128"]
     if workload == "hh":
         data = [f"data.source={HH_PAIRS}", "data.format=hh_rlhf", "data.max_length=256", "data.eval_fraction=0"]
-    cfg = compose(stage, [f"stage.micro_batch_size={micro}", f"stage.gradient_accumulation_steps={accum}", *data,
-                          "model.name_or_path=builtin:tiny-llama"])  # fmt: skip
+    cfg = compose(
+        stage,
+        [
+            f"stage.micro_batch_size={micro}",
+            f"stage.gradient_accumulation_steps={accum}",
+            *data,
+            "model.name_or_path=builtin:tiny-llama",
+        ],
+    )
     per_step = micro * accum
     pad = 0
     if workload == "hh":
@@ -161,8 +178,9 @@ def step_flops(stage: str, batches: list, model, packed: bool) -> float:
     return total
 
 
-def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool,
-                 shared: bool) -> tuple:  # fmt: skip
+def _stage_steps(
+    stage: str, cfg, pad: int, examples: list, steps_idx: list, build_lm, packed: bool, shared: bool
+) -> tuple:
     """Per-step (seconds, non-pad tokens, non-pad positions fed, all positions fed, FLOPs) of the stage's own
     train_step; and N. Non-pad tokens count a shared prompt with each reply, as the padded batches hold it."""
     from rlhf_cli import engine as eng
@@ -175,8 +193,9 @@ def _stage_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, bui
     reference = build_lm().eval().requires_grad_(False) if stage == "dpo" else None
     ds = eng.ds_config(cfg.deepspeed, cfg.optim, st.micro_batch_size, st.gradient_accumulation_steps, 1)
     engine = eng.initialize(model, ds, cfg.optim, len(steps_idx))
-    data_cfg = SimpleNamespace(packing=packed, max_tokens_per_batch=None, max_length=cfg.data.max_length,
-                               share_prompt=shared)  # fmt: skip
+    data_cfg = SimpleNamespace(
+        packing=packed, max_tokens_per_batch=None, max_length=cfg.data.max_length, share_prompt=shared
+    )
     packing = packing_for(data_cfg, st, engine, per_item=1 if stage == "sft" else 2)
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference
@@ -225,8 +244,10 @@ def _bare_steps(stage: str, cfg, pad: int, examples: list, steps_idx: list, buil
     collate = collate_sft if stage == "sft" else collate_preference
     out = []
     for idx in steps_idx:
-        batches = [collate([examples[i] for i in idx[j : j + st.micro_batch_size]], pad)
-                   for j in range(0, len(idx), st.micro_batch_size)]  # fmt: skip
+        batches = [
+            collate([examples[i] for i in idx[j : j + st.micro_batch_size]], pad)
+            for j in range(0, len(idx), st.micro_batch_size)
+        ]
         t0 = time.perf_counter()
         norm = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches) if stage == "sft" else len(idx)
         for b in batches:
@@ -275,18 +296,24 @@ def worker(stage: str, workload: str, mode: str, steps: int, warmup: int) -> dic
 def packing_section(args, overrides: list[str]) -> None:
     """Every stage x workload x mode in its own process; a table per workload."""
     peak = matmul_peak()
-    print(f"\nPacking: non-pad tokens/s, 1 process, {torch.get_num_threads()} threads, fp32; matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s (2048^3 fp32); median of {args.steps - args.warmup} steps")  # fmt: skip
-    titles = {"tiny": "tiny default (3.7M Llama, built-in samples)",
-              "spread": "length spread 10-91 (5.3M Llama, 4,096 vocab, 32 sequences/step)",
-              "hh": "HH-RLHF pairs up to 256 tokens, tiny tokenizer (5.3M Llama, 32 sequences/step)"}  # fmt: skip
+    print(
+        f"\nPacking: non-pad tokens/s, 1 process, {torch.get_num_threads()} threads, fp32; matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s (2048^3 fp32); median of {args.steps - args.warmup} steps"
+    )
+    titles = {
+        "tiny": "tiny default (3.7M Llama, built-in samples)",
+        "spread": "length spread 10-91 (5.3M Llama, 4,096 vocab, 32 sequences/step)",
+        "hh": "HH-RLHF pairs up to 256 tokens, tiny tokenizer (5.3M Llama, 32 sequences/step)",
+    }
     for workload, title in titles.items():
         if workload == "hh" and not HH_PAIRS.exists():
             print(f"  {title}: skipped, {HH_PAIRS} not found")
             continue
         print(f"  {title}")
-        print(f"  {'stage':5} {'mode':7} {'tokens/s':>9} {'x bare':>7} {'FLOP bound':>10} {'pad eff':>8} {'MFU':>6} "
-              f"{'GFLOP/s':>8} {'peak RSS MiB':>13}")  # fmt: skip
+        print(
+            f"  {'stage':5} {'mode':7} {'tokens/s':>9} {'x bare':>7} {'FLOP bound':>10} {'pad eff':>8} {'MFU':>6} "
+            f"{'GFLOP/s':>8} {'peak RSS MiB':>13}"
+        )
         for stage in STAGES if workload != "hh" else ("rm", "dpo"):
             modes = [m for m in MODES if stage != "sft" or m != "shared"]
             results = {mode: _run_worker(stage, workload, mode, args) for mode in modes}
@@ -294,8 +321,10 @@ def packing_section(args, overrides: list[str]) -> None:
                 mfu = 6 * r["n_params"] * r["tok_s"] / peak
                 ratio = r["tok_s"] / results["bare"]["tok_s"]
                 bound = results["bare"]["flops_per_token"] / r["flops_per_token"]
-                print(f"  {stage:5} {mode:7} {r['tok_s']:9.0f} {ratio:7.2f} {bound:10.2f} {r['pad_eff']:8.2f} "
-                      f"{mfu:6.3f} {r['flop_s'] / 1e9:8.1f} {r['peak_rss_mib']:13.0f}")  # fmt: skip
+                print(
+                    f"  {stage:5} {mode:7} {r['tok_s']:9.0f} {ratio:7.2f} {bound:10.2f} {r['pad_eff']:8.2f} "
+                    f"{mfu:6.3f} {r['flop_s'] / 1e9:8.1f} {r['peak_rss_mib']:13.0f}"
+                )
 
 
 def _run_worker(stage: str, workload: str, mode: str, args) -> dict:

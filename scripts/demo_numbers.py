@@ -49,11 +49,17 @@ def measure(root: Path, threads: int) -> dict[str, str]:
     """Run the demo chain under `root` and the two examples; the README parts they give."""
     out = rlhf(["pipeline", "run.name=demo", "logging.progress=false"], root, threads)
     minutes = chain_minutes(root / "demo" / "manifest.json")
-    table = out[out.index("pipeline summary:"):].strip().replace(str(root) + "/", "runs/")  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"  # fmt: skip
-    stamp = (f"Measured {datetime.date.today().isoformat()} at commit {commit} on {os.cpu_count()} CPU cores "
-             f"({threads} threads): the chain took {minutes:.1f} min (`python scripts/demo_numbers.py`).")  # fmt: skip
+    table = out[out.index("pipeline summary:") :].strip().replace(str(root) + "/", "runs/")
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or "unknown"
+    )
+    stamp = (
+        f"Measured {datetime.date.today().isoformat()} at commit {commit} on {os.cpu_count()} CPU cores "
+        f"({threads} threads): the chain took {minutes:.1f} min (`python scripts/demo_numbers.py`)."
+    )
     score = rlhf(["score", *SCORE_ARGS], root, threads).strip().replace(str(root) + "/", "runs/")
     generated = rlhf(["generate", *GENERATE_ARGS], root, threads).strip()
     return {

@@ -59,15 +59,19 @@ def upstream_overrides(overrides: list[str]) -> list[str]:
     """The overrides that also hold for an earlier stage: its model's settings and the run, not this stage's keys
     (another stage's schema would refuse them) nor model.name_or_path (this stage's own starting point)."""
     keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return [o for o, k in zip(overrides, keys, strict=True)
-            if k.split(".")[0] in ("model", "run") and k != "model.name_or_path"]  # fmt: skip
+    return [
+        o
+        for o, k in zip(overrides, keys, strict=True)
+        if k.split(".")[0] in ("model", "run") and k != "model.name_or_path"
+    ]
 
 
 def trained_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, note: str = "trained") -> Row:
     ds = cfg.deepspeed
     n, t, largest = count_model(model_cfg, scalar_head)
-    states = model_state_bytes(n, t, largest, ds.zero_stage, ds.precision, world_size(cfg), ds.offload_optimizer,
-                               ds.offload_param)  # fmt: skip
+    states = model_state_bytes(
+        n, t, largest, ds.zero_stage, ds.precision, world_size(cfg), ds.offload_optimizer, ds.offload_param
+    )
     what = f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters, {t / 1e6:.1f}M trainable; {note}"
     return Row(name, what, n, t, largest, states)
 
@@ -75,12 +79,14 @@ def trained_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, 
 def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -> Row:
     ds = cfg.deepspeed
     n, _, largest = count_model(model_cfg, scalar_head)
-    states = frozen_state_bytes(n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.offload_frozen,
-                                ds.offload_param)  # fmt: skip
+    states = frozen_state_bytes(
+        n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.offload_frozen, ds.offload_param
+    )
     where = "partitioned over the ranks (ZeRO-3)" if ds.zero_stage == 3 else "a full copy on every GPU"
     if states.cpu:
-        where = "in CPU memory " + ("(deepspeed.offload_param)" if ds.zero_stage == 3 else "between uses "
-                                    "(stage.offload_frozen)")  # fmt: skip
+        where = "in CPU memory " + (
+            "(deepspeed.offload_param)" if ds.zero_stage == 3 else "between uses (stage.offload_frozen)"
+        )
     return Row(name, f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters; frozen, {where}", n, 0, largest, states)
 
 
@@ -134,8 +140,13 @@ def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
 
 
 # Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic).
-_MORE_ROWS = {"ppo": ppo_rows, "rejection_sampling": reward_rows, "grpo": critic_free_rows,
-              "rloo": critic_free_rows, "reinforce_pp": critic_free_rows}  # fmt: skip
+_MORE_ROWS = {
+    "ppo": ppo_rows,
+    "rejection_sampling": reward_rows,
+    "grpo": critic_free_rows,
+    "rloo": critic_free_rows,
+    "reinforce_pp": critic_free_rows,
+}
 
 
 def memory_lines(rows: list[Row], ds: Any) -> list[str]:
@@ -231,17 +242,26 @@ def critic_free_lines(cfg: Any, policy: Any) -> list[str]:
     st, world = cfg.stage, world_size(cfg)
     data = build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed)
     plan = critic_free_plan(len(data.train), st, world)
-    lines = [f"  {describe_critic_free(plan, st, world)}",
-             f"  = {critic_free_updates(plan, st, world)} optimizer steps of the policy"]  # fmt: skip
+    lines = [
+        f"  {describe_critic_free(plan, st, world)}",
+        f"  = {critic_free_updates(plan, st, world)} optimizer steps of the policy",
+    ]
     if st.advantage == "grpo":
-        lines.append(f"  GRPO: advantages / {st.scale_rewards} std, loss {st.loss_aggregation}, clip "
-                     f"[{1 - st.clip_eps_low:g}, {1 + st.clip_eps_high:g}], k3 KL loss x {st.kl_coef:g}")  # fmt: skip
+        lines.append(
+            f"  GRPO: advantages / {st.scale_rewards} std, loss {st.loss_aggregation}, clip "
+            f"[{1 - st.clip_eps_low:g}, {1 + st.clip_eps_high:g}], k3 KL loss x {st.kl_coef:g}"
+        )
     return lines
 
 
 # Stage -> lines after the batch algebra: the plan of an online stage.
-_MORE_LINES = {"ppo": ppo_plan_lines, "rejection_sampling": rejection_sampling_lines, "grpo": critic_free_lines,
-               "rloo": critic_free_lines, "reinforce_pp": critic_free_lines}  # fmt: skip
+_MORE_LINES = {
+    "ppo": ppo_plan_lines,
+    "rejection_sampling": rejection_sampling_lines,
+    "grpo": critic_free_lines,
+    "rloo": critic_free_lines,
+    "reinforce_pp": critic_free_lines,
+}
 
 
 def world_size(cfg: Any) -> int:

@@ -49,8 +49,9 @@ ARGS = GenerateArgs  # for `rlhf generate --help`
 def parse_args(args: list[str]) -> GenerateArgs:
     out = parse_key_values(args, GenerateArgs, 'prompt="Hello"')
     if not out.prompt:
-        raise UserError('give a prompt: rlhf generate prompt="..." (run.name=demo unless run.name= or model= names '
-                        "another)")
+        raise UserError(
+            'give a prompt: rlhf generate prompt="..." (run.name=demo unless run.name= or model= names another)'
+        )
     return out
 
 

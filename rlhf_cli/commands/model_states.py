@@ -11,8 +11,7 @@ from rlhf_cli.errors import UserError
 
 GIB, MIB = 2**30, 2**20
 # Columns of the memory table (per GPU; the last one per GPU's process, in CPU memory) and their widths.
-COLUMNS = (("weights", 10), ("gradients", 11), ("optimizer", 11), ("gathered layer", 16), ("GPU total", 11),
-           ("CPU", 9))  # fmt: skip
+COLUMNS = (("weights", 10), ("gradients", 11), ("optimizer", 11), ("gathered layer", 16), ("GPU total", 11), ("CPU", 9))
 
 
 @dataclass(frozen=True)
@@ -36,9 +35,15 @@ def weight_bytes(precision: str) -> int:
 
 
 def model_state_bytes(
-    n_params: int, n_trainable: int, largest_layer: int, zero_stage: int, precision: str, world_size: int,
-    offload_optimizer: bool = False, offload_param: bool = False,
-) -> ModelStates:  # fmt: skip
+    n_params: int,
+    n_trainable: int,
+    largest_layer: int,
+    zero_stage: int,
+    precision: str,
+    world_size: int,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> ModelStates:
     """Per-GPU bytes of a model trained with Adam under ZeRO `zero_stage` over `world_size` ranks.
 
     Mixed precision (bf16/fp16): 2 B/param weights, 2 B 16-bit grads + 4 B fp32 grads (ZeRO-3 keeps the
@@ -138,8 +143,9 @@ def _meta_model(model_cfg: Any, scalar_head: bool) -> Any:
         config = causal.config
     else:
         try:
-            config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
-                                                trust_remote_code=remote)  # fmt: skip
+            config = AutoConfig.from_pretrained(
+                model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=remote
+            )
         except OSError as err:
             raise UserError(f"cannot read the config of {model_cfg.name_or_path}: {err}") from None
         if not scalar_head:

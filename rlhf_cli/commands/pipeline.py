@@ -26,16 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.commands.run_tables import summary_table
 from rlhf_cli.errors import UserError
 from rlhf_cli.stage_state import INTENT_ENV
 
 DEFAULT = "default"
-# The summary table's metrics per stage (first -> last); a stage not listed shows every headline metric.
-KEY_METRICS = {
-    "sft": ("eval_loss",), "rm": ("eval_accuracy",), "dpo": ("eval_reward_accuracy", "eval_loss"),
-    "ppo": ("eval_score", "eval_gold", "kl"), "rejection_sampling": ("eval_score", "eval_gold"),
-    **dict.fromkeys(("grpo", "rloo", "reinforce_pp"), ("eval_score", "eval_gold", "kl")),
-}  # fmt: skip
 
 
 @dataclass
@@ -81,10 +76,13 @@ def load_pipeline(spec: str) -> Pipeline:
     stages, overrides = raw.get("stages") or [], raw.get("overrides") or {}
     unknown = [s for s in [*stages, *overrides] if s not in STAGES]
     if not stages or unknown or not set(overrides) <= set(stages) or len(set(stages)) != len(stages):
-        raise UserError(f"{path}: `stages` must list distinct stages ({', '.join(STAGES)}) and `overrides` only "
-                        f"those; got stages {stages}, overrides for {list(overrides)}")  # fmt: skip
-    return Pipeline(path.stem, raw.get("description", ""), list(stages),
-                    {k: [str(v) for v in vs] for k, vs in overrides.items()})  # fmt: skip
+        raise UserError(
+            f"{path}: `stages` must list distinct stages ({', '.join(STAGES)}) and `overrides` only "
+            f"those; got stages {stages}, overrides for {list(overrides)}"
+        )
+    return Pipeline(
+        path.stem, raw.get("description", ""), list(stages), {k: [str(v) for v in vs] for k, vs in overrides.items()}
+    )
 
 
 def split_args(args: list[str], pipeline_stages: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -107,8 +105,9 @@ def split_args(args: list[str], pipeline_stages: list[str]) -> tuple[list[str], 
     return common, per_stage
 
 
-def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]],
-               attempt: str | None = None) -> list[Step]:  # fmt: skip
+def plan_steps(
+    pipeline: Pipeline, common: list[str], per_stage: dict[str, list[str]], attempt: str | None = None
+) -> list[Step]:
     """Compose and validate every stage, check the chain (`check_chain`), then decide for each (`stage_action`):
     skip, run (new, resume) or run from scratch (stale, overwritten, damaged), or refuse. `attempt`: this
     command's overwrite intent (`attempt_id`), so an overwrite already applied by an earlier try is not repeated."""
@@ -118,8 +117,10 @@ def plan_steps(pipeline: Pipeline, common: list[str], per_stage: dict[str, list[
     runs = {s: str(Path(c.run.root) / c.run.name) for s, c in composed.items()}
     if len(set(runs.values())) > 1:  # an experiment file that names its run
         listed = ", ".join(f"{s}: {r}" for s, r in runs.items())
-        raise UserError(f"the stages of pipeline {pipeline.name} would write to different runs ({listed}); give "
-                        "run.name=<name> on the command line")  # fmt: skip
+        raise UserError(
+            f"the stages of pipeline {pipeline.name} would write to different runs ({listed}); give "
+            "run.name=<name> on the command line"
+        )
     first = next(iter(composed.values()))
     run_dir = Path(first.run.root) / first.run.name
     manifest = _full_manifest(run_dir)
@@ -157,14 +158,18 @@ def check_chain(name: str, composed: dict[str, Any], manifest: dict, run_dir: Pa
             if dep in order[:i]:
                 deps[stage].add(dep)
             elif dep in order:
-                raise UserError(f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which the pipeline runs "
-                                f"after it; list {dep} before {stage}")  # fmt: skip
+                raise UserError(
+                    f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which the pipeline runs "
+                    f"after it; list {dep} before {stage}"
+                )
             elif completion_id(manifest, dep, run_dir) is not None:
                 reasons = stale_reasons(manifest, dep, run_dir)
                 if reasons and not cfg.run.allow_stale_inputs:
-                    raise UserError(f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which is stale "
-                                    f"({'; '.join(reasons)}) and not in this pipeline; add {dep} to the pipeline's "
-                                    "stages, or add run.allow_stale_inputs=true")  # fmt: skip
+                    raise UserError(
+                        f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), which is stale "
+                        f"({'; '.join(reasons)}) and not in this pipeline; add {dep} to the pipeline's "
+                        "stages, or add run.allow_stale_inputs=true"
+                    )
                 deps[stage].add(dep)
             elif not optional:
                 raise UserError(missing_input(name, stage, key, dep, order, run_dir))
@@ -175,12 +180,15 @@ def missing_input(name: str, stage: str, key: str, dep: str, order: list[str], r
     fix = f"list {dep} before {stage} in the pipeline's stages, or run `rlhf {dep} run.name={run_dir.name}` first"
     if key.startswith("stage.reward"):
         fix += f", or give {stage}.stage.reward.function=module:function"
-    return (f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), and neither an earlier stage of the pipeline "
-            f"({', '.join(order)}) nor run `{run_dir.name}` provides it; {fix}")  # fmt: skip
+    return (
+        f"pipeline {name}: {stage} reads {dep} ({key}=stage:{dep}), and neither an earlier stage of the pipeline "
+        f"({', '.join(order)}) nor run `{run_dir.name}` provides it; {fix}"
+    )
 
 
-def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[str], will_run: tuple[str, ...],
-                 attempt: str | None) -> tuple[str, str]:  # fmt: skip
+def stage_action(
+    stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[str], will_run: tuple[str, ...], attempt: str | None
+) -> tuple[str, str]:
     """(skip | run | fresh, why) for one stage, given the stages that run before it in this command (`will_run`):
     a stage whose inputs changed since it completed (or since its checkpoints were written) runs from scratch."""
     from rlhf_cli.config.compose import config_hash
@@ -204,7 +212,8 @@ def stage_action(stage: str, cfg: Any, manifest: dict, run_dir: Path, deps: set[
             raise UserError(
                 f"stage `{stage}` of run `{run_dir.name}` was completed with another config (hash "
                 f"{record.get('config_hash')}, now {config_hash(cfg)}); add `{stage}.run.overwrite=true` to run it "
-                f"again (the stages after it then run again too), or choose another run.name")  # fmt: skip
+                f"again (the stages after it then run again too), or choose another run.name"
+            )
         return "skip", "completed with this config"
     if not record:
         return "run", "new"
@@ -319,68 +328,35 @@ def main(args: list[str]) -> int:
     created = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
     record_attempt(run_dir, args, attempt, finished=False)
     os.environ[INTENT_ENV] = attempt  # the stages it starts record it with an overwrite they apply
-    console.print(f"pipeline {pipeline.name}: " + " -> ".join(
-        f"{s.stage} ({s.why})" if s.action == "run" else f"{s.stage} (skipped: {s.why})" for s in steps),
-        markup=False, highlight=False)  # fmt: skip
+    console.print(
+        f"pipeline {pipeline.name}: "
+        + " -> ".join(f"{s.stage} ({s.why})" if s.action == "run" else f"{s.stage} (skipped: {s.why})" for s in steps),
+        markup=False,
+        highlight=False,
+    )
     for step in steps:
         if step.action == "skip":
             continue
         if preempt.requested():  # signalled between stages (preempt.record_early): stop before starting this one
             forget_if_nothing_ran(run_dir, created)
-            console.print(f"pipeline {pipeline.name} stopped by {preempt.signal_name()} before {step.stage} (exit code "
-                          f"{preempt.PREEMPTED_EXIT_CODE}); run the same command again to continue from there",
-                          markup=False, highlight=False)  # fmt: skip
+            console.print(
+                f"pipeline {pipeline.name} stopped by {preempt.signal_name()} before {step.stage} (exit code "
+                f"{preempt.PREEMPTED_EXIT_CODE}); run the same command again to continue from there",
+                markup=False,
+                highlight=False,
+            )
             return preempt.PREEMPTED_EXIT_CODE
         console.print(f"\n== rlhf {step.stage} ({step.why})", markup=False, highlight=False)
         rc = launch.wait_forwarding([sys.executable, "-m", "rlhf_cli", step.stage, *step.args])
         if rc != 0:
             forget_if_nothing_ran(run_dir, created)
-            console.print(f"pipeline {pipeline.name} stopped at {step.stage} (exit code {rc}); run the same command "
-                          "again to continue from there", markup=False, highlight=False)  # fmt: skip
+            console.print(
+                f"pipeline {pipeline.name} stopped at {step.stage} (exit code {rc}); run the same command "
+                "again to continue from there",
+                markup=False,
+                highlight=False,
+            )
             return rc
     record_attempt(run_dir, args, attempt, finished=True)
-    console.print("\n".join(summary_table(steps[0].run_dir, [s.stage for s in steps])),
-                  markup=False, highlight=False)  # fmt: skip
+    console.print("\n".join(summary_table(steps[0].run_dir, [s.stage for s in steps])), markup=False, highlight=False)
     return 0
-
-
-def summary_table(run_dir: Path, stages: list[str]) -> list[str]:
-    """Plain lines: per stage its status, wall time and headline metrics (first -> last), then the eval table. Read as
-    `rlhf runs` reads a run: a field of the wrong type is shown as it is or as `-`, a file that cannot be read is
-    named; never a traceback once every stage has run."""
-    from rlhf_cli.jsonsafe import load_json
-    from rlhf_cli.summary import as_table, finite, span
-
-    lines = [f"\npipeline summary: {run_dir}", f"  {'stage':<20} {'status':<10} {'time':>8}  headline"]
-    try:
-        records = as_table(as_table(load_json(run_dir / "manifest.json")).get("stages"))
-    except (OSError, ValueError) as err:
-        return [*lines, f"  manifest.json is not readable ({err})"]
-    for stage in stages:
-        rec = as_table(records.get(stage))
-        summary = as_table(rec.get("summary"))
-        seconds = summary.get("stage_seconds")
-        wall = "-" if not finite(seconds) else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-        headline = as_table(summary.get("headline"))
-        keys = [k for k in KEY_METRICS.get(stage, ()) if k in headline] or list(headline)
-        heads = ", ".join(f"{k} {span(headline[k])}" for k in keys)
-        lines.append(f"  {stage:<20} {str(rec.get('status') or 'not run'):<10} {wall:>8}  {heads}")
-    report = run_dir / "eval" / "eval.json"
-    if "eval" in stages and report.is_file():
-        lines += ["", *eval_lines(report)]
-    return lines
-
-
-def eval_lines(report: Path) -> list[str]:
-    """The held-out evaluation's header line and table from eval.json; one line that names the damage instead when
-    it cannot be read or is not the eval stage's report."""
-    from rlhf_cli.jsonsafe import load_json
-    from rlhf_cli.rollout.comparison import table
-
-    try:
-        ev = load_json(report)
-        how = "greedy" if not ev["temperature"] else f"{ev['n_samples']} samples at temperature {ev['temperature']:g}"
-        return [f"held-out evaluation: {ev['prompts']} prompts, answers {how}, KL from {ev['kl_samples']} samples "
-                f"per prompt; reference {ev['reference']}; mean +- standard error", *table(ev["results"])]
-    except (OSError, ValueError, LookupError, TypeError, AttributeError) as err:  # a field missing or of another type
-        return [f"held-out evaluation: {report} is not readable ({type(err).__name__}: {err})"]

@@ -86,8 +86,9 @@ def main(args: list[str]) -> int:
     check_run_name(a.run, "argument `run.name`")
     run_dir = Path(a.root) / a.run
     if not run_dir.is_dir():
-        raise UserError(f"no run directory {run_dir}; check run.name= and run.root= (`rlhf runs root={a.root}` lists "
-                        "the runs)")  # fmt: skip
+        raise UserError(
+            f"no run directory {run_dir}; check run.name= and run.root= (`rlhf runs root={a.root}` lists the runs)"
+        )
     order, unread = manifest_order(run_dir)
     folders = stage_folders(run_dir, order)
     if a.stage is not None:
@@ -107,8 +108,10 @@ def main(args: list[str]) -> int:
             continue
         _say(f"{folder.name}: {plotted.path}  ({', '.join(plotted.titles)})")
         if plotted.skipped:
-            notes.append(f"{folder.name}: skipped {plotted.skipped} of {plotted.lines} lines of metrics.jsonl (not "
-                         "JSON objects with a step)")  # fmt: skip
+            notes.append(
+                f"{folder.name}: skipped {plotted.skipped} of {plotted.lines} lines of metrics.jsonl (not "
+                "JSON objects with a step)"
+            )
     if len(failed) == len(folders):  # nothing drawn: one `error:` line, with the reason of each stage
         whys = list(failed.values()) if a.stage else [f"{name}: {why}" for name, why in failed.items()]
         raise UserError(printable(whys[0] if a.stage else f"nothing drawn for run `{a.run}`: " + "; ".join(whys)))

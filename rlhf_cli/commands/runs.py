@@ -34,8 +34,14 @@ EVAL = "eval"  # the stage whose result is a table of numbers per policy (stages
 # The evaluation's number `rlhf runs` shows per policy: the first it measured of the gold metric (the judge no stage
 # optimised against), the win rate against the reference, the reward.
 EVAL_HEADLINE = (("gold_mean", "gold"), ("win_rate", "win rate"), ("reward_mean", "reward"))
-STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "failed": "red", "incomplete": "red",
-                "unreadable": "red"}  # fmt: skip
+STATUS_STYLE = {
+    "completed": "green",
+    "running": "cyan",
+    "interrupted": "yellow",
+    "failed": "red",
+    "incomplete": "red",
+    "unreadable": "red",
+}
 
 
 @dataclass
@@ -91,7 +97,7 @@ def key_metrics(stage: str, record: dict, stage_dir: Path, order: list[str] | No
     """`key first -> last, ...`: the end-of-stage summary's headline (summary.py) for a completed stage, the same
     keys read from metrics.jsonl so far for one that is not; the pipeline summary's choice of keys. The evaluation's
     numbers per policy (`eval_headline`), its policies in `order` (the stages in the order they ran)."""
-    from rlhf_cli.commands.pipeline import KEY_METRICS
+    from rlhf_cli.commands.run_tables import KEY_METRICS
     from rlhf_cli.summary import HEADLINE, as_table, first_and_last, span
 
     if stage == EVAL:  # one number per policy, not a curve: its summary has no headline
@@ -132,14 +138,24 @@ def stage_row(run_dir: Path, stage: str, record: dict, locked: bool, manifest: d
         status = completed_status(run_dir, stage, record, manifest)
     stage_dir = run_dir / stage
     order = ran_order(manifest["stages"]) if manifest is not None else []
-    notes = [key_metrics(stage, record, stage_dir, order), "" if stage_dir.is_dir() else f"no folder {stage}/",
-             slurm.describe(record.get("slurm"))]
+    notes = [
+        key_metrics(stage, record, stage_dir, order),
+        "" if stage_dir.is_dir() else f"no folder {stage}/",
+        slurm.describe(record.get("slurm")),
+    ]
     if status == "failed" and record.get("error"):
         error = " ".join(str(record["error"]).split())
         notes.append("error: " + (error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 3] + "..."))
     step = resume_step(stage_dir) if status not in ("completed", "running") else None
-    return StageRow(stage, status, "; ".join(n for n in notes if n), _time(record.get("started_at")),
-                    _time(record.get("ended_at")), step, str(record.get("command") or ""))  # fmt: skip
+    return StageRow(
+        stage,
+        status,
+        "; ".join(n for n in notes if n),
+        _time(record.get("started_at")),
+        _time(record.get("ended_at")),
+        step,
+        str(record.get("command") or ""),
+    )
 
 
 def completed_status(run_dir: Path, stage: str, record: dict, manifest: dict) -> str:
@@ -242,9 +258,12 @@ def table_rows(runs: list[RunRow]) -> list[tuple[str, ...]]:
 
 def resume_lines(runs: list[RunRow]) -> list[str]:
     """`resume <run>/<stage>: <its command>` for each resumable stage that no process is running."""
-    return [printable(f"resume {run.name}/{st.stage} at step {st.resume_step}: "
-                      f"{st.command or f'rlhf {st.stage} ...'}")
-            for run in runs for st in run.stages if st.resume_step is not None and st.status != "running"]  # fmt: skip
+    return [
+        printable(f"resume {run.name}/{st.stage} at step {st.resume_step}: {st.command or f'rlhf {st.stage} ...'}")
+        for run in runs
+        for st in run.stages
+        if st.resume_step is not None and st.status != "running"
+    ]
 
 
 def printable(text: str) -> str:
@@ -265,8 +284,10 @@ def main(args: list[str]) -> int:
     runs = selected_runs(root, a.run)
     if not runs:
         why = "it is empty" if root.is_dir() else "a link to nothing" if root.is_symlink() else "it does not exist"
-        console.print(printable(f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates "
-                                f"{root}/<name>/"), markup=False)  # fmt: skip
+        console.print(
+            printable(f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates {root}/<name>/"),
+            markup=False,
+        )
         return 0
     rows, title = table_rows(runs), printable(f"runs under {root}/" if a.run is None else f"run {root / a.run}")
     if console.is_terminal:
@@ -285,8 +306,10 @@ def selected_runs(root: Path, name: str | None) -> list[RunRow]:
         return list_runs(root) if root.is_dir() else []
     check_run_name(name, "argument `run.name`")
     if not (root / name).is_dir():
-        raise UserError(f"no run directory {root / name}; check run.name= and run.root= (`rlhf runs run.root={root}` "
-                        "lists the runs)")  # fmt: skip
+        raise UserError(
+            f"no run directory {root / name}; check run.name= and run.root= (`rlhf runs run.root={root}` "
+            "lists the runs)"
+        )
     return [read_run(root / name)]
 
 
@@ -297,7 +320,7 @@ def evaluation_lines(runs: list[RunRow], root: Path, one: bool) -> list[str]:
     if not done:
         return []
     if one:
-        from rlhf_cli.commands.pipeline import eval_lines
+        from rlhf_cli.commands.run_tables import eval_lines
         from rlhf_cli.registry import STAGES
 
         return ["", *(printable(line) for line in eval_lines(root / done[0] / EVAL / STAGES[EVAL].output))]

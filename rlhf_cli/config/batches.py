@@ -34,8 +34,10 @@ def check_groups(st: Any) -> None:
     from rlhf_cli.config.online import compares_group
 
     if compares_group(st) and st.n_samples < 2:
-        raise UserError(f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
-                        f">= 2 (got {st.n_samples}); with one sample every advantage is 0")  # fmt: skip
+        raise UserError(
+            f"stage.advantage={st.advantage} compares the samples of a prompt: stage.n_samples must be "
+            f">= 2 (got {st.n_samples}); with one sample every advantage is 0"
+        )
 
 
 def critic_free_rows(st: Any, world_size: int) -> int:
@@ -43,14 +45,20 @@ def critic_free_rows(st: Any, world_size: int) -> int:
     evenly over the ranks, a whole number of mini-batches each (a prompt's group may straddle two ranks)."""
     rows = st.rollout_batch_size * st.n_samples
     if rows % world_size:
-        raise UserError(f"stage.rollout_batch_size x stage.n_samples = {rows} rollout rows cannot be dealt evenly to "
-                        f"{world_size} ranks; make it a multiple of the number of processes")  # fmt: skip
+        raise UserError(
+            f"stage.rollout_batch_size x stage.n_samples = {rows} rollout rows cannot be dealt evenly to "
+            f"{world_size} ranks; make it a multiple of the number of processes"
+        )
     per_rank = rows // world_size
     if per_rank % mini_batch(st):
-        raise UserError(f"{per_rank} rollout rows per rank (stage.rollout_batch_size x stage.n_samples / {world_size} "
-                        f"rank(s)) is not a multiple of the mini-batch stage.micro_batch_size x "
-                        f"stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them")  # fmt: skip
+        raise UserError(
+            f"{per_rank} rollout rows per rank (stage.rollout_batch_size x stage.n_samples / {world_size} "
+            f"rank(s)) is not a multiple of the mini-batch stage.micro_batch_size x "
+            f"stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
+        )
     if st.dynamic_sampling and st.rollout_batch_size % world_size:
-        raise UserError(f"stage.dynamic_sampling replaces whole groups on each rank: stage.rollout_batch_size="
-                        f"{st.rollout_batch_size} must be a multiple of the {world_size} ranks")  # fmt: skip
+        raise UserError(
+            f"stage.dynamic_sampling replaces whole groups on each rank: stage.rollout_batch_size="
+            f"{st.rollout_batch_size} must be a multiple of the {world_size} ranks"
+        )
     return per_rank

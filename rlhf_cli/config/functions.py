@@ -22,14 +22,15 @@ def split_function(spec: str, key: str) -> tuple[str, str]:
     """(module, function) of `module:function`; UserError naming `key` otherwise."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise UserError(f"{key}=`{spec}`: expected `module:function`, e.g. "
-                        "rlhf_cli.tasks.word_order:gold_reward")  # fmt: skip
+        raise UserError(f"{key}=`{spec}`: expected `module:function`, e.g. rlhf_cli.tasks.word_order:gold_reward")
     return module_name, name
 
 
 def cannot_import(spec: str, key: str, module_name: str, err: BaseException) -> UserError:
-    return UserError(f"{key}=`{spec}`: cannot import `{module_name}` ({err}); the module must be importable from the "
-                     "current directory or the Python path")  # fmt: skip
+    return UserError(
+        f"{key}=`{spec}`: cannot import `{module_name}` ({err}); the module must be importable from the "
+        "current directory or the Python path"
+    )
 
 
 def importable_path() -> None:

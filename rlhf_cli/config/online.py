@@ -192,6 +192,7 @@ def compares_group(st: Any) -> bool:
     and a group of equal scores carries no signal)."""
     return st.advantage in GROUPED
 
+
 REWARD_SCALINGS = ("group", "batch", "none")
 # How per-token losses become the step's loss (rlhf_cli/losses/critic_free.py AGGREGATIONS).
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

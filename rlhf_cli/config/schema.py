@@ -345,4 +345,3 @@ class DPORoot(RootConfig):
 
     data: PairDataConfig = field(default_factory=PairDataConfig)
     stage: DPOStageConfig = field(default_factory=DPOStageConfig)
-

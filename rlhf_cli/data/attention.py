@@ -14,6 +14,20 @@ SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
 # nothing else depending on the row layout. tests/unit/test_packing.py checks every one (packed == separate logits),
 # so a transformers upgrade that breaks one fails there.
 PACKED_MODEL_TYPES = frozenset(
-    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "smollm3", "starcoder2", "glm4",
-     "granite", "cohere", "stablelm"]
-)  # fmt: skip
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "phi3",
+        "olmo2",
+        "smollm3",
+        "starcoder2",
+        "glm4",
+        "granite",
+        "cohere",
+        "stablelm",
+    ]
+)

@@ -180,9 +180,11 @@ def plan_cheapest(sizes: Sequence[int], budget: int, width_scale: float) -> list
 
 
 def collate_packed(
-    rows: Sequence[Sequence[int]], sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+    rows: Sequence[Sequence[int]],
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_token_id: int,
     flat: bool = False,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     """One packed forward. rows: sequence indices per row; sequences (S,): (input ids, unshifted labels) each.
 
     -> input_ids, position_ids, labels, segment (R, W) and last (S,): labels carry IGNORE_INDEX on padding and on the
@@ -289,12 +291,23 @@ def collate_shared_pairs(pairs: Sequence, rows: Sequence[Sequence[int]], pad_tok
             k += 1
     if (last < 0).any():
         raise ValueError("every pair must be placed in exactly one row")
-    pieces = [(len(pairs[i].prompt_ids) + len(getattr(pairs[i], reply))) for reply in ("chosen_ids", "rejected_ids")
-              for i in order]  # fmt: skip
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "segment": segment, "last": last,
-            "lengths": torch.tensor(pieces, dtype=torch.long), "group": group, "branch": branch,
-            "margin": torch.tensor([pairs[i].margin for i in order], dtype=torch.float32),
-            "pairs": torch.tensor(order, dtype=torch.long)}  # fmt: skip
+    pieces = [
+        (len(pairs[i].prompt_ids) + len(getattr(pairs[i], reply)))
+        for reply in ("chosen_ids", "rejected_ids")
+        for i in order
+    ]
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "segment": segment,
+        "last": last,
+        "lengths": torch.tensor(pieces, dtype=torch.long),
+        "group": group,
+        "branch": branch,
+        "margin": torch.tensor([pairs[i].margin for i in order], dtype=torch.float32),
+        "pairs": torch.tensor(order, dtype=torch.long),
+    }
 
 
 def shared_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -155,10 +155,14 @@ def build_preference_datasets(data_cfg: PreferenceDataConfig, tokenizer, seed: i
     """
     _check_config(data_cfg, tokenizer)
     train, evals, report = build_splits(
-        data_cfg, seed, lambda split, report, dropped: _read_pairs(data_cfg, split, report, dropped), _split_by_prompt,
+        data_cfg,
+        seed,
+        lambda split, report, dropped: _read_pairs(data_cfg, split, report, dropped),
+        _split_by_prompt,
         lambda items, dropped: _tokenize_all(tokenizer, items, data_cfg, dropped),
-        "no preference pair left", "data.format, data.max_length / data.truncation",
-    )  # fmt: skip
+        "no preference pair left",
+        "data.format, data.max_length / data.truncation",
+    )
     return PreferenceData(train, evals, report)
 
 

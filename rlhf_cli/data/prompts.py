@@ -136,10 +136,14 @@ def build_prompt_datasets(data_cfg: PromptDataConfig, tokenizer, seed: int) -> P
     """
     _check_prompt_config(data_cfg, tokenizer)
     train, evals, report = build_splits(
-        data_cfg, seed, lambda split, report, dropped: _read_prompts(data_cfg, split, report, dropped), split_eval,
+        data_cfg,
+        seed,
+        lambda split, report, dropped: _read_prompts(data_cfg, split, report, dropped),
+        split_eval,
         lambda items, dropped: _tokenize_prompts(tokenizer, items, data_cfg, dropped),
-        "no training prompt left", "data.format, data.max_prompt_length",
-    )  # fmt: skip
+        "no training prompt left",
+        "data.format, data.max_prompt_length",
+    )
     return PromptData(train, evals, report)
 
 

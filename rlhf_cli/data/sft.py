@@ -13,45 +13,37 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from rlhf_cli.config.schema import DataConfig
 from rlhf_cli.data.adapters import Conversation, adapt_rows
+from rlhf_cli.data.report import (  # noqa: F401 (the names the other data modules and the tests read from here)
+    BOUNDARY_MERGE,
+    EMPTY_TURN,
+    MAX_BAD_ROW_SAMPLES,
+    NO_ROOM,
+    NO_TARGETS,
+    PROMPT_TRUNCATED,
+    REPLY_CHANGED,
+    RESPONSE_TRUNCATED,
+    SHORT_AFTER_TRUNCATION,
+    SPECIAL_TEXT,
+    TOO_LONG,
+    DataReport,
+    DropExample,
+)
 from rlhf_cli.data.sources import load_rows
 from rlhf_cli.errors import DataError
-
-if TYPE_CHECKING:  # torch loads with the first batch, so `explain` and config checks stay light
-    import torch
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("drop", "truncate_response", "truncate_prompt")
 BAD_ROW_POLICIES = ("skip", "fail")
-MAX_BAD_ROW_SAMPLES = 10
 
-# Drop reasons, also the keys of DataReport.dropped.
-TOO_LONG = "too long"
-NO_ROOM = "prompt leaves no room for the response"
-SHORT_AFTER_TRUNCATION = "response shorter than min_response_tokens after truncation"
-NO_TARGETS = "no response tokens"
-SPECIAL_TEXT = "text contains a special token"
-EMPTY_TURN = "assistant turn renders to no tokens"
-BOUNDARY_MERGE = "tokens merge across a turn boundary"
-REPLY_CHANGED = "reply tokens change when the oldest turns are cut"
-
-# What was cut from kept examples, the key of DataReport.truncated.
-PROMPT_TRUNCATED = "prompt cut to its final turns"
-RESPONSE_TRUNCATED = "response cut at data.max_length"
-
-
-class DropExample(Exception):
-    """A well-formed conversation that cannot become a training example (counted per reason, not fatal)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+if TYPE_CHECKING:  # torch loads with the first batch, so `explain` and config checks stay light
+    import torch
 
 
 @dataclass
@@ -60,36 +52,6 @@ class SFTExample:
     labels: list[int]  # (T,), IGNORE_INDEX where no loss; unshifted
     prompt_truncated: bool = False  # oldest exchanges cut (data.truncation=truncate_prompt)
     response_truncated: bool = False  # the reply cut at max_length, its EOS lost (data.truncation=truncate_response)
-
-
-@dataclass
-class DataReport:
-    """What happened to the rows: read, rejected as malformed, dropped (per reason), kept, and kept with a cut."""
-
-    rows_read: int = 0
-    bad_rows: int = 0
-    bad_row_samples: list[str] = field(default_factory=list)  # "location: reason", the first few
-    dropped: dict[str, int] = field(default_factory=dict)  # training rows/examples left out, per reason
-    eval_dropped: dict[str, int] = field(default_factory=dict)
-    train_examples: int = 0
-    eval_examples: int = 0
-    truncated: dict[str, int] = field(default_factory=dict)  # training examples kept with a cut, per what was cut
-    eval_truncated: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        """One line of counts, plus a line of drop reasons and one of truncations when there are any."""
-        line = f"data: {self.rows_read} rows read -> {self.train_examples} train / {self.eval_examples} eval examples"
-        if self.bad_rows:
-            line += f"; {self.bad_rows} bad rows skipped (e.g. {self.bad_row_samples[0]})"
-        sections = (("dropped", self.dropped, self.eval_dropped), ("truncated", self.truncated, self.eval_truncated))
-        for name, train, evals in sections:
-            counts = {**train, **{f"{reason} (eval)": n for reason, n in evals.items()}}
-            if counts:
-                line += f"\n{name}: " + ", ".join(f"{reason} x{n}" for reason, n in sorted(counts.items()))
-        return line
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -272,17 +234,26 @@ def build_sft_datasets(data_cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     """Read, adapt, split and tokenize the SFT data described by `data_cfg`; report what was left out."""
     _check_config(data_cfg, tokenizer)
     train, evals, report = build_splits(
-        data_cfg, seed, lambda split, report, dropped: _read_conversations(data_cfg, split, report, dropped),
-        split_eval, lambda items, dropped: _tokenize_all(tokenizer, items, data_cfg, dropped),
-        "no training example left", "data.format, data.max_length / data.truncation",
-    )  # fmt: skip
+        data_cfg,
+        seed,
+        lambda split, report, dropped: _read_conversations(data_cfg, split, report, dropped),
+        split_eval,
+        lambda items, dropped: _tokenize_all(tokenizer, items, data_cfg, dropped),
+        "no training example left",
+        "data.format, data.max_length / data.truncation",
+    )
     return SFTData(train, evals, report)
 
 
 def build_splits(
-    data_cfg: Any, seed: int, read: Callable[[str, DataReport, dict], list], split: Callable[[list, float, int], tuple],
-    tokenize: Callable[[list, dict], list], nothing_left: str, check: str,
-) -> tuple[list, list, DataReport]:  # fmt: skip
+    data_cfg: Any,
+    seed: int,
+    read: Callable[[str, DataReport, dict], list],
+    split: Callable[[list, float, int], tuple],
+    tokenize: Callable[[list, dict], list],
+    nothing_left: str,
+    check: str,
+) -> tuple[list, list, DataReport]:
     """The shape every data builder shares: `read(split, report, dropped)` the train split, then the eval split or a
     seeded held-out fraction (`split(items, fraction, seed)`), cap the training items at data.max_samples,
     `tokenize(items, dropped)` both; drops are counted per reason in the report, and so are the examples kept with
@@ -299,8 +270,10 @@ def build_splits(
     train, evals = tokenize(train_items, report.dropped), tokenize(eval_items, report.eval_dropped)
     report.train_examples, report.eval_examples = len(train), len(evals)
     for examples, truncated in ((train, report.truncated), (evals, report.eval_truncated)):
-        for what, n_cut in ((PROMPT_TRUNCATED, sum(ex.prompt_truncated for ex in examples)),
-                            (RESPONSE_TRUNCATED, sum(getattr(ex, "response_truncated", False) for ex in examples))):
+        for what, n_cut in (
+            (PROMPT_TRUNCATED, sum(ex.prompt_truncated for ex in examples)),
+            (RESPONSE_TRUNCATED, sum(getattr(ex, "response_truncated", False) for ex in examples)),
+        ):
             if n_cut:
                 truncated[what] = n_cut
     if not train:

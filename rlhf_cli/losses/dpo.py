@@ -74,9 +74,20 @@ def orpo_loss(pc, pr, lc, lr, lam: float) -> torch.Tensor:
 
 
 def preference_loss(
-    kind: str, pc, pr, rc, rr, lc, lr, *, beta: float, label_smoothing: float = 0.0, rpo_alpha: float = 1.0,
-    simpo_gamma: float = 0.5, orpo_lambda: float = 0.1,
-) -> torch.Tensor:  # fmt: skip
+    kind: str,
+    pc,
+    pr,
+    rc,
+    rr,
+    lc,
+    lr,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    rpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 0.1,
+) -> torch.Tensor:
     """Dispatch to the `kind` of loss; all tensors (B,) fp32 (rc, rr may be None for the reference-free
     kinds). Returns the per-pair loss (B,). The loss's settings are keyword-only (stage.beta and the others)."""
     if kind == "simpo":

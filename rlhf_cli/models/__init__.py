@@ -8,13 +8,19 @@ import importlib
 
 _EXPORTS = {
     "rlhf_cli.models.load": (
-        "apply_lora", "disable_dropout", "enable_gradient_checkpointing", "is_peft_model", "load_causal_lm",
-        "merged_for_export", "resize_for_tokenizer", "sync_special_ids",
+        "apply_lora",
+        "disable_dropout",
+        "enable_gradient_checkpointing",
+        "is_peft_model",
+        "load_causal_lm",
+        "merged_for_export",
+        "resize_for_tokenizer",
+        "sync_special_ids",
     ),
     "rlhf_cli.models.source": ("BUILTIN_TINY", "is_builtin", "load_pretrained", "resolve_source"),
     "rlhf_cli.models.tokenizer": ("ensure_distinct_pad", "load_tokenizer", "tiny_tokenizer", "tiny_tokenizer_path"),
     "rlhf_cli.models.tiny": ("build_tiny_llama",),
-}  # fmt: skip
+}
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
 

@@ -69,8 +69,9 @@ def uses_sigmoid(config: Any) -> bool:
     return config.num_labels == 1 or config.problem_type == "multi_label_classification"
 
 
-def encode(tokenizer: Any, location: str, row: dict, text: str = "conversation",
-           system: str | None = None) -> dict[str, list[int]]:  # fmt: skip
+def encode(
+    tokenizer: Any, location: str, row: dict, text: str = "conversation", system: str | None = None
+) -> dict[str, list[int]]:
     """Token ids (and token_type_ids for sentence pairs) of one row {"prompt": str or messages, "response": str}, as
     the model expects them: the chat template's rendering, exactly as `rlhf rm` trains (ending at the reply's EOS);
     without a template the tokenizer's sentence pair (prompt, response); `text="response"` the response alone.

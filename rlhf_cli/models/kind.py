@@ -29,8 +29,10 @@ _PEFT_KINDS = {"SEQ_CLS": CLASSIFIER, "CAUSAL_LM": CAUSAL_LM}
 # (BERT, RoBERTa, DeBERTa...), `classification_head` (BART, T5). A LoRA adapter saves them under PEFT_PREFIX.
 HEAD_NAMES = ("score", "classifier", "classification_head")
 PEFT_PREFIX = "base_model.model."
-SCORER = ("a sequence classifier whose trained head is in its checkpoint: a reward model from `rlhf rm` (stage:rm) "
-          "or another trained classifier")  # fmt: skip
+SCORER = (
+    "a sequence classifier whose trained head is in its checkpoint: a reward model from `rlhf rm` (stage:rm) "
+    "or another trained classifier"
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Checkpoint:
             return f"a causal language model ({self.architecture})" + (", no score head" if not self.head else "")
         if self.kind == CLASSIFIER:
             return f"a sequence classifier ({self.architecture})" + (
-                ", its head missing from the checkpoint" if self.head is False else "")  # fmt: skip
+                ", its head missing from the checkpoint" if self.head is False else ""
+            )
         return f"a {self.architecture or 'checkpoint without architectures in its config.json'}"
 
 
@@ -152,8 +155,10 @@ def _named(setting: str | None, source: str) -> str:
 
 
 def not_a_scorer(setting: str | None, source: str, what: str, hint: str = "") -> UserError:
-    return UserError(f"{_named(setting, source)} is {what}: loaded as a classifier it would score with a randomly "
-                     f"initialised head. Expected {SCORER}{hint}")  # fmt: skip
+    return UserError(
+        f"{_named(setting, source)} is {what}: loaded as a classifier it would score with a randomly "
+        f"initialised head. Expected {SCORER}{hint}"
+    )
 
 
 def check_scorer(name: str, setting: str | None, causal_hint: str = "") -> None:
@@ -183,9 +188,11 @@ def check_policy(name: str, setting: str, role: str = "a policy") -> None:
     """Refuse, before loading it, a local policy (`setting` names it) that is a sequence classifier."""
     source, found = inspect_checkpoint(name, check_files=True)
     if found is not None and found.kind == CLASSIFIER:
-        raise UserError(f"{_named(setting, source)} is {found.describe()}, a model that scores "
-                        f"responses: {role} must be a causal language model (e.g. stage:sft); a reward model goes in "
-                        "stage.reward.model or a gold setting")  # fmt: skip
+        raise UserError(
+            f"{_named(setting, source)} is {found.describe()}, a model that scores "
+            f"responses: {role} must be a causal language model (e.g. stage:sft); a reward model goes in "
+            "stage.reward.model or a gold setting"
+        )
 
 
 def check_reward_sources(st: Any, run: Any, gold_key: str = "stage.gold_reward", reward: bool = True) -> None:

@@ -31,10 +31,32 @@ CHUNK_ELEMENTS = 1 << 26
 
 # transformers causal LMs whose forward ends in `logits = self.lm_head(hidden_states)` with nothing after it.
 PLAIN_HEADS = frozenset(
-    [f"{name}ForCausalLM" for name in ("Llama", "Mistral", "Ministral", "Mixtral", "Qwen2", "Qwen2Moe", "Qwen3",
-                                       "Qwen3Moe", "Phi", "Phi3", "Gemma", "Olmo", "Olmo2", "GPTNeoX", "SmolLM3",
-                                       "Starcoder2", "StableLm", "Glm4", "Exaone4")] + ["GPT2LMHeadModel"]
-)  # fmt: skip
+    [
+        f"{name}ForCausalLM"
+        for name in (
+            "Llama",
+            "Mistral",
+            "Ministral",
+            "Mixtral",
+            "Qwen2",
+            "Qwen2Moe",
+            "Qwen3",
+            "Qwen3Moe",
+            "Phi",
+            "Phi3",
+            "Gemma",
+            "Olmo",
+            "Olmo2",
+            "GPTNeoX",
+            "SmolLM3",
+            "Starcoder2",
+            "StableLm",
+            "Glm4",
+            "Exaone4",
+        )
+    ]
+    + ["GPT2LMHeadModel"]
+)
 
 
 def _softcap(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -69,9 +91,13 @@ def logit_projection(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]
 
 
 def target_logprobs(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
-    chunk_size: int | None = None, position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """log pi(label_{t+1} | prefix) in fp32, computed only where the label is trained; 0 elsewhere.
 
     input_ids, attention_mask, labels (B, T), labels unshifted with IGNORE_INDEX on prompt and pad -> (B, T-1), the

@@ -167,9 +167,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def apply_lora(
-    model: PreTrainedModel, lora_cfg: LoRAConfig, task_type: str = "CAUSAL_LM",
+    model: PreTrainedModel,
+    lora_cfg: LoRAConfig,
+    task_type: str = "CAUSAL_LM",
     modules_to_save: list[str] | None = None,
-) -> PeftModel:  # fmt: skip
+) -> PeftModel:
     """Wrap `model` (in place, peft's way) with LoRA adapters; only adapter weights (and `modules_to_save`,
     trained in full) stay trainable. Reward models pass peft's task type "SEQ_CLS", which keeps their head trainable."""
     from peft import LoraConfig, TaskType, get_peft_model  # here: only LoRA runs pay for importing peft

@@ -116,8 +116,16 @@ def write_chunk(files: RoundFiles, c: int, rows: list[dict]) -> None:
     os.replace(tmp, files.chunk(c))
 
 
-def candidate_rows(round_no: int, prompt_idx: list[int], prompts: list[Any], n: int, seq: Any, texts: list[str],
-                   raw: torch.Tensor, scores: torch.Tensor) -> list[dict]:  # fmt: skip
+def candidate_rows(
+    round_no: int,
+    prompt_idx: list[int],
+    prompts: list[Any],
+    n: int,
+    seq: Any,
+    texts: list[str],
+    raw: torch.Tensor,
+    scores: torch.Tensor,
+) -> list[dict]:
     """One JSON row per candidate of a chunk: prompts (B,) each drawn `n` times, so row i is candidate i % n of
     prompt i // n; `seq` the sampled batch (B*n rows), `raw` / `scores` (B*n,) before / after the reward shaping.
     A score that could not be computed (NaN) is written as null."""
@@ -127,12 +135,19 @@ def candidate_rows(round_no: int, prompt_idx: list[int], prompts: list[Any], n: 
     for i, text in enumerate(texts):
         p = i // n
         score, raw_score = float(scores[i]), float(raw[i])
-        rows.append({
-            "round": round_no, "prompt_index": prompt_idx[p], "candidate": i % n, "prompt": prompts[p].text,
-            "response": text, "score": score if math.isfinite(score) else None,
-            "raw_score": raw_score if math.isfinite(raw_score) else None, "ended_with_eos": bool(seq.has_eos[i]),
-            "response_ids": ids[i][: lengths[i]],
-        })  # fmt: skip
+        rows.append(
+            {
+                "round": round_no,
+                "prompt_index": prompt_idx[p],
+                "candidate": i % n,
+                "prompt": prompts[p].text,
+                "response": text,
+                "score": score if math.isfinite(score) else None,
+                "raw_score": raw_score if math.isfinite(raw_score) else None,
+                "ended_with_eos": bool(seq.has_eos[i]),
+                "response_ids": ids[i][: lengths[i]],
+            }
+        )
     return rows
 
 
@@ -174,15 +189,20 @@ def select_round(files: RoundFiles, n_samples: int, st: Any, rule: dict[str, Any
     selected.jsonl and selection.json (the statistics and `rule`, what saved_round compares a later run's rule with).
     Returns the round's selection statistics."""
     grid = prompt_groups(read_rows(files.candidates), n_samples)
-    scores = torch.tensor([[math.nan if r["score"] is None else r["score"] for r in g] for g in grid],
-                          dtype=torch.float64).reshape(len(grid), n_samples)  # fmt: skip
+    scores = torch.tensor(
+        [[math.nan if r["score"] is None else r["score"] for r in g] for g in grid], dtype=torch.float64
+    ).reshape(len(grid), n_samples)
     dup = duplicates([[tuple(r["response_ids"]) for r in g] for g in grid])
     valid = valid_mask(scores, dup)
     chosen = select(scores, valid, st.selection, st.top_k, st.threshold)
     stats = selection_stats(scores, valid_mask(scores), chosen)
     stats["duplicate_fraction"] = float(dup.double().mean()) if dup.numel() else 0.0
-    picked = [{k: v for k, v in row.items() if k != "duplicate"} for g, mask in zip(grid, chosen.tolist(), strict=True)
-              for row, keep in zip(g, mask, strict=True) if keep]  # fmt: skip
+    picked = [
+        {k: v for k, v in row.items() if k != "duplicate"}
+        for g, mask in zip(grid, chosen.tolist(), strict=True)
+        for row, keep in zip(g, mask, strict=True)
+        if keep
+    ]
     _write_jsonl(files.selected, picked)
     atomic_write_text(files.selection, json.dumps({**stats, "rule": rule}, indent=2) + "\n")  # last: selection done
     return stats
@@ -225,8 +245,9 @@ class Drawing:
     collective: bool = False
 
 
-def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_no: int, how: Drawing,
-                  say: Any) -> dict[str, float]:  # fmt: skip
+def sample_chunks(
+    model: Any, chunks: list[list[int]], files: RoundFiles, round_no: int, how: Drawing, say: Any
+) -> dict[str, float]:
     """Draw and score the chunks of round `round_no` that are not on disk yet (`chunks[c]`: prompt indices), this
     rank's share of them, each written as soon as it is scored. `how.collective` (ZeRO-3: every generation and reward
     forward is a collective): a rank without a chunk for a slot draws a filler and discards it. After every slot the
@@ -242,14 +263,17 @@ def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_
     seconds = Sums("generation", "scoring")  # this rank's
     started, reported = time.perf_counter(), 0
     if done and dist.is_main:
-        say(f"round {round_no}: {len(done)} of {len(chunks)} chunk(s) already drawn; drawing the other "
-            f"{len(chunks) - len(done)}")  # fmt: skip
+        say(
+            f"round {round_no}: {len(done)} of {len(chunks)} chunk(s) already drawn; drawing the other "
+            f"{len(chunks) - len(done)}"
+        )
     with preempt.ctrl_c_saves():
         for k, c in enumerate(slots):
             if c is not None or how.collective:
                 key = c if c is not None else 0  # a filler redraws chunk 0 and throws it away
-                rows, took = draw_chunk(model, chunks[key], how, gen_config,
-                                        how.seed * 1_000_003 + round_no * 100_003 + key, round_no)  # fmt: skip
+                rows, took = draw_chunk(
+                    model, chunks[key], how, gen_config, how.seed * 1_000_003 + round_no * 100_003 + key, round_no
+                )
                 seconds.add(generation=took[0], scoring=took[1])
                 if c is not None:
                     write_chunk(files, c, rows)
@@ -265,14 +289,19 @@ def sample_chunks(model: Any, chunks: list[list[int]], files: RoundFiles, round_
                 say(f"round {round_no}: sampled {len(done) + (k + 1) * dist.world_size}/{len(chunks)} chunk(s)")
     wall = time.perf_counter() - started
     total, took = counts.all_reduced(), seconds.local()
-    return {"responses/s": total["candidates"] / max(wall, 1e-9), "gen_tok/s": total["tokens"] / max(wall, 1e-9),
-            "generation_seconds": took["generation"], "scoring_seconds": took["scoring"],
-            "new_tokens": total["tokens"]}  # fmt: skip
+    return {
+        "responses/s": total["candidates"] / max(wall, 1e-9),
+        "gen_tok/s": total["tokens"] / max(wall, 1e-9),
+        "generation_seconds": took["generation"],
+        "scoring_seconds": took["scoring"],
+        "new_tokens": total["tokens"],
+    }
 
 
 @torch.no_grad()
-def draw_chunk(model: Any, prompt_idx: list[int], how: Drawing, gen_config: Any, seed: int,
-               round_no: int) -> tuple[list[dict], tuple[float, float]]:  # fmt: skip
+def draw_chunk(
+    model: Any, prompt_idx: list[int], how: Drawing, gen_config: Any, seed: int, round_no: int
+) -> tuple[list[dict], tuple[float, float]]:
     """`st.n_samples` candidates for each prompt of one chunk, in one generate call (each prompt repeated, its copies
     consecutive), seeded by `seed`; scored, reward-shaped (missing-EOS rule), as candidate rows. Returns the rows
     and (generation seconds, scoring seconds)."""

@@ -15,8 +15,14 @@ if TYPE_CHECKING:
 # The per-response quantities `rlhf eval` averages, in the order of the rows of a `Sums` tensor.
 QUANTITIES = ("reward", "win", "kl", "gold", "length", "eos")
 # The summary's keys as the table shows them.
-COLUMNS = (("reward_mean", "reward"), ("win_rate", "win rate"), ("kl", "KL"), ("gold_mean", "gold"),
-           ("response_length", "length"), ("eos_rate", "EOS"))  # fmt: skip
+COLUMNS = (
+    ("reward_mean", "reward"),
+    ("win_rate", "win rate"),
+    ("kl", "KL"),
+    ("gold_mean", "gold"),
+    ("response_length", "length"),
+    ("eos_rate", "EOS"),
+)
 
 
 def win_values(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -60,8 +66,14 @@ def mean_and_se(count: float, total: float, squares: float) -> tuple[float, floa
 def summarise(sums: torch.Tensor) -> dict[str, float]:
     """`moment_sums` added over batches and ranks -> {quantity: mean, quantity_se: its standard error} for every
     quantity that has values (reward_mean, win_rate, kl, gold_mean, response_length, eos_rate)."""
-    names = {"reward": "reward_mean", "win": "win_rate", "kl": "kl", "gold": "gold_mean",
-             "length": "response_length", "eos": "eos_rate"}  # fmt: skip
+    names = {
+        "reward": "reward_mean",
+        "win": "win_rate",
+        "kl": "kl",
+        "gold": "gold_mean",
+        "length": "response_length",
+        "eos": "eos_rate",
+    }
     out: dict[str, float] = {}
     for i, quantity in enumerate(QUANTITIES):
         count, total, squares = sums[i].tolist()

@@ -44,8 +44,16 @@ class PolicyEval:
         """An online stage's settings from its context (stages/context.py): `stage.generation`,
         `stage.eval_batch_size`, `stage.eval_sampling`."""
         st = ctx.cfg.stage
-        return cls(ctx.tokenizer, st.generation, ctx.dist, ctx.cfg.seed, st.eval_batch_size, st.eval_sampling, gold,
-                   allow_invalid)  # fmt: skip
+        return cls(
+            ctx.tokenizer,
+            st.generation,
+            ctx.dist,
+            ctx.cfg.seed,
+            st.eval_batch_size,
+            st.eval_sampling,
+            gold,
+            allow_invalid,
+        )
 
 
 @torch.no_grad()
@@ -76,16 +84,25 @@ def evaluate_policy(model: Any, reward: Any, examples: list, how: PolicyEval) ->
         texts = decode_responses(tokenizer, seq)
         scores = score_responses(reward, prompts, seq, texts, None, allow_invalid=how.allow_invalid).raw.double().cpu()
         scored = torch.isfinite(scores)
-        per_prompt = {"prompts": part.weight, "score": scores.where(scored, 0.0), "scored": scored,
-                      "length": seq.response_mask.sum(-1), "eos": seq.has_eos,
-                      "gold": torch.zeros(len(prompts), dtype=torch.float64) if gold is None
-                      else gold_values(gold, prompts, seq, texts)}  # fmt: skip
+        per_prompt = {
+            "prompts": part.weight,
+            "score": scores.where(scored, 0.0),
+            "scored": scored,
+            "length": seq.response_mask.sum(-1),
+            "eos": seq.has_eos,
+            "gold": torch.zeros(len(prompts), dtype=torch.float64)
+            if gold is None
+            else gold_values(gold, prompts, seq, texts),
+        }
         sums.add_columns(per_prompt, keep=part.real)
     torch.set_rng_state(rng)
     total = sums.all_reduced()
     n, scored = total["prompts"], total["scored"]
-    out = {"eval_score": total["score"] / scored if scored else float("nan"),
-           "eval_response_length": total["length"] / n, "eval_eos_fraction": total["eos"] / n}  # fmt: skip
+    out = {
+        "eval_score": total["score"] / scored if scored else float("nan"),
+        "eval_response_length": total["length"] / n,
+        "eval_eos_fraction": total["eos"] / n,
+    }
     if gold is not None:
         out["eval_gold"] = total["gold"] / n
     if how.allow_invalid:

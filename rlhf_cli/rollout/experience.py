@@ -200,9 +200,16 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
     seqs, per_token = [], {"logprobs": [], "ref_logprobs": [], "values": []}
     for r in parts:
         s, left, right = r.seq, p_len - r.seq.prompt_len, r_len - r.mask.shape[1]
-        seqs.append(Sequences(widen(s.input_ids, left, right, pad_id), widen(s.attention_mask, left, right, 0),
-                              widen(s.position_ids, left, right, 0), widen(s.response_mask, 0, right, 0.0),
-                              s.has_eos, p_len))  # fmt: skip
+        seqs.append(
+            Sequences(
+                widen(s.input_ids, left, right, pad_id),
+                widen(s.attention_mask, left, right, 0),
+                widen(s.position_ids, left, right, 0),
+                widen(s.response_mask, 0, right, 0.0),
+                s.has_eos,
+                p_len,
+            )
+        )
         for key in per_token:
             value = getattr(r, key)
             per_token[key].append(None if value is None else widen(value, 0, right, 0.0))
@@ -213,17 +220,35 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
     joined = {k: None if any(v is None for v in vs) else torch.cat(vs) for k, vs in per_token.items()}
     scores = Scores(torch.cat([r.scores.raw for r in parts]), torch.cat([r.scores.shaped for r in parts]))
     seconds = {k: sum(r.seconds.get(k, 0.0) for r in parts) for k in parts[0].seconds}
-    return Rollout(seq, [p for r in parts for p in r.prompts], [t for r in parts for t in r.responses], group,
-                   joined["logprobs"], joined["ref_logprobs"], joined["values"], scores, seconds)  # fmt: skip
+    return Rollout(
+        seq,
+        [p for r in parts for p in r.prompts],
+        [t for r in parts for t in r.responses],
+        group,
+        joined["logprobs"],
+        joined["ref_logprobs"],
+        joined["values"],
+        scores,
+        seconds,
+    )
 
 
 def take_rows(ro: Rollout, idx: list[int]) -> Rollout:
     """The rows `idx` of a rollout (same widths)."""
     t = torch.tensor(idx, dtype=torch.long, device=ro.mask.device)
     s = ro.seq
-    seq = Sequences(s.input_ids[t], s.attention_mask[t], s.position_ids[t], s.response_mask[t], s.has_eos[t],
-                    s.prompt_len)  # fmt: skip
-    pick = (lambda x: None if x is None else x[t])  # noqa: E731
-    return Rollout(seq, [ro.prompts[i] for i in idx], [ro.responses[i] for i in idx], ro.group[t], pick(ro.logprobs),
-                   pick(ro.ref_logprobs), pick(ro.values), Scores(ro.scores.raw[t], ro.scores.shaped[t]),
-                   dict(ro.seconds))  # fmt: skip
+    seq = Sequences(
+        s.input_ids[t], s.attention_mask[t], s.position_ids[t], s.response_mask[t], s.has_eos[t], s.prompt_len
+    )
+    pick = lambda x: None if x is None else x[t]  # noqa: E731
+    return Rollout(
+        seq,
+        [ro.prompts[i] for i in idx],
+        [ro.responses[i] for i in idx],
+        ro.group[t],
+        pick(ro.logprobs),
+        pick(ro.ref_logprobs),
+        pick(ro.values),
+        Scores(ro.scores.raw[t], ro.scores.shaped[t]),
+        dict(ro.seconds),
+    )

@@ -44,9 +44,13 @@ class Sequences:
         width = int(mask.sum(0).nonzero().max()) + 1 if trim and mask.any() else mask.shape[1]
         end = self.prompt_len + width
         return Sequences(
-            self.input_ids[idx, :end], self.attention_mask[idx, :end], self.position_ids[idx, :end],
-            mask[:, :width], self.has_eos[idx], self.prompt_len,
-        )  # fmt: skip
+            self.input_ids[idx, :end],
+            self.attention_mask[idx, :end],
+            self.position_ids[idx, :end],
+            mask[:, :width],
+            self.has_eos[idx],
+            self.prompt_len,
+        )
 
 
 def sampling_config(gen: Any, eos_id: int, pad_id: int, greedy: bool = False) -> GenerationConfig:
@@ -92,24 +96,35 @@ def truncate_at_eos(
     return response.masked_fill(~mask, pad_id), mask.float(), has_eos
 
 
-def join(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response: torch.Tensor, response_mask: torch.Tensor,
-         has_eos: torch.Tensor) -> Sequences:  # fmt: skip
+def join(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response: torch.Tensor,
+    response_mask: torch.Tensor,
+    has_eos: torch.Tensor,
+) -> Sequences:
     """Prompt (B, P) left-padded + response (B, R) right-padded -> Sequences with real-token position ids."""
     attention = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return Sequences(torch.cat([prompt_ids, response], dim=1), attention, position_ids, response_mask, has_eos,
-                     prompt_ids.shape[1])  # fmt: skip
+    return Sequences(
+        torch.cat([prompt_ids, response], dim=1), attention, position_ids, response_mask, has_eos, prompt_ids.shape[1]
+    )
 
 
 @torch.no_grad()
-def sample(module: Any, prompts: dict[str, torch.Tensor], config: GenerationConfig, eos_id: int,
-           pad_id: int) -> Sequences:  # fmt: skip
+def sample(
+    module: Any, prompts: dict[str, torch.Tensor], config: GenerationConfig, eos_id: int, pad_id: int
+) -> Sequences:
     """Generate responses for left-padded prompts {"input_ids", "attention_mask"} (B, P) with `module` (a plain
     model or PeftModel, parameters already gathered under ZeRO-3); stop at EOS; returns the joined batch."""
     with own_generation_defaults(module):
         # No synced_gpus: under ZeRO-3 the engine's hooks are off while generating (engine.gathered_for_generation).
-        out = module.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
-                              generation_config=config, synced_gpus=False)  # fmt: skip
+        out = module.generate(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            generation_config=config,
+            synced_gpus=False,
+        )
     response, mask, has_eos = truncate_at_eos(out[:, prompts["input_ids"].shape[1] :], eos_id, pad_id)
     if response.shape[1] == 0:  # max_new_tokens reached before any token: keep one pad column
         response = torch.full((response.shape[0], 1), pad_id, dtype=response.dtype, device=response.device)

@@ -34,8 +34,9 @@ def build_reference(cfg: Any, run: Any, source: str, tokenizer: Any, dist: Any) 
     model = load_causal_lm(OmegaConf.merge(cfg.model, {"name_or_path": ref_source}), tokenizer, seed=cfg.seed)
     disable_dropout(model)
     home = torch.device("cpu") if st.offload_frozen else dist.device
-    return Reference(eng.frozen(model, cfg.deepspeed, st.micro_batch_size, home), st.offload_frozen,
-                     dist.device), ref_source  # fmt: skip
+    return Reference(
+        eng.frozen(model, cfg.deepspeed, st.micro_batch_size, home), st.offload_frozen, dist.device
+    ), ref_source
 
 
 def reward_stats(st: Any, run: Any) -> tuple[float, float] | None:
@@ -49,11 +50,15 @@ def reward_stats(st: Any, run: Any) -> tuple[float, float] | None:
         return None
     fix, file = "; use stage.reward.normalize=running (or none)", REWARD_STATS_FILE
     if r.function or getattr(r, "functions", None) or not r.model:
-        raise UserError(f"stage.reward.normalize=rm_stats needs a reward model trained by `rlhf rm`, whose recorded "
-                        f"eval mean / std it uses; the reward here is the function {r.function}{fix}")  # fmt: skip
+        raise UserError(
+            f"stage.reward.normalize=rm_stats needs a reward model trained by `rlhf rm`, whose recorded "
+            f"eval mean / std it uses; the reward here is the function {r.function}{fix}"
+        )
     if r.reduce != "logit" or r.label not in (None, "0", 0):
-        raise UserError(f"stage.reward.normalize=rm_stats: the recorded mean / std are of the reward model's logit "
-                        f"(label 0), not of reduce={r.reduce} label={r.label} (stage.reward){fix}")  # fmt: skip
+        raise UserError(
+            f"stage.reward.normalize=rm_stats: the recorded mean / std are of the reward model's logit "
+            f"(label 0), not of reduce={r.reduce} label={r.label} (stage.reward){fix}"
+        )
     folder = Path(run.resolve_source(r.model))
     stats_file = folder / REWARD_STATS_FILE
     if stats_file.is_file():
@@ -63,8 +68,10 @@ def reward_stats(st: Any, run: Any) -> tuple[float, float] | None:
     else:
         recorded = {}
     if "reward_mean" not in recorded or "reward_std" not in recorded:
-        raise UserError(f"stage.reward.normalize=rm_stats needs the reward mean / std that `rlhf rm` records from its "
-                        f"eval split ({file} next to the weights), and {r.model} has none{fix}")  # fmt: skip
+        raise UserError(
+            f"stage.reward.normalize=rm_stats needs the reward mean / std that `rlhf rm` records from its "
+            f"eval split ({file} next to the weights), and {r.model} has none{fix}"
+        )
     return float(recorded["reward_mean"]), float(recorded["reward_std"])
 
 
@@ -90,22 +97,36 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
     mask, valid = ro.mask, ro.scores.valid
     scores = torch.where(valid, ro.scores.raw, 0.0)
     lengths = mask.sum(1)
-    parts = {"n": torch.tensor(float(len(ro.prompts))), "valid": valid.float().sum(), "s": scores.sum(),
-             "s2": (scores**2).sum(), "length": lengths.sum(), "eos": ro.seq.has_eos.float().sum()}  # fmt: skip
+    parts = {
+        "n": torch.tensor(float(len(ro.prompts))),
+        "valid": valid.float().sum(),
+        "s": scores.sum(),
+        "s2": (scores**2).sum(),
+        "length": lengths.sum(),
+        "eos": ro.seq.has_eos.float().sum(),
+    }
     if ro.ref_logprobs is not None and ro.logprobs is not None:
         parts["kl"] = ((ro.logprobs - ro.ref_logprobs) * mask).sum(1).sum()
     if adv is not None and adv.rewards is not None:
         parts["non_score"], parts["total"] = adv.non_score.sum(), adv.rewards.sum()
     if ro.values is not None and adv is not None and adv.returns is not None:
         returns, resid = adv.returns, adv.returns - ro.values
-        parts.update(tok=mask.sum(), r=masked_sum(returns, mask), r2=masked_sum(returns**2, mask),
-                     d=masked_sum(resid, mask), d2=masked_sum(resid**2, mask))  # fmt: skip
+        parts.update(
+            tok=mask.sum(),
+            r=masked_sum(returns, mask),
+            r2=masked_sum(returns**2, mask),
+            d=masked_sum(resid, mask),
+            d2=masked_sum(resid**2, mask),
+        )
     local = torch.stack([v.double().cpu() for v in parts.values()])  # the count is a CPU tensor, the rest may not be
     sums = dict(zip(parts, eng.all_reduce_sum(local).tolist(), strict=True))
     n, k = sums["n"], sums["valid"]
     mean = sums["s"] / k if k else math.nan
-    out = {"rollout_sequences": n, "score_mean": mean, "score_std": max(sums["s2"] / k - mean**2, 0.0) ** 0.5 if k
-           else math.nan}  # fmt: skip
+    out = {
+        "rollout_sequences": n,
+        "score_mean": mean,
+        "score_std": max(sums["s2"] / k - mean**2, 0.0) ** 0.5 if k else math.nan,
+    }
     if "kl" in sums:
         out["kl"] = sums["kl"] / n
     if "total" in sums:
@@ -126,9 +147,11 @@ def check_scorable(invalid_fraction: float | None, reward: Any, where: str) -> N
     replies ...", e.g. "of iteration 3". Call it with a value that is the same on every rank (all-reduced)."""
     if invalid_fraction is None or invalid_fraction < 1.0:
         return
-    raise UserError(f"the reward {reward.describe()} scored none of the replies {where}: it returned None / NaN for "
-                    "every one, so there is nothing to learn from. Check that it understands the replies as the policy "
-                    "writes them (`rlhf generate` shows some) and the prompts of this data")  # fmt: skip
+    raise UserError(
+        f"the reward {reward.describe()} scored none of the replies {where}: it returned None / NaN for "
+        "every one, so there is nothing to learn from. Check that it understands the replies as the policy "
+        "writes them (`rlhf generate` shows some) and the prompts of this data"
+    )
 
 
 def timing(ro: Rollout, train_seconds: float, out: dict) -> dict[str, float]:
@@ -136,10 +159,16 @@ def timing(ro: Rollout, train_seconds: float, out: dict) -> dict[str, float]:
     holds the iteration's "generated_tokens" (`rollout_metrics`) and trained "tokens"."""
     gen, scoring = ro.seconds["generation"], ro.seconds["scoring"]
     total = gen + scoring + train_seconds
-    return {"generation_seconds": gen, "scoring_seconds": scoring, "update_seconds": train_seconds,
-            "generation_share": gen / total, "scoring_share": scoring / total, "update_share": train_seconds / total,
-            "gen_tok/s": out["generated_tokens"] / max(gen, 1e-9),
-            "train_tok/s": out["tokens"] / max(train_seconds, 1e-9)}  # fmt: skip
+    return {
+        "generation_seconds": gen,
+        "scoring_seconds": scoring,
+        "update_seconds": train_seconds,
+        "generation_share": gen / total,
+        "scoring_share": scoring / total,
+        "update_share": train_seconds / total,
+        "gen_tok/s": out["generated_tokens"] / max(gen, 1e-9),
+        "train_tok/s": out["tokens"] / max(train_seconds, 1e-9),
+    }
 
 
 def write_samples(path: Path, iteration: int, ro: Rollout, n: int) -> None:
@@ -148,7 +177,11 @@ def write_samples(path: Path, iteration: int, ro: Rollout, n: int) -> None:
     with open(path, "a") as fh:
         for i in range(min(n, len(ro.prompts))):
             score = float(ro.scores.raw[i])
-            row = {"iteration": iteration, "prompt": ro.prompts[i].text, "response": ro.responses[i],
-                   "score": score if math.isfinite(score) else None,
-                   "ended_with_eos": bool(ro.seq.has_eos[i])}  # fmt: skip
+            row = {
+                "iteration": iteration,
+                "prompt": ro.prompts[i].text,
+                "response": ro.responses[i],
+                "score": score if math.isfinite(score) else None,
+                "ended_with_eos": bool(ro.seq.has_eos[i]),
+            }
             fh.write(json.dumps(row) + "\n")

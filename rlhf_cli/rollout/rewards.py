@@ -60,8 +60,10 @@ def check_scores(values: Any, n: int, what: str, allow_invalid: bool = False) ->
     except (TypeError, ValueError):
         raise UserError(f"{what} must return a list of numbers") from None
     if len(out) != n or not (allow_invalid or all(math.isfinite(v) for v in out)):
-        raise UserError(f"{what} returned {len(out)} values for {n} responses, or a value that is not finite; it "
-                        "must return one finite number per response")  # fmt: skip
+        raise UserError(
+            f"{what} returned {len(out)} values for {n} responses, or a value that is not finite; it "
+            "must return one finite number per response"
+        )
     return [v if math.isfinite(v) else math.nan for v in out]
 
 
@@ -87,8 +89,11 @@ def describe_failure(err: Exception, fn: Callable, spec: str, key: str) -> str:
     """`key=`spec` raised Type: message`, then the traceback frames of the user's code (outside this package, or in
     the function's own file when it is one of ours, e.g. rlhf_cli/tasks), then how the function is called."""
     own = getattr(getattr(inspect.unwrap(fn), "__code__", None), "co_filename", None)
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if f.filename == own or not os.path.abspath(f.filename).startswith(PACKAGE_DIR + os.sep)]  # fmt: skip
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)
+        if f.filename == own or not os.path.abspath(f.filename).startswith(PACKAGE_DIR + os.sep)
+    ]
     lines = [f"{key}=`{spec}` raised {traceback.format_exception_only(err)[-1].strip()}"]
     half = MAX_FRAMES // 2
     shown = [frames] if len(frames) <= MAX_FRAMES else [frames[:half], frames[-half:]]
@@ -97,8 +102,10 @@ def describe_failure(err: Exception, fn: Callable, spec: str, key: str) -> str:
             lines.append(f"  ... {len(frames) - MAX_FRAMES} frame(s) left out")
         lines += [entry.rstrip() for entry in traceback.format_list(part)]
     name = spec.partition(":")[2]
-    lines.append(f"{name} is called as {name}(prompts, responses) with two lists of str and must return one number "
-                 "per response; fix it, or call it on a few replies by hand to see why it fails")  # fmt: skip
+    lines.append(
+        f"{name} is called as {name}(prompts, responses) with two lists of str and must return one number "
+        "per response; fix it, or call it on a few replies by hand to see why it fails"
+    )
     return "\n".join(lines)
 
 
@@ -147,8 +154,9 @@ class FunctionReward:
     raised on one rank stops every rank with its message (`raise_together`); leave it off where ranks
     score different numbers of batches (rejection sampling's chunks), as that check is a collective."""
 
-    def __init__(self, terms: str | list[tuple[str, float]], key: str = "stage.reward.function",
-                 together: bool = False):  # fmt: skip
+    def __init__(
+        self, terms: str | list[tuple[str, float]], key: str = "stage.reward.function", together: bool = False
+    ):
         self.key, self.together = key, together
         terms = [(terms, 1.0)] if isinstance(terms, str) else terms
         self.terms = [(spec, float(weight), load_function(spec, key)) for spec, weight in terms]
@@ -161,8 +169,9 @@ class FunctionReward:
             return f"function {self.terms[0][0]}"
         return "functions " + " + ".join(f"{weight:g} x {spec}" for spec, weight, _ in self.terms)
 
-    def score(self, prompts: list[Any], seq: Sequences, responses: list[str],
-              allow_invalid: bool = False) -> torch.Tensor:  # fmt: skip
+    def score(
+        self, prompts: list[Any], seq: Sequences, responses: list[str], allow_invalid: bool = False
+    ) -> torch.Tensor:
         """(B,) fp32 on the rollout's device; NaN where a function could not judge (only with `allow_invalid`)."""
         failure, total = None, None
         try:
@@ -172,8 +181,9 @@ class FunctionReward:
         raise_together(failure, self.together)
         return total
 
-    def _weighted_sum(self, texts: list[str], responses: list[str], device: torch.device,
-                      allow_invalid: bool) -> torch.Tensor:  # fmt: skip
+    def _weighted_sum(
+        self, texts: list[str], responses: list[str], device: torch.device, allow_invalid: bool
+    ) -> torch.Tensor:
         total = torch.zeros(len(responses), dtype=torch.float32, device=device)
         for name, (spec, weight, fn) in zip(self.names, self.terms, strict=True):
             # A weight-0 term is only logged: its None / NaN must neither drop the sample (0 x NaN is NaN) nor be
@@ -189,8 +199,9 @@ class FunctionReward:
 
 
 class ModelReward:
-    def __init__(self, reward_cfg: Any, path: str, policy_tokenizer: Any, ds: Any, micro: int, dist: Any,
-                 offload: bool):  # fmt: skip
+    def __init__(
+        self, reward_cfg: Any, path: str, policy_tokenizer: Any, ds: Any, micro: int, dist: Any, offload: bool
+    ):
         self.cfg, self.path, self.dist, self.offload = reward_cfg, path, dist, offload
         self.tokenizer, model = load_classifier(path)
         disable_dropout(model)
@@ -205,8 +216,9 @@ class ModelReward:
         return f"model {self.path} (label {self.index}, {self.cfg.reduce}; {how})"
 
     @torch.no_grad()
-    def score(self, prompts: list[Any], seq: Sequences, responses: list[str],
-              allow_invalid: bool = False) -> torch.Tensor:  # fmt: skip
+    def score(
+        self, prompts: list[Any], seq: Sequences, responses: list[str], allow_invalid: bool = False
+    ) -> torch.Tensor:
         """(B,) fp32: the chosen label's logit or probability (a model always gives a number: `allow_invalid` is
         accepted for the common interface)."""
         batch = self._encode(prompts, seq, responses)
@@ -217,21 +229,29 @@ class ModelReward:
         """Right-padded ids of prompt + response through EOS (the last real token is the EOS when there is one)."""
         if self.same_tokens and self.cfg.text == "conversation":
             lengths = seq.response_mask.sum(1).long().tolist()
-            rows = [{"input_ids": list(p.input_ids) + seq.response_ids[i, : lengths[i]].tolist()}
-                    for i, p in enumerate(prompts)]  # fmt: skip
+            rows = [
+                {"input_ids": list(p.input_ids) + seq.response_ids[i, : lengths[i]].tolist()}
+                for i, p in enumerate(prompts)
+            ]
         else:
-            rows = [encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "}, self.cfg.text)
-                    for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+            rows = [
+                encode(self.tokenizer, "rollout", {"prompt": p.messages, "response": r or " "}, self.cfg.text)
+                for p, r in zip(prompts, responses, strict=True)
+            ]
         return batch_tensors(rows, self.tokenizer.pad_token_id, self.dist.device)
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))  # fmt: skip
+    return (
+        a.get_vocab() == b.get_vocab()
+        and a.eos_token_id == b.eos_token_id
+        and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
+    )
 
 
-def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any,
-                 together: bool = False) -> FunctionReward | ModelReward:  # fmt: skip
+def build_reward(
+    st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any, together: bool = False
+) -> FunctionReward | ModelReward:
     """The reward source named by `stage.reward` (a function wins over a model); `together`: see FunctionReward."""
     r = st.reward
     if getattr(r, "functions", None):
@@ -246,8 +266,16 @@ def build_reward(st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any,
     return ModelReward(r, path, tokenizer, ds, st.eval_batch_size, dist, st.offload_frozen)
 
 
-def build_gold(spec: str | None, st: Any, run: Any, ds: Any, tokenizer: Any, dist: Any,
-               key: str = "stage.gold_reward", together: bool = False) -> Callable | ModelReward | None:  # fmt: skip
+def build_gold(
+    spec: str | None,
+    st: Any,
+    run: Any,
+    ds: Any,
+    tokenizer: Any,
+    dist: Any,
+    key: str = "stage.gold_reward",
+    together: bool = False,
+) -> Callable | ModelReward | None:
     """The gold metric `spec` names, judged on the held-out answers next to the reward: a `module:function(prompts,
     responses) -> list[float]` (wrapped so that an exception in it is one UserError naming `key`; `together`: see
     FunctionReward), or a second reward model (`stage:<name>`, a folder or a hub id) read like `stage.reward.model`
@@ -260,6 +288,9 @@ def build_gold(spec: str | None, st: Any, run: Any, ds: Any, tokenizer: Any, dis
 
     from omegaconf import OmegaConf
 
-    gold_st = SimpleNamespace(reward=OmegaConf.merge(st.reward, {"model": spec, "function": None, "functions": []}),
-                              eval_batch_size=st.eval_batch_size, offload_frozen=st.offload_frozen)  # fmt: skip
+    gold_st = SimpleNamespace(
+        reward=OmegaConf.merge(st.reward, {"model": spec, "function": None, "functions": []}),
+        eval_batch_size=st.eval_batch_size,
+        offload_frozen=st.offload_frozen,
+    )
     return build_reward(gold_st, run, ds, tokenizer, dist)

@@ -59,8 +59,11 @@ def differences(saved: dict | None, current: dict, ignore: tuple[str, ...] = ())
     keys = [k for k in current if k not in ignore] + [k for k in saved if k not in current and k not in ignore]
     missing = object()
     found = [(k, saved.get(k, missing), current.get(k, missing)) for k in keys]
-    return [(k, None if old is missing else old, None if new is missing else new) for k, old, new in found
-            if old is missing or new is missing or _canonical(old) != _canonical(new)]  # fmt: skip
+    return [
+        (k, None if old is missing else old, None if new is missing else new)
+        for k, old, new in found
+        if old is missing or new is missing or _canonical(old) != _canonical(new)
+    ]
 
 
 def _canonical(value: Any) -> str:
@@ -153,8 +156,12 @@ def reconcile(files: RoundFiles, round_no: int, drawn_with: dict, rule: dict, n_
         return Outcome(drawn=True, selected=False, redone=False, line=None)
     discard(files)
     record_drawing(files, drawn_with)
-    return Outcome(drawn=False, selected=False, redone=True,
-                   line=f"round {round_no}: {why}: drawing the candidates again ({have} discarded)")  # fmt: skip
+    return Outcome(
+        drawn=False,
+        selected=False,
+        redone=True,
+        line=f"round {round_no}: {why}: drawing the candidates again ({have} discarded)",
+    )
 
 
 def saved_work(files: RoundFiles, merged: bool, n_chunks: int) -> str:

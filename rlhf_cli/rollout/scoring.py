@@ -37,8 +37,15 @@ class Scores:
         return torch.isfinite(self.raw)
 
 
-def score_responses(reward: Any, prompts: list[Any], seq: Sequences, texts: list[str], reward_cfg: Any | None,
-                    stats: Stats = None, allow_invalid: bool = False) -> Scores:  # fmt: skip
+def score_responses(
+    reward: Any,
+    prompts: list[Any],
+    seq: Sequences,
+    texts: list[str],
+    reward_cfg: Any | None,
+    stats: Stats = None,
+    allow_invalid: bool = False,
+) -> Scores:
     """Score the responses of `seq` (B rows; `prompts` (B,) their PromptExamples, `texts` (B,) the decoded responses)
     with `reward` (FunctionReward / ModelReward, or anything with `score(prompts, seq, texts)`), then shape them with
     `reward_cfg` (a stage's `reward` group: clip, missing_eos_penalty, missing_eos_score; None: no shaping, shaped ==
@@ -54,8 +61,9 @@ def score_responses(reward: Any, prompts: list[Any], seq: Sequences, texts: list
     return Scores(raw, torch.where(torch.isfinite(raw), shaped, torch.nan))
 
 
-def shape_scores(scores: torch.Tensor, has_eos: torch.Tensor, reward_cfg: Any,
-                 stats: tuple[float, float] | None) -> torch.Tensor:  # fmt: skip
+def shape_scores(
+    scores: torch.Tensor, has_eos: torch.Tensor, reward_cfg: Any, stats: tuple[float, float] | None
+) -> torch.Tensor:
     """The score that enters the reward: optional normalisation with (mean, std), optional clipping, then the
     missing-EOS rule (stage.reward.missing_eos_penalty, or missing_eos_score in its place) in the units of the
     normalised score, as InstructGPT-style setups do: a penalty of 1 is then one standard deviation whatever the

@@ -36,8 +36,9 @@ def valid_mask(scores: torch.Tensor, duplicate: torch.Tensor | None = None) -> t
     return valid & ~duplicate if duplicate is not None else valid
 
 
-def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, top_k: int = 1,
-           threshold: float | None = None) -> torch.Tensor:  # fmt: skip
+def select(
+    scores: torch.Tensor, valid: torch.Tensor, mode: str, top_k: int = 1, threshold: float | None = None
+) -> torch.Tensor:
     """The candidates to train on, (P, N) bool.
 
     best: the highest-scoring valid candidate of each prompt; top_k: the `top_k` highest (fewer when fewer are

@@ -26,8 +26,19 @@ from rlhf_cli.rollout.generation import response_logits, response_logprobs
 # |log ratio|, then the tokens clipped at 1 - eps_low and at 1 + eps_high, the k3 KL to the reference (the loss
 # term) and its k1 (log pi_theta - log pi_ref, detached: the critic-free stages' `kl` where the rollout has no
 # log-probs of its own).
-ACTOR_SUMS = ("policy_loss", "clipfrac_policy", "approx_kl", "entropy", "tokens", "valid", "abs_log_ratio",
-              "clipfrac_low", "clipfrac_high", "kl_loss", "ref_k1")  # fmt: skip
+ACTOR_SUMS = (
+    "policy_loss",
+    "clipfrac_policy",
+    "approx_kl",
+    "entropy",
+    "tokens",
+    "valid",
+    "abs_log_ratio",
+    "clipfrac_low",
+    "clipfrac_high",
+    "kl_loss",
+    "ref_k1",
+)
 CRITIC_SUMS = ("value_loss", "clipfrac_value")
 
 
@@ -46,9 +57,16 @@ class Objective:
     old_from_rollout: bool = True
 
 
-def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Tensor, st: Any, n_tokens: float,
-               extra_loss: Callable[[int], torch.Tensor] | None = None, objective: Objective | None = None
-               ) -> tuple[torch.Tensor, float | None]:  # fmt: skip
+def actor_step(
+    actor: Any,
+    ro: Rollout,
+    advantages: torch.Tensor,
+    idx: torch.Tensor,
+    st: Any,
+    n_tokens: float,
+    extra_loss: Callable[[int], torch.Tensor] | None = None,
+    objective: Objective | None = None,
+) -> tuple[torch.Tensor, float | None]:
     """One optimizer step of `actor` (a DeepSpeed engine) on the rollout rows `idx` (M,), in micro-batches of
     `st.micro_batch_size`: PPO's clipped surrogate (`st.clip_eps`) on `advantages` (B, R) against the rollout's old
     log-probs, both at `st.generation.temperature`, minus `st.entropy_coef` x entropy, summed over valid tokens;
@@ -71,31 +89,62 @@ def actor_step(actor: Any, ro: Rollout, advantages: torch.Tensor, idx: torch.Ten
             low = high = kl = k1 = torch.zeros_like(pg)
             loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
         else:
-            old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
-            pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low,
-                                              objective.clip_high)  # fmt: skip
-            log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-            clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
-            per_token = pg - st.entropy_coef * entropy
-            kl = k1 = torch.zeros_like(pg)
-            if objective.kl_coef:
-                kl = k3_kl_loss(logprobs, ro.ref_logprobs[chunk, :width])
-                k1 = logprobs.detach() - ro.ref_logprobs[chunk, :width]
-                per_token = per_token + objective.kl_coef * kl
-            loss = (per_token * objective.weights[chunk, :width]).sum()
+            loss, old, (pg, clipped, approx_kl, low, high, kl, k1) = _objective_terms(
+                objective, ro, advantages, chunk, logprobs, entropy, st.entropy_coef
+            )
         if extra_loss is not None:
             loss = loss + extra_loss(c)
         eng.backward(actor, loss, n_tokens)
         norm = eng.step(actor)  # DeepSpeed applies it at the last micro-batch (the accumulation boundary)
-        per_token = {"policy_loss": pg, "clipfrac_policy": clipped, "approx_kl": approx_kl, "entropy": entropy,
-                     "clipfrac_low": low, "clipfrac_high": high, "kl_loss": kl, "ref_k1": k1}  # fmt: skip
-        sums.add(**{k: masked_sum(v.detach(), mask) for k, v in per_token.items()}, tokens=sub.attention_mask.sum(),
-                 valid=mask.sum(), abs_log_ratio=masked_sum((logprobs.detach() - old).abs(), mask))  # fmt: skip
+        per_token = {
+            "policy_loss": pg,
+            "clipfrac_policy": clipped,
+            "approx_kl": approx_kl,
+            "entropy": entropy,
+            "clipfrac_low": low,
+            "clipfrac_high": high,
+            "kl_loss": kl,
+            "ref_k1": k1,
+        }
+        sums.add(
+            **{k: masked_sum(v.detach(), mask) for k, v in per_token.items()},
+            tokens=sub.attention_mask.sum(),
+            valid=mask.sum(),
+            abs_log_ratio=masked_sum((logprobs.detach() - old).abs(), mask),
+        )
     return sums, norm
 
 
-def critic_step(critic: Any, ro: Rollout, returns: torch.Tensor, idx: torch.Tensor, st: Any,
-                n_tokens: float) -> Sums:  # fmt: skip
+def _objective_terms(
+    objective: Objective,
+    ro: Rollout,
+    advantages: torch.Tensor,
+    chunk: torch.Tensor,
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor,
+    entropy_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A critic-free method's loss on the rollout rows `chunk` (C,) with `logprobs` and `entropy` (C, W): the
+    clipped surrogate against pi_old (the rollout's, or these log-probs detached for one update per batch), minus
+    the entropy bonus, plus `objective.kl_coef` x k3 to the reference where the KL sits in the loss, weighted by
+    `objective.weights`. Returns (the summed loss, pi_old's log-probs (C, W), the per-token terms (C, W) in the
+    order policy_loss, clipfrac_policy, approx_kl, clipfrac_low, clipfrac_high, kl_loss, ref_k1)."""
+    width = logprobs.shape[1]
+    old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
+    pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low, objective.clip_high)
+    log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
+    per_token = pg - entropy_coef * entropy
+    kl = k1 = torch.zeros_like(pg)
+    if objective.kl_coef:
+        kl = k3_kl_loss(logprobs, ro.ref_logprobs[chunk, :width])
+        k1 = logprobs.detach() - ro.ref_logprobs[chunk, :width]
+        per_token = per_token + objective.kl_coef * kl
+    loss = (per_token * objective.weights[chunk, :width]).sum()
+    return loss, old, (pg, clipped, approx_kl, low, high, kl, k1)
+
+
+def critic_step(critic: Any, ro: Rollout, returns: torch.Tensor, idx: torch.Tensor, st: Any, n_tokens: float) -> Sums:
     """One optimizer step of `critic` (a DeepSpeed engine) on the rollout rows `idx` (M,): `st.vf_coef` x the
     clipped value loss (`st.value_clip_eps`, around the rollout's values) against `returns` (B, R).
     Returns this rank's sums, named CRITIC_SUMS."""

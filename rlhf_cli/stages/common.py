@@ -168,8 +168,13 @@ def train_loop(ctx: Any, engine: Any, plan: StepPlan, metrics: Metrics, start_st
             dt = time.perf_counter() - t0
             done = step + 1
             totals["train_seconds"] += dt
-            values = {**out, "lr": eng.current_lr(engine), "epoch": done / plan.steps_per_epoch, "step_seconds": dt,
-                      "peak_mem_mib": eng.peak_memory_mib(dist.device)}  # fmt: skip
+            values = {
+                **out,
+                "lr": eng.current_lr(engine),
+                "epoch": done / plan.steps_per_epoch,
+                "step_seconds": dt,
+                "peak_mem_mib": eng.peak_memory_mib(dist.device),
+            }
             for key, rate in (("tokens", "tok/s"), ("target_tokens", "target_tok/s"), ("pairs", "pairs/s")):
                 if key in out:
                     totals[key] += out[key]
@@ -233,12 +238,19 @@ class Finale:
 def export_final(ctx: Any, engine: Any) -> Callable[[dict[str, float]], None]:
     """The usual export: the trained model into final/, LoRA adapters merged when model.lora.merge is set."""
     lora = ctx.model_cfg.lora
-    return lambda final_eval: eng.export_hf(engine, ctx.tokenizer, ctx.run.final_dir,
-                                            merge_lora=lora.enabled and lora.merge)  # fmt: skip
+    return lambda final_eval: eng.export_hf(
+        engine, ctx.tokenizer, ctx.run.final_dir, merge_lora=lora.enabled and lora.merge
+    )
 
 
-def finish(ctx: Any, metrics: Metrics, last: dict[str, Any], final_eval: dict[str, float], show: tuple[str, ...],
-           finale: Finale) -> None:  # fmt: skip
+def finish(
+    ctx: Any,
+    metrics: Metrics,
+    last: dict[str, Any],
+    final_eval: dict[str, float],
+    show: tuple[str, ...],
+    finale: Finale,
+) -> None:
     """The end of a stage: log the final evaluation, close the metrics, export, then record the outputs (final/ and
     `finale.outputs`) and the headline metrics in the manifest, `finale.gate`, and the status with the stage's summary
     (its resume checkpoints dropped unless `stage.keep_checkpoints`)."""
@@ -248,10 +260,15 @@ def finish(ctx: Any, metrics: Metrics, last: dict[str, Any], final_eval: dict[st
     finale.export(final_eval)
     extra = finale.extra() if callable(finale.extra) else finale.extra
     # Token totals only where the stage counts them (RM / DPO / PPO have no target tokens: no recorded zero).
-    headline = {k: last[k] for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib")
-                if k in last and (last[k] or k not in ("tokens", "target_tokens"))}  # fmt: skip
-    record = {"outputs": {"final": str(run.final_dir.relative_to(run.root)), **finale.outputs},
-              "metrics": {**headline, **final_eval, **extra}}  # fmt: skip
+    headline = {
+        k: last[k]
+        for k in ("loss", "tokens", "target_tokens", "train_seconds", "peak_mem_mib")
+        if k in last and (last[k] or k not in ("tokens", "target_tokens"))
+    }
+    record = {
+        "outputs": {"final": str(run.final_dir.relative_to(run.root)), **finale.outputs},
+        "metrics": {**headline, **final_eval, **extra},
+    }
     run.update_stage(**record)
     if finale.gate is not None:
         finale.gate(final_eval)
@@ -279,8 +296,9 @@ def frozen_policy(ctx: Any, model_cfg: Any) -> Any:
     return eng.frozen(model, cfg.deepspeed, cfg.stage.eval_batch_size, ctx.dist.device)
 
 
-def policy_engine(cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int,
-                  dropout_off: bool = True) -> Any:  # fmt: skip
+def policy_engine(
+    cfg: Any, model_cfg: Any, tokenizer: Any, total_steps: int, world_size: int, dropout_off: bool = True
+) -> Any:
     """The policy (optional gradient checkpointing and LoRA; dropout off for the preference and RL stages) in its
     DeepSpeed engine with AdamW and the schedule over `total_steps` optimizer steps. SFT keeps the model's dropout
     (`dropout_off=False`): its loss compares the policy with nothing."""

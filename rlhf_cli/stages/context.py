@@ -61,9 +61,13 @@ def default_tokenizer(model_cfg: Any) -> Any:
     return load_tokenizer(model_cfg)
 
 
-def stage_context(cfg: Any, run: Run, model_config: Callable[[Any, Run], Any] = merged_model_config,
-                  tokenizer: Callable[[Any], Any] = default_tokenizer,
-                  check: Callable[[str], None] | None = None) -> StageContext:  # fmt: skip
+def stage_context(
+    cfg: Any,
+    run: Run,
+    model_config: Callable[[Any, Run], Any] = merged_model_config,
+    tokenizer: Callable[[Any], Any] = default_tokenizer,
+    check: Callable[[str], None] | None = None,
+) -> StageContext:
     """1. The distributed group and the seed (every rank builds the same models and the same data order); the
     starting checkpoint (`model_config(cfg, run)`: cfg.model with its source resolved, or a clear error), `check`ed
     (`check(source)`, before anything loads), and its tokenizer."""
@@ -88,8 +92,14 @@ def first_step(client: dict | None) -> int:
     return client["step"] if client else 0
 
 
-def begin(ctx: StageContext, models: Any, total_steps: int, inputs: dict[str, str], lines: Iterable[str | None] = (),
-          restore: Callable[[dict | None], int] = first_step) -> Begun:  # fmt: skip
+def begin(
+    ctx: StageContext,
+    models: Any,
+    total_steps: int,
+    inputs: dict[str, str],
+    lines: Iterable[str | None] = (),
+    restore: Callable[[dict | None], int] = first_step,
+) -> Begun:
     """Resume `models` (an engine, or a dict of them) from the newest complete checkpoint, if any (a damaged one: the
     one before); `restore(client)` reads the checkpoint's client state and says the step to start at. Record the stage
     as running with its `inputs`, open the metrics log, and write its opening lines: where it starts, the resume

@@ -48,14 +48,23 @@ def run(cfg: Any, run: Run) -> Path | None:
 
     # 2. Prompts, the iteration plan, the policy in its engine; the reference only when a KL is used; the reward and
     #    gold sources (stages/online.py).
-    o = online_parts(ctx, lambda n: critic_free_plan(n, st, world), lambda plan: critic_free_updates(plan, st, world),
-                     reference=bool(st.kl_coef))  # fmt: skip
+    o = online_parts(
+        ctx,
+        lambda n: critic_free_plan(n, st, world),
+        lambda plan: critic_free_updates(plan, st, world),
+        reference=bool(st.kl_coef),
+    )
 
     # 3. Resume (policy, optimizer, scheduler, running moments); record the stage.
     inputs = o.inputs(ctx)
-    begun = begin(ctx, o.actor, o.plan.total_steps, inputs,
-                  (o.data.report.summary(), describe_critic_free(o.plan, st, world), *source_lines(inputs)),
-                  restore=lambda client: load_state(o, client))  # fmt: skip
+    begun = begin(
+        ctx,
+        o.actor,
+        o.plan.total_steps,
+        inputs,
+        (o.data.report.summary(), describe_critic_free(o.plan, st, world), *source_lines(inputs)),
+        restore=lambda client: load_state(o, client),
+    )
 
     # 4. Train: an evaluation of the starting policy, then the iterations (rollout, estimator, update).
     def run_eval() -> dict[str, float]:
@@ -95,8 +104,14 @@ def iteration(ctx: StageContext, p: OnlineParts, step: int) -> dict[str, float]:
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, ctx.tokenizer.pad_token_id).items()}
         # Seeded by (seed, iteration, attempt, rank): a resumed run draws what an uninterrupted one would.
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + attempt * 101 + dist.rank)
-        how = Collecting(ctx.tokenizer, st, p.gen_config, stats=lambda raw: score_stats(st, raw, p.moments, p.rm_stats),
-                         allow_invalid=True, old_logprobs=old)  # fmt: skip
+        how = Collecting(
+            ctx.tokenizer,
+            st,
+            p.gen_config,
+            stats=lambda raw: score_stats(st, raw, p.moments, p.rm_stats),
+            allow_invalid=True,
+            old_logprobs=old,
+        )
         return collect(RolloutModels(p.actor, p.reward, ref=p.ref), prompts, batch, how)
 
     prompt_idx = p.plan.rank_indices(step, 0, cfg.seed)
@@ -121,10 +136,10 @@ def reward_terms(reward: Any) -> dict[str, float]:
     terms = getattr(reward, "last_terms", None)
     if not terms:
         return {}
-    means = eng.all_reduce_sum(torch.stack([torch.stack([v.nansum(), torch.isfinite(v).sum()]) for v in
-                                            terms.values()]).double())  # fmt: skip
-    return {f"reward/{name}": float(s / max(float(c), 1.0)) for name, (s, c) in zip(terms, means.tolist(),
-                                                                                    strict=True)}  # fmt: skip
+    means = eng.all_reduce_sum(
+        torch.stack([torch.stack([v.nansum(), torch.isfinite(v).sum()]) for v in terms.values()]).double()
+    )
+    return {f"reward/{name}": float(s / max(float(c), 1.0)) for name, (s, c) in zip(terms, means.tolist(), strict=True)}
 
 
 def save_state(ctx: StageContext, p: OnlineParts, step: int) -> None:

@@ -45,8 +45,9 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
             perm = torch.randperm(n, generator=gen)  # a new shuffle every epoch
         idx = perm[m * mini : (m + 1) * mini]
         normaliser = float(eng.all_reduce_sum(aggregation_count(est.loss_mask[idx], st.loss_aggregation)))
-        local, norm = actor_step(actor, ro, est.advantages.advantages, idx, st, max(normaliser, 1.0),
-                                 objective=objective)  # fmt: skip
+        local, norm = actor_step(
+            actor, ro, est.advantages.advantages, idx, st, max(normaliser, 1.0), objective=objective
+        )
         for key, value in local.all_reduced().items():
             sums[key] += value
     valid = max(sums["valid"], 1.0)
@@ -62,8 +63,15 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     return {**out, "tokens": sums["tokens"], "optimizer_steps": st.ppo_epochs * n_mini, "grad_norm": norm}
 
 
-def dynamic_rollout(draw: Callable[[list[int], int], Rollout], prompt_idx: list[int], plan: StepPlan, step: int,
-                    seed: int, st: Any, pad_id: int) -> tuple[Rollout, dict[str, float], torch.Tensor]:  # fmt: skip
+def dynamic_rollout(
+    draw: Callable[[list[int], int], Rollout],
+    prompt_idx: list[int],
+    plan: StepPlan,
+    step: int,
+    seed: int,
+    st: Any,
+    pad_id: int,
+) -> tuple[Rollout, dict[str, float], torch.Tensor]:
     """DAPO's dynamic sampling: groups whose scores are all equal carry no signal and are dropped; more prompts are
     drawn (`draw(prompts, attempt)`, other seeded prompts each attempt) until every rank holds as many groups with
     signal as an iteration has, or `st.max_sampling_batches` generate rounds have run (all ranks run the same number:
@@ -95,6 +103,13 @@ def dynamic_rollout(draw: Callable[[list[int], int], Rollout], prompt_idx: list[
         filler += [(i, grp) in filled] * g
     ro = concat([take_rows(r, rows[i]) for i, (r, _) in enumerate(parts) if rows[i]], pad_id)
     counts = eng.all_reduce_sum(torch.tensor([len(dropped), max(fill, 0), want], dtype=torch.float64)).tolist()
-    return ro, {"sampling_rounds": float(len(parts)), "groups_dropped": counts[0],
-                "groups_filled_without_signal": counts[1], "groups_dropped_fraction": counts[0] / max(
-                    counts[2] * len(parts), 1.0)}, torch.tensor(filler, dtype=torch.bool)  # fmt: skip
+    return (
+        ro,
+        {
+            "sampling_rounds": float(len(parts)),
+            "groups_dropped": counts[0],
+            "groups_filled_without_signal": counts[1],
+            "groups_dropped_fraction": counts[0] / max(counts[2] * len(parts), 1.0),
+        },
+        torch.tensor(filler, dtype=torch.bool),
+    )

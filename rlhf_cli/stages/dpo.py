@@ -38,8 +38,15 @@ from rlhf_cli.stages.context import begin, stage_context, train_then_finish
 from rlhf_cli.stages.rm import pair_batches
 
 SHOW = ("loss", "reward_accuracy", "reward_margin", "lr", "tok/s", "eval_reward_accuracy")
-PAIR_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
-             "logps_rejected")  # fmt: skip
+PAIR_KEYS = (
+    "loss",
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "logps_chosen",
+    "logps_rejected",
+)
 
 
 def run(cfg: Any, run: Run) -> Path | None:
@@ -108,8 +115,9 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     restart per sequence; the sums are taken per sequence), their shared prompt possibly once (`data.share_prompt`:
     an explicit (R, 1, W, W) mask); only their completion positions reach the LM head, in
     chunks (`models.lm_head`). Called under torch.no_grad for the reference, so no graph is built there."""
-    logps = target_logprobs(model, batch["input_ids"], model_mask(model, batch), batch["labels"],
-                            position_ids=batch.get("position_ids"))  # fmt: skip
+    logps = target_logprobs(
+        model, batch["input_ids"], model_mask(model, batch), batch["labels"], position_ids=batch.get("position_ids")
+    )
     targets = (batch["labels"][:, 1:] != -100).float()
     if "segment" in batch:
         return segment_sums(logps, batch), segment_sums(targets.to(logps.device), batch)
@@ -137,8 +145,11 @@ class Reference:
     def describe(self) -> str:
         if self.table is not None:
             return f"precomputed from {self.source}"
-        return {"none": "none (reference-free loss)", "adapters_off": "the policy with LoRA adapters disabled",
-                "model": f"frozen copy of {self.source}"}[self.kind]  # fmt: skip
+        return {
+            "none": "none (reference-free loss)",
+            "adapters_off": "the policy with LoRA adapters disabled",
+            "model": f"frozen copy of {self.source}",
+        }[self.kind]
 
     @torch.no_grad()
     def precompute(self, splits: dict[str, list], pad_id: int) -> None:
@@ -176,10 +187,26 @@ def pair_losses(engine: Any, ref: Reference, st: Any, batch: dict, split: str, i
     pc, pr = logps.chunk(2)
     lc, lr = lengths.chunk(2)
     rc, rr = ref_logps.chunk(2) if ref_logps is not None else (torch.zeros_like(pc), torch.zeros_like(pr))
-    loss = preference_loss(st.loss, pc, pr, rc, rr, lc, lr, beta=st.beta, label_smoothing=st.label_smoothing,
-                           rpo_alpha=st.rpo_alpha, simpo_gamma=st.simpo_gamma, orpo_lambda=st.orpo_lambda)  # fmt: skip
-    return {"loss": loss, **implicit_rewards(pc, pr, rc, rr, st.beta), "logps_chosen": pc.detach(),
-            "logps_rejected": pr.detach()}  # fmt: skip
+    loss = preference_loss(
+        st.loss,
+        pc,
+        pr,
+        rc,
+        rr,
+        lc,
+        lr,
+        beta=st.beta,
+        label_smoothing=st.label_smoothing,
+        rpo_alpha=st.rpo_alpha,
+        simpo_gamma=st.simpo_gamma,
+        orpo_lambda=st.orpo_lambda,
+    )
+    return {
+        "loss": loss,
+        **implicit_rewards(pc, pr, rc, rr, st.beta),
+        "logps_chosen": pc.detach(),
+        "logps_rejected": pr.detach(),
+    }
 
 
 def train_step(engine, ref, st, split, forwards, device, packed: bool = False) -> dict[str, float]:
@@ -198,8 +225,12 @@ def train_step(engine, ref, st, split, forwards, device, packed: bool = False) -
 
     norm = accumulate(engine, forwards, one, packed)
     total = sums.all_reduced()
-    return {**{k: total[k] / n_global for k in PAIR_KEYS}, "tokens": total["tokens"], "pairs": n_global,
-            "grad_norm": norm}  # fmt: skip
+    return {
+        **{k: total[k] / n_global for k in PAIR_KEYS},
+        "tokens": total["tokens"],
+        "pairs": n_global,
+        "grad_norm": norm,
+    }
 
 
 @torch.no_grad()

@@ -90,16 +90,25 @@ class Judging:
 
 def reference_config(cfg: Any, run: Run) -> Any:
     """cfg.model reading from the reference (model.name_or_path, resolved), without LoRA: every model here is whole."""
-    return OmegaConf.merge(cfg.model, {"name_or_path": run.resolve_source(cfg.model.name_or_path),
-                                       "lora": {"enabled": False}})  # fmt: skip
+    return OmegaConf.merge(
+        cfg.model, {"name_or_path": run.resolve_source(cfg.model.name_or_path), "lora": {"enabled": False}}
+    )
 
 
 def write_results(j: Judging, policies: dict[str, str], rows: dict[str, dict[str, float]]) -> Path:
     """eval.json (rank 0), the headline numbers in the manifest, the table on the console; the stage completed."""
     run, st = j.ctx.run, j.ctx.st
-    out = {"reference": j.ctx.source, "policies": {**policies}, "prompts": len(j.prompts), "n_samples": st.n_samples,
-           "temperature": st.generation.temperature, "kl_samples": st.kl_samples,
-           "reward": j.reward.describe() if j.reward else None, "gold": st.gold, "results": rows}  # fmt: skip
+    out = {
+        "reference": j.ctx.source,
+        "policies": {**policies},
+        "prompts": len(j.prompts),
+        "n_samples": st.n_samples,
+        "temperature": st.generation.temperature,
+        "kl_samples": st.kl_samples,
+        "reward": j.reward.describe() if j.reward else None,
+        "gold": st.gold,
+        "results": rows,
+    }
     path = run.stage_dir / STAGES["eval"].output  # eval.json: the registry's name, which a refusal of a rerun names
     if j.ctx.dist.is_main:
         atomic_write_text(path, json.dumps(out, indent=2) + "\n")
@@ -125,8 +134,10 @@ def policy_paths(run: Run, names: list[str]) -> dict[str, str]:
         if kind is not None and kind.kind == CAUSAL_LM:
             found[name] = str(final)
     if not found:
-        raise UserError(f"run `{run.root.name}` has no completed policy stage to evaluate; run `rlhf sft "
-                        f"run.name={run.root.name}` first, or name them with stage.policies=[...]")  # fmt: skip
+        raise UserError(
+            f"run `{run.root.name}` has no completed policy stage to evaluate; run `rlhf sft "
+            f"run.name={run.root.name}` first, or name them with stage.policies=[...]"
+        )
     return found
 
 
@@ -134,8 +145,9 @@ def held_out_prompts(cfg: Any, tokenizer: Any) -> list:
     """The held-out prompts of `data` (the same split the online stages evaluate on with the same seed)."""
     prompts = build_prompt_datasets(cfg.data, tokenizer, seed=cfg.seed).eval
     if not prompts:
-        raise UserError(f"data `{cfg.data.source}` leaves no held-out prompt; set data.eval_fraction above 0 or "
-                        "data.eval_split")  # fmt: skip
+        raise UserError(
+            f"data `{cfg.data.source}` leaves no held-out prompt; set data.eval_fraction above 0 or data.eval_split"
+        )
     return prompts[: cfg.stage.max_prompts] if cfg.stage.max_prompts else prompts
 
 
@@ -157,14 +169,17 @@ def judge(cfg: Any, run: Run, tokenizer: Any, dist: Any) -> tuple[Any | None, li
     """The reward source of `stage.reward`, or None (with a note) for the default `stage:rm` when the run has no
     completed reward model (a DPO-only run): then no reward and no win rate."""
     if no_reward_model(cfg, run):
-        return None, ["no reward model in this run (stage rm): reward and win rate are left out; name one with "
-                      "stage.reward.model=<folder> or stage.reward.function=module:function"]  # fmt: skip
+        return None, [
+            "no reward model in this run (stage rm): reward and win rate are left out; name one with "
+            "stage.reward.model=<folder> or stage.reward.function=module:function"
+        ]
     return build_reward(cfg.stage, run, cfg.deepspeed, tokenizer, dist), []
 
 
 @torch.no_grad()
-def evaluate(policy: Any, reference: Any, j: Judging, ref_scores: torch.Tensor | None,
-             draw: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+def evaluate(
+    policy: Any, reference: Any, j: Judging, ref_scores: torch.Tensor | None, draw: int
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(this rank's reward scores of the judged responses (rows of its batches in order), the summary over all ranks)
     of `policy`. `draw` seeds the sampling (the reference's own draws are 0: a policy that is the reference samples
     afresh). `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
@@ -197,8 +212,9 @@ def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Te
     """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one)."""
     tokenizer, reward, gold, st, dist = j.ctx.tokenizer, j.reward, j.gold, j.ctx.st, j.ctx.dist
     rows, _ = expand(examples, st.n_samples)
-    seq = _generate(policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id),
-                    tokenizer, dist)  # fmt: skip
+    seq = _generate(
+        policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer, dist
+    )
     texts = decode_responses(tokenizer, seq)
     values = {"length": seq.response_mask.sum(1), "eos": seq.has_eos.double()}
     if reward is not None:
@@ -214,8 +230,9 @@ def sampled_kl(policy: Any, reference: Any, examples: list, ctx: StageContext) -
     tokenizer, st, dist = ctx.tokenizer, ctx.st, ctx.dist
     plain = SimpleNamespace(max_new_tokens=st.generation.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     rows, _ = expand(examples, st.kl_samples)
-    seq = _generate(policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer,
-                    dist)  # fmt: skip
+    seq = _generate(
+        policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer, dist
+    )
     logp = response_logprobs(response_logits(policy, seq), seq, 1.0)
     ref_logp = logp if policy is reference else response_logprobs(response_logits(reference, seq), seq, 1.0)
     return sequence_k1(logp, ref_logp, seq.response_mask)

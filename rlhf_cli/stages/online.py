@@ -43,8 +43,13 @@ class OnlineParts:
         """The stage's inputs for the manifest and the log: policy, reference, critic (PPO), reward, data."""
         ref = self.ref.describe(self.ref_source) if self.ref is not None else "none (stage.kl_coef=0)"
         critic = {"critic": self.critic_source} if self.critic is not None else {}
-        return {"policy": ctx.source, "reference": ref, **critic, "reward": self.reward.describe(),
-                "data": ctx.cfg.data.source}  # fmt: skip
+        return {
+            "policy": ctx.source,
+            "reference": ref,
+            **critic,
+            "reward": self.reward.describe(),
+            "data": ctx.cfg.data.source,
+        }
 
     def evaluate(self, ctx: StageContext, allow_invalid: bool = False) -> dict[str, float]:
         """The policy's held-out evaluation (`evaluate_policy` with the stage's settings and gold metric)."""
@@ -52,9 +57,13 @@ class OnlineParts:
         return evaluate_policy(self.actor, self.reward, self.data.eval, how)
 
 
-def online_parts(ctx: StageContext, plan_of: Callable[[int], StepPlan], updates_of: Callable[[StepPlan], int],
-                 critic: Callable[[int], tuple[Any, str]] | None = None,
-                 reference: bool = True) -> OnlineParts:  # fmt: skip
+def online_parts(
+    ctx: StageContext,
+    plan_of: Callable[[int], StepPlan],
+    updates_of: Callable[[StepPlan], int],
+    critic: Callable[[int], tuple[Any, str]] | None = None,
+    reference: bool = True,
+) -> OnlineParts:
     """The recorded reward statistics (rm_stats; refused before any model loads where none describe the scores), the
     prompts, the plan (`plan_of(n_prompts)`), the policy engine with its schedule over `updates_of(plan)` optimizer
     steps, `critic(updates)` -> (engine, source) when given, the reference (`reference`), the reward and gold sources
@@ -73,12 +82,28 @@ def online_parts(ctx: StageContext, plan_of: Callable[[int], StepPlan], updates_
     reward = build_reward(st, run, cfg.deepspeed, tokenizer, dist, together=True)
     gold = build_gold(st.gold_reward, st, run, cfg.deepspeed, tokenizer, dist, together=True)
     gen_config = sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return OnlineParts(data, plan, actor, critic_engine, critic_source, ref, ref_source, reward, gold, gen_config,
-                       RunningMoments(), rm_stats)  # fmt: skip
+    return OnlineParts(
+        data,
+        plan,
+        actor,
+        critic_engine,
+        critic_source,
+        ref,
+        ref_source,
+        reward,
+        gold,
+        gen_config,
+        RunningMoments(),
+        rm_stats,
+    )
 
 
-def log_first_evaluation(begun: Begun, evaluate: Callable[[], dict[str, float]], show: tuple[str, ...],
-                         check: Callable[[dict[str, float]], None] | None = None) -> None:  # fmt: skip
+def log_first_evaluation(
+    begun: Begun,
+    evaluate: Callable[[], dict[str, float]],
+    show: tuple[str, ...],
+    check: Callable[[dict[str, float]], None] | None = None,
+) -> None:
     """A fresh start (step 0) with held-out prompts: the starting policy's evaluation, `check`ed, logged at step 0."""
     if begun.start_step != 0:
         return

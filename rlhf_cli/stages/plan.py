@@ -36,9 +36,11 @@ def packing_summary(data_cfg: Any, st: Any, attn_implementation: str, per_item: 
     budget = data_cfg.max_tokens_per_batch
     size = f"{budget} tokens" if budget else f"micro {st.micro_batch_size} x the step's longest {item}"
     when = "on (data.packing=true)" if data_cfg.packing else "on where supported (data.packing=null: tested decoders)"
-    lines = [f"  packing: {when}; same loss and gradients as padded",
-             f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one",
-             f"    {ROW_LINES.get(attn_implementation, ROW_LINES['eager']).format(item=item)}"]  # fmt: skip
+    lines = [
+        f"  packing: {when}; same loss and gradients as padded",
+        f"    forwards of up to {size} (data.max_tokens_per_batch), each {item} whole in one",
+        f"    {ROW_LINES.get(attn_implementation, ROW_LINES['eager']).format(item=item)}",
+    ]
     if per_item == 2:
         lines.append(f"    {shared_prompt_line(data_cfg.share_prompt, attn_implementation)}")
     return lines
@@ -100,8 +102,10 @@ def iteration_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
     per_iteration = st.rollout_batch_size * world_size
     per_epoch = n_prompts // per_iteration
     if per_epoch == 0:
-        raise UserError(f"only {n_prompts} training prompts for {per_iteration} prompts per iteration; lower "
-                        "stage.rollout_batch_size or add prompts")  # fmt: skip
+        raise UserError(
+            f"only {n_prompts} training prompts for {per_iteration} prompts per iteration; lower "
+            "stage.rollout_batch_size or add prompts"
+        )
     total = st.max_steps or math.ceil(st.epochs * per_epoch)
     return StepPlan(n_prompts, st.rollout_batch_size, 1, world_size, per_epoch, max(1, total))
 
@@ -112,9 +116,11 @@ def ppo_updates(plan: StepPlan, st: Any) -> int:
 
 
 def describe_plan(plan: StepPlan, st: Any) -> str:
-    return (f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
-            f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
-            f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank")  # fmt: skip
+    return (
+        f"{plan.n_examples} prompts, {plan.global_batch} per iteration ({st.rollout_batch_size} x "
+        f"{plan.world_size} rank(s)); {plan.total_steps} iterations of {st.ppo_epochs} PPO epoch(s) x "
+        f"{st.rollout_batch_size // mini_batch(st)} mini-batch(es) of {mini_batch(st)} per rank"
+    )
 
 
 def critic_free_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
@@ -124,8 +130,10 @@ def critic_free_plan(n_prompts: int, st: Any, world_size: int) -> StepPlan:
     critic_free_rows(st, world_size)
     per_epoch = n_prompts // st.rollout_batch_size
     if per_epoch == 0:
-        raise UserError(f"only {n_prompts} training prompts for {st.rollout_batch_size} prompts per iteration; lower "
-                        "stage.rollout_batch_size or add prompts")  # fmt: skip
+        raise UserError(
+            f"only {n_prompts} training prompts for {st.rollout_batch_size} prompts per iteration; lower "
+            "stage.rollout_batch_size or add prompts"
+        )
     total = st.max_steps or math.ceil(st.epochs * per_epoch)
     return StepPlan(n_prompts, st.rollout_batch_size, 1, 1, per_epoch, max(1, total))
 
@@ -137,7 +145,9 @@ def critic_free_updates(plan: StepPlan, st: Any, world_size: int) -> int:
 
 def describe_critic_free(plan: StepPlan, st: Any, world_size: int) -> str:
     rows = critic_free_rows(st, world_size)
-    return (f"{plan.n_examples} prompts, {st.rollout_batch_size} per iteration x {st.n_samples} samples = "
-            f"{st.rollout_batch_size * st.n_samples} rows ({rows} per rank on {world_size} rank(s)); "
-            f"{plan.total_steps} iterations of {st.ppo_epochs} epoch(s) x {rows // mini_batch(st)} mini-batch(es) of "
-            f"{mini_batch(st)} rows per rank; advantage {st.advantage}")  # fmt: skip
+    return (
+        f"{plan.n_examples} prompts, {st.rollout_batch_size} per iteration x {st.n_samples} samples = "
+        f"{st.rollout_batch_size * st.n_samples} rows ({rows} per rank on {world_size} rank(s)); "
+        f"{plan.total_steps} iterations of {st.ppo_epochs} epoch(s) x {rows // mini_batch(st)} mini-batch(es) of "
+        f"{mini_batch(st)} rows per rank; advantage {st.advantage}"
+    )

@@ -49,16 +49,25 @@ def run(cfg: Any, run: Run) -> Path | None:
 
     # 2. Prompts and the iteration plan; actor and critic in DeepSpeed engines, the frozen reference, the reward and
     #    gold sources (stages/online.py); optional ptx data; the KL controller.
-    o = online_parts(ctx, lambda n: iteration_plan(n, st, ctx.dist.world_size), lambda plan: ppo_updates(plan, st),
-                     critic=lambda updates: build_critic(cfg, run, ctx.source, ctx.tokenizer, updates, ctx.dist))
+    o = online_parts(
+        ctx,
+        lambda n: iteration_plan(n, st, ctx.dist.world_size),
+        lambda plan: ppo_updates(plan, st),
+        critic=lambda updates: build_critic(cfg, run, ctx.source, ctx.tokenizer, updates, ctx.dist),
+    )
     ptx = PtxData(st, ctx.tokenizer, cfg.seed, ctx.dist) if st.ptx.coef > 0 else None
     p = Parts(ctx, o, ptx, kl_controller(st.kl_control, st.kl_coef, st.kl_target, st.kl_horizon))
 
     # 3. Resume (actor, critic, optimizers, schedulers, KL controller, running moments); record the stage.
     inputs = o.inputs(ctx)
-    begun = begin(ctx, {"actor": o.actor, "critic": o.critic}, o.plan.total_steps, inputs,
-                  (o.data.report.summary(), describe_plan(o.plan, st), *source_lines(inputs)),
-                  restore=lambda client: load_state(p, client))  # fmt: skip
+    begun = begin(
+        ctx,
+        {"actor": o.actor, "critic": o.critic},
+        o.plan.total_steps,
+        inputs,
+        (o.data.report.summary(), describe_plan(o.plan, st), *source_lines(inputs)),
+        restore=lambda client: load_state(p, client),
+    )
 
     # 4. Train: an evaluation of the starting policy, then the iterations (rollout, advantages, update).
     log_first_evaluation(begun, lambda: o.evaluate(ctx), SHOW)
@@ -112,8 +121,9 @@ def iteration(p: Parts, step: int) -> dict[str, float]:
 def save_state(p: Parts, step: int) -> None:
     """Checkpoint both engines with the KL controller and the running moments (collective)."""
     client = {"step": step, "kl_controller": p.kl_ctl.state_dict(), "running_moments": p.o.moments.state_dict()}
-    ckpt.save_checkpoint({"actor": p.o.actor, "critic": p.o.critic}, p.ctx.run.checkpoints_dir, step, client,
-                         p.ctx.st.keep_last)  # fmt: skip
+    ckpt.save_checkpoint(
+        {"actor": p.o.actor, "critic": p.o.critic}, p.ctx.run.checkpoints_dir, step, client, p.ctx.st.keep_last
+    )
 
 
 def load_state(p: Parts, client: dict | None) -> int:
@@ -136,8 +146,10 @@ def build_critic(cfg: Any, run: Run, policy_source: str, tokenizer: Any, updates
     check_critic_tokenizer(critic_cfg, tokenizer)
     critic = load_reward_model(critic_cfg, source, tokenizer, seed=cfg.seed)
     if not pools_last_token(critic):
-        raise UserError(f"critic {source}: a critic needs a decoder (a value at every token); encoders such as BERT "
-                        "cannot be one. Set stage.critic.init=policy or stage.critic.source")  # fmt: skip
+        raise UserError(
+            f"critic {source}: a critic needs a decoder (a value at every token); encoders such as BERT "
+            "cannot be one. Set stage.critic.init=policy or stage.critic.source"
+        )
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(critic)
     return in_engine(cfg, critic, updates, dist.world_size, OmegaConf.merge(cfg.optim, {"lr": st.critic.lr})), source
@@ -148,6 +160,8 @@ def check_critic_tokenizer(critic_cfg: Any, tokenizer: Any) -> None:
     if is_builtin(critic_cfg.name_or_path):
         return
     if not same_tokenizer(load_tokenizer(critic_cfg), tokenizer):
-        raise UserError(f"critic {critic_cfg.name_or_path} has another tokenizer than the policy; a critic reads the "
-                        "policy's token ids. Set stage.critic.init=policy, or stage.critic.source to a model with "
-                        "the policy's tokenizer")  # fmt: skip
+        raise UserError(
+            f"critic {critic_cfg.name_or_path} has another tokenizer than the policy; a critic reads the "
+            "policy's token ids. Set stage.critic.init=policy, or stage.critic.source to a model with "
+            "the policy's tokenizer"
+        )

@@ -38,20 +38,27 @@ class PtxData:
         micro, accum = st.ptx.micro_batch_size, st.gradient_accumulation_steps
         per_epoch = len(self.examples) // (micro * accum * dist.world_size)
         if per_epoch == 0:
-            raise UserError(f"stage.ptx.data holds {len(self.examples)} examples, fewer than one ptx batch of "
-                            f"{micro * accum * dist.world_size}; lower stage.ptx.micro_batch_size")  # fmt: skip
+            raise UserError(
+                f"stage.ptx.data holds {len(self.examples)} examples, fewer than one ptx batch of "
+                f"{micro * accum * dist.world_size}; lower stage.ptx.micro_batch_size"
+            )
         self.plan = StepPlan(len(self.examples), micro, accum, dist.world_size, per_epoch, 10**12)
 
     def micro_batches(self, update_index: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
         idx = self.plan.rank_indices(update_index, self.rank, self.seed)
         micro = self.plan.micro_batch
-        return [{k: v.to(device) for k, v in collate_sft([self.examples[i] for i in idx[j : j + micro]],
-                                                         self.pad_id).items()}
-                for j in range(0, len(idx), micro)]  # fmt: skip
+        return [
+            {
+                k: v.to(device)
+                for k, v in collate_sft([self.examples[i] for i in idx[j : j + micro]], self.pad_id).items()
+            }
+            for j in range(0, len(idx), micro)
+        ]
 
 
-def ppo_update(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, iteration: int, seed: int,
-               ptx: PtxData | None) -> dict[str, float]:  # fmt: skip
+def ppo_update(
+    actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, iteration: int, seed: int, ptx: PtxData | None
+) -> dict[str, float]:
     """`st.ppo_epochs` passes over the rollout in shuffled mini-batches; returns token-mean losses and statistics.
     With `st.target_kl`, the remaining mini-batches are skipped once a mini-batch's approximate KL (all ranks)
     exceeds it."""
@@ -82,12 +89,19 @@ def ppo_update(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, i
     out["loss"] = out["policy_loss"] + st.vf_coef * out["value_loss"]
     if ptx:
         out["ptx_loss"] = sums["ptx_sum"] / max(sums["ptx_tokens"], 1.0)
-    return {**out, **first, "tokens": sums["tokens"], "optimizer_steps": steps, "grad_norm": norm,
-            "early_stopped": float(steps < st.ppo_epochs * n_mini)}  # fmt: skip
+    return {
+        **out,
+        **first,
+        "tokens": sums["tokens"],
+        "optimizer_steps": steps,
+        "grad_norm": norm,
+        "early_stopped": float(steps < st.ppo_epochs * n_mini),
+    }
 
 
-def minibatch_step(actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, idx: torch.Tensor,
-                   ptx_batches: list | None) -> tuple[dict[str, float], float | None]:  # fmt: skip
+def minibatch_step(
+    actor: Any, critic: Any, ro: Rollout, adv: Advantages, st: Any, idx: torch.Tensor, ptx_batches: list | None
+) -> tuple[dict[str, float], float | None]:
     """One actor and one critic optimizer step on the rollout rows `idx`. Returns the sums over all ranks (named
     PPO_SUMS) and the actor's gradient norm."""
     n_tokens = float(eng.all_reduce_sum(ro.mask[idx].sum()))

@@ -154,10 +154,20 @@ def finish_stage(rs: Rounds, done: RoundDone, totals: dict, steps: int) -> None:
     ctx, st = rs.ctx, rs.ctx.st
     files = bon.RoundFiles.of(ctx.run.stage_dir, st.rounds)
     selection = json.loads(files.selection.read_text())
-    extra = {"rounds": st.rounds, "steps": steps, **{k: selection[k] for k in HEADLINE_SELECTION},
-             "data": rs.data.report.to_dict()}  # fmt: skip
-    finish(ctx, rs.metrics, {**done.last, **totals, "step": steps}, done.evals, SHOW,
-           Finale(export_final(ctx, done.engine), extra=extra))
+    extra = {
+        "rounds": st.rounds,
+        "steps": steps,
+        **{k: selection[k] for k in HEADLINE_SELECTION},
+        "data": rs.data.report.to_dict(),
+    }
+    finish(
+        ctx,
+        rs.metrics,
+        {**done.last, **totals, "step": steps},
+        done.evals,
+        SHOW,
+        Finale(export_final(ctx, done.engine), extra=extra),
+    )
     end_round(rs, st.rounds, done)
 
 
@@ -169,11 +179,21 @@ def start(ctx: StageContext, data: Any, reward: Any, rm_stats: Any) -> tuple:
     kept = prepare_round(ctx, first, data, rm_stats) if first <= st.rounds else None
     fresh = first == 1 and not (kept and kept.drawn)
     resume_step = newest_step(round_ckpt_dir(run, first)) or offset
-    started = run.begin(to_yaml(cfg), config_hash(cfg), {"policy": ctx.source, "reward": reward.describe(),
-                        "data": cfg.data.source}, resume_point(run, first, bool(kept and kept.drawn)))  # fmt: skip
+    started = run.begin(
+        to_yaml(cfg),
+        config_hash(cfg),
+        {"policy": ctx.source, "reward": reward.describe(), "data": cfg.data.source},
+        resume_point(run, first, bool(kept and kept.drawn)),
+    )
     estimate = offset + (st.rounds - first + 1) * steps_estimate(len(data.train), st, ctx.dist.world_size)
-    metrics = Metrics(run.metrics_path, estimate, cfg.logging, ctx.dist.is_main, resume_step,
-                      replay_from=0 if fresh else resume_step + 1)  # fmt: skip
+    metrics = Metrics(
+        run.metrics_path,
+        estimate,
+        cfg.logging,
+        ctx.dist.is_main,
+        resume_step,
+        replay_from=0 if fresh else resume_step + 1,
+    )
     for line in (started, data.report.summary(), describe(st, len(data.train), first, history), kept and kept.line):
         if line:
             metrics.message(line)
@@ -194,8 +214,10 @@ def steps_estimate(n_train: int, st: Any, world_size: int) -> int:
 
 def describe(st: Any, n_train: int, first: int, history: list[dict]) -> str:
     prompts = min(st.prompts_per_round or n_train, n_train)
-    line = (f"{st.rounds} round(s) of {prompts} prompts x {st.n_samples} samples, selection {st.selection}, "
-            f"fine-tuning from the {'starting' if st.init == 'sft' else 'previous round'} policy")  # fmt: skip
+    line = (
+        f"{st.rounds} round(s) of {prompts} prompts x {st.n_samples} samples, selection {st.selection}, "
+        f"fine-tuning from the {'starting' if st.init == 'sft' else 'previous round'} policy"
+    )
     if history:
         line += f"; round{'s 1-' if first > 2 else ' '}{first - 1} already done"
     return line
@@ -225,8 +247,16 @@ def sample_and_select(rs: Rounds, files: bon.RoundFiles, r: int, sampler: str, o
         chunks = [idx[j : j + st.generation_batch_size] for j in range(0, len(idx), st.generation_batch_size)]
         model = generation_model(ctx, sampler)
         with rs.metrics.closed_on_error():
-            how = bon.Drawing(data.train, ctx.tokenizer, rs.reward, st, rs.rm_stats, dist, ctx.seed,
-                              collective=ctx.cfg.deepspeed.zero_stage == 3)  # fmt: skip
+            how = bon.Drawing(
+                data.train,
+                ctx.tokenizer,
+                rs.reward,
+                st,
+                rs.rm_stats,
+                dist,
+                ctx.seed,
+                collective=ctx.cfg.deepspeed.zero_stage == 3,
+            )
             speed = bon.sample_chunks(model, chunks, files, r, how, rs.metrics.message)
         del model
         free_memory()
@@ -254,8 +284,9 @@ def fine_tune(rs: Rounds, r: int, init: str, examples: list, offset: int) -> Rou
     cfg, st, dist = ctx.cfg, ctx.st, ctx.dist
     plan = round_plan(len(examples), st, dist.world_size, r)
     metrics.set_total(offset + plan.total_steps * (st.rounds - r + 1))
-    engine = policy_engine(cfg, OmegaConf.merge(cfg.model, {"name_or_path": init}), ctx.tokenizer, plan.total_steps,
-                           dist.world_size)  # fmt: skip
+    engine = policy_engine(
+        cfg, OmegaConf.merge(cfg.model, {"name_or_path": init}), ctx.tokenizer, plan.total_steps, dist.world_size
+    )
     ckpt_dir = round_ckpt_dir(ctx.run, r)
     _, client, notes = ckpt.resume_latest(engine, ckpt_dir)
     for note in notes:
@@ -285,10 +316,12 @@ def round_plan(n_examples: int, st: Any, world_size: int, r: int) -> Any:
     except UserError:
         global_batch = st.micro_batch_size * st.gradient_accumulation_steps * world_size
         fixes = ", ".join(selection_fixes(st))
-        raise UserError(f"round {r} selected {n_examples} sample(s), fewer than one global batch of {global_batch}; "
-                        f"try {fixes} or a lower stage.micro_batch_size / stage.gradient_accumulation_steps: the same "
-                        "command with the change selects again from the round's saved candidates, or draws them "
-                        "again where the change needs it") from None  # fmt: skip
+        raise UserError(
+            f"round {r} selected {n_examples} sample(s), fewer than one global batch of {global_batch}; "
+            f"try {fixes} or a lower stage.micro_batch_size / stage.gradient_accumulation_steps: the same "
+            "command with the change selects again from the round's saved candidates, or draws them "
+            "again where the change needs it"
+        ) from None
 
 
 def selection_fixes(st: Any) -> list[str]:

@@ -71,8 +71,11 @@ def run(cfg: Any, run: Run) -> Path | None:
     model, engine, packing = build_engine(cfg, ctx.model_cfg, ctx.tokenizer, plan, ctx.dist)
 
     # 4. Resume from the newest complete checkpoint, if any; record the stage as running.
-    inputs = {"model": run_relative(ctx.source, run), "model_name_or_path": cfg.model.name_or_path,
-              "data": cfg.data.source}  # fmt: skip
+    inputs = {
+        "model": run_relative(ctx.source, run),
+        "model_name_or_path": cfg.model.name_or_path,
+        "data": cfg.data.source,
+    }
     model_line = f"model: {ctx.source} ({type(model).__name__})"
     lines = (model_line, data.report.summary(), plan.describe(), packing.describe())
     begun = begin(ctx, engine, plan.total_steps, inputs, lines)
@@ -89,8 +92,11 @@ def run(cfg: Any, run: Run) -> Path | None:
         return evaluate(engine, data.eval, st.eval_batch_size, dist, pad_id)
 
     # 6. Final evaluation, export of final/ with the reward statistics, headline metrics, then the accuracy gate.
-    finale = Finale(export_with_stats(ctx, engine), extra={"steps": plan.total_steps, "data": data.report.to_dict()},
-                    gate=lambda final_eval: check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir))
+    finale = Finale(
+        export_with_stats(ctx, engine),
+        extra={"steps": plan.total_steps, "data": data.report.to_dict()},
+        gate=lambda final_eval: check_accuracy_gate(final_eval, st.min_eval_accuracy, run.final_dir),
+    )
     return train_then_finish(ctx, engine, plan, begun, Loop(one_step, run_eval, SHOW), finale)
 
 
@@ -170,8 +176,14 @@ def train_step(engine: Any, batches: list[dict], device: torch.device, center_co
         eng.backward(engine, loss * (n if real else 0.0), n_pairs)  # summed per-pair loss; a filler adds nothing
         if real:
             pairs = pair_sums(r_chosen, r_rejected)
-            sums.add(loss=loss.detach().double().cpu() * n, correct=pairs["correct"], margin=pairs["margin"],
-                     chosen=pairs["chosen"], rejected=pairs["rejected"], tokens=real_tokens(b))  # fmt: skip
+            sums.add(
+                loss=loss.detach().double().cpu() * n,
+                correct=pairs["correct"],
+                margin=pairs["margin"],
+                chosen=pairs["chosen"],
+                rejected=pairs["rejected"],
+                tokens=real_tokens(b),
+            )
 
     norm = accumulate(engine, batches, one, packed)
     total = sums.all_reduced()
@@ -205,8 +217,14 @@ def evaluate(engine: Any, examples: list, batch_size: int, dist: Any, pad_id: in
         loss, _ = bradley_terry_loss(r_chosen, r_rejected, b["margin"][real])
         s = pair_sums(r_chosen, r_rejected)
         n = len(r_chosen)
-        sums.add(pairs=n, correct=s["correct"], margin=s["margin"], loss=loss.double().cpu() * n,
-                 reward=s["chosen"] + s["rejected"], reward_sq=s["squares"])  # fmt: skip
+        sums.add(
+            pairs=n,
+            correct=s["correct"],
+            margin=s["margin"],
+            loss=loss.double().cpu() * n,
+            reward=s["chosen"] + s["rejected"],
+            reward_sq=s["squares"],
+        )
     total = sums.all_reduced()
     pairs = total["pairs"]
     mean = total["reward"] / (2 * pairs)
@@ -224,9 +242,13 @@ def pair_sums(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, tor
     """Sums over B pairs of rewards (B,) each, float64: correct pairs (r_c > r_r), margins, chosen, rejected, and
     the squares of all 2B rewards (for the std). Sums, not means, so ranks and micro-batches add up exactly."""
     r_chosen, r_rejected = r_chosen.detach().double().cpu(), r_rejected.detach().double().cpu()
-    return {"correct": (r_chosen > r_rejected).sum().double(), "margin": (r_chosen - r_rejected).sum(),
-            "chosen": r_chosen.sum(), "rejected": r_rejected.sum(),
-            "squares": (r_chosen**2).sum() + (r_rejected**2).sum()}  # fmt: skip
+    return {
+        "correct": (r_chosen > r_rejected).sum().double(),
+        "margin": (r_chosen - r_rejected).sum(),
+        "chosen": r_chosen.sum(),
+        "rejected": r_rejected.sum(),
+        "squares": (r_chosen**2).sum() + (r_rejected**2).sum(),
+    }
 
 
 def check_accuracy_gate(final_eval: dict[str, float], threshold: float | None, final_dir: Path) -> None:

@@ -65,8 +65,13 @@ def prepare_round(ctx: StageContext, r: int, data: Any, rm_stats: Any) -> saved.
         st = cfg.stage
         idx = bon.round_prompts(len(data.train), st.prompts_per_round, cfg.seed, r)
         files = bon.RoundFiles.of(run.stage_dir, r)
-        outcome = saved.reconcile(files, r, drawn_record(cfg, run, r, idx, data.train, rm_stats),
-                                  saved.selection_rule(st), len(idx) * st.n_samples)  # fmt: skip
+        outcome = saved.reconcile(
+            files,
+            r,
+            drawn_record(cfg, run, r, idx, data.train, rm_stats),
+            saved.selection_rule(st),
+            len(idx) * st.n_samples,
+        )
         if not outcome.selected:
             shutil.rmtree(round_ckpt_dir(run, r), ignore_errors=True)
         if outcome.redone:
@@ -87,13 +92,17 @@ def drawn_record(cfg: Any, run: Run, r: int, prompt_idx: list[int], prompts: lis
     uses_model = st.reward.model and not (st.reward.functions or st.reward.function)
     generation = OmegaConf.to_container(st.generation, resolve=True)
     reward = OmegaConf.to_container(st.reward, resolve=True)
-    return {"policy": policy, "seed": cfg.seed, "stage.n_samples": st.n_samples,
-            "stage.generation_batch_size": st.generation_batch_size,
-            **{f"stage.generation.{k}": v for k, v in generation.items()},
-            **{f"stage.reward.{k}": v for k, v in reward.items()},
-            "reward model": saved.source_identity(run, st.reward.model) if uses_model else None,
-            "rm_stats": list(rm_stats) if rm_stats else None,
-            "prompts": saved.prompts_digest(prompt_idx, prompts)}  # fmt: skip
+    return {
+        "policy": policy,
+        "seed": cfg.seed,
+        "stage.n_samples": st.n_samples,
+        "stage.generation_batch_size": st.generation_batch_size,
+        **{f"stage.generation.{k}": v for k, v in generation.items()},
+        **{f"stage.reward.{k}": v for k, v in reward.items()},
+        "reward model": saved.source_identity(run, st.reward.model) if uses_model else None,
+        "rm_stats": list(rm_stats) if rm_stats else None,
+        "prompts": saved.prompts_digest(prompt_idx, prompts),
+    }
 
 
 def drop_selection_row(path: Path, r: int) -> None:

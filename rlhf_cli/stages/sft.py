@@ -109,8 +109,9 @@ def sft_loss(model: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]
     """Summed target-token NLL of a collated batch (input_ids, attention_mask, labels (B, T)), or a packed one
     (input_ids, position_ids, labels (R, W)), and its target count. Only the target positions go through the LM head,
     in chunks (`models.lm_head`): no (B, T, V) logits."""
-    logps = target_logprobs(model, b["input_ids"], b.get("attention_mask"), b["labels"],
-                            position_ids=b.get("position_ids"))  # (B, T-1) fp32  # fmt: skip
+    logps = target_logprobs(
+        model, b["input_ids"], b.get("attention_mask"), b["labels"], position_ids=b.get("position_ids")
+    )  # (B, T-1) fp32
     return sft_loss_from_logprobs(logps, b["labels"])
 
 

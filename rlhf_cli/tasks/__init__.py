@@ -22,8 +22,9 @@ def write_rows(path: Path | str, rows: list[dict[str, str]]) -> Path:
     return path
 
 
-def prompts_main(doc: str, default_out: Path, n: int, seed: int, build_rows: Callable[[int, int], list],
-                 argv: list[str] | None) -> Path:  # fmt: skip
+def prompts_main(
+    doc: str, default_out: Path, n: int, seed: int, build_rows: Callable[[int, int], list], argv: list[str] | None
+) -> Path:
     """`python -m rlhf_cli.tasks.<task> [--out F] [--n N] [--seed S]`: write the task's prompt file."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_out)

@@ -90,8 +90,9 @@ def build_pairs(seed: int = DEFAULT_SEED, sft_sample: Path = SFT_SAMPLE) -> list
     for k in numbers:
         right, wrong = ("even", "odd") if k % 2 == 0 else ("odd", "even")
         named = [k if rng.random() < 0.5 else rng.randrange(1, 1000) for _ in range(2)]
-        rows.append({"prompt": make_prompt(k), "chosen": f"{named[0]} is {right}.",
-                     "rejected": f"{named[1]} is {wrong}."})  # fmt: skip
+        rows.append(
+            {"prompt": make_prompt(k), "chosen": f"{named[0]} is {right}.", "rejected": f"{named[1]} is {wrong}."}
+        )
     return rows
 
 

@@ -40,8 +40,15 @@ FAST = [
 def sft_rm_base(root: Path) -> Path:
     """A run `base` under `root` with short `sft` and `rm` stages on the FAST model, for online stages to copy."""
     for stage, steps in (("sft", 20), ("rm", 10)):
-        res = rlhf(stage, *FAST, f"run.root={root}", "run.name=base", f"stage.max_steps={steps}",
-                   "stage.save_every=0", cwd=root)  # fmt: skip
+        res = rlhf(
+            stage,
+            *FAST,
+            f"run.root={root}",
+            "run.name=base",
+            f"stage.max_steps={steps}",
+            "stage.save_every=0",
+            cwd=root,
+        )
         assert res.returncode == 0, res.stderr
     return root / "base"
 
@@ -72,9 +79,12 @@ class _Zygote:
     def start(self, env: dict) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("zygote.py"))],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(self.log / "zygote.err").open("w"),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(self.log / "zygote.err").open("w"),
             bufsize=0,  # unbuffered: a select on the pipe must not miss a line already read into a buffer
-        )  # fmt: skip
+        )
         atexit.register(self.proc.kill)
 
     def _line(self, deadline: float | None) -> str | None:
@@ -86,8 +96,9 @@ class _Zygote:
             raise RuntimeError(f"the zygote ended; its stderr: {(self.log / 'zygote.err').read_text()[-3000:]}")
         return line.decode()
 
-    def run(self, args: tuple[str, ...], cwd: Path, env: dict, timeout: float,
-            ranks: list[dict] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    def run(
+        self, args: tuple[str, ...], cwd: Path, env: dict, timeout: float, ranks: list[dict] | None = None
+    ) -> subprocess.CompletedProcess:
         """`rlhf ARGS` in a forked child; with `ranks` (per rank: its extra environment), one child per rank, whose
         outputs come back rank after rank and whose exit code is the first non-zero one."""
         if self.proc is None or self.proc.poll() is not None:
@@ -124,8 +135,9 @@ def rlhf(
     full = dict(_cli_env(), **(env or {}))
     if not (fresh or env or os.environ.get("RLHF_TEST_ZYGOTE") == "0"):
         return _ZYGOTE.run(args, cwd, full, timeout)
-    return subprocess.run([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def manifest(run_dir: Path) -> dict:
@@ -188,8 +200,13 @@ def ranks(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 300) -> s
     with the real ones. stdout / stderr: the ranks', rank 0's first (ranks > 0 also write their run's rank-N.log)."""
     if os.environ.get("RLHF_TEST_ZYGOTE") == "0":
         return torchrun(["-m", "rlhf_cli", *args], cwd, nproc, timeout=timeout)
-    shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    shared = {
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
     env = [{**shared, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]
     return _ZYGOTE.run(tuple(args), cwd, _cli_env(), timeout, ranks=env)
 

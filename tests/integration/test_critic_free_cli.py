@@ -7,16 +7,40 @@ import pytest
 from conftest import FAST, copy_run, manifest, metrics, ranks, rlhf, sft_rm_base, weights
 
 # 4 prompts x 4 samples per iteration, 8-token answers, mini-batches of 8 rows (2 per iteration per rank).
-CF = ["stage.rollout_batch_size=4", "stage.n_samples=4", "stage.generation.max_new_tokens=8",
-      "stage.eval_batch_size=8", "data.eval_fraction=0.05", "stage.save_every=0"]  # fmt: skip
-PARITY = ["data=parity", "data.eval_fraction=0.02", "stage.reward.model=null",
-          "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
-          "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward"]  # fmt: skip
-PARTITION_ALL = ("deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
-                 "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}")  # fmt: skip
-ITERATION_KEYS = ("score_mean", "policy_loss", "clipfrac_low", "clipfrac_high", "approx_kl", "entropy",
-                  "response_length", "eos_fraction", "advantage_mean", "generation_seconds", "update_seconds",
-                  "optimizer_steps", "grad_norm")  # fmt: skip
+CF = [
+    "stage.rollout_batch_size=4",
+    "stage.n_samples=4",
+    "stage.generation.max_new_tokens=8",
+    "stage.eval_batch_size=8",
+    "data.eval_fraction=0.05",
+    "stage.save_every=0",
+]
+PARITY = [
+    "data=parity",
+    "data.eval_fraction=0.02",
+    "stage.reward.model=null",
+    "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
+    "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward",
+]
+PARTITION_ALL = (
+    "deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
+    "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}"
+)
+ITERATION_KEYS = (
+    "score_mean",
+    "policy_loss",
+    "clipfrac_low",
+    "clipfrac_high",
+    "approx_kl",
+    "entropy",
+    "response_length",
+    "eos_fraction",
+    "advantage_mean",
+    "generation_seconds",
+    "update_seconds",
+    "optimizer_steps",
+    "grad_norm",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +55,17 @@ def _iterations(run_dir, stage):
 def test_grpo_with_the_reward_model_resumes_to_the_same_weights(base, runs, tmp_path):
     """GRPO (reward model, k3 KL loss, clip-higher, Dr. GRPO aggregation, 2 epochs x 2 mini-batches: old log-probs
     needed) stopped after 2 of 4 iterations and resumed == uninterrupted, metrics and weights."""
-    common = [*FAST, *CF, "stage.max_steps=4", "stage.ppo_epochs=2", "stage.kl_coef=0.04", "stage.clip_eps_high=0.28",
-              "stage.loss_aggregation=seq_mean_token_sum_norm", "stage.save_every=2", "stage.eval_every=2"]  # fmt: skip
+    common = [
+        *FAST,
+        *CF,
+        "stage.max_steps=4",
+        "stage.ppo_epochs=2",
+        "stage.kl_coef=0.04",
+        "stage.clip_eps_high=0.28",
+        "stage.loss_aggregation=seq_mean_token_sum_norm",
+        "stage.save_every=2",
+        "stage.eval_every=2",
+    ]
     full = rlhf("grpo", *common, *copy_run(base, runs, "full", "grpo"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     rec = manifest(runs / "full")["stages"]["grpo"]
@@ -63,8 +96,11 @@ def test_grpo_with_the_reward_model_resumes_to_the_same_weights(base, runs, tmp_
     "verb,zero,extra",
     [
         ("rloo", ["deepspeed=zero2"], ["stage.kl_coef=0.05"]),
-        ("reinforce_pp", ["deepspeed=zero3", PARTITION_ALL], ["stage.advantage=reinforce_pp_baseline",
-                                                              "stage.dynamic_sampling=true"]),
+        (
+            "reinforce_pp",
+            ["deepspeed=zero3", PARTITION_ALL],
+            ["stage.advantage=reinforce_pp_baseline", "stage.dynamic_sampling=true"],
+        ),
     ],
 )
 def test_two_ranks_with_groups_straddling_the_ranks(base, runs, tmp_path, verb, zero, extra):
@@ -74,8 +110,18 @@ def test_two_ranks_with_groups_straddling_the_ranks(base, runs, tmp_path, verb, 
         shape = ["stage.rollout_batch_size=2", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2"]
     else:
         shape = ["stage.rollout_batch_size=3", "stage.micro_batch_size=3", "stage.gradient_accumulation_steps=2"]
-    args = [verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "ddp", verb), *zero, *shape, *extra,
-            "stage.max_steps=2", "stage.eval_every=1"]  # fmt: skip
+    args = [
+        verb,
+        *FAST,
+        *CF,
+        *PARITY,
+        *copy_run(base, runs, "ddp", verb),
+        *zero,
+        *shape,
+        *extra,
+        "stage.max_steps=2",
+        "stage.eval_every=1",
+    ]
     res = ranks(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = manifest(runs / "ddp")["stages"][verb]
@@ -94,10 +140,22 @@ def test_two_ranks_with_groups_straddling_the_ranks(base, runs, tmp_path, verb, 
 def test_kl_coef_zero_loads_no_reference_and_function_weights_are_logged(base, runs, tmp_path, verb):
     """GRPO (one pass in one mini-batch: no old log-probs either) and plain REINFORCE++ with kl_coef=0 and two
     weighted reward functions."""
-    funcs = ("stage.reward.functions=[{fn:rlhf_cli.tasks.parity:gold_reward,weight:1.0},"
-             "{fn:rlhf_cli.tasks.parity:format_reward,weight:0.5}]")  # fmt: skip
-    res = rlhf(verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "nokl", verb), "stage.max_steps=1", funcs,
-               "stage.micro_batch_size=8", "stage.kl_coef=0", cwd=tmp_path)  # fmt: skip
+    funcs = (
+        "stage.reward.functions=[{fn:rlhf_cli.tasks.parity:gold_reward,weight:1.0},"
+        "{fn:rlhf_cli.tasks.parity:format_reward,weight:0.5}]"
+    )
+    res = rlhf(
+        verb,
+        *FAST,
+        *CF,
+        *PARITY,
+        *copy_run(base, runs, "nokl", verb),
+        "stage.max_steps=1",
+        funcs,
+        "stage.micro_batch_size=8",
+        "stage.kl_coef=0",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "nokl")["stages"][verb]
     assert rec["inputs"]["reference"] == "none (stage.kl_coef=0)" and rec["metrics"]["advantage"] == verb
@@ -117,8 +175,7 @@ def test_kl_coef_zero_loads_no_reference_and_function_weights_are_logged(base, r
     ],
 )
 def test_bad_settings_fail_clearly(base, runs, tmp_path, verb, extra, message):
-    res = rlhf(verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "bad", verb), "stage.max_steps=1", *extra,
-               cwd=tmp_path)  # fmt: skip
+    res = rlhf(verb, *FAST, *CF, *PARITY, *copy_run(base, runs, "bad", verb), "stage.max_steps=1", *extra, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
 
@@ -139,12 +196,25 @@ def nothing(prompts, responses):
 
 def test_a_reward_function_that_raises_ends_in_one_message_with_the_users_frames(base, runs, tmp_path):
     (tmp_path / "my_reward.py").write_text(USER_REWARD)
-    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "raises", "grpo"), "stage.max_steps=1",
-               "stage.reward.function=my_reward:score", "data.eval_fraction=0", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "grpo",
+        *FAST,
+        *CF,
+        *PARITY,
+        *copy_run(base, runs, "raises", "grpo"),
+        "stage.max_steps=1",
+        "stage.reward.function=my_reward:score",
+        "data.eval_fraction=0",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr
     error = res.stderr[res.stderr.index("error: ") :]  # after the stage's own log lines
-    assert error.startswith("error: stage.reward.function=`my_reward:score` raised ZeroDivisionError: float division "
-                            "by zero\n") and res.stderr.count("error: ") == 1  # fmt: skip
+    assert (
+        error.startswith(
+            "error: stage.reward.function=`my_reward:score` raised ZeroDivisionError: float division by zero\n"
+        )
+        and res.stderr.count("error: ") == 1
+    )
     assert 'my_reward.py", line 6, in score' in error and 'my_reward.py", line 2, in check' in error
     assert "return 1.0 / len(reply.split" in error
     assert "Traceback" not in res.stderr and "rlhf_cli/" not in error
@@ -154,10 +224,21 @@ def test_a_reward_function_that_raises_ends_in_one_message_with_the_users_frames
 
 def test_a_reward_function_that_scores_nothing_stops_at_the_first_evaluation_or_iteration(base, runs, tmp_path):
     (tmp_path / "my_reward.py").write_text(USER_REWARD)
-    for name, where, extra in (("eval", "of the first evaluation", []),
-                               ("noeval", "of iteration 1", ["data.eval_fraction=0"])):  # fmt: skip
-        res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, name, "grpo"), "stage.max_steps=1",
-                   "stage.reward.function=my_reward:nothing", *extra, cwd=tmp_path)  # fmt: skip
+    for name, where, extra in (
+        ("eval", "of the first evaluation", []),
+        ("noeval", "of iteration 1", ["data.eval_fraction=0"]),
+    ):
+        res = rlhf(
+            "grpo",
+            *FAST,
+            *CF,
+            *PARITY,
+            *copy_run(base, runs, name, "grpo"),
+            "stage.max_steps=1",
+            "stage.reward.function=my_reward:nothing",
+            *extra,
+            cwd=tmp_path,
+        )
         assert res.returncode == 2, res.stderr
         assert f"error: the reward function my_reward:nothing scored none of the replies {where}" in res.stderr
         assert "Traceback" not in res.stderr
@@ -167,8 +248,17 @@ def test_a_reward_function_that_scores_nothing_stops_at_the_first_evaluation_or_
 def test_grpo_with_a_kl_on_the_one_pass_path_logs_the_kl(base, runs, tmp_path):
     """One pass in one mini-batch (16 rows, 8 x 2): no old log-probs, yet the KL to the reference is logged, from the
     log-probs of the update (those of the rollout policy: its weights change only at the step)."""
-    res = rlhf("grpo", *FAST, *CF, *PARITY, *copy_run(base, runs, "kl", "grpo"), "stage.max_steps=2",
-               "stage.micro_batch_size=8", "stage.kl_coef=0.04", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "grpo",
+        *FAST,
+        *CF,
+        *PARITY,
+        *copy_run(base, runs, "kl", "grpo"),
+        "stage.max_steps=2",
+        "stage.micro_batch_size=8",
+        "stage.kl_coef=0.04",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     log = _iterations(runs / "kl", "grpo")
     assert [r["step"] for r in log] == [1, 2] and all("kl" in r and "kl_loss" in r for r in log)

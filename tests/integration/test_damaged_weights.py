@@ -18,8 +18,9 @@ def cut_folder(tmp_path_factory):
     """(folder, the message naming its cut model.safetensors)."""
     folder = tmp_path_factory.mktemp("cut") / "model"
     tok = tiny_tokenizer()
-    tiny = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           num_key_value_heads=2)  # fmt: skip
+    tiny = TinyModelConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+    )
     build_tiny_llama(tiny, tok, 0).save_pretrained(folder)
     tok.save_pretrained(folder)
     weights = folder / "model.safetensors"

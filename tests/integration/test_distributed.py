@@ -42,8 +42,10 @@ def _uneven_steps(steps: int) -> int:
     data = build_sft_datasets(cfg.data, tok, seed=cfg.seed)
     packing = packing_for(cfg.data, cfg.stage, load_causal_lm(cfg.model, tok, seed=cfg.seed), per_item=1)
     plan = step_plan(len(data.train), cfg.stage, 2)
-    counts = [[len(step_batches(data.train, plan.rank_indices(s, r, cfg.seed), 4, tok.pad_token_id, packing))
-               for r in (0, 1)] for s in range(steps)]  # fmt: skip
+    counts = [
+        [len(step_batches(data.train, plan.rank_indices(s, r, cfg.seed), 4, tok.pad_token_id, packing)) for r in (0, 1)]
+        for s in range(steps)
+    ]
     return sum(a != b for a, b in counts)
 
 
@@ -173,8 +175,18 @@ def test_zero3_with_cpu_offload_trains_and_exports(runs, tmp_path):
     """Optimizer and parameters offloaded to CPU memory, bf16 weights; on a CPU-only host torch's AdamW steps the
     offloaded states (nothing is compiled: no DeepSpeed op is built in the test's environment)."""
     ext = tmp_path / "torch_extensions"  # where DeepSpeed would build its CPU Adam
-    res = rlhf("sft", *FAST, f"run.root={runs}", "run.name=off", "deepspeed=zero3_offload", "stage.max_steps=3",
-               "stage.save_every=3", cwd=tmp_path, timeout=600, env={"TORCH_EXTENSIONS_DIR": str(ext)})  # fmt: skip
+    res = rlhf(
+        "sft",
+        *FAST,
+        f"run.root={runs}",
+        "run.name=off",
+        "deepspeed=zero3_offload",
+        "stage.max_steps=3",
+        "stage.save_every=3",
+        cwd=tmp_path,
+        timeout=600,
+        env={"TORCH_EXTENSIONS_DIR": str(ext)},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert not ext.exists() or not any(ext.rglob("*.so"))
     log = [r for r in metrics(runs / "off") if "loss" in r]
@@ -191,8 +203,22 @@ def test_deepspeed_launcher(runs, tmp_path):
 
     launcher = Path(sys.executable).with_name("deepspeed")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "rlhf_cli", "sft",
-           *FAST, *TWO, f"run.root={runs}", "run.name=ds", "stage.max_steps=2", "stage.save_every=0"]  # fmt: skip
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "rlhf_cli",
+        "sft",
+        *FAST,
+        *TWO,
+        f"run.root={runs}",
+        "run.name=ds",
+        "stage.max_steps=2",
+        "stage.save_every=0",
+    ]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 rank(s)" in res.stdout + res.stderr

@@ -15,8 +15,7 @@ STEPS = ["stage.max_steps=3", "stage.save_every=0", "stage.eval_every=0"]
 def sft_final(tmp_path_factory):
     """A short SFT run shared by the tests of this module (the DPO policy and reference start from it)."""
     root = tmp_path_factory.mktemp("sft")
-    res = rlhf("sft", *FAST, f"run.root={root}", "run.name=base", "stage.max_steps=20", "stage.save_every=0",
-               cwd=root)  # fmt: skip
+    res = rlhf("sft", *FAST, f"run.root={root}", "run.name=base", "stage.max_steps=20", "stage.save_every=0", cwd=root)
     assert res.returncode == 0, res.stderr
     return root / "base" / "sft" / "final"
 
@@ -26,11 +25,20 @@ def _step_metrics(run_dir):
 
 
 def test_dpo_end_to_end_after_sft_in_the_same_run(runs, tmp_path):
-    sft = rlhf("sft", *FAST, f"run.root={runs}", "run.name=chain", "stage.max_steps=10", "stage.save_every=0",
-               cwd=tmp_path)  # fmt: skip
+    sft = rlhf(
+        "sft", *FAST, f"run.root={runs}", "run.name=chain", "stage.max_steps=10", "stage.save_every=0", cwd=tmp_path
+    )
     assert sft.returncode == 0, sft.stderr
-    res = rlhf("dpo", *FAST, f"run.root={runs}", "run.name=chain", "stage.max_steps=6", "stage.eval_every=3",
-               "stage.save_every=3", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "dpo",
+        *FAST,
+        f"run.root={runs}",
+        "run.name=chain",
+        "stage.max_steps=6",
+        "stage.eval_every=3",
+        "stage.save_every=3",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "chain")["stages"]["dpo"]
     assert rec["status"] == "completed" and rec["inputs"]["policy"].endswith("chain/sft/final")
@@ -38,8 +46,15 @@ def test_dpo_end_to_end_after_sft_in_the_same_run(runs, tmp_path):
     assert rec["outputs"] == {"final": "dpo/final"}
     log = _step_metrics(runs / "chain")
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
-    for key in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
-                "logps_rejected", "grad_norm"):  # fmt: skip
+    for key in (
+        "reward_chosen",
+        "reward_rejected",
+        "reward_margin",
+        "reward_accuracy",
+        "logps_chosen",
+        "logps_rejected",
+        "grad_norm",
+    ):
         assert key in log[-1]
     evals = [r for r in metrics(runs / "chain", "dpo") if "eval_reward_accuracy" in r]
     assert [r["step"] for r in evals] == [3, 6] and "eval_logps_chosen" in evals[-1]
@@ -76,8 +91,16 @@ def test_reference_modes_match_an_explicit_reference(sft_final, runs, tmp_path, 
 
 @pytest.mark.parametrize("loss", ["cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo"])
 def test_every_loss_variant_trains(sft_final, runs, tmp_path, loss):
-    res = rlhf("dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"stage.loss={loss}",
-               "stage.label_smoothing=0.1", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "dpo",
+        *FAST,
+        *STEPS,
+        f"run.root={runs}",
+        f"model.name_or_path={sft_final}",
+        f"stage.loss={loss}",
+        "stage.label_smoothing=0.1",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     log = _step_metrics(runs / "demo")
     assert len(log) == 3 and all(math.isfinite(r["loss"]) for r in log)
@@ -99,8 +122,13 @@ def _forward_counts(overrides: list[str], steps: int) -> list[list[int]]:
     packing = packing_for(cfg.data, cfg.stage, load_causal_lm(cfg.model, tok, seed=cfg.seed), per_item=2)
     assert packing.enabled and packing.share_prompt == (cfg.data.share_prompt is not False)
     plan, micro = step_plan(len(data.train), cfg.stage, 2), cfg.stage.micro_batch_size
-    return [[len(pair_forwards(data.train, plan.rank_indices(s, r, cfg.seed), micro, tok.pad_token_id, packing))
-             for r in (0, 1)] for s in range(steps)]  # fmt: skip
+    return [
+        [
+            len(pair_forwards(data.train, plan.rank_indices(s, r, cfg.seed), micro, tok.pad_token_id, packing))
+            for r in (0, 1)
+        ]
+        for s in range(steps)
+    ]
 
 
 # Packed (the default). zero2: each reply with its own copy of the prompt. zero3: each pair's prompt once (an explicit
@@ -110,12 +138,23 @@ def _forward_counts(overrides: list[str], steps: int) -> list[list[int]]:
 # weight-0 fillers run the policy and the reference forward too.
 @pytest.mark.parametrize(
     ("zero", "packing"),
-    [("zero2", ["data.share_prompt=false"]),
-     ("zero3", ["data.share_prompt=true", "data.max_length=70", "data.max_tokens_per_batch=140", PARTITION_ALL])],
-)  # fmt: skip
+    [
+        ("zero2", ["data.share_prompt=false"]),
+        ("zero3", ["data.share_prompt=true", "data.max_length=70", "data.max_tokens_per_batch=140", PARTITION_ALL]),
+    ],
+)
 def test_two_processes_match_one(sft_final, runs, tmp_path, zero, packing):
-    base = ["dpo", *FAST, *STEPS, f"run.root={runs}", f"model.name_or_path={sft_final}", f"deepspeed={zero}",
-            "stage.gradient_accumulation_steps=1", "optim.lr=1e-3", *packing]  # fmt: skip
+    base = [
+        "dpo",
+        *FAST,
+        *STEPS,
+        f"run.root={runs}",
+        f"model.name_or_path={sft_final}",
+        f"deepspeed={zero}",
+        "stage.gradient_accumulation_steps=1",
+        "optim.lr=1e-3",
+        *packing,
+    ]
     if zero == "zero3":  # the layout the comment above describes, so the fillers do run
         assert _forward_counts([*base[1:], "stage.micro_batch_size=4"], 3) == [[2, 3], [2, 2], [2, 3]]
     one = rlhf(*base, "stage.micro_batch_size=8", "run.name=one", cwd=tmp_path)

@@ -22,8 +22,9 @@ SCRIPT = [str(Path(sys.executable).with_name("rlhf"))]  # the console script (py
 def start_and_signal(args: list[str], cwd, after: float = 0.3, command=MODULE) -> subprocess.CompletedProcess:
     """`python -m rlhf_cli ARGS` (or `rlhf ARGS`), sent SIGUSR1 `after` seconds in: while the CLI still imports and
     composes."""
-    proc = subprocess.Popen([*command, *args], cwd=cwd, env=_cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*command, *args], cwd=cwd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(after)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=300)
@@ -32,8 +33,9 @@ def start_and_signal(args: list[str], cwd, after: float = 0.3, command=MODULE) -
 
 def test_a_stage_signalled_while_it_starts_saves_at_its_first_step_and_exits_75(tmp_path):
     runs = tmp_path / "runs"
-    res = start_and_signal(["sft", *FAST, f"run.root={runs}", "run.name=early", "stage.max_steps=6",
-                            "stage.save_every=0"], tmp_path)  # fmt: skip
+    res = start_and_signal(
+        ["sft", *FAST, f"run.root={runs}", "run.name=early", "stage.max_steps=6", "stage.save_every=0"], tmp_path
+    )
     assert res.returncode == PREEMPTED_EXIT_CODE, res.stderr[-3000:]
     record = manifest(runs / "early")["stages"]["sft"]
     assert record["status"] == "preempted"
@@ -50,10 +52,12 @@ def test_a_pipeline_signalled_before_a_stage_does_not_start_it(tmp_path, command
 
 
 def test_a_command_that_trains_nothing_still_dies_of_the_signal(tmp_path):
-    code = ("import os, signal, time\nfrom rlhf_cli import preempt\npreempt.record_early()\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.1)\n"
-            "print('recorded', preempt.requested(), flush=True)\n"
-            "preempt.release_early()\ntime.sleep(0.1)\nprint('survived')")  # fmt: skip
+    code = (
+        "import os, signal, time\nfrom rlhf_cli import preempt\npreempt.record_early()\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(0.1)\n"
+        "print('recorded', preempt.requested(), flush=True)\n"
+        "preempt.release_early()\ntime.sleep(0.1)\nprint('survived')"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_cli_env(), timeout=60)
     assert res.returncode == -signal.SIGUSR1, (res.returncode, res.stdout, res.stderr)
     assert "recorded True" in res.stdout and "survived" not in res.stdout

@@ -11,8 +11,21 @@ from safetensors.torch import load_file, save_file
 
 EVAL = ["logging.progress=false", "stage.generation.max_new_tokens=12", "stage.eval_batch_size=16"]
 SAMPLED = ["stage.n_samples=4", "stage.generation.temperature=1.0"]
-FIELDS = ("reward_mean", "reward_mean_se", "win_rate", "win_rate_se", "kl", "kl_se", "response_length",
-          "response_length_se", "eos_rate", "eos_rate_se", "gold_mean", "gold_mean_se", "responses")  # fmt: skip
+FIELDS = (
+    "reward_mean",
+    "reward_mean_se",
+    "win_rate",
+    "win_rate_se",
+    "kl",
+    "kl_se",
+    "response_length",
+    "response_length_se",
+    "eos_rate",
+    "eos_rate_se",
+    "gold_mean",
+    "gold_mean_se",
+    "responses",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +73,16 @@ def test_greedy_eval_with_a_gold_function_and_without_a_reward_model(base, runs,
     record = manifest(runs / "nr")
     del record["stages"]["rm"]
     (runs / "nr" / "manifest.json").write_text(json.dumps(record))
-    res = rlhf("eval", *args, *EVAL, "data=parity", "data.eval_fraction=0.05", "stage.max_prompts=8",
-               "stage.gold=rlhf_cli.tasks.parity:gold_reward", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "eval",
+        *args,
+        *EVAL,
+        "data=parity",
+        "data.eval_fraction=0.05",
+        "stage.max_prompts=8",
+        "stage.gold=rlhf_cli.tasks.parity:gold_reward",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "no reward model in this run" in res.stderr
     sft = json.loads((runs / "nr" / "eval" / "eval.json").read_text())["results"]["sft"]

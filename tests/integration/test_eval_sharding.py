@@ -22,8 +22,10 @@ from conftest import FAST, free_port, manifest, metrics, ranks, rlhf
 # traced step or the prefetcher will reuse), and then an eval forward is no collective and unequal forwards pass
 # unnoticed. These settings make the tiny model behave like a large one: every forward gathers each layer and
 # releases it afterwards (`test_partition_all_...` checks it).
-PARTITION_ALL = ("deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
-                 "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}")  # fmt: skip
+PARTITION_ALL = (
+    "deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
+    "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}"
+)
 TINY = [arg for arg in FAST if arg.startswith("model.tiny.")]
 # Eval batches of 4 over 9 examples: ranks of 5 and 4 examples, 2 forwards and 1 before the shared shard.
 EVAL = ["stage.eval_batch_size=4", "stage.eval_every=1", "stage.max_steps=2", "stage.save_every=0"]
@@ -89,8 +91,16 @@ def _dpo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     from rlhf_cli.models import disable_dropout, load_causal_lm
     from rlhf_cli.stages import dpo
 
-    cfg = compose("dpo", [*TINY, "model.name_or_path=builtin:tiny-llama", "stage.eval_batch_size=4",
-                          "stage.precompute_ref=true", "stage.beta=0.5"])  # fmt: skip
+    cfg = compose(
+        "dpo",
+        [
+            *TINY,
+            "model.name_or_path=builtin:tiny-llama",
+            "stage.eval_batch_size=4",
+            "stage.precompute_ref=true",
+            "stage.beta=0.5",
+        ],
+    )
     tok = _tokenizer()
     examples = build_preference_datasets(cfg.data, tok, seed=cfg.seed).eval[:9]
     ref = dpo.Reference(cfg.stage, cfg, "builtin:tiny-llama", tok, dist)
@@ -126,8 +136,15 @@ def _ppo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     from rlhf_cli.models import disable_dropout, load_causal_lm
     from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
 
-    cfg = compose("ppo", [*TINY, "model.name_or_path=builtin:tiny-llama", "stage.eval_batch_size=4",
-                          "stage.generation.max_new_tokens=8"])  # fmt: skip
+    cfg = compose(
+        "ppo",
+        [
+            *TINY,
+            "model.name_or_path=builtin:tiny-llama",
+            "stage.eval_batch_size=4",
+            "stage.generation.max_new_tokens=8",
+        ],
+    )
     tok = _tokenizer()
     examples = build_prompt_datasets(cfg.data, tok, seed=cfg.seed).train[:9]
     model = load_causal_lm(cfg.model, tok, seed=0)
@@ -165,13 +182,19 @@ def _whole_after_eval_forward(extra: list[str], world_size: int) -> int:
 def _rank_main(rank: int, world_size: int, port: int, out: Path) -> None:
     from rlhf_cli import engine as eng
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     dist = eng.init_distributed()
-    result = {"dpo": _dpo_eval(dist), "ppo": _ppo_eval(dist),
-              "whole": {"default": _whole_after_eval_forward([], world_size),
-                        "partition_all": _whole_after_eval_forward([PARTITION_ALL], world_size)}}  # fmt: skip
+    result = {
+        "dpo": _dpo_eval(dist),
+        "ppo": _ppo_eval(dist),
+        "whole": {
+            "default": _whole_after_eval_forward([], world_size),
+            "partition_all": _whole_after_eval_forward([PARTITION_ALL], world_size),
+        },
+    }
     torch.save(result, out / f"rank-{rank}.pt")
     eng.shutdown()
     eng.exit_now(0)  # as the CLI does: interpreter teardown can abort a gloo rank
@@ -203,8 +226,9 @@ def test_partition_all_override_makes_every_eval_forward_gather(two_ranks):
 
 
 # Rows of each forward on each rank, in eval batches of 4 (DPO: chosen and rejected rows of each pair).
-@pytest.mark.parametrize(("stage", "n", "rows"), [("dpo", 9, [8, 2]), ("ppo", 9, [4, 1]), ("dpo", 1, [2]),
-                                                  ("ppo", 1, [1])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "n", "rows"), [("dpo", 9, [8, 2]), ("ppo", 9, [4, 1]), ("dpo", 1, [2]), ("ppo", 1, [1])]
+)
 def test_evaluate_on_two_ranks_runs_equal_forwards_and_matches_one(two_ranks, stage, n, rows):
     expected, _ = {"dpo": _dpo_eval, "ppo": _ppo_eval}[stage](ONE_RANK)[n]
     (got0, rows0), (got1, rows1) = two_ranks[0][stage][n], two_ranks[1][stage][n]

@@ -22,9 +22,13 @@ def _start(args: list[str], cwd: Path, log: Path, own_group: bool = False) -> su
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     with open(log, "w") as fh:
         return subprocess.Popen(
-            [sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=fh,
-            stderr=subprocess.STDOUT, start_new_session=own_group,
-        )  # fmt: skip
+            [sys.executable, "-m", "rlhf_cli", *args],
+            cwd=cwd,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_group,
+        )
 
 
 def _wait_until(ready, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -100,8 +104,17 @@ def test_metrics_have_one_row_per_step_after_a_resume(runs, tmp_path):
 def test_ctrl_c_at_the_terminal_of_a_self_launched_two_rank_run_waits_for_the_checkpoint(runs, tmp_path):
     """`launcher.nproc_per_node=2`: the terminal sends SIGINT to the foreground process group. The command must wait
     while both ranks finish the step and save (not return at once with the ranks still running), and exit 75."""
-    args = ["sft", *FAST, f"run.root={runs}", "run.name=two", "stage.max_steps=200", "stage.save_every=0",
-            "deepspeed=zero2", "launcher.nproc_per_node=2", f"launcher.master_port={free_port()}"]  # fmt: skip
+    args = [
+        "sft",
+        *FAST,
+        f"run.root={runs}",
+        "run.name=two",
+        "stage.max_steps=200",
+        "stage.save_every=0",
+        "deepspeed=zero2",
+        "launcher.nproc_per_node=2",
+        f"launcher.master_port={free_port()}",
+    ]
     run_dir, log = runs / "two", tmp_path / "rlhf.log"
     proc = _start(args, tmp_path, log, own_group=True)
     _wait_until(lambda: _rows(run_dir / "sft" / "metrics.jsonl") >= 2, proc, log)
@@ -112,4 +125,6 @@ def test_ctrl_c_at_the_terminal_of_a_self_launched_two_rank_run_waits_for_the_ch
     assert 2 <= step < 200 and f"checkpoint saved at step {step}" in log.read_text()
     assert manifest(run_dir)["stages"]["sft"]["status"] == "preempted"
     assert sorted(p.name for p in ckpt.rglob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]

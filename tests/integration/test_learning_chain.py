@@ -26,11 +26,12 @@ def chain(sft_run, tmp_path, seed: list[str]) -> dict:
     starts a new interpreter per stage, about 5 s each, and has its own tests.)"""
     runs = copy_start(sft_run, tmp_path)
     parity = load_pipeline("parity").overrides
-    stages = {"rm": [*parity["rm"], "stage.save_every=0"],
-              "dpo": [*parity["dpo"], "stage.epochs=1", "stage.save_every=0"],
-              "ppo": [*parity["ppo"], "stage.max_steps=30", "stage.eval_every=30"],
-              "eval": ["data=parity", "stage.gold=rlhf_cli.tasks.parity:gold_reward",
-                       "stage.kl_samples=2"]}  # fmt: skip
+    stages = {
+        "rm": [*parity["rm"], "stage.save_every=0"],
+        "dpo": [*parity["dpo"], "stage.epochs=1", "stage.save_every=0"],
+        "ppo": [*parity["ppo"], "stage.max_steps=30", "stage.eval_every=30"],
+        "eval": ["data=parity", "stage.gold=rlhf_cli.tasks.parity:gold_reward", "stage.kl_samples=2"],
+    }
     for stage, args in stages.items():
         res = rlhf(stage, *args, f"run.root={runs}", *seed, "logging.progress=false", cwd=tmp_path, timeout=900)
         assert res.returncode == 0, (stage, res.stderr[-3000:])

@@ -37,8 +37,15 @@ def test_best_of_8_rejection_sampling_learns_parity_beyond_the_sft_policy(start,
     collapse or failing alone. With 4 samples instead of 8 two rounds reach only 0.68 (fewer prompts have a right
     answer to keep)."""
     runs = copy_start(request.getfixturevalue(start), tmp_path)
-    res = rlhf("rejection_sampling", "+experiment=rs_parity", "stage.rounds=1", f"run.root={runs}",
-               "logging.progress=false", cwd=tmp_path, timeout=900)  # fmt: skip
+    res = rlhf(
+        "rejection_sampling",
+        "+experiment=rs_parity",
+        "stage.rounds=1",
+        f"run.root={runs}",
+        "logging.progress=false",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr
     log = metrics(runs / "demo", "rejection_sampling")
     before, after = [r for r in log if "eval_gold" in r]
@@ -59,8 +66,17 @@ def test_grpo_learns_parity_beyond_the_sft_policy(start, request, tmp_path):
     scripts/bench_learning.py --stages grpo rloo reinforce_pp` runs the 40, and RLOO and REINFORCE++). The bar: +0.06.
     It was checked after 10 iterations until 2026-12-07, when one thread instead of two gave +0.050 there."""
     runs = copy_start(request.getfixturevalue(start), tmp_path)
-    res = rlhf("grpo", "+experiment=grpo_parity", f"run.root={runs}", "logging.progress=false", "stage.save_every=0",
-               "stage.max_steps=20", "stage.eval_every=0", cwd=tmp_path, timeout=900)  # fmt: skip
+    res = rlhf(
+        "grpo",
+        "+experiment=grpo_parity",
+        f"run.root={runs}",
+        "logging.progress=false",
+        "stage.save_every=0",
+        "stage.max_steps=20",
+        "stage.eval_every=0",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr
     evals = [r for r in metrics(runs / "demo", "grpo") if "eval_gold" in r]
     before, after = evals[0], evals[-1]
@@ -81,8 +97,17 @@ def test_ppo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
     KL stop, seed 42 once settled on one answer word within 15 iterations after a change that moved the SFT weights by
     at most 5e-5 (0.49 from 15 to 60; seeds 1-3 still reached 0.91-0.96)."""
     runs = copy_start(sft_run, tmp_path)
-    res = rlhf("ppo", "+experiment=ppo_parity", "stage.max_steps=30", "stage.eval_every=30", f"run.root={runs}",
-               "logging.progress=false", "stage.save_every=0", cwd=tmp_path, timeout=900)  # fmt: skip
+    res = rlhf(
+        "ppo",
+        "+experiment=ppo_parity",
+        "stage.max_steps=30",
+        "stage.eval_every=30",
+        f"run.root={runs}",
+        "logging.progress=false",
+        "stage.save_every=0",
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr
     evals = [r for r in metrics(runs / "demo", "ppo") if "eval_score" in r]
     before, after = evals[0], evals[-1]

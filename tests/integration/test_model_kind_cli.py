@@ -13,10 +13,23 @@ from test_errors import _one_clear_error
 CAUSAL = "is a causal language model (LlamaForCausalLM), no score head: loaded as a classifier it would score with"
 CLASSIFIER = "is a sequence classifier (LlamaForSequenceClassification)"
 # Short runs, so that a stage that failed to refuse (the bug) ends soon and the test fails quickly.
-RS = ["stage.rounds=1", "stage.prompts_per_round=4", "stage.n_samples=2", "stage.generation.max_new_tokens=4",
-      "stage.max_steps=1", "stage.eval_batch_size=8", "stage.save_every=0"]  # fmt: skip
-GRPO = ["stage.max_steps=1", "stage.rollout_batch_size=4", "stage.n_samples=2", "stage.generation.max_new_tokens=4",
-        "stage.eval_batch_size=8", "stage.save_every=0"]  # fmt: skip
+RS = [
+    "stage.rounds=1",
+    "stage.prompts_per_round=4",
+    "stage.n_samples=2",
+    "stage.generation.max_new_tokens=4",
+    "stage.max_steps=1",
+    "stage.eval_batch_size=8",
+    "stage.save_every=0",
+]
+GRPO = [
+    "stage.max_steps=1",
+    "stage.rollout_batch_size=4",
+    "stage.n_samples=2",
+    "stage.generation.max_new_tokens=4",
+    "stage.eval_batch_size=8",
+    "stage.save_every=0",
+]
 EVAL = ["stage.max_prompts=2", "stage.kl_samples=0", "stage.generation.max_new_tokens=4"]
 
 
@@ -45,8 +58,9 @@ def test_a_classifier_saved_without_its_head_is_refused_as_reward_model(base, ru
     headless = runs / "cf" / "headless_rm"
     shutil.copytree(runs / "cf" / "rm" / "final", headless)
     weights = headless / "model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("score.")}, weights,
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v for k, v in load_file(weights).items() if not k.startswith("score.")}, weights, metadata={"format": "pt"}
+    )
     res = rlhf("grpo", *FAST, *GRPO, *args, f"stage.reward.model={headless}", cwd=tmp_path)
     _one_clear_error(res, f"{headless} {CLASSIFIER}, its head missing from the checkpoint")
     _not_started(runs / "cf", "grpo")
@@ -57,8 +71,9 @@ def test_score_refuses_a_causal_lm(base, tmp_path):
     res = rlhf("score", f"model={sft}", "prompt=Hi", "response=Hello", cwd=tmp_path)
     _one_clear_error(res, f"model={sft} {CAUSAL}", f"`rlhf generate model={sft}` answers with a causal LM")
     assert not res.stdout
-    res = rlhf("score", f"run.root={base.parent}", "run.name=base", "stage=sft", "prompt=Hi", "response=Hello",
-               cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "score", f"run.root={base.parent}", "run.name=base", "stage=sft", "prompt=Hi", "response=Hello", cwd=tmp_path
+    )
     _one_clear_error(res, f"run.name=base stage=sft ({sft}) {CAUSAL}")
 
 

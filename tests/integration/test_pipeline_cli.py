@@ -13,8 +13,14 @@ from conftest import FAST, manifest, rlhf
 from rlhf_cli.files import complete_checkpoints
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
-SMALL_PPO = ["stage.rollout_batch_size=8", "stage.ppo_epochs=1", "stage.generation.max_new_tokens=8",
-             "stage.eval_batch_size=8", "data.eval_fraction=0.04", "stage.max_steps=2"]  # fmt: skip
+SMALL_PPO = [
+    "stage.rollout_batch_size=8",
+    "stage.ppo_epochs=1",
+    "stage.generation.max_new_tokens=8",
+    "stage.eval_batch_size=8",
+    "data.eval_fraction=0.04",
+    "stage.max_steps=2",
+]
 EVAL = ["stage.max_prompts=8", "stage.kl_samples=2", "stage.generation.max_new_tokens=8"]
 
 
@@ -26,8 +32,7 @@ def _pipeline_file(tmp_path, stages: dict[str, list[str]]):
 
 def _start(args, cwd, log):
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, stdout=fh,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
 
 
 def _wait_until(ready, proc, log, timeout=240):
@@ -43,18 +48,24 @@ def _rows(path):
 
 
 def test_chain_killed_during_rm_resumes_then_skips_then_refuses_a_changed_stage(runs, tmp_path):
-    chain = _pipeline_file(tmp_path, {
-        "sft": [*FAST, "stage.max_steps=20", "stage.save_every=0"],
-        "rm": [*FAST, "stage.max_steps=12", "stage.save_every=3"],
-        "ppo": [*FAST, *SMALL_PPO],
-        "eval": EVAL,
-    })  # fmt: skip
+    chain = _pipeline_file(
+        tmp_path,
+        {
+            "sft": [*FAST, "stage.max_steps=20", "stage.save_every=0"],
+            "rm": [*FAST, "stage.max_steps=12", "stage.save_every=3"],
+            "ppo": [*FAST, *SMALL_PPO],
+            "eval": EVAL,
+        },
+    )
     args = ["pipeline", chain, f"run.root={runs}", "run.name=chain", "logging.progress=false"]
     run_dir, log = runs / "chain", tmp_path / "first.log"
     proc = _start(args, tmp_path, log)
     # 1. SIGKILL of the whole job (the rm stage and the pipeline) once rm has a checkpoint.
-    _wait_until(lambda: complete_checkpoints(run_dir / "rm" / "checkpoints") and _rows(run_dir / "rm" /
-                "metrics.jsonl") >= 4, proc, log)  # fmt: skip
+    _wait_until(
+        lambda: complete_checkpoints(run_dir / "rm" / "checkpoints") and _rows(run_dir / "rm" / "metrics.jsonl") >= 4,
+        proc,
+        log,
+    )
     rm_pid = int((run_dir / ".lock").read_text().split()[1])  # the stage process holds the run's lock
     for pid in (rm_pid, proc.pid):
         subprocess.run(["kill", "-9", str(pid)], check=False)
@@ -78,8 +89,10 @@ def test_chain_killed_during_rm_resumes_then_skips_then_refuses_a_changed_stage(
 
 
 def test_sigusr1_stops_the_pipeline_with_exit_75_and_the_same_command_finishes(runs, tmp_path):
-    chain = _pipeline_file(tmp_path, {"sft": [*FAST, "stage.max_steps=40", "stage.save_every=0"],
-                                      "dpo": [*FAST, "stage.max_steps=3"], "eval": EVAL})  # fmt: skip
+    chain = _pipeline_file(
+        tmp_path,
+        {"sft": [*FAST, "stage.max_steps=40", "stage.save_every=0"], "dpo": [*FAST, "stage.max_steps=3"], "eval": EVAL},
+    )
     args = ["pipeline", chain, f"run.root={runs}", "run.name=usr1", "logging.progress=false"]
     run_dir, log = runs / "usr1", tmp_path / "first.log"
     proc = _start(args, tmp_path, log)

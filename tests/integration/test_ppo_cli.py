@@ -15,17 +15,44 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
 # Small iterations: 8 prompts per rank, mini-batches of 4 (micro 2 x accumulation 2), 2 PPO epochs.
-PPO = ["stage.rollout_batch_size=8", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=2",
-       "stage.ppo_epochs=2", "stage.generation.max_new_tokens=12", "stage.eval_batch_size=8",
-       "data.eval_fraction=0.04", "optim.lr=1e-4", "stage.critic.lr=1e-4"]  # fmt: skip
+PPO = [
+    "stage.rollout_batch_size=8",
+    "stage.micro_batch_size=2",
+    "stage.gradient_accumulation_steps=2",
+    "stage.ppo_epochs=2",
+    "stage.generation.max_new_tokens=12",
+    "stage.eval_batch_size=8",
+    "data.eval_fraction=0.04",
+    "optim.lr=1e-4",
+    "stage.critic.lr=1e-4",
+]
 PARITY = [
     "data=parity",
     "data.eval_fraction=0.02",
     "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
-]  # fmt: skip (the critic then starts from the policy)
-OBSERVED = ("score_mean", "score_std", "kl", "non_score_reward", "total_reward", "entropy", "policy_loss", "value_loss",
-            "clipfrac_policy", "clipfrac_value", "approx_kl", "explained_variance", "response_length", "eos_fraction",
-            "kl_coef", "generation_share", "scoring_share", "update_share", "gen_tok/s", "train_tok/s")  # fmt: skip
+]  # (the critic then starts from the policy)
+OBSERVED = (
+    "score_mean",
+    "score_std",
+    "kl",
+    "non_score_reward",
+    "total_reward",
+    "entropy",
+    "policy_loss",
+    "value_loss",
+    "clipfrac_policy",
+    "clipfrac_value",
+    "approx_kl",
+    "explained_variance",
+    "response_length",
+    "eos_fraction",
+    "kl_coef",
+    "generation_share",
+    "scoring_share",
+    "update_share",
+    "gen_tok/s",
+    "train_tok/s",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +70,20 @@ def _iterations(run_dir):
 
 
 def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
-    res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, "chain"), "stage.max_steps=3", "stage.eval_every=2",
-               "stage.sample_every=1", "stage.sample_rows=2", "stage.reward.normalize=rm_stats", "stage.reward.clip=3",
-               "stage.gold_reward=stage:rm", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "ppo",
+        *FAST,
+        *PPO,
+        *_copy(base, runs, "chain"),
+        "stage.max_steps=3",
+        "stage.eval_every=2",
+        "stage.sample_every=1",
+        "stage.sample_rows=2",
+        "stage.reward.normalize=rm_stats",
+        "stage.reward.clip=3",
+        "stage.gold_reward=stage:rm",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "chain")["stages"]["ppo"]
     assert rec["status"] == "completed" and rec["outputs"] == {"final": "ppo/final", "critic": "ppo/critic"}
@@ -63,8 +101,9 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     evals = [r["step"] for r in metrics(runs / "chain", "ppo") if "eval_score" in r]
     assert evals == [0, 2, 3]
     # A second reward model as the gold metric (here the same one: gold = the raw proxy score) at every evaluation.
-    assert all(r["eval_gold"] == pytest.approx(r["eval_score"]) for r in metrics(runs / "chain", "ppo")
-               if "eval_score" in r)  # fmt: skip
+    assert all(
+        r["eval_gold"] == pytest.approx(r["eval_score"]) for r in metrics(runs / "chain", "ppo") if "eval_score" in r
+    )
     samples = [json.loads(line) for line in (runs / "chain" / "ppo" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and {"prompt", "response", "score", "iteration"} <= set(samples[0])
     AutoModelForCausalLM.from_pretrained(runs / "chain" / "ppo" / "final")
@@ -72,8 +111,12 @@ def test_ppo_end_to_end_after_sft_and_rm(base, runs, tmp_path):
     # The end-of-stage summary: the starting evaluation kept next to the last, the next command with the run name.
     start, end = rec["summary"]["headline"]["eval_score"]
     assert start == evals_scores(runs / "chain")[0] and end == evals_scores(runs / "chain")[-1]
-    assert "ppo completed:" in res.stderr and "eval_score: " in res.stderr and "next: rlhf generate run.name=chain" \
-        in res.stderr and "target_tokens" not in rec["metrics"]
+    assert (
+        "ppo completed:" in res.stderr
+        and "eval_score: " in res.stderr
+        and "next: rlhf generate run.name=chain" in res.stderr
+        and "target_tokens" not in rec["metrics"]
+    )
 
 
 def evals_scores(run_dir):
@@ -83,8 +126,18 @@ def evals_scores(run_dir):
 def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp_path):
     args = _copy(base, runs, "fn")
     shutil.rmtree(runs / "fn" / "rm")
-    res = rlhf("ppo", *FAST, *PPO, *PARITY, *args, "stage.max_steps=2", "stage.kl_control=adaptive",
-               "stage.kl_target=0.5", "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "ppo",
+        *FAST,
+        *PPO,
+        *PARITY,
+        *args,
+        "stage.max_steps=2",
+        "stage.kl_control=adaptive",
+        "stage.kl_target=0.5",
+        "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "fn")["stages"]["ppo"]
     assert rec["inputs"]["reward"] == "function rlhf_cli.tasks.parity:gold_reward"
@@ -100,13 +153,29 @@ def test_ppo_with_a_python_reward_function_needs_no_reward_model(base, runs, tmp
 @pytest.mark.parametrize(
     "variant,extra",
     [
-        ("lora", ["model.lora.enabled=true", "model.lora.r=4", "model.lora.dropout=0.1", "stage.offload_frozen=true",
-                  "stage.reward.reduce=prob"]),
+        (
+            "lora",
+            [
+                "model.lora.enabled=true",
+                "model.lora.r=4",
+                "model.lora.dropout=0.1",
+                "stage.offload_frozen=true",
+                "stage.reward.reduce=prob",
+            ],
+        ),
         ("zero3", ["deepspeed=zero3", "stage.reward.normalize=running", "stage.entropy_coef=0.01"]),
-        ("ptx", ["stage.ptx.coef=0.5", "stage.ptx.micro_batch_size=2", "stage.whiten_rewards=true",
-                 "stage.kl_estimator=k3", "stage.target_kl=1e-9"]),
+        (
+            "ptx",
+            [
+                "stage.ptx.coef=0.5",
+                "stage.ptx.micro_batch_size=2",
+                "stage.whiten_rewards=true",
+                "stage.kl_estimator=k3",
+                "stage.target_kl=1e-9",
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, extra):
     res = rlhf("ppo", *FAST, *PPO, *_copy(base, runs, variant), "stage.max_steps=2", *extra, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -126,8 +195,16 @@ def test_ppo_variants_run_and_start_at_ratio_one(base, runs, tmp_path, variant, 
 def test_ppo_preempted_then_resumed_equals_uninterrupted(base, runs, tmp_path):
     """SIGUSR1 during an iteration: the actor, the critic, both optimizers, the KL controller and the running reward
     statistics are saved at the next iteration boundary, exit 75; the same command resumes to the same end."""
-    common = [*FAST, *PPO, "stage.max_steps=4", "stage.save_every=0", "stage.kl_control=adaptive",
-              "stage.kl_target=0.5", "stage.reward.normalize=running", "logging.progress=false"]  # fmt: skip
+    common = [
+        *FAST,
+        *PPO,
+        "stage.max_steps=4",
+        "stage.save_every=0",
+        "stage.kl_control=adaptive",
+        "stage.kl_target=0.5",
+        "stage.reward.normalize=running",
+        "logging.progress=false",
+    ]
     full = rlhf("ppo", *common, *_copy(base, runs, "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     parts = _copy(base, runs, "parts")
@@ -158,8 +235,15 @@ def test_ppo_preempted_then_resumed_equals_uninterrupted(base, runs, tmp_path):
 def test_ppo_two_ranks(base, runs, tmp_path, zero):
     # ZeRO-3: generation runs with gathered parameters, so ranks whose responses end at different lengths never
     # wait on each other's all-gathers; the evaluation gives every rank the same number of prompts.
-    args = ["ppo", *FAST, *PPO, *_copy(base, runs, "ddp"), f"deepspeed={zero}", "stage.max_steps=2",
-            "stage.eval_every=1"]  # fmt: skip
+    args = [
+        "ppo",
+        *FAST,
+        *PPO,
+        *_copy(base, runs, "ddp"),
+        f"deepspeed={zero}",
+        "stage.max_steps=2",
+        "stage.eval_every=1",
+    ]
     res = ranks(args, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     rec = manifest(runs / "ddp")["stages"]["ppo"]
@@ -195,19 +279,36 @@ def test_reward_model_with_another_tokenizer_scores_texts_and_cannot_be_the_crit
     shutil.copytree(runs / "other" / "rm" / "final", other)
     template = other / "chat_template.jinja"
     template.write_text("Conversation follows.\n" + template.read_text())
-    res = rlhf("ppo", *FAST, *PPO, *args, "stage.max_steps=1", f"stage.reward.model={other}",
-               "stage.critic.init=policy", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "ppo",
+        *FAST,
+        *PPO,
+        *args,
+        "stage.max_steps=1",
+        f"stage.reward.model={other}",
+        "stage.critic.init=policy",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     rec = manifest(runs / "other")["stages"]["ppo"]
     assert rec["inputs"]["reward"].endswith("texts re-tokenized with its own tokenizer)")
-    bad = rlhf("ppo", *FAST, *PPO, *args, "stage.max_steps=1", "run.overwrite=true", f"stage.critic.source={other}",
-               cwd=tmp_path)  # fmt: skip
+    bad = rlhf(
+        "ppo",
+        *FAST,
+        *PPO,
+        *args,
+        "stage.max_steps=1",
+        "run.overwrite=true",
+        f"stage.critic.source={other}",
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "has another tokenizer than the policy" in bad.stderr, bad.stderr
 
 
 def test_ppo_without_rm_says_which_command(runs, tmp_path):
-    sft = rlhf("sft", *FAST, f"run.root={runs}", "run.name=normm", "stage.max_steps=2", "stage.save_every=0",
-               cwd=tmp_path)  # fmt: skip
+    sft = rlhf(
+        "sft", *FAST, f"run.root={runs}", "run.name=normm", "stage.max_steps=2", "stage.save_every=0", cwd=tmp_path
+    )
     assert sft.returncode == 0, sft.stderr
     res = rlhf("ppo", *FAST, *PPO, f"run.root={runs}", "run.name=normm", cwd=tmp_path)
     assert res.returncode == 2 and "rlhf rm run.name=normm" in res.stderr and "Traceback" not in res.stderr

@@ -25,8 +25,11 @@ def _chain(tmp_path, stages):
 
 
 def _tree(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _ok(res):
@@ -50,15 +53,24 @@ def test_an_upstream_rerun_makes_downstream_work_stale(runs, tmp_path):
     _ok(rlhf("sft", *base, *SFT, "run.overwrite=true", cwd=tmp_path))
     # 1. Single-stage commands refuse stale work, each with the way out.
     _refused(rlhf("rm", *base, *RM, cwd=tmp_path), "already complete", "it is stale: sft re-ran after it")
-    _refused(rlhf("dpo", *base, *RM, cwd=tmp_path), "resume checkpoints of `dpo`", "sft re-ran after it",
-             "run.overwrite=true")  # fmt: skip
-    _refused(rlhf("ppo", *base, cwd=tmp_path), "input `rm` of ppo (stage.reward.model=stage:rm) is stale",
-             "run.allow_stale_inputs=true")  # fmt: skip
+    _refused(
+        rlhf("dpo", *base, *RM, cwd=tmp_path),
+        "resume checkpoints of `dpo`",
+        "sft re-ran after it",
+        "run.overwrite=true",
+    )
+    _refused(
+        rlhf("ppo", *base, cwd=tmp_path),
+        "input `rm` of ppo (stage.reward.model=stage:rm) is stale",
+        "run.allow_stale_inputs=true",
+    )
     assert not (run_dir / "ppo").exists()  # refused before the stage folder was made
     # 2. The pipeline retrains the stale rm and starts dpo again from scratch, saying why.
     out = _ok(rlhf("pipeline", _chain(tmp_path, {"sft": SFT, "rm": RM, "dpo": RM}), *base, cwd=tmp_path))
-    assert "sft (skipped: completed with this config) -> rm (stale: sft re-ran after it) -> dpo (its checkpoints " \
-           "are stale (sft re-ran after it): starting again)" in out
+    assert (
+        "sft (skipped: completed with this config) -> rm (stale: sft re-ran after it) -> dpo (its checkpoints "
+        "are stale (sft re-ran after it): starting again)" in out
+    )
     assert "starting dpo in" in out and "resuming dpo" not in out
     stages = manifest(run_dir)["stages"]
     assert stages["rm"]["provenance"]["inputs"]["model.name_or_path"]["fp"] == stages["sft"]["completion"]["id"]
@@ -74,8 +86,7 @@ def test_an_upstream_rerun_makes_downstream_work_stale(runs, tmp_path):
 
 def _start(args, cwd, log):
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, stdout=fh,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
 
 
 def _rows(path):
@@ -86,8 +97,10 @@ def test_a_requeued_pipeline_with_an_overwrite_trains_every_stage_once(runs, tmp
     """The same command, run again after each SIGTERM (a SLURM requeue), with run.overwrite=true on it: every stage
     is trained once, resumed where it stopped, never started again by the overwrite."""
     run_dir = runs / "q"
-    chain = _chain(tmp_path, {"sft": ["stage.max_steps=40", "stage.save_every=0"],
-                              "rm": ["stage.max_steps=30", "stage.save_every=0"]})  # fmt: skip
+    chain = _chain(
+        tmp_path,
+        {"sft": ["stage.max_steps=40", "stage.save_every=0"], "rm": ["stage.max_steps=30", "stage.save_every=0"]},
+    )
     args = ["pipeline", chain, *FAST, f"run.root={runs}", "run.name=q", "run.overwrite=true"]
     logs = []
     for stage in ("sft", "rm"):  # SIGTERM once the stage has logged two steps, then the same command again

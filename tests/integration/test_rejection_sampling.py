@@ -14,19 +14,48 @@ from rlhf_cli.files import complete_checkpoints
 from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 
 # Small rounds: 16 prompts x 4 samples in chunks of 4 prompts, 8-token answers, fine-tuned in batches of 8.
-RS = ["stage.n_samples=4", "stage.prompts_per_round=16", "stage.generation_batch_size=4",
-      "stage.generation.max_new_tokens=8", "stage.eval_batch_size=8", "data.eval_fraction=0.04", "optim.lr=1e-3",
-      "stage.save_every=0"]  # fmt: skip
-PARITY = ["data=parity", "data.eval_fraction=0.02", "stage.reward.model=null",
-          "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
-          "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward"]  # fmt: skip
+RS = [
+    "stage.n_samples=4",
+    "stage.prompts_per_round=16",
+    "stage.generation_batch_size=4",
+    "stage.generation.max_new_tokens=8",
+    "stage.eval_batch_size=8",
+    "data.eval_fraction=0.04",
+    "optim.lr=1e-3",
+    "stage.save_every=0",
+]
+PARITY = [
+    "data=parity",
+    "data.eval_fraction=0.02",
+    "stage.reward.model=null",
+    "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
+    "stage.gold_reward=rlhf_cli.tasks.parity:gold_reward",
+]
 # The config of the kill/resume and the 2-rank tests, and of the uninterrupted run both compare against: two rounds of
 # 33 parity prompts in chunks of 2 (17 chunks, the last of one prompt: 9 and 8 on 2 ranks), 6 steps a round.
-SHARED = [*FAST, *RS, *PARITY, "stage.rounds=2", "stage.prompts_per_round=33", "stage.generation_batch_size=2",
-          "stage.max_steps=6"]  # fmt: skip
-ROUND_KEYS = ("candidates", "candidate_score_mean", "selected", "selected_score_mean", "selected_score_std",
-              "best_of_n_gain", "valid_prompt_fraction", "duplicate_fraction", "responses/s", "gen_tok/s",
-              "generation_seconds", "scoring_seconds")  # fmt: skip
+SHARED = [
+    *FAST,
+    *RS,
+    *PARITY,
+    "stage.rounds=2",
+    "stage.prompts_per_round=33",
+    "stage.generation_batch_size=2",
+    "stage.max_steps=6",
+]
+ROUND_KEYS = (
+    "candidates",
+    "candidate_score_mean",
+    "selected",
+    "selected_score_mean",
+    "selected_score_std",
+    "best_of_n_gain",
+    "valid_prompt_fraction",
+    "duplicate_fraction",
+    "responses/s",
+    "gen_tok/s",
+    "generation_seconds",
+    "scoring_seconds",
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +101,17 @@ def _check_best_of_n(round_dir, n_samples):
 
 def test_two_rounds_after_sft_and_rm(base, runs, tmp_path):
     """Two rounds with the reward model; round 2 restarts from sft (init=sft) on both rounds' selections."""
-    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "chain"), "stage.rounds=2", "stage.max_steps=3",
-               "stage.init=sft", "stage.keep_previous=true", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "rejection_sampling",
+        *FAST,
+        *RS,
+        *_copy(base, runs, "chain"),
+        "stage.rounds=2",
+        "stage.max_steps=3",
+        "stage.init=sft",
+        "stage.keep_previous=true",
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert f"round 2: fine-tuning on 32 selected samples from {runs / 'chain' / 'sft' / 'final'}" in res.stderr
     rec = manifest(runs / "chain")["stages"]["rejection_sampling"]
@@ -151,8 +189,13 @@ def test_killed_in_round_2_sampling_and_fine_tuning_resumes_to_the_same_weights(
 def test_two_ranks_zero2_select_and_train_as_one_rank(base, uninterrupted, runs, tmp_path):
     """Chunks are seeded by (seed, round, chunk), not by rank: 2 ranks draw, select and (with the same global
     batch) train exactly what 1 rank does, in both rounds (round 2 samples from the policy the ranks trained)."""
-    args = ["rejection_sampling", *SHARED, *_copy(base, runs, "two"), "deepspeed=zero2",
-            "stage.gradient_accumulation_steps=1"]  # fmt: skip
+    args = [
+        "rejection_sampling",
+        *SHARED,
+        *_copy(base, runs, "two"),
+        "deepspeed=zero2",
+        "stage.gradient_accumulation_steps=1",
+    ]
     two = ranks(args, cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = uninterrupted / "rejection_sampling", runs / "two" / "rejection_sampling"
@@ -173,8 +216,16 @@ def test_two_ranks_zero2_select_and_train_as_one_rank(base, uninterrupted, runs,
 def test_sigusr1_while_sampling_keeps_the_chunks_then_resumes(base, runs, tmp_path):
     """SIGUSR1 (a scheduler's warning) between two chunks: exit 75 with the finished chunks kept; the same command
     draws only the others. (The config refusals are unit tests: tests/unit/test_registry.py.)"""
-    args = ["rejection_sampling", *FAST, *RS, *PARITY, *_copy(base, runs, "usr1"), "stage.prompts_per_round=32",
-            "stage.generation_batch_size=2", "stage.max_steps=2"]  # fmt: skip
+    args = [
+        "rejection_sampling",
+        *FAST,
+        *RS,
+        *PARITY,
+        *_copy(base, runs, "usr1"),
+        "stage.prompts_per_round=32",
+        "stage.generation_batch_size=2",
+        "stage.max_steps=2",
+    ]
     chunks = runs / "usr1" / "rejection_sampling" / "round-1" / "chunks"
     (proc,) = launch_ranks(args, 1, tmp_path)
     _wait(lambda: len(list(chunks.glob("chunk-*.jsonl"))) >= 2, proc, "round 1's first chunks")
@@ -193,8 +244,14 @@ def test_sigusr1_while_sampling_keeps_the_chunks_then_resumes(base, runs, tmp_pa
 def test_a_failed_round_is_fixed_by_the_advised_lower_threshold(base, runs, tmp_path):
     """stage.threshold above every score: the round fails after drawing and scoring, advising a lower threshold. The
     same command with a lower threshold selects again from the saved candidates, draws none, and completes."""
-    args = ["rejection_sampling", *FAST, *RS, *_copy(base, runs, "advice"), "stage.max_steps=1",
-            "stage.selection=threshold"]  # fmt: skip
+    args = [
+        "rejection_sampling",
+        *FAST,
+        *RS,
+        *_copy(base, runs, "advice"),
+        "stage.max_steps=1",
+        "stage.selection=threshold",
+    ]
     high = rlhf(*args, "stage.threshold=100.0", cwd=tmp_path)
     assert high.returncode == 2, high.stderr
     assert "round 1 selected 0 sample(s)" in high.stderr and "a lower stage.threshold (now 100)" in high.stderr
@@ -205,11 +262,16 @@ def test_a_failed_round_is_fixed_by_the_advised_lower_threshold(base, runs, tmp_
 
     low = rlhf(*args, f"stage.threshold={threshold}", cwd=tmp_path)
     assert low.returncode == 0, low.stderr
-    assert (f"round 1: stage.threshold changed (100.0 -> {threshold}): selecting again from the saved 64 candidates"
-            in low.stderr)  # fmt: skip
+    assert (
+        f"round 1: stage.threshold changed (100.0 -> {threshold}): selecting again from the saved 64 candidates"
+        in low.stderr
+    )
     assert "sampled" not in low.stderr and (round1 / "candidates.jsonl").read_bytes() == drawn  # none drawn again
-    expected = [(r["prompt_index"], r["candidate"]) for r in _rows(round1 / "candidates.jsonl")
-                if r["score"] is not None and r["score"] >= threshold and not r["duplicate"]]  # fmt: skip
+    expected = [
+        (r["prompt_index"], r["candidate"])
+        for r in _rows(round1 / "candidates.jsonl")
+        if r["score"] is not None and r["score"] >= threshold and not r["duplicate"]
+    ]
     assert [(r["prompt_index"], r["candidate"]) for r in _rows(round1 / "selected.jsonl")] == expected
     assert manifest(runs / "advice")["stages"]["rejection_sampling"]["status"] == "completed"
     rounds = [r for r in metrics(runs / "advice", "rejection_sampling") if "selected_score_mean" in r]
@@ -219,8 +281,16 @@ def test_a_failed_round_is_fixed_by_the_advised_lower_threshold(base, runs, tmp_
 def test_a_round_resumed_under_another_n_samples_is_drawn_again(base, runs, tmp_path):
     """Preempted while drawing round 1 with N = 3, resumed with N = 2: the chunks drawn with 3 are discarded (a line
     says so) and the round drawn again, so each prompt's group holds that prompt's 2 candidates and no other's."""
-    args = ["rejection_sampling", *FAST, *RS, *PARITY, *_copy(base, runs, "regroup"), "stage.prompts_per_round=32",
-            "stage.generation_batch_size=2", "stage.max_steps=2"]  # fmt: skip
+    args = [
+        "rejection_sampling",
+        *FAST,
+        *RS,
+        *PARITY,
+        *_copy(base, runs, "regroup"),
+        "stage.prompts_per_round=32",
+        "stage.generation_batch_size=2",
+        "stage.max_steps=2",
+    ]
     round1 = runs / "regroup" / "rejection_sampling" / "round-1"
     (proc,) = launch_ranks([*args, "stage.n_samples=3"], 1, tmp_path)
     _wait(lambda: len(list((round1 / "chunks").glob("chunk-*.jsonl"))) >= 2, proc, "round 1's first chunks")
@@ -232,8 +302,9 @@ def test_a_round_resumed_under_another_n_samples_is_drawn_again(base, runs, tmp_
 
     again = rlhf(*args, "stage.n_samples=2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert (f"round 1: stage.n_samples changed (3 -> 2): drawing the candidates again ({kept} drawn chunk(s) "
-            "discarded)") in again.stderr  # fmt: skip
+    assert (
+        f"round 1: stage.n_samples changed (3 -> 2): drawing the candidates again ({kept} drawn chunk(s) discarded)"
+    ) in again.stderr
     assert "already drawn" not in again.stderr
     cands, chosen = _check_best_of_n(round1, 2)  # every prompt's group: its own 2 candidates, the best selected
     assert len(cands) == 64 and sorted({r["candidate"] for r in cands}) == [0, 1]
@@ -241,8 +312,16 @@ def test_a_round_resumed_under_another_n_samples_is_drawn_again(base, runs, tmp_
 
 
 def test_too_few_selected_samples_for_a_batch_fail_clearly(base, runs, tmp_path):
-    res = rlhf("rejection_sampling", *FAST, *RS, *_copy(base, runs, "bad"), "stage.max_steps=1",
-               "stage.prompts_per_round=2", "stage.micro_batch_size=8", cwd=tmp_path)  # fmt: skip
+    res = rlhf(
+        "rejection_sampling",
+        *FAST,
+        *RS,
+        *_copy(base, runs, "bad"),
+        "stage.max_steps=1",
+        "stage.prompts_per_round=2",
+        "stage.micro_batch_size=8",
+        cwd=tmp_path,
+    )
     assert res.returncode == 2, res.stderr
     assert "round 1 selected 2 sample(s), fewer than one global batch of 16" in res.stderr
     assert "Traceback" not in res.stderr

@@ -30,8 +30,16 @@ def sft_run(tmp_path_factory) -> tuple[Path, str]:
     """(runs root, stderr) of a completed 4-step SFT run `done` with evaluations at steps 2 and 4."""
     root = tmp_path_factory.mktemp("listing") / "runs"
     fast = [a for a in FAST if not a.startswith(("stage.eval_every=", "logging.plots="))]  # plots on: the default
-    res = rlhf("sft", *fast, f"run.root={root}", "run.name=done", "stage.max_steps=4", "stage.eval_every=2",
-               "stage.save_every=0", cwd=root.parent)  # fmt: skip
+    res = rlhf(
+        "sft",
+        *fast,
+        f"run.root={root}",
+        "run.name=done",
+        "stage.max_steps=4",
+        "stage.eval_every=2",
+        "stage.save_every=0",
+        cwd=root.parent,
+    )
     assert res.returncode == 0, res.stderr
     return root, res.stderr
 
@@ -58,13 +66,34 @@ def _hand_made(root: Path) -> None:
     times = {"started_at": "2026-11-30T10:00:00+0000", "ended_at": "2026-11-30T10:05:00+0000"}
     done = {"status": "completed", **times, "summary": {"headline": {"eval_loss": [3.1, 2.5]}}}
     _stage(root, "stopped", "sft", done, sft_rows)
-    _stage(root, "stopped", "dpo", {"status": "interrupted", "started_at": "2026-11-30T10:06:00+0000",
-                                    "ended_at": "2026-11-30T10:07:00+0000", "command": "rlhf dpo run.name=stopped"},
-           dpo_rows, checkpoints=(3, 6))  # fmt: skip
-    _stage(root, "killed", "sft", {"status": "running", "started_at": times["started_at"], "ended_at": None},
-           sft_rows[:2], checkpoints=(2,))  # fmt: skip
-    _stage(root, "broken", "rm", {"status": "failed", **times, "error": "eval_accuracy 0.51 < stage.min_eval_accuracy"
-                                  " 0.6"}, [{"step": 1, "loss": 0.7}])  # fmt: skip
+    _stage(
+        root,
+        "stopped",
+        "dpo",
+        {
+            "status": "interrupted",
+            "started_at": "2026-11-30T10:06:00+0000",
+            "ended_at": "2026-11-30T10:07:00+0000",
+            "command": "rlhf dpo run.name=stopped",
+        },
+        dpo_rows,
+        checkpoints=(3, 6),
+    )
+    _stage(
+        root,
+        "killed",
+        "sft",
+        {"status": "running", "started_at": times["started_at"], "ended_at": None},
+        sft_rows[:2],
+        checkpoints=(2,),
+    )
+    _stage(
+        root,
+        "broken",
+        "rm",
+        {"status": "failed", **times, "error": "eval_accuracy 0.51 < stage.min_eval_accuracy 0.6"},
+        [{"step": 1, "loss": 0.7}],
+    )
     (root / "corrupt").mkdir()
     (root / "corrupt" / "manifest.json").write_text('{"run": "corrupt", "stages": {"sft": {"sta')
     (root / "bare").mkdir()
@@ -112,13 +141,16 @@ def test_plot_redraws_every_stage_of_a_run(sft_run, tmp_path, capsys):
     assert code == 0 and out.startswith("dpo: ") and out.count("\n") == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run=nope"], "error: no run directory {root}/nope; check run.name="),
-    (["run=stopped", "stage=ppo"], "error: run `stopped` has no stage `ppo` (its stages: sft, dpo)"),
-    (["run=bare"], "error: run `bare` has no stage with metrics to plot"),
-    ([], "error: no run directory {root}/demo; check run.name="),  # the stages' default run
-    (["run=stopped", "stages=dpo"], "error: unknown argument `stages`; did you mean `stage`?"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run=nope"], "error: no run directory {root}/nope; check run.name="),
+        (["run=stopped", "stage=ppo"], "error: run `stopped` has no stage `ppo` (its stages: sft, dpo)"),
+        (["run=bare"], "error: run `bare` has no stage with metrics to plot"),
+        ([], "error: no run directory {root}/demo; check run.name="),  # the stages' default run
+        (["run=stopped", "stages=dpo"], "error: unknown argument `stages`; did you mean `stage`?"),
+    ],
+)
 def test_plot_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
     root = tmp_path / "runs"
     _hand_made(root)
@@ -149,13 +181,17 @@ def test_runs_lists_completed_interrupted_failed_and_unreadable_runs(sft_run, tm
     ]
     # Recorded as running, but no process holds the lock: it was killed; its metrics so far are shown.
     assert rows["killed"] == ["killed sft interrupted (resumable at step 2) loss 2.9 -> 2.8 2026-11-30 10:00"]
-    assert rows["broken"] == ["broken rm failed loss 0.7; error: eval_accuracy 0.51 < stage.min_eval_accuracy 0.6 "
-                              "2026-11-30 10:00 2026-11-30 10:05"]  # fmt: skip
+    assert rows["broken"] == [
+        "broken rm failed loss 0.7; error: eval_accuracy 0.51 < stage.min_eval_accuracy 0.6 "
+        "2026-11-30 10:00 2026-11-30 10:05"
+    ]
     assert rows["corrupt"][0].startswith("corrupt unreadable manifest.json: Unterminated string")
     assert rows["bare"] == ["bare unreadable no manifest.json"]
     resume = [line for line in out.splitlines() if line.startswith("resume ")]
-    assert resume == ["resume killed/sft at step 2: rlhf sft ...",
-                      "resume stopped/dpo at step 6: rlhf dpo run.name=stopped"]  # fmt: skip
+    assert resume == [
+        "resume killed/sft at step 2: rlhf sft ...",
+        "resume stopped/dpo at step 6: rlhf dpo run.name=stopped",
+    ]
 
 
 def test_runs_shows_a_locked_run_as_running(tmp_path, capsys):
@@ -176,8 +212,11 @@ def test_runs_with_no_runs_says_so_in_one_line(tmp_path, capsys, make):
         root.mkdir()
     code, out, err = _cli(capsys, "runs", f"root={root}")
     why = "it is empty" if make else "it does not exist"
-    assert code == 0 and not err and out == f"no runs under {root}/ ({why}); a stage run with run.name=<name> " \
-        f"creates {root}/<name>/\n"  # fmt: skip
+    assert (
+        code == 0
+        and not err
+        and out == f"no runs under {root}/ ({why}); a stage run with run.name=<name> creates {root}/<name>/\n"
+    )
 
 
 def test_a_terminal_gets_a_rich_table_that_keeps_square_brackets(tmp_path, monkeypatch):

@@ -87,8 +87,14 @@ def _wait_for(path, proc, timeout=120):
 
 def test_killed_run_resumes_to_the_same_result(runs, tmp_path):
     # Packed (the default) into forwards of at most 256 tokens: a varying number of forwards per step.
-    common = ["sft", f"run.root={runs}", "stage.max_steps=30", "stage.save_every=3", *FAST,
-              "data.max_tokens_per_batch=256"]  # fmt: skip
+    common = [
+        "sft",
+        f"run.root={runs}",
+        "stage.max_steps=30",
+        "stage.save_every=3",
+        *FAST,
+        "data.max_tokens_per_batch=256",
+    ]
     full = rlhf(*common, "run.name=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     # Same command, killed hard (no handler runs) right after its first committed checkpoint.
@@ -135,8 +141,14 @@ def test_micro_batch_times_accumulation_invariance(runs, tmp_path):
     after 3 steps, so packing and the micro-batch split change nothing but speed."""
     base = ["sft", f"run.root={runs}", "stage.max_steps=3", "stage.save_every=0", *FAST]
     one = rlhf(*base, "run.name=b8", "stage.micro_batch_size=8", "stage.gradient_accumulation_steps=1", cwd=tmp_path)
-    four = rlhf(*base, "run.name=b2", "stage.micro_batch_size=2", "stage.gradient_accumulation_steps=4",
-                "data.packing=false", cwd=tmp_path)  # fmt: skip
+    four = rlhf(
+        *base,
+        "run.name=b2",
+        "stage.micro_batch_size=2",
+        "stage.gradient_accumulation_steps=4",
+        "data.packing=false",
+        cwd=tmp_path,
+    )
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     a, b = weights(runs / "b8" / "sft" / "final"), weights(runs / "b2" / "sft" / "final")
     for key in a:

@@ -22,9 +22,18 @@ OLD = "--old" in sys.argv
 EQUAL = "--equal" in sys.argv  # both ranks generate 40 tokens (the old way hangs when ranks stop at different lengths)
 dist = eng.init_distributed()
 PARTITION_ALL = "deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0}}"
-cfg = compose("sft", ["deepspeed=zero3", PARTITION_ALL,
-                      "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176", "model.tiny.num_hidden_layers=2",
-                      "model.tiny.num_attention_heads=4", "model.tiny.num_key_value_heads=2"])  # fmt: skip
+cfg = compose(
+    "sft",
+    [
+        "deepspeed=zero3",
+        PARTITION_ALL,
+        "model.tiny.hidden_size=64",
+        "model.tiny.intermediate_size=176",
+        "model.tiny.num_hidden_layers=2",
+        "model.tiny.num_attention_heads=4",
+        "model.tiny.num_key_value_heads=2",
+    ],
+)
 tok = load_tokenizer(cfg.model)
 plain = load_causal_lm(cfg.model, tok, seed=0).eval()
 
@@ -44,8 +53,12 @@ assert all(p.numel() == 0 for p in engine.module.parameters()), "parameters are 
 texts = ["Is 7 even or odd?", "Name a fruit."] if dist.rank == 0 else ["Hi", "Write a poem about the sea."]
 batch = collate_prompts([tokenize_prompt(tok, [{"role": "user", "content": t}], 64) for t in texts], tok.pad_token_id)
 # Rank 0 stops after 2 new tokens, rank 1 goes on for 40: the ranks leave the decoding loop at different times.
-config = sampling_config(GenerationConfig(max_new_tokens=2 if dist.rank == 0 and not EQUAL else 40), tok.eos_token_id,
-                         tok.pad_token_id, greedy=True)  # fmt: skip
+config = sampling_config(
+    GenerationConfig(max_new_tokens=2 if dist.rank == 0 and not EQUAL else 40),
+    tok.eos_token_id,
+    tok.pad_token_id,
+    greedy=True,
+)
 before = hooks(engine.module)
 t0 = time.perf_counter()
 if OLD:
@@ -61,8 +74,10 @@ else:
 seconds = time.perf_counter() - t0
 new_tokens = float(eng.all_reduce_sum(seq.response_mask.sum()))
 if dist.is_main:
-    print(f"generation: {new_tokens:.0f} new tokens in {seconds:.2f} s on rank 0 = {new_tokens / seconds:.1f} tok/s "
-          f"({'old: hooks on' if OLD else 'hooks off'}); hooks {before} -> {during} -> {hooks(engine.module)}")
+    print(
+        f"generation: {new_tokens:.0f} new tokens in {seconds:.2f} s on rank 0 = {new_tokens / seconds:.1f} tok/s "
+        f"({'old: hooks on' if OLD else 'hooks off'}); hooks {before} -> {during} -> {hooks(engine.module)}"
+    )
 with torch.no_grad():
     expected = sample(plain, batch, config, tok.eos_token_id, tok.pad_token_id)
 assert torch.equal(seq.input_ids, expected.input_ids), "ZeRO-3 generation differs from the unpartitioned model"

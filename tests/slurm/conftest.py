@@ -38,8 +38,10 @@ def _ours_running() -> bool:
 def slurm_cluster() -> Iterator[list[str]]:
     """The cluster's node names (idle), started here if it is not running; stopped at the end if started here."""
     if CONF.is_file() and MARK not in CONF.read_text(errors="replace"):
-        _unavailable(f"{CONF} is not scripts/slurm_cluster.sh's (a real cluster's config?); the tests do not submit "
-                     "jobs to a real cluster")  # fmt: skip
+        _unavailable(
+            f"{CONF} is not scripts/slurm_cluster.sh's (a real cluster's config?); the tests do not submit "
+            "jobs to a real cluster"
+        )
     started = False
     if not _ours_running():
         if os.geteuid() != 0:

@@ -17,21 +17,40 @@ VENV = REPO / ".venv"
 # tests/integration/conftest.py FAST (not imported: every test folder's conftest is a module named `conftest`): a
 # 2-layer, 64-wide Llama.
 FAST = [
-    "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176", "model.tiny.num_hidden_layers=2",
-    "model.tiny.num_attention_heads=4", "model.tiny.num_key_value_heads=2", "stage.micro_batch_size=4",
-    "stage.gradient_accumulation_steps=2", "stage.eval_every=0", "logging.progress=false", "logging.plots=false",
+    "model.tiny.hidden_size=64",
+    "model.tiny.intermediate_size=176",
+    "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=4",
+    "model.tiny.num_key_value_heads=2",
+    "stage.micro_batch_size=4",
+    "stage.gradient_accumulation_steps=2",
+    "stage.eval_every=0",
+    "logging.progress=false",
+    "logging.plots=false",
     "optim.lr=3e-3",
-]  # fmt: skip
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-         "PREEMPTED"}  # fmt: skip
+]
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def job_env(**variables: str) -> dict[str, str]:
     """The environment sbatch passes to the job (--export=ALL): this one without launcher, SLURM and thread settings,
     plus `variables`."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "PYTEST_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and not
-           k.startswith(drop)}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and not k.startswith(drop)
+    }
     return dict(env, VENV=str(VENV), PYTHONUNBUFFERED="1", **variables)
 
 
@@ -85,8 +104,13 @@ class Job:
 
 def submit(script: str, cwd: Path, env: dict[str, str], *options: str) -> Job:
     """`sbatch [options] scripts/<script>` from `cwd` (the job's SLURM_SUBMIT_DIR), its log in cwd/job-<id>.out."""
-    res = subprocess.run(["sbatch", "--parsable", "-o", str(cwd / "job-%j.out"), *options, str(SCRIPTS / script)],
-                         cwd=cwd, env=env, capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        ["sbatch", "--parsable", "-o", str(cwd / "job-%j.out"), *options, str(SCRIPTS / script)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
     return Job(job_id, cwd / f"job-{job_id}.out")

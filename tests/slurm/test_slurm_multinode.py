@@ -18,8 +18,9 @@ CPU = ["--gpus-per-node=0"]  # the scripts' GPU default (8 a node) asked away: t
 
 
 def _overrides(runs, name, *extra):
-    return " ".join([*FAST, f"run.root={runs}", f"run.name={name}", f"stage.max_steps={STEPS}", "stage.save_every=0",
-                     *extra])  # fmt: skip
+    return " ".join(
+        [*FAST, f"run.root={runs}", f"run.name={name}", f"stage.max_steps={STEPS}", "stage.save_every=0", *extra]
+    )
 
 
 def _checkpoint_steps(run_dir):
@@ -69,15 +70,25 @@ def test_the_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, 
 def test_slurm_sends_the_scripts_time_limit_warning_to_the_batch_script(slurm_cluster, tmp_path):
     """The scripts' `#SBATCH --signal=B:USR1@300` as SLURM reads it: once the time limit is brought within 5 minutes
     (`scontrol update TimeLimit=5`), SLURM sends USR1 to the batch script (its time-limit check runs every 30 s)."""
-    lines = {p.name: [ln for ln in p.read_text().splitlines() if ln.startswith("#SBATCH --signal")]
-             for p in (SCRIPTS / "slurm_multinode.sbatch", SCRIPTS / "slurm_pipeline.sbatch")}  # fmt: skip
+    lines = {
+        p.name: [ln for ln in p.read_text().splitlines() if ln.startswith("#SBATCH --signal")]
+        for p in (SCRIPTS / "slurm_multinode.sbatch", SCRIPTS / "slurm_pipeline.sbatch")
+    }
     assert list(lines.values()) == [["#SBATCH --signal=B:USR1@300"]] * 2, lines
     script = tmp_path / "warned.sbatch"
-    script.write_text("#!/bin/bash\n#SBATCH --signal=B:USR1@300\n#SBATCH --time=30\n"
-                      "trap 'echo \"USR1 after $SECONDS s\"; exit 0' USR1\necho started\n"
-                      "while true; do sleep 0.2; done\n")  # fmt: skip
-    res = subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "warned.out"), str(script)], cwd=tmp_path,
-                         env=job_env(), capture_output=True, text=True, check=True)  # fmt: skip
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --signal=B:USR1@300\n#SBATCH --time=30\n"
+        "trap 'echo \"USR1 after $SECONDS s\"; exit 0' USR1\necho started\n"
+        "while true; do sleep 0.2; done\n"
+    )
+    res = subprocess.run(
+        ["sbatch", "--parsable", "-o", str(tmp_path / "warned.out"), str(script)],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     job = Job(res.stdout.strip(), tmp_path / "warned.out")
     job.wait_until(lambda: "started" in job.text(), "the script's start")
     time.sleep(1)  # the warning is due as soon as fewer than 300 s are left
@@ -101,8 +112,9 @@ def test_no_requeue_after_scancel_after_a_failure_or_past_max_requeues(slurm_clu
     assert manifest(run_dir)["stages"]["sft"]["status"] == "preempted" and _checkpoint_steps(run_dir)
     # 2. A failure: the same run with another config, whose resume is refused before the stage starts. The record
     # still says `preempted` (from the try above), which must not read as a preemption of this try.
-    failing = job_env(STAGE="sft", OVERRIDES=_overrides(runs, "stops", "data.source=/nonexistent.jsonl"),
-                      PROCS_PER_NODE="1")  # fmt: skip
+    failing = job_env(
+        STAGE="sft", OVERRIDES=_overrides(runs, "stops", "data.source=/nonexistent.jsonl"), PROCS_PER_NODE="1"
+    )
     job = submit("slurm_multinode.sbatch", tmp_path, failing, *one_node)
     assert job.wait_done() == "FAILED", job.tail()
     assert job.restarts == 0 and "requeueing" not in job.text(), job.tail()
@@ -111,8 +123,10 @@ def test_no_requeue_after_scancel_after_a_failure_or_past_max_requeues(slurm_clu
     # 3. Preempted once more with no requeue left (MAX_REQUEUES=0): it ends FAILED with exit code 75 and says so.
     saved = _checkpoint_steps(run_dir)[-1]
     job = submit("slurm_multinode.sbatch", tmp_path, dict(env, MAX_REQUEUES="0"), *one_node)
-    job.wait_until(lambda: "resuming sft from" in job.text() and max(steps(run_dir, "sft"), default=0) >= saved + 3,
-                   "training steps after the resume")  # fmt: skip
+    job.wait_until(
+        lambda: "resuming sft from" in job.text() and max(steps(run_dir, "sft"), default=0) >= saved + 3,
+        "training steps after the resume",
+    )
     job.signal("--batch", "--signal=USR1")
     assert job.wait_done() == "FAILED", job.tail()
     assert job.restarts == 0 and job.info()["ExitCode"] == "75:0", job.tail()

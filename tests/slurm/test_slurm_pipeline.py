@@ -29,18 +29,24 @@ def chain(slurm_cluster, tmp_path_factory):
     spec.write_text(json.dumps({"stages": list(STAGES), "overrides": STAGES}))  # JSON is YAML
     runs = tmp / "runs"
     args = f"pipeline={spec} run.root={runs} logging.progress=false"
-    env = job_env(PIPELINE_ARGS=f"{args} run.name=job", PROCS_PER_NODE="1", MAX_REQUEUES="2",
-                  OMP_NUM_THREADS=THREADS)  # fmt: skip
+    env = job_env(PIPELINE_ARGS=f"{args} run.name=job", PROCS_PER_NODE="1", MAX_REQUEUES="2", OMP_NUM_THREADS=THREADS)
     job = submit("slurm_pipeline.sbatch", tmp, env, "--gpus-per-node=0", "--cpus-per-task=2")
     run_dir = runs / "job"
     job.wait_until(lambda: len(steps(run_dir, "sft")) >= 3, "sft's training steps")
     job.signal("--batch", "--signal=USR1")  # the time-limit warning (--signal=B:USR1@300), brought forward
-    job.wait_until(lambda: job.restarts == 1 and len(steps(run_dir, "dpo")) >= 3, "dpo's steps after a requeue",
-                   timeout=300)  # fmt: skip
+    job.wait_until(
+        lambda: job.restarts == 1 and len(steps(run_dir, "dpo")) >= 3, "dpo's steps after a requeue", timeout=300
+    )
     job.signal("--signal=USR1")  # an administrator's, to the job step (the pipeline and its stage)
     assert job.wait_done(timeout=400) == "COMPLETED", job.tail()
-    ref = subprocess.run([sys.executable, "-m", "rlhf_cli", "pipeline", *args.split(), "run.name=ref"], cwd=tmp,
-                         env=job_env(OMP_NUM_THREADS=THREADS), capture_output=True, text=True, timeout=600)  # fmt: skip
+    ref = subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", "pipeline", *args.split(), "run.name=ref"],
+        cwd=tmp,
+        env=job_env(OMP_NUM_THREADS=THREADS),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     return job, run_dir, runs / "ref"
 
@@ -79,12 +85,19 @@ def test_rlhf_runs_shows_each_stages_slurm_job_and_requeues(chain):
     job, run_dir, _ = chain
     records = manifest(run_dir)["stages"]
     assert [records[s].get("slurm", {}).get("runs") for s in STAGES] == [[0, 1], [1, 2], [2]], records
-    res = subprocess.run([sys.executable, "-m", "rlhf_cli", "runs", f"run.root={run_dir.parent}", "run.name=job"],
-                         capture_output=True, text=True, env=job_env())  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "rlhf_cli", "runs", f"run.root={run_dir.parent}", "run.name=job"],
+        capture_output=True,
+        text=True,
+        env=job_env(),
+    )
     assert res.returncode == 0, res.stderr
     table = res.stdout.split("\n\n")[0].splitlines()  # the stages' table; the evaluation's table follows
-    rows = {line.split()[1] if line.startswith("job ") else line.split()[0]: line for line in table
-            if line.split()[:2] and any(s in line.split()[:2] for s in STAGES)}  # fmt: skip
+    rows = {
+        line.split()[1] if line.startswith("job ") else line.split()[0]: line
+        for line in table
+        if line.split()[:2] and any(s in line.split()[:2] for s in STAGES)
+    }
     assert f"slurm job {job.id}, requeued 1 time" in rows["sft"], res.stdout
     assert f"slurm job {job.id}, requeued 1 time" in rows["dpo"], res.stdout
     assert f"slurm job {job.id}" in rows["eval"] and "requeued" not in rows["eval"], res.stdout

@@ -18,15 +18,28 @@ STARTS = {"sft": "2026-11-30T10:00:00+0000", "ppo": "2026-11-30T10:10:00+0000", 
 
 def _record(run: str, stage: str, status: str, **extra: Any) -> dict[str, Any]:
     """A stage's manifest record as run_dir._start_record and summary.complete_stage leave it."""
-    return {"command": f"rlhf {stage} run.name={run}", "config_hash": "e73ce51b1db4fcb2", "git_commit": None,
-            "inputs": {"model": "builtin:tiny-llama"}, "resumed_from": None, "started_at": STARTS[stage],
-            "ended_at": STARTS[stage].replace("T10:", "T11:"), "status": status, "versions": {"torch": "2.13.0"},
-            **extra}  # fmt: skip
+    return {
+        "command": f"rlhf {stage} run.name={run}",
+        "config_hash": "e73ce51b1db4fcb2",
+        "git_commit": None,
+        "inputs": {"model": "builtin:tiny-llama"},
+        "resumed_from": None,
+        "started_at": STARTS[stage],
+        "ended_at": STARTS[stage].replace("T10:", "T11:"),
+        "status": status,
+        "versions": {"torch": "2.13.0"},
+        **extra,
+    }
 
 
 def _summary(headline: dict[str, list[float]], plot: str | None) -> dict[str, Any]:
-    out = {"checkpoints_kept": False, "disk_bytes": {"checkpoints": 7000, "run": 9000, "stage": 8000},
-           "headline": headline, "stage_seconds": 300.0, "tokens_per_second": 841.2}  # fmt: skip
+    out = {
+        "checkpoints_kept": False,
+        "disk_bytes": {"checkpoints": 7000, "run": 9000, "stage": 8000},
+        "headline": headline,
+        "stage_seconds": 300.0,
+        "tokens_per_second": 841.2,
+    }
     return {**out, "plot": plot} if plot else out
 
 
@@ -34,12 +47,32 @@ SFT_ROWS = [{"step": s, "time": 1796622495.0 + s, "loss": 3.0 - 0.1 * s, "lr": 1
     {"step": 2, "eval_loss": 3.1, "eval_perplexity": 22.2},
     {"step": 4, "eval_loss": 2.7, "eval_perplexity": 14.9},
 ]
-PPO_ROWS = [{"step": 0, "eval_score": 0.2}] + [
-    {"step": s, "score_mean": 0.1 * s, "kl": 0.5 * (s - 1), "kl_coef": 0.05 * s, "policy_loss": -0.01 * s,
-     "value_loss": 0.2} for s in range(1, 5)] + [{"step": 2, "eval_score": 0.3}]  # every panel changes: all drawn
-EVAL_JSON = {"reference": "builtin:tiny-llama", "policies": {"sft": "runs/demo/sft/final"}, "prompts": 8,
-             "n_samples": 1, "temperature": 0.0, "kl_samples": 2, "reward": None, "gold": "length",
-             "results": {"reference": {"reward_mean": 0.1, "reward_mean_se": 0.01}}}  # fmt: skip
+PPO_ROWS = (
+    [{"step": 0, "eval_score": 0.2}]
+    + [
+        {
+            "step": s,
+            "score_mean": 0.1 * s,
+            "kl": 0.5 * (s - 1),
+            "kl_coef": 0.05 * s,
+            "policy_loss": -0.01 * s,
+            "value_loss": 0.2,
+        }
+        for s in range(1, 5)
+    ]
+    + [{"step": 2, "eval_score": 0.3}]
+)  # every panel changes: all drawn
+EVAL_JSON = {
+    "reference": "builtin:tiny-llama",
+    "policies": {"sft": "runs/demo/sft/final"},
+    "prompts": 8,
+    "n_samples": 1,
+    "temperature": 0.0,
+    "kl_samples": 2,
+    "reward": None,
+    "gold": "length",
+    "results": {"reference": {"reward_mean": 0.1, "reward_mean_se": 0.01}},
+}
 
 
 def healthy_run(root: Path, name: str = "demo") -> Path:
@@ -59,13 +92,24 @@ def healthy_run(root: Path, name: str = "demo") -> Path:
     (run / "eval").mkdir()
     (run / "eval" / "eval.json").write_text(json.dumps(EVAL_JSON, indent=2) + "\n")
     stages = {
-        "sft": _record(name, "sft", "completed", metrics={"loss": 2.6, "eval_loss": 2.7, "train_seconds": 1.5},
-                       outputs={"final": "sft/final"},
-                       summary=_summary({"eval_loss": [3.1, 2.7], "loss": [2.9, 2.6]}, f"{run}/sft/metrics.png")),
+        "sft": _record(
+            name,
+            "sft",
+            "completed",
+            metrics={"loss": 2.6, "eval_loss": 2.7, "train_seconds": 1.5},
+            outputs={"final": "sft/final"},
+            summary=_summary({"eval_loss": [3.1, 2.7], "loss": [2.9, 2.6]}, f"{run}/sft/metrics.png"),
+        ),
         "ppo": _record(name, "ppo", "interrupted", error="interrupted by Ctrl-C"),
-        "eval": _record(name, "eval", "completed", metrics={"sft/reward_mean": 0.2}, outputs={"eval": "eval/eval.json"},
-                        summary=_summary({}, None)),
-    }  # fmt: skip
+        "eval": _record(
+            name,
+            "eval",
+            "completed",
+            metrics={"sft/reward_mean": 0.2},
+            outputs={"eval": "eval/eval.json"},
+            summary=_summary({}, None),
+        ),
+    }
     (run / "manifest.json").write_text(json.dumps({"run": name, "stages": stages}, indent=2, sort_keys=True) + "\n")
     (run / ".lock").write_text("pid 4242 on node1")
     return run
@@ -373,8 +417,9 @@ DAMAGE: dict[str, Damage] = {
     "eval folder missing": Damage(
         replace("eval", "none"), "eval/eval.json is missing) reward sft 0.2; no folder eval/ 2026-11-30 10:20"
     ),
-    "eval metrics damaged": Damage(_set("eval", "metrics", {"sft/reward_mean": "high", "x": None}),
-                                   "eval completed 2026-11-30 10:20"),
+    "eval metrics damaged": Damage(
+        _set("eval", "metrics", {"sft/reward_mean": "high", "x": None}), "eval completed 2026-11-30 10:20"
+    ),
 }
 
 

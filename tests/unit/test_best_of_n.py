@@ -33,15 +33,25 @@ def test_chunk_slots_deal_the_missing_chunks_evenly(n, done, world, expected):
 
 
 def _row(p, c, score, ids):
-    return {"round": 1, "prompt_index": p, "candidate": c, "prompt": f"q{p}", "response": str(ids), "score": score,
-            "raw_score": score, "ended_with_eos": True, "response_ids": ids}  # fmt: skip
+    return {
+        "round": 1,
+        "prompt_index": p,
+        "candidate": c,
+        "prompt": f"q{p}",
+        "response": str(ids),
+        "score": score,
+        "raw_score": score,
+        "ended_with_eos": True,
+        "response_ids": ids,
+    }
 
 
 def test_merge_and_select_read_the_chunks_and_write_the_selection(tmp_path):
     files = bon.RoundFiles.of(tmp_path, 1)
     # chunk 0: prompts 7 and 2; chunk 1: prompt 5 (two candidates per prompt)
-    bon.write_chunk(files, 0, [_row(7, 0, 0.5, [1, 2]), _row(7, 1, 0.9, [3]), _row(2, 0, None, [4]),
-                               _row(2, 1, None, [5])])  # fmt: skip
+    bon.write_chunk(
+        files, 0, [_row(7, 0, 0.5, [1, 2]), _row(7, 1, 0.9, [3]), _row(2, 0, None, [4]), _row(2, 1, None, [5])]
+    )
     bon.write_chunk(files, 1, [_row(5, 0, 0.2, [6]), _row(5, 1, 0.8, [6])])  # a copy: the second is not a new sample
     assert bon.finished_chunks(files) == {0, 1}
     assert bon.merge_chunks(files, 2, 2) == 6
@@ -60,8 +70,14 @@ def test_merge_and_select_read_the_chunks_and_write_the_selection(tmp_path):
 
 
 def test_prompt_groups_follow_the_prompt_index_not_the_position():
-    rows = [_row(7, 0, 0.1, [1]), _row(7, 1, 0.2, [2]), _row(7, 2, 0.3, [3]), _row(2, 0, 0.4, [4]),
-            _row(2, 1, 0.5, [5]), _row(2, 2, 0.6, [6])]  # fmt: skip
+    rows = [
+        _row(7, 0, 0.1, [1]),
+        _row(7, 1, 0.2, [2]),
+        _row(7, 2, 0.3, [3]),
+        _row(2, 0, 0.4, [4]),
+        _row(2, 1, 0.5, [5]),
+        _row(2, 2, 0.6, [6]),
+    ]
     groups = bon.prompt_groups(rows, 3)
     assert [[r["prompt_index"] for r in g] for g in groups] == [[7, 7, 7], [2, 2, 2]]
     with pytest.raises(ValueError, match="prompt 7 has 3 candidate"):  # grouped by 2, rows of N = 3 would mix prompts
@@ -84,8 +100,12 @@ def test_candidate_rows_keep_prompt_and_candidate_alignment():
     )
     raw = torch.tensor([1.0, float("nan"), 3.0, 4.0])
     rows = bon.candidate_rows(2, [9, 4], prompts, 2, seq, ["w", "x", "y", "z"], raw, raw - 1)
-    assert [(r["prompt_index"], r["candidate"], r["prompt"]) for r in rows] == [(9, 0, "a"), (9, 1, "a"),
-                                                                                 (4, 0, "b"), (4, 1, "b")]  # fmt: skip
+    assert [(r["prompt_index"], r["candidate"], r["prompt"]) for r in rows] == [
+        (9, 0, "a"),
+        (9, 1, "a"),
+        (4, 0, "b"),
+        (4, 1, "b"),
+    ]
     assert [r["response_ids"] for r in rows] == [[1, 2], [3], [4, 5, 6], [7, 2]]
     assert rows[1]["score"] is None and rows[2]["score"] == 2.0 and rows[2]["ended_with_eos"] is False
 
@@ -114,8 +134,16 @@ def _late_rank_zero(rank: int, port: int, root: str, out: str) -> None:
         time.sleep(1.0)
     dist = eng.Dist(rank, 2, rank, torch.device("cpu"))
     files = bon.RoundFiles(Path(root))
-    how = bon.Drawing([], SimpleNamespace(eos_token_id=0, pad_token_id=0), None, SimpleNamespace(generation=None), None,
-                      dist, 0, collective=False)  # fmt: skip
+    how = bon.Drawing(
+        [],
+        SimpleNamespace(eos_token_id=0, pad_token_id=0),
+        None,
+        SimpleNamespace(generation=None),
+        None,
+        dist,
+        0,
+        collective=False,
+    )
     bon.sample_chunks(None, [[c] for c in range(6)], files, 1, how, print)
     Path(out, f"rank{rank}.json").write_text(json.dumps(drawn))
     tdist.destroy_process_group()

@@ -20,16 +20,19 @@ def write(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_an_upward_import_inside_a_function_and_a_circle_are_found(tmp_path):
-    pkg = write(tmp_path, {
-        "__init__.py": "",
-        "errors.py": "",
-        "config/__init__.py": "",
-        "config/a.py": "from rlhf_cli.config import b\n",
-        "config/b.py": "def f():\n    from rlhf_cli.config.a import x\n",
-        "run_dir.py": "from rlhf_cli.errors import UserError\n",
-        "metrics.py": "def g():\n    import rlhf_cli.cli\n",
-        "cli.py": "from rlhf_cli import run_dir, metrics\n",
-    })  # fmt: skip
+    pkg = write(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "errors.py": "",
+            "config/__init__.py": "",
+            "config/a.py": "from rlhf_cli.config import b\n",
+            "config/b.py": "def f():\n    from rlhf_cli.config.a import x\n",
+            "run_dir.py": "from rlhf_cli.errors import UserError\n",
+            "metrics.py": "def g():\n    import rlhf_cli.cli\n",
+            "cli.py": "from rlhf_cli import run_dir, metrics\n",
+        },
+    )
     graph = layers.imports(pkg)
     assert graph["rlhf_cli.cli"] == {"rlhf_cli.run_dir", "rlhf_cli.metrics"}
     assert layers.upward(graph) == [("rlhf_cli.metrics", "rlhf_cli.cli")]

@@ -236,8 +236,15 @@ def test_out_of_range_values_are_refused(stage, override, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("override", ["stage.generation.temperature=0", "stage.generation.temperature=-1",
-                                      "stage.generation.top_k=50", "stage.generation.top_p=0.9"])  # fmt: skip
+@pytest.mark.parametrize(
+    "override",
+    [
+        "stage.generation.temperature=0",
+        "stage.generation.temperature=-1",
+        "stage.generation.top_k=50",
+        "stage.generation.top_p=0.9",
+    ],
+)
 def test_ppo_refuses_off_policy_sampling_and_says_why(override):
     with pytest.raises(UserError) as err:
         compose("ppo", [override])
@@ -248,15 +255,36 @@ def test_ppo_refuses_off_policy_sampling_and_says_why(override):
 
 def test_values_on_the_edge_of_their_range_are_accepted():
     """Closed ends are allowed, and so is null where the schema allows it: nothing valid is refused."""
-    edges = ["optim.warmup_ratio=0", "optim.warmup_ratio=1", "optim.min_lr_ratio=1", "optim.betas=[0,0.999]",
-             "optim.weight_decay=0", "optim.warmup_steps=0", "stage.eval_every=0",
-             "stage.save_every=0", "data.eval_fraction=0", "seed=0", "model.lora.dropout=0"]  # fmt: skip
+    edges = [
+        "optim.warmup_ratio=0",
+        "optim.warmup_ratio=1",
+        "optim.min_lr_ratio=1",
+        "optim.betas=[0,0.999]",
+        "optim.weight_decay=0",
+        "optim.warmup_steps=0",
+        "stage.eval_every=0",
+        "stage.save_every=0",
+        "data.eval_fraction=0",
+        "seed=0",
+        "model.lora.dropout=0",
+    ]
     compose("sft", edges)
     compose("rm", ["stage.center_coef=0", "stage.min_eval_accuracy=1"])
     compose("dpo", ["stage.label_smoothing=0.49", "stage.simpo_gamma=0", "stage.rpo_alpha=0", "stage.orpo_lambda=0"])
-    compose("ppo", ["stage.gamma=0", "stage.lam=1", "stage.kl_coef=0", "stage.target_kl=null", "stage.sample_rows=0",
-                    "stage.generation.top_k=0", "stage.generation.top_p=1.0", "stage.reward.clip=null",
-                    "stage.reward.missing_eos_penalty=0"])  # fmt: skip
+    compose(
+        "ppo",
+        [
+            "stage.gamma=0",
+            "stage.lam=1",
+            "stage.kl_coef=0",
+            "stage.target_kl=null",
+            "stage.sample_rows=0",
+            "stage.generation.top_k=0",
+            "stage.generation.top_p=1.0",
+            "stage.reward.clip=null",
+            "stage.reward.missing_eos_penalty=0",
+        ],
+    )
 
 
 def test_missing_eos_score_can_be_set_alone_or_with_the_penalty():
@@ -269,7 +297,7 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
     """A typo in the table would silently check nothing; `or null` must match the schema's `X | None`."""
     import dataclasses
 
-    from rlhf_cli.config import compose as compose_mod
+    from rlhf_cli.config import ranges as ranges_mod
     from rlhf_cli.registry import STAGES
 
     def field_types(schema, prefix=""):
@@ -281,7 +309,7 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
                 out.update(field_types(type(default), f"{prefix}{f.name}."))
         return out
 
-    tables = [(None, compose_mod._RANGES)] + [(name, spec.ranges) for name, spec in STAGES.items()]
+    tables = [(None, ranges_mod._RANGES)] + [(name, spec.ranges) for name, spec in STAGES.items()]
     for stage, table in tables:
         schemas = [STAGES[stage].schema] if stage else [spec.schema for spec in STAGES.values()]
         types = {}
@@ -290,7 +318,7 @@ def test_range_table_names_schema_keys_and_marks_nullable_ones():
         for key, rule in table.items():
             spec = rule if isinstance(rule, str) else rule[0]
             assert key in types, f"range table key `{key}` is in no schema of {stage or 'any stage'}"
-            compose_mod.range_bounds(spec)  # parses
+            ranges_mod.range_bounds(spec)  # parses
             assert ("None" in types[key]) == spec.endswith(" or null"), (key, types[key], spec)
 
 

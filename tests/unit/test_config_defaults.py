@@ -20,8 +20,11 @@ from rlhf_cli.registry import STAGES
 CONFIGS = config_dir()
 # Keys that name what a group file is: stated even when they equal the schema default.
 IDENTITY = {"data": {"source", "format"}, "model": {"name_or_path"}, "deepspeed": {"zero_stage"}}
-DATA_SCHEMAS = {s.DataConfig: s.SFT_FORMATS, s.PreferenceDataConfig: s.PREFERENCE_FORMATS,
-                s.PromptDataConfig: s.PROMPT_FORMATS}  # fmt: skip
+DATA_SCHEMAS = {
+    s.DataConfig: s.SFT_FORMATS,
+    s.PreferenceDataConfig: s.PREFERENCE_FORMATS,
+    s.PromptDataConfig: s.PROMPT_FORMATS,
+}
 
 
 def flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -63,8 +66,10 @@ def test_root_optim_and_deepspeed_files_state_only_what_differs():
     offenders = restated(yaml_keys(CONFIGS / "config.yaml"), schema_defaults(s.RootConfig))
     for group, cls in (("optim", s.OptimConfig), ("deepspeed", s.DeepSpeedConfig), ("model", s.ModelConfig)):
         for path in sorted((CONFIGS / group).glob("*.yaml")):
-            offenders += [f"{group}/{path.name}: {o}" for o in restated(yaml_keys(path), schema_defaults(cls),
-                                                                         IDENTITY.get(group, set()))]  # fmt: skip
+            offenders += [
+                f"{group}/{path.name}: {o}"
+                for o in restated(yaml_keys(path), schema_defaults(cls), IDENTITY.get(group, set()))
+            ]
     assert not offenders, f"restated schema defaults: {offenders}"
 
 
@@ -73,8 +78,11 @@ def test_data_file_states_only_what_differs_under_every_schema_that_reads_it(pat
     """A data file may fit several data schemas (sample_preferences is jsonl pairs, and jsonl for sft too): a key is
     a restated default when it equals the default of every schema that can read the file."""
     keys = yaml_keys(path)
-    readers = [schema_defaults(cls) for cls, formats in DATA_SCHEMAS.items()
-               if keys["format"] in formats and set(keys) <= {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
+    readers = [
+        schema_defaults(cls)
+        for cls, formats in DATA_SCHEMAS.items()
+        if keys["format"] in formats and set(keys) <= {f.name for f in dataclasses.fields(cls)}
+    ]
     assert readers, f"{path} fits no data schema"
     for defaults in readers[1:]:
         keys = {k: v for k, v in keys.items() if restated({k: v}, defaults)}
@@ -93,31 +101,85 @@ def test_every_stage_file_has_a_registry_entry_and_back():
 # configs/stage/<stage>.yaml change. (Unchanged by moving the shared values into the schema: checked against the
 # composed configs from before.)
 # What the three critic-free verbs share (the schema's defaults are GRPO's; rloo / reinforce_pp set their own).
-_ONLINE = {"model.name_or_path": "stage:sft", "optim.lr": 2e-5, "optim.schedule": "constant", "optim.warmup_ratio": 0.0,
-           "data.max_prompt_length": 192, "stage.max_steps": 30, "stage.micro_batch_size": 16,
-           "stage.gradient_accumulation_steps": 2, "stage.eval_every": 10, "stage.eval_batch_size": 32,
-           "stage.save_every": 10, "stage.rollout_batch_size": 8, "stage.generation.temperature": 1.0}  # fmt: skip
+_ONLINE = {
+    "model.name_or_path": "stage:sft",
+    "optim.lr": 2e-5,
+    "optim.schedule": "constant",
+    "optim.warmup_ratio": 0.0,
+    "data.max_prompt_length": 192,
+    "stage.max_steps": 30,
+    "stage.micro_batch_size": 16,
+    "stage.gradient_accumulation_steps": 2,
+    "stage.eval_every": 10,
+    "stage.eval_batch_size": 32,
+    "stage.save_every": 10,
+    "stage.rollout_batch_size": 8,
+    "stage.generation.temperature": 1.0,
+}
 STAGE_VALUES = {
-    "sft": {"data.max_length": 256, "stage.epochs": 16.0, "stage.micro_batch_size": 8,
-            "stage.gradient_accumulation_steps": 2, "stage.eval_every": 50, "stage.eval_batch_size": 16},
-    "rm": {"model.name_or_path": "stage:sft", "optim.lr": 1e-4, "data.max_length": 256, "stage.epochs": 2.0,
-           "stage.micro_batch_size": 8, "stage.eval_every": 25, "stage.eval_batch_size": 32},
-    "dpo": {"model.name_or_path": "stage:sft", "optim.lr": 2e-4, "data.max_length": 256, "stage.epochs": 2.0,
-            "stage.micro_batch_size": 8, "stage.eval_every": 25, "stage.eval_batch_size": 16},
-    "ppo": {"model.name_or_path": "stage:sft", "optim.lr": 2e-5, "optim.schedule": "constant",
-            "optim.warmup_ratio": 0.0, "data.max_prompt_length": 192, "stage.max_steps": 30,
-            "stage.micro_batch_size": 8, "stage.gradient_accumulation_steps": 2, "stage.eval_every": 10,
-            "stage.eval_batch_size": 32, "stage.save_every": 10, "stage.rollout_batch_size": 32,
-            "stage.kl_control": "adaptive", "stage.kl_horizon": 64},
-    "rejection_sampling": {"model.name_or_path": "stage:sft", "optim.lr": 1e-4, "optim.schedule": "constant",
-                           "optim.warmup_ratio": 0.0, "data.max_prompt_length": 192, "stage.micro_batch_size": 8,
-                           "stage.eval_batch_size": 32, "stage.generation.temperature": 1.0},
+    "sft": {
+        "data.max_length": 256,
+        "stage.epochs": 16.0,
+        "stage.micro_batch_size": 8,
+        "stage.gradient_accumulation_steps": 2,
+        "stage.eval_every": 50,
+        "stage.eval_batch_size": 16,
+    },
+    "rm": {
+        "model.name_or_path": "stage:sft",
+        "optim.lr": 1e-4,
+        "data.max_length": 256,
+        "stage.epochs": 2.0,
+        "stage.micro_batch_size": 8,
+        "stage.eval_every": 25,
+        "stage.eval_batch_size": 32,
+    },
+    "dpo": {
+        "model.name_or_path": "stage:sft",
+        "optim.lr": 2e-4,
+        "data.max_length": 256,
+        "stage.epochs": 2.0,
+        "stage.micro_batch_size": 8,
+        "stage.eval_every": 25,
+        "stage.eval_batch_size": 16,
+    },
+    "ppo": {
+        "model.name_or_path": "stage:sft",
+        "optim.lr": 2e-5,
+        "optim.schedule": "constant",
+        "optim.warmup_ratio": 0.0,
+        "data.max_prompt_length": 192,
+        "stage.max_steps": 30,
+        "stage.micro_batch_size": 8,
+        "stage.gradient_accumulation_steps": 2,
+        "stage.eval_every": 10,
+        "stage.eval_batch_size": 32,
+        "stage.save_every": 10,
+        "stage.rollout_batch_size": 32,
+        "stage.kl_control": "adaptive",
+        "stage.kl_horizon": 64,
+    },
+    "rejection_sampling": {
+        "model.name_or_path": "stage:sft",
+        "optim.lr": 1e-4,
+        "optim.schedule": "constant",
+        "optim.warmup_ratio": 0.0,
+        "data.max_prompt_length": 192,
+        "stage.micro_batch_size": 8,
+        "stage.eval_batch_size": 32,
+        "stage.generation.temperature": 1.0,
+    },
     "grpo": {**_ONLINE, "stage.gradient_accumulation_steps": 4},
     "rloo": {**_ONLINE, "stage.name": "rloo", "stage.advantage": "rloo", "stage.n_samples": 4, "stage.kl_coef": 0.05},
-    "reinforce_pp": {**_ONLINE, "stage.name": "reinforce_pp", "stage.advantage": "reinforce_pp", "stage.n_samples": 4,
-                     "stage.kl_coef": 0.01},
+    "reinforce_pp": {
+        **_ONLINE,
+        "stage.name": "reinforce_pp",
+        "stage.advantage": "reinforce_pp",
+        "stage.n_samples": 4,
+        "stage.kl_coef": 0.01,
+    },
     "eval": {"model.name_or_path": "stage:sft", "data.max_prompt_length": 192},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -164,8 +226,10 @@ EXPERIMENTS = {
     ("ppo", "ppo_detox"): (1.4e-05, "constant", 0.0, 0.1, 10, 1.0, 8, 32, 10),
     ("rejection_sampling", "rs_parity"): (0.001, "constant", 0.0, 0.1, 10, 3.0, 8, 32, 50),
     ("rejection_sampling", "rs_hh_rlhf"): (1e-05, "constant", 0.0, 0.1, 10, 1.0, 4, 32, 100),
-    **{(verb, "grpo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10)
-       for verb in ("grpo", "rloo", "reinforce_pp")},
+    **{
+        (verb, "grpo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10)
+        for verb in ("grpo", "rloo", "reinforce_pp")
+    },
 }
 
 

@@ -244,8 +244,10 @@ def test_reinforce_pp_baseline_gives_an_all_equal_group_the_whitening_shift_unle
     returns, _ = reinforce_pp_returns(torch.zeros(4, 2), t([1.0, 0.0, 2.0, 2.0]), mask, kl_coef=0.0, group_size=2)
     close(returns, [[0.5, 0.5], [-0.5, 0.0], [0.0, 0.0], [0.0, 0.0]])
     shift = -0.1 / math.sqrt(0.14)
-    close(global_whiten(returns, mask), [[0.4 / math.sqrt(0.14)] * 2, [-0.6 / math.sqrt(0.14), 0.0], [shift, 0.0],
-                                         [shift, 0.0]])  # fmt: skip
+    close(
+        global_whiten(returns, mask),
+        [[0.4 / math.sqrt(0.14)] * 2, [-0.6 / math.sqrt(0.14), 0.0], [shift, 0.0], [shift, 0.0]],
+    )
     kept = mask & torch.tensor([True, True, False, False])[:, None]
     close(global_whiten(returns, kept), [[1 / math.sqrt(2)] * 2, [-math.sqrt(2), 0.0], [0.0, 0.0], [0.0, 0.0]])
 
@@ -413,5 +415,9 @@ def test_every_estimator_names_its_baseline_and_the_grouped_ones_follow_from_it(
     assert GROUPED == ("grpo", "rloo", "reinforce_pp_baseline")  # plain REINFORCE++ compares with the batch only
     st = {a: SimpleNamespace(advantage=a) for a in ADVANTAGES}
     assert [a for a in ADVANTAGES if compares_group(st[a])] == list(GROUPED)
-    assert {a: baseline(st[a]) for a in ADVANTAGES} == {"grpo": "group", "rloo": "leave_one_out",
-                                                        "reinforce_pp": "batch", "reinforce_pp_baseline": "group_mean"}
+    assert {a: baseline(st[a]) for a in ADVANTAGES} == {
+        "grpo": "group",
+        "rloo": "leave_one_out",
+        "reinforce_pp": "batch",
+        "reinforce_pp_baseline": "group_mean",
+    }

@@ -30,10 +30,24 @@ LENGTHS = [3, 1, 4, 2, 4, 4, 1, 2, 3, 3, 4, 1]
 
 
 def _st(advantage="grpo", **kw):
-    base = dict(advantage=advantage, n_samples=G, scale_rewards="group", loss_aggregation="token_mean", kl_coef=0.1,
-                gamma=1.0, mask_truncated=False, generation=SimpleNamespace(max_new_tokens=4), rollout_batch_size=3,
-                micro_batch_size=2, gradient_accumulation_steps=1, dynamic_sampling=False, ppo_epochs=1,
-                max_sampling_batches=3, max_steps=None, epochs=1.0)  # fmt: skip
+    base = dict(
+        advantage=advantage,
+        n_samples=G,
+        scale_rewards="group",
+        loss_aggregation="token_mean",
+        kl_coef=0.1,
+        gamma=1.0,
+        mask_truncated=False,
+        generation=SimpleNamespace(max_new_tokens=4),
+        rollout_batch_size=3,
+        micro_batch_size=2,
+        gradient_accumulation_steps=1,
+        dynamic_sampling=False,
+        ppo_epochs=1,
+        max_sampling_batches=3,
+        max_steps=None,
+        epochs=1.0,
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -51,8 +65,17 @@ def _rollout(rows=range(12), prompt_len=2, width=4, all_scores=SCORES) -> Rollou
     logprobs = -torch.rand(12, width, generator=gen)[rows] * mask
     ref = -torch.rand(12, width, generator=gen)[rows] * mask
     scores = torch.tensor([all_scores[i] for i in rows])
-    return Rollout(seq, [f"p{i // G}" for i in rows], [f"r{i}" for i in rows], torch.tensor([i // G for i in rows]),
-                   logprobs, ref, None, Scores(scores, scores.clone()), {"generation": 1.0, "scoring": 0.5})
+    return Rollout(
+        seq,
+        [f"p{i // G}" for i in rows],
+        [f"r{i}" for i in rows],
+        torch.tensor([i // G for i in rows]),
+        logprobs,
+        ref,
+        None,
+        Scores(scores, scores.clone()),
+        {"generation": 1.0, "scoring": 0.5},
+    )
 
 
 def test_grpo_advantages_by_hand_with_a_zero_variance_group_and_a_nan():
@@ -77,8 +100,9 @@ def test_rloo_puts_the_sequence_kl_into_the_reward_before_the_leave_one_out_base
     assert est.advantages.advantages[:4, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("advantage,truncated", [("reinforce_pp", False), ("reinforce_pp_baseline", False),
-                                                  ("reinforce_pp", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "advantage,truncated", [("reinforce_pp", False), ("reinforce_pp_baseline", False), ("reinforce_pp", True)]
+)
 def test_reinforce_pp_returns_are_whitened_over_the_valid_tokens(advantage, truncated):
     ro, st = _rollout(), _st(advantage, mask_truncated=truncated)
     est = rcf.estimate(ro, st, offset=0)
@@ -161,8 +185,15 @@ def test_dynamic_sampling_replaces_groups_without_signal_then_fills():
     assert len(draws) == 2 and draws[1][0] != [0, 1]
     assert ro.responses == [f"r{i}" for i in [0, 1, 2, 3, 8, 9, 10, 11]] and not filler.any()
     assert stats["groups_dropped"] == 1 and stats["groups_filled_without_signal"] == 0
-    ro, stats, filler = cfu.dynamic_rollout(lambda idx, a: _rollout(range(4, 8)), [0], plan, 0, 3,
-                                            _st(rollout_batch_size=1, dynamic_sampling=True), pad_id=0)  # fmt: skip
+    ro, stats, filler = cfu.dynamic_rollout(
+        lambda idx, a: _rollout(range(4, 8)),
+        [0],
+        plan,
+        0,
+        3,
+        _st(rollout_batch_size=1, dynamic_sampling=True),
+        pad_id=0,
+    )
     assert stats["sampling_rounds"] == 3 and stats["groups_filled_without_signal"] == 1 and len(ro.prompts) == 4
     assert filler.tolist() == [True] * 4  # the stage keeps these rows out of the loss
 

@@ -28,10 +28,18 @@ demo = load("demo_numbers")
 def run(seed: int, sft: float, gains: dict[str, float]) -> dict:
     results = {"sft": {"gold_mean": sft, "kl": 0.0, "reward_mean": 1.0}}
     results.update({p: {"gold_mean": sft + g, "kl": 5.0, "reward_mean": 2.0} for p, g in gains.items()})
-    curves = {s: [{"step": 0, "proxy": 1.0, "gold": sft}, {"step": 10, "proxy": 3.0, "gold": sft + 0.1}]
-              for s in bench.ONLINE}  # fmt: skip
-    return {"seed": seed, "threads": 2, "seconds": 60.0, "curves": curves, "rm_eval_accuracy": 0.9, "results": results,
-            "rm_on_prompts": {"accuracy": 0.9, "accuracy_other": 0.8}}  # fmt: skip
+    curves = {
+        s: [{"step": 0, "proxy": 1.0, "gold": sft}, {"step": 10, "proxy": 3.0, "gold": sft + 0.1}] for s in bench.ONLINE
+    }
+    return {
+        "seed": seed,
+        "threads": 2,
+        "seconds": 60.0,
+        "curves": curves,
+        "rm_eval_accuracy": 0.9,
+        "results": results,
+        "rm_on_prompts": {"accuracy": 0.9, "accuracy_other": 0.8},
+    }
 
 
 def test_a_stage_fails_on_a_low_mean_or_on_any_seed_below_zero():
@@ -84,8 +92,10 @@ def test_the_learning_table_goes_to_docs_benchmarks_and_a_page_without_markers_i
 
 def test_demo_parts_go_between_their_markers_and_the_minutes_inline(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("takes <!-- demo:minutes:begin -->9<!-- demo:minutes:end --> min\n"
-                      "<!-- demo:table:begin -->\nold\n<!-- demo:table:end -->\nrest\n")  # fmt: skip
+    readme.write_text(
+        "takes <!-- demo:minutes:begin -->9<!-- demo:minutes:end --> min\n"
+        "<!-- demo:table:begin -->\nold\n<!-- demo:table:end -->\nrest\n"
+    )
     demo.update(readme, {"minutes": "6", "table": "```\nnew\n```\n"})
     want = "<!-- demo:table:begin -->\n```\nnew\n```\n<!-- demo:table:end -->\nrest\n"
     assert readme.read_text() == "takes <!-- demo:minutes:begin -->6<!-- demo:minutes:end --> min\n" + want
@@ -108,7 +118,14 @@ def test_the_pages_keep_every_marker_the_scripts_write_between():
 
 def test_the_demo_time_is_the_chain_wall_time_the_manifest_recorded(tmp_path):
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"stages": {
-        "sft": {"started_at": "2026-12-07T11:02:57+0000", "ended_at": "2026-12-07T11:03:44+0000"},
-        "eval": {"started_at": "2026-12-07T11:07:36+0000", "ended_at": "2026-12-07T11:07:57+0000"}}}))  # fmt: skip
+    manifest.write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "sft": {"started_at": "2026-12-07T11:02:57+0000", "ended_at": "2026-12-07T11:03:44+0000"},
+                    "eval": {"started_at": "2026-12-07T11:07:36+0000", "ended_at": "2026-12-07T11:07:57+0000"},
+                }
+            }
+        )
+    )
     assert demo.chain_minutes(manifest) == pytest.approx(5.0)

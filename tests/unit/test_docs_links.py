@@ -82,12 +82,16 @@ def test_a_broken_link_or_anchor_is_found(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# Page A\n\n## The `x` section\n")
     page = tmp_path / "README.md"
-    page.write_text("[ok](docs/a.md#the-x-section) [top](#front) [web](https://example.com) `[code](nowhere.md)`\n"
-                    "# Front\n[no file](docs/b.md) [no heading](docs/a.md#the-y-section) [wrapped\ntext](#nope)\n"
-                    "```\n[in a code block](missing.md)\n```\n")  # fmt: skip
-    assert broken_links(page) == ["README.md: docs/b.md (no file docs/b.md)",
-                                  "README.md: docs/a.md#the-y-section (no heading #the-y-section in a.md)",
-                                  "README.md: #nope (no heading #nope in README.md)"]  # fmt: skip
+    page.write_text(
+        "[ok](docs/a.md#the-x-section) [top](#front) [web](https://example.com) `[code](nowhere.md)`\n"
+        "# Front\n[no file](docs/b.md) [no heading](docs/a.md#the-y-section) [wrapped\ntext](#nope)\n"
+        "```\n[in a code block](missing.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "README.md: docs/b.md (no file docs/b.md)",
+        "README.md: docs/a.md#the-y-section (no heading #the-y-section in a.md)",
+        "README.md: #nope (no heading #nope in README.md)",
+    ]
 
 
 def test_the_readme_stays_a_front_door():

@@ -244,9 +244,17 @@ def test_policy_engine_has_no_dropout_left_after_lora(process_group):
     from rlhf_cli.models import load_tokenizer
     from rlhf_cli.stages.common import policy_engine
 
-    cfg = compose("dpo", ["model.name_or_path=builtin:tiny-llama", "model.lora.enabled=true", "model.lora.dropout=0.1",
-                          "model.tiny.hidden_size=64", "model.tiny.intermediate_size=176",
-                          "model.tiny.num_hidden_layers=2"])  # fmt: skip
+    cfg = compose(
+        "dpo",
+        [
+            "model.name_or_path=builtin:tiny-llama",
+            "model.lora.enabled=true",
+            "model.lora.dropout=0.1",
+            "model.tiny.hidden_size=64",
+            "model.tiny.intermediate_size=176",
+            "model.tiny.num_hidden_layers=2",
+        ],
+    )
     tok = load_tokenizer(cfg.model)
     engine = policy_engine(cfg, cfg.model, tok, total_steps=1, world_size=1)
     with torch.no_grad():

@@ -43,10 +43,18 @@ def test_fp32_and_lora_by_hand():
 def test_count_model_on_meta_device_from_a_local_config(tmp_path):
     # Qwen2.5-0.5B's architecture (config only, no weights): 494M parameters.
     config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
-        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-        "max_position_embeddings": 32768, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
-    }  # fmt: skip
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-6,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     cfg = compose("sft", [f"model.name_or_path={tmp_path}"])
     n, trainable, largest = count_model(cfg.model)
@@ -118,8 +126,15 @@ def test_explain_ppo_totals_actor_critic_reference_and_reward(setting, capsys, t
 
 
 def test_explain_ppo_prints_the_iteration_plan_of_the_stage(capsys, tmp_path):
-    args = ["stage.max_steps=7", "stage.ppo_epochs=3", "stage.rollout_batch_size=16", "stage.micro_batch_size=4",
-            "stage.gradient_accumulation_steps=2", "launcher.nproc_per_node=2", f"run.root={tmp_path}"]  # fmt: skip
+    args = [
+        "stage.max_steps=7",
+        "stage.ppo_epochs=3",
+        "stage.rollout_batch_size=16",
+        "stage.micro_batch_size=4",
+        "stage.gradient_accumulation_steps=2",
+        "launcher.nproc_per_node=2",
+        f"run.root={tmp_path}",
+    ]
     assert main(["explain", "ppo", *args]) == 0
     batch = capsys.readouterr().out.split("\n\n")[0]
     # 16 prompts per rank and iteration, 2 mini-batches of 4 x 2 each, over 3 epochs: 6 optimizer steps an iteration.
@@ -146,8 +161,14 @@ def test_explain_ppo_without_reference_or_reward_model(capsys, tmp_path):
 
 def test_explain_rejection_sampling_gives_a_round_and_its_models(capsys, tmp_path):
     # 450 training prompts (sample_prompts less its held-out 10 %); top_k=2 of 4 samples; 2 ranks of micro 8 x 2.
-    args = ["stage.selection=top_k", "stage.prompts_per_round=100", "stage.micro_batch_size=8",
-            "stage.gradient_accumulation_steps=2", "launcher.nproc_per_node=2", f"run.root={tmp_path}"]  # fmt: skip
+    args = [
+        "stage.selection=top_k",
+        "stage.prompts_per_round=100",
+        "stage.micro_batch_size=8",
+        "stage.gradient_accumulation_steps=2",
+        "launcher.nproc_per_node=2",
+        f"run.root={tmp_path}",
+    ]
     assert main(["explain", "rejection_sampling", *args]) == 0
     batch, memory = capsys.readouterr().out.split("\n\n")[:2]
     assert "micro batch 8 x accumulation 2 x world size 2" in batch and "global batch 32" in batch

@@ -20,8 +20,12 @@ def _strict(value) -> str:
 
 def test_non_finite_floats_become_null_at_any_depth():
     value = {"loss": NAN, "kl": [0.5, INF, (-INF, 1.0)], "summary": {"headline": {"loss": [3.1, NAN]}}, "ok": 2.5}
-    assert json_safe(value) == {"loss": None, "kl": [0.5, None, [None, 1.0]],
-                                "summary": {"headline": {"loss": [3.1, None]}}, "ok": 2.5}  # fmt: skip
+    assert json_safe(value) == {
+        "loss": None,
+        "kl": [0.5, None, [None, 1.0]],
+        "summary": {"headline": {"loss": [3.1, None]}},
+        "ok": 2.5,
+    }
     assert _strict(json_safe(value))
 
 
@@ -41,21 +45,38 @@ def test_the_input_is_not_changed():
 
 def test_numpy_values_become_python_numbers():
     np = pytest.importorskip("numpy")
-    value = {"f32": np.float32(0.5), "f64": np.float64(1.5), "i64": np.int64(7), "nan32": np.float32("nan"),
-             "flag": np.bool_(True), "array": np.array([1.0, np.nan]),
-             "grid": np.zeros((2, 2), dtype=np.int32)}  # fmt: skip
+    value = {
+        "f32": np.float32(0.5),
+        "f64": np.float64(1.5),
+        "i64": np.int64(7),
+        "nan32": np.float32("nan"),
+        "flag": np.bool_(True),
+        "array": np.array([1.0, np.nan]),
+        "grid": np.zeros((2, 2), dtype=np.int32),
+    }
     out = json_safe(value)
-    assert out == {"f32": 0.5, "f64": 1.5, "i64": 7, "nan32": None, "flag": True, "array": [1.0, None],
-                   "grid": [[0, 0], [0, 0]]}  # fmt: skip
+    assert out == {
+        "f32": 0.5,
+        "f64": 1.5,
+        "i64": 7,
+        "nan32": None,
+        "flag": True,
+        "array": [1.0, None],
+        "grid": [[0, 0], [0, 0]],
+    }
     assert type(out["f64"]) is float and type(out["i64"]) is int and type(out["flag"]) is bool
     assert _strict(out)
 
 
 def test_torch_values_become_python_numbers():
     torch = pytest.importorskip("torch")
-    value = {"loss": torch.tensor(2.5), "nan": torch.tensor(float("nan")),
-             "bf16": torch.tensor(0.5, dtype=torch.bfloat16), "steps": torch.tensor([1, 2]),
-             "grad": torch.tensor(1.0, requires_grad=True) * 2}  # fmt: skip
+    value = {
+        "loss": torch.tensor(2.5),
+        "nan": torch.tensor(float("nan")),
+        "bf16": torch.tensor(0.5, dtype=torch.bfloat16),
+        "steps": torch.tensor([1, 2]),
+        "grad": torch.tensor(1.0, requires_grad=True) * 2,
+    }
     out = json_safe(value)
     assert out == {"loss": 2.5, "nan": None, "bf16": 0.5, "steps": [1, 2], "grad": 2.0}
     assert _strict(out)
@@ -84,13 +105,23 @@ def test_load_json_names_what_is_not_json(tmp_path):
     assert load_json(path) == {"run": "demo"}
 
 
-@pytest.mark.parametrize("kind, message", [("folder", "Is a directory"), ("fifo", "not a regular file"),
-                                           ("loop", "Too many levels of symbolic links"),
-                                           ("missing", "No such file or directory")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("folder", "Is a directory"),
+        ("fifo", "not a regular file"),
+        ("loop", "Too many levels of symbolic links"),
+        ("missing", "No such file or directory"),
+    ],
+)
 def test_read_regular_refuses_what_is_not_a_regular_file_without_blocking(tmp_path, kind, message):
     path = tmp_path / "x"
-    {"folder": path.mkdir, "fifo": lambda: os.mkfifo(path), "loop": lambda: path.symlink_to("x"),
-     "missing": lambda: None}[kind]()  # fmt: skip
+    {
+        "folder": path.mkdir,
+        "fifo": lambda: os.mkfifo(path),
+        "loop": lambda: path.symlink_to("x"),
+        "missing": lambda: None,
+    }[kind]()
     with pytest.raises(OSError) as info:
         read_regular(path)  # a FIFO opened the plain way would wait here for a writer
     assert info.value.strerror == message

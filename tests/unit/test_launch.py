@@ -34,13 +34,15 @@ def test_self_launch_command_forwards_usr1_and_keeps_overrides():
     [
         (["launcher.nproc_per_node=0"], "config key `launcher.nproc_per_node` is 0, must be >= 1"),
         (["launcher.nnodes=0"], "config key `launcher.nnodes` is 0, must be >= 1"),
-        (["launcher.nnodes=2", "launcher.node_rank=2"],
-         "config key `launcher.node_rank` is 2, must be in [0, launcher.nnodes) (launcher.nnodes is 2)"),
+        (
+            ["launcher.nnodes=2", "launcher.node_rank=2"],
+            "config key `launcher.node_rank` is 2, must be in [0, launcher.nnodes) (launcher.nnodes is 2)",
+        ),
         (["launcher.node_rank=-1"], "config key `launcher.node_rank` is -1, must be in [0, launcher.nnodes)"),
         (["launcher.master_port=0"], "config key `launcher.master_port` is 0, must be in [1, 65535]"),
         (["launcher.master_port=65536"], "config key `launcher.master_port` is 65536, must be in [1, 65535]"),
     ],
-)  # fmt: skip
+)
 def test_launcher_values_out_of_range_are_refused(overrides, message):
     """nproc_per_node=0 used to run one process silently; a node rank beyond nnodes would hang at rendezvous."""
     with pytest.raises(UserError) as err:

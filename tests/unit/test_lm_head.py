@@ -52,8 +52,10 @@ def _sft_batch(tok):
 def _pair_batch(tok):
     """Two pairs with replies of 1 to 30 tokens and prompts of 3 and 12, padded with EOS (pad == EOS)."""
     eos = tok.eos_token_id
-    pairs = [PreferenceExample(_ids(3, 1), _ids(1, 2) + [eos], _ids(30, 5) + [eos]),
-             PreferenceExample(_ids(12, 40), _ids(20, 70) + [eos], _ids(6, 90) + [eos])]  # fmt: skip
+    pairs = [
+        PreferenceExample(_ids(3, 1), _ids(1, 2) + [eos], _ids(30, 5) + [eos]),
+        PreferenceExample(_ids(12, 40), _ids(20, 70) + [eos], _ids(6, 90) + [eos]),
+    ]
     return collate_preference(pairs, pad_token_id=eos)
 
 
@@ -103,8 +105,7 @@ def test_sft_loss_and_gradients_equal_full_logits(tok, monkeypatch, chunk_elemen
     monkeypatch.setattr(lmh, "CHUNK_ELEMENTS", chunk_elements)
     model, b = _policy(tok), _sft_batch(tok)
     assert lmh.logit_projection(model) is model.lm_head
-    full, n_full = sft_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                                b["labels"])  # fmt: skip
+    full, n_full = sft_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
     full.backward()
     expected = _grads(model)
     calls = []
@@ -130,8 +131,9 @@ def test_dpo_loss_and_gradients_equal_full_logits(tok, monkeypatch, chunk_elemen
         pc, pr = logps.chunk(2)
         return preference_loss("sigmoid", pc, pr, *ref.chunk(2), None, None, beta=0.1).sum()
 
-    full = token_logprobs(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                          batch["labels"]).sum(-1)  # fmt: skip
+    full = token_logprobs(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    ).sum(-1)
     loss_of(full).backward()
     expected = _grads(model)
     logps, lengths = dpo.sequence_logps(model, batch)
@@ -148,8 +150,9 @@ def test_dpo_pair_is_one_forward_and_its_reference_builds_no_graph(tok):
         model.register_forward_pre_hook(lambda m, a, name=name: forwards.__setitem__(name, forwards[name] + 1))
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference  # its parameters still require grad: a graph would show
-    st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
-                         orpo_lambda=0.1)  # fmt: skip
+    st = SimpleNamespace(
+        loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5, orpo_lambda=0.1
+    )
     out = dpo.pair_losses(policy, ref, st, batch, "train", [0, 1])
     assert forwards == {"policy": 1, "reference": 1}  # chosen and rejected stacked in one forward each
     ref_logps = ref.logps(policy, batch, "train", [0, 1])
@@ -179,10 +182,23 @@ def test_lora_on_the_head_is_applied_and_matches_full_logits(tok):
         torch.testing.assert_close(lmh.target_logprobs(model, *_inputs(b)), plain)
 
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=8, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts=4,
-             num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-             shared_expert_intermediate_size=16)  # fmt: skip
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=97,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+)
 POST = {"final_logit_softcapping": 3.0, "logit_scale": 0.5, "logits_scaling": 4.0}  # strong enough to show
 
 
@@ -255,8 +271,10 @@ def _record_width(widths):
 
 
 # Every forward gathers each module's parameters and releases them afterwards (tests/integration/test_eval_sharding.py).
-PARTITION_ALL = ("deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
-                 "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}")  # fmt: skip
+PARTITION_ALL = (
+    "deepspeed.extra={zero_optimization:{stage:3,stage3_param_persistence_threshold:0,"
+    "stage3_max_reuse_distance:0,stage3_prefetch_bucket_size:0}}"
+)
 
 
 @pytest.mark.usefixtures("process_group")

@@ -108,8 +108,13 @@ def test_resume_drops_the_rows_of_replayed_steps(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"step": 0, "eval_score": 1.5}) + "\n")
     with open(path, "a") as fh:
-        fh.write("".join(json.dumps({"step": s, "loss": 1.0, **({"eval_loss": 2.0} if s % 20 == 0 else {})}) + "\n"
-                         for s in range(1, 56)) + '{"step": 56, "lo')  # fmt: skip
+        fh.write(
+            "".join(
+                json.dumps({"step": s, "loss": 1.0, **({"eval_loss": 2.0} if s % 20 == 0 else {})}) + "\n"
+                for s in range(1, 56)
+            )
+            + '{"step": 56, "lo'
+        )
     m = Metrics(path, 100, LOGGING, True, start_step=40)
     assert _steps(path) == list(range(0, 41))
     assert [json.loads(line)["step"] for line in path.read_text().splitlines() if "eval_loss" in line] == [20, 40]
@@ -142,8 +147,15 @@ def test_wandb_offline_gets_every_row_the_config_and_a_resumed_run_keeps_its_id(
     stage_dir = tmp_path / "myrun" / "sft"
     stage_dir.mkdir(parents=True)
     (stage_dir / "config.yaml").write_text("seed: 7\noptim:\n  lr: 0.001\n")
-    cfg = SimpleNamespace(log_every=1, tensorboard=False, progress=False, wandb=True, wandb_project="rlhf-test",
-                          wandb_entity=None, wandb_mode="offline")  # fmt: skip
+    cfg = SimpleNamespace(
+        log_every=1,
+        tensorboard=False,
+        progress=False,
+        wandb=True,
+        wandb_project="rlhf-test",
+        wandb_entity=None,
+        wandb_mode="offline",
+    )
     m = Metrics(stage_dir / "metrics.jsonl", 3, cfg, True)
     run = m._wandb
     assert run.name == "myrun/sft" and run.config["seed"] == 7 and run.config["optim"]["lr"] == 0.001

@@ -54,8 +54,9 @@ def folders(tmp_path_factory, tok):
     clf = _save(LlamaForSequenceClassification(config), tok, root / "clf")
     headless = _save(LlamaForSequenceClassification(config), tok, root / "headless")
     weights = headless / "model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("score.")}, weights,
-              metadata={"format": "pt"})  # fmt: skip
+    save_file(
+        {k: v for k, v in load_file(weights).items() if not k.startswith("score.")}, weights, metadata={"format": "pt"}
+    )
     sharded = _save(LlamaForSequenceClassification(config), tok, root / "sharded", max_shard_size="20KB")
     bin_lm = _save(LlamaForCausalLM(config), tok, root / "bin_lm")
     torch.save(load_file(bin_lm / "model.safetensors"), bin_lm / "pytorch_model.bin")  # an older checkpoint's layout
@@ -109,8 +110,9 @@ def test_check_scorer_refuses_a_causal_lm_and_a_headless_classifier_naming_the_s
     with pytest.raises(UserError) as err:
         check_scorer(str(folders.lm), "stage.reward.model=stage:sft", "; use rlhf generate")
     message = str(err.value)
-    assert message.startswith(f"stage.reward.model=stage:sft ({folders.lm}) is a causal language model "
-                              "(LlamaForCausalLM), no score head: ")  # fmt: skip
+    assert message.startswith(
+        f"stage.reward.model=stage:sft ({folders.lm}) is a causal language model (LlamaForCausalLM), no score head: "
+    )
     assert "randomly initialised head" in message and "rlhf rm" in message and message.endswith("; use rlhf generate")
     with pytest.raises(UserError, match=r"its head missing from the checkpoint") as err:
         check_scorer(str(folders.headless), f"model={folders.headless}", "; use rlhf generate")
@@ -127,8 +129,9 @@ def test_check_policy_refuses_a_classifier(folders):
     check_policy("builtin:tiny-llama", "model.name_or_path=builtin:tiny-llama")
     with pytest.raises(UserError) as err:
         check_policy(str(folders.clf), "stage.policies: stage `rm`")
-    assert str(err.value).startswith(f"stage.policies: stage `rm` ({folders.clf}) is a sequence classifier "
-                                     "(LlamaForSequenceClassification)")  # fmt: skip
+    assert str(err.value).startswith(
+        f"stage.policies: stage `rm` ({folders.clf}) is a sequence classifier (LlamaForSequenceClassification)"
+    )
     assert "a policy must be a causal language model" in str(err.value)
 
 
@@ -162,14 +165,17 @@ def test_load_classifier_refuses_before_loading_and_checks_the_loaded_head(folde
         with pytest.raises(UserError, match="causal language model"):
             load_classifier(str(folders.lm), "stage.reward.model=x")
     # What the files cannot tell (a backbone alone, no head name in it): loading tells, as for a hub id.
-    bert = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32)  # fmt: skip
+    bert = BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     _save(BertModel(bert), tok, tmp_path / "bert")
     assert inspect_folder(tmp_path / "bert").kind is None
     with pytest.raises(UserError) as err:
         load_classifier(str(tmp_path / "bert"), "stage.gold_reward=x")
-    assert str(err.value).startswith(f"stage.gold_reward=x ({tmp_path / 'bert'}) is a BertModel checkpoint, no "
-                                     "classifier head (missing: classifier.bias, classifier.weight): ")  # fmt: skip
+    assert str(err.value).startswith(
+        f"stage.gold_reward=x ({tmp_path / 'bert'}) is a BertModel checkpoint, no "
+        "classifier head (missing: classifier.bias, classifier.weight): "
+    )
 
 
 def test_a_cut_weight_file_is_reported_before_the_kind(folders, tmp_path):

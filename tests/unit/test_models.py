@@ -330,8 +330,16 @@ def test_disable_dropout_reaches_functional_attention_dropout():
 
     from rlhf_cli.models import disable_dropout
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, attention_dropout=0.5))  # fmt: skip
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            attention_dropout=0.5,
+        )
+    )
     model.train()
     ids = torch.randint(0, 50, (2, 8))
     torch.manual_seed(0)

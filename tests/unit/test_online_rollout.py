@@ -27,8 +27,9 @@ def tok():
 
 def _st(micro=2, temperature=0.7):
     reward = SimpleNamespace(clip=None, missing_eos_penalty=1.0, missing_eos_score=None)
-    return SimpleNamespace(micro_batch_size=micro, generation=GenerationConfig(max_new_tokens=6,
-                           temperature=temperature), reward=reward)  # fmt: skip
+    return SimpleNamespace(
+        micro_batch_size=micro, generation=GenerationConfig(max_new_tokens=6, temperature=temperature), reward=reward
+    )
 
 
 def length_reward(prompts, responses):
@@ -122,12 +123,25 @@ def test_ppo_advantages_come_back_in_their_own_result(tok):
     from rlhf_cli.rollout.scoring import Scores
 
     mask = torch.tensor([[1.0, 1, 1]])
-    seq = join(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), torch.ones(1, 3, dtype=torch.long), mask,
-               torch.tensor([True]))  # fmt: skip
+    seq = join(
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.ones(1, 1),
+        torch.ones(1, 3, dtype=torch.long),
+        mask,
+        torch.tensor([True]),
+    )
     logprobs, ref = torch.tensor([[-1.0, -1.0, -1.0]]), torch.tensor([[-1.1, -0.8, -1.0]])
     values = torch.tensor([[0.2, 0.4, 0.6]])
-    ro = Rollout(seq, [None], ["r"], torch.zeros(1, dtype=torch.long), logprobs, ref, values,
-                 Scores(torch.tensor([0.9]), torch.tensor([0.985])))  # fmt: skip
+    ro = Rollout(
+        seq,
+        [None],
+        ["r"],
+        torch.zeros(1, dtype=torch.long),
+        logprobs,
+        ref,
+        values,
+        Scores(torch.tensor([0.9]), torch.tensor([0.985])),
+    )
     st = SimpleNamespace(kl_estimator="k1", whiten_rewards=False, gamma=1.0, lam=0.95)
     adv = advantages(ro, st, kl_coef=0.05)
     assert isinstance(adv, Advantages)
@@ -138,6 +152,7 @@ def test_ppo_advantages_come_back_in_their_own_result(tok):
     assert adv.kl[0].tolist() == pytest.approx([0.1, -0.2, 0.0])
     assert adv.returns[0].tolist() == pytest.approx([0.9419625, 0.97575, 0.985])
     raw = torch.tensor([0.7419625, 0.57575, 0.385])
-    assert adv.advantages[0].tolist() == pytest.approx(((raw - raw.mean()) / raw.var(unbiased=False).sqrt()).tolist(),
-                                                       abs=1e-5)  # fmt: skip
+    assert adv.advantages[0].tolist() == pytest.approx(
+        ((raw - raw.mean()) / raw.var(unbiased=False).sqrt()).tolist(), abs=1e-5
+    )
     assert not hasattr(ro, "advantages") and torch.equal(ro.values, values)

@@ -41,15 +41,19 @@ def _ids(n, start):
 def _examples(eos):
     """Five SFT examples of 4 to 91 tokens, each reply ending with EOS."""
     rows = [(2, 1), (60, 30), (8, 8), (3, 40), (20, 5)]
-    return [SFTExample(_ids(p, 3 * k) + _ids(r, 50 + k) + [eos], [IGNORE_INDEX] * p + _ids(r, 50 + k) + [eos])
-            for k, (p, r) in enumerate(rows)]  # fmt: skip
+    return [
+        SFTExample(_ids(p, 3 * k) + _ids(r, 50 + k) + [eos], [IGNORE_INDEX] * p + _ids(r, 50 + k) + [eos])
+        for k, (p, r) in enumerate(rows)
+    ]
 
 
 def _pairs(eos):
     """Three pairs with prompts of 3 to 40 tokens and replies of 1 to 45."""
-    return [PreferenceExample(_ids(3, 1), _ids(1, 2) + [eos], _ids(45, 5) + [eos], margin=0.5),
-            PreferenceExample(_ids(40, 40), _ids(20, 70) + [eos], _ids(6, 90) + [eos]),
-            PreferenceExample(_ids(12, 9), _ids(9, 30) + [eos], _ids(2, 11) + [eos], margin=1.0)]  # fmt: skip
+    return [
+        PreferenceExample(_ids(3, 1), _ids(1, 2) + [eos], _ids(45, 5) + [eos], margin=0.5),
+        PreferenceExample(_ids(40, 40), _ids(20, 70) + [eos], _ids(6, 90) + [eos]),
+        PreferenceExample(_ids(12, 9), _ids(9, 30) + [eos], _ids(2, 11) + [eos], margin=1.0),
+    ]
 
 
 def _assert_same(grads, expected):
@@ -140,8 +144,18 @@ def test_packed_examples_do_not_see_each_other_and_a_kv_cache_would_break_it(tok
         assert (leaky[rest] - a[rest]).abs().max() > 1e-3
 
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=8, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=97,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def small_family_model(model_type: str, attn: str):
@@ -211,8 +225,13 @@ def test_sft_in_rows_wider_than_the_longest_example_equals_unpacked(tok):
     of 75 (60 + 7 + 5 | 50 | 40 + 30) give the padded loss and gradients."""
     eos, pad = _tok_ids(tok, False)
     model = load_causal_lm(BUILTIN, tok, seed=0)
-    exs = [SFTExample(_ids(n // 2, n) + _ids(n - n // 2 - 1, 9 * n) + [eos],
-                      [IGNORE_INDEX] * (n // 2) + _ids(n - n // 2 - 1, 9 * n) + [eos]) for n in (60, 5, 7, 30, 50, 40)]
+    exs = [
+        SFTExample(
+            _ids(n // 2, n) + _ids(n - n // 2 - 1, 9 * n) + [eos],
+            [IGNORE_INDEX] * (n // 2) + _ids(n - n // 2 - 1, 9 * n) + [eos],
+        )
+        for n in (60, 5, 7, 30, 50, 40)
+    ]
     loss, n = sft.sft_loss(model, collate_sft(exs, pad))
     loss.backward()
     expected = _grads(model)
@@ -231,8 +250,9 @@ def test_sft_in_rows_wider_than_the_longest_example_equals_unpacked(tok):
 
 # Pairs of 54, 108 and 37 tokens: rows [108] and [54, 37] in one forward (2 rows x 108 <= 300). With the prompt once
 # (data.share_prompt, tests/unit/test_share_prompt.py) 52, 69 and 26: three rows of 69 in one forward.
-@pytest.mark.parametrize(("share", "shape", "attn"), [(False, (2, 108), "sdpa"), (True, (3, 69), "sdpa"),
-                                                     (True, (3, 69), "eager")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("share", "shape", "attn"), [(False, (2, 108), "sdpa"), (True, (3, 69), "sdpa"), (True, (3, 69), "eager")]
+)
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_packed_reward_model_scores_and_gradients_equal_unpacked(tok, pad_is_eos, share, shape, attn):
     from rlhf_cli.stages import rm
@@ -266,8 +286,9 @@ def dpo_setup(tok, pad_is_eos, model_cfg=BUILTIN):
     policy, reference = load_causal_lm(model_cfg, tok, seed=0), load_causal_lm(model_cfg, tok, seed=1)
     ref = dpo.Reference.__new__(dpo.Reference)
     ref.kind, ref.table, ref.model = "model", None, reference
-    st = SimpleNamespace(loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5,
-                         orpo_lambda=0.1)  # fmt: skip
+    st = SimpleNamespace(
+        loss="sigmoid", beta=0.1, label_smoothing=0.0, rpo_alpha=None, simpo_gamma=0.5, orpo_lambda=0.1
+    )
     return policy, reference, ref, st, _pairs(eos), pad
 
 
@@ -317,8 +338,9 @@ def test_packed_step_is_one_optimizer_step_with_fillers_equal_to_unpacked(tok, m
     idx = [0, 1, 2, 3]
 
     def trained(batches, packed, others=None):
-        engine = eng.initialize(load_causal_lm(BUILTIN, tok, seed=0), eng.ds_config(cfg.deepspeed, cfg.optim, 2, 2, 1),
-                                cfg.optim, 10)  # fmt: skip
+        engine = eng.initialize(
+            load_causal_lm(BUILTIN, tok, seed=0), eng.ds_config(cfg.deepspeed, cfg.optim, 2, 2, 1), cfg.optim, 10
+        )
         if others is not None:
             monkeypatch.setattr(eng, "all_gather_cat", lambda t: torch.tensor([len(batches), others]))
         forwards = []
@@ -353,8 +375,11 @@ def test_packing_is_on_where_supported_and_refused_with_the_keys_named(tok):
     assert replace(auto, width_scale=0).layout([60, 5]) == [[[0], [1]]]  # eager: rows as long as the longest item
     assert packing_for(data, st, model, per_item=2) == Packing(True, capacity=128, micro=4, width_scale=160)
     data.max_tokens_per_batch = 100
-    with pytest.raises(UserError, match=r"data.max_tokens_per_batch=100 cannot hold a pair's two sequences "
-                                        r"\(2 x data.max_length = 128\)"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"data.max_tokens_per_batch=100 cannot hold a pair's two sequences "
+        r"\(2 x data.max_length = 128\)",
+    ):
         packing_for(data, st, model, per_item=2)
     assert packing_for(data, st, model, per_item=1).layout([60, 5, 7, 30]) == [[[0]], [[3, 2, 1]]]
     model.config._attn_implementation = "eager"  # (only read here: nothing runs)
@@ -387,7 +412,8 @@ def test_explain_summary_states_packing_without_torch():
         "adds no forward",
     ]  # then the shared prompt's line (test_share_prompt.py)
     assert packing_summary(cfg.data, cfg.stage, "eager", 2)[2] == (
-        "    rows: as long as the step's longest pair (eager's attention weights grow with the row)")
+        "    rows: as long as the step's longest pair (eager's attention weights grow with the row)"
+    )
     cfg = compose("sft", ["data.max_tokens_per_batch=1024", "data.packing=true"])
     assert packing_summary(cfg.data, cfg.stage, "sdpa", 1)[1].startswith("    forwards of up to 1024 tokens")
     assert packing_summary(cfg.data, cfg.stage, "flex_attention", 1) == [

@@ -47,11 +47,19 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
     common = [f"run.root={tmp_path}", "run.name=x"]
     hashes = {s: config_hash(compose(s, common)) for s in pipeline.stages}
     no_extra = {s: [] for s in pipeline.stages}
-    _manifest(tmp_path, {"sft": {"status": "completed", "config_hash": hashes["sft"]},
-                         "rm": {"status": "preempted", "config_hash": hashes["rm"]}})  # fmt: skip
+    _manifest(
+        tmp_path,
+        {
+            "sft": {"status": "completed", "config_hash": hashes["sft"]},
+            "rm": {"status": "preempted", "config_hash": hashes["rm"]},
+        },
+    )
     steps = plan_steps(pipeline, common, no_extra)
     assert [(s.stage, s.action, s.why) for s in steps[:3]] == [
-        ("sft", "skip", "completed with this config"), ("rm", "run", "starts again"), ("ppo", "run", "new")]
+        ("sft", "skip", "completed with this config"),
+        ("rm", "run", "starts again"),
+        ("ppo", "run", "new"),
+    ]
     (tmp_path / "x" / "rm" / "checkpoints" / "step-2").mkdir(parents=True)
     (tmp_path / "x" / "rm" / "checkpoints" / "step-2" / "COMPLETE").touch()
     assert plan_steps(pipeline, common, no_extra)[1].why == "resumes"
@@ -60,12 +68,18 @@ def test_plan_skips_resumes_refuses_and_reruns_what_follows(tmp_path):
     with pytest.raises(UserError, match=refused):
         plan_steps(pipeline, common, {**no_extra, "sft": ["stage.max_steps=7"]})
     # Overwriting sft re-runs it, and the completed stages after it run again too.
-    (tmp_path / "x" / "manifest.json").write_text(json.dumps({"run": "x", "stages": {
-        s: {"status": "completed", "config_hash": hashes[s]} for s in pipeline.stages}}))  # fmt: skip
+    (tmp_path / "x" / "manifest.json").write_text(
+        json.dumps(
+            {"run": "x", "stages": {s: {"status": "completed", "config_hash": hashes[s]} for s in pipeline.stages}}
+        )
+    )
     steps = plan_steps(pipeline, common, {**no_extra, "sft": ["run.overwrite=true"]})
     assert all(s.action == "run" and "run.overwrite=true" in s.args for s in steps)
-    assert [s.why for s in steps[1:]] == ["stale: sft runs again", "stale: sft runs again; rm runs again",
-                                          "stale: sft runs again; rm runs again; ppo runs again"]
+    assert [s.why for s in steps[1:]] == [
+        "stale: sft runs again",
+        "stale: sft runs again; rm runs again",
+        "stale: sft runs again; rm runs again; ppo runs again",
+    ]
     assert all(s.action == "skip" for s in plan_steps(pipeline, common, no_extra))
 
 
@@ -87,14 +101,25 @@ def _file(tmp_path, stages, overrides=None):
     return load_pipeline(str(path))
 
 
-@pytest.mark.parametrize(("stages", "overrides", "refused"), [
-    # grpo's reward is this run's rm by default: no stage provides it, and no reward function is named.
-    (["sft", "grpo", "eval"], {}, r"grpo reads rm \(stage.reward.model=stage:rm\), and neither an earlier stage .*"
-                                  r"list rm before grpo.*or give grpo.stage.reward.function=module:function"),
-    (["sft", "rejection_sampling"], {}, r"rejection_sampling reads rm .*neither an earlier stage"),
-    (["sft", "dpo", "eval"], {"eval": ["stage.policies=[ppo]"]}, r"eval reads ppo \(stage.policies\[ppo\]=stage:ppo\)"),
-    (["sft", "ppo", "rm", "eval"], {}, r"ppo reads rm .*which the pipeline runs after it; list rm before ppo"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stages", "overrides", "refused"),
+    [
+        # grpo's reward is this run's rm by default: no stage provides it, and no reward function is named.
+        (
+            ["sft", "grpo", "eval"],
+            {},
+            r"grpo reads rm \(stage.reward.model=stage:rm\), and neither an earlier stage .*"
+            r"list rm before grpo.*or give grpo.stage.reward.function=module:function",
+        ),
+        (["sft", "rejection_sampling"], {}, r"rejection_sampling reads rm .*neither an earlier stage"),
+        (
+            ["sft", "dpo", "eval"],
+            {"eval": ["stage.policies=[ppo]"]},
+            r"eval reads ppo \(stage.policies\[ppo\]=stage:ppo\)",
+        ),
+        (["sft", "ppo", "rm", "eval"], {}, r"ppo reads rm .*which the pipeline runs after it; list rm before ppo"),
+    ],
+)
 def test_a_chain_whose_inputs_no_stage_provides_is_refused_at_composition(tmp_path, stages, overrides, refused):
     pipeline = _file(tmp_path, stages, overrides)
     with pytest.raises(UserError, match=refused):
@@ -104,9 +129,9 @@ def test_a_chain_whose_inputs_no_stage_provides_is_refused_at_composition(tmp_pa
 def test_a_chain_may_read_a_completed_stage_of_the_run_or_go_without_an_optional_one(tmp_path):
     common = [f"run.root={tmp_path}", "run.name=x"]
     # eval's default reward (stage:rm) is optional: a DPO-only chain is evaluated without reward.
-    assert [s.stage for s in plan_steps(_file(tmp_path, ["sft", "dpo", "eval"]), common, {"sft": [], "dpo": [],
-                                                                                             "eval": []})] == [
-        "sft", "dpo", "eval"]  # fmt: skip
+    assert [
+        s.stage for s in plan_steps(_file(tmp_path, ["sft", "dpo", "eval"]), common, {"sft": [], "dpo": [], "eval": []})
+    ] == ["sft", "dpo", "eval"]
     # grpo with a reward function needs no rm.
     pipeline = _file(tmp_path, ["sft", "grpo"], {"grpo": ["+experiment=grpo_parity"]})
     assert plan_steps(pipeline, common, {"sft": [], "grpo": []})[1].stage == "grpo"
@@ -121,14 +146,26 @@ def test_a_stale_stage_outside_the_chain_is_refused_and_one_inside_reruns(tmp_pa
     common = [f"run.root={tmp_path}", "run.name=x"]
     hashes = {s: config_hash(compose(s, common)) for s in ("sft", "rm", "ppo")}
     sft_input = {"model.name_or_path": {"spec": "stage:sft", "fp": "a"}}
-    _manifest(tmp_path, {"sft": {"status": "completed", "config_hash": hashes["sft"], "completion": {"id": "b"}},
-                         "rm": {"status": "completed", "config_hash": hashes["rm"], "completion": {"id": "c"},
-                                "provenance": {"config": hashes["rm"], "inputs": sft_input}}})  # fmt: skip
+    _manifest(
+        tmp_path,
+        {
+            "sft": {"status": "completed", "config_hash": hashes["sft"], "completion": {"id": "b"}},
+            "rm": {
+                "status": "completed",
+                "config_hash": hashes["rm"],
+                "completion": {"id": "c"},
+                "provenance": {"config": hashes["rm"], "inputs": sft_input},
+            },
+        },
+    )
     with pytest.raises(UserError, match=r"ppo reads rm .*which is stale \(sft re-ran after it\) and not in this pipe"):
         plan_steps(_file(tmp_path, ["ppo"]), common, {"ppo": []})
     steps = plan_steps(_file(tmp_path, ["sft", "rm", "ppo"]), common, {"sft": [], "rm": [], "ppo": []})
-    assert [(s.action, s.why) for s in steps] == [("skip", "completed with this config"),
-                                                  ("run", "stale: sft re-ran after it"), ("run", "new")]  # fmt: skip
+    assert [(s.action, s.why) for s in steps] == [
+        ("skip", "completed with this config"),
+        ("run", "stale: sft re-ran after it"),
+        ("run", "new"),
+    ]
     assert "run.overwrite=true" in steps[1].args and "run.overwrite=true" not in steps[2].args
 
 
@@ -145,10 +182,17 @@ def test_an_overwrite_applies_once_per_attempt(tmp_path):
 def test_checkpoints_of_a_stage_whose_input_runs_again_in_this_pipeline_are_not_resumed(tmp_path):
     common = [f"run.root={tmp_path}", "run.name=x"]
     hashes = {s: config_hash(compose(s, common)) for s in ("sft", "rm")}
-    _manifest(tmp_path, {"sft": {"status": "failed", "config_hash": hashes["sft"]},
-                         "rm": {"status": "preempted", "config_hash": hashes["rm"]}})  # fmt: skip
+    _manifest(
+        tmp_path,
+        {
+            "sft": {"status": "failed", "config_hash": hashes["sft"]},
+            "rm": {"status": "preempted", "config_hash": hashes["rm"]},
+        },
+    )
     (tmp_path / "x" / "rm" / "checkpoints" / "step-2").mkdir(parents=True)
     (tmp_path / "x" / "rm" / "checkpoints" / "step-2" / "COMPLETE").touch()
     steps = plan_steps(_file(tmp_path, ["sft", "rm"]), common, {"sft": [], "rm": []})
     assert [(s.why, "run.overwrite=true" in s.args) for s in steps] == [
-        ("starts again", False), ("its checkpoints are stale (sft runs again): starting again", True)]
+        ("starts again", False),
+        ("its checkpoints are stale (sft runs again): starting again", True),
+    ]

@@ -21,60 +21,144 @@ from rlhf_cli.summary import complete_stage, summary_lines
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _online(n: int = 6, gold: bool = True, critic: bool = True, kl: bool = True, kl_coef: float | None = None
-            ) -> list[dict]:  # fmt: skip
+def _online(
+    n: int = 6, gold: bool = True, critic: bool = True, kl: bool = True, kl_coef: float | None = None
+) -> list[dict]:
     """An online stage's log: the starting evaluation at step 0, iterations 1..n, evaluations at 3 and n. Every
     metric changes (a panel of one value is left out), the KL coefficient too unless `kl_coef` fixes it."""
     rows = []
     for step in range(1, n + 1):
-        row = {"step": step, "score_mean": 0.1 * step, "response_length": 7.0 + step % 2, "policy_loss": -0.01 * step,
-               "entropy": 0.6 - 0.01 * step}  # fmt: skip
+        row = {
+            "step": step,
+            "score_mean": 0.1 * step,
+            "response_length": 7.0 + step % 2,
+            "policy_loss": -0.01 * step,
+            "entropy": 0.6 - 0.01 * step,
+        }
         row.update({"kl": 0.5 * (step - 1)} if kl else {})
-        row.update({"kl_coef": kl_coef or 0.05 + 0.01 * step, "value_loss": 0.2 / step,
-                    "explained_variance": 0.1 * step} if critic else {})  # fmt: skip
+        row.update(
+            {"kl_coef": kl_coef or 0.05 + 0.01 * step, "value_loss": 0.2 / step, "explained_variance": 0.1 * step}
+            if critic
+            else {}
+        )
         row.update({} if critic else {"zero_variance_groups": 0.25 / step})
         rows.append(row)
     for step in (0, 3, n):
-        rows.append({"step": step, "eval_score": 0.2 * step, "eval_response_length": 6.0 + step,
-                     **({"eval_gold": 0.5 + 0.01 * step} if gold else {})})  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "eval_score": 0.2 * step,
+                "eval_response_length": 6.0 + step,
+                **({"eval_gold": 0.5 + 0.01 * step} if gold else {}),
+            }
+        )
     return sorted(rows, key=lambda r: r["step"])
 
 
 # Stage -> (its rows, the panels it must get). Evaluations sit on fewer steps than training rows, in rows of their own.
 CASES = {
-    "sft": ([{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * s} for s in range(1, 7)]
-            + [{"step": 3, "eval_loss": 2.9, "eval_perplexity": 18.2}, {"step": 6, "eval_loss": 2.7,
-                                                                        "eval_perplexity": 14.9}],
-            ["loss", "eval perplexity", "learning rate"]),
-    "rm": ([{"step": s, "loss": 0.7 - 0.05 * s, "accuracy": 0.5 + 0.05 * s, "margin": 0.1 * s, "reward_chosen": 0.2 * s,
-             "reward_rejected": 0.1} for s in range(1, 5)]
-           + [{"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "eval_margin": 0.3, "reward_mean": 0.1}],
-           ["loss", "accuracy", "margin", "rewards"]),
-    "dpo": ([{"step": s, "loss": 0.69 - 0.02 * s, "reward_margin": 0.1 * s, "reward_accuracy": 0.5 + 0.1 * s,
-              "reward_chosen": 0.1 * s, "reward_rejected": -0.1, "logps_chosen": -80.0, "logps_rejected": -90.0 - s}
-             for s in range(1, 5)]
-            + [{"step": 4, "eval_loss": 0.65, "eval_reward_margin": 0.2, "eval_reward_accuracy": 0.62,
-                "eval_logps_chosen": -81.0, "eval_logps_rejected": -95.0}],
-            ["loss", "reward margin", "reward accuracy", "implicit rewards", "log-probs"]),
-    "ppo": (_online(), ["reward (score) and gold", "KL to the reference", "KL coefficient",
-                        "proxy and gold reward vs KL", "losses", "explained variance", "response length"]),
-    "rejection_sampling": ([{"step": 0, "round": 0, "eval_score": 0.5, "eval_gold": 0.5, "eval_response_length": 7.0},
-                            {"step": 0, "round": 1, "candidate_score_mean": 0.4, "selected_score_mean": 0.8}]
-                           + [{"step": s, "round": 1, "loss": 1.0 / s} for s in range(1, 6)]
-                           + [{"step": 5, "round": 1, "eval_score": 0.6, "eval_gold": 0.6, "eval_response_length": 6.0},
-                              {"step": 5, "round": 2, "candidate_score_mean": 0.5, "selected_score_mean": 0.9}],
-                           ["best-of-N selection", "held-out score and gold", "fine-tuning loss",
-                            "held-out response length"]),
-    "grpo": (_online(critic=False, kl=False), ["reward (score) and gold", "groups with zero reward variance",
-                                               "policy loss", "entropy", "response length"]),
-    "rloo": (_online(critic=False), ["reward (score) and gold", "KL to the reference", "proxy and gold reward vs KL",
-                                     "groups with zero reward variance", "policy loss", "entropy",
-                                     "response length"]),
-    "reinforce_pp": (_online(critic=False, gold=False), ["reward (score) and gold", "KL to the reference",
-                                                         "proxy and gold reward vs KL",
-                                                         "groups with zero reward variance", "policy loss",
-                                                         "entropy", "response length"]),
-}  # fmt: skip
+    "sft": (
+        [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * s} for s in range(1, 7)]
+        + [
+            {"step": 3, "eval_loss": 2.9, "eval_perplexity": 18.2},
+            {"step": 6, "eval_loss": 2.7, "eval_perplexity": 14.9},
+        ],
+        ["loss", "eval perplexity", "learning rate"],
+    ),
+    "rm": (
+        [
+            {
+                "step": s,
+                "loss": 0.7 - 0.05 * s,
+                "accuracy": 0.5 + 0.05 * s,
+                "margin": 0.1 * s,
+                "reward_chosen": 0.2 * s,
+                "reward_rejected": 0.1,
+            }
+            for s in range(1, 5)
+        ]
+        + [{"step": 4, "eval_loss": 0.6, "eval_accuracy": 0.7, "eval_margin": 0.3, "reward_mean": 0.1}],
+        ["loss", "accuracy", "margin", "rewards"],
+    ),
+    "dpo": (
+        [
+            {
+                "step": s,
+                "loss": 0.69 - 0.02 * s,
+                "reward_margin": 0.1 * s,
+                "reward_accuracy": 0.5 + 0.1 * s,
+                "reward_chosen": 0.1 * s,
+                "reward_rejected": -0.1,
+                "logps_chosen": -80.0,
+                "logps_rejected": -90.0 - s,
+            }
+            for s in range(1, 5)
+        ]
+        + [
+            {
+                "step": 4,
+                "eval_loss": 0.65,
+                "eval_reward_margin": 0.2,
+                "eval_reward_accuracy": 0.62,
+                "eval_logps_chosen": -81.0,
+                "eval_logps_rejected": -95.0,
+            }
+        ],
+        ["loss", "reward margin", "reward accuracy", "implicit rewards", "log-probs"],
+    ),
+    "ppo": (
+        _online(),
+        [
+            "reward (score) and gold",
+            "KL to the reference",
+            "KL coefficient",
+            "proxy and gold reward vs KL",
+            "losses",
+            "explained variance",
+            "response length",
+        ],
+    ),
+    "rejection_sampling": (
+        [
+            {"step": 0, "round": 0, "eval_score": 0.5, "eval_gold": 0.5, "eval_response_length": 7.0},
+            {"step": 0, "round": 1, "candidate_score_mean": 0.4, "selected_score_mean": 0.8},
+        ]
+        + [{"step": s, "round": 1, "loss": 1.0 / s} for s in range(1, 6)]
+        + [
+            {"step": 5, "round": 1, "eval_score": 0.6, "eval_gold": 0.6, "eval_response_length": 6.0},
+            {"step": 5, "round": 2, "candidate_score_mean": 0.5, "selected_score_mean": 0.9},
+        ],
+        ["best-of-N selection", "held-out score and gold", "fine-tuning loss", "held-out response length"],
+    ),
+    "grpo": (
+        _online(critic=False, kl=False),
+        ["reward (score) and gold", "groups with zero reward variance", "policy loss", "entropy", "response length"],
+    ),
+    "rloo": (
+        _online(critic=False),
+        [
+            "reward (score) and gold",
+            "KL to the reference",
+            "proxy and gold reward vs KL",
+            "groups with zero reward variance",
+            "policy loss",
+            "entropy",
+            "response length",
+        ],
+    ),
+    "reinforce_pp": (
+        _online(critic=False, gold=False),
+        [
+            "reward (score) and gold",
+            "KL to the reference",
+            "proxy and gold reward vs KL",
+            "groups with zero reward variance",
+            "policy loss",
+            "entropy",
+            "response length",
+        ],
+    ),
+}
 
 
 def _write(folder: Path, rows: list[dict], tail: str = "") -> Path:
@@ -130,13 +214,21 @@ def _panel_axes(fig, title: str):
     return ax, (twins[0] if twins else None)
 
 
-@pytest.mark.parametrize(("stage", "title"), [("ppo", "reward (score) and gold"),
-                                              ("ppo", "proxy and gold reward vs KL"),
-                                              ("rejection_sampling", "held-out score and gold")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "title"),
+    [
+        ("ppo", "reward (score) and gold"),
+        ("ppo", "proxy and gold reward vs KL"),
+        ("rejection_sampling", "held-out score and gold"),
+    ],
+)
 def test_the_gold_metric_has_a_y_axis_of_its_own(stage, title):
     """A gold accuracy (0-1) next to a reward model's score (0-10): on one axis the gold line looks flat."""
-    rows = CASES[stage][0] if stage != "ppo" else [{**r, **({"eval_score": 8.0 * r["step"]} if "eval_score" in r
-                                                            else {})} for r in _online()]  # fmt: skip
+    rows = (
+        CASES[stage][0]
+        if stage != "ppo"
+        else [{**r, **({"eval_score": 8.0 * r["step"]} if "eval_score" in r else {})} for r in _online()]
+    )
     fig = draw(stage, rows, f"demo / {stage}")
     ax, twin = _panel_axes(fig, title)
     assert twin is not None and [line.get_label() for line in twin.get_lines()] == ["eval_gold (right axis)"]
@@ -174,8 +266,14 @@ def test_each_series_is_drawn_against_its_own_steps():
 
 
 def test_rewards_against_kl_take_the_kl_of_the_next_rollout():
-    rows = [{"step": 1, "kl": 0.0}, {"step": 2, "kl": 1.0}, {"step": 3, "kl": 2.5},
-            {"step": 0, "eval_gold": 0.5}, {"step": 2, "eval_gold": 0.6}, {"step": 3, "eval_gold": 0.7}]  # fmt: skip
+    rows = [
+        {"step": 1, "kl": 0.0},
+        {"step": 2, "kl": 1.0},
+        {"step": 3, "kl": 2.5},
+        {"step": 0, "eval_gold": 0.5},
+        {"step": 2, "eval_gold": 0.6},
+        {"step": 3, "eval_gold": 0.7},
+    ]
     # Step 0 (the start) -> step 1's rollout; step 2 -> step 3's; the last evaluation -> the last KL there is.
     assert against(rows, "eval_gold", "kl") == ([0.0, 2.5, 2.5], [0.5, 0.6, 0.7])
     assert against(rows, "eval_gold", "missing") == ([], [])
@@ -205,9 +303,16 @@ def test_bad_input_is_one_clear_message(tmp_path):
 
 
 def test_values_no_axis_can_scale_to_are_gaps(tmp_path):
-    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": float("inf")}, {"step": 3, "loss": 10**400},
-            {"step": 4, "loss": float("nan")}, {"step": 5, "loss": 1.7e308}, {"step": 6, "loss": -1.7e308},
-            {"step": 7, "loss": 0.5}, {"step": 8, "loss": True}]  # fmt: skip
+    rows = [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": float("inf")},
+        {"step": 3, "loss": 10**400},
+        {"step": 4, "loss": float("nan")},
+        {"step": 5, "loss": 1.7e308},
+        {"step": 6, "loss": -1.7e308},
+        {"step": 7, "loss": 0.5},
+        {"step": 8, "loss": True},
+    ]
     steps, values = series(rows, "loss")
     assert steps == [1, 2, 3, 4, 5, 6, 7] and values[0] == 1.0 and values[6] == 0.5
     assert all(math.isnan(v) for v in values[1:6])
@@ -218,8 +323,11 @@ def test_values_no_axis_can_scale_to_are_gaps(tmp_path):
 
 
 def test_only_objects_with_an_integer_step_are_rows(tmp_path):
-    folder = _write(tmp_path / "demo" / "sft", [{"step": 1, "loss": 1.0}, {"step": "2"}, {"step": 2.0}, {"step": True},
-                                                {"step": 2**60}, {"loss": 1.0}, [1]], tail="\n\n\xff\n")  # fmt: skip
+    folder = _write(
+        tmp_path / "demo" / "sft",
+        [{"step": 1, "loss": 1.0}, {"step": "2"}, {"step": 2.0}, {"step": True}, {"step": 2**60}, {"loss": 1.0}, [1]],
+        tail="\n\n\xff\n",
+    )
     rows, skipped = load_rows(folder / "metrics.jsonl")
     assert rows == [{"step": 1, "loss": 1.0}] and skipped == 7  # blank lines are not counted
 
@@ -286,8 +394,10 @@ def test_a_stage_without_curves_is_left_alone(tmp_path, capsys):
 
 def test_the_cli_starts_without_matplotlib(tmp_path):
     """`rlhf --help`, `rlhf runs` and a plot's --help never import it: only drawing does."""
-    probe = ("import sys; from rlhf_cli.cli import main; "
-             f"[main(a) for a in (['--help'], ['runs', 'root={tmp_path}'], ['plot', '--help'])]; "
-             "print('LOADED', 'matplotlib' in sys.modules)")  # fmt: skip
+    probe = (
+        "import sys; from rlhf_cli.cli import main; "
+        f"[main(a) for a in (['--help'], ['runs', 'root={tmp_path}'], ['plot', '--help'])]; "
+        "print('LOADED', 'matplotlib' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.rstrip().endswith("LOADED False"), res.stderr

@@ -80,8 +80,9 @@ def test_greedy_evaluation_by_hand_with_the_gold_metric(model, examples, tok):
     greedy = sampling_config(GEN, tok.eos_token_id, tok.pad_token_id, greedy=True)
     texts, lengths, eos = [], [], []
     for j in range(0, len(examples), 2):  # the same batches of 2 as the evaluation
-        seq = sample(model, collate_prompts(examples[j : j + 2], tok.pad_token_id), greedy, tok.eos_token_id,
-                     tok.pad_token_id)  # fmt: skip
+        seq = sample(
+            model, collate_prompts(examples[j : j + 2], tok.pad_token_id), greedy, tok.eos_token_id, tok.pad_token_id
+        )
         texts += decode_responses(tok, seq)
         lengths += seq.response_mask.sum(1).tolist()
         eos += seq.has_eos.tolist()
@@ -113,8 +114,7 @@ def test_unscorable_responses_are_left_out_only_when_allowed(model, examples, to
     assert out["eval_score"] == 1.0 and out["eval_invalid_fraction"] == pytest.approx(1 / 5)
 
 
-def test_a_training_engine_and_a_zero3_frozen_engine_evaluate_like_the_plain_model(model, examples, tok,
-                                                                                   process_group):  # fmt: skip
+def test_a_training_engine_and_a_zero3_frozen_engine_evaluate_like_the_plain_model(model, examples, tok, process_group):
     """The same weights in a training engine (ZeRO-0, left in train mode) and in a ZeRO-3 inference engine
     (`engine.frozen`) give the plain model's numbers, greedy and sampled; the training engine is in train mode
     afterwards."""

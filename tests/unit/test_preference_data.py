@@ -459,8 +459,14 @@ def test_hh_rlhf_real_file_truncate_prompt_keeps_the_long_dialogues(tok):
     alone exceed 256 tokens. (All 2,308 pairs: drop 1,275, truncate_prompt 384 with 891 cut; ~25 s, hence a slice.)"""
     reports = {}
     for truncation in ("drop", "truncate_prompt"):
-        config = PreferenceDataConfig(source=str(HH_REAL), format="hh_rlhf", max_length=256, truncation=truncation,
-                                      eval_fraction=0.0, max_samples=400)  # fmt: skip
+        config = PreferenceDataConfig(
+            source=str(HH_REAL),
+            format="hh_rlhf",
+            max_length=256,
+            truncation=truncation,
+            eval_fraction=0.0,
+            max_samples=400,
+        )
         data = build_preference_datasets(config, tok, seed=0)
         print(f"HH-RLHF first 400 pairs, max_length=256, {truncation}: {data.report.summary()}")
         assert all(len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) <= 256 for ex in data.train)

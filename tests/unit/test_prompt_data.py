@@ -140,8 +140,10 @@ def test_dolly_and_alpaca_join_like_the_sft_adapters_without_needing_a_reply(tok
 
 
 def test_dialogsum_asks_for_a_summary_of_the_dialogue_column(tok, tmp_path):
-    rows = [{"id": "train_0", "dialogue": "#Person1#: Hi.\n#Person2#: Hello!", "summary": "They greet.", "topic": "x"},
-            {"id": "train_1", "summary": "no dialogue"}]  # fmt: skip
+    rows = [
+        {"id": "train_0", "dialogue": "#Person1#: Hi.\n#Person2#: Hello!", "summary": "They greet.", "topic": "x"},
+        {"id": "train_1", "summary": "no dialogue"},
+    ]
     path = write_lines(tmp_path / "d.jsonl", rows)
     data = build(tok, path, "dialogsum")
     assert [ex.text for ex in data.train] == ["Summarize the following dialogue.\n\n#Person1#: Hi.\n#Person2#: Hello!"]

@@ -55,8 +55,11 @@ def test_the_outputs_digest_sees_a_missing_or_truncated_file_but_not_a_copy(tmp_
     final = tmp_path / "sft" / "final"
     final.mkdir(parents=True)
     (final / "model.safetensors").write_bytes(b"x" * 10)
-    record = {"status": "completed", "outputs": {"final": "sft/final"},
-              "completion": new_completion(tmp_path, {"final": "sft/final"})}  # fmt: skip
+    record = {
+        "status": "completed",
+        "outputs": {"final": "sft/final"},
+        "completion": new_completion(tmp_path, {"final": "sft/final"}),
+    }
     assert damage(tmp_path, record) is None
     os.utime(final / "model.safetensors", ns=(5, 5))  # copied without keeping times: still intact
     assert damage(tmp_path, record) is None
@@ -75,8 +78,11 @@ def test_input_specs_follow_the_registry_table():
     assert "stage.reward.model" not in input_specs(fn, STAGES["grpo"].inputs)  # a reward function replaces the model
     ev = compose("eval", ["stage.policies=[ppo,dpo]"])
     assert upstream(input_specs(ev, STAGES["eval"].inputs)) == {
-        "model.name_or_path": "sft", "stage.policies[ppo]": "ppo", "stage.policies[dpo]": "dpo",
-        "stage.reward.model": "rm"}  # fmt: skip
+        "model.name_or_path": "sft",
+        "stage.policies[ppo]": "ppo",
+        "stage.policies[dpo]": "dpo",
+        "stage.reward.model": "rm",
+    }
     done = {"stages": {"sft": {"status": "completed"}, "rm": {"status": "completed"}, "dpo": {"status": "failed"}}}
     assert upstream(input_specs(compose("eval", []), STAGES["eval"].inputs, done))["stage.policies[sft]"] == "sft"
 
@@ -84,10 +90,16 @@ def test_input_specs_follow_the_registry_table():
 def test_stale_reasons_name_what_changed(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n")
-    inputs = {"model.name_or_path": {"spec": "stage:sft", "fp": "old"},
-              "data.source": {"spec": str(data), "path": str(data), "fp": path_fingerprint(data)}}  # fmt: skip
-    manifest = {"stages": {"sft": {"status": "completed", "completion": {"id": "new"}},
-                           "rm": {"status": "completed", "provenance": {"inputs": inputs}}}}  # fmt: skip
+    inputs = {
+        "model.name_or_path": {"spec": "stage:sft", "fp": "old"},
+        "data.source": {"spec": str(data), "path": str(data), "fp": path_fingerprint(data)},
+    }
+    manifest = {
+        "stages": {
+            "sft": {"status": "completed", "completion": {"id": "new"}},
+            "rm": {"status": "completed", "provenance": {"inputs": inputs}},
+        }
+    }
     assert stale_reasons(manifest, "rm", tmp_path) == ["sft re-ran after it"]
     assert stale_reasons(manifest, "rm", tmp_path, frozenset({"sft"})) == ["sft runs again"]
     data.write_text("{}\n{}\n")
@@ -170,7 +182,10 @@ def test_nan_never_reaches_the_manifest(tmp_path):
     run.update_stage(metrics={"loss": float("nan"), "kl": float("inf"), "ok": 1.5})
     run.release()
     assert json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["sft"]["metrics"] == {
-        "loss": None, "kl": None, "ok": 1.5}  # fmt: skip
+        "loss": None,
+        "kl": None,
+        "ok": 1.5,
+    }
 
 
 def test_the_pipeline_plans_a_stage_killed_inside_its_overwrite_as_it_will_be_put_back(tmp_path, monkeypatch):

@@ -34,8 +34,9 @@ sys.exit(code)
 def run_cli(args: list[str], cwd, **env: str) -> tuple[int, set[str], str]:
     """(exit code, heavy libraries imported, stderr) of `rlhf <args>`; `env` adds to the environment."""
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    res = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd,
-                         env={**base, **env}, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, env={**base, **env}, timeout=120
+    )
     loaded = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("LOADED")]
     assert loaded, res.stderr
     return res.returncode, set(loaded[-1]), res.stderr
@@ -43,8 +44,11 @@ def run_cli(args: list[str], cwd, **env: str) -> tuple[int, set[str], str]:
 
 def snapshot(root) -> dict[str, bytes | None]:
     """Every path under `root` with a file's bytes. The lock file is left out: each opening writes its holder."""
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-            for p in sorted(root.rglob("*")) if p.name != ".lock"}  # fmt: skip
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+        if p.name != ".lock"
+    }
 
 
 def existing_run(runs):
@@ -55,8 +59,12 @@ def existing_run(runs):
     (root / "rm" / "checkpoints" / "step-2").mkdir(parents=True)
     (root / "rm" / "checkpoints" / "step-2" / COMPLETE_MARKER).write_text("step 2\n")
     outputs = {"final": "sft/final"}
-    sft = {"status": "completed", "outputs": outputs, "completion": new_completion(root, outputs),
-           "ended_at": "2026-12-01T10:00:00+0000"}  # fmt: skip
+    sft = {
+        "status": "completed",
+        "outputs": outputs,
+        "completion": new_completion(root, outputs),
+        "ended_at": "2026-12-01T10:00:00+0000",
+    }
     stages = {"sft": sft, "rm": {"status": "interrupted", "last_step": 2}}
     (root / "manifest.json").write_text(json.dumps({"run": "x", "stages": stages}, indent=2) + "\n")
     return root
@@ -109,8 +117,9 @@ def test_rank_zero_under_a_launcher_refuses_before_joining_the_group(tmp_path):
     """torchrun / srun start the ranks themselves: rank 0 checks the run directory before torch and DeepSpeed load
     (the other ranks would then wait at the rendezvous, as they did for a refusal after it)."""
     runs = tmp_path / "runs"
-    code, loaded, err = run_cli(["rm", f"run.root={runs}", "run.name=new"], tmp_path,
-                                RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")  # fmt: skip
+    code, loaded, err = run_cli(
+        ["rm", f"run.root={runs}", "run.name=new"], tmp_path, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"
+    )
     assert code == 2 and "run `rlhf sft run.name=new` first" in err, err
     assert not loaded and not runs.exists()
 
@@ -192,8 +201,14 @@ def test_only_names_the_loaders_refuse_at_once_are_checked_before_loading(tmp_pa
     data.write_text("{}\n")
     model.mkdir()
     check_sources({"data.source": "databricks/databricks-dolly-15k", "model.name_or_path": "Qwen/Qwen2.5-0.5B"})
-    check_sources({"data.source": str(data), "model.name_or_path": str(model), "model.tokenizer": "builtin:tiny-llama",
-                   "stage.reference": "stage:sft"})  # fmt: skip
+    check_sources(
+        {
+            "data.source": str(data),
+            "model.name_or_path": str(model),
+            "model.tokenizer": "builtin:tiny-llama",
+            "stage.reference": "stage:sft",
+        }
+    )
     with pytest.raises(DataError, match="file not found"):
         check_sources({"data.source": str(tmp_path / "gone.json.gz")})
     with pytest.raises(UserError, match="unknown built-in model"):

@@ -100,9 +100,20 @@ def test_rejection_sampling_composes_from_sft_with_rm_and_prompt_data():
 
 def test_rejection_sampling_accepts_what_ppo_refuses_and_the_edges():
     """top-k / top-p sampling is fine here: the sampling log-probs enter no loss."""
-    cfg = compose(RS, ["stage.generation.top_k=50", "stage.generation.top_p=0.9", "stage.prompts_per_round=1",
-                       "stage.reward.normalize=rm_stats", "stage.selection=top_k", "stage.top_k=1", "stage.init=sft",
-                       "stage.reward.reduce=prob", "stage.generation.temperature=0.01"])  # fmt: skip
+    cfg = compose(
+        RS,
+        [
+            "stage.generation.top_k=50",
+            "stage.generation.top_p=0.9",
+            "stage.prompts_per_round=1",
+            "stage.reward.normalize=rm_stats",
+            "stage.selection=top_k",
+            "stage.top_k=1",
+            "stage.init=sft",
+            "stage.reward.reduce=prob",
+            "stage.generation.temperature=0.01",
+        ],
+    )
     assert cfg.stage.generation.top_k == 50 and cfg.stage.selection == "top_k"
     assert compose(RS, ["stage.selection=threshold", "stage.threshold=-3"]).stage.threshold == -3
     assert compose(RS, ["stage.threshold=0.5"]).stage.selection == "best"  # a threshold alone is harmless
@@ -121,18 +132,29 @@ def test_rejection_sampling_accepts_what_ppo_refuses_and_the_edges():
         ("stage.generation.max_new_tokens=0", "`stage.generation.max_new_tokens` is 0, must be >= 1"),
         ("stage.generation.top_p=0", "`stage.generation.top_p` is 0.0, must be in (0, 1]"),
         ("stage.reward.clip=0", "`stage.reward.clip` is 0.0, must be > 0 or null"),
-        ("stage.generation.temperature=0", "`stage.generation.temperature` is 0.0, must be > 0 for `rlhf "
-         "rejection_sampling`: N samples at temperature 0 are one greedy answer N times"),
-        ("stage.selection=bets", "`stage.selection` is 'bets', must be one of ['best', 'top_k', 'threshold']; did "
-         "you mean `best`?"),
+        (
+            "stage.generation.temperature=0",
+            "`stage.generation.temperature` is 0.0, must be > 0 for `rlhf "
+            "rejection_sampling`: N samples at temperature 0 are one greedy answer N times",
+        ),
+        (
+            "stage.selection=bets",
+            "`stage.selection` is 'bets', must be one of ['best', 'top_k', 'threshold']; did you mean `best`?",
+        ),
         ("stage.init=policy", "`stage.init` is 'policy', must be one of ['previous', 'sft']"),
         ("stage.reward.reduce=mean", "`stage.reward.reduce` is 'mean', must be one of ['logit', 'prob']"),
-        ("stage.reward.normalize=running", "`stage.reward.normalize` is 'running', must be one of ['none', "
-         "'rm_stats'] for `rlhf rejection_sampling`: a running normalisation moves between the generate calls"),
-        ("stage.selection=threshold", "config key `stage.selection` is 'threshold', which needs `stage.threshold`, "
-         "but `stage.threshold` is null: set stage.threshold=<value> or choose another stage.selection"),
+        (
+            "stage.reward.normalize=running",
+            "`stage.reward.normalize` is 'running', must be one of ['none', "
+            "'rm_stats'] for `rlhf rejection_sampling`: a running normalisation moves between the generate calls",
+        ),
+        (
+            "stage.selection=threshold",
+            "config key `stage.selection` is 'threshold', which needs `stage.threshold`, "
+            "but `stage.threshold` is null: set stage.threshold=<value> or choose another stage.selection",
+        ),
     ],
-)  # fmt: skip
+)
 def test_rejection_sampling_refuses_with_one_message(override, message):
     with pytest.raises(UserError) as err:
         compose(RS, [override])
@@ -157,15 +179,21 @@ def test_rejection_sampling_cfg_job_and_help(capsys, tmp_path):
         ("ppo", ["stage.reward.function=nosuchmodule:f"], "stage.reward.function=`nosuchmodule:f`: cannot import"),
         ("ppo", ["stage.reward.function=rlhf_cli.tasks.parity"], "expected `module:function`"),
         ("grpo", ["stage.gold_reward=no_such_pkg.metrics:gold"], "stage.gold_reward=`no_such_pkg.metrics:gold`"),
-        ("rejection_sampling", ["stage.reward.functions=[{fn: nosuchmodule:f, weight: 1.0}]"],
-         "stage.reward.functions=`nosuchmodule:f`"),
+        (
+            "rejection_sampling",
+            ["stage.reward.functions=[{fn: nosuchmodule:f, weight: 1.0}]"],
+            "stage.reward.functions=`nosuchmodule:f`",
+        ),
         ("eval", ["stage.gold=nosuchmodule:f"], "stage.gold=`nosuchmodule:f`: cannot import `nosuchmodule`"),
         ("ppo", ["stage.rollout_batch_size=6"], "stage.rollout_batch_size=6 is not a multiple of the mini-batch"),
         ("grpo", ["stage.n_samples=1"], "stage.n_samples must be >= 2"),
-        ("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=3", "launcher.nproc_per_node=2"],
-         "9 rollout rows cannot be dealt evenly to 2 ranks"),
+        (
+            "grpo",
+            ["stage.rollout_batch_size=3", "stage.n_samples=3", "launcher.nproc_per_node=2"],
+            "9 rollout rows cannot be dealt evenly to 2 ranks",
+        ),
     ],
-)  # fmt: skip
+)
 def test_online_settings_that_would_fail_after_loading_are_refused_at_composition(stage, overrides, message):
     # These used to end the stage only after torch, DeepSpeed and the models had loaded (5-6 s in).
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -177,8 +205,16 @@ def test_a_function_beside_the_command_and_model_sources_pass(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     compose("ppo", ["stage.reward.function=my_reward:score", "stage.gold_reward=stage:rm"])
-    compose("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=4", "stage.micro_batch_size=6",
-                     "stage.gradient_accumulation_steps=1", "launcher.nproc_per_node=2"])  # fmt: skip
+    compose(
+        "grpo",
+        [
+            "stage.rollout_batch_size=3",
+            "stage.n_samples=4",
+            "stage.micro_batch_size=6",
+            "stage.gradient_accumulation_steps=1",
+            "launcher.nproc_per_node=2",
+        ],
+    )
     monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the launcher's world size counts, not launcher.*
     with pytest.raises(UserError, match="cannot be dealt evenly to 4 ranks"):
         compose("grpo", ["stage.rollout_batch_size=3", "stage.n_samples=2"])
@@ -192,9 +228,14 @@ def test_rejection_sampling_refuses_unmerged_lora_rounds_at_composition(tmp_path
         compose(RS, [*lora, "stage.rounds=2"])
     compose(RS, [*lora, "stage.rounds=1"])  # one round exports only final/: an adapter is fine there
     compose(RS, ["model.lora.enabled=true", "model.lora.merge=true", "stage.rounds=2"])
-    code = ("import sys; from rlhf_cli.cli import main; rc = main(sys.argv[1:]); "
-            "print(rc, *[m for m in ('torch', 'deepspeed') if m in sys.modules])")  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code, RS, *lora, "stage.rounds=2", f"run.root={tmp_path}"],
-                         capture_output=True, text=True)  # fmt: skip
+    code = (
+        "import sys; from rlhf_cli.cli import main; rc = main(sys.argv[1:]); "
+        "print(rc, *[m for m in ('torch', 'deepspeed') if m in sys.modules])"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, RS, *lora, "stage.rounds=2", f"run.root={tmp_path}"],
+        capture_output=True,
+        text=True,
+    )
     assert res.stdout.strip() == "2", res.stdout + res.stderr
     assert "model.lora.merge=false with stage.rounds > 1" in res.stderr and not any(tmp_path.iterdir())

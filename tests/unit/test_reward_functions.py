@@ -111,6 +111,7 @@ def test_on_two_ranks_the_rank_that_raised_stops_both_with_its_message(tmp_path)
     mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["message"] == got[1]["message"]
-    assert got[0]["message"].startswith(f"stage.reward.function=`{HERE}:rank_one_raises` raised RuntimeError: rank "
-                                        "one cannot judge (on rank 1)")  # fmt: skip
+    assert got[0]["message"].startswith(
+        f"stage.reward.function=`{HERE}:rank_one_raises` raised RuntimeError: rank one cannot judge (on rank 1)"
+    )
     assert all(g["gold"] == [1.0] for g in got)

@@ -175,8 +175,12 @@ def test_encoder_max_length_is_checked_against_its_positions(tmp_path, decoder):
 
 
 def test_new_head_init_statistics(tok, tmp_path):
-    wide = ModelConfig(name_or_path="builtin:tiny-llama", tiny=TinyModelConfig(hidden_size=1024, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8))  # fmt: skip
+    wide = ModelConfig(
+        name_or_path="builtin:tiny-llama",
+        tiny=TinyModelConfig(
+            hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8
+        ),
+    )
     weight = load_reward_model(wide, wide.name_or_path, tok, seed=3).score.weight.detach()
     assert weight.shape == (1, 1024)
     assert abs(float(weight.mean())) < 3 / math.sqrt(1025) / math.sqrt(1024)  # 3 standard errors

@@ -53,7 +53,7 @@ def test_another_reward_model_uses_its_own_statistics_not_this_runs_rm(tmp_path)
         ({"reduce": "prob"}, "not of reduce=prob"),
         ({"label": "positive"}, "label=positive"),
     ],
-)  # fmt: skip
+)
 def test_statistics_that_do_not_describe_the_scores_are_refused(tmp_path, kwargs, message):
     run = _run(tmp_path, {"reward_mean": 1.0, "reward_std": 2.0})
     if kwargs.get("model") == "FOLDER":

@@ -55,8 +55,13 @@ def test_truncate_at_eos_keeps_the_eos_and_pads_after_it():
 def test_join_counts_positions_over_real_tokens_only():
     prompt = torch.tensor([[0, 0, 9, 9], [9, 9, 9, 9]])
     prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    seq = join(prompt, prompt_mask, torch.tensor([[4, 1, 0], [4, 4, 4]]), torch.tensor([[1.0, 1, 0], [1, 1, 1]]),
-               torch.tensor([True, False]))  # fmt: skip
+    seq = join(
+        prompt,
+        prompt_mask,
+        torch.tensor([[4, 1, 0], [4, 4, 4]]),
+        torch.tensor([[1.0, 1, 0], [1, 1, 1]]),
+        torch.tensor([True, False]),
+    )
     assert seq.prompt_len == 4
     assert seq.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]]
     assert seq.position_ids.tolist() == [[0, 0, 0, 1, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6]]
@@ -147,8 +152,13 @@ def test_reward_model_reads_the_token_ids_it_was_trained_on(tok):
 
 
 def test_function_reward_checks_what_the_function_returns(tok):
-    seq = join(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 1, dtype=torch.long),
-               torch.ones(2, 1), torch.tensor([True, True]))  # fmt: skip
+    seq = join(
+        torch.zeros(2, 1, dtype=torch.long),
+        torch.ones(2, 1),
+        torch.ones(2, 1, dtype=torch.long),
+        torch.ones(2, 1),
+        torch.tensor([True, True]),
+    )
     prompts = [
         tokenize_prompt(tok, [{"role": "user", "content": p}], 64) for p in ("Is 4 even or odd?", "Is 3 even or odd?")
     ]
@@ -180,10 +190,23 @@ def _rollout(mask, has_eos, logprobs, ref_logprobs, values, raw_scores):
     from rlhf_cli.rollout.experience import Rollout
     from rlhf_cli.rollout.scoring import Scores
 
-    seq = join(torch.zeros(len(mask), 1, dtype=torch.long), torch.ones(len(mask), 1),
-               torch.ones(mask.shape, dtype=torch.long), mask, has_eos)  # fmt: skip
-    return Rollout(seq, [None] * len(mask), ["r"] * len(mask), torch.arange(len(mask)), logprobs, ref_logprobs, values,
-                   Scores(raw_scores, raw_scores.clone()))  # fmt: skip
+    seq = join(
+        torch.zeros(len(mask), 1, dtype=torch.long),
+        torch.ones(len(mask), 1),
+        torch.ones(mask.shape, dtype=torch.long),
+        mask,
+        has_eos,
+    )
+    return Rollout(
+        seq,
+        [None] * len(mask),
+        ["r"] * len(mask),
+        torch.arange(len(mask)),
+        logprobs,
+        ref_logprobs,
+        values,
+        Scores(raw_scores, raw_scores.clone()),
+    )
 
 
 def test_rollout_metrics_by_hand():
@@ -194,12 +217,21 @@ def test_rollout_metrics_by_hand():
     from rlhf_cli.rollout.online import rollout_metrics
 
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    ro = _rollout(mask, torch.tensor([True, False]), torch.tensor([[-1.0, -2, -3], [-1, -1, -0.3]]),
-                  torch.tensor([[-1.5, -2, -2], [-2, -1, -0.9]]), torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 0.0]]),
-                  torch.tensor([1.0, -1.0]))  # fmt: skip
+    ro = _rollout(
+        mask,
+        torch.tensor([True, False]),
+        torch.tensor([[-1.0, -2, -3], [-1, -1, -0.3]]),
+        torch.tensor([[-1.5, -2, -2], [-2, -1, -0.9]]),
+        torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.4, 0.0]]),
+        torch.tensor([1.0, -1.0]),
+    )
     non_score = torch.tensor([[-0.1, 0, 0.2], [-0.2, 0, 0]])
-    adv = Advantages(advantages=torch.zeros(2, 3), returns=torch.tensor([[1.0, 0.8, 0.9], [-0.5, -1.2, 0.0]]),
-                     rewards=non_score + torch.tensor([[0, 0, 1.0], [0, -1, 0]]), non_score=non_score)  # fmt: skip
+    adv = Advantages(
+        advantages=torch.zeros(2, 3),
+        returns=torch.tensor([[1.0, 0.8, 0.9], [-0.5, -1.2, 0.0]]),
+        rewards=non_score + torch.tensor([[0, 0, 1.0], [0, -1, 0]]),
+        non_score=non_score,
+    )
     out = rollout_metrics(ro, adv)
     assert out["score_mean"] == pytest.approx(0.0) and out["score_std"] == pytest.approx(1.0)
     # k1 sums over valid tokens: (0.5 + 0 - 1) = -0.5 and (1 + 0) = 1 (the masked 0.6 is not counted) -> 0.25
@@ -217,17 +249,37 @@ def test_rollout_metrics_without_reference_critic_or_advantages_and_with_unscore
     from rlhf_cli.rollout.online import rollout_metrics
 
     mask = torch.tensor([[1.0, 1, 0], [1, 0, 0], [1, 1, 1]])
-    ro = _rollout(mask, torch.tensor([True, True, False]), torch.zeros(3, 3), None, None,
-                  torch.tensor([2.0, float("nan"), 4.0]))  # fmt: skip
+    ro = _rollout(
+        mask, torch.tensor([True, True, False]), torch.zeros(3, 3), None, None, torch.tensor([2.0, float("nan"), 4.0])
+    )
     out = rollout_metrics(ro)
-    assert out == pytest.approx({"rollout_sequences": 3, "score_mean": 3.0, "score_std": 1.0, "response_length": 2.0,
-                                 "eos_fraction": 2 / 3, "generated_tokens": 6, "invalid_fraction": 1 / 3})  # fmt: skip
+    assert out == pytest.approx(
+        {
+            "rollout_sequences": 3,
+            "score_mean": 3.0,
+            "score_std": 1.0,
+            "response_length": 2.0,
+            "eos_fraction": 2 / 3,
+            "generated_tokens": 6,
+            "invalid_fraction": 1 / 3,
+        }
+    )
 
 
 # Fields a chat checkpoint's generation_config.json may ship; each would change the sampled distribution.
-SHIPPED_GENERATION = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 1, "min_p": 0.2, "typical_p": 0.5,
-                      "min_new_tokens": 4, "suppress_tokens": [3], "bad_words_ids": [[4]], "top_k": 50,
-                      "top_p": 0.8, "temperature": 0.3, "epsilon_cutoff": 0.01}  # fmt: skip
+SHIPPED_GENERATION = {
+    "repetition_penalty": 1.3,
+    "no_repeat_ngram_size": 1,
+    "min_p": 0.2,
+    "typical_p": 0.5,
+    "min_new_tokens": 4,
+    "suppress_tokens": [3],
+    "bad_words_ids": [[4]],
+    "top_k": 50,
+    "top_p": 0.8,
+    "temperature": 0.3,
+    "epsilon_cutoff": 0.01,
+}
 
 
 @pytest.mark.parametrize("greedy", [False, True])
@@ -246,8 +298,9 @@ def test_rollouts_ignore_the_checkpoints_generation_config(tok, monkeypatch, gre
         return processors
 
     monkeypatch.setattr(type(model), "_get_logits_processor", spy)
-    config = sampling_config(GenerationConfig(max_new_tokens=4, temperature=TAU), tok.eos_token_id,
-                             tok.pad_token_id, greedy=greedy)  # fmt: skip
+    config = sampling_config(
+        GenerationConfig(max_new_tokens=4, temperature=TAU), tok.eos_token_id, tok.pad_token_id, greedy=greedy
+    )
     sample(model, collate_prompts(_prompts(tok), tok.pad_token_id), config, tok.eos_token_id, tok.pad_token_id)
     assert built == [[] if greedy else ["TemperatureLogitsWarper"]]
     assert model.generation_config.repetition_penalty == 1.3  # restored after generation
@@ -274,7 +327,7 @@ def test_tokens_banned_by_the_checkpoint_config_still_reach_rollouts(tok):
         ((3.0, 2.0), None, 1.0, -5.0, [-0.5, -5.0]),  # the replacement wins over the (default) penalty
         (None, None, 1.0, None, [2.0, 3.0]),  # no normalisation: raw score minus the penalty
     ],
-)  # fmt: skip
+)
 def test_missing_eos_rule_applies_after_normalisation_and_clipping(stats, clip, penalty, score, expected):
     from rlhf_cli.rollout.scoring import shape_scores
 
@@ -292,16 +345,18 @@ def test_bf16_policy_log_probs_come_from_fp32_logits(tok):
     plain = build_tiny_llama(TINY, tok, 0)
     model = load_causal_lm(ModelConfig(tiny=TINY), tok, seed=0).to(torch.bfloat16).eval()
     assert list(model.state_dict()) == list(plain.state_dict())
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (plain.lm_head.weight is
-                                                                         plain.model.embed_tokens.weight)  # fmt: skip
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (
+        plain.lm_head.weight is plain.model.embed_tokens.weight
+    )
     batch = collate_prompts(_prompts(tok), tok.pad_token_id)
     greedy = sampling_config(GenerationConfig(max_new_tokens=6), tok.eos_token_id, tok.pad_token_id, greedy=True)
     seq = sample(model, batch, greedy, tok.eos_token_id, tok.pad_token_id)
     with torch.no_grad():
         logits = response_logits(model, seq)
         width = seq.response_mask.shape[1]
-        hidden = model.model(input_ids=seq.input_ids, attention_mask=seq.attention_mask,
-                             position_ids=seq.position_ids).last_hidden_state[:, -width - 1 : -1]  # fmt: skip
+        hidden = model.model(
+            input_ids=seq.input_ids, attention_mask=seq.attention_mask, position_ids=seq.position_ids
+        ).last_hidden_state[:, -width - 1 : -1]
     assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
     expected = hidden.float() @ model.lm_head.weight.float().T
     assert torch.equal(logits, expected)

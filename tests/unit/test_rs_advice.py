@@ -31,8 +31,9 @@ def _round(cfg, stage_dir):
     idx = bon.round_prompts(len(PROMPTS), st.prompts_per_round, cfg.seed, 1)
     files = bon.RoundFiles.of(stage_dir, 1)
     saved.reconcile(files, 1, rounds.drawn_record(cfg, run, 1, idx, PROMPTS, None), saved.selection_rule(st), 0)
-    rows = [{"prompt_index": p, "candidate": c, "score": 0.0, "response_ids": [c]} for p in idx
-            for c in range(st.n_samples)]  # fmt: skip
+    rows = [
+        {"prompt_index": p, "candidate": c, "score": 0.0, "response_ids": [c]} for p in idx for c in range(st.n_samples)
+    ]
     files.candidates.write_text("".join(json.dumps(row) + "\n" for row in rows))
     bon.select_round(files, st.n_samples, st, saved.selection_rule(st))
     return files, run
@@ -46,11 +47,23 @@ def _applied(fix: str) -> str:
     return f"{key}={int(now) + 1}" if fix.startswith("a higher") else f"{key}={float(now) / 2}"
 
 
-@pytest.mark.parametrize("selection", [["stage.selection=best"], ["stage.selection=top_k", "stage.top_k=1"],
-                                       ["stage.selection=threshold", "stage.threshold=100"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "selection",
+    [
+        ["stage.selection=best"],
+        ["stage.selection=top_k", "stage.top_k=1"],
+        ["stage.selection=threshold", "stage.threshold=100"],
+    ],
+)
 def test_every_advised_fix_selects_or_draws_again(tmp_path, selection):
-    base = ["model.name_or_path=stage:sft", "stage.n_samples=2", "stage.prompts_per_round=3", "stage.reward.model=null",
-            "stage.reward.function=rlhf_cli.tasks.parity:gold_reward", *selection]  # fmt: skip
+    base = [
+        "model.name_or_path=stage:sft",
+        "stage.n_samples=2",
+        "stage.prompts_per_round=3",
+        "stage.reward.model=null",
+        "stage.reward.function=rlhf_cli.tasks.parity:gold_reward",
+        *selection,
+    ]
     cfg = compose("rejection_sampling", base)
     files, _ = _round(cfg, tmp_path / "failed")
     with pytest.raises(UserError) as err:
@@ -71,10 +84,12 @@ def test_every_advised_fix_selects_or_draws_again(tmp_path, selection):
 
 
 def test_the_same_command_reuses_the_round(tmp_path):
-    cfg = compose("rejection_sampling", ["model.name_or_path=stage:sft", "stage.n_samples=2",
-                                         "stage.prompts_per_round=3"])  # fmt: skip
+    cfg = compose(
+        "rejection_sampling", ["model.name_or_path=stage:sft", "stage.n_samples=2", "stage.prompts_per_round=3"]
+    )
     files, run = _round(cfg, tmp_path)
     idx = bon.round_prompts(len(PROMPTS), 3, cfg.seed, 1)
-    out = saved.reconcile(files, 1, rounds.drawn_record(cfg, run, 1, idx, PROMPTS, None),
-                          saved.selection_rule(cfg.stage), 6)  # fmt: skip
+    out = saved.reconcile(
+        files, 1, rounds.drawn_record(cfg, run, 1, idx, PROMPTS, None), saved.selection_rule(cfg.stage), 6
+    )
     assert out.selected and not out.redone

@@ -49,13 +49,18 @@ def test_the_healthy_run_is_listed_and_drawn(tmp_path, capsys, monkeypatch):
     healthy_run(root)
     code, out, err = _cli(capsys, "runs", f"run.root={root}")
     assert code == 0 and not err
-    assert _flat(out).splitlines()[2:] == [*HEALTHY.values(), "resume demo/ppo at step 2: rlhf ppo run.name=demo",
-                                           f"evaluation table of demo: rlhf runs run.name=demo run.root={root}"]
+    assert _flat(out).splitlines()[2:] == [
+        *HEALTHY.values(),
+        "resume demo/ppo at step 2: rlhf ppo run.name=demo",
+        f"evaluation table of demo: rlhf runs run.name=demo run.root={root}",
+    ]
     monkeypatch.chdir(tmp_path)
     code, out, err = _cli(capsys, "plot", "run.name=demo")
     assert code == 0 and not err
-    assert [line.split("  ")[0] for line in out.splitlines()] == ["sft: runs/demo/sft/metrics.png",
-                                                                  "ppo: runs/demo/ppo/metrics.png"]  # fmt: skip
+    assert [line.split("  ")[0] for line in out.splitlines()] == [
+        "sft: runs/demo/sft/metrics.png",
+        "ppo: runs/demo/ppo/metrics.png",
+    ]
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
@@ -190,8 +195,15 @@ def test_the_program_itself_never_shows_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
 
     def rlhf(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "rlhf_cli", *args, f"run.root={root}"], capture_output=True,
-                              text=True, errors="backslashreplace", timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "rlhf_cli", *args, f"run.root={root}"],
+            capture_output=True,
+            text=True,
+            errors="backslashreplace",
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+        )
 
     res = rlhf("runs")
     assert res.returncode == 0 and res.stderr == "", res.stderr
@@ -200,10 +212,13 @@ def test_the_program_itself_never_shows_a_traceback(tmp_path):
     assert listed == {f"d{i:02d}" for i in range(len(DAMAGE))} | {"caf\\udce9", "multi"}
     res = rlhf("plot", "run.name=multi")
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
-    assert res.stdout == f"ppo: {root}/multi/ppo/metrics.png  (reward (score) and gold, KL to the reference, KL " \
-        "coefficient, proxy and gold reward vs KL, losses)\n"  # fmt: skip
+    assert (
+        res.stdout == f"ppo: {root}/multi/ppo/metrics.png  (reward (score) and gold, KL to the reference, KL "
+        "coefficient, proxy and gold reward vs KL, losses)\n"
+    )
     assert res.stderr.splitlines() == [
         f"sft: not drawn: cannot write {root}/multi/sft/metrics.png: Is a directory",
         "manifest.json: not a regular file; the stages are drawn in the order of their names",
-        "ppo: skipped 5 of 11 lines of metrics.jsonl (not JSON objects with a step)"]  # fmt: skip
+        "ppo: skipped 5 of 11 lines of metrics.jsonl (not JSON objects with a step)",
+    ]
     assert fingerprint(root, skip=("metrics.png",)) == before

@@ -10,15 +10,29 @@ import pytest
 from rlhf_cli.rollout import best_of_n as bon
 from rlhf_cli.rollout import saved_round as saved
 
-DRAWN = {"policy": "stage:sft (completed 2026-01-01T00:00:00+0000)", "seed": 42, "stage.n_samples": 2,
-         "stage.generation_batch_size": 1, "stage.generation.temperature": 1.0,
-         "prompts": "2 prompts, 0123456789ab"}  # fmt: skip
+DRAWN = {
+    "policy": "stage:sft (completed 2026-01-01T00:00:00+0000)",
+    "seed": 42,
+    "stage.n_samples": 2,
+    "stage.generation_batch_size": 1,
+    "stage.generation.temperature": 1.0,
+    "prompts": "2 prompts, 0123456789ab",
+}
 RULE = {"stage.selection": "threshold", "stage.threshold": 2.0}
 
 
 def _row(p, c, score):
-    return {"round": 1, "prompt_index": p, "candidate": c, "prompt": f"q{p}", "response": f"r{p}{c}", "score": score,
-            "raw_score": score, "ended_with_eos": True, "response_ids": [p, c]}  # fmt: skip
+    return {
+        "round": 1,
+        "prompt_index": p,
+        "candidate": c,
+        "prompt": f"q{p}",
+        "response": f"r{p}{c}",
+        "score": score,
+        "raw_score": score,
+        "ended_with_eos": True,
+        "response_ids": [p, c],
+    }
 
 
 def _chunks(files, n_samples=2):
@@ -33,8 +47,9 @@ def _selected(tmp_path, rule=RULE):
     files = bon.RoundFiles.of(tmp_path, 1)
     _chunks(files)
     bon.merge_chunks(files, 2, 2)
-    st = SimpleNamespace(selection=rule["stage.selection"], top_k=rule.get("stage.top_k", 1),
-                         threshold=rule.get("stage.threshold"))  # fmt: skip
+    st = SimpleNamespace(
+        selection=rule["stage.selection"], top_k=rule.get("stage.top_k", 1), threshold=rule.get("stage.threshold")
+    )
     bon.select_round(files, 2, st, rule)
     return files
 
@@ -58,9 +73,13 @@ def test_selection_rule_holds_only_the_keys_the_selection_reads():
     st = SimpleNamespace(selection="best", top_k=3, threshold=None)
     assert saved.selection_rule(st) == {"stage.selection": "best"}
     assert saved.selection_rule(SimpleNamespace(selection="top_k", top_k=3, threshold=1.0)) == {
-        "stage.selection": "top_k", "stage.top_k": 3}  # fmt: skip
+        "stage.selection": "top_k",
+        "stage.top_k": 3,
+    }
     assert saved.selection_rule(SimpleNamespace(selection="threshold", top_k=3, threshold=0.5)) == {
-        "stage.selection": "threshold", "stage.threshold": 0.5}  # fmt: skip
+        "stage.selection": "threshold",
+        "stage.threshold": 0.5,
+    }
 
 
 def test_nothing_saved_records_the_draw_and_keeps_nothing(tmp_path):
@@ -96,21 +115,27 @@ def test_another_rule_with_only_the_selection_saved_draws_again(tmp_path):
     files.candidates.unlink()  # stage.save_candidates=false of a round that an older rlhf completed the selection of
     out = saved.reconcile(files, 1, DRAWN, {**RULE, "stage.threshold": 0.5}, 4)
     assert (out.drawn, out.redone) == (False, True)
-    assert out.line == ("round 1: stage.threshold changed (2.0 -> 0.5) and the candidates to select from are gone "
-                        "(candidates.jsonl): drawing the candidates again (selection discarded)")  # fmt: skip
+    assert out.line == (
+        "round 1: stage.threshold changed (2.0 -> 0.5) and the candidates to select from are gone "
+        "(candidates.jsonl): drawing the candidates again (selection discarded)"
+    )
 
 
 @pytest.mark.parametrize(
     "change,reason",
     [
         ({"stage.n_samples": 3}, "stage.n_samples changed (2 -> 3)"),
-        ({"policy": "round 1's policy (completed x)"},
-         "policy changed (stage:sft (completed 2026-01-01T00:00:00+0000) -> round 1's policy (completed x))"),
-        ({"prompts": "3 prompts, ba9876543210"},
-         "prompts changed (2 prompts, 0123456789ab -> 3 prompts, ba9876543210)"),
+        (
+            {"policy": "round 1's policy (completed x)"},
+            "policy changed (stage:sft (completed 2026-01-01T00:00:00+0000) -> round 1's policy (completed x))",
+        ),
+        (
+            {"prompts": "3 prompts, ba9876543210"},
+            "prompts changed (2 prompts, 0123456789ab -> 3 prompts, ba9876543210)",
+        ),
         ({"stage.generation.temperature": 0.7}, "stage.generation.temperature changed (1.0 -> 0.7)"),
     ],
-)  # fmt: skip
+)
 def test_another_draw_discards_candidates_and_selection(tmp_path, change, reason):
     files = _selected(tmp_path)
     now = {**DRAWN, **change}
@@ -125,8 +150,9 @@ def test_chunks_of_another_n_are_discarded_not_regrouped(tmp_path):
     files = bon.RoundFiles.of(tmp_path, 1)
     _chunks(files, n_samples=3)
     out = saved.reconcile(files, 1, DRAWN, RULE, 4)
-    assert out.line == ("round 1: stage.n_samples changed (3 -> 2): drawing the candidates again (2 drawn chunk(s) "
-                        "discarded)")  # fmt: skip
+    assert out.line == (
+        "round 1: stage.n_samples changed (3 -> 2): drawing the candidates again (2 drawn chunk(s) discarded)"
+    )
     assert bon.finished_chunks(files) == set() and out.redone and not out.drawn
 
 
@@ -152,8 +178,10 @@ def test_candidates_without_a_record_or_cut_short_are_drawn_again(tmp_path):
     files = _selected(tmp_path / "old")
     files.drawn.unlink()  # written before draw records existed
     out = saved.reconcile(files, 1, DRAWN, RULE, 4)
-    assert out.line == ("round 1: the saved candidates do not record what they were drawn with (an older rlhf wrote "
-                        "them): drawing the candidates again (4 candidates discarded)")  # fmt: skip
+    assert out.line == (
+        "round 1: the saved candidates do not record what they were drawn with (an older rlhf wrote "
+        "them): drawing the candidates again (4 candidates discarded)"
+    )
     files = _selected(tmp_path / "short")
     lines = files.candidates.read_text().splitlines()
     files.candidates.write_text("\n".join(lines[:3]) + "\n")

@@ -27,8 +27,13 @@ def by_text(prompts, responses):
 
 def _seq(has_eos):
     n = len(has_eos)
-    return join(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1), torch.ones(n, 1, dtype=torch.long),
-                torch.ones(n, 1), torch.tensor(has_eos))  # fmt: skip
+    return join(
+        torch.zeros(n, 1, dtype=torch.long),
+        torch.ones(n, 1),
+        torch.ones(n, 1, dtype=torch.long),
+        torch.ones(n, 1),
+        torch.tensor(has_eos),
+    )
 
 
 def _prompts(n):
@@ -41,8 +46,14 @@ def _cfg(clip=None, penalty=1.0, score=None):
 
 def test_raw_and_shaped_scores_with_fixed_statistics():
     texts = ["good", "bad", "good"]
-    out = score_responses(FunctionReward(f"{HERE}:by_text"), _prompts(3), _seq([True, True, False]), texts,
-                          _cfg(clip=1.0), stats=(1.0, 2.0))  # fmt: skip
+    out = score_responses(
+        FunctionReward(f"{HERE}:by_text"),
+        _prompts(3),
+        _seq([True, True, False]),
+        texts,
+        _cfg(clip=1.0),
+        stats=(1.0, 2.0),
+    )
     assert isinstance(out, Scores)
     assert out.raw.tolist() == [2.0, -1.0, 2.0] and out.valid.all()
     # (raw - 1) / 2, clipped to +-1, then the missing-EOS penalty of 1 on the truncated third response
@@ -56,8 +67,9 @@ def test_statistics_from_a_function_see_the_raw_scores_once():
         seen.append(raw.tolist())
         return float(raw.mean()), 1.0
 
-    out = score_responses(FunctionReward(f"{HERE}:by_text"), _prompts(2), _seq([True, True]), ["good", "bad"],
-                          _cfg(), stats=running)  # fmt: skip
+    out = score_responses(
+        FunctionReward(f"{HERE}:by_text"), _prompts(2), _seq([True, True]), ["good", "bad"], _cfg(), stats=running
+    )
     assert seen == [[2.0, -1.0]] and out.shaped.tolist() == pytest.approx([1.5, -1.5])
 
 

@@ -9,8 +9,15 @@ from rlhf_cli.commands.model_states import count_model, meta_counts
 from rlhf_cli.config.compose import compose
 from rlhf_cli.models.shapes import fast_shapes
 
-SMALL = dict(vocab_size=300, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=88,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def _model_cfg(name, *extra):

@@ -44,20 +44,24 @@ def test_shared_layout_and_mask_by_hand():
     assert b["last"].tolist() == [4, 7 + 1, 6, 7 + 4]
     assert b["lengths"].tolist() == [5, 2, 4, 3] and pk.real_tokens(b) == 14  # counted as if unshared
     assert b["margin"].tolist() == [0.5, 0.0] and b["pairs"].tolist() == [0, 1]
-    row0 = [[1, 0, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0, 0],
-            [1, 1, 1, 0, 0, 0, 0],
-            [1, 1, 1, 1, 0, 0, 0],
-            [1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 0, 0, 0, 1, 0],  # the rejected branch sees the shared prompt and itself, never the chosen branch
-            [1, 1, 0, 0, 0, 1, 1]]  # fmt: skip
-    row1 = [[1, 0, 0, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0, 0, 0],
-            [0, 0, 1, 0, 0, 0, 0],
-            [0, 0, 1, 1, 0, 0, 0],
-            [0, 0, 1, 1, 1, 0, 0],
-            [0, 0, 0, 0, 0, 1, 0],  # the padding tail: a causal group of its own
-            [0, 0, 0, 0, 0, 1, 1]]  # fmt: skip
+    row0 = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0],  # the rejected branch sees the shared prompt and itself, never the chosen branch
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+    row1 = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],  # the padding tail: a causal group of its own
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
     mask = pk.shared_mask(b)
     assert mask.shape == (2, 1, 7, 7) and mask.dtype == torch.bool
     assert mask[:, 0].int().tolist() == [row0, row1]
@@ -81,8 +85,9 @@ def test_every_listed_family_gives_each_reply_its_unshared_logits(model_type, at
     b = pk.collate_shared_pairs(pairs, [[0, 1]], pad_token_id=0)
     with torch.no_grad():
         mask = pk.model_mask(model, b)
-        shared = model(input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask,
-                       use_cache=False).logits[0]  # fmt: skip
+        shared = model(
+            input_ids=b["input_ids"], position_ids=b["position_ids"], attention_mask=mask, use_cache=False
+        ).logits[0]
         for k, (pair, reply) in enumerate([(p, r) for r in ("chosen_ids", "rejected_ids") for p in pairs]):
             seq = pair.prompt_ids + getattr(pair, reply)
             alone = model(input_ids=torch.tensor([seq])).logits[0]
@@ -114,8 +119,11 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
     data.share_prompt = False
     assert not packing_for(data, st, model, per_item=2).share_prompt
     data.share_prompt = True
-    with pytest.raises(UserError, match=r"config key `data.share_prompt` is true, which needs packed pairs, but "
-                                        r"`data.packing` is false"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"config key `data.share_prompt` is true, which needs packed pairs, but "
+        r"`data.packing` is false",
+    ):
         compose("dpo", ["data.share_prompt=true", "data.packing=false"])  # refused with the config, before any model
     model.config.sliding_window = 32  # a Mistral-style window shorter than a sequence: the full mask would be wrong
     with pytest.raises(UserError, match=r"sliding window \(32\) is shorter than data.max_length \(64\)"):
@@ -131,8 +139,11 @@ def test_share_prompt_is_on_where_supported_and_refused_with_the_keys_named(tok)
         packing_for(data, st, model, per_item=2)
     model.config.model_type = "llama"
     model.config._attn_implementation = "flash_attention_2"  # (only read here: nothing runs)
-    with pytest.raises(UserError, match="data.share_prompt=true: model.attn_implementation `flash_attention_2` does "
-                                        "not take an explicit attention mask"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match="data.share_prompt=true: model.attn_implementation `flash_attention_2` does "
+        "not take an explicit attention mask",
+    ):
         packing_for(data, st, model, per_item=2)
     data.share_prompt = None
     flash = packing_for(data, st, model, per_item=2)

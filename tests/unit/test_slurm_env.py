@@ -13,8 +13,12 @@ from rlhf_cli.preempt import PREEMPTED_EXIT_CODE
 from rlhf_cli.run_dir import TIME_FORMAT
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_PARTITION": "gpu",
-       "SLURM_JOB_NAME": "rlhf"}  # fmt: skip
+JOB = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NODELIST": "gpu[01-02]",
+    "SLURM_JOB_PARTITION": "gpu",
+    "SLURM_JOB_NAME": "rlhf",
+}
 
 
 def test_no_job_outside_slurm():
@@ -23,8 +27,13 @@ def test_no_job_outside_slurm():
 
 
 def test_the_job_and_its_restart_count_from_the_environment():
-    assert slurm.job(JOB) == {"job_id": "4242", "restarts": 0, "nodes": "gpu[01-02]", "partition": "gpu",
-                              "name": "rlhf"}  # fmt: skip
+    assert slurm.job(JOB) == {
+        "job_id": "4242",
+        "restarts": 0,
+        "nodes": "gpu[01-02]",
+        "partition": "gpu",
+        "name": "rlhf",
+    }
     assert slurm.job({**JOB, "SLURM_RESTART_COUNT": "3"})["restarts"] == 3
     assert slurm.job({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "x"}) == {"job_id": "7", "restarts": 0}
     array = {**JOB, "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2"}
@@ -45,8 +54,10 @@ def test_a_stage_counts_the_requeues_it_ran_through_in_one_job():
     assert other["runs"] == [0] and slurm.describe(other) == "slurm job 5000"
 
 
-@pytest.mark.parametrize("value", [None, "4242", [1], {}, {"job_id": ""}, {"job_id": "1", "runs": "x"},
-                                   {"job_id": "1", "runs": [True, "a", 0]}])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [None, "4242", [1], {}, {"job_id": ""}, {"job_id": "1", "runs": "x"}, {"job_id": "1", "runs": [True, "a", 0]}],
+)
 def test_a_hand_edited_slurm_record_reads_as_what_it_holds(value):
     text = slurm.describe(value)
     assert text in ("", "slurm job 1")
@@ -97,20 +108,35 @@ def test_the_scripts_parse(script):
 def test_the_sbatch_scripts_default_to_the_gpu_cluster_and_requeue_on_75_only():
     for name in ("slurm_multinode.sbatch", "slurm_pipeline.sbatch"):
         text = (SCRIPTS / name).read_text()
-        for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=32", "#SBATCH --signal=B:USR1@300",
-                     "#SBATCH --requeue", "PROCS_PER_NODE=${PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}",
-                     "MAX_REQUEUES=${MAX_REQUEUES:-10}", '[ "$RESTARTS" -lt "$MAX_REQUEUES" ]',
-                     f'if [ "$rc" = {PREEMPTED_EXIT_CODE} ] && [ "$CANCELLED" = 0 ]'):  # fmt: skip
+        for line in (
+            "#SBATCH --gpus-per-node=8",
+            "#SBATCH --cpus-per-task=32",
+            "#SBATCH --signal=B:USR1@300",
+            "#SBATCH --requeue",
+            "PROCS_PER_NODE=${PROCS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}",
+            "MAX_REQUEUES=${MAX_REQUEUES:-10}",
+            '[ "$RESTARTS" -lt "$MAX_REQUEUES" ]',
+            f'if [ "$rc" = {PREEMPTED_EXIT_CODE} ] && [ "$CANCELLED" = 0 ]',
+        ):
             assert line in text, (name, line)
 
 
 def test_the_test_clusters_config():
-    res = subprocess.run(["bash", str(SCRIPTS / "slurm_cluster.sh"), "config"], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "SLURM_LOCAL_NODES": "1"})  # fmt: skip
+    res = subprocess.run(
+        ["bash", str(SCRIPTS / "slurm_cluster.sh"), "config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "SLURM_LOCAL_NODES": "1"},
+    )
     assert res.returncode == 0, res.stderr
     conf = res.stdout
-    for line in ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-                 "SelectTypeParameters=CR_Core", "PartitionName=local Nodes=ALL Default=YES"):  # fmt: skip
+    for line in (
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core",
+        "PartitionName=local Nodes=ALL Default=YES",
+    ):
         assert line in conf.splitlines() or any(ln.startswith(line) for ln in conf.splitlines()), line
     nodes = [ln for ln in conf.splitlines() if ln.startswith("NodeName=")]
     host = subprocess.check_output(["hostname", "-s"], text=True).strip()

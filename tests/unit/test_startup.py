@@ -71,8 +71,10 @@ def test_explain_with_lora_builds_the_meta_model_with_peft(run_root):
 def test_joining_the_cpu_process_group_builds_no_cpp_op(tmp_path):
     """DeepSpeed's shm all-reduce op (AutoTP inference only) is neither compiled nor loaded on CPU: with an empty
     extension cache and no C++ compiler on the PATH the group still starts, and the cache stays empty."""
-    code = ("from rlhf_cli import engine; import deepspeed.comm.comm as c; engine.init_distributed(); "
-            "assert c.cdb.shm_comm_op is None, c.cdb.shm_comm_op; engine.shutdown()")  # fmt: skip
+    code = (
+        "from rlhf_cli import engine; import deepspeed.comm.comm as c; engine.init_distributed(); "
+        "assert c.cdb.shm_comm_op is None, c.cdb.shm_comm_op; engine.shutdown()"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "CXX")}
     bin_dir = tmp_path / "bin"  # the interpreter alone: no c++, g++ or ninja
     bin_dir.mkdir()
@@ -135,16 +137,19 @@ sys.exit(main(None if sys.argv[1] != "in-process" else sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize(("args", "teardown"), [(["generate"], False), (["score"], False), (["explain", "sft"], True),
-                                                (["in-process", "generate"], True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "teardown"),
+    [(["generate"], False), (["score"], False), (["explain", "sft"], True), (["in-process", "generate"], True)],
+)
 def test_read_only_tools_skip_the_interpreter_teardown_but_run_the_exit_handlers(tmp_path, args, teardown):
     """generate / score end without the module teardown (about 0.8 s after importing torch and transformers); their exit
     handlers and output still happen. Other commands, and main([...]) called by a program, end as usual."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     tool = [f"root={tmp_path}", "run=missing", "prompt=hi", *(["response=hello"] if "score" in args else [])]
     cli = [*args, *(tool if "explain" not in args else [f"run.root={tmp_path}"])]
-    res = subprocess.run([sys.executable, "-c", EXIT_PROBE, *cli], capture_output=True, text=True, cwd=tmp_path,
-                         env=env)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, *cli], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     if "explain" in args:
         assert res.returncode == 0 and "sft" in res.stdout, res.stderr
     else:  # refused before any model: the error line is flushed out before the process ends

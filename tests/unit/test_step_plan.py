@@ -24,7 +24,7 @@ def test_an_epoch_sees_every_example_once_across_steps_and_ranks():
     for epoch in range(2):
         seen = [i for s in range(3) for r in range(2) for i in p.rank_indices(epoch * 3 + s, r, seed=7)]
         assert sorted(seen) == list(range(24))
-    first, second = ([p.rank_indices(e * 3, 0, 7) for e in range(2)])
+    first, second = [p.rank_indices(e * 3, 0, 7) for e in range(2)]
     assert first != second  # a new order each epoch
 
 
@@ -80,8 +80,13 @@ def loop(monkeypatch, tmp_path):
             return {"loss": float(step), "tokens": 10.0}
 
         ctx = SimpleNamespace(cfg=SimpleNamespace(stage=st), dist=SimpleNamespace(device="cpu"), run=run)
-        loop = common.Loop(step_fn, lambda: evals.append(state["done"]) or {"eval_loss": 1.0}, ("loss",),
-                           save=saves.append, step_offset=offset)  # fmt: skip
+        loop = common.Loop(
+            step_fn,
+            lambda: evals.append(state["done"]) or {"eval_loss": 1.0},
+            ("loss",),
+            save=saves.append,
+            step_offset=offset,
+        )
         last = common.train_loop(ctx, engine, p, metrics, start, loop)
         return last, saves, evals, metrics
 

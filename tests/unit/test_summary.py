@@ -17,11 +17,17 @@ def _stage(tmp_path, stage="ppo"):
     for step in (2, 4):
         (run.checkpoints_dir / f"step-{step}").mkdir(parents=True)
         (run.checkpoints_dir / f"step-{step}" / "state.pt").write_bytes(b"y" * 3000)
-    rows = [{"step": 0, "eval_score": 1.5}, {"step": 1, "score_mean": 0.2, "kl": 0.0},
-            {"step": 2, "score_mean": 0.6, "kl": 1.5}, {"step": 2, "eval_score": 2.25}]  # fmt: skip
+    rows = [
+        {"step": 0, "eval_score": 1.5},
+        {"step": 1, "score_mean": 0.2, "kl": 0.0},
+        {"step": 2, "score_mean": 0.6, "kl": 1.5},
+        {"step": 2, "eval_score": 2.25},
+    ]
     run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "sco')  # a torn last line
-    manifest = {"run": "demo", "stages": {stage: {"status": "running", "metrics": {"tokens": 500.0,
-                                                                                   "train_seconds": 2.0}}}}
+    manifest = {
+        "run": "demo",
+        "stages": {stage: {"status": "running", "metrics": {"tokens": 500.0, "train_seconds": 2.0}}},
+    }
     run.manifest_path.write_text(json.dumps(manifest))
     return run
 
@@ -55,8 +61,10 @@ def test_keep_checkpoints_keeps_them(tmp_path):
     complete_stage(run, keep_checkpoints=True)
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == ["step-2", "step-4"]
     rows = dict(summary_lines(run.stage_record(), "sft", "run.name=demo run.root=elsewhere"))
-    assert "6.0 KB kept" in rows["disk"] and rows["next"] == "rlhf rm run.name=demo run.root=elsewhere   (or: rlhf " \
-        "dpo run.name=demo run.root=elsewhere)"
+    assert (
+        "6.0 KB kept" in rows["disk"]
+        and rows["next"] == "rlhf rm run.name=demo run.root=elsewhere   (or: rlhf dpo run.name=demo run.root=elsewhere)"
+    )
 
 
 def test_other_ranks_write_nothing(tmp_path):
@@ -77,8 +85,10 @@ def test_first_and_last_ignores_missing_files(tmp_path):
 
 def test_first_and_last_reads_a_damaged_log(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe not text\n{"step": 2, "loss": NaN, "kl": true}\n[1]\n'
-                     b'{"step": 3, "kl": 0.5, "loss": "low"}\n{"step": 4, "lo')  # fmt: skip
+    path.write_bytes(
+        b'{"step": 1, "loss": 2.0}\n\xff\xfe not text\n{"step": 2, "loss": NaN, "kl": true}\n[1]\n'
+        b'{"step": 3, "kl": 0.5, "loss": "low"}\n{"step": 4, "lo'
+    )
     out = first_and_last(path, ("loss", "kl"))
     assert out["loss"][0] == 2.0 and math.isnan(out["loss"][1])  # a diverged loss shows as NaN
     assert out["kl"] == [0.5, 0.5]  # true is not a number
@@ -89,15 +99,24 @@ def test_first_and_last_reads_a_damaged_log(tmp_path):
 
 
 def test_summary_lines_of_a_hand_edited_record():
-    record = {"summary": {"headline": {"loss": [1.0, 0.5], "kl": 3, "acc": [None, 0.9]}, "stage_seconds": "soon",
-                          "tokens_per_second": float("nan"), "disk_bytes": {"stage": 2000, "run": "?"},
-                          "plot": ["x"]},
-              "metrics": [1]}  # fmt: skip
+    record = {
+        "summary": {
+            "headline": {"loss": [1.0, 0.5], "kl": 3, "acc": [None, 0.9]},
+            "stage_seconds": "soon",
+            "tokens_per_second": float("nan"),
+            "disk_bytes": {"stage": 2000, "run": "?"},
+            "plot": ["x"],
+        },
+        "metrics": [1],
+    }
     assert summary_lines(record, "sft", "run.name=demo")[:-1] == [
-        ("loss", "1 -> 0.5"), ("kl", "3"), ("acc", "n/a -> 0.9"),
+        ("loss", "1 -> 0.5"),
+        ("kl", "3"),
+        ("acc", "n/a -> 0.9"),
         ("disk", "stage 2.0 KB, run ?; resume checkpoints ? removed (stage.keep_checkpoints=true keeps them)"),
         ("curves", "['x']"),
-    ]  # fmt: skip
+    ]
     for record in (None, [], {"summary": "done", "metrics": None}, {"summary": {"headline": [1, 2], "disk_bytes": 5}}):
-        assert summary_lines(record, "sft", "run.name=demo") == [("next", "rlhf rm run.name=demo   (or: rlhf dpo "
-                                                                           "run.name=demo)")]  # fmt: skip
+        assert summary_lines(record, "sft", "run.name=demo") == [
+            ("next", "rlhf rm run.name=demo   (or: rlhf dpo run.name=demo)")
+        ]

@@ -46,12 +46,27 @@ def test_the_tools_read_the_run_the_stages_write_by_default(tmp_path, capsys, mo
 # ---------------------------------------------------------------- a finished evaluation
 
 
-EVAL = {"reference": "runs/x/sft/final", "policies": {"sft": "runs/x/sft/final", "ppo": "runs/x/ppo/final"},
-        "prompts": 180, "n_samples": 1, "temperature": 0.0, "kl_samples": 4, "reward": None, "gold": "g:f",
-        "results": {name: {"reward_mean": r, "reward_mean_se": 0.2, "win_rate": w, "win_rate_se": 0.03,
-                           "gold_mean": g, "gold_mean_se": 0.04}
-                    for name, r, w, g in (("reference", 2.5, 0.5, 0.53), ("sft", 2.5, 0.5, 0.53),
-                                          ("ppo", 6.2, 0.79, 0.67))}}  # fmt: skip
+EVAL = {
+    "reference": "runs/x/sft/final",
+    "policies": {"sft": "runs/x/sft/final", "ppo": "runs/x/ppo/final"},
+    "prompts": 180,
+    "n_samples": 1,
+    "temperature": 0.0,
+    "kl_samples": 4,
+    "reward": None,
+    "gold": "g:f",
+    "results": {
+        name: {
+            "reward_mean": r,
+            "reward_mean_se": 0.2,
+            "win_rate": w,
+            "win_rate_se": 0.03,
+            "gold_mean": g,
+            "gold_mean_se": 0.04,
+        }
+        for name, r, w, g in (("reference", 2.5, 0.5, 0.53), ("sft", 2.5, 0.5, 0.53), ("ppo", 6.2, 0.79, 0.67))
+    },
+}
 
 
 def _evaluated_run(root: Path) -> Path:
@@ -94,8 +109,11 @@ def test_the_refusal_of_a_completed_stage_names_what_exists_and_how_to_see_it_ag
     assert f"`rlhf runs run.name=x run.root={run.parent}` prints its table again" in message
     assert "run.overwrite=true to run it again" in message
     message = completed_refusal("sft", run, "; it is stale: sft re-ran after it")
-    assert f"already complete ({run}/sft/final); it is stale: sft re-ran after it; add run.overwrite=true to train" \
-        in message and "prints" not in message  # fmt: skip
+    assert (
+        f"already complete ({run}/sft/final); it is stale: sft re-ran after it; add run.overwrite=true to train"
+        in message
+        and "prints" not in message
+    )
     assert "run.root" not in completed_refusal("eval", Path("runs") / "demo")  # the default root goes unsaid
 
 
