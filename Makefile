@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint format clean test-slurm
+.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint format clean test-slurm gpu-check
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -66,3 +66,10 @@ clean:
 # The SLURM tests (tests/slurm; `make test` leaves them out): sbatch jobs on scripts/slurm_cluster.sh's single-host cluster.
 test-slurm: install
 	$(BIN)/python -m pytest -q tests/slurm
+
+# The chain on a Qwen2.5-0.5B-shaped model (random init, no download) on one NVIDIA GPU: sft, dpo, grpo and ppo for a
+# few steps each in bf16 (grpo and ppo once per rollout engine: hf, and vllm when it imports), then per stage the
+# training and generation tokens/s, MFU and peak GPU memory next to rlhf explain's estimate (scripts/gpu_check.py,
+# meant to take under 10 minutes on one H100). Without a GPU it says so and fails; --cpu-smoke runs it on the CPU.
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py

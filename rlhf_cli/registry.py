@@ -80,8 +80,17 @@ ONLINE_RANGES: dict[str, Range] = {
     "stage.reward.missing_eos_penalty": ">= 0 or null",
     "stage.reward.missing_eos_score": "finite or null",
     "stage.reward.clip": "> 0 or null",
+    "rollout.correction_cap": (
+        "> 1",
+        "a cap at or under 1 would scale down or drop tokens the sampler and the trainer agree on",
+    ),
+    "rollout.vllm_gpu_memory_utilization": "(0, 1)",
+    "rollout.vllm_cpu_kvcache_gb": "> 0",
 }
 ONLINE_CHOICES: dict[str, Choice] = {
+    "rollout.engine": o.ROLLOUT_ENGINES,
+    "rollout.correction": o.SAMPLER_CORRECTIONS,
+    "rollout.vllm_lora": o.VLLM_LORA,
     "stage.reward.reduce": o.REWARD_REDUCES,
     "stage.reward.text": o.REWARD_TEXTS,
     "stage.reward.normalize": o.REWARD_NORMALIZATIONS,

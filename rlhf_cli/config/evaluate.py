@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_cli.config.online import GenerationConfig, RewardConfig
+from rlhf_cli.config.online import GenerationConfig, RewardConfig, RolloutConfig
 from rlhf_cli.config.schema import PromptDataConfig, RootConfig
 
 
@@ -47,3 +47,4 @@ class EvalStageConfig:
 class EvalRoot(RootConfig):
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     stage: EvalStageConfig = field(default_factory=EvalStageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -21,6 +21,34 @@ class GenerationConfig:
     top_p: float = 1.0
 
 
+ROLLOUT_ENGINES = ("hf", "vllm", "auto")
+SAMPLER_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none")
+VLLM_LORA = ("merged", "adapter")
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine generates the responses of the online stages and of `rlhf eval` (docs/rollout-engines.md), and
+    how a sampler that is not the trainer is corrected for (docs/algorithms.md section 12)."""
+
+    # hf (transformers in the training process) | vllm (vLLM in the training process, pip install '.[vllm]') |
+    # auto (vllm when it is installed and a GPU is visible, else hf). The trainer always recomputes the log-probs
+    # it trains on; the engine's own log-probs only measure and correct the mismatch.
+    engine: str = "hf"
+    # A sampler other than the trainer (vllm, or another precision): each token's loss is weighted by
+    # pi_trainer / pi_sampler of the sampled tokens, truncated at `correction_cap` (token_truncate / sequence_truncate)
+    # or zeroed above it (token_mask / sequence_mask); sequence_* use the product over the response. none: no weight.
+    correction: str = "token_truncate"
+    correction_cap: float = 2.0
+    # vllm: the share of GPU memory its weights and KV cache may take beside training (on a CPU: its KV cache,
+    # `vllm_cpu_kvcache_gb`); its memory is put to sleep while the policy trains (`vllm_sleep`, GPU only).
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_cpu_kvcache_gb: float = 1.0
+    vllm_sleep: bool = True
+    # LoRA policies: `merged` (the adapter merged into a copy of the weights sent to vLLM) or `adapter` (vLLM's LoRA).
+    vllm_lora: str = "merged"
+
+
 REWARD_REDUCES = ("logit", "prob")
 REWARD_TEXTS = ("conversation", "response")
 REWARD_NORMALIZATIONS = ("none", "rm_stats", "running")
@@ -244,6 +272,7 @@ class PPORoot(RootConfig):
 
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     stage: PPOStageConfig = field(default_factory=PPOStageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -252,6 +281,7 @@ class RejectionSamplingRoot(RootConfig):
 
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     stage: RejectionSamplingStageConfig = field(default_factory=RejectionSamplingStageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass
@@ -260,3 +290,4 @@ class CriticFreeRoot(RootConfig):
 
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     stage: CriticFreeStageConfig = field(default_factory=CriticFreeStageConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -34,8 +34,9 @@ from rlhf_cli.data import IGNORE_INDEX, collate_prompts
 from rlhf_cli.data.sft import SFTExample
 from rlhf_cli.files import atomic_write_text
 from rlhf_cli.metrics import Sums
+from rlhf_cli.rollout.engines import HF
 from rlhf_cli.rollout.experience import expand
-from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
+from rlhf_cli.rollout.generation import decode_responses, sampling_config
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.rollout.selection import duplicates, select, selection_stats, valid_mask
 
@@ -233,7 +234,8 @@ def training_examples(rows: list[dict], prompts: list[Any]) -> list[SFTExample]:
 class Drawing:
     """What the candidates of a round are drawn and scored with: the training prompts, the tokenizer, the reward
     source, the stage's config (`st`: n_samples, generation, reward), the reward statistics, the distributed group,
-    the seed; `collective`: every generation and reward forward is a collective (ZeRO-3)."""
+    the seed; `collective`: every generation and reward forward is a collective (ZeRO-3); the rollout `engine`
+    (rollout/engines.py)."""
 
     prompts: list[Any]
     tokenizer: Any
@@ -243,6 +245,7 @@ class Drawing:
     dist: Any
     seed: int
     collective: bool = False
+    engine: Any = HF
 
 
 def sample_chunks(
@@ -311,8 +314,7 @@ def draw_chunk(
     batch = {k: v.to(how.dist.device) for k, v in collate_prompts(expanded, tokenizer.pad_token_id).items()}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    with eng.gathered_for_generation(model) as module:
-        seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    seq = how.engine.generate(model, batch, gen_config)
     t1 = time.perf_counter()
     texts = decode_responses(tokenizer, seq)
     scores = score_responses(how.reward, expanded, seq, texts, st.reward, how.rm_stats, allow_invalid=True)

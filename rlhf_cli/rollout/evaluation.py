@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from rlhf_cli import engine as eng
 from rlhf_cli.data import collate_prompts
 from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.metrics import Sums
-from rlhf_cli.rollout.generation import decode_responses, sample, sampling_config
+from rlhf_cli.rollout.engines import HF
+from rlhf_cli.rollout.generation import decode_responses, sampling_config
 from rlhf_cli.rollout.rewards import check_scores
 from rlhf_cli.rollout.scoring import score_responses
 
@@ -28,7 +28,7 @@ class PolicyEval:
     group), the distributed group, the seed, prompts per forward; decoding greedy unless `sampling`; the gold metric
     (`gold(prompts, responses) -> list[float]` or a reward model, `rollout.rewards.build_gold`) when given;
     `allow_invalid`: a reward function's None / NaN is left out of the score mean (`eval_invalid_fraction` says how
-    many) instead of an error."""
+    many) instead of an error; the rollout `engine` that answers (rollout/engines.py)."""
 
     tokenizer: Any
     gen_cfg: Any
@@ -38,6 +38,7 @@ class PolicyEval:
     sampling: bool = False
     gold: Callable[[list[str], list[str]], list[float]] | Any | None = None
     allow_invalid: bool = False
+    engine: Any = HF
 
     @classmethod
     def of_stage(cls, ctx: Any, gold: Any = None, allow_invalid: bool = False) -> PolicyEval:
@@ -53,6 +54,7 @@ class PolicyEval:
             st.eval_sampling,
             gold,
             allow_invalid,
+            ctx.rollout if ctx.rollout is not None else HF,
         )
 
 
@@ -79,8 +81,7 @@ def evaluate_policy(model: Any, reward: Any, examples: list, how: PolicyEval) ->
     for part in eval_batches(len(examples), how.batch_size, dist.rank, dist.world_size):
         prompts = [examples[i] for i in part.idx]
         batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
-        with eng.gathered_for_generation(model) as module:
-            seq = sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        seq = how.engine.generate(model, batch, config)
         texts = decode_responses(tokenizer, seq)
         scores = score_responses(reward, prompts, seq, texts, None, allow_invalid=how.allow_invalid).raw.double().cpu()
         scored = torch.isfinite(scores)

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
+from rlhf_cli.losses.mismatch import sampler_weights
 from rlhf_cli.losses.ppo import gae, kl_penalty, masked_whiten, per_token_rewards
 from rlhf_cli.models.reward import head_outputs
+from rlhf_cli.rollout.engines import HF
 from rlhf_cli.rollout.generation import (
     Sequences,
     decode_responses,
     model_inputs,
     response_logits,
     response_logprobs,
-    sample,
 )
 from rlhf_cli.rollout.scoring import Scores, Stats, score_responses
 
@@ -33,7 +34,11 @@ class Rollout:
     """B = prompts x n_samples rows, a prompt's samples consecutive. Tensors are (B, R) over response tokens unless
     noted. `group` (B,) long: the index of the row's prompt in this rank's batch (row i: i // n_samples);
     `logprobs` (the rollout policy's) is None when not computed, `ref_logprobs` None without a reference, `values`
-    None without a critic; `scores` raw and shaped (B,)."""
+    None without a critic; `scores` raw and shaped (B,). When the sampler is not the trainer (rollout.engine=vllm):
+    `sampler_diff`, l_old - l_sampler per token (the engine's own log-probs of the sampled tokens against the
+    trainer's), `is_weights` the truncated importance
+    weights pi_old / pi_sampler the policy loss multiplies by, and `is_truncated` (1 where the cap acted); else
+    None (docs/algorithms.md section 12)."""
 
     seq: Sequences
     prompts: list[Any]
@@ -44,10 +49,17 @@ class Rollout:
     values: torch.Tensor | None
     scores: Scores
     seconds: dict[str, float] = field(default_factory=dict)
+    sampler_diff: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+    is_truncated: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
         return self.seq.response_mask
+
+
+# The Rollout's optional per-token (B, R) tensors, in field order.
+PER_TOKEN = ("logprobs", "ref_logprobs", "values", "sampler_diff", "is_weights", "is_truncated")
 
 
 @dataclass
@@ -115,7 +127,9 @@ class RolloutModels:
 class Collecting:
     """How `collect` samples and scores: the tokenizer, the stage's config (`st`: micro_batch_size,
     generation.temperature, reward), the sampling config, `n_samples` per prompt, the score normalisation `stats`,
-    `allow_invalid` (a reward function's None / NaN kept as invalid), `old_logprobs` (see `collect`)."""
+    `allow_invalid` (a reward function's None / NaN kept as invalid), `old_logprobs` (see `collect`); the rollout
+    `engine` (rollout/engines.py) and, for an engine whose sampler is not the trainer, the importance-weight
+    `correction` (rollout.correction) and its cap."""
 
     tokenizer: Any
     st: Any
@@ -124,6 +138,9 @@ class Collecting:
     stats: Stats = None
     allow_invalid: bool = False
     old_logprobs: bool = True
+    engine: Any = HF
+    correction: str = "none"
+    correction_cap: float = 2.0
 
 
 @torch.no_grad()
@@ -135,16 +152,17 @@ def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collect
     {"input_ids", "attention_mask"} (B, P); the rollout has B * n_samples rows, a prompt's samples consecutive.
     The models' train / eval modes are restored afterwards. `old_logprobs=False` skips the rollout policy's
     log-probs (`logprobs` is then None): a method that updates once per rollout takes its ratio from the detached
-    current log-probs and needs no KL in the reward."""
+    current log-probs and needs no KL in the reward. An engine whose sampler is not the trainer always gets them:
+    they are pi_old of the importance weights (see `Rollout`)."""
     actor, critic, ref, reward = models.actor, models.critic, models.ref, models.reward
     tokenizer, st, gen_config, n_samples = how.tokenizer, how.st, how.gen_config, how.n_samples
     t0 = time.perf_counter()
     prompts, group = expand(prompts, n_samples)
     if n_samples > 1:
         batch = {k: v.repeat_interleave(n_samples, dim=0) for k, v in batch.items()}
-    with eng.gathered_for_generation(actor) as module:
-        seq = sample(module, batch, gen_config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    seq = how.engine.generate(actor, batch, gen_config)
     t1 = time.perf_counter()
+    sampler_lp = None if how.engine.sampler_is_trainer else seq.sampler_logprobs
     responses = decode_responses(tokenizer, seq)
     trained = [m for m in (actor, critic) if m is not None]
     modes = [m.training for m in trained]
@@ -154,7 +172,7 @@ def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collect
     parts: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "values": []}
     for start in range(0, len(prompts), st.micro_batch_size):
         sub = seq.rows(slice(start, start + st.micro_batch_size), trim=False)
-        if how.old_logprobs:
+        if how.old_logprobs or sampler_lp is not None:
             parts["old"].append(response_logprobs(response_logits(actor, sub), sub, tau))
         if ref is not None:
             parts["ref"].append(ref.logprobs(actor, sub, tau))
@@ -166,6 +184,13 @@ def collect(models: RolloutModels, prompts: list[Any], batch: dict, how: Collect
     old, ref_lp, values = (torch.cat(parts[k]) if parts[k] else None for k in ("old", "ref", "values"))
     out = Rollout(seq, prompts, responses, group.to(seq.input_ids.device), old, ref_lp, values, scores)
     out.seconds = {"generation": t1 - t0, "scoring": time.perf_counter() - t1}
+    if sampler_lp is not None:
+        out.sampler_diff = (old - sampler_lp.to(old.device)) * seq.response_mask
+        out.is_weights, out.is_truncated = sampler_weights(
+            old, sampler_lp.to(old.device), seq.response_mask, how.correction, how.correction_cap
+        )
+        if not how.old_logprobs:  # the method's ratio is still against the detached current log-probs
+            out.logprobs = None
     return out
 
 
@@ -197,7 +222,7 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
     def widen(x: torch.Tensor, left: int, right: int, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(x, (left, right), value=value)
 
-    seqs, per_token = [], {"logprobs": [], "ref_logprobs": [], "values": []}
+    seqs, per_token = [], {k: [] for k in PER_TOKEN}
     for r in parts:
         s, left, right = r.seq, p_len - r.seq.prompt_len, r_len - r.mask.shape[1]
         seqs.append(
@@ -230,6 +255,7 @@ def concat(parts: list[Rollout], pad_id: int) -> Rollout:
         joined["values"],
         scores,
         seconds,
+        *(joined[k] for k in PER_TOKEN[3:]),
     )
 
 
@@ -251,4 +277,5 @@ def take_rows(ro: Rollout, idx: list[int]) -> Rollout:
         pick(ro.values),
         Scores(ro.scores.raw[t], ro.scores.shaped[t]),
         dict(ro.seconds),
+        *(pick(getattr(ro, k)) for k in PER_TOKEN[3:]),
     )

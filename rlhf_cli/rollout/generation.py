@@ -8,8 +8,6 @@ same positions (RoPE models do not care about a constant offset; absolute-positi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from rlhf_cli.losses import IGNORE_INDEX, token_logprobs
+from rlhf_cli.rollout.decode import decode
 
 
 @dataclass
@@ -24,7 +23,8 @@ class Sequences:
     """A batch of prompt + response token ids in the layout above.
 
     input_ids, attention_mask, position_ids: (B, P + R); response_mask: (B, R) float, 1 up to and including the
-    first EOS; has_eos: (B,) bool; prompt_len: P."""
+    first EOS; has_eos: (B,) bool; prompt_len: P. sampler_logprobs: (B, R), the log-probs of the sampled tokens
+    as an engine other than the trainer computed them while sampling (rollout/engines.py), else None."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -32,6 +32,7 @@ class Sequences:
     response_mask: torch.Tensor
     has_eos: torch.Tensor
     prompt_len: int
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -55,30 +56,13 @@ class Sequences:
 
 def sampling_config(gen: Any, eos_id: int, pad_id: int, greedy: bool = False) -> GenerationConfig:
     """The GenerationConfig of a rollout: temperature (and the top-k / top-p that a stage allows) and nothing else.
-    `sample` also hides the checkpoint's own `generation_config` while generating, so none of its fields fill in
-    what this config leaves unset (see `own_generation_defaults`)."""
+    The engines read only these fields: a checkpoint's own `generation_config` (a chat model's repetition_penalty,
+    no_repeat_ngram_size, min_p, suppress_tokens...) would shape the sampled distribution while every log-prob we
+    compute is plain softmax(logits / T), a biased ratio and KL from the first step (docs/algorithms.md 1.3)."""
     common = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos_id, "pad_token_id": pad_id, "use_cache": True}
     if greedy or gen.temperature <= 0:
         return GenerationConfig(do_sample=False, **common)
     return GenerationConfig(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, **common)
-
-
-@contextlib.contextmanager
-def own_generation_defaults(module: Any) -> Iterator[None]:
-    """Generate as if the checkpoint shipped no `generation_config.json`.
-
-    transformers fills every field that the given GenerationConfig leaves unset (None) from the model's own
-    generation config: a chat checkpoint's `repetition_penalty`, `no_repeat_ngram_size`, `min_p`, `suppress_tokens`,
-    `bad_words_ids`, `min_new_tokens`... would then shape the sampled distribution while every log-prob we compute
-    is plain softmax(logits / T): a biased ratio and KL from the first step (or, with `no_repeat_ngram_size`, an EOS
-    that can never be sampled). A fresh config in its place leaves only the library's neutral defaults."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # a PeftModel's transformer
-    saved = base.generation_config
-    base.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        base.generation_config = saved
 
 
 def truncate_at_eos(
@@ -116,16 +100,9 @@ def sample(
     module: Any, prompts: dict[str, torch.Tensor], config: GenerationConfig, eos_id: int, pad_id: int
 ) -> Sequences:
     """Generate responses for left-padded prompts {"input_ids", "attention_mask"} (B, P) with `module` (a plain
-    model or PeftModel, parameters already gathered under ZeRO-3); stop at EOS; returns the joined batch."""
-    with own_generation_defaults(module):
-        # No synced_gpus: under ZeRO-3 the engine's hooks are off while generating (engine.gathered_for_generation).
-        out = module.generate(
-            input_ids=prompts["input_ids"],
-            attention_mask=prompts["attention_mask"],
-            generation_config=config,
-            synced_gpus=False,
-        )
-    response, mask, has_eos = truncate_at_eos(out[:, prompts["input_ids"].shape[1] :], eos_id, pad_id)
+    model or PeftModel, parameters already gathered under ZeRO-3) by the hf engine's loop (rollout/decode.py); stop
+    at EOS; returns the joined batch."""
+    response, mask, has_eos = truncate_at_eos(decode(module, prompts, config), eos_id, pad_id)
     if response.shape[1] == 0:  # max_new_tokens reached before any token: keep one pad column
         response = torch.full((response.shape[0], 1), pad_id, dtype=response.dtype, device=response.device)
         mask = torch.zeros(response.shape, device=response.device)

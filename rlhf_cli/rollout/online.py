@@ -93,7 +93,9 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
     """Sequence-level means over all ranks (collective): raw score mean / std over the scored responses, response
     length, EOS fraction, generated tokens; with a reference, the KL to it (sum over the response of k1, whatever
     estimator the reward uses); with `adv.rewards`, the non-score and total reward; with values and returns, their
-    explained variance over all valid tokens. `invalid_fraction` appears when some response could not be scored."""
+    explained variance over all valid tokens. `invalid_fraction` appears when some response could not be scored.
+    A sampler other than the trainer adds token means of the mismatch: `sampler_kl` (k3 of KL(sampler || trainer)),
+    `sampler_abs_logp_diff` and `sampler_truncated` (the share of tokens whose weight the cap changed)."""
     mask, valid = ro.mask, ro.scores.valid
     scores = torch.where(valid, ro.scores.raw, 0.0)
     lengths = mask.sum(1)
@@ -109,6 +111,14 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
         parts["kl"] = ((ro.logprobs - ro.ref_logprobs) * mask).sum(1).sum()
     if adv is not None and adv.rewards is not None:
         parts["non_score"], parts["total"] = adv.non_score.sum(), adv.rewards.sum()
+    if ro.sampler_diff is not None:  # the sampler is not the trainer (docs/algorithms.md section 12)
+        d = ro.sampler_diff
+        parts.update(
+            stok=mask.sum(),
+            sk3=masked_sum(torch.expm1(d) - d, mask),
+            sabs=masked_sum(d.abs(), mask),
+            strunc=masked_sum(ro.is_truncated, mask),
+        )
     if ro.values is not None and adv is not None and adv.returns is not None:
         returns, resid = adv.returns, adv.returns - ro.values
         parts.update(
@@ -132,6 +142,10 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
     if "total" in sums:
         out["non_score_reward"], out["total_reward"] = sums["non_score"] / n, sums["total"] / n
     out.update(response_length=sums["length"] / n, eos_fraction=sums["eos"] / n, generated_tokens=sums["length"])
+    if "stok" in sums:
+        tok = max(sums["stok"], 1.0)
+        out.update(sampler_kl=sums["sk3"] / tok, sampler_abs_logp_diff=sums["sabs"] / tok)
+        out["sampler_truncated"] = sums["strunc"] / tok
     if "tok" in sums:
         var_r = sums["r2"] / sums["tok"] - (sums["r"] / sums["tok"]) ** 2
         var_d = sums["d2"] / sums["tok"] - (sums["d"] / sums["tok"]) ** 2

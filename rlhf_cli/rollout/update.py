@@ -83,14 +83,17 @@ def actor_step(
         logits = response_logits(actor, sub)
         logprobs = response_logprobs(logits, sub, tau)
         entropy = entropy_from_logits(logits / tau if st.entropy_coef else logits.detach() / tau)
+        # The sampler's importance weights (1 when the sampler is the trainer) scale the policy-gradient term only.
+        is_w = ro.is_weights[chunk, :width] if ro.is_weights is not None else None
         if objective is None:
             old = ro.logprobs[chunk, :width]
             pg, clipped, approx_kl = policy_loss(logprobs, old, advantages[chunk, :width], st.clip_eps)
             low = high = kl = k1 = torch.zeros_like(pg)
-            loss = masked_sum(pg, mask) - st.entropy_coef * masked_sum(entropy, mask)
+            weighted = pg if is_w is None else pg * is_w
+            loss = masked_sum(weighted, mask) - st.entropy_coef * masked_sum(entropy, mask)
         else:
             loss, old, (pg, clipped, approx_kl, low, high, kl, k1) = _objective_terms(
-                objective, ro, advantages, chunk, logprobs, entropy, st.entropy_coef
+                objective, ro, advantages, chunk, logprobs, entropy, st.entropy_coef, is_w
             )
         if extra_loss is not None:
             loss = loss + extra_loss(c)
@@ -123,18 +126,20 @@ def _objective_terms(
     logprobs: torch.Tensor,
     entropy: torch.Tensor,
     entropy_coef: float,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """A critic-free method's loss on the rollout rows `chunk` (C,) with `logprobs` and `entropy` (C, W): the
     clipped surrogate against pi_old (the rollout's, or these log-probs detached for one update per batch), minus
     the entropy bonus, plus `objective.kl_coef` x k3 to the reference where the KL sits in the loss, weighted by
-    `objective.weights`. Returns (the summed loss, pi_old's log-probs (C, W), the per-token terms (C, W) in the
+    `objective.weights`; the surrogate alone also by the sampler's importance weights `is_weights` (C, W) when
+    given. Returns (the summed loss, pi_old's log-probs (C, W), the per-token terms (C, W) in the
     order policy_loss, clipfrac_policy, approx_kl, clipfrac_low, clipfrac_high, kl_loss, ref_k1)."""
     width = logprobs.shape[1]
     old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
     pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low, objective.clip_high)
     log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
-    per_token = pg - entropy_coef * entropy
+    per_token = (pg if is_weights is None else pg * is_weights) - entropy_coef * entropy
     kl = k1 = torch.zeros_like(pg)
     if objective.kl_coef:
         kl = k3_kl_loss(logprobs, ro.ref_logprobs[chunk, :width])

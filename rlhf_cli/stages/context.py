@@ -20,6 +20,7 @@ from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.compose import config_hash, to_yaml
 from rlhf_cli.metrics import Metrics
+from rlhf_cli.rollout.engines import make_engine
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import finish, interrupted, train_loop
 
@@ -36,6 +37,7 @@ class StageContext:
     source: str
     model_cfg: Any
     tokenizer: Any
+    rollout: Any = None  # the RolloutEngine of a stage that generates (cfg.rollout), else None
 
     @property
     def st(self) -> Any:
@@ -77,7 +79,9 @@ def stage_context(
     source = model_cfg.name_or_path
     if check is not None:
         check(source)
-    return StageContext(cfg, run, dist, source, model_cfg, tokenizer(model_cfg))
+    tok = tokenizer(model_cfg)
+    rollout = make_engine(cfg.rollout, model_cfg, tok, dist) if "rollout" in cfg else None
+    return StageContext(cfg, run, dist, source, model_cfg, tok, rollout)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,8 @@ def begin(
     start_step = restore(client)
     started = run.begin(to_yaml(cfg), config_hash(cfg), inputs, resume)
     metrics = Metrics(run.metrics_path, total_steps, cfg.logging, ctx.dist.is_main, start_step)
-    for line in (started, *notes, *lines):
+    engine_line = ctx.rollout.describe() if ctx.rollout is not None else None
+    for line in (started, *notes, engine_line, *lines):
         if line is not None:
             metrics.message(line)
     return Begun(metrics, start_step)

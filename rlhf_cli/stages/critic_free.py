@@ -32,7 +32,7 @@ from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import Finale, Loop, export_final
 from rlhf_cli.stages.context import StageContext, begin, source_lines, stage_context, train_then_finish
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
-from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts
+from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts, sampler_settings
 from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates, describe_critic_free
 
 SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "lr", "tok/s", "eval_score", "eval_gold")
@@ -111,6 +111,7 @@ def iteration(ctx: StageContext, p: OnlineParts, step: int) -> dict[str, float]:
             stats=lambda raw: score_stats(st, raw, p.moments, p.rm_stats),
             allow_invalid=True,
             old_logprobs=old,
+            **sampler_settings(ctx),
         )
         return collect(RolloutModels(p.actor, p.reward, ref=p.ref), prompts, batch, how)
 

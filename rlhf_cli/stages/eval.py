@@ -34,7 +34,7 @@ from rlhf_cli.registry import STAGES
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
 from rlhf_cli.rollout.evaluation import gold_values
 from rlhf_cli.rollout.experience import expand
-from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sample, sampling_config
+from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sampling_config
 from rlhf_cli.rollout.rewards import build_gold, build_reward
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run
@@ -202,19 +202,17 @@ def evaluate(
     return (torch.cat(scores) if scores else torch.zeros(0)), summarise(eng.all_reduce_sum(sums))
 
 
-def _generate(model: Any, rows: list, config: Any, tokenizer: Any, dist: Any) -> Any:
-    batch = {k: v.to(dist.device) for k, v in collate_prompts(rows, tokenizer.pad_token_id).items()}
-    with eng.gathered_for_generation(model) as module:
-        return sample(module, batch, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+def _generate(model: Any, rows: list, config: Any, ctx: StageContext) -> Any:
+    """`model`'s answers to the prompt `rows` with the stage's rollout engine (the same layout whichever runs)."""
+    batch = {k: v.to(ctx.dist.device) for k, v in collate_prompts(rows, ctx.tokenizer.pad_token_id).items()}
+    return ctx.rollout.generate(model, batch, config)
 
 
 def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Tensor]:
     """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one)."""
-    tokenizer, reward, gold, st, dist = j.ctx.tokenizer, j.reward, j.gold, j.ctx.st, j.ctx.dist
+    tokenizer, reward, gold, st = j.ctx.tokenizer, j.reward, j.gold, j.ctx.st
     rows, _ = expand(examples, st.n_samples)
-    seq = _generate(
-        policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer, dist
-    )
+    seq = _generate(policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id), j.ctx)
     texts = decode_responses(tokenizer, seq)
     values = {"length": seq.response_mask.sum(1), "eos": seq.has_eos.double()}
     if reward is not None:
@@ -227,12 +225,10 @@ def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Te
 def sampled_kl(policy: Any, reference: Any, examples: list, ctx: StageContext) -> torch.Tensor:
     """log pi(y|x) - log pi_ref(y|x) of `st.kl_samples` samples y ~ pi(.|x) per prompt at temperature 1, without
     top-k / top-p (so y comes from the policy itself): (B * kl_samples,); its mean estimates KL(pi || pi_ref)."""
-    tokenizer, st, dist = ctx.tokenizer, ctx.st, ctx.dist
+    tokenizer, st = ctx.tokenizer, ctx.st
     plain = SimpleNamespace(max_new_tokens=st.generation.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     rows, _ = expand(examples, st.kl_samples)
-    seq = _generate(
-        policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), tokenizer, dist
-    )
+    seq = _generate(policy, rows, sampling_config(plain, tokenizer.eos_token_id, tokenizer.pad_token_id), ctx)
     logp = response_logprobs(response_logits(policy, seq), seq, 1.0)
     ref_logp = logp if policy is reference else response_logprobs(response_logits(reference, seq), seq, 1.0)
     return sequence_k1(logp, ref_logp, seq.response_mask)

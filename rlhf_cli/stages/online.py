@@ -98,6 +98,13 @@ def online_parts(
     )
 
 
+def sampler_settings(ctx: StageContext) -> dict[str, Any]:
+    """`Collecting`'s engine fields: the stage's rollout engine and, for a sampler that is not the trainer, the
+    importance-weight correction and its cap (cfg.rollout)."""
+    r = ctx.cfg.rollout
+    return {"engine": ctx.rollout, "correction": r.correction, "correction_cap": r.correction_cap}
+
+
 def log_first_evaluation(
     begun: Begun,
     evaluate: Callable[[], dict[str, float]],

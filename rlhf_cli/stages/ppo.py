@@ -34,7 +34,7 @@ from rlhf_cli.rollout.rewards import same_tokenizer
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import Finale, Loop, export_final, in_engine
 from rlhf_cli.stages.context import StageContext, begin, source_lines, stage_context, train_then_finish
-from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts
+from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts, sampler_settings
 from rlhf_cli.stages.plan import describe_plan, iteration_plan, ppo_updates
 from rlhf_cli.stages.ppo_update import PtxData, ppo_update
 
@@ -105,7 +105,13 @@ def iteration(p: Parts, step: int) -> dict[str, float]:
     batch = {k: v.to(dist.device) for k, v in collate_prompts(prompts, ctx.tokenizer.pad_token_id).items()}
     # Sampling is seeded by (seed, iteration, rank): a resumed run draws what an uninterrupted one would.
     torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank)
-    how = Collecting(ctx.tokenizer, st, o.gen_config, stats=lambda raw: score_stats(st, raw, o.moments, o.rm_stats))
+    how = Collecting(
+        ctx.tokenizer,
+        st,
+        o.gen_config,
+        stats=lambda raw: score_stats(st, raw, o.moments, o.rm_stats),
+        **sampler_settings(ctx),
+    )
     ro = collect(RolloutModels(o.actor, o.reward, o.critic, o.ref), prompts, batch, how)
     adv = advantages(ro, st, p.kl_ctl.value)
     out = {**rollout_metrics(ro, adv), "kl_coef": p.kl_ctl.value}

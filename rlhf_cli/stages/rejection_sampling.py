@@ -256,6 +256,7 @@ def sample_and_select(rs: Rounds, files: bon.RoundFiles, r: int, sampler: str, o
                 dist,
                 ctx.seed,
                 collective=ctx.cfg.deepspeed.zero_stage == 3,
+                engine=ctx.rollout,
             )
             speed = bon.sample_chunks(model, chunks, files, r, how, rs.metrics.message)
         del model

@@ -13,7 +13,7 @@ from rlhf_cli.config.online import GenerationConfig
 from rlhf_cli.data.prompts import collate_prompts, tokenize_prompt
 from rlhf_cli.models import build_tiny_llama, disable_dropout, tiny_tokenizer
 from rlhf_cli.rollout.experience import Advantages, Collecting, RolloutModels, advantages, collect, expand
-from rlhf_cli.rollout.generation import response_logits, response_logprobs, sampling_config
+from rlhf_cli.rollout.generation import join, response_logits, response_logprobs, sampling_config, truncate_at_eos
 from rlhf_cli.rollout.rewards import FunctionReward
 
 PROMPTS = ["Is 7 even or odd?", "Reverse the order of these words: cat, dog, sun.", "Hi"]
@@ -45,21 +45,30 @@ def test_expand_puts_the_copies_of_a_prompt_together():
 
 
 class Echo(torch.nn.Module):
-    """A deterministic stand-in policy: its response to a prompt is the prompt's first real token, then the row's
-    position in the batch (so each copy differs), then EOS; its logits are zeros."""
+    """A deterministic stand-in policy: its logits are zeros (the log-probs read back are those of a uniform
+    distribution)."""
 
     def __init__(self):
         super().__init__()
-        self.generation_config = GenerationConfig()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-
-    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
-        first = input_ids.gather(1, attention_mask.argmax(1, keepdim=True))  # (B, 1): the first real token
-        row = torch.arange(len(input_ids))[:, None] + 10
-        return torch.cat([input_ids, first, row, torch.full_like(first, EOS)], dim=1)
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep):
         return SimpleNamespace(logits=torch.zeros(len(input_ids), logits_to_keep, VOCAB))
+
+
+class EchoEngine:
+    """A rollout engine whose response to a prompt is the prompt's first real token, then the row's position in
+    the batch (so each copy differs), then EOS."""
+
+    name, sampler_is_trainer = "echo", True
+
+    def generate(self, model, prompts, config):
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
+        first = ids.gather(1, mask.argmax(1, keepdim=True))  # (B, 1): the first real token
+        row = torch.arange(len(ids))[:, None] + 10
+        response = torch.cat([first, row, torch.full_like(first, EOS)], dim=1)
+        response, response_mask, has_eos = truncate_at_eos(response, EOS, PAD)
+        return join(ids, mask, response, response_mask, has_eos)
 
 
 def _example(ids):
@@ -74,7 +83,8 @@ def test_n_samples_per_prompt_keep_prompt_and_group_aligned():
     tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD, batch_decode=lambda ids, **kw: [str(r) for r in ids])
     n = 3
     models = RolloutModels(Echo(), FunctionReward("test_online_rollout:length_reward"))
-    ro = collect(models, prompts, batch, Collecting(tok, _st(), GenerationConfig(max_new_tokens=3), n_samples=n))
+    how = Collecting(tok, _st(), GenerationConfig(max_new_tokens=3), n_samples=n, engine=EchoEngine())
+    ro = collect(models, prompts, batch, how)
     assert len(ro.prompts) == ro.seq.input_ids.shape[0] == 9
     assert ro.group.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for i in range(9):

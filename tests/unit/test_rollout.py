@@ -69,24 +69,39 @@ def test_join_counts_positions_over_real_tokens_only():
     assert sub.input_ids.shape == (1, 6) and sub.response_mask.tolist() == [[1, 1]]
 
 
-def test_rollout_logprobs_match_generation_and_each_row_alone(tok):
-    """The old log-probs a training forward reads from the left-padded batch equal (i) the log-softmax of the
-    logits generation sampled from, at the same temperature, and (ii) a forward of each row without padding."""
+def test_rollout_logprobs_match_the_sampling_distribution_and_each_row_alone(tok):
+    """The old log-probs a training forward reads from the left-padded batch equal (i) the log-softmax at the
+    same temperature of the logits the decoding loop sampled from (recorded by a spy on its token choice), and
+    (ii) a forward of each row without padding."""
+    from rlhf_cli.rollout import decode as decode_mod
+
     model, prompts = _model(tok), _prompts(tok)
     batch = collate_prompts(prompts, tok.pad_token_id)
     assert batch["attention_mask"][:, 0].tolist() == [0, 1, 0]  # left-padded: the long prompt sets the width
     gen = GenerationConfig(max_new_tokens=8, temperature=TAU)
     config = sampling_config(gen, tok.eos_token_id, tok.pad_token_id)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (the live rows' logits, the tokens drawn)
+    original = decode_mod.next_tokens
+
+    def spy(logits, warp, do_sample):
+        tokens = original(logits, warp, do_sample)
+        seen.append((logits.clone(), tokens.clone()))
+        return tokens
+
     torch.manual_seed(0)
-    seq = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    decode_mod.next_tokens = spy
+    try:
+        seq = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    finally:
+        decode_mod.next_tokens = original
     with torch.no_grad():
         logprobs = response_logprobs(response_logits(model, seq), seq, TAU)
-        torch.manual_seed(0)
-        out = model.generate(**batch, generation_config=config, output_logits=True, return_dict_in_generate=True)
-    steps = torch.stack(out.logits, dim=1).float() / TAU  # (B, R, V) raw logits of each generation step
-    at_sampling = steps.log_softmax(-1).gather(-1, seq.response_ids[:, : steps.shape[1], None]).squeeze(-1)
-    mask = seq.response_mask[:, : steps.shape[1]]
-    assert torch.allclose(logprobs[:, : steps.shape[1]] * mask, at_sampling * mask, atol=1e-4)
+    live = torch.arange(len(prompts))
+    for t, (logits, tokens) in enumerate(seen):  # rows leave the batch after their EOS
+        at_sampling = (logits / TAU).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        assert torch.equal(seq.response_ids[live, t], tokens)
+        assert torch.allclose(logprobs[live, t], at_sampling, atol=1e-4)
+        live = live[tokens != tok.eos_token_id]
     for i, p in enumerate(prompts):
         n = int(seq.response_mask[i].sum())
         ids = torch.tensor([p.input_ids + seq.response_ids[i, :n].tolist()])
@@ -283,27 +298,22 @@ SHIPPED_GENERATION = {
 
 
 @pytest.mark.parametrize("greedy", [False, True])
-def test_rollouts_ignore_the_checkpoints_generation_config(tok, monkeypatch, greedy):
-    """With a checkpoint whose generation config sets penalties and warpers, the logits processors that generation
-    actually builds are the temperature alone (sampling) or none (greedy), and the model keeps its config."""
+def test_rollouts_ignore_the_checkpoints_generation_config(tok, greedy):
+    """A checkpoint whose generation config sets penalties and warpers samples exactly what the same weights
+    without them sample (same seed: same tokens), and keeps its config."""
+    config = sampling_config(
+        GenerationConfig(max_new_tokens=6, temperature=TAU), tok.eos_token_id, tok.pad_token_id, greedy=greedy
+    )
+    batch = collate_prompts(_prompts(tok), tok.pad_token_id)
+    torch.manual_seed(3)
+    clean = sample(_model(tok), batch, config, tok.eos_token_id, tok.pad_token_id)
     model = _model(tok)
     for key, value in SHIPPED_GENERATION.items():
         setattr(model.generation_config, key, value)
-    built: list[list[str]] = []
-    original = type(model)._get_logits_processor
-
-    def spy(self, *args, **kwargs):
-        processors = original(self, *args, **kwargs)
-        built.append([type(p).__name__ for p in processors])
-        return processors
-
-    monkeypatch.setattr(type(model), "_get_logits_processor", spy)
-    config = sampling_config(
-        GenerationConfig(max_new_tokens=4, temperature=TAU), tok.eos_token_id, tok.pad_token_id, greedy=greedy
-    )
-    sample(model, collate_prompts(_prompts(tok), tok.pad_token_id), config, tok.eos_token_id, tok.pad_token_id)
-    assert built == [[] if greedy else ["TemperatureLogitsWarper"]]
-    assert model.generation_config.repetition_penalty == 1.3  # restored after generation
+    torch.manual_seed(3)
+    shipped = sample(model, batch, config, tok.eos_token_id, tok.pad_token_id)
+    assert torch.equal(clean.input_ids, shipped.input_ids)
+    assert model.generation_config.repetition_penalty == 1.3
 
 
 def test_tokens_banned_by_the_checkpoint_config_still_reach_rollouts(tok):
