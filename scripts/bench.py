@@ -14,7 +14,9 @@
 4. Packing (`--only packing`, scripts/bench_packing.py): SFT, RM and DPO steps with data.packing on and off next to a
    bare padded PyTorch loop, on the tiny default and on a length-spread workload (10-91 tokens, 5.3M Llama, 4,096
    vocabulary): non-pad tokens/s, pad efficiency, MFU against a measured fp32 matmul peak, peak RSS.
-5. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
+5. Rollout engines (`--only rollout`, scripts/bench_rollout.py): PPO, GRPO and rejection sampling per engine at the
+   same settings, and generation alone against its compute bound.
+6. Start-up: seconds until the commands a new user runs first have answered (fresh processes, median of 3):
    `--help`, `--cfg job`, a config error, a refused stage (completed; run directory in use), `explain`, and
    `generate` / `score` on a tiny run (2 steps of sft and rm).
 
@@ -294,6 +296,13 @@ def startup(repeats: int = 3) -> None:
         print(f"  DeepSpeed's op build line at a stage start: {notice}")
 
 
+def rollout(args: argparse.Namespace, overrides: list[str]) -> None:
+    """The rollout engines in PPO, GRPO and rejection sampling, and generation alone (scripts/bench_rollout.py)."""
+    from bench_rollout import rollout_section
+
+    rollout_section(args, overrides, _stage_or_exit)
+
+
 def packing(args: argparse.Namespace, overrides: list[str]) -> None:
     """SFT, RM and DPO with packing on / off next to a bare padded loop, two workloads (scripts/bench_packing.py)."""
     from bench_packing import packing_section
@@ -306,6 +315,7 @@ SECTIONS = {
     "preference": preference_stages,
     "online": online_stages,
     "rejection_sampling": rejection_sampling_stage,
+    "rollout": rollout,
     "scaling": scaling,
     "packing": packing,
 }

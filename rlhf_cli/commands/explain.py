@@ -285,10 +285,13 @@ def policy_model(cfg: Any, overrides: list[str]) -> Any:
 
 
 def report(cfg: Any, stage: str, overrides: list[str] = ()) -> str:
+    from rlhf_cli.config.rollout_engine import engine_lines
+
     overrides = list(overrides)
     policy = policy_model(cfg, overrides)
     rows = memory_rows(cfg, stage, policy, overrides)
-    return "\n".join([*batch_lines(cfg, stage, policy), "", *memory_lines(rows, cfg.deepspeed)])
+    engine = engine_lines(cfg.rollout) if "rollout" in cfg else []
+    return "\n".join([*batch_lines(cfg, stage, policy), "", *memory_lines(rows, cfg.deepspeed), *engine])
 
 
 def main(args: list[str]) -> int:

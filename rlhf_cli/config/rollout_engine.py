@@ -4,6 +4,9 @@ say the same thing (docs/rollout-engines.md)."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import sys
 
 from rlhf_cli.errors import UserError
 
@@ -14,7 +17,9 @@ INSTALL_VLLM = (
 
 
 def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+    """vLLM's package is importable (a folder named vllm without an __init__.py on sys.path is not it)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
 
 
 def choose_engine(requested: str, gpu: bool) -> tuple[str, str]:
@@ -32,3 +37,26 @@ def choose_engine(requested: str, gpu: bool) -> tuple[str, str]:
     if not gpu:
         return "hf", "rollout.engine=auto: no GPU (vllm on a CPU is not faster than hf), using hf"
     return "vllm", "rollout.engine=auto: vllm installed and a GPU visible"
+
+
+def gpu_visible() -> bool:
+    """Whether a CUDA GPU is there: torch's answer once torch is loaded (the stages), else a look for the NVIDIA
+    driver's tool without loading torch (`rlhf explain` answers in a fraction of a second)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return shutil.which("nvidia-smi") is not None
+
+
+def engine_lines(rollout_cfg: object) -> list[str]:
+    """`rlhf explain`'s lines on the rollout engine: which runs and why, and what vLLM adds to the memory table."""
+    name, why = choose_engine(rollout_cfg.engine, gpu_visible())
+    lines = [f"rollout engine: {name} ({why})"]
+    if name == "vllm":
+        share = rollout_cfg.vllm_gpu_memory_utilization
+        lines.append(
+            f"  vllm: its copy of the policy's weights and its KV cache take up to {share:g} of each GPU's memory "
+            "(rollout.vllm_gpu_memory_utilization), on top of the table above"
+        )
+    return lines

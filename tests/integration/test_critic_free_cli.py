@@ -76,6 +76,8 @@ def test_grpo_with_the_reward_model_resumes_to_the_same_weights(base, runs, tmp_
     assert all(key in log[0] for key in (*ITERATION_KEYS, "kl_loss", "zero_variance_groups"))
     assert log[0]["optimizer_steps"] == 4 and log[0]["rollout_sequences"] == 16
     assert "eval_score" in metrics(runs / "full", "grpo")[0]  # the SFT policy's, at step 0
+    assert "rollout engine: hf (rollout.engine=hf)" in full.stdout + full.stderr  # the opening lines say which
+    assert not any(k.startswith("sampler_") for k in log[0])  # the sampler is the trainer: nothing to correct
 
     args = [*common, *copy_run(base, runs, "parts", "grpo")]
     first = rlhf("grpo", *args, "stage.stop_after_steps=2", cwd=tmp_path)
