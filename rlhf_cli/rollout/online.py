@@ -88,6 +88,20 @@ def score_stats(st: Any, scores: torch.Tensor, moments: RunningMoments, rm_stats
     return moments.mean, moments.std
 
 
+def sampler_sums(ro: Rollout) -> dict[str, torch.Tensor]:
+    """This rank's sums of the sampler-trainer mismatch over valid tokens (docs/algorithms.md section 12): tokens,
+    k3 of KL(sampler || trainer), |l_old - l_sampler|, tokens the cap changed; {} when the sampler is the trainer."""
+    if ro.sampler_diff is None:
+        return {}
+    d, mask = ro.sampler_diff, ro.mask
+    return {
+        "stok": mask.sum(),
+        "sk3": masked_sum(torch.expm1(d) - d, mask),
+        "sabs": masked_sum(d.abs(), mask),
+        "strunc": masked_sum(ro.is_truncated, mask),
+    }
+
+
 @torch.no_grad()
 def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, float]:
     """Sequence-level means over all ranks (collective): raw score mean / std over the scored responses, response
@@ -111,14 +125,7 @@ def rollout_metrics(ro: Rollout, adv: Advantages | None = None) -> dict[str, flo
         parts["kl"] = ((ro.logprobs - ro.ref_logprobs) * mask).sum(1).sum()
     if adv is not None and adv.rewards is not None:
         parts["non_score"], parts["total"] = adv.non_score.sum(), adv.rewards.sum()
-    if ro.sampler_diff is not None:  # the sampler is not the trainer (docs/algorithms.md section 12)
-        d = ro.sampler_diff
-        parts.update(
-            stok=mask.sum(),
-            sk3=masked_sum(torch.expm1(d) - d, mask),
-            sabs=masked_sum(d.abs(), mask),
-            strunc=masked_sum(ro.is_truncated, mask),
-        )
+    parts.update(sampler_sums(ro))
     if ro.values is not None and adv is not None and adv.returns is not None:
         returns, resid = adv.returns, adv.returns - ro.values
         parts.update(
