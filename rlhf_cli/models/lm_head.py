@@ -120,11 +120,21 @@ def target_logprobs(
 
     handle = inner.get_decoder().register_forward_hook(at_targets)
     try:
-        nothing = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=nothing, **packed)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=_no_logits(labels), **packed)
     finally:
         handle.remove()
     if len(found) != 1:
         raise RuntimeError(f"{type(inner).__name__}: the decoder ran {len(found)} times in one forward, expected 1")
     out = torch.zeros(mask.shape, dtype=torch.float32, device=found[0].device)
     return out.masked_scatter(mask, found[0])
+
+
+def _no_logits(labels: torch.Tensor) -> torch.Tensor | int:
+    """`logits_to_keep` that makes the model's own head compute (almost) nothing: an all-False (B, T) mask where
+    transformers takes a boolean mask (5.20 on: `slice_logits_to_keep`), else 1, the last position's (B, 1, V)
+    logits, which nothing reads (the versions vLLM's CPU build needs index with a mask as if it were positions)."""
+    from transformers import modeling_utils
+
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    return 1

@@ -59,7 +59,7 @@ def run(cfg: Any, run: Run) -> Path:
     gold = build_gold(st.gold, st, run, cfg.deepspeed, ctx.tokenizer, ctx.dist, key="stage.gold")
     judging = Judging(ctx, prompts, reward, gold)
     run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ctx.source, **policies}, None)
-    for line in notes:
+    for line in (ctx.rollout.describe(), *notes):
         _say(ctx.dist, line)
 
     # 3. The reference: its own samples and scores, which every policy's responses are compared with.

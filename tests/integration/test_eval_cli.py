@@ -64,6 +64,7 @@ def test_eval_writes_every_field_and_the_reference_ties_with_itself(base, runs, 
     rec = manifest(runs / "ev")["stages"]["eval"]
     assert rec["status"] == "completed" and rec["metrics"]["sharp/kl"] == sharp["kl"]
     assert "win rate" in res.stderr and "sharp" in res.stderr
+    assert "rollout engine: hf (rollout.engine=hf)" in res.stderr  # which engine answers, said at the start
     assert f"eval completed: {runs / 'ev' / 'eval' / 'eval.json'}" in res.stderr  # not a final/ it never writes
 
 

@@ -134,6 +134,7 @@ def _ppo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     from rlhf_cli.config.compose import compose
     from rlhf_cli.data import build_prompt_datasets
     from rlhf_cli.models import disable_dropout, load_causal_lm
+    from rlhf_cli.rollout.engines import HF
     from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
 
     cfg = compose(
@@ -153,7 +154,7 @@ def _ppo_eval(dist) -> dict[int, tuple[dict, list[int]]]:
     out = {}
     for n in SIZES:
         reward.rows.clear()
-        ctx = SimpleNamespace(cfg=cfg, tokenizer=tok, dist=dist)
+        ctx = SimpleNamespace(cfg=cfg, tokenizer=tok, dist=dist, rollout=HF)
         how = PolicyEval.of_stage(ctx)
         out[n] = evaluate_policy(actor, reward, examples[:n], how), list(reward.rows)
     return out
