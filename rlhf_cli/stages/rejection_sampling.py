@@ -194,7 +194,8 @@ def start(ctx: StageContext, data: Any, reward: Any, rm_stats: Any) -> tuple:
         resume_step,
         replay_from=0 if fresh else resume_step + 1,
     )
-    for line in (started, data.report.summary(), describe(st, len(data.train), first, history), kept and kept.line):
+    lines = (data.report.summary(), ctx.rollout.describe(), describe(st, len(data.train), first, history))
+    for line in (started, *lines, kept and kept.line):
         if line:
             metrics.message(line)
     return first, offset, fresh, metrics

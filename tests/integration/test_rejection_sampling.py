@@ -114,6 +114,7 @@ def test_two_rounds_after_sft_and_rm(base, runs, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert f"round 2: fine-tuning on 32 selected samples from {runs / 'chain' / 'sft' / 'final'}" in res.stderr
+    assert "rollout engine: hf (rollout.engine=hf)" in res.stderr  # the opening lines say which engine draws
     rec = manifest(runs / "chain")["stages"]["rejection_sampling"]
     assert rec["status"] == "completed" and rec["outputs"]["final"] == "rejection_sampling/final"
     assert rec["inputs"]["reward"].startswith("model ") and rec["inputs"]["policy"].endswith("chain/sft/final")
