@@ -80,8 +80,8 @@ def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -
     ds = cfg.deepspeed
     n, _, largest = count_model(model_cfg, scalar_head)
     states = frozen_state_bytes(
-        n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.offload_frozen, ds.offload_param
-    )
+        n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.get("offload_frozen", False), ds.offload_param
+    )  # the online stages can keep their frozen models in CPU memory between uses; dpo cannot
     where = "partitioned over the ranks (ZeRO-3)" if ds.zero_stage == 3 else "a full copy on every GPU"
     if states.cpu:
         where = "in CPU memory " + (
@@ -127,6 +127,21 @@ def reward_rows(cfg: Any, overrides: list[str]) -> list[Row]:
     return [frozen_row("reward", resolve_model(cfg, st.reward.model, overrides), cfg, scalar_head=True)]
 
 
+def dpo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
+    """DPO's reference, as `rlhf dpo` holds it while training (stages/dpo.py: Reference): none for SimPO / ORPO, none
+    when its log-probs were computed before training, the policy itself with LoRA, else a frozen copy."""
+    from rlhf_cli.config.schema import DPO_REFERENCE_FREE
+
+    st = cfg.stage
+    if st.loss in DPO_REFERENCE_FREE:
+        return [Row("reference", f"none: stage.loss={st.loss} reads no reference")]
+    if st.precompute_ref:
+        return [Row("reference", "none while training: its log-probs computed before (stage.precompute_ref)")]
+    if cfg.model.lora.enabled and not st.reference:
+        return [Row("reference", "none: the policy's base weights with its LoRA adapters disabled")]
+    return [frozen_row("reference", resolve_model(cfg, st.reference or cfg.model.name_or_path, overrides), cfg)]
+
+
 def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
     """GRPO / RLOO / REINFORCE++: no critic; a frozen reference only when stage.kl_coef > 0 (stages/critic_free.py)."""
     st = cfg.stage
@@ -139,8 +154,10 @@ def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
     return rows + reward_rows(cfg, overrides)
 
 
-# Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic).
+# Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic; sft and rm:
+# none).
 _MORE_ROWS = {
+    "dpo": dpo_rows,
     "ppo": ppo_rows,
     "rejection_sampling": reward_rows,
     "grpo": critic_free_rows,

@@ -292,6 +292,7 @@ class RMStageConfig(TrainStageConfig):
 
 
 DPO_LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")
+DPO_REFERENCE_FREE = ("simpo", "orpo")  # the losses that read no reference log-probs
 
 
 @dataclass

@@ -21,8 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli.config.schema import DPO_REFERENCE_FREE
+
 LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "rpo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
+REFERENCE_FREE = DPO_REFERENCE_FREE
 
 
 def dpo_margin(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:

@@ -196,3 +196,25 @@ def test_explain_states_packing_for_the_offline_stages(capsys):
     assert "packing: on where supported" in capsys.readouterr().out
     assert main(["explain", "sft", "data.packing=false"]) == 0
     assert "packing: off (data.packing=false)" in capsys.readouterr().out
+
+
+def test_explain_dpo_counts_the_reference_it_holds(capsys):
+    """A frozen copy of the starting checkpoint unless the loss reads none, its log-probs were precomputed, or LoRA
+    turns the policy's adapters off for it (stages/dpo.py: Reference)."""
+
+    def reference_row(*overrides):
+        assert main(["explain", "dpo", *overrides]) == 0
+        out = capsys.readouterr().out
+        (row,) = [line.split() for line in out.splitlines() if line.startswith("  reference ")]
+        (note,) = [line for line in out.splitlines() if line.startswith("  reference:")]
+        return row, note
+
+    row, note = reference_row()
+    assert float(row[1]) > 0 and row[2] == row[3] == "0.000" and "frozen, a full copy on every GPU" in note
+    for overrides, said in (
+        (["stage.loss=simpo"], "none: stage.loss=simpo reads no reference"),
+        (["stage.precompute_ref=true"], "none while training"),
+        (["model.lora.enabled=true"], "LoRA adapters disabled"),
+    ):
+        row, note = reference_row(*overrides)
+        assert row[1:] == ["0.000"] * 6 and said in note, (overrides, row, note)
