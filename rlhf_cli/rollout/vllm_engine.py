@@ -22,11 +22,9 @@ cache is `rollout.vllm_cpu_kvcache_gb` (VLLM_CPU_KVCACHE_SPACE wins when set), n
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -40,6 +38,7 @@ from rlhf_cli import engine as eng
 from rlhf_cli.errors import UserError
 from rlhf_cli.models.load import is_peft_model, unwrap
 from rlhf_cli.rollout.generation import Sequences, join, truncate_at_eos
+from rlhf_cli.rollout.vllm_process import fenced_process_state, own_teardown
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 KV_BLOCK = 32  # vLLM's CPU KV cache block (tokens; a multiple of 32): max_model_len is rounded down to it
@@ -114,12 +113,12 @@ class VLLMEngine:
             rank = next((r for r in LORA_RANKS if r >= adapter.r), adapter.r)
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
         t0 = time.perf_counter()
-        with _fenced_process_state():
+        with fenced_process_state():
             from vllm import LLM
 
             self.llm = LLM(model=self.folder, **kwargs)
         self.start_seconds = time.perf_counter() - t0
-        self._teardown = _own_teardown(self.llm)
+        self._teardown = own_teardown(self.llm)
         # At every push vLLM warns "RotaryEmbedding: Failed to load weights": RoPE has no weights (vLLM puts its
         # cos/sin cache back); the line would repeat every iteration. Other layers' warnings stay.
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -302,54 +301,6 @@ def max_model_len(config: Any, budget: int, dtype: torch.dtype) -> int | None:
     fits = budget // per_token // KV_BLOCK * KV_BLOCK
     context = getattr(text, "max_position_embeddings", None)
     return fits if context is not None and fits < context else None
-
-
-@contextlib.contextmanager
-def _fenced_process_state() -> Iterator[None]:
-    """vLLM's start-up seeds Python's, numpy's and torch's global RNGs and replaces `torch.set_num_threads` (its
-    CPU worker): in the training process both would change what the trainer does next. Put them back."""
-    import numpy as np
-
-    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        torch.set_num_threads = set_threads
-        torch.set_num_threads(threads)
-
-
-def _own_teardown(llm: Any) -> Any:
-    """Replace vLLM's teardown of its in-process engine (when collected, at exit) by one that leaves the default
-    process group alone: vLLM's destroys it, and here it is the trainer's (in use, or gone already: "Invalid
-    process group specified" at exit). Returns the finalizer (call it to shut down now)."""
-    client = llm.llm_engine.engine_core  # InprocClient: `_finalizer` runs EngineCore.shutdown
-    client._finalizer.detach()
-    client._finalizer = weakref.finalize(client, _shutdown_keeping_groups, client.engine_core)
-    return client._finalizer
-
-
-def _shutdown_keeping_groups(core: Any) -> None:
-    """EngineCore.shutdown (executor, scheduler, vLLM's own process groups, memory) without destroying the default
-    process group, and without failing on vLLM's groups when the trainer has already left the default one."""
-    destroy = torch.distributed.destroy_process_group
-
-    def vllm_groups_only(group: Any = None) -> None:
-        if group is not None and torch.distributed.is_initialized():
-            with contextlib.suppress(ValueError):  # a group torch already dropped
-                destroy(group)
-
-    torch.distributed.destroy_process_group = vllm_groups_only
-    try:
-        core.shutdown()
-    finally:
-        torch.distributed.destroy_process_group = destroy
 
 
 def _is_zero3(module: Any) -> bool:
