@@ -43,21 +43,22 @@ def test_learned_reward_chain_rm_dpo_and_ppo_on_parity_pairs_beat_the_sft_policy
     """From two sft starts (seed 42, and the benchmark's seed 2 with the whole chain at seed 2): the reward model has
     to learn parity from pairs it never saw the prompts of, in replies that often name another number; DPO's greedy
     answers must beat the SFT policy's on the gold metric on each start; PPO must optimise the learned reward within
-    its KL budget and not fall below the SFT policy.
+    its KL budget and gain gold accuracy over the two starts on average, with neither start falling clearly below the
+    SFT policy.
 
-    What PPO's gold gain is here is the learning benchmark's question, not this test's: from one start to the next it
-    moves too much for a bar. Measured gains of PPO's greedy answers over the SFT policy's (180 held-out prompts):
-    seeds 42 / 2 after 30 iterations, on two threads +0.028 / +0.133, on one thread (other rounding, same code)
-    -0.078 / +0.111; after the full 60 on one thread -0.078 / +0.028; `make bench-learning` (60 iterations, two
-    threads) seeds 1 / 2 / 3 +0.222 +- 0.099. On one thread at 30 iterations the seed-42 reward model (held-out pair
-    accuracy 0.931) let PPO raise its score from 1.91 to 4.33 at 5.2 nats while gold fell from 0.572 to 0.494: an error
-    of the reward model exploited within the KL budget; the seed-2 one (0.983) gave 3.07 -> 6.75 at 4.6 nats and gold
-    0.561 -> 0.672. DPO on the same pairs: +0.128 and +0.189. Until 2026-12-07 this test required a mean PPO gain of
-    +0.05 with no start below zero; it passed on two threads and failed on one, so it measured rounding and the reward
-    model's blind spots more than PPO. What it keeps catching is
+    Measured gains of PPO's greedy answers over the SFT policy's (180 held-out prompts, standard error of one accuracy
+    about 0.037), seeds 42 / 2 after 30 iterations: with transformers' generate, on two threads +0.028 / +0.133, on one
+    -0.078 / +0.111; with the hf engine's own decoding loop, on one thread (2026-12-07) +0.078 / +0.050. `make
+    bench-learning` (60 iterations, two threads) seeds 1 / 2 / 3: +0.167 / +0.172 / +0.133. With generate on one thread
+    the seed-42 reward model (held-out pair accuracy 0.931, training loss 3e-7: it fits its 330 pairs exactly) let PPO
+    raise its score from 1.91 to 4.33 at 5.2 nats while gold fell from 0.572 to 0.494: an error of the reward model
+    exploited within the KL budget. From 2026-12-07 (afternoon) to 2026-12-07 (night) this test asked PPO only not to
+    fall 0.15 below the SFT policy, because its gain moved with rounding; it asks again for a gain: a mean of +0.03
+    over the two starts and no start more than 0.05 below the SFT policy (the -0.078 above fails it). It also catches
     the collapse the benchmark once showed: PPO with the fixed kl_coef 0.01 it had before (no budget) drifted to 31
     nats on seed 1 of the benchmark at gold +0.000, and here to 14.1 nats (seed 42) and 12.5 nats (seed 2), past the
     KL bound below."""
+    gains = []
     for start, seed in ((sft_run, []), (sft_run_seed_2, ["seed=2"])):
         out = chain(start, tmp_path / ("start2" if seed else "start42"), seed)
         results, sft = out["results"], out["results"]["sft"]
@@ -67,6 +68,5 @@ def test_learned_reward_chain_rm_dpo_and_ppo_on_parity_pairs_beat_the_sft_policy
         ppo = results["ppo"]
         assert ppo["kl"] < 12.0, (seed, ppo)  # the budget (kl_target 8 nats) held
         assert ppo["reward_mean"] > sft["reward_mean"], (seed, sft, ppo)  # it optimised the learned reward
-        # Not below the SFT policy by more than the spread above (about 3 standard errors of a difference of two
-        # accuracies on 180 prompts).
-        assert ppo["gold_mean"] >= sft["gold_mean"] - 0.15, (seed, sft, ppo)
+        gains.append(ppo["gold_mean"] - sft["gold_mean"])
+    assert min(gains) >= -0.05 and sum(gains) / len(gains) >= 0.03, gains

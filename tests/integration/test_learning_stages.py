@@ -1,8 +1,7 @@
 """Learning with the gold reward as the reward: rejection sampling, GRPO and PPO raise the gold accuracy of held-out
 prompts of the parity task above the SFT policy. Short versions: one of rs_parity's two rounds, 20 of grpo_parity's 40
-iterations, 30 of ppo_parity's 60; rejection sampling and GRPO from two sft starts (seed 42 and seed 2), PPO from
-seed 42 (see its test for why). The full-length
-runs over several seeds are `make bench-learning-stages` (scripts/bench_learning.py).
+iterations, 30 of ppo_parity's 60; each from two sft starts (seed 42 and seed 2). The full-length runs over several
+seeds are `make bench-learning-stages` (scripts/bench_learning.py).
 
 The tiny default model fine-tuned on the built-in sample (which asks "Is N even or odd?" only 11 times) answers in the
 right shape but is right about half the time. The parity experiments train on 420 parity prompts with the gold reward
@@ -97,36 +96,41 @@ def test_grpo_learns_parity_beyond_the_sft_policy(start, request, tmp_path):
     assert after["eval_eos_fraction"] > 0.9
 
 
-def test_ppo_learns_parity_beyond_the_sft_policy(sft_run, tmp_path):
-    """PPO with a critic (`+experiment=ppo_parity`), its first 30 of 60 iterations; an iteration's remaining
-    mini-batches are skipped once the approximate KL to the rollout policy passes 0.05 (stage.target_kl). Measured on
-    two threads (`make bench-learning-stages`), held-out accuracy before PPO / after 15 / 30 / 60 iterations: seed 42
-    0.57 / 0.69 / 0.71 / 0.82, seed 1 0.53 / 0.66 / 0.74 / 0.87, seed 2 0.56 / 0.72 / 0.76 / 0.89, seed 3 0.58 / 0.66
-    / 0.70 / 0.94, KL to the reference 8-13 nats per response. So +0.12 to +0.21 at 30 iterations, and the bar is
-    +0.08; on one thread seed 42 gave +0.150. From the seed-2 start, on one thread, 30 iterations gave only +0.084
-    (0.572 -> 0.656): too close to the bar for a second start here, so PPO's second start is the learned-reward
-    chain's (tests/integration/test_learning_chain.py) and its spread is `make bench-learning-stages`'s. Without the
-    KL stop, seed 42 once settled on one answer word within 15 iterations after a change that moved the SFT weights by
-    at most 5e-5 (0.49 from 15 to 60; seeds 1-3 still reached 0.91-0.96)."""
-    runs = copy_start(sft_run, tmp_path)
-    res = rlhf(
-        "ppo",
-        "+experiment=ppo_parity",
-        "stage.max_steps=30",
-        "stage.eval_every=30",
-        f"run.root={runs}",
-        "logging.progress=false",
-        "stage.save_every=0",
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr
-    evals = [r for r in metrics(runs / "demo", "ppo") if "eval_score" in r]
-    before, after = evals[0], evals[-1]
-    assert before["step"] == 0 and after["step"] == 30
-    assert 0.3 < before["eval_score"] < 0.75  # the SFT policy: right about half the time
-    assert after["eval_score"] >= before["eval_score"] + 0.08, (before["eval_score"], after["eval_score"])
-    assert after["eval_eos_fraction"] > 0.9
-    kl = [r["kl"] for r in metrics(runs / "demo", "ppo") if "kl" in r]
-    assert 0.0 < kl[-1] < 40.0  # moved away from the reference, within the KL penalty's leash
-    assert manifest(runs / "demo")["stages"]["ppo"]["metrics"]["eval_score"] == after["eval_score"]
+def test_ppo_learns_parity_beyond_the_sft_policy_from_two_starts(request, tmp_path):
+    """PPO with a critic (`+experiment=ppo_parity`), its first 30 of 60 iterations, from the seed-2 and the seed-42 sft
+    starts; an iteration's remaining mini-batches are skipped once the approximate KL to the rollout policy passes
+    0.05 (stage.target_kl). Measured on two threads (`make bench-learning-stages`), held-out accuracy before PPO /
+    after 15 / 30 / 60 iterations: seed 42 0.57 / 0.69 / 0.71 / 0.82, seed 1 0.53 / 0.66 / 0.74 / 0.87, seed 2 0.56 /
+    0.72 / 0.76 / 0.89, seed 3 0.58 / 0.66 / 0.70 / 0.94, KL to the reference 8-13 nats per response: +0.12 to +0.21
+    at 30 iterations. On one thread, 30 iterations: seed 42 +0.150 with transformers' generate, +0.167 with the hf
+    engine's own loop (2026-12-07); seed 2 +0.084 with generate, +0.061 with the loop. Until 2026-12-07 this test
+    ran seed 42 alone with a bar of +0.08 (seed 2's +0.084 was too close to it for a second start); it now asks for
+    what the other learning tests ask: a mean gain of +0.08 over the two starts and no start at or below the SFT
+    policy, so a change that turns one start's gain to zero fails here. Without the KL stop, seed 42 once settled on
+    one answer word within 15 iterations after a change that moved the SFT weights by at most 5e-5 (0.49 from 15 to
+    60; seeds 1-3 still reached 0.91-0.96)."""
+    gains = []
+    for start in STARTS:
+        runs = copy_start(request.getfixturevalue(start), tmp_path / start)
+        res = rlhf(
+            "ppo",
+            "+experiment=ppo_parity",
+            "stage.max_steps=30",
+            "stage.eval_every=30",
+            f"run.root={runs}",
+            "logging.progress=false",
+            "stage.save_every=0",
+            cwd=tmp_path,
+            timeout=900,
+        )
+        assert res.returncode == 0, res.stderr
+        evals = [r for r in metrics(runs / "demo", "ppo") if "eval_score" in r]
+        before, after = evals[0], evals[-1]
+        assert before["step"] == 0 and after["step"] == 30
+        assert 0.3 < before["eval_score"] < 0.75  # the SFT policy: right about half the time
+        assert after["eval_eos_fraction"] > 0.9
+        kl = [r["kl"] for r in metrics(runs / "demo", "ppo") if "kl" in r]
+        assert 0.0 < kl[-1] < 40.0  # moved away from the reference, within the KL penalty's leash
+        assert manifest(runs / "demo")["stages"]["ppo"]["metrics"]["eval_score"] == after["eval_score"]
+        gains.append(after["eval_score"] - before["eval_score"])
+    assert min(gains) > 0.0 and sum(gains) / len(gains) >= 0.08, gains
