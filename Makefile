@@ -42,11 +42,13 @@ bench: install
 # The learning benchmark (the suite runs a short version): the whole chain on the parity task with a learned reward
 # model, judged by the gold metric (configs/pipeline/parity.yaml), over SEEDS (about 7 minutes a seed on 2 idle CPU
 # cores); per stage the mean gold gain over SFT with its spread, the KL and the proxy-vs-gold curve. It fails when a
-# stage's mean gain is under +0.1 or any seed's gain is under 0. The per-stage runs with the gold reward as the
-# reward, over seeds: bench-learning-stages (3 seeds, about 6 minutes each).
+# stage's mean gain is under +0.1 or any seed's gain is under 0. Then on-policy distillation (scripts/bench_distill.py,
+# about 2.5 minutes a seed): a smaller student from a chain-trained teacher, against GRPO at the same samples. The
+# per-stage runs with the gold reward as the reward, over seeds: bench-learning-stages (3 seeds, about 6 minutes each).
 SEEDS ?= 1 2 3
 bench-learning: install
 	$(BIN)/python scripts/bench_chain.py --seeds $(SEEDS)
+	$(BIN)/python scripts/bench_distill.py --seeds $(SEEDS)
 
 bench-learning-stages: install
 	$(BIN)/python scripts/bench_learning.py --seeds 1 2 3 --stages ppo rejection_sampling

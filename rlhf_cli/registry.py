@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.config import distill as d
 from rlhf_cli.config import online as o
 from rlhf_cli.config import schema as s
 from rlhf_cli.config.evaluate import EvalRoot
@@ -170,6 +171,7 @@ _CRITIC_FREE_CHOICES: dict[str, Choice] = {
     "stage.advantage": o.ADVANTAGES,
     "stage.scale_rewards": o.REWARD_SCALINGS,
     "stage.loss_aggregation": o.LOSS_AGGREGATIONS,
+    "stage.policy_loss": o.POLICY_LOSSES,
     **ONLINE_CHOICES,
 }
 
@@ -205,6 +207,11 @@ def _rejection_sampling_check(cfg: Any) -> None:
             "model.lora.merge=false with stage.rounds > 1: each round samples from the previous round's exported "
             "policy, which must be a whole model; set model.lora.merge=true or stage.rounds=1"
         )
+    _functions_check(cfg)
+
+
+def _distill_check(cfg: Any) -> None:
+    d.check_distill(cfg)
     _functions_check(cfg)
 
 
@@ -326,6 +333,37 @@ STAGES: dict[str, StageSpec] = {
         "REINFORCE++ (global whitening, no critic), from sft",
         "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline",
     ),
+    # On-policy distillation: the critic-free stages' sampling and batch rules, a teacher instead of a reference (an
+    # input: a pipeline runs its stage first and its fingerprint is recorded).
+    "distill": StageSpec(
+        "distill",
+        "rlhf_cli.stages.distill",
+        d.DistillRoot,
+        summary="on-policy distillation: the student samples, a frozen teacher scores (reverse KL / GKD)",
+        example="rlhf distill stage.teacher=stage:ppo stage.estimator=full",
+        formats=s.PROMPT_FORMATS,
+        choices={
+            "stage.estimator": d.ESTIMATORS,
+            "stage.loss_aggregation": o.LOSS_AGGREGATIONS,
+            **ONLINE_CHOICES,
+        },
+        ranges={
+            **ONLINE_RANGES,
+            "stage.rollout_batch_size": ">= 1",
+            "stage.n_samples": ">= 1",
+            "stage.ppo_epochs": ">= 1",
+            "stage.clip_eps_low": "> 0",
+            "stage.clip_eps_high": "> 0",
+            "stage.entropy_coef": ">= 0",
+            "stage.top_k": ">= 0",
+            "stage.jsd_beta": "[0, 1]",
+            "stage.kl_to_teacher_coef": "> 0",
+            **_ON_POLICY_SAMPLING,
+        },
+        check=_distill_check,
+        inputs=(*_BASE_INPUTS, "stage.teacher", "stage.reward", "stage.gold_reward"),
+        trained_model="student",
+    ),
     "eval": StageSpec(
         "eval",
         "rlhf_cli.stages.eval",
@@ -343,7 +381,7 @@ STAGES: dict[str, StageSpec] = {
             "stage.generation.temperature": ">= 0",
         },
         check=_eval_check,
-        inputs=(*_BASE_INPUTS, "stage.policies", "stage.reward", "stage.gold"),
+        inputs=(*_BASE_INPUTS, "stage.policies", "stage.reward", "stage.gold", "stage.judge"),
         optional_inputs=("stage.reward.model",),  # no reward model in the run: no reward and no win rate
         trained_model="reference policy (nothing is trained)",
         output="eval.json",

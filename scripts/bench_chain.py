@@ -218,18 +218,19 @@ def markdown(rows: list[dict], runs: list[dict], margin: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_markers(doc: Path) -> str:
+def check_markers(doc: Path, begin: str = BEGIN, end: str = END) -> str:
     """The page's text; an error naming the page when it lacks the markers (before a run of many minutes)."""
     text = doc.read_text() if doc.is_file() else ""
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to put the table between (they are in {DOC})")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{doc}: no {begin} ... {end} markers to put the table between (they are in {DOC})")
     return text
 
 
-def update_doc(doc: Path, table: str) -> None:
-    """Put `table` between the page's markers, leaving the rest of the page as it is."""
-    head, rest = check_markers(doc).split(BEGIN, 1)
-    doc.write_text(head + BEGIN + "\n" + table + END + rest.split(END, 1)[1])
+def update_doc(doc: Path, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put `table` between the page's markers, leaving the rest of the page as it is (also scripts/bench_distill.py's
+    table, with its own markers)."""
+    head, rest = check_markers(doc, begin, end).split(begin, 1)
+    doc.write_text(head + begin + "\n" + table + end + rest.split(end, 1)[1])
 
 
 def main() -> None:

@@ -6,8 +6,10 @@ and gradients, fp32 gradient partition, fp32 master weights, two fp32 Adam momen
 `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (tested). `rlhf explain ppo` has a
 row for each of PPO's four models (actor and critic trained, reference and reward model frozen) and prints the
 iteration plan from the stage's own functions (stages/plan.py); `rlhf explain rejection_sampling` adds the frozen
-reward model and the size of a round's generation. Activations are not included: they depend on the
-batch and the sequence length. Models are built on the meta device: no weights are read or allocated.
+reward model and the size of a round's generation; `rlhf explain distill` the frozen teacher (no reference) and the
+answers the student samples; `rlhf explain eval` the judge of stage.judge. A gold metric that is a model has a row
+of its own. Activations are not included: they depend on the batch and the sequence length. Models are counted from
+their configs or built on the meta device: no weights are read or allocated.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from rlhf_cli.commands.model_states import (
     ModelStates,
     Row,
     add_states,
-    count_model,
-    frozen_state_bytes,
-    model_state_bytes,
+    frozen_row,
+    trained_row,
+    world_size,
 )
 from rlhf_cli.errors import UserError
 
@@ -66,37 +68,13 @@ def upstream_overrides(overrides: list[str]) -> list[str]:
     ]
 
 
-def trained_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, note: str = "trained") -> Row:
-    ds = cfg.deepspeed
-    n, t, largest = count_model(model_cfg, scalar_head)
-    states = model_state_bytes(
-        n, t, largest, ds.zero_stage, ds.precision, world_size(cfg), ds.offload_optimizer, ds.offload_param
-    )
-    what = f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters, {t / 1e6:.1f}M trainable; {note}"
-    return Row(name, what, n, t, largest, states)
-
-
-def frozen_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False) -> Row:
-    ds = cfg.deepspeed
-    n, _, largest = count_model(model_cfg, scalar_head)
-    states = frozen_state_bytes(
-        n, ds.zero_stage, ds.precision, world_size(cfg), cfg.stage.get("offload_frozen", False), ds.offload_param
-    )  # the online stages can keep their frozen models in CPU memory between uses; dpo cannot
-    where = "partitioned over the ranks (ZeRO-3)" if ds.zero_stage == 3 else "a full copy on every GPU"
-    if states.cpu:
-        where = "in CPU memory " + (
-            "(deepspeed.offload_param)" if ds.zero_stage == 3 else "between uses (stage.offload_frozen)"
-        )
-    return Row(name, f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters; frozen, {where}", n, 0, largest, states)
-
-
 def memory_rows(cfg: Any, stage: str, policy: Any, overrides: list[str]) -> list[Row]:
     """The models a stage holds on every GPU: the trained one (for ppo the actor, then critic, reference, reward)."""
     from rlhf_cli.registry import STAGES
 
     spec = STAGES[stage]
-    if stage == "eval":  # nothing trained: the reference, one policy at a time (same architecture), the judge
-        return [frozen_row("reference", policy, cfg), frozen_row("policy", policy, cfg), *reward_rows(cfg, overrides)]
+    if stage == "eval":
+        return eval_rows(cfg, policy, overrides)
     rows = [trained_row(spec.trained_model, policy, cfg, scalar_head=spec.scalar_head)]
     more = _MORE_ROWS.get(stage)
     return rows + more(cfg, overrides) if more else rows
@@ -113,7 +91,7 @@ def ppo_rows(cfg: Any, overrides: list[str]) -> list[Row]:
         rows.append(Row("reference", "none: the actor's base weights with its LoRA adapters disabled"))
     else:
         rows.append(frozen_row("reference", resolve_model(cfg, st.reference or policy_name, overrides), cfg))
-    return rows + reward_rows(cfg, overrides)
+    return rows + reward_rows(cfg, overrides) + gold_rows(cfg, st.gold_reward, overrides)
 
 
 def reward_rows(cfg: Any, overrides: list[str]) -> list[Row]:
@@ -151,7 +129,47 @@ def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
         rows = [Row("reference", "none: the policy's base weights with its LoRA adapters disabled")]
     else:
         rows = [frozen_row("reference", resolve_model(cfg, st.reference or cfg.model.name_or_path, overrides), cfg)]
-    return rows + reward_rows(cfg, overrides)
+    return rows + reward_rows(cfg, overrides) + gold_rows(cfg, st.gold_reward, overrides)
+
+
+def distill_model_rows(cfg: Any, overrides: list[str]) -> list[Row]:
+    """`rlhf distill`'s models besides the student, as stages/distill.py `distill_parts` loads them: the frozen
+    teacher (a causal LM, on the CPU between uses with stage.offload_frozen), no reference (the divergence is to the
+    teacher), the reward model only when stage.reward.model mixes one in, a gold model."""
+    from rlhf_cli.config.distill import has_reward
+
+    st = cfg.stage
+    rows = [
+        frozen_row("teacher", resolve_model(cfg, st.teacher, overrides), cfg, note=f"stage.teacher={st.teacher}"),
+        Row("reference", "none: the student's divergence is to the teacher; no reference model is loaded"),
+    ]
+    if has_reward(st):
+        rows += reward_rows(cfg, overrides)
+    else:
+        rows.append(Row("reward", "none: pure distillation (stage.reward sets none)"))
+    return rows + gold_rows(cfg, st.gold_reward, overrides)
+
+
+def eval_rows(cfg: Any, policy: Any, overrides: list[str]) -> list[Row]:
+    """`rlhf eval` trains nothing: it holds the reference, one policy at a time (counted with the reference's
+    architecture), the judge of stage.judge (a causal LM), the reward model and a gold model (stages/eval.py).
+    stage.offload_frozen moves only the reward models: the others are built by frozen_policy, which keeps them."""
+    st = cfg.stage
+    rows = [frozen_row(name, policy, cfg, offload_frozen=False) for name in ("reference", "policy")]
+    if st.judge:
+        judge = resolve_model(cfg, st.judge, overrides)
+        rows.append(frozen_row("judge", judge, cfg, offload_frozen=False, note=f"stage.judge={st.judge}"))
+    return rows + reward_rows(cfg, overrides) + gold_rows(cfg, st.gold, overrides)
+
+
+def gold_rows(cfg: Any, spec: str | None, overrides: list[str]) -> list[Row]:
+    """The gold metric's model when `spec` names one (a second reward model: rollout/rewards.py build_gold); a
+    function or none holds no model and adds no row."""
+    from rlhf_cli.config.functions import is_model_source
+
+    if not spec or not is_model_source(spec):
+        return []
+    return [frozen_row("gold", resolve_model(cfg, spec, overrides), cfg, scalar_head=True)]
 
 
 # Stage -> the models it holds besides the one it trains (rejection sampling: no reference, no critic; sft and rm:
@@ -159,7 +177,10 @@ def critic_free_rows(cfg: Any, overrides: list[str]) -> list[Row]:
 _MORE_ROWS = {
     "dpo": dpo_rows,
     "ppo": ppo_rows,
-    "rejection_sampling": reward_rows,
+    "rejection_sampling": lambda cfg, overrides: (
+        reward_rows(cfg, overrides) + gold_rows(cfg, cfg.stage.gold_reward, overrides)
+    ),
+    "distill": distill_model_rows,
     "grpo": critic_free_rows,
     "rloo": critic_free_rows,
     "reinforce_pp": critic_free_rows,
@@ -195,7 +216,8 @@ def batch_lines(cfg: Any, stage: str, policy: Any) -> list[str]:
             f"  per generate call at most {st.eval_batch_size} prompts x {st.n_samples} judged answer(s) "
             f"({'greedy' if st.generation.temperature == 0 else f'temperature {st.generation.temperature:g}'}), "
             f"then x {st.kl_samples} samples at temperature 1 for the KL; at most {max_tokens(cfg)} tokens per "
-            f"sequence, the held-out prompts shared over {world} rank(s); the reference, then each policy in turn",
+            f"sequence, the held-out prompts shared over {world} rank(s); the reference, then each policy in turn"
+            + (f"; the judge ({st.judge}) reads every judged answer" if st.judge else ""),
         ]
     lines = [
         f"rlhf {stage}: batch algebra",
@@ -271,20 +293,45 @@ def critic_free_lines(cfg: Any, policy: Any) -> list[str]:
     return lines
 
 
+def distill_lines(cfg: Any, policy: Any) -> list[str]:
+    """The iteration plan `rlhf distill` follows (stages/distill.py: the critic-free stages' plan, without dynamic
+    sampling), the answers the student samples and the teacher reads, and the loss."""
+    from rlhf_cli.config.batches import mini_batch
+    from rlhf_cli.config.distill import distill_rows, has_reward
+    from rlhf_cli.data import build_prompt_datasets
+    from rlhf_cli.models.tokenizer import load_tokenizer
+    from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates
+
+    st, world = cfg.stage, world_size(cfg)
+    data = build_prompt_datasets(cfg.data, load_tokenizer(policy), seed=cfg.seed)
+    plan = critic_free_plan(len(data.train), st, world)
+    rows, mb, per_iteration = distill_rows(st, world), mini_batch(st), st.rollout_batch_size * st.n_samples
+    over = f"the student's top-{st.top_k} and a tail bucket" if st.top_k else "the vocabulary"
+    loss = {
+        "sampled": "l_s - l_t of each sampled token as a negative per-token advantage",
+        "full": f"the reverse KL over {over}, the teacher's logits computed again in the update",
+        "jsd": f"GKD's generalised JSD (beta {st.jsd_beta:g}), the teacher's logits computed again in the update",
+    }[st.estimator]
+    mixed = "the reward's advantage (stage.reward) minus" if has_reward(st) else "no reward (pure distillation):"
+    return [
+        f"  {plan.n_examples} prompts, {st.rollout_batch_size} per iteration x {st.n_samples} samples = "
+        f"{per_iteration} rows ({rows} per rank on {world} rank(s)); {plan.total_steps} iterations of "
+        f"{st.ppo_epochs} epoch(s) x {rows // mb} mini-batch(es) of {mb} rows per rank",
+        f"  = {plan.total_steps * per_iteration} answers sampled by the student and read by the teacher, "
+        f"{critic_free_updates(plan, st, world)} optimizer steps of the student",
+        f"  estimator {st.estimator}: {loss}; {mixed} the divergence x {st.kl_to_teacher_coef:g}",
+    ]
+
+
 # Stage -> lines after the batch algebra: the plan of an online stage.
 _MORE_LINES = {
     "ppo": ppo_plan_lines,
+    "distill": distill_lines,
     "rejection_sampling": rejection_sampling_lines,
     "grpo": critic_free_lines,
     "rloo": critic_free_lines,
     "reinforce_pp": critic_free_lines,
 }
-
-
-def world_size(cfg: Any) -> int:
-    from rlhf_cli.config.batches import planned_world_size  # the rule the stage's composition checks use
-
-    return planned_world_size(cfg)
 
 
 def max_tokens(cfg: Any) -> int:

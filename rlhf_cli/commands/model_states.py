@@ -152,3 +152,39 @@ def _meta_model(model_cfg: Any, scalar_head: bool) -> Any:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
     config.num_labels = 1
     return AutoModelForSequenceClassification.from_config(config, trust_remote_code=remote)
+
+
+def world_size(cfg: Any) -> int:
+    from rlhf_cli.config.batches import planned_world_size  # the rule the stage's composition checks use
+
+    return planned_world_size(cfg)
+
+
+def trained_row(name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, note: str = "trained") -> Row:
+    """The row of a model the stage trains with Adam in its DeepSpeed engine."""
+    ds = cfg.deepspeed
+    n, t, largest = count_model(model_cfg, scalar_head)
+    states = model_state_bytes(
+        n, t, largest, ds.zero_stage, ds.precision, world_size(cfg), ds.offload_optimizer, ds.offload_param
+    )
+    what = f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters, {t / 1e6:.1f}M trainable; {note}"
+    return Row(name, what, n, t, largest, states)
+
+
+def frozen_row(
+    name: str, model_cfg: Any, cfg: Any, scalar_head: bool = False, offload_frozen: bool | None = None, note: str = ""
+) -> Row:
+    """The row of a frozen model (engine.frozen). `offload_frozen`: whether the stage moves it to the CPU between
+    uses; None reads stage.offload_frozen (the online stages' reference, reward and teacher; dpo has no such key).
+    rlhf eval's policies and judge never move (stages/common.py: frozen_policy), whatever the key says."""
+    ds = cfg.deepspeed
+    offload = cfg.stage.get("offload_frozen", False) if offload_frozen is None else offload_frozen
+    n, _, largest = count_model(model_cfg, scalar_head)
+    states = frozen_state_bytes(n, ds.zero_stage, ds.precision, world_size(cfg), offload, ds.offload_param)
+    where = "partitioned over the ranks (ZeRO-3)" if ds.zero_stage == 3 else "a full copy on every GPU"
+    if states.cpu:
+        where = "in CPU memory " + (
+            "(deepspeed.offload_param)" if ds.zero_stage == 3 else "between uses (stage.offload_frozen)"
+        )
+    what = f"{model_cfg.name_or_path}, {n / 1e6:.1f}M parameters; frozen, {where}" + (f"; {note}" if note else "")
+    return Row(name, what, n, 0, largest, states)

@@ -56,7 +56,7 @@ def critic_free_rows(st: Any, world_size: int) -> int:
             f"rank(s)) is not a multiple of the mini-batch stage.micro_batch_size x "
             f"stage.gradient_accumulation_steps = {mini_batch(st)}; change one of them"
         )
-    if st.dynamic_sampling and st.rollout_batch_size % world_size:
+    if getattr(st, "dynamic_sampling", False) and st.rollout_batch_size % world_size:  # distill has none
         raise UserError(
             f"stage.dynamic_sampling replaces whole groups on each rank: stage.rollout_batch_size="
             f"{st.rollout_batch_size} must be a multiple of the {world_size} ranks"

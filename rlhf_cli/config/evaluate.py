@@ -35,6 +35,10 @@ class EvalStageConfig:
     # A gold metric next to the reward: `module:function(prompts, responses) -> list[float]`, or a second reward model
     # (`stage:<name>`, a folder or hub id). None: none.
     gold: str | None = None
+    # A teacher as a judge: a causal LM (`stage:<name>`, a folder or hub id) whose log-likelihood of each answer is
+    # reported, per token and per answer (response tokens only, at temperature 1). Its tokenizer must be the
+    # policies'. None: none.
+    judge: str | None = None
     n_samples: int = 1  # judged responses per prompt and policy (more than 1 needs generation.temperature > 0)
     kl_samples: int = 4  # samples per prompt at temperature 1 for the KL estimate (0: no KL)
     max_prompts: int | None = None  # held-out prompts used (None: all)

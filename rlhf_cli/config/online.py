@@ -224,6 +224,8 @@ def compares_group(st: Any) -> bool:
 REWARD_SCALINGS = ("group", "batch", "none")
 # How per-token losses become the step's loss (rlhf_cli/losses/critic_free.py AGGREGATIONS).
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# The policy-gradient surrogate (rlhf_cli/losses/policy_losses.py POLICY_LOSSES; docs/algorithms.md 8.5, 8.9, 8.10).
+POLICY_LOSSES = ("clip", "gspo", "cispo")
 
 
 @dataclass
@@ -240,7 +242,13 @@ class CriticFreeStageConfig(TrainStageConfig):
     n_samples: int = 8  # responses per prompt (GRPO's G, RLOO's k); >= 2 for grpo, rloo, reinforce_pp_baseline
     # 1: one optimizer pass; the ratio is taken against the detached current log-probs (no old-log-prob forward).
     ppo_epochs: int = 1
-    clip_eps_low: float = 0.2  # ratio clipped to [1 - clip_eps_low, 1 + clip_eps_high] (DAPO clip-higher: 0.28)
+    # clip: each token's ratio | gspo: each response's ratio, the geometric mean of its tokens' (Zheng et al. 2025)
+    # | cispo: each token's ratio as a detached weight on its log-prob, so no token loses its gradient (MiniMax-M1)
+    policy_loss: str = "clip"
+    # The range [1 - clip_eps_low, 1 + clip_eps_high] of the ratio (clip, gspo) or of the weight (cispo). clip: DAPO
+    # clip-higher 0.2 / 0.28. gspo: a mean log-ratio moves far less than one token's, so the GSPO paper uses
+    # 3e-4 / 4e-4. cispo: MiniMax-M1 sets no lower bound (clip_eps_low >= 1) and tunes the upper one.
+    clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     # grpo: advantages divided by the group's std | the whole batch's std | nothing (Dr. GRPO)
     scale_rewards: str = "group"

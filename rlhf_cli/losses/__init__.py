@@ -60,3 +60,13 @@ __all__ += [
     "zero_variance_fraction",
     "zero_variance_groups",
 ]
+
+from rlhf_cli.losses.policy_losses import (  # noqa: E402  (the critic-free surrogates, docs/algorithms.md 8.9-8.10)
+    POLICY_LOSSES,
+    cispo_surrogate,
+    gspo_surrogate,
+    policy_surrogate,
+    sequence_log_ratio,
+)
+
+__all__ += ["POLICY_LOSSES", "cispo_surrogate", "gspo_surrogate", "policy_surrogate", "sequence_log_ratio"]

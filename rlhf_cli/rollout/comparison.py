@@ -22,6 +22,8 @@ COLUMNS = (
     ("gold_mean", "gold"),
     ("response_length", "length"),
     ("eos_rate", "EOS"),
+    ("judge_logp_token", "judge logp/tok"),  # `rlhf eval stage.judge=...`: the judge's log-likelihood of the answers
+    ("judge_logp_seq", "judge logp/seq"),
 )
 
 

@@ -1,5 +1,6 @@
 """Held-out evaluation of a policy, shared by the online stages and `rlhf eval`: responses to every held-out prompt
-(greedy, or seeded sampling), scored by the reward source and, when given, by a gold metric."""
+(greedy, or seeded sampling), scored by the reward source and, when given, by a gold metric; and `rlhf eval`'s
+teacher as a judge: its log-likelihood of each response."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import torch
 from rlhf_cli.data import collate_prompts
 from rlhf_cli.data.sharding import eval_batches
 from rlhf_cli.metrics import Sums
+from rlhf_cli.rollout.comparison import mean_and_se
 from rlhf_cli.rollout.engines import HF
-from rlhf_cli.rollout.generation import decode_responses, sampling_config
+from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sampling_config
 from rlhf_cli.rollout.rewards import check_scores
 from rlhf_cli.rollout.scoring import score_responses
 
 # The sums over the held-out prompts: prompts, score (valid ones), scored prompts, response tokens, responses that
 # ended with EOS, gold metric.
 SUMS = ("prompts", "score", "scored", "length", "eos", "gold")
+# A judge's log-likelihood of a response (`judge_loglik`): the mean per token, and the sum over the response.
+JUDGE_QUANTITIES = ("judge_logp_token", "judge_logp_seq")
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,47 @@ def gold_scores(gold: Callable[[list[str], list[str]], list[float]], prompts: li
     """The gold metric of each response: `gold([prompt texts], [responses])`, one finite number per response."""
     name = f"gold metric {getattr(gold, '__module__', '?')}:{getattr(gold, '__name__', gold)}"
     return check_scores(gold([p.text for p in prompts], texts), len(texts), name)
+
+
+def judge_loglik(logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A judge's log-likelihood of each response from its log-probs of the response tokens: logprobs, mask (B, R) ->
+    {judge_logp_seq: sum_t m_t l_t, judge_logp_token: that / the response's tokens}, each (B,) float64 on the CPU.
+    Only the response's tokens count (its EOS included, nothing after it: the mask); a row without a token (none is
+    generated so, but a filler row may be) has NaN for both, which the means leave out, not 0 and 0 / 0. Junk at
+    masked positions never enters (`torch.where`)."""
+    valid = mask.bool()
+    total = torch.where(valid, logprobs.double(), 0.0).sum(1)
+    count = valid.sum(1)
+    some = count > 0
+    per_token = torch.where(some, total / count.clamp(min=1), torch.nan)
+    return {"judge_logp_seq": torch.where(some, total, torch.nan).cpu(), "judge_logp_token": per_token.cpu()}
+
+
+@torch.no_grad()
+def judge_values(judge: Any, seq: Any) -> dict[str, torch.Tensor]:
+    """`judge_loglik` of a frozen causal LM `judge` (it reads the policies' token ids: same tokenizer) on the
+    responses of `seq` (rollout.generation.Sequences), at temperature 1: the judge's own distribution, whatever
+    temperature the policy sampled at. (B,) each."""
+    return judge_loglik(response_logprobs(response_logits(judge, seq), seq, 1.0), seq.response_mask)
+
+
+def judge_sums(values: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """(len(JUDGE_QUANTITIES), 3) float64 of (count, sum, sum of squares) over the rows with `weight` > 0 (filler
+    rows have 0) and a finite value: added over batches and ranks, then `judge_summary`. values: name -> (B,)."""
+    out = torch.zeros(len(JUDGE_QUANTITIES), 3, dtype=torch.float64)
+    for i, name in enumerate(JUDGE_QUANTITIES):
+        v = values[name].double().cpu()
+        keep = (weight.double().cpu() > 0) & torch.isfinite(v)
+        v = torch.where(keep, v, 0.0)
+        out[i] = torch.stack([keep.double().sum(), v.sum(), (v * v).sum()])
+    return out
+
+
+def judge_summary(sums: torch.Tensor) -> dict[str, float]:
+    """`judge_sums` over every batch and rank -> {name: mean over responses, name_se: its standard error}."""
+    out: dict[str, float] = {}
+    for i, name in enumerate(JUDGE_QUANTITIES):
+        count, total, squares = sums[i].tolist()
+        if count > 0:
+            out[name], out[name + "_se"] = mean_and_se(count, total, squares)
+    return out

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from rlhf_cli import engine as eng
-from rlhf_cli.losses.critic_free import clipped_surrogate, k3_kl_loss
+from rlhf_cli.losses.critic_free import k3_kl_loss
+from rlhf_cli.losses.policy_losses import clipped_rows, policy_surrogate
 from rlhf_cli.losses.ppo import LOG_RATIO_CLAMP, entropy_from_logits, masked_sum, policy_loss, value_loss
 from rlhf_cli.metrics import Sums
 from rlhf_cli.rollout.experience import Rollout, critic_values
@@ -25,7 +26,8 @@ from rlhf_cli.rollout.generation import response_logits, response_logprobs
 # This rank's per-token sums of an actor step: losses and statistics, all forwarded tokens, valid response tokens,
 # |log ratio|, then the tokens clipped at 1 - eps_low and at 1 + eps_high, the k3 KL to the reference (the loss
 # term) and its k1 (log pi_theta - log pi_ref, detached: the critic-free stages' `kl` where the rollout has no
-# log-probs of its own).
+# log-probs of its own); then per row: the rows with a valid token and those with a token clipped low / high (GSPO
+# clips whole sequences: its clip fraction counts rows).
 ACTOR_SUMS = (
     "policy_loss",
     "clipfrac_policy",
@@ -38,16 +40,20 @@ ACTOR_SUMS = (
     "clipfrac_high",
     "kl_loss",
     "ref_k1",
+    "seqs",
+    "clipped_seqs_low",
+    "clipped_seqs_high",
 )
 CRITIC_SUMS = ("value_loss", "clipfrac_value")
 
 
 @dataclass(frozen=True)
 class Objective:
-    """The actor loss of a critic-free method (GRPO / RLOO / REINFORCE++), where PPO's is the default: the clipped
-    surrogate with its own low / high ranges (DAPO clip-higher), per-token `weights` (B, R) that carry the loss
-    aggregation (1 per token for a token mean, 1 / length for a mean per sequence, 1 / max length for Dr. GRPO; 0
-    off the loss), optionally `kl_coef` x k3 to the rollout's reference log-probs as a loss term, and with
+    """The actor loss of a critic-free method (GRPO / RLOO / REINFORCE++), where PPO's is the default: the surrogate
+    `policy_loss` (`losses.policy_losses.POLICY_LOSSES`: the token-level clipped ratio, GSPO's sequence ratio or
+    CISPO's clipped weight) with its low / high ranges (DAPO clip-higher), per-token `weights` (B, R) that carry the
+    loss aggregation (1 per token for a token mean, 1 / length for a mean per sequence, 1 / max length for Dr.
+    GRPO; 0 off the loss), optionally `kl_coef` x k3 to the rollout's reference log-probs as a loss term, and with
     `old_from_rollout=False` the ratio against the detached current log-probs (one update per rollout: ratio 1)."""
 
     clip_low: float
@@ -55,6 +61,7 @@ class Objective:
     weights: torch.Tensor
     kl_coef: float = 0.0
     old_from_rollout: bool = True
+    policy_loss: str = "clip"
 
 
 def actor_step(
@@ -93,7 +100,7 @@ def actor_step(
             loss = masked_sum(weighted, mask) - st.entropy_coef * masked_sum(entropy, mask)
         else:
             loss, old, (pg, clipped, approx_kl, low, high, kl, k1) = _objective_terms(
-                objective, ro, advantages, chunk, logprobs, entropy, st.entropy_coef, is_w
+                objective, ro, advantages, chunk, logprobs, entropy, mask, st.entropy_coef, is_w
             )
         if extra_loss is not None:
             loss = loss + extra_loss(c)
@@ -109,11 +116,15 @@ def actor_step(
             "kl_loss": kl,
             "ref_k1": k1,
         }
+        (seqs_low, seqs), (seqs_high, _) = clipped_rows(low, mask), clipped_rows(high, mask)
         sums.add(
             **{k: masked_sum(v.detach(), mask) for k, v in per_token.items()},
             tokens=sub.attention_mask.sum(),
             valid=mask.sum(),
             abs_log_ratio=masked_sum((logprobs.detach() - old).abs(), mask),
+            seqs=seqs,
+            clipped_seqs_low=seqs_low,
+            clipped_seqs_high=seqs_high,
         )
     return sums, norm
 
@@ -125,18 +136,28 @@ def _objective_terms(
     chunk: torch.Tensor,
     logprobs: torch.Tensor,
     entropy: torch.Tensor,
+    mask: torch.Tensor,
     entropy_coef: float,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """A critic-free method's loss on the rollout rows `chunk` (C,) with `logprobs` and `entropy` (C, W): the
-    clipped surrogate against pi_old (the rollout's, or these log-probs detached for one update per batch), minus
-    the entropy bonus, plus `objective.kl_coef` x k3 to the reference where the KL sits in the loss, weighted by
-    `objective.weights`; the surrogate alone also by the sampler's importance weights `is_weights` (C, W) when
-    given. Returns (the summed loss, pi_old's log-probs (C, W), the per-token terms (C, W) in the
+    """A critic-free method's loss on the rollout rows `chunk` (C,) with `logprobs`, `entropy` and the response
+    `mask` (C, W): the surrogate `objective.policy_loss` (docs/algorithms.md 8.5, 8.9, 8.10) against pi_old (the
+    rollout's, or these log-probs detached for one update per batch: ratio 1, the same value and gradient for all
+    three), minus the entropy bonus, plus `objective.kl_coef` x k3 to the reference where the KL sits in the loss,
+    weighted by `objective.weights`; the surrogate alone also by the sampler's importance weights `is_weights` (C, W)
+    when given. Returns (the summed loss, pi_old's log-probs (C, W), the per-token terms (C, W) in the
     order policy_loss, clipfrac_policy, approx_kl, clipfrac_low, clipfrac_high, kl_loss, ref_k1)."""
     width = logprobs.shape[1]
     old = ro.logprobs[chunk, :width] if objective.old_from_rollout else logprobs.detach()
-    pg, low, high = clipped_surrogate(logprobs, old, advantages[chunk, :width], objective.clip_low, objective.clip_high)
+    pg, low, high = policy_surrogate(
+        objective.policy_loss,
+        logprobs,
+        old,
+        advantages[chunk, :width],
+        mask,
+        objective.clip_low,
+        objective.clip_high,
+    )
     log_ratio = (logprobs.detach() - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     clipped, approx_kl = low + high, torch.expm1(log_ratio) - log_ratio  # k3 of pi_old vs pi_theta
     per_token = (pg if is_weights is None else pg * is_weights) - entropy_coef * entropy

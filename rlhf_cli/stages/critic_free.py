@@ -6,10 +6,11 @@ reinforce_pp_baseline).
 One step of the stage is one iteration: `rollout_batch_size` prompts x `n_samples` responses, the rows dealt evenly
 over the ranks (rlhf_cli/rollout/critic_free.py); scored by the stage's reward source (model, classifier, or
 weighted functions); advantages from the whole batch's scores; then `ppo_epochs` passes over this rank's rows in
-shuffled mini-batches, one optimizer step each, with the clipped surrogate (separate low / high ranges), the
-optional k3 KL loss (GRPO) and the chosen loss aggregation. With kl_coef = 0 no reference model is loaded. With one
-pass in one mini-batch the old log-probs are not computed at all: the ratio is taken against the detached current
-log-probs. The shared online parts (sampling, scoring, the actor step, evaluation) live in rlhf_cli/rollout/.
+shuffled mini-batches, one optimizer step each, with the surrogate of `stage.policy_loss` (clip, gspo, cispo;
+separate low / high ranges), the optional k3 KL loss (GRPO) and the chosen loss aggregation. With kl_coef = 0 no
+reference model is loaded. With one pass in one mini-batch the old log-probs are not computed at all: the ratio is
+taken against the detached current log-probs. The shared online parts (sampling, scoring, the actor step,
+evaluation) live in rlhf_cli/rollout/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import torch
 
-from rlhf_cli import checkpoints as ckpt
 from rlhf_cli import engine as eng
 from rlhf_cli.config.batches import critic_free_rows, mini_batch
 from rlhf_cli.config.online import kl_in_loss
@@ -32,7 +32,14 @@ from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import Finale, Loop, export_final
 from rlhf_cli.stages.context import StageContext, begin, source_lines, stage_context, train_then_finish
 from rlhf_cli.stages.critic_free_update import dynamic_rollout, update
-from rlhf_cli.stages.online import OnlineParts, log_first_evaluation, online_parts, sampler_settings
+from rlhf_cli.stages.online import (
+    OnlineParts,
+    load_state,
+    log_first_evaluation,
+    online_parts,
+    sampler_settings,
+    save_state,
+)
 from rlhf_cli.stages.plan import critic_free_plan, critic_free_updates, describe_critic_free
 
 SHOW = ("score_mean", "policy_loss", "kl", "kl_loss", "zero_variance_groups", "lr", "tok/s", "eval_score", "eval_gold")
@@ -141,17 +148,3 @@ def reward_terms(reward: Any) -> dict[str, float]:
         torch.stack([torch.stack([v.nansum(), torch.isfinite(v).sum()]) for v in terms.values()]).double()
     )
     return {f"reward/{name}": float(s / max(float(c), 1.0)) for name, (s, c) in zip(terms, means.tolist(), strict=True)}
-
-
-def save_state(ctx: StageContext, p: OnlineParts, step: int) -> None:
-    """Checkpoint the policy engine with the running moments (collective)."""
-    client = {"step": step, "running_moments": p.moments.state_dict()}
-    ckpt.save_checkpoint(p.actor, ctx.run.checkpoints_dir, step, client, ctx.st.keep_last)
-
-
-def load_state(p: OnlineParts, client: dict | None) -> int:
-    if not client:
-        return 0
-    if "running_moments" in client:
-        p.moments.load_state_dict(client["running_moments"])
-    return client["step"]

@@ -29,13 +29,16 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
     """`st.ppo_epochs` passes over this rank's rows in shuffled mini-batches of micro_batch_size x
     gradient_accumulation_steps rows, one optimizer step each. The ratio is against the rollout's log-probs, or
     (when the rollout has none: one pass in one mini-batch) the detached current ones. Returns token means over
-    all ranks of the losses and statistics, the optimizer steps and the last gradient norm; and GRPO's `kl` to the
-    reference when the rollout has no log-probs to compute it from (see below)."""
+    all ranks of the losses and statistics (with `st.policy_loss=gspo` also the shares of sequences clipped), the
+    optimizer steps and the last gradient norm; and GRPO's `kl` to the reference when the rollout has no log-probs
+    to compute it from (see below)."""
     n = len(ro.prompts)
     mini = st.micro_batch_size * st.gradient_accumulation_steps
     n_mini = n // mini
     kl_coef = st.kl_coef if kl_in_loss(st) else 0.0  # the others have their KL in the reward
-    objective = Objective(st.clip_eps_low, st.clip_eps_high, est.weights, kl_coef, ro.logprobs is not None)
+    objective = Objective(
+        st.clip_eps_low, st.clip_eps_high, est.weights, kl_coef, ro.logprobs is not None, st.policy_loss
+    )
     gen = torch.Generator().manual_seed(seed * 7919 + iteration)  # same shuffles after a resume
     sums = dict.fromkeys(ACTOR_SUMS, 0.0)  # over the update's optimizer steps and all ranks
     norm = None
@@ -52,6 +55,12 @@ def update(actor: Any, ro: Rollout, est: Estimate, st: Any, iteration: int, seed
             sums[key] += value
     valid = max(sums["valid"], 1.0)
     out = {k: sums[k] / valid for k in MEANS}
+    if st.policy_loss == "gspo":
+        # GSPO clips whole sequences: the share of responses cut at 1 - eps_low / 1 + eps_high, next to the token
+        # shares (the tokens of those responses) that every surrogate logs.
+        seqs = max(sums["seqs"], 1.0)
+        out["clipfrac_seq_low"] = sums["clipped_seqs_low"] / seqs
+        out["clipfrac_seq_high"] = sums["clipped_seqs_high"] / seqs
     out["loss"] = out["policy_loss"] + kl_coef * out["kl_loss"]
     if not kl_coef:
         del out["kl_loss"]

@@ -5,9 +5,10 @@ Each policy samples `stage.n_samples` responses per held-out prompt (temperature
 functions), a win against the reference's response to the same prompt and sample index under that reward (ties
 count half), the sequence KL log pi(y|x) - log pi_ref(y|x) (its mean over the policy's own samples is a Monte-Carlo
 estimate of KL(pi || pi_ref), reported with its standard error), the length, EOS, and the gold metric when one is
-given. The reference is evaluated the same way with draws of its own, so its win rate is 0.5 up to sampling error
-and its KL exactly 0: the check that the comparison is fair. Writes `<run>/eval/eval.json` and the headline
-numbers into the manifest.
+given; with `stage.judge` (a teacher), the judge's log-likelihood of the response, per token and in all. The
+reference is evaluated the same way with draws of its own, so its win rate is 0.5 up to sampling error and its KL
+exactly 0: the check that the comparison is fair. Writes `<run>/eval/eval.json` and the headline numbers into the
+manifest.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.files import atomic_write_text
 from rlhf_cli.losses.critic_free import sequence_k1
 from rlhf_cli.metrics import console
+from rlhf_cli.models import load_tokenizer
 from rlhf_cli.models.kind import CAUSAL_LM, check_policy, check_reward_sources, inspect_checkpoint
 from rlhf_cli.registry import STAGES
 from rlhf_cli.rollout.comparison import COLUMNS, moment_sums, summarise, table, win_values
-from rlhf_cli.rollout.evaluation import gold_values
+from rlhf_cli.rollout.evaluation import JUDGE_QUANTITIES, gold_values, judge_summary, judge_sums, judge_values
 from rlhf_cli.rollout.experience import expand
 from rlhf_cli.rollout.generation import decode_responses, response_logits, response_logprobs, sampling_config
-from rlhf_cli.rollout.rewards import build_gold, build_reward
+from rlhf_cli.rollout.rewards import build_gold, build_reward, same_tokenizer
 from rlhf_cli.rollout.scoring import score_responses
 from rlhf_cli.run_dir import Run
 from rlhf_cli.stages.common import frozen_policy
@@ -52,13 +54,17 @@ def run(cfg: Any, run: Run) -> Path:
     #    held-out prompts.
     ctx = stage_context(cfg, run, model_config=reference_config, check=lambda ref: check_models(cfg, run, ref))
     policies = policy_paths(run, st.policies)
+    judge_path = judge_source(cfg, run, ctx.tokenizer)  # its tokenizer checked before any weights load
     prompts = held_out_prompts(cfg, ctx.tokenizer)
 
-    # 2. The judges: the reward (absent when the run has no reward model and none was named) and the gold metric.
+    # 2. The judges: the reward (absent when the run has no reward model and none was named), the gold metric and
+    #    the teacher whose log-likelihood of each answer is reported (stage.judge).
     reward, notes = judge(cfg, run, ctx.tokenizer, ctx.dist)
     gold = build_gold(st.gold, st, run, cfg.deepspeed, ctx.tokenizer, ctx.dist, key="stage.gold")
-    judging = Judging(ctx, prompts, reward, gold)
-    run.begin(to_yaml(cfg), config_hash(cfg), {"reference": ctx.source, **policies}, None)
+    teacher = frozen_policy(ctx, OmegaConf.merge(ctx.model_cfg, {"name_or_path": judge_path})) if judge_path else None
+    judging = Judging(ctx, prompts, reward, gold, teacher)
+    inputs = {"reference": ctx.source, **policies, **({"judge": judge_path} if judge_path else {})}
+    run.begin(to_yaml(cfg), config_hash(cfg), inputs, None)
     for line in (ctx.rollout.describe(), *notes):
         _say(ctx.dist, line)
 
@@ -80,12 +86,14 @@ def run(cfg: Any, run: Run) -> Path:
 @dataclass(frozen=True)
 class Judging:
     """What every evaluated policy is judged with: the stage's context, the held-out prompts, the reward (None: no
-    reward and no win rate) and the gold metric (None: none)."""
+    reward and no win rate), the gold metric (None: none) and the teacher judging by its log-likelihood (None:
+    none)."""
 
     ctx: StageContext
     prompts: list
     reward: Any | None
     gold: Any | None
+    teacher: Any | None = None
 
 
 def reference_config(cfg: Any, run: Run) -> Any:
@@ -107,6 +115,7 @@ def write_results(j: Judging, policies: dict[str, str], rows: dict[str, dict[str
         "kl_samples": st.kl_samples,
         "reward": j.reward.describe() if j.reward else None,
         "gold": st.gold,
+        "judge": st.judge,
         "results": rows,
     }
     path = run.stage_dir / STAGES["eval"].output  # eval.json: the registry's name, which a refusal of a rerun names
@@ -158,6 +167,25 @@ def check_models(cfg: Any, run: Run, ref_path: str) -> None:
     check_reward_sources(cfg.stage, run, gold_key="stage.gold", reward=not no_reward_model(cfg, run))
 
 
+def judge_source(cfg: Any, run: Run, tokenizer: Any) -> str | None:
+    """The teacher of `stage.judge`, resolved (None without one), refused before any weights load when it is a
+    sequence classifier or its tokenizer is not the policies' `tokenizer` (it reads their token ids as they are)."""
+    name = cfg.stage.judge
+    if not name:
+        return None
+    path = run.resolve_source(name)
+    check_policy(path, f"stage.judge={name}", "the judge")
+    judge_cfg = OmegaConf.merge(cfg.model, {"name_or_path": path, "tokenizer": None, "lora": {"enabled": False}})
+    if not same_tokenizer(load_tokenizer(judge_cfg), tokenizer):
+        policies = cfg.model.tokenizer or run.resolve_source(cfg.model.name_or_path)
+        raise UserError(
+            f"stage.judge={name}: its tokenizer ({path}) is not the policies' ({policies}): vocabulary, EOS or "
+            "chat template differ, and the judge reads the policies' token ids as they are; name a judge with the "
+            "policies' tokenizer"
+        )
+    return path
+
+
 def no_reward_model(cfg: Any, run: Run) -> bool:
     """True for the default reward `stage:rm` when the run has no completed reward model (a DPO-only run)."""
     r = cfg.stage.reward
@@ -185,6 +213,7 @@ def evaluate(
     afresh). `ref_scores`: the reference's scores of the same rows, for the win rate. Collective."""
     st, dist, prompts = j.ctx.st, j.ctx.dist, j.prompts
     sums, scores, done = torch.zeros(6, 3, dtype=torch.float64), [], 0
+    teacher_sums = torch.zeros(len(JUDGE_QUANTITIES), 3, dtype=torch.float64)
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         torch.manual_seed(1_000_003 * draw + dist.rank)
         for part in eval_batches(len(prompts), st.eval_batch_size, dist.rank, dist.world_size):
@@ -195,11 +224,18 @@ def evaluate(
             if "reward" in values:
                 scores.append(values["reward"])
             done += len(values["length"])
-            sums += moment_sums(values, part.weight.repeat_interleave(st.n_samples))
+            weight = part.weight.repeat_interleave(st.n_samples)
+            sums += moment_sums(values, weight)
+            if j.teacher is not None:
+                teacher_sums += judge_sums(values, weight)
             if st.kl_samples:
                 kl = {"kl": sampled_kl(policy, reference, examples, j.ctx)}
                 sums += moment_sums(kl, part.weight.repeat_interleave(st.kl_samples))
-    return (torch.cat(scores) if scores else torch.zeros(0)), summarise(eng.all_reduce_sum(sums))
+    total = eng.all_reduce_sum(torch.cat([sums, teacher_sums]))  # one collective for both
+    summary = summarise(total[: len(sums)])
+    if j.teacher is not None:
+        summary.update(judge_summary(total[len(sums) :]))
+    return (torch.cat(scores) if scores else torch.zeros(0)), summary
 
 
 def _generate(model: Any, rows: list, config: Any, ctx: StageContext) -> Any:
@@ -209,7 +245,8 @@ def _generate(model: Any, rows: list, config: Any, ctx: StageContext) -> Any:
 
 
 def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Tensor]:
-    """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one)."""
+    """Per judged response ((B * n_samples,) each): length, EOS, reward and gold (when there is one), the teacher's
+    log-likelihood (`judge_logp_token`, `judge_logp_seq`, when there is one)."""
     tokenizer, reward, gold, st = j.ctx.tokenizer, j.reward, j.gold, j.ctx.st
     rows, _ = expand(examples, st.n_samples)
     seq = _generate(policy, rows, sampling_config(st.generation, tokenizer.eos_token_id, tokenizer.pad_token_id), j.ctx)
@@ -219,6 +256,8 @@ def judged_values(policy: Any, examples: list, j: Judging) -> dict[str, torch.Te
         values["reward"] = score_responses(reward, rows, seq, texts, None, allow_invalid=True).raw.cpu()
     if gold is not None:
         values["gold"] = gold_values(gold, rows, seq, texts)
+    if j.teacher is not None:
+        values.update(judge_values(j.teacher, seq))
     return values
 
 
@@ -235,8 +274,9 @@ def sampled_kl(policy: Any, reference: Any, examples: list, ctx: StageContext) -
 
 
 def headline(rows: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Manifest metrics: `<policy>/<quantity>` for the table's columns."""
-    return {f"{name}/{key}": row[key] for name, row in rows.items() for key, _ in COLUMNS if key in row}
+    """Manifest metrics: `<policy>/<quantity>` for the table's columns (the judge's among them)."""
+    keys = [key for key, _ in COLUMNS]
+    return {f"{name}/{key}": row[key] for name, row in rows.items() for key in keys if key in row}
 
 
 def _say(dist: Any, line: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_cli import checkpoints as ckpt
 from rlhf_cli.data import build_prompt_datasets
 from rlhf_cli.rollout.controllers import RunningMoments
 from rlhf_cli.rollout.evaluation import PolicyEval, evaluate_policy
@@ -120,3 +121,19 @@ def log_first_evaluation(
     if check is not None:
         check(first)
     begun.metrics.log(0, first, show)
+
+
+def save_state(ctx: Any, p: Any, step: int) -> None:
+    """Checkpoint the trained engine `p.actor` with the running moments `p.moments` (collective): the critic-free
+    stages and distillation."""
+    client = {"step": step, "running_moments": p.moments.state_dict()}
+    ckpt.save_checkpoint(p.actor, ctx.run.checkpoints_dir, step, client, ctx.st.keep_last)
+
+
+def load_state(p: Any, client: dict | None) -> int:
+    """Restore what `save_state` saved beside the engine; the step to resume from (0: none)."""
+    if not client:
+        return 0
+    if "running_moments" in client:
+        p.moments.load_state_dict(client["running_moments"])
+    return client["step"]

@@ -58,7 +58,7 @@ def test_every_experiment_composes_and_is_global(experiment):
     prefix = experiment.split("_")[0]
     stage = {"rs": "rejection_sampling"}.get(prefix, prefix)  # an online stage's experiment is named after it
     errors = []
-    online = ("rm", "dpo", "ppo", "rejection_sampling", "grpo", "rloo", "reinforce_pp")
+    online = ("rm", "dpo", "ppo", "rejection_sampling", "grpo", "rloo", "reinforce_pp", "distill")
     for candidate in [stage] if stage in online else ["sft", "rm", "dpo"]:
         try:
             compose(candidate, [f"+experiment={experiment}"])

@@ -179,6 +179,7 @@ STAGE_VALUES = {
         "stage.kl_coef": 0.01,
     },
     "eval": {"model.name_or_path": "stage:sft", "data.max_prompt_length": 192},
+    "distill": {k: v for k, v in _ONLINE.items() if k != "stage.rollout_batch_size"},
 }
 
 
@@ -230,6 +231,7 @@ EXPERIMENTS = {
         (verb, "grpo_parity"): (0.0001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10)
         for verb in ("grpo", "rloo", "reinforce_pp")
     },
+    ("distill", "distill_parity"): (0.001, "constant", 0.0, 0.1, 10, 1.0, 16, 32, 10),
 }
 
 

@@ -7,7 +7,8 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from rlhf_cli.cli import main
-from rlhf_cli.commands.explain import MIB, count_model, memory_rows, model_state_bytes, policy_model
+from rlhf_cli.commands.explain import MIB, memory_rows, policy_model
+from rlhf_cli.commands.model_states import count_model, model_state_bytes
 from rlhf_cli.config.compose import compose
 
 P, LARGEST = 1_234_567_890, 155_000_000
