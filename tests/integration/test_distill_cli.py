@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import FAST, copy_run, manifest, metrics, ranks, rlhf, weights
 
 # 4 prompts x 2 samples per iteration, 8-token answers, mini-batches of 4 rows (2 per iteration per rank).
@@ -131,7 +132,14 @@ def test_full_vocabulary_estimators(base, runs, tmp_path, extra, logged):
     assert len(log) == 2 and all(key in log[0] for key in (*ITERATION_KEYS, *logged))
     assert log[0]["divergence"] > 0.0 and 0.0 <= log[0]["token_agreement"] <= 1.0
     assert all(k in metrics(runs / "fv", "distill")[1] for k in EVAL_KEYS[:3])
-    assert all(bool(v.isfinite().all()) for v in weights(runs / "fv" / "distill" / "final").values())
+    final = weights(runs / "fv" / "distill" / "final")
+    assert all(bool(v.isfinite().all()) for v in final.values())
+    if "model.lora.enabled=true" in extra:
+        # Adapters trained and merged into final/: the adapted projections moved, nothing else did.
+        start = weights(runs / "fv" / "sft" / "final")
+        moved = {k for k in start if not torch.equal(start[k], final[k])}
+        assert moved and all(k.endswith("proj.weight") for k in moved), sorted(moved)[:5]
+        assert not any("embed" in k or "norm" in k for k in moved)
 
 
 @pytest.mark.parametrize(
