@@ -210,11 +210,6 @@ def _rejection_sampling_check(cfg: Any) -> None:
     _functions_check(cfg)
 
 
-def _distill_check(cfg: Any) -> None:
-    d.check_distill(cfg)
-    _functions_check(cfg)
-
-
 def _eval_check(cfg: Any) -> None:
     st = cfg.stage
     if st.n_samples > 1 and st.generation.temperature == 0:
@@ -333,8 +328,7 @@ STAGES: dict[str, StageSpec] = {
         "REINFORCE++ (global whitening, no critic), from sft",
         "rlhf reinforce_pp stage.advantage=reinforce_pp_baseline",
     ),
-    # On-policy distillation: the critic-free stages' sampling and batch rules, a teacher instead of a reference (an
-    # input: a pipeline runs its stage first and its fingerprint is recorded).
+    # The critic-free stages' sampling and batch rules; a teacher (an input) instead of a reference.
     "distill": StageSpec(
         "distill",
         "rlhf_cli.stages.distill",
@@ -360,7 +354,7 @@ STAGES: dict[str, StageSpec] = {
             "stage.kl_to_teacher_coef": "> 0",
             **_ON_POLICY_SAMPLING,
         },
-        check=_distill_check,
+        check=d.check_distill,
         inputs=(*_BASE_INPUTS, "stage.teacher", "stage.reward", "stage.gold_reward"),
         trained_model="student",
     ),

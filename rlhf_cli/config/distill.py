@@ -78,6 +78,10 @@ def distill_rows(st: Any, world_size: int) -> int:
 
 def check_distill(cfg: Any) -> None:
     """The rules across keys of `rlhf distill`, before anything loads."""
+    from rlhf_cli.config.functions import check_function_spec, function_specs
+
+    for spec, key in function_specs(cfg.stage):  # reward / gold functions well formed, their modules found
+        check_function_spec(spec, key)
     from rlhf_cli.config.batches import planned_world_size
 
     st = cfg.stage

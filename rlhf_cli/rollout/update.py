@@ -106,27 +106,36 @@ def actor_step(
             loss = loss + extra_loss(c)
         eng.backward(actor, loss, n_tokens)
         norm = eng.step(actor)  # DeepSpeed applies it at the last micro-batch (the accumulation boundary)
-        per_token = {
-            "policy_loss": pg,
-            "clipfrac_policy": clipped,
-            "approx_kl": approx_kl,
-            "entropy": entropy,
-            "clipfrac_low": low,
-            "clipfrac_high": high,
-            "kl_loss": kl,
-            "ref_k1": k1,
-        }
-        (seqs_low, seqs), (seqs_high, _) = clipped_rows(low, mask), clipped_rows(high, mask)
-        sums.add(
-            **{k: masked_sum(v.detach(), mask) for k, v in per_token.items()},
-            tokens=sub.attention_mask.sum(),
-            valid=mask.sum(),
-            abs_log_ratio=masked_sum((logprobs.detach() - old).abs(), mask),
-            seqs=seqs,
-            clipped_seqs_low=seqs_low,
-            clipped_seqs_high=seqs_high,
-        )
+        terms = (pg, clipped, approx_kl, entropy, low, high, kl, k1)
+        _add_sums(sums, sub.attention_mask.sum(), mask, logprobs.detach() - old, terms)
     return sums, norm
+
+
+def _add_sums(sums: Sums, tokens: torch.Tensor, mask: torch.Tensor, log_ratio: torch.Tensor, terms: tuple) -> None:
+    """Add a micro-batch's statistics to `sums` (ACTOR_SUMS): the per-token `terms` (C, W) in the order policy_loss,
+    clipfrac_policy, approx_kl, entropy, clipfrac_low, clipfrac_high, kl_loss, ref_k1, summed over the response
+    `mask`; the forwarded and valid tokens; |log ratio| to pi_old; the rows, and those with a token clipped low /
+    high (GSPO clips whole sequences: its clip fraction counts rows)."""
+    names = (
+        "policy_loss",
+        "clipfrac_policy",
+        "approx_kl",
+        "entropy",
+        "clipfrac_low",
+        "clipfrac_high",
+        "kl_loss",
+        "ref_k1",
+    )
+    (seqs_low, seqs), (seqs_high, _) = clipped_rows(terms[4], mask), clipped_rows(terms[5], mask)
+    sums.add(
+        **{k: masked_sum(v.detach(), mask) for k, v in zip(names, terms, strict=True)},
+        tokens=tokens,
+        valid=mask.sum(),
+        abs_log_ratio=masked_sum(log_ratio.abs(), mask),
+        seqs=seqs,
+        clipped_seqs_low=seqs_low,
+        clipped_seqs_high=seqs_high,
+    )
 
 
 def _objective_terms(
