@@ -7,7 +7,8 @@ on the tiny default after short sft and rm stages, one process.
    with N = 8 over the built-in prompts: responses/s, new tokens/s, generation / scoring / fine-tuning seconds.
 2. Generation alone, on the sft policy, for the GRPO-shaped batch (32 rows: 8 prompts x 4) and the rejection-
    sampling-shaped one (128 rows: 16 prompts x 8), temperature 1, up to 32 new tokens: transformers' `generate`
-   (the engine before rollout/decode.py), the hf engine and vllm, median of 5 calls; new tokens/s against the
+   (the engine before rollout/decode.py), the hf engine and vllm, 7 calls each after a warm-up, the engines taking
+   turns (call i of every engine with seed i, so a slow spell of the machine hits them all); new tokens/s against the
    compute bound of the same work: 2 x (matmul parameters) x (prompt tokens of the distinct prompts + new tokens)
    FLOPs at this machine's measured fp32 matmul peak (attention over a context this short is left out).
 """
@@ -121,7 +122,7 @@ def generation_alone(final: Path) -> None:
     peak, n_params = matmul_peak(), matmul_params(model)
     print(
         f"\nGeneration alone: sft policy, temperature 1, up to 32 new tokens, {torch.get_num_threads()} threads; "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s, {n_params / 1e6:.2f}M matmul parameters; median of 5 calls"
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s, {n_params / 1e6:.2f}M matmul parameters; 7 calls each, in turns"
     )
     print(
         f"  {'batch':<22} {'engine':<9} {'ms/call':>7} {'new tok':>7} {'new tok/s':>9} {'bound tok/s':>11} "
@@ -136,8 +137,7 @@ def generation_alone(final: Path) -> None:
     for label, (n_prompts, n_samples) in (("GRPO 8 prompts x 4", (8, 4)), ("RS 16 prompts x 8", (16, 8))):
         batch = _batch(tok, n_prompts, n_samples)
         distinct = batch["attention_mask"][::n_samples].sum().item()  # prompt tokens, once per distinct prompt
-        for name, call in callers.items():
-            seconds, tokens = _median_call(call, batch)
+        for name, (seconds, tokens) in _calls_in_turns(callers, batch).items():
             bound = tokens / (2 * n_params * (distinct + tokens) / peak)
             print(
                 f"  {label:<22} {name:<9} {seconds * 1e3:7.0f} {tokens:7.0f} {tokens / seconds:9.0f} "
@@ -145,15 +145,19 @@ def generation_alone(final: Path) -> None:
             )
 
 
-def _median_call(call, batch: dict) -> tuple[float, float]:
-    runs = []
-    for rep in range(6):
-        torch.manual_seed(rep)
-        t0 = time.perf_counter()
-        seq = call(batch)
-        runs.append((time.perf_counter() - t0, float(seq.response_mask.sum())))
-    runs = sorted(runs[1:])  # the first call warms up
-    return runs[len(runs) // 2]
+def _calls_in_turns(callers: dict, batch: dict, calls: int = 7) -> dict[str, tuple[float, float]]:
+    """Per caller, the mean seconds and new tokens of a call over `calls` calls after a warm-up; the callers take
+    turns, call i of each with seed i."""
+    total = {name: [0.0, 0.0] for name in callers}
+    for rep in range(calls + 1):
+        for name, call in callers.items():
+            torch.manual_seed(rep)
+            t0 = time.perf_counter()
+            seq = call(batch)
+            if rep:  # the first round warms up
+                total[name][0] += (time.perf_counter() - t0) / calls
+                total[name][1] += float(seq.response_mask.sum()) / calls
+    return {name: (seconds, tokens) for name, (seconds, tokens) in total.items()}
 
 
 def _transformers_generate(model, batch: dict, config):

@@ -24,6 +24,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from rlhf_cli.rollout.decode_step import DecodeStep, supported
+
 
 def warpers(config: Any) -> LogitsProcessorList:
     """What `generate` applies to the next-token logits for `config` (do_sample, temperature, top_k, top_p)."""
@@ -78,35 +80,59 @@ def prefill(module: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tenso
     return cache, logits
 
 
+class _TransformersSteps:
+    """The decoding step through transformers' forward and its DynamicCache (any model; rollout/decode_step.py runs
+    the Llama family without it), with the same interface as `DecodeStep`."""
+
+    def __init__(self, module: Any, cache: Any, mask: torch.Tensor):
+        self.module, self.cache, self.mask = module, cache, mask
+
+    def keep(self, going: torch.Tensor) -> torch.Tensor:
+        order = going.nonzero().squeeze(1)  # finished rows leave the batch and the cache
+        self.cache.batch_select_indices(order)
+        self.mask = self.mask[order]
+        return order
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tok), 1)], dim=1)
+        out = self.module(
+            input_ids=tok[:, None],
+            attention_mask=self.mask,
+            position_ids=pos[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
+
+
 @torch.no_grad()
 def decode(module: Any, prompts: dict[str, torch.Tensor], config: Any) -> torch.Tensor:
     """Responses to left-padded prompts {"input_ids", "attention_mask"} (B, P) with `module` (a transformers causal
     LM or a PeftModel over one): -> (B, R) token ids, each row cut after its first EOS (pad after it), R the steps
     run (at most config.max_new_tokens, fewer when every row ended)."""
     ids, mask = prompts["input_ids"], prompts["attention_mask"]
-    eos, pad = config.eos_token_id, config.pad_token_id
+    eos, n_new = config.eos_token_id, config.max_new_tokens
     pos = (mask.long().cumsum(1) - 1).clamp(min=0)
     cache, logits = prefill(module, ids, mask, pos)
+    if supported(module, ids.shape[1] + n_new):
+        step = DecodeStep(module, cache, mask, n_new)
+    else:
+        step = _TransformersSteps(module, cache, mask)
     warp = warpers(config)
-    out = torch.full((len(ids), config.max_new_tokens), pad, dtype=ids.dtype, device=ids.device)
-    live = torch.arange(len(ids), device=ids.device)
-    pos = pos[:, -1:]
+    out = torch.full((len(ids), n_new), config.pad_token_id, dtype=ids.dtype, device=ids.device)
+    live = torch.arange(len(ids), device=ids.device)  # the batch row of each slot
+    pos = pos[:, -1]
     steps = 0
-    for t in range(config.max_new_tokens):
+    for t in range(n_new):
         tok = next_tokens(logits, warp, config.do_sample)
         out[live, t] = tok
         steps = t + 1
         going = tok != eos
-        if steps == config.max_new_tokens or not going.any():
+        if steps == n_new or not going.any():
             break
-        if not going.all():  # finished rows leave the batch and the cache
-            keep = going.nonzero().squeeze(1)
-            live, tok, mask, pos = live[keep], tok[keep], mask[keep], pos[keep]
-            cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        if not going.all():
+            order = step.keep(going)
+            live, tok, pos = live[order], tok[order], pos[order]
         pos = pos + 1
-        out_t = module(
-            input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
-        )
-        logits = out_t.logits[:, -1].float()
+        logits = step(tok, pos, t)
     return out[:, :steps]
