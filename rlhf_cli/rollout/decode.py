@@ -122,9 +122,14 @@ def decode(module: Any, prompts: dict[str, torch.Tensor], config: Any) -> torch.
     out = torch.full((len(ids), n_new), config.pad_token_id, dtype=ids.dtype, device=ids.device)
     live = torch.arange(len(ids), device=ids.device)  # the batch row of each slot
     pos = pos[:, -1]
-    steps = 0
+    steps, shuffled = 0, False
     for t in range(n_new):
-        tok = next_tokens(logits, warp, config.do_sample)
+        if shuffled:  # draw in batch-row order, as with rows kept in order: the same samples whichever step runs
+            rows = live.argsort()
+            tok = torch.empty_like(live)
+            tok[rows] = next_tokens(logits[rows], warp, config.do_sample)
+        else:
+            tok = next_tokens(logits, warp, config.do_sample)
         out[live, t] = tok
         steps = t + 1
         going = tok != eos
@@ -133,6 +138,7 @@ def decode(module: Any, prompts: dict[str, torch.Tensor], config: Any) -> torch.
         if not going.all():
             order = step.keep(going)
             live, tok, pos = live[order], tok[order], pos[order]
+            shuffled = bool((live[1:] < live[:-1]).any())
         pos = pos + 1
         logits = step(tok, pos, t)
     return out[:, :steps]

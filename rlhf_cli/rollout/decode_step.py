@@ -141,13 +141,11 @@ class DecodeStep:
         self.p = p
         first = cache.layers[0].keys
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, first.shape[1], first.shape[3]
-        shape = (b, self.kv_heads, p + max_new, self.head_dim)
-        self.keys, self.values = [], []
-        for layer in cache.layers:  # the prefill's cache, copied once into the buffers
-            k, v = first.new_empty(shape), first.new_empty(shape)
-            k[:, :, :p], v[:, :, :p] = layer.keys, layer.values
-            self.keys.append(k)
-            self.values.append(v)
+        # every layer's keys and values in one buffer (layer, key / value, row, KV head, column, D): moving a row is
+        # one copy for the whole cache
+        self.kv = first.new_empty(len(cache.layers), 2, b, self.kv_heads, p + max_new, self.head_dim)
+        for i, layer in enumerate(cache.layers):  # the prefill's cache, copied once
+            self.kv[i, 0, :, :, :p], self.kv[i, 1, :, :, :p] = layer.keys, layer.values
         self.bias = torch.zeros(b, 1, 1, p + max_new, dtype=first.dtype, device=first.device)
         self.bias[:, 0, 0, :p].masked_fill_(mask == 0, torch.finfo(first.dtype).min)
         self.padded = bool((mask == 0).any())
@@ -178,9 +176,9 @@ class DecodeStep:
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q = q * cos + q.roll(d // 2, dims=-1) * sin
-        self.keys[i][:n, :, col] = k * cos + k.roll(d // 2, dims=-1) * sin
-        self.values[i][:n, :, col] = v
-        keys, values = self.keys[i][:n, :, : col + 1], self.values[i][:n, :, : col + 1]  # (n, KV, col + 1, D)
+        self.kv[i, 0, :n, :, col] = k * cos + k.roll(d // 2, dims=-1) * sin
+        self.kv[i, 1, :n, :, col] = v
+        keys, values = self.kv[i, :, :n, :, : col + 1]  # each (n, KV, col + 1, D)
         q = q.view(n, self.kv_heads, self.heads // self.kv_heads, d)  # grouped query heads share a key head
         scores = torch.matmul(q, keys.transpose(2, 3)) * layer.scaling  # (n, KV, G, col + 1)
         if bias is not None:
@@ -197,7 +195,7 @@ class DecodeStep:
         fillers = going[m:].nonzero().squeeze(1) + m
         order = torch.arange(m, device=going.device)
         order[holes] = fillers
-        for buf in (*self.keys, *self.values, self.bias):
-            buf[holes] = buf[fillers]
+        self.kv[:, :, holes] = self.kv[:, :, fillers]
+        self.bias[holes] = self.bias[fillers]
         self.padded = self.padded and bool((self.bias[:m, 0, 0, : self.p] != 0).any())
         return order

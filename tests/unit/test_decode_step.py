@@ -141,3 +141,26 @@ def test_what_the_step_cannot_compute_takes_transformers_forward(monkeypatch):
     gpt2.generation_config = GenerationConfig()
     theirs = gpt2.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+@torch.no_grad()
+def test_sampled_tokens_do_not_depend_on_which_step_runs(monkeypatch):
+    """Rows that end early have their slots refilled from the end of the batch, yet each row draws the uniform number
+    it draws with rows kept in order (transformers' forward): with one seed both give the same samples, so a run's
+    rollouts do not change with the step (temperature 1, rows ending at different steps)."""
+    model = _model("llama")
+    ids, mask = _prompts()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    config = GenerationConfig(do_sample=True, temperature=1.0, max_new_tokens=12, eos_token_id=-1, pad_token_id=0)
+    torch.manual_seed(3)
+    free = decode(model, batch, config)  # no EOS: take a token the samples use as the EOS
+    config.eos_token_id = int(free.flatten().mode().values)
+    torch.manual_seed(0)
+    ours = decode(model, batch, config)
+    ends = [
+        int((row == config.eos_token_id).nonzero()[0]) if (row == config.eos_token_id).any() else 99 for row in ours
+    ]
+    assert any(ends[i] < ends[j] for i in range(6) for j in range(i + 1, 6)), ends  # a slot refilled from behind
+    monkeypatch.setattr(decode_mod, "supported", lambda *a: False)
+    torch.manual_seed(0)
+    assert torch.equal(decode(model, batch, config), ours)
