@@ -129,7 +129,7 @@ def _layers(model: Any) -> list[_Layer]:
 class DecodeStep:
     """One decoding step of up to B rows over a cache of L = P + max_new columns.
 
-    Rows are slots 0..n-1 of the buffers; `drop` moves live rows into the slots of finished ones so the live rows
+    Rows are slots 0..n-1 of the buffers; `keep` moves live rows into the slots of finished ones so the live rows
     stay a prefix (the caller tracks which batch row each slot holds)."""
 
     def __init__(self, module: Any, cache: Any, mask: torch.Tensor, max_new: int):
